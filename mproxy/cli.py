@@ -1,0 +1,97 @@
+"""The ``mproxy`` command: decode and replay captures (offline), run the gateway (live)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from . import __version__
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    from .decode import DecodeStats, decode_frames, human_line
+    from .io.pcap import CaptureError, CaptureReader, read_captures
+
+    stats = DecodeStats()
+    readers: list[CaptureReader] = []
+    out = sys.stdout
+    try:
+        for rec in decode_frames(read_captures(args.files, readers), stats):
+            out.write(json.dumps(rec, separators=(",", ":")) + "\n" if args.json else human_line(rec) + "\n")
+    except CaptureError as e:
+        print(f"mproxy decode: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    for r in readers:
+        for p in r.problems:
+            print(f"mproxy decode: warning: {p}", file=sys.stderr)
+    if not args.quiet:
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items())) or "none"
+        print(f"mproxy decode: {stats.frames} frames, {stats.tcp} TCP, {stats.options} MPTCP options, "
+              f"errors: {errs}", file=sys.stderr)
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import CaptureError, open_output, replay, summary_lines
+
+    try:
+        out = open_output(args.out)
+    except OSError as e:
+        print(f"mproxy replay: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    log = None
+    try:
+        if args.log:
+            log = sys.stdout if args.log == "-" else open(args.log, "w", encoding="utf-8")
+    except OSError as e:
+        print(f"mproxy replay: cannot write {args.log}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
+        res = replay(args.inputs, out, log, progress=sys.stderr.isatty() and not args.quiet)
+    except CaptureError as e:
+        print(f"mproxy replay: {e}", file=sys.stderr)
+        return 2
+    finally:
+        out.close()
+        if log is not None and log is not sys.stdout:
+            log.close()
+    if not args.quiet:
+        for line in summary_lines(res):
+            print(f"mproxy replay: {line}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mproxy", description=__doc__)
+    p.add_argument("--version", action="version", version=f"mproxy {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("decode", help="print every MPTCP option of pcap/pcapng files")
+    d.add_argument("files", nargs="+", metavar="FILE", help="captures, merged by timestamp")
+    d.add_argument("--json", action="store_true", help="one JSON object per option")
+    d.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+    d.set_defaults(func=_cmd_decode)
+
+    r = sub.add_parser("replay", help="rebuild MPTCP connections of captures as plain TCP (pcap out)")
+    r.add_argument("inputs", nargs="+", metavar="IN", help="captures (pcap/pcapng), merged by timestamp")
+    r.add_argument("--out", "-o", required=True, metavar="OUT.pcap", help="emitted stream (Ethernet pcap)")
+    r.add_argument("--log", metavar="LOG.jsonl", help="JSON-lines event log ('-' for stdout)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
+    r.set_defaults(func=_cmd_replay)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Events the core emits: past-tense values, never callbacks.
+
+The tracker returns a list of these per packet; adapters (replay writer,
+live gateway, metrics, event log) read them and decide what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+
+
+class Direction(IntEnum):
+    """Data direction relative to the MPTCP connection's client (initial subflow initiator)."""
+
+    C2S = 0
+    S2C = 1
+
+
+class Role(str, Enum):
+    INITIAL = "initial"  # carried MP_CAPABLE
+    JOIN = "join"  # opened with MP_JOIN
+    PICKUP = "pickup"  # first seen mid-stream
+
+
+class NoticeType(str, Enum):
+    """Anomalies worth telling a security team about (metric label values)."""
+
+    INVALID_OPTION = "invalid_option"
+    KEY_CHANGE = "key_change"
+    ADD_ADDR_ID_REUSE = "add_addr_id_reuse"
+    ADD_ADDR_DUPLICATE = "add_addr_duplicate"
+    JOIN_UNKNOWN_TOKEN = "join_unknown_token"
+    JOIN_UNKNOWN_ADDRESS = "join_unknown_address"
+    JOIN_HMAC_FAILURE = "join_hmac_failure"
+    JOIN_FLOOD = "join_flood"
+    OVERLAP_MISMATCH = "overlap_mismatch"
+    SIDE_CHANNEL = "side_channel"
+    CAPTURE_GAP = "capture_gap"
+    DSS_CHECKSUM_FAILURE = "dss_checksum_failure"
+    INFINITE_MAPPING = "infinite_mapping"
+    MP_FAIL = "mp_fail"
+    OUT_OF_WINDOW = "out_of_window"
+    MEMCAP = "memcap"
+    BAD_MAPPING = "bad_mapping"
+
+
+class Outcome(str, Enum):
+    """How a tracked connection ended."""
+
+    DATA_FIN = "data_fin"  # DATA_FIN both ways
+    FIN = "fin"  # subflows closed with FIN, no DATA_FIN seen
+    FASTCLOSE = "fastclose"
+    RESET = "reset"
+    FALLBACK = "fallback"  # fell back to plain TCP in the handshake
+    IDLE = "idle_timeout"
+    EVICTED = "evicted"  # connection limit reached
+    END_OF_INPUT = "end_of_input"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOpened:
+    conn_id: int
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class SubflowJoined:
+    conn_id: int
+    subflow_id: int
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class SubflowRefused:
+    """A subflow the tracker would not attach (limits, unknown token)."""
+
+    reason: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class DataReleased:
+    conn_id: int
+    direction: Direction
+    data: bytes
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class DataFinished:
+    """DATA_FIN reached in one direction: no more bytes that way."""
+
+    conn_id: int
+    direction: Direction
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class GapSkipped:
+    """Bytes that never crossed the capture point; ``acked`` = the peer DATA_ACKed them."""
+
+    conn_id: int
+    direction: Direction
+    dsn: int
+    length: int
+    acked: bool
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    conn_id: int
+    outcome: Outcome
+    reset: bool
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    type: NoticeType
+    conn_id: int | None
+    detail: str
+    ts: float
+    src: str = ""
+    sport: int = 0
+    dst: str = ""
+    dport: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PassThrough:
+    """A packet that is not (or no longer) MPTCP: hand it on unchanged."""
+
+    ip: bytes
+    ipver: int
+    ts: float
+
+
+Event = (
+    ConnectionOpened | SubflowJoined | SubflowRefused | DataReleased | DataFinished | GapSkipped
+    | ConnectionClosed | Notice | PassThrough
+)

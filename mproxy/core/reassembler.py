@@ -1,0 +1,259 @@
+"""Data-level reassembly of one direction of an MPTCP connection.
+
+Bytes arrive keyed by 64-bit data sequence number (DSN) from any subflow, in
+any order, duplicated or reinjected. :class:`DataStream` releases them in DSN
+order exactly once, with Linux receiver semantics: bytes already accepted win
+over later copies, and a later copy whose bytes *differ* is reported, because
+that is how an attacker would try to show the IDS one thing and the server
+another. Out-of-order memory is capped; the cap is counted when it bites.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_left, insort
+from dataclasses import dataclass, field
+
+MASK32 = 0xFFFFFFFF
+MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def expand32(value: int, ref: int) -> int:
+    """Expand a 32-bit DSN or DATA_ACK to the 64-bit value closest to ``ref``.
+
+    Like Linux's ``__mptcp_expand_seq`` but symmetric, so a retransmission
+    just below a 2**32 boundary expands downwards rather than 4 GiB ahead.
+    """
+    cand = (ref & ~MASK32) | (value & MASK32)
+    diff = cand - ref
+    if diff > 0x80000000:
+        cand -= 0x100000000
+    elif diff < -0x80000000:
+        cand += 0x100000000
+    return cand & MASK64
+
+
+@dataclass(slots=True)
+class Overlap:
+    """A copy of already-held bytes that differs from what was accepted."""
+
+    dsn: int
+    length: int
+    released: bool  # the accepted bytes had already been handed on
+
+
+@dataclass(slots=True)
+class Gap:
+    """Bytes skipped in the released stream; ``acked`` when the peer DATA_ACKed them."""
+
+    dsn: int
+    length: int
+    acked: bool
+
+
+@dataclass(slots=True)
+class DataStream:
+    """One direction's byte stream, rebuilt in DSN order.
+
+    ``insert`` returns the newly in-order bytes (possibly empty). Anything else
+    worth knowing (overlaps that differ, memcap hits, gaps) is appended to the
+    lists the owner drains.
+    """
+
+    base: int | None = None  # DSN of the next byte to release
+    start: int | None = None  # DSN of the first byte of the stream (as first known)
+    ooo_limit: int = 4 * 1024 * 1024
+    history_limit: int = 64 * 1024
+    released: int = 0
+    ooo_bytes: int = 0
+    memcap_drops: int = 0
+    memcap_bytes: int = 0
+    duplicate_bytes: int = 0
+    fin_dsn: int | None = None  # DSN carrying DATA_FIN (one past the last data byte)
+    finished: bool = False
+    acked: int | None = None  # highest DATA_ACK from the peer
+    _starts: list[int] = field(default_factory=list)
+    _chunks: dict[int, bytes] = field(default_factory=dict)
+    _history: bytearray = field(default_factory=bytearray)
+    sha: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    overlaps: list[Overlap] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)
+
+    # -- input ----------------------------------------------------------
+    def insert(self, dsn: int, data: bytes | memoryview) -> bytes:
+        """Accept ``data`` at ``dsn``; return the bytes that became in order."""
+        n = len(data)
+        if n == 0:
+            return b""
+        if self.base is None:
+            self.base = self.start = dsn
+        base = self.base
+        end = dsn + n
+        if self.finished or (self.fin_dsn is not None and dsn >= self.fin_dsn):
+            self._compare_released(dsn, data)
+            return b""
+        if end <= base:
+            self._compare_released(dsn, data)
+            self.duplicate_bytes += n
+            return b""
+        if dsn < base:
+            self._compare_released(dsn, data[: base - dsn])
+            self.duplicate_bytes += base - dsn
+            data = data[base - dsn :]
+            dsn = base
+        if self.fin_dsn is not None and dsn + len(data) > self.fin_dsn:
+            data = data[: self.fin_dsn - dsn]
+        if dsn == base and (not self._starts or self._starts[0] >= dsn + len(data)):
+            out = bytes(data)
+            self._advance(out)
+            if self._starts:
+                out += self._drain()
+            return out
+        self._store(dsn, bytes(data))
+        if self._starts and self._starts[0] == self.base:
+            return self._drain()
+        return b""
+
+    def set_fin(self, fin_dsn: int) -> bytes:
+        """Record DATA_FIN at ``fin_dsn``; returns b"" (data before it still flows)."""
+        if self.fin_dsn is None:
+            self.fin_dsn = fin_dsn
+            if self.base is None:
+                self.base = self.start = fin_dsn
+            self._check_fin()
+        return b""
+
+    def on_data_ack(self, ack: int) -> None:
+        if self.acked is None or ack > self.acked:
+            self.acked = ack
+
+    def skip_to(self, dsn: int, acked: bool) -> bytes:
+        """Declare ``[base, dsn)`` lost (a gap) and release what follows it."""
+        if self.base is None:
+            self.base = self.start = dsn
+            return b""
+        if dsn <= self.base:
+            return b""
+        if self.fin_dsn is not None and dsn > self.fin_dsn:
+            dsn = self.fin_dsn
+        self.gaps.append(Gap(self.base, dsn - self.base, acked))
+        # drop buffered chunks wholly before the new base, trim a straddler
+        while self._starts and self._starts[0] < dsn:
+            s = self._starts.pop(0)
+            c = self._chunks.pop(s)
+            self.ooo_bytes -= len(c)
+            if s + len(c) > dsn:
+                rest = c[dsn - s :]
+                self._chunks[dsn] = rest
+                self.ooo_bytes += len(rest)
+                self._starts.insert(0, dsn)
+                break
+        self.base = dsn
+        out = self._drain() if self._starts and self._starts[0] == dsn else b""
+        self._check_fin()
+        return out
+
+    def missing(self) -> int | None:
+        """DSN of the first hole when bytes are buffered beyond it, else None."""
+        return self.base if self._starts else None
+
+    def next_buffered(self) -> int | None:
+        return self._starts[0] if self._starts else None
+
+    # -- internals --------------------------------------------------------
+    def _advance(self, out: bytes) -> None:
+        self.base = (self.base or 0) + len(out)
+        self.released += len(out)
+        self.sha.update(out)
+        if self.history_limit:
+            h = self._history
+            h += out
+            if len(h) > 2 * self.history_limit:
+                del h[: len(h) - self.history_limit]
+        self._check_fin()
+
+    def _check_fin(self) -> None:
+        if self.fin_dsn is not None and self.base == self.fin_dsn and not self.finished:
+            self.finished = True
+
+    def _drain(self) -> bytes:
+        parts = []
+        starts, chunks = self._starts, self._chunks
+        while starts and starts[0] <= self.base:  # type: ignore[operator]
+            s = starts.pop(0)
+            c = chunks.pop(s)
+            self.ooo_bytes -= len(c)
+            skip = self.base - s  # type: ignore[operator]
+            if skip >= len(c):
+                continue
+            c = c[skip:]
+            parts.append(c)
+            self._advance(c)
+        return b"".join(parts)
+
+    def _store(self, dsn: int, data: bytes) -> None:
+        """Buffer out-of-order bytes; existing bytes win, differing copies are reported."""
+        starts, chunks = self._starts, self._chunks
+        end = dsn + len(data)
+        i = bisect_left(starts, dsn)
+        # neighbour that starts before and may cover the beginning
+        if i > 0:
+            ps = starts[i - 1]
+            pc = chunks[ps]
+            pe = ps + len(pc)
+            if pe > dsn:
+                ov = min(pe, end) - dsn
+                if pc[dsn - ps : dsn - ps + ov] != data[:ov]:
+                    self.overlaps.append(Overlap(dsn, ov, False))
+                self.duplicate_bytes += ov
+                data = data[ov:]
+                dsn += ov
+                if dsn >= end:
+                    return
+        # chunks that start inside the new range: keep them, fill around them
+        pieces: list[tuple[int, bytes]] = []
+        while i < len(starts) and starts[i] < end:
+            s = starts[i]
+            c = chunks[s]
+            if s > dsn:
+                pieces.append((dsn, data[: s - dsn]))
+            ce = s + len(c)
+            ov_end = min(ce, end)
+            lo = max(s, dsn)
+            if lo < ov_end:
+                a = data[lo - dsn : ov_end - dsn]
+                if c[lo - s : ov_end - s] != a:
+                    self.overlaps.append(Overlap(lo, ov_end - lo, False))
+                self.duplicate_bytes += ov_end - lo
+            if ce >= end:
+                data = b""
+                dsn = end
+                break
+            data = data[ce - dsn :]
+            dsn = ce
+            i += 1
+        if dsn < end and data:
+            pieces.append((dsn, data))
+        for s, c in pieces:
+            if not c:
+                continue
+            if self.ooo_bytes + len(c) > self.ooo_limit:
+                self.memcap_drops += 1
+                self.memcap_bytes += len(c)
+                continue
+            chunks[s] = c
+            insort(starts, s)
+            self.ooo_bytes += len(c)
+
+    def _compare_released(self, dsn: int, data: bytes | memoryview) -> None:
+        """Compare a late copy of released bytes with the kept history tail."""
+        if self.base is None:
+            return
+        h = self._history
+        hstart = self.base - len(h)
+        lo = max(dsn, hstart)
+        hi = min(dsn + len(data), self.base)
+        if lo >= hi:
+            return
+        if h[lo - hstart : hi - hstart] != data[lo - dsn : hi - dsn]:
+            self.overlaps.append(Overlap(lo, hi - lo, True))

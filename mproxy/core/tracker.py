@@ -1,0 +1,1094 @@
+"""Subflow tracker: TCP subflows grouped into MPTCP connections, data mapped to DSNs.
+
+Sans-I/O: ``Tracker.process(segment)`` takes one parsed TCP segment (its
+``ts`` is the clock) and returns the events it caused. The same object runs
+under ``mproxy replay`` and the live gateway.
+
+Grouping: MP_JOIN tokens (disambiguated by the address the join goes to),
+then ADD_ADDR-announced addresses, then — for subflows first seen mid-stream —
+data-sequence proximity (64-bit DSNs start at random points, so a subflow whose
+mappings land next to a connection's stream position belongs to it).
+
+Mapping: each subflow direction keeps its recent DSS mappings (relative
+subflow sequence -> DSN); payload bytes are mapped piecewise, bytes with no
+mapping yet wait in a capped buffer, and everything meets in the
+connection's :class:`~mproxy.core.reassembler.DataStream` per direction.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import crypto
+from ..wire import mptcp as m
+from ..wire.errors import WireError
+from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, option_spans
+from .events import (
+    ConnectionClosed,
+    ConnectionOpened,
+    DataFinished,
+    DataReleased,
+    Direction,
+    Event,
+    GapSkipped,
+    Notice,
+    NoticeType,
+    Outcome,
+    PassThrough,
+    Role,
+    SubflowJoined,
+    SubflowRefused,
+)
+from .reassembler import MASK32, MASK64, DataStream, expand32
+
+_NO_EVENTS: list[Event] = []
+_PICKUP_DSN_WINDOW = 1 << 26  # a subflow's DSNs within 64 MiB of a stream belong to it
+_MAX_MAPPINGS = 32
+_TCPOPT_WSCALE = 3
+
+
+@dataclass(slots=True)
+class TrackerConfig:
+    """Limits and timeouts; every buffer the tracker keeps is bounded by one of these."""
+
+    max_connections: int = 100_000
+    max_subflows: int = 400_000
+    max_subflows_per_connection: int = 16
+    idle_timeout: float = 300.0
+    handshake_timeout: float = 30.0
+    closed_linger: float = 30.0
+    ooo_limit: int = 4 * 1024 * 1024  # out-of-order bytes per connection direction
+    pending_limit: int = 256 * 1024  # unmapped bytes per subflow direction
+    history: int = 64 * 1024  # released bytes kept to compare late copies against
+    gap_grace: float = 0.0  # seconds a DATA_ACKed hole may stay open before it is a gap
+    window_check: bool = True
+
+
+@dataclass(slots=True)
+class Mapping:
+    ssn: int  # relative subflow sequence number of the first byte (32-bit)
+    dsn: int  # 64-bit DSN of the first byte
+    length: int  # data bytes (DATA_FIN excluded); ignored when infinite
+    infinite: bool = False
+    checksum: int | None = None
+    dll: int = 0
+    acc: bytearray | None = None
+    filled: list[tuple[int, int]] | None = None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class SubflowDir:
+    """One direction of a subflow, seen from its sender."""
+
+    isn: int | None = None
+    wscale: int | None = None
+    peer_ack: int | None = None  # receiver's last TCP ack of this direction
+    peer_win: int = 0  # receiver's last window, scaled (bytes)
+    mappings: list[Mapping] = field(default_factory=list)
+    pending: dict[int, bytes] = field(default_factory=dict)  # abs seq -> bytes with no mapping yet
+    pending_bytes: int = 0
+    fin: bool = False
+    last_map_ssn: int | None = None
+    last_end: int | None = None  # abs seq after the last segment seen
+    oow_noticed: bool = False
+    bytes: int = 0
+
+
+@dataclass(slots=True)
+class Subflow:
+    id: int
+    key: tuple[bytes, int, bytes, int]  # initiator addr/port, responder addr/port
+    role: Role
+    ts: float
+    conn: "Connection | None" = None
+    flipped: bool = False  # initiator is the connection's server
+    addr_id: int | None = None
+    backup: bool = False
+    dirs: tuple[SubflowDir, SubflowDir] = field(default_factory=lambda: (SubflowDir(), SubflowDir()))
+    plain: bool = False  # not MPTCP: pass packets through
+    established: bool = False
+    reset: bool = False
+    closed_ts: float | None = None
+    join_token: int | None = None
+    nonce_i: int | None = None  # initiator nonce
+    nonce_r: int | None = None
+    hmac_r: bytes | None = None
+    last_ts: float = 0.0
+
+    def tuple_text(self) -> dict[str, Any]:
+        return {"src": addr_text(self.key[0]), "sport": self.key[1], "dst": addr_text(self.key[2]),
+                "dport": self.key[3]}
+
+
+@dataclass(slots=True)
+class Connection:
+    id: int
+    ts: float
+    client: tuple[bytes, int]
+    server: tuple[bytes, int]
+    version: int | None = None
+    client_key: int | None = None
+    server_key: int | None = None
+    csum: bool = False
+    pickup: bool = False
+    opened: bool = False  # ConnectionOpened emitted (the emitter exists)
+    subflows: list[Subflow] = field(default_factory=list)
+    streams: tuple[DataStream, DataStream] = field(default_factory=lambda: (DataStream(), DataStream()))
+    announced: tuple[dict[int, tuple[bytes, int | None]], dict[int, tuple[bytes, int | None]]] = field(
+        default_factory=lambda: ({}, {}))
+    held: list[PassThrough] = field(default_factory=list)  # handshake packets until MPTCP is confirmed
+    fin_emitted: list[bool] = field(default_factory=lambda: [False, False])
+    gap_since: list[float | None] = field(default_factory=lambda: [None, None])
+    mapped: list[bool] = field(default_factory=lambda: [False, False])
+    closed: Outcome | None = None
+    last_ts: float = 0.0
+    notices: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ipver(self) -> int:
+        return 4 if len(self.client[0]) == 4 else 6
+
+    def client_token(self) -> int | None:
+        return None if self.client_key is None else crypto.key_token(self.client_key, self.version or 0)
+
+    def server_token(self) -> int | None:
+        return None if self.server_key is None else crypto.key_token(self.server_key, self.version or 0)
+
+    def summary(self) -> dict[str, Any]:
+        """The ``mptcp_connection`` record of the event log."""
+        dirs = {}
+        for d, st in zip(("c2s", "s2c"), self.streams):
+            dirs[d] = {
+                "bytes": st.released,
+                "sha256": st.sha.hexdigest(),
+                "gaps": [{"dsn": g.dsn, "length": g.length, "acked": g.acked} for g in st.gaps],
+                "gap_bytes": sum(g.length for g in st.gaps),
+                "data_fin": st.finished,
+                "acked_bytes": None if st.acked is None or st.start is None else max(0, min(
+                    st.acked - st.start, st.released + sum(g.length for g in st.gaps))),
+                "duplicate_bytes": st.duplicate_bytes,
+                "memcap_drops": st.memcap_drops,
+            }
+        return {
+            "event": "mptcp_connection",
+            "id": self.id,
+            "version": self.version,
+            "client": addr_text(self.client[0]), "client_port": self.client[1],
+            "server": addr_text(self.server[0]), "server_port": self.server[1],
+            "client_token": self.client_token(), "server_token": self.server_token(),
+            "checksum": self.csum,
+            "pickup": self.pickup,
+            "start": round(self.ts, 6), "end": round(self.last_ts, 6),
+            "subflows": [
+                dict(sf.tuple_text(), id=sf.id, role=sf.role.value, addr_id=sf.addr_id, backup=sf.backup,
+                     initiator="server" if sf.flipped else "client", reset=sf.reset,
+                     bytes_c2s=(sf.dirs[1] if sf.flipped else sf.dirs[0]).bytes,
+                     bytes_s2c=(sf.dirs[0] if sf.flipped else sf.dirs[1]).bytes)
+                for sf in self.subflows
+            ],
+            "announced": {
+                side: [{"addr_id": i, "address": addr_text(a), "port": p} for i, (a, p) in ann.items()]
+                for side, ann in zip(("client", "server"), self.announced)
+            },
+            "notices": dict(self.notices),
+            "outcome": self.closed.value if self.closed else None,
+            **dirs,
+        }
+
+
+@dataclass(slots=True)
+class TrackerStats:
+    packets: int = 0
+    mptcp_packets: int = 0
+    plain_packets: int = 0
+    decode_errors: Counter[str] = field(default_factory=Counter)
+    connections: int = 0
+    subflows: int = 0
+    joins: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    memcap: Counter[str] = field(default_factory=Counter)
+    out_of_window: int = 0
+    notices: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+
+def _wscale(seg: TcpSegment) -> int | None:
+    spans = option_spans(seg.options)
+    if isinstance(spans, WireError):
+        return None
+    opts = seg.options
+    for kind, start, ln in spans:
+        if kind == _TCPOPT_WSCALE and ln == 3:
+            return min(opts[start + 2], 14)
+    return None
+
+
+class Tracker:
+    """Groups subflows into MPTCP connections and rebuilds their byte streams."""
+
+    def __init__(self, config: TrackerConfig | None = None) -> None:
+        self.config = config or TrackerConfig()
+        self.stats = TrackerStats()
+        self._sf: dict[tuple[bytes, int, bytes, int], tuple[Subflow, int]] = {}
+        self.connections: OrderedDict[int, Connection] = OrderedDict()  # LRU by activity
+        self._tokens: dict[int, list[Connection]] = {}
+        self._next_conn = 1
+        self._next_sf = 1
+        self._last_expire = 0.0
+        self.now = 0.0
+
+    # ------------------------------------------------------------------
+    @property
+    def active_subflows(self) -> int:
+        return len(self._sf) // 2
+
+    def process(self, seg: TcpSegment) -> list[Event]:
+        """Feed one segment; returns the events it caused (often none)."""
+        st = self.stats
+        st.packets += 1
+        ts = seg.ts
+        if ts > self.now:
+            self.now = ts
+        ev: list[Event] = []
+        if ts - self._last_expire > 1.0:
+            self._last_expire = ts
+            self._expire(ts, ev)
+        hit = self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
+        opts = self._options(seg, hit, ev)
+        if hit is None:
+            if opts is None:
+                st.plain_packets += 1
+                ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
+                return ev
+            st.mptcp_packets += 1
+            self._new_subflow(seg, opts, ev)
+            return ev
+        sf, d = hit
+        sf.last_ts = ts
+        if sf.plain:
+            st.plain_packets += 1
+            ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
+            return ev
+        st.mptcp_packets += 1
+        conn = sf.conn
+        if conn is not None:
+            conn.last_ts = ts
+            if conn.closed is None:
+                self.connections.move_to_end(conn.id)
+        self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
+        return ev
+
+    def flush(self, now: float | None = None) -> list[Event]:
+        """End of input: release what can be released (holes become gaps) and close all."""
+        ts = self.now if now is None else now
+        ev: list[Event] = []
+        for conn in list(self.connections.values()):
+            self._close(conn, Outcome.END_OF_INPUT, False, ts, ev)
+        return ev
+
+    def expire(self, now: float) -> list[Event]:
+        ev: list[Event] = []
+        self._expire(now, ev)
+        return ev
+
+    # ------------------------------------------------------------------
+    def _options(self, seg: TcpSegment, hit: tuple[Subflow, int] | None, ev: list[Event]) -> "_Opts | None":
+        if seg.hdr_len == 20:
+            return None
+        spans = mptcp_spans(seg)
+        if isinstance(spans, WireError):
+            self._decode_error(spans, seg, hit, ev)
+            return None
+        if not spans:
+            return None
+        o = _Opts()
+        ip = seg.ip
+        flags = seg.flags
+        for off, ln in spans:
+            opt = m.decode(ip[off : off + ln], flags)
+            if isinstance(opt, WireError):
+                self._decode_error(opt, seg, hit, ev)
+                continue
+            o.add(opt)
+        return o
+
+    def _decode_error(self, err: WireError, seg: TcpSegment, hit: tuple[Subflow, int] | None,
+                      ev: list[Event]) -> None:
+        self.stats.decode_errors[err.kind.value] += 1
+        conn = hit[0].conn if hit else None
+        self._notice(ev, NoticeType.INVALID_OPTION, conn, str(err), seg)
+
+    def _notice(self, ev: list[Event], t: NoticeType, conn: Connection | None, detail: str,
+                seg: TcpSegment | None = None, ts: float | None = None) -> None:
+        self.stats.notices[t.value] += 1
+        if conn is not None:
+            conn.notices[t.value] += 1
+        if seg is not None:
+            ev.append(Notice(t, conn.id if conn else None, detail, seg.ts, seg.src_text, seg.sport,
+                             seg.dst_text, seg.dport))
+        else:
+            ev.append(Notice(t, conn.id if conn else None, detail, self.now if ts is None else ts))
+
+    # -- subflow creation -------------------------------------------------
+    def _new_subflow(self, seg: TcpSegment, o: "_Opts", ev: list[Event]) -> None:
+        flags = seg.flags
+        ts = seg.ts
+        key = (seg.src, seg.sport, seg.dst, seg.dport)
+        if len(self._sf) // 2 >= self.config.max_subflows:
+            self._expire(ts, ev, force=True)
+            if len(self._sf) // 2 >= self.config.max_subflows:
+                self.stats.refused["subflow_limit"] += 1
+                self.stats.memcap["subflows"] += 1
+                ev.append(SubflowRefused("subflow_limit", ts))
+                ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
+                return
+        if flags & SYN and not flags & ACK:
+            if o.cap is not None:
+                conn = self._new_connection(seg, ts, ev)
+                if conn is None:
+                    ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
+                    return
+                cap = o.cap
+                conn.version = cap.version
+                conn.csum = bool(cap.flags & m.CAP_A_CHECKSUM)
+                if cap.sender_key is not None:
+                    conn.client_key = cap.sender_key
+                    self._index_token(conn, conn.client_key)
+                    self._set_base(conn, Direction.C2S)
+                sf = self._add_subflow(key, Role.INITIAL, ts, conn, False)
+                sf.dirs[0].isn = seg.seq
+                sf.dirs[0].wscale = _wscale(seg)
+                conn.held.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
+                return
+            if o.join is not None and o.join.phase == m.JoinPhase.SYN:
+                self._join_syn(seg, key, o.join, ev)
+                return
+            ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
+            return
+        if flags & SYN:
+            # SYN/ACK for a SYN we never saw: the handshake began before we looked.
+            if o.cap is None and o.join is None:
+                ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
+                return
+        self._pickup(seg, key, o, ev)
+
+    def _new_connection(self, seg: TcpSegment, ts: float, ev: list[Event], *, client_is_src: bool = True,
+                        pickup: bool = False) -> Connection | None:
+        if len(self.connections) >= self.config.max_connections:
+            self._expire(ts, ev, force=True)
+            if len(self.connections) >= self.config.max_connections:
+                # evict the least recently active connection still in its handshake, else refuse
+                victim = next((c for c in self.connections.values() if not c.opened), None)
+                if victim is None:
+                    self.stats.refused["connection_limit"] += 1
+                    self.stats.memcap["connections"] += 1
+                    ev.append(SubflowRefused("connection_limit", ts))
+                    return None
+                self.stats.memcap["connections"] += 1
+                self._close(victim, Outcome.EVICTED, True, ts, ev)
+        a, b = (seg.src, seg.sport), (seg.dst, seg.dport)
+        cfg = self.config
+        conn = Connection(self._next_conn, ts, a if client_is_src else b, b if client_is_src else a,
+                          pickup=pickup, last_ts=ts,
+                          streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history),
+                                   DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history)))
+        self._next_conn += 1
+        self.connections[conn.id] = conn
+        self.stats.connections += 1
+        return conn
+
+    def _add_subflow(self, key: tuple[bytes, int, bytes, int], role: Role, ts: float,
+                     conn: Connection | None, flipped: bool) -> Subflow:
+        sf = Subflow(self._next_sf, key, role, ts, conn, flipped, last_ts=ts)
+        self._next_sf += 1
+        self._sf[key] = (sf, 0)
+        self._sf[(key[2], key[3], key[0], key[1])] = (sf, 1)
+        self.stats.subflows += 1
+        if conn is not None:
+            conn.subflows.append(sf)
+        return sf
+
+    def _index_token(self, conn: Connection, key: int) -> None:
+        tok = crypto.key_token(key, conn.version or 0)
+        lst = self._tokens.setdefault(tok, [])
+        if conn not in lst:
+            lst.append(conn)
+
+    def _set_base(self, conn: Connection, d: Direction) -> None:
+        key = conn.client_key if d == Direction.C2S else conn.server_key
+        st = conn.streams[d]
+        if key is not None and st.base is None:
+            st.base = st.start = (crypto.key_idsn(key, conn.version or 0) + 1) & MASK64
+
+    def _join_syn(self, seg: TcpSegment, key: tuple[bytes, int, bytes, int], j: m.MpJoin, ev: list[Event]) -> None:
+        ts = seg.ts
+        conn, flipped = self._find_by_token(j.token or 0, seg.dst)
+        if conn is None:
+            conn, flipped = self._find_by_address(seg.src, seg.dst, seg.dport)
+            if conn is None:
+                self._notice(ev, NoticeType.JOIN_UNKNOWN_TOKEN, None, f"token 0x{j.token:08x}", seg)
+        elif not self._knows_address(conn, seg.dst, flipped):
+            self._notice(ev, NoticeType.JOIN_UNKNOWN_ADDRESS, conn,
+                         f"join to {seg.dst_text} never announced", seg)
+        if conn is not None and len(conn.subflows) >= self.config.max_subflows_per_connection:
+            self.stats.refused["per_connection_limit"] += 1
+            ev.append(SubflowRefused("per_connection_limit", ts))
+            conn = None
+        sf = self._add_subflow(key, Role.JOIN, ts, conn, flipped)
+        sf.addr_id = j.addr_id
+        sf.backup = j.backup
+        sf.join_token = j.token
+        sf.nonce_i = j.nonce
+        sf.dirs[0].isn = seg.seq
+        sf.dirs[0].wscale = _wscale(seg)
+
+    def _find_by_token(self, token: int, dst: bytes) -> tuple[Connection | None, bool]:
+        cands = self._tokens.get(token)
+        if not cands:
+            return None, False
+        live = [c for c in cands if c.closed is None]
+        if not live:
+            return None, False
+        best = None
+        for c in live:  # the token names the join's receiver: prefer the one owning dst
+            owner_is_server = c.server_token() == token
+            if self._knows_address(c, dst, not owner_is_server):
+                best = c
+                break
+        if best is None:
+            best = live[-1]
+        return best, best.server_token() != token
+
+    def _knows_address(self, conn: Connection, addr: bytes, flipped: bool) -> bool:
+        """Is ``addr`` an address of the join's receiver (server unless flipped)?"""
+        side = 0 if flipped else 1
+        own = conn.client[0] if flipped else conn.server[0]
+        if addr == own:
+            return True
+        return any(a == addr for a, _p in conn.announced[side].values())
+
+    def _find_by_address(self, src: bytes, dst: bytes, dport: int) -> tuple[Connection | None, bool]:
+        """Fallback grouping when the token is unknown: the join goes to an announced address."""
+        for conn in reversed(self.connections.values()):
+            if conn.closed is not None:
+                continue
+            for side, ann in enumerate(conn.announced):
+                for a, p in ann.values():
+                    if a == dst and (p is None or p == dport):
+                        return conn, side == 0
+        return None, False
+
+    def _pickup(self, seg: TcpSegment, key: tuple[bytes, int, bytes, int], o: "_Opts", ev: list[Event]) -> None:
+        """A subflow first seen mid-stream: attach by DSN proximity or start a pickup connection."""
+        ts = seg.ts
+        conn, flipped = self._find_by_dsn(o.dss, seg)
+        if conn is None:
+            client_is_src = seg.dport < seg.sport if seg.dport != seg.sport else True
+            conn = self._new_connection(seg, ts, ev, client_is_src=client_is_src, pickup=True)
+            if conn is None:
+                ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
+                return
+            flipped = not client_is_src
+            if o.cap is not None:
+                conn.version = o.cap.version
+        sf = self._add_subflow(key, Role.PICKUP, ts, conn, flipped)
+        sf.established = True
+        if not conn.opened:
+            self._open(conn, ts, ev)
+        else:
+            ev.append(SubflowJoined(conn.id, sf.id, ts))
+        self._on_segment(sf, 0, seg, o, ev)
+
+    def _find_by_dsn(self, dss: m.Dss | None, seg: TcpSegment) -> tuple[Connection | None, bool]:
+        if dss is None:
+            return None, False
+        probes: list[tuple[int, int]] = []  # (value, stream index it would belong to if sender is client)
+        if dss.dsn is not None:
+            probes.append((dss.dsn, 0))
+        if dss.data_ack is not None:
+            probes.append((dss.data_ack, 1))
+        for conn in reversed(self.connections.values()):
+            if conn.closed is not None:
+                continue
+            for val, k in probes:
+                for flipped in (False, True):
+                    st = conn.streams[k ^ int(flipped)]
+                    if st.base is None:
+                        continue
+                    ref = st.base if (dss.dsn64 if k == 0 else dss.ack64) else st.base & MASK32
+                    if abs(val - ref) < _PICKUP_DSN_WINDOW:
+                        # the sender must be on the matching side's addresses
+                        return conn, flipped
+        return None, False
+
+    # -- per-segment work ---------------------------------------------------
+    def _on_segment(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event]) -> None:
+        flags = seg.flags
+        ts = seg.ts
+        sfd = sf.dirs[d]
+        conn = sf.conn
+        if flags & SYN:
+            self._on_syn(sf, d, seg, o, ev)
+            return
+        if flags & ACK:
+            # this packet's ack/window govern the other direction's data
+            other = sf.dirs[d ^ 1]
+            other.peer_ack = seg.ack
+            ws = sfd.wscale
+            if ws is None or sf.dirs[d ^ 1].wscale is None:
+                ws = 14 if sfd.isn is None else 0
+            other.peer_win = seg.window << ws
+        if conn is None:
+            # a join whose connection is unknown: try again with its data
+            if o.dss is not None:
+                c, flipped = self._find_by_dsn(o.dss, seg)
+                if c is not None:
+                    self._attach(sf, c, flipped ^ bool(d), ts, ev)
+                    conn = c
+            if conn is None:
+                if seg.payload_len:
+                    self.stats.refused["orphan_data"] += 1
+                return
+        if conn.closed is not None:
+            return
+        if sf.role == Role.INITIAL and not sf.established and o.cap is not None:
+            self._on_cap_ack(conn, sf, o.cap, seg, ev)
+        elif sf.role == Role.JOIN and not sf.established and o.join is not None and o.join.phase == m.JoinPhase.ACK:
+            self._on_join_ack(conn, sf, o.join, seg, ev)
+        if not sf.established and sf.role != Role.PICKUP:
+            sf.established = True
+            if sf.role == Role.JOIN:
+                ev.append(SubflowJoined(conn.id, sf.id, ts))
+                self.stats.joins += 1
+        cdir = Direction(d ^ int(sf.flipped))
+        if o.cap is not None and o.cap.data_len is not None and sf.role == Role.INITIAL:
+            self._on_cap_data(conn, sfd, cdir, o.cap)
+        if o.add_addr is not None and not o.add_addr.echo:
+            self._on_add_addr(conn, cdir, o.add_addr, seg, ev)
+        if o.remove is not None:
+            ann = conn.announced[cdir]
+            for i in o.remove.addr_ids:
+                ann.pop(i, None)
+        if o.prio is not None:
+            sf.backup = o.prio.backup
+        dss = o.dss
+        if dss is not None:
+            if dss.data_ack is not None:
+                rst = conn.streams[cdir ^ 1]
+                ack = dss.data_ack
+                if not dss.ack64 and rst.base is not None:
+                    ack = expand32(ack, rst.base)
+                rst.on_data_ack(ack)
+            if dss.dsn is not None:
+                self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev)
+        if o.fail is not None:
+            self._notice(ev, NoticeType.MP_FAIL, conn, f"MP_FAIL dsn {o.fail.dsn}", seg)
+        if seg.payload_len:
+            self._on_payload(conn, sf, sfd, cdir, seg, ev)
+        if flags & FIN:
+            sfd.fin = True
+        if o.fastclose is not None:
+            self._close(conn, Outcome.FASTCLOSE, True, ts, ev)
+            return
+        if flags & RST:
+            sf.reset = True
+            if sf.closed_ts is None:
+                sf.closed_ts = ts
+        elif sfd.fin and sf.dirs[d ^ 1].fin and sf.closed_ts is None:
+            sf.closed_ts = ts
+        self._check_gaps(conn, ts, ev)
+        self._check_end(conn, ts, ev)
+
+    def _on_syn(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event]) -> None:
+        ts = seg.ts
+        conn = sf.conn
+        sfd = sf.dirs[d]
+        if not seg.flags & ACK:  # retransmitted SYN
+            if conn is not None and o.cap is not None and o.cap.sender_key is not None \
+                    and conn.client_key is not None and o.cap.sender_key != conn.client_key:
+                self._notice(ev, NoticeType.KEY_CHANGE, conn, "MP_CAPABLE key changed in SYN retransmission", seg)
+            if conn is not None and not conn.opened:
+                conn.held.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
+            return
+        if d != 1:
+            return
+        sfd.isn = seg.seq
+        sfd.wscale = _wscale(seg)
+        if sf.role == Role.INITIAL and conn is not None and not conn.opened:
+            if o.cap is None:
+                # the server did not echo MP_CAPABLE: plain TCP from here on
+                self._fallback_plain(conn, sf, seg, ev)
+                return
+            cap = o.cap
+            if cap.sender_key is not None:
+                if conn.server_key is not None and conn.server_key != cap.sender_key:
+                    self._notice(ev, NoticeType.KEY_CHANGE, conn, "server key changed", seg)
+                conn.server_key = cap.sender_key
+                self._index_token(conn, cap.sender_key)
+                self._set_base(conn, Direction.S2C)
+            conn.csum = conn.csum or bool(cap.flags & m.CAP_A_CHECKSUM)
+            conn.held.clear()
+            self._open(conn, ts, ev)
+        elif sf.role == Role.JOIN and o.join is not None and o.join.phase == m.JoinPhase.SYN_ACK:
+            sf.nonce_r = o.join.nonce
+            sf.hmac_r = o.join.hmac
+            if conn is not None:
+                ki, kr = self._join_keys(conn, sf)
+                if ki is not None and kr is not None and sf.nonce_i is not None and o.join.hmac is not None:
+                    if not crypto.verify_join_synack(kr, ki, o.join.nonce or 0, sf.nonce_i, o.join.hmac,
+                                                     conn.version or 0):
+                        self._notice(ev, NoticeType.JOIN_HMAC_FAILURE, conn, "SYN/ACK HMAC", seg)
+
+    def _join_keys(self, conn: Connection, sf: Subflow) -> tuple[int | None, int | None]:
+        """(initiator key, responder key) of a join subflow."""
+        if sf.flipped:
+            return conn.server_key, conn.client_key
+        return conn.client_key, conn.server_key
+
+    def _on_cap_ack(self, conn: Connection, sf: Subflow, cap: m.MpCapable, seg: TcpSegment, ev: list[Event]) -> None:
+        if cap.sender_key is None:
+            return
+        if conn.client_key is not None and cap.sender_key != conn.client_key:
+            self._notice(ev, NoticeType.KEY_CHANGE, conn, "client key differs from the SYN", seg)
+        if conn.server_key is not None and cap.receiver_key is not None and cap.receiver_key != conn.server_key:
+            self._notice(ev, NoticeType.KEY_CHANGE, conn, "server key differs from the SYN/ACK", seg)
+        if conn.client_key is None:
+            conn.client_key = cap.sender_key
+            self._index_token(conn, cap.sender_key)
+        if conn.server_key is None and cap.receiver_key is not None:
+            conn.server_key = cap.receiver_key
+            self._index_token(conn, cap.receiver_key)
+            self._set_base(conn, Direction.S2C)
+        self._set_base(conn, Direction.C2S)
+        sf.established = True
+        if not conn.opened:
+            self._open(conn, seg.ts, ev)
+
+    def _on_cap_data(self, conn: Connection, sfd: SubflowDir, cdir: Direction, cap: m.MpCapable) -> None:
+        """v1 MP_CAPABLE on the first data packet: an implicit mapping at IDSN+1, SSN 1 (RFC 8684 3.1)."""
+        if cap.sender_key is None or not cap.data_len:
+            return
+        dsn = (crypto.key_idsn(cap.sender_key, conn.version or 1) + 1) & MASK64
+        conn.mapped[cdir] = True
+        for old in sfd.mappings:
+            if old.ssn == 1 and old.dsn == dsn:
+                return
+        cs = cap.checksum if conn.csum and cap.checksum is not None else None
+        sfd.mappings.append(Mapping(1, dsn, cap.data_len, False, cs, cap.data_len))
+
+    def _on_join_ack(self, conn: Connection, sf: Subflow, j: m.MpJoin, seg: TcpSegment, ev: list[Event]) -> None:
+        ki, kr = self._join_keys(conn, sf)
+        if ki is None or kr is None or sf.nonce_i is None or sf.nonce_r is None or j.hmac is None:
+            return
+        if not crypto.verify_join_ack(ki, kr, sf.nonce_i, sf.nonce_r, j.hmac, conn.version or 0):
+            self._notice(ev, NoticeType.JOIN_HMAC_FAILURE, conn, "ACK HMAC", seg)
+
+    def _on_add_addr(self, conn: Connection, cdir: Direction, a: m.AddAddr, seg: TcpSegment, ev: list[Event]) -> None:
+        ann = conn.announced[cdir]
+        prev = ann.get(a.addr_id)
+        if prev is not None:
+            if prev != (a.address, a.port):
+                self._notice(ev, NoticeType.ADD_ADDR_ID_REUSE, conn,
+                             f"address id {a.addr_id} re-used for {addr_text(a.address)}", seg)
+            else:
+                self._notice(ev, NoticeType.ADD_ADDR_DUPLICATE, conn, f"address id {a.addr_id} repeated", seg)
+        ann[a.addr_id] = (a.address, a.port)
+
+    def _open(self, conn: Connection, ts: float, ev: list[Event]) -> None:
+        conn.opened = True
+        conn.held.clear()
+        ev.append(ConnectionOpened(conn.id, ts))
+
+    def _attach(self, sf: Subflow, conn: Connection, flipped: bool, ts: float, ev: list[Event]) -> None:
+        sf.conn = conn
+        sf.flipped = flipped
+        conn.subflows.append(sf)
+        ev.append(SubflowJoined(conn.id, sf.id, ts))
+        self.stats.joins += 1
+
+    def _fallback_plain(self, conn: Connection, sf: Subflow, seg: TcpSegment, ev: list[Event]) -> None:
+        ev.extend(conn.held)
+        conn.held.clear()
+        ev.append(PassThrough(bytes(seg.ip), seg.ipver, seg.ts))
+        sf.plain = True
+        conn.subflows.remove(sf)
+        sf.conn = None
+        conn.closed = Outcome.FALLBACK
+        self.stats.outcomes[Outcome.FALLBACK.value] += 1
+        self._forget(conn)
+
+    # -- mappings and payload -------------------------------------------------
+    def _on_mapping(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, dss: m.Dss,
+                    seg: TcpSegment, ev: list[Event]) -> None:
+        st = conn.streams[cdir]
+        dsn = dss.dsn or 0
+        if not dss.dsn64:
+            if st.base is not None:
+                dsn = expand32(dsn, st.base)
+        dll = dss.dll or 0
+        ssn = dss.ssn or 0
+        conn.mapped[cdir] = True
+        if dss.data_fin:
+            if dll == 1 and ssn == 0:  # bare DATA_FIN: consumes one DSN, no payload
+                st.set_fin(dsn)
+                self._after_fin(conn, cdir, seg.ts, ev)
+                return
+            if dll >= 1:
+                st.set_fin(dsn + dll - 1)
+        if dll == 0:
+            if not any(mp.infinite for mp in sfd.mappings):
+                self._notice(ev, NoticeType.INFINITE_MAPPING, conn, f"infinite mapping at dsn {dsn}", seg)
+            mp = Mapping(ssn, dsn, 0, True)
+        else:
+            length = dll - (1 if dss.data_fin else 0)
+            if length <= 0:
+                self._after_fin(conn, cdir, seg.ts, ev)
+                return
+            for old in sfd.mappings:
+                if old.ssn == ssn and old.dsn == dsn and old.length == length:
+                    mp = old
+                    break
+            else:
+                cs = dss.checksum if conn.csum and dss.checksum is not None else None
+                mp = Mapping(ssn, dsn, length, False, cs, dll)
+                sfd.mappings.append(mp)
+                if len(sfd.mappings) > _MAX_MAPPINGS:
+                    del sfd.mappings[0]
+            if sfd.isn is None:
+                self._sync_pickup(sfd, seg, mp)
+        if mp.infinite:
+            sfd.mappings.append(mp)
+        sfd.last_map_ssn = ssn
+        if sfd.pending and sfd.isn is not None:
+            self._resolve_pending(conn, sfd, cdir, seg.ts, ev)
+
+    def _sync_pickup(self, sfd: SubflowDir, seg: TcpSegment, mp: Mapping) -> None:
+        """Infer the ISN of a subflow seen mid-stream from a segment that starts a mapping."""
+        starts = seg.payload_len == mp.length or (
+            sfd.last_map_ssn is not None and sfd.last_map_ssn != mp.ssn and sfd.last_end == seg.seq)
+        if starts and seg.payload_len:
+            sfd.isn = (seg.seq - mp.ssn) & MASK32
+
+    def _on_payload(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, seg: TcpSegment,
+                    ev: list[Event]) -> None:
+        seq = seg.seq
+        n = seg.payload_len
+        if self.config.window_check and sfd.peer_ack is not None:
+            off = (seq - sfd.peer_ack) & MASK32
+            if off >= 0x80000000:
+                off -= 0x100000000
+            win = max(sfd.peer_win, 65535)
+            if off + n > win + 65535 or off < -(2 * win + 65535):
+                self.stats.out_of_window += 1
+                if not sfd.oow_noticed:
+                    sfd.oow_noticed = True
+                    self._notice(ev, NoticeType.OUT_OF_WINDOW, conn,
+                                 f"{n} bytes at {off:+d} from the acked point, window {win}", seg)
+                return
+        end = (seq + n) & MASK32
+        if sfd.last_end is None or ((end - sfd.last_end) & MASK32) < 0x80000000:
+            sfd.last_end = end
+        sfd.bytes += n
+        payload = seg.payload
+        if sfd.isn is None:
+            if sf.role == Role.INITIAL or not sfd.mappings:
+                # no ISN and nothing to anchor to yet: wait for a mapping
+                pass
+            self._hold(conn, sfd, seq, payload, seg, ev)
+            return
+        rel = (seq - sfd.isn) & MASK32
+        self._map_bytes(conn, sf, sfd, cdir, rel, payload, seg.ts, ev, seg)
+
+    def _map_bytes(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, rel: int,
+                   data: memoryview | bytes, ts: float, ev: list[Event], seg: TcpSegment | None) -> None:
+        st = conn.streams[cdir]
+        pos = 0
+        n = len(data)
+        maps = sfd.mappings
+        while pos < n:
+            r = (rel + pos) & MASK32
+            found = None
+            for mp in reversed(maps):
+                off = (r - mp.ssn) & MASK32
+                if mp.infinite:
+                    if off < 0x80000000:
+                        found, take = mp, n - pos
+                        break
+                elif off < mp.length:
+                    found, take = mp, min(n - pos, mp.length - off)
+                    break
+            if found is None:
+                if not conn.mapped[cdir] and sf.role == Role.INITIAL and st.base is not None and r == 1 \
+                        and not maps:
+                    # first data without any DSS: fallback to TCP (RFC 8684 3.7)
+                    self._notice(ev, NoticeType.INFINITE_MAPPING, conn, "data without DSS: TCP fallback",
+                                 seg, ts)
+                    maps.append(Mapping(1, st.base, 0, True))
+                    conn.mapped[cdir] = True
+                    continue
+                # bytes with no mapping yet: hold until one arrives
+                seq = (r + (sfd.isn or 0)) & MASK32
+                nxt = n
+                self._hold(conn, sfd, seq, data[pos:nxt], seg, ev, ts)
+                return
+            piece = data[pos : pos + take]
+            off = (r - found.ssn) & MASK32
+            if found.checksum is not None:
+                self._accumulate(conn, found, cdir, off, piece, ts, ev)
+            else:
+                self._deliver(conn, cdir, (found.dsn + off) & MASK64, piece, ts, ev)
+            pos += take
+
+    def _accumulate(self, conn: Connection, mp: Mapping, cdir: Direction, off: int, piece: memoryview | bytes,
+                    ts: float, ev: list[Event]) -> None:
+        """Checksummed mappings are only accepted whole and verified, as the Linux receiver does."""
+        if mp.done:
+            self._deliver(conn, cdir, (mp.dsn + off) & MASK64, piece, ts, ev)  # a late copy: compare only
+            return
+        if mp.acc is None:
+            mp.acc = bytearray(mp.length)
+            mp.filled = []
+        mp.acc[off : off + len(piece)] = piece
+        iv = mp.filled
+        assert iv is not None
+        iv.append((off, off + len(piece)))
+        iv.sort()
+        merged: list[tuple[int, int]] = []
+        for a, b in iv:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        mp.filled = merged
+        if len(merged) == 1 and merged[0] == (0, mp.length):
+            mp.done = True
+            data = bytes(mp.acc)
+            mp.acc = None
+            if crypto.dss_checksum_ok(mp.dsn, mp.ssn, mp.dll, mp.checksum or 0, data):
+                self._deliver(conn, cdir, mp.dsn, data, ts, ev)
+            else:
+                self._notice(ev, NoticeType.DSS_CHECKSUM_FAILURE, conn,
+                             f"mapping dsn {mp.dsn} ssn {mp.ssn} len {mp.length}", None, ts)
+
+    def _hold(self, conn: Connection, sfd: SubflowDir, seq: int, data: memoryview | bytes,
+              seg: TcpSegment | None, ev: list[Event], ts: float | None = None) -> None:
+        if seq in sfd.pending and len(sfd.pending[seq]) >= len(data):
+            return
+        if sfd.pending_bytes + len(data) > self.config.pending_limit:
+            self.stats.memcap["pending"] += 1
+            self._notice(ev, NoticeType.MEMCAP, conn, f"unmapped bytes over {self.config.pending_limit}", seg,
+                         ts)
+            return
+        old = sfd.pending.get(seq)
+        if old is not None:
+            sfd.pending_bytes -= len(old)
+        sfd.pending[seq] = bytes(data)
+        sfd.pending_bytes += len(data)
+
+    def _resolve_pending(self, conn: Connection, sfd: SubflowDir, cdir: Direction, ts: float,
+                         ev: list[Event]) -> None:
+        items = sorted(sfd.pending.items(), key=lambda kv: (kv[0] - (sfd.isn or 0)) & MASK32)
+        sfd.pending.clear()
+        sfd.pending_bytes = 0
+        sf = next((s for s in conn.subflows if sfd in s.dirs), None)
+        if sf is None:
+            return
+        for seq, data in items:
+            rel = (seq - (sfd.isn or 0)) & MASK32
+            self._map_bytes(conn, sf, sfd, cdir, rel, data, ts, ev, None)
+
+    def _deliver(self, conn: Connection, cdir: Direction, dsn: int, data: memoryview | bytes, ts: float,
+                 ev: list[Event]) -> None:
+        st = conn.streams[cdir]
+        before = len(st.overlaps), st.memcap_drops
+        out = st.insert(dsn, data)
+        if len(st.overlaps) != before[0]:
+            for ov in st.overlaps[before[0]:]:
+                self._notice(ev, NoticeType.OVERLAP_MISMATCH, conn,
+                             f"{ov.length} bytes at dsn {ov.dsn} differ from the accepted copy"
+                             + (" (already released)" if ov.released else ""), None, ts)
+            del st.overlaps[:]
+        if st.memcap_drops != before[1]:
+            self.stats.memcap["out_of_order"] += st.memcap_drops - before[1]
+            self._notice(ev, NoticeType.MEMCAP, conn, f"out-of-order bytes over {st.ooo_limit}", None, ts)
+        if out:
+            if not conn.opened:
+                self._open(conn, ts, ev)
+            ev.append(DataReleased(conn.id, cdir, out, ts))
+        self._after_fin(conn, cdir, ts, ev)
+
+    def _after_fin(self, conn: Connection, cdir: Direction, ts: float, ev: list[Event]) -> None:
+        st = conn.streams[cdir]
+        if st.finished and not conn.fin_emitted[cdir]:
+            conn.fin_emitted[cdir] = True
+            ev.append(DataFinished(conn.id, cdir, ts))
+
+    def _check_gaps(self, conn: Connection, ts: float, ev: list[Event]) -> None:
+        for cdir in (Direction.C2S, Direction.S2C):
+            st = conn.streams[cdir]
+            if st.acked is None or st.base is None or st.finished:
+                continue
+            limit = st.acked
+            if st.fin_dsn is not None:
+                limit = min(limit, st.fin_dsn)
+            if limit <= st.base:
+                conn.gap_since[cdir] = None
+                continue
+            since = conn.gap_since[cdir]
+            if since is None:
+                conn.gap_since[cdir] = since = ts
+            if ts - since < self.config.gap_grace:
+                continue
+            conn.gap_since[cdir] = None
+            self._skip_holes(conn, cdir, limit, True, ts, ev)
+
+    def _skip_holes(self, conn: Connection, cdir: Direction, limit: int, acked: bool, ts: float,
+                    ev: list[Event]) -> None:
+        st = conn.streams[cdir]
+        while st.base is not None and st.base < limit and not st.finished:
+            nb = st.next_buffered()
+            target = limit if nb is None or nb >= limit else nb
+            start = st.base
+            out = st.skip_to(target, acked)
+            if target > start:
+                ev.append(GapSkipped(conn.id, cdir, start, target - start, acked, ts))
+                t = NoticeType.SIDE_CHANNEL if acked else NoticeType.CAPTURE_GAP
+                self._notice(ev, t, conn, f"{target - start} bytes at dsn {start} "
+                             + ("acknowledged by the peer but never seen" if acked else "never seen"), None, ts)
+            if out:
+                ev.append(DataReleased(conn.id, cdir, out, ts))
+            self._after_fin(conn, cdir, ts, ev)
+            if nb is None or nb >= limit:
+                break
+
+    def _check_end(self, conn: Connection, ts: float, ev: list[Event]) -> None:
+        s0, s1 = conn.streams
+        if s0.finished and s1.finished:
+            self._close(conn, Outcome.DATA_FIN, False, ts, ev)
+            return
+        sfs = conn.subflows
+        if sfs and all(sf.closed_ts is not None for sf in sfs):
+            if all(sf.reset for sf in sfs):
+                self._close(conn, Outcome.RESET, True, ts, ev)
+            else:
+                self._close(conn, Outcome.FIN, False, ts, ev)
+
+    # -- closing and expiry ---------------------------------------------------
+    def _close(self, conn: Connection, outcome: Outcome, reset: bool, ts: float, ev: list[Event]) -> None:
+        if conn.closed is not None:
+            return
+        if outcome not in (Outcome.FASTCLOSE, Outcome.RESET, Outcome.EVICTED):
+            for cdir in (Direction.C2S, Direction.S2C):
+                st = conn.streams[cdir]
+                # holes before buffered data were never seen: release what follows them
+                while st.next_buffered() is not None and not st.finished:
+                    self._skip_holes(conn, cdir, st.next_buffered() or 0, bool(st.acked and st.acked > (st.base or 0)),
+                                     ts, ev)
+                    if st.next_buffered() is not None and st.next_buffered() == st.base:
+                        break
+        conn.closed = outcome
+        conn.last_ts = max(conn.last_ts, ts)
+        self.stats.outcomes[outcome.value] += 1
+        if conn.opened or conn.subflows:
+            ev.append(ConnectionClosedSummary(conn.id, outcome, reset, ts, conn.summary()))
+        if conn.held and not conn.opened:
+            ev.extend(conn.held)
+            conn.held.clear()
+        self.connections.pop(conn.id, None)
+        for sf in conn.subflows:
+            if sf.closed_ts is None:
+                sf.closed_ts = ts
+        self._forget_tokens(conn)
+
+    def _forget(self, conn: Connection) -> None:
+        self.connections.pop(conn.id, None)
+        self._forget_tokens(conn)
+
+    def _forget_tokens(self, conn: Connection) -> None:
+        for key in (conn.client_key, conn.server_key):
+            if key is None:
+                continue
+            tok = crypto.key_token(key, conn.version or 0)
+            lst = self._tokens.get(tok)
+            if lst and conn in lst:
+                lst.remove(conn)
+                if not lst:
+                    del self._tokens[tok]
+
+    def _expire(self, now: float, ev: list[Event], force: bool = False) -> None:
+        cfg = self.config
+        # connections, least recently active first
+        while self.connections:
+            conn = next(iter(self.connections.values()))
+            limit = cfg.idle_timeout if conn.opened else cfg.handshake_timeout
+            if now - conn.last_ts < limit:
+                break
+            self._close(conn, Outcome.IDLE, False, now, ev)
+        # subflow entries: closed ones after a linger, idle ones after the idle timeout
+        if force or len(self._sf) > 64:
+            dead = []
+            for key, (sf, d) in self._sf.items():
+                if d:
+                    continue
+                if sf.conn is not None and sf.conn.closed is None:
+                    continue
+                ref = sf.closed_ts if sf.closed_ts is not None else sf.last_ts
+                linger = cfg.closed_linger if sf.closed_ts is not None else cfg.idle_timeout
+                if sf.conn is None and not sf.plain:
+                    linger = cfg.handshake_timeout
+                if now - max(ref, sf.last_ts) >= linger:
+                    dead.append(key)
+            for key in dead:
+                self._sf.pop(key, None)
+                self._sf.pop((key[2], key[3], key[0], key[1]), None)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosedSummary(ConnectionClosed):
+    """ConnectionClosed with the connection's log record attached."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _Opts:
+    """The MPTCP options of one segment, by subtype (first of each kind wins)."""
+
+    __slots__ = ("cap", "join", "dss", "add_addr", "remove", "prio", "fail", "fastclose", "tcprst")
+
+    def __init__(self) -> None:
+        self.cap: m.MpCapable | None = None
+        self.join: m.MpJoin | None = None
+        self.dss: m.Dss | None = None
+        self.add_addr: m.AddAddr | None = None
+        self.remove: m.RemoveAddr | None = None
+        self.prio: m.MpPrio | None = None
+        self.fail: m.MpFail | None = None
+        self.fastclose: m.MpFastclose | None = None
+        self.tcprst: m.MpTcpRst | None = None
+
+    def add(self, opt: m.MptcpOption) -> None:
+        if isinstance(opt, m.Dss):
+            if self.dss is None:
+                self.dss = opt
+        elif isinstance(opt, m.MpCapable):
+            self.cap = self.cap or opt
+        elif isinstance(opt, m.MpJoin):
+            self.join = self.join or opt
+        elif isinstance(opt, m.AddAddr):
+            self.add_addr = self.add_addr or opt
+        elif isinstance(opt, m.RemoveAddr):
+            self.remove = self.remove or opt
+        elif isinstance(opt, m.MpPrio):
+            self.prio = self.prio or opt
+        elif isinstance(opt, m.MpFail):
+            self.fail = self.fail or opt
+        elif isinstance(opt, m.MpFastclose):
+            self.fastclose = self.fastclose or opt
+        elif isinstance(opt, m.MpTcpRst):
+            self.tcprst = self.tcprst or opt
+
+
+_NO_OPTS = _Opts()

@@ -1,0 +1,1 @@
+"""I/O adapters around the sans-I/O core: capture files, NFQUEUE, sinks, metrics."""

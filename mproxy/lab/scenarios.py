@@ -1,0 +1,404 @@
+"""End-to-end MPTCP scenarios in a fresh lab, captured at the gateway.
+
+Each scenario builds its own :class:`Lab`, runs the traffic apps in the client
+and server namespaces while tcpdump records at the gateway, tears the lab
+down and returns a :class:`ScenarioResult`: the pcap, the per-connection
+records of both ends merged on the initial subflow's 4-tuple, and the lab's
+addresses.  These captures are the ground truth for mproxy's offline replay
+tests: every byte each application sent, with its SHA-256, is known.
+
+Note: the capture is taken on the gateway's *input*, before iptables, so in
+the ``loss`` scenario it also holds the packets the gateway then dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mproxy.lab.topology import Lab, LabAddresses, LabError
+
+__all__ = [
+    "Connection",
+    "ScenarioResult",
+    "ScenarioError",
+    "run_transfer",
+    "two_paths",
+    "path_failure",
+    "loss",
+    "ipv6",
+    "add_addr",
+    "concurrent",
+    "bidirectional",
+    "bulk",
+    "SCENARIOS",
+]
+
+PORT = 5201
+_REPO = Path(__file__).resolve().parents[2]
+TINY_CHUNKS = (1, 7, 100, 1460, 16384, 65536)
+
+
+class ScenarioError(LabError):
+    """The scenario's traffic could not run (apps failed to start, timeouts)."""
+
+
+@dataclass(slots=True)
+class Connection:
+    """One application connection as both ends saw it (c2s: client to server)."""
+
+    client_addr: str
+    client_port: int
+    server_addr: str
+    server_port: int
+    c2s_sent_bytes: int
+    c2s_sent_sha256: str
+    c2s_recv_bytes: int | None
+    c2s_recv_sha256: str | None
+    s2c_sent_bytes: int | None
+    s2c_sent_sha256: str | None
+    s2c_recv_bytes: int
+    s2c_recv_sha256: str
+    client_ok: bool
+    server_ok: bool
+    client_error: str | None = None
+    server_error: str | None = None
+    mptcp: bool | None = None
+    client_token: int | None = None
+    server_token: int | None = None
+    subflows: list[tuple[str, int, str, int]] = field(default_factory=list)
+    mptcp_bytes_retrans: int | None = None  # client's data-level reinjected bytes
+    seed: int = 0
+    reply_seed: int | None = None
+
+    @property
+    def intact(self) -> bool:
+        """Both ends finished and every byte arrived unchanged, both ways."""
+        return (
+            self.client_ok and self.server_ok
+            and self.c2s_sent_bytes == self.c2s_recv_bytes
+            and self.c2s_sent_sha256 == self.c2s_recv_sha256
+            and self.s2c_sent_bytes == self.s2c_recv_bytes
+            and self.s2c_sent_sha256 == self.s2c_recv_sha256
+        )
+
+    @property
+    def four_tuple(self) -> tuple[str, int, str, int]:
+        return (self.client_addr, self.client_port, self.server_addr, self.server_port)
+
+
+@dataclass(slots=True)
+class ScenarioResult:
+    name: str
+    capture: Path
+    connections: list[Connection]
+    addresses: LabAddresses
+    family: int
+    duration: float
+    client_json: Path
+    server_json: Path
+    expected_connections: int
+    events: list[tuple[float, str]] = field(default_factory=list)
+    unmatched: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (not self.unmatched and len(self.connections) == self.expected_connections
+                and all(c.intact for c in self.connections))
+
+    def problems(self) -> list[str]:
+        """Human-readable reasons why :attr:`ok` is false (for assertion messages)."""
+        out = [f"unmatched record: {u}" for u in self.unmatched]
+        if len(self.connections) != self.expected_connections:
+            out.append(f"{len(self.connections)} connections, expected {self.expected_connections}")
+        for c in self.connections:
+            if not c.intact:
+                out.append(f"{c.four_tuple}: client_ok={c.client_ok} ({c.client_error}) "
+                           f"server_ok={c.server_ok} ({c.server_error}) "
+                           f"c2s {c.c2s_sent_bytes}->{c.c2s_recv_bytes} s2c {c.s2c_sent_bytes}->{c.s2c_recv_bytes}")
+        return out
+
+
+# --------------------------------------------------------------------------- runner
+def _app_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _readline(p: subprocess.Popen[bytes], timeout: float) -> str:
+    assert p.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise ScenarioError(f"no line from {p.args!r} within {timeout}s")
+            ch = os.read(p.stdout.fileno(), 1)
+            if not ch:
+                raise ScenarioError(f"{p.args!r} exited ({p.wait()}) before printing a line")
+            buf += ch
+    finally:
+        sel.close()
+    return buf.decode().strip()
+
+
+def _merge(client: list[dict[str, Any]], server: list[dict[str, Any]]
+           ) -> tuple[list[Connection], list[dict[str, Any]]]:
+    """Join client and server records on the initial subflow's 4-tuple."""
+    by_tuple = {(s["peer_addr"], s["peer_port"], s["local_addr"], s["local_port"]): s for s in server}
+    conns: list[Connection] = []
+    unmatched: list[dict[str, Any]] = []
+    for c in client:
+        key = (c["local_addr"], c["local_port"], c["remote_addr"], c["remote_port"])
+        s = by_tuple.pop(key, None)
+        if s is None:
+            unmatched.append({"side": "client", **c})
+            if not c.get("local_port"):
+                continue  # never connected: nothing to pair
+        conns.append(Connection(
+            client_addr=c["local_addr"], client_port=c["local_port"],
+            server_addr=c["remote_addr"], server_port=c["remote_port"],
+            c2s_sent_bytes=c["sent_bytes"], c2s_sent_sha256=c["sent_sha256"],
+            c2s_recv_bytes=s["recv_bytes"] if s else None, c2s_recv_sha256=s["recv_sha256"] if s else None,
+            s2c_sent_bytes=s["sent_bytes"] if s else None, s2c_sent_sha256=s["sent_sha256"] if s else None,
+            s2c_recv_bytes=c["recv_bytes"], s2c_recv_sha256=c["recv_sha256"],
+            client_ok=c["ok"], server_ok=bool(s and s["ok"]),
+            client_error=c["error"], server_error=s["error"] if s else "no server record",
+            mptcp=c.get("mptcp"), client_token=c.get("token"), server_token=s.get("token") if s else None,
+            subflows=[tuple(x) for x in c.get("subflows", [])],  # type: ignore[misc]
+            mptcp_bytes_retrans=c.get("mptcp_bytes_retrans"),
+            seed=c["seed"], reply_seed=s.get("reply_seed") if s else None,
+        ))
+    unmatched.extend({"side": "server", **s} for s in by_tuple.values())
+    return conns, unmatched
+
+
+def run_transfer(
+    lab: Lab,
+    keep: str | os.PathLike[str],
+    name: str,
+    *,
+    family: int = 4,
+    connections: int = 1,
+    c2s_bytes: int = 1_000_000,
+    s2c_bytes: int = 1_000_000,
+    chunks: Sequence[int] | None = None,
+    server_chunks: Sequence[int] | None = None,
+    nodelay: bool = False,
+    concurrent_reply: bool = False,
+    rate: float = 0.0,
+    on_progress: Callable[[int], None] | None = None,
+    timeout: float = 60.0,
+    snaplen: int = 0,
+    capture_iface: str | Sequence[str] = "any",
+    seed: int = 1,
+) -> ScenarioResult:
+    """Run the client/server apps once in *lab* while capturing at its gateway.
+
+    *on_progress(pct)* is called from a helper thread each time the client has
+    written another 10% (with *rate* pacing that is a clock you can act on,
+    e.g. to cut a path mid-transfer).
+    """
+    out = Path(keep)
+    out.mkdir(parents=True, exist_ok=True)
+    cap, cjson, sjson = out / f"{name}.pcap", out / f"{name}.client.json", out / f"{name}.server.json"
+    for f in (cap, cjson, sjson):
+        f.unlink(missing_ok=True)
+    py, env = sys.executable, _app_env()
+    common = ["--port", str(PORT), "--timeout", str(timeout), "--io-timeout", str(min(timeout, 20.0))]
+    if nodelay:
+        common.append("--nodelay")
+    server_argv = [py, "-m", "mproxy.lab.apps", "server", *common, "--connections", str(connections),
+                   "--reply-bytes", str(s2c_bytes), "--out", str(sjson)]
+    if server_chunks:
+        server_argv += ["--chunks", ",".join(map(str, server_chunks))]
+    if concurrent_reply:
+        server_argv.append("--concurrent-reply")
+    target = lab.server_addr[family]
+    client_argv = [py, "-m", "mproxy.lab.apps", "client", *common, "--connect", target,
+                   "--connections", str(connections), "--bytes", str(c2s_bytes),
+                   "--seed", str(seed), "--out", str(cjson), "--progress"]
+    if chunks:
+        client_argv += ["--chunks", ",".join(map(str, chunks))]
+    if rate:
+        client_argv += ["--rate", str(rate)]
+
+    events: list[tuple[float, str]] = []
+    t0 = time.monotonic()
+    with lab.capture(cap, iface=capture_iface, snaplen=snaplen):
+        srv = lab.popen(lab.ns_srv, *server_argv, stdout=subprocess.PIPE, env=env)
+        line = _readline(srv, 15)
+        if not line.startswith("READY"):
+            raise ScenarioError(f"server said {line!r}")
+        events.append((time.time(), "server ready"))
+        cli = lab.popen(lab.ns_cli, *client_argv, stdout=subprocess.PIPE, env=env)
+        hook_errors: list[BaseException] = []
+
+        def pump() -> None:
+            assert cli.stdout is not None
+            for raw in cli.stdout:
+                parts = raw.decode(errors="replace").split()
+                if len(parts) == 2 and parts[0] == "PROGRESS" and on_progress:
+                    try:
+                        on_progress(int(parts[1]))
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below
+                        hook_errors.append(exc)
+
+        pumper = threading.Thread(target=pump, daemon=True)
+        pumper.start()
+        try:
+            cli.wait(timeout + 15)
+        except subprocess.TimeoutExpired as exc:
+            raise ScenarioError(f"client did not finish within {timeout + 15}s") from exc
+        pumper.join(5)
+        try:
+            srv.wait(10)
+        except subprocess.TimeoutExpired:
+            srv.send_signal(signal.SIGTERM)  # it writes what it has, flagged unfinished
+            srv.wait(10)
+        time.sleep(0.2)  # let the last FIN/ACKs cross the gateway into the pcap
+        if hook_errors:
+            raise hook_errors[0]
+    duration = time.monotonic() - t0
+    try:
+        cdata = json.loads(cjson.read_text())["connections"]
+        sdata = json.loads(sjson.read_text())["connections"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ScenarioError(f"missing or bad app output in {out}: {exc}") from exc
+    conns, unmatched = _merge(cdata, sdata)
+    return ScenarioResult(name=name, capture=cap, connections=conns, addresses=lab.addresses(),
+                          family=family, duration=duration, client_json=cjson, server_json=sjson,
+                          expected_connections=connections, events=events, unmatched=unmatched)
+
+
+# --------------------------------------------------------------------------- scenarios
+def two_paths(keep: str | os.PathLike[str], *, family: int = 4, size: int = 2_000_000,
+              rate: str = "30mbit", name: str = "two_paths") -> ScenarioResult:
+    """One connection, both directions ~2 MB over two shaped paths: both subflows carry data."""
+    with Lab(rate=rate) as lab:
+        return run_transfer(lab, keep, name, family=family, c2s_bytes=size, s2c_bytes=size)
+
+
+def ipv6(keep: str | os.PathLike[str]) -> ScenarioResult:
+    """two_paths over IPv6 (subflow endpoint and policy routing on the v6 addresses)."""
+    return two_paths(keep, family=6, name="ipv6")
+
+
+def path_failure(keep: str | os.PathLike[str], *, cut_path: int = 1, size: int = 3_000_000,
+                 at_pct: int = 30) -> ScenarioResult:
+    """Cut one client path once *at_pct* % is written; MPTCP must reinject and finish.
+
+    The client is paced (~1.5 s for the upload) so the cut lands mid-transfer
+    whatever the socket buffers absorb.  The reply (after the upload) can only
+    use the surviving path.
+    """
+    with Lab(rate="20mbit") as lab:
+        done = threading.Event()
+        events: list[tuple[float, str]] = []
+
+        def cut(pct: int) -> None:
+            if pct >= at_pct and not done.is_set():
+                done.set()
+                lab.link(cut_path, up=False)
+                events.append((time.time(), f"link {cut_path} down"))
+
+        res = run_transfer(lab, keep, "path_failure", c2s_bytes=size, s2c_bytes=1_000_000,
+                           rate=4_000_000, on_progress=cut)
+        res.events.extend(events)
+        if not done.is_set():
+            raise ScenarioError("path was never cut (no progress reported)")
+        return res
+
+
+def loss(keep: str | os.PathLike[str], *, probability: float = 0.02,
+         size: int = 1_000_000) -> ScenarioResult:
+    """Random drop on both paths, both directions, at the gateway (after capture).
+
+    SYNs are spared so the join subflow reliably comes up and the loss hits data
+    and ACKs on both subflows (a lost join SYN would leave a one-path transfer).
+    """
+    with Lab(rate="30mbit") as lab:
+        for p in (0, 1):
+            lab.loss(p, probability, spare_syn=True)
+        return run_transfer(lab, keep, "loss", c2s_bytes=size, s2c_bytes=size)
+
+
+def add_addr(keep: str | os.PathLike[str], *, size: int = 1_500_000,
+             family: int = 4) -> ScenarioResult:
+    """Server announces its second address (ADD_ADDR); the client joins to it."""
+    with Lab(rate="30mbit", server_signal=True) as lab:
+        return run_transfer(lab, keep, "add_addr", family=family, c2s_bytes=size, s2c_bytes=size)
+
+
+def concurrent(keep: str | os.PathLike[str], *, connections: int = 12,
+               size: int = 200_000) -> ScenarioResult:
+    """12 connections at once, written in mixed tiny/large chunks with TCP_NODELAY."""
+    with Lab(rate="40mbit") as lab:
+        return run_transfer(lab, keep, "concurrent", connections=connections, c2s_bytes=size,
+                            s2c_bytes=size, chunks=TINY_CHUNKS, server_chunks=TINY_CHUNKS[::-1],
+                            nodelay=True)
+
+
+def bidirectional(keep: str | os.PathLike[str], *, size: int = 2_000_000) -> ScenarioResult:
+    """Both ends send ~2 MB at the same time (server replies while still reading)."""
+    with Lab(rate="30mbit") as lab:
+        return run_transfer(lab, keep, "bidirectional", c2s_bytes=size, s2c_bytes=size,
+                            concurrent_reply=True)
+
+
+def bulk(size_mb: float, shaped: bool = False, *, keep: str | os.PathLike[str] = "lab-bulk",
+         connections: int = 2, gso: bool = True, rate: str = "400mbit") -> ScenarioResult:
+    """A large multi-path capture for benchmarks (``size_mb`` MB client to server in total).
+
+    Unshaped by default (fast); ``shaped`` applies *rate* per path, which spreads
+    data more evenly.  Full packets are captured (snaplen 0).
+    """
+    per_conn = int(size_mb * 1_000_000 / connections)
+    with Lab(rate=rate if shaped else None, gso=gso) as lab:
+        return run_transfer(lab, keep, "bulk", connections=connections, c2s_bytes=per_conn,
+                            s2c_bytes=min(per_conn, 1_000_000), timeout=max(60.0, size_mb * 2),
+                            snaplen=0)
+
+
+SCENARIOS: dict[str, Callable[[str | os.PathLike[str]], ScenarioResult]] = {
+    "two_paths": two_paths,
+    "path_failure": path_failure,
+    "loss": loss,
+    "ipv6": ipv6,
+    "add_addr": add_addr,
+    "concurrent": concurrent,
+    "bidirectional": bidirectional,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mproxy.lab.scenarios NAME [KEEP]``: run one scenario and print a summary."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in {*SCENARIOS, "bulk"}:
+        print(f"usage: NAME [KEEP_DIR]; NAME in {', '.join([*SCENARIOS, 'bulk'])}", file=sys.stderr)
+        return 2
+    keep = args[1] if len(args) > 1 else "lab-out"
+    res = bulk(50, keep=keep) if args[0] == "bulk" else SCENARIOS[args[0]](keep)
+    print(json.dumps({"name": res.name, "ok": res.ok, "capture": str(res.capture),
+                      "duration": round(res.duration, 2), "problems": res.problems(),
+                      "connections": [c.four_tuple for c in res.connections]}, indent=1))
+    return 0 if res.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Wire formats: link, IP, TCP and MPTCP option parsing and building (sans-I/O)."""

@@ -1,0 +1,262 @@
+"""Link, IPv4/IPv6 and TCP header parsing with ``struct`` over ``memoryview``.
+
+One :class:`TcpSegment` per packet and no copies of the payload: the parsed
+fields point into the caller's buffer. Anything that is not TCP returns
+``None``; anything malformed returns a :class:`WireError` value.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from enum import IntEnum
+from struct import Struct
+
+from .errors import ErrorKind, WireError
+
+FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
+
+TCPOPT_EOL, TCPOPT_NOP, TCPOPT_MPTCP = 0, 1, 30
+
+
+class LinkType(IntEnum):
+    """pcap LINKTYPE_* values we can read."""
+
+    NULL = 0
+    ETHERNET = 1
+    RAW_OLD = 12
+    RAW_OPENBSD = 14
+    RAW = 101
+    LOOP = 108
+    LINUX_SLL = 113
+    IPV4 = 228
+    IPV6 = 229
+    LINUX_SLL2 = 276
+
+
+_ETH_IPV4, _ETH_IPV6 = 0x0800, 0x86DD
+_VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100, 0x9200))
+_U16 = Struct("!H")
+_IPV4 = Struct("!BBHHHBBH4s4s")
+_IPV6 = Struct("!IHBB16s16s")
+_TCP = Struct("!HHIIBBHHH")
+_LE32 = Struct("<I")
+_BE32 = Struct("!I")
+
+# IPv6 extension headers that may precede TCP and use the generic (len+1)*8 layout.
+_IPV6_EXT = frozenset((0, 43, 60, 135, 139, 140))
+_IPPROTO_FRAGMENT, _IPPROTO_AH, _IPPROTO_TCP = 44, 51, 6
+
+
+@dataclass(slots=True)
+class TcpSegment:
+    """A parsed TCP segment; ``ip`` is the IP packet as captured.
+
+    ``payload_len`` is what was captured; ``wire_payload_len`` is what the IP
+    header says travelled (they differ for snaplen-cut captures).
+    """
+
+    ip: memoryview
+    ipver: int
+    src: bytes
+    dst: bytes
+    tcp_off: int
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    hdr_len: int
+    payload_off: int
+    payload_len: int
+    wire_payload_len: int
+    ts: float = 0.0
+
+    @property
+    def options(self) -> memoryview:
+        return self.ip[self.tcp_off + 20 : self.tcp_off + self.hdr_len]
+
+    @property
+    def payload(self) -> memoryview:
+        return self.ip[self.payload_off : self.payload_off + self.payload_len]
+
+    @property
+    def truncated(self) -> bool:
+        return self.payload_len != self.wire_payload_len
+
+    @property
+    def src_text(self) -> str:
+        return addr_text(self.src)
+
+    @property
+    def dst_text(self) -> str:
+        return addr_text(self.dst)
+
+
+def addr_text(addr: bytes) -> str:
+    """Printable IPv4/IPv6 address (RFC 5952 form for IPv6, as tcpdump prints)."""
+    return socket.inet_ntop(socket.AF_INET if len(addr) == 4 else socket.AF_INET6, addr)
+
+
+def strip_link(linktype: int, frame: memoryview) -> memoryview | WireError | None:
+    """Return the IP packet inside a frame, ``None`` when it carries no IP."""
+    n = len(frame)
+    if linktype == LinkType.ETHERNET:
+        if n < 14:
+            return WireError(ErrorKind.TRUNCATED_LINK, "ethernet header")
+        off = 12
+        (etype,) = _U16.unpack_from(frame, off)
+        while etype in _VLAN_TPIDS:
+            off += 4
+            if n < off + 2:
+                return WireError(ErrorKind.TRUNCATED_LINK, "vlan tag")
+            (etype,) = _U16.unpack_from(frame, off)
+        off += 2
+    elif linktype == LinkType.LINUX_SLL:
+        if n < 16:
+            return WireError(ErrorKind.TRUNCATED_LINK, "sll header")
+        (etype,) = _U16.unpack_from(frame, 14)
+        off = 16
+    elif linktype == LinkType.LINUX_SLL2:
+        if n < 20:
+            return WireError(ErrorKind.TRUNCATED_LINK, "sll2 header")
+        (etype,) = _U16.unpack_from(frame, 0)
+        off = 20
+    elif linktype in (LinkType.RAW, LinkType.RAW_OLD, LinkType.RAW_OPENBSD, LinkType.IPV4, LinkType.IPV6):
+        return frame
+    elif linktype in (LinkType.NULL, LinkType.LOOP):
+        if n < 4:
+            return WireError(ErrorKind.TRUNCATED_LINK, "loopback header")
+        fam = _LE32.unpack_from(frame, 0)[0] if linktype == LinkType.NULL else _BE32.unpack_from(frame, 0)[0]
+        if fam > 0xFFFF:  # NULL is host byte order: accept either
+            fam = _BE32.unpack_from(frame, 0)[0]
+        if fam not in (2, 10, 24, 28, 30):
+            return None
+        return frame[4:]
+    else:
+        return WireError(ErrorKind.UNSUPPORTED_LINKTYPE, str(linktype))
+    if etype not in (_ETH_IPV4, _ETH_IPV6):
+        return None
+    return frame[off:]
+
+
+def parse_ip(ip: memoryview, ts: float = 0.0) -> TcpSegment | WireError | None:
+    """Parse an IPv4 or IPv6 packet down to TCP; ``None`` for other protocols."""
+    n = len(ip)
+    if n < 1:
+        return WireError(ErrorKind.TRUNCATED_IP, "empty")
+    ver = ip[0] >> 4
+    if ver == 4:
+        if n < 20:
+            return WireError(ErrorKind.TRUNCATED_IP, f"{n} bytes")
+        vihl, _tos, total, _id, frag, _ttl, proto, _sum, src, dst = _IPV4.unpack_from(ip, 0)
+        ihl = (vihl & 0x0F) * 4
+        if ihl < 20:
+            return WireError(ErrorKind.BAD_IP_HEADER_LENGTH, str(ihl))
+        if total < ihl:
+            return WireError(ErrorKind.BAD_IP_TOTAL_LENGTH, f"{total} < {ihl}")
+        if n < ihl:
+            return WireError(ErrorKind.TRUNCATED_IP, "options")
+        if proto != _IPPROTO_TCP:
+            return None
+        if frag & 0x3FFF:
+            return WireError(ErrorKind.FRAGMENT, "ipv4")
+        l4 = ihl
+        end = total
+    elif ver == 6:
+        if n < 40:
+            return WireError(ErrorKind.TRUNCATED_IP, f"{n} bytes")
+        _vtf, plen, nxt, _hl, src, dst = _IPV6.unpack_from(ip, 0)
+        end = 40 + plen
+        l4 = 40
+        while nxt != _IPPROTO_TCP:
+            if nxt in _IPV6_EXT or nxt == _IPPROTO_AH or nxt == _IPPROTO_FRAGMENT:
+                if n < l4 + 8:
+                    return WireError(ErrorKind.TRUNCATED_IPV6_EXTENSION, str(nxt))
+                if nxt == _IPPROTO_FRAGMENT:
+                    (fo,) = _U16.unpack_from(ip, l4 + 2)
+                    if fo & 0xFFF9:
+                        return WireError(ErrorKind.FRAGMENT, "ipv6")
+                    hlen = 8
+                elif nxt == _IPPROTO_AH:
+                    hlen = (ip[l4 + 1] + 2) * 4
+                else:
+                    hlen = (ip[l4 + 1] + 1) * 8
+                nxt = ip[l4]
+                l4 += hlen
+                if l4 > n:
+                    return WireError(ErrorKind.TRUNCATED_IPV6_EXTENSION, "past capture")
+            else:
+                return None
+        if plen == 0:  # jumbogram or TSO capture: trust the capture length
+            end = n
+    else:
+        return WireError(ErrorKind.BAD_IP_VERSION, str(ver))
+    if n < l4 + 20:
+        return WireError(ErrorKind.TRUNCATED_TCP, f"{n - l4} bytes of header")
+    sport, dport, seq, ack, doff, flags, window, _csum, _urg = _TCP.unpack_from(ip, l4)
+    hdr_len = (doff >> 4) * 4
+    if hdr_len < 20:
+        return WireError(ErrorKind.BAD_TCP_DATA_OFFSET, str(hdr_len))
+    if n < l4 + hdr_len:
+        return WireError(ErrorKind.TRUNCATED_TCP, "options")
+    if end < l4 + hdr_len:
+        # The IP length claims less than the TCP header: a lie, or TSO captures
+        # that wrote 0; use what was captured.
+        end = n
+    poff = l4 + hdr_len
+    wire_len = end - poff
+    cap_len = min(n, end) - poff
+    return TcpSegment(
+        ip[: min(n, end)], ver, bytes(src), bytes(dst), l4, sport, dport, seq, ack,
+        flags, window, hdr_len, poff, cap_len, wire_len, ts,
+    )
+
+
+def parse_frame(linktype: int, frame: memoryview | bytes, ts: float = 0.0) -> TcpSegment | WireError | None:
+    """Parse a captured frame of the given link type down to TCP."""
+    if not isinstance(frame, memoryview):
+        frame = memoryview(frame)
+    ip = strip_link(linktype, frame)
+    if ip is None or isinstance(ip, WireError):
+        return ip
+    return parse_ip(ip, ts)
+
+
+def option_spans(opts: memoryview) -> list[tuple[int, int, int]] | WireError:
+    """List ``(kind, start, length)`` of the TCP options (offsets into ``opts``).
+
+    A length below 2 or past the header is an error: the rest of the option
+    area cannot be trusted, exactly as a TCP stack stops reading there.
+    """
+    spans: list[tuple[int, int, int]] = []
+    i, n = 0, len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == TCPOPT_EOL:
+            break
+        if kind == TCPOPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= n:
+            return WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} without length")
+        olen = opts[i + 1]
+        if olen < 2:
+            return WireError(ErrorKind.BAD_OPTION_LENGTH, f"kind {kind} length {olen}")
+        if i + olen > n:
+            return WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} length {olen}")
+        spans.append((kind, i, olen))
+        i += olen
+    return spans
+
+
+def mptcp_spans(seg: TcpSegment) -> list[tuple[int, int]] | WireError:
+    """``(offset in seg.ip, length)`` of every MPTCP option of a segment."""
+    if seg.hdr_len == 20:
+        return []
+    spans = option_spans(seg.options)
+    if isinstance(spans, WireError):
+        return spans
+    base = seg.tcp_off + 20
+    return [(base + s, ln) for k, s, ln in spans if k == TCPOPT_MPTCP]
