@@ -67,9 +67,15 @@ def add_addr_hmac(sender_key: int, receiver_key: int, addr_id: int, address: byt
     return _U64.unpack_from(mac, len(mac) - 8)[0]
 
 
-def add_addr_hmac_legacy(sender_key: int, receiver_key: int, addr_id: int, address: bytes) -> int:
-    """Pre-RFC 8684 form (Linux 5.6 era, seen in 2020 captures): leftmost 64 bits, no port."""
-    mac = _mac(_U64.pack(sender_key) + _U64.pack(receiver_key), bytes((addr_id,)) + address, 1)
+def add_addr_hmac_legacy(sender_key: int, receiver_key: int, addr_id: int, address: bytes,
+                         port: int | None = None) -> int:
+    """Pre-RFC 8684 form (early Linux v1, seen in 2020 captures): the *leftmost* 64 bits.
+
+    The message is the same as in the RFC form (id || address || 2-byte port,
+    zero when not sent): mptcp-aa-v1.pcap frame 13 verifies only this way.
+    """
+    msg = bytes((addr_id,)) + address + (port or 0).to_bytes(2, "big")
+    mac = _mac(_U64.pack(sender_key) + _U64.pack(receiver_key), msg, 1)
     return _U64.unpack_from(mac, 0)[0]
 
 
@@ -78,7 +84,7 @@ def add_addr_hmac_ok(sender_key: int, receiver_key: int, addr_id: int, address: 
     """True when an ADD_ADDR HMAC matches the RFC 8684 form or the pre-RFC form."""
     if add_addr_hmac(sender_key, receiver_key, addr_id, address, port) == value:
         return True
-    return port is None and add_addr_hmac_legacy(sender_key, receiver_key, addr_id, address) == value
+    return add_addr_hmac_legacy(sender_key, receiver_key, addr_id, address, port) == value
 
 
 def dss_checksum(dsn64: int, rel_ssn: int, dll: int, payload: bytes | memoryview) -> int:

@@ -109,6 +109,7 @@ class Subflow:
     backup: bool = False
     dirs: tuple[SubflowDir, SubflowDir] = field(default_factory=lambda: (SubflowDir(), SubflowDir()))
     plain: bool = False  # not MPTCP: pass packets through
+    refused: bool = False  # join failed verification: its bytes never count
     established: bool = False
     reset: bool = False
     closed_ts: float | None = None
@@ -268,6 +269,8 @@ class Tracker:
             return ev
         sf, d = hit
         sf.last_ts = ts
+        if sf.refused:
+            return ev
         if sf.plain:
             st.plain_packets += 1
             ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
@@ -558,6 +561,8 @@ class Tracker:
             self._on_cap_ack(conn, sf, o.cap, seg, ev)
         elif sf.role == Role.JOIN and not sf.established and o.join is not None and o.join.phase == m.JoinPhase.ACK:
             self._on_join_ack(conn, sf, o.join, seg, ev)
+            if sf.refused:
+                return
         if not sf.established and sf.role != Role.PICKUP:
             sf.established = True
             if sf.role == Role.JOIN:
@@ -641,6 +646,7 @@ class Tracker:
                     if not crypto.verify_join_synack(kr, ki, o.join.nonce or 0, sf.nonce_i, o.join.hmac,
                                                      conn.version or 0):
                         self._notice(ev, NoticeType.JOIN_HMAC_FAILURE, conn, "SYN/ACK HMAC", seg)
+                        self._refuse(sf, "join_hmac", ts, ev)
 
     def _join_keys(self, conn: Connection, sf: Subflow) -> tuple[int | None, int | None]:
         """(initiator key, responder key) of a join subflow."""
@@ -685,6 +691,26 @@ class Tracker:
             return
         if not crypto.verify_join_ack(ki, kr, sf.nonce_i, sf.nonce_r, j.hmac, conn.version or 0):
             self._notice(ev, NoticeType.JOIN_HMAC_FAILURE, conn, "ACK HMAC", seg)
+            self._refuse(sf, "join_hmac", seg.ts, ev)
+
+    def _refuse(self, sf: Subflow, reason: str, ts: float, ev: list[Event]) -> None:
+        """Detach a subflow that failed verification: the endpoint will reset it, and its bytes must
+        never reach the rebuilt stream (a forged join is an injection attempt)."""
+        sf.refused = True
+        if sf.conn is not None and sf in sf.conn.subflows:
+            sf.conn.subflows.remove(sf)
+        sf.conn = None
+        sf.closed_ts = ts
+        self.stats.refused[reason] += 1
+        ev.append(SubflowRefused(reason, ts))
+
+    def subflow_of(self, seg: TcpSegment) -> tuple[Subflow, int] | None:
+        """The tracked subflow (and direction index) a segment belongs to, if any."""
+        return self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
+
+    def join_target(self, token: int, dst: bytes) -> Connection | None:
+        """The live connection an MP_JOIN with ``token`` sent to ``dst`` would join."""
+        return self._find_by_token(token, dst)[0]
 
     def _on_add_addr(self, conn: Connection, cdir: Direction, a: m.AddAddr, seg: TcpSegment, ev: list[Event]) -> None:
         ann = conn.announced[cdir]

@@ -99,6 +99,9 @@ class Connection:
 
 @dataclass(slots=True)
 class ScenarioResult:
+    """What a scenario produced; ``events`` are (unix time, what) so they can be put
+    next to pcap timestamps."""
+
     name: str
     capture: Path
     connections: list[Connection]
@@ -262,16 +265,21 @@ def run_transfer(
         pumper = threading.Thread(target=pump, daemon=True)
         pumper.start()
         try:
-            cli.wait(timeout + 15)
-        except subprocess.TimeoutExpired as exc:
-            raise ScenarioError(f"client did not finish within {timeout + 15}s") from exc
-        pumper.join(5)
-        try:
-            srv.wait(10)
-        except subprocess.TimeoutExpired:
-            srv.send_signal(signal.SIGTERM)  # it writes what it has, flagged unfinished
-            srv.wait(10)
-        time.sleep(0.2)  # let the last FIN/ACKs cross the gateway into the pcap
+            try:
+                cli.wait(timeout + 15)
+            except subprocess.TimeoutExpired as exc:
+                raise ScenarioError(f"client did not finish within {timeout + 15}s") from exc
+            pumper.join(5)
+            try:
+                srv.wait(10)
+            except subprocess.TimeoutExpired:
+                srv.send_signal(signal.SIGTERM)  # it writes what it has, flagged unfinished
+                srv.wait(10)
+            time.sleep(0.2)  # let the last FIN/ACKs cross the gateway into the pcap
+        finally:
+            for p in (cli, srv):
+                if p.stdout and p.poll() is not None:
+                    p.stdout.close()
         if hook_errors:
             raise hook_errors[0]
     duration = time.monotonic() - t0

@@ -9,7 +9,12 @@ are taken, so every client<->server packet is routed through it::
                                     gs0 198.18.10.1 ===========  s0 198.18.10.2
                                     gs1 198.18.11.1 ===========  s1 198.18.11.2
 
-IPv6 mirrors it in 2001:db8:{1,2,10,11}::/64.  Only 198.18.0.0/15 and
+IPv6 mirrors it in 2001:db8:{1,2,10,11}::/64.  Attributes (families keyed 4/6,
+paths 0/1): ``client_addr[path][fam]``, ``server_addr[fam]``, ``server_addr2[fam]``,
+``gw_client_addr[path][fam]``, ``gw_server_addr[fam]``, ``gw_server_addr2[fam]``;
+interfaces ``client_if[path]``, ``gw_client_if[path]``, ``gw_server_if``,
+``gw_server_if2``, ``server_if``, ``server_if2``; namespaces ``ns_cli``,
+``ns_gw``, ``ns_srv``.  Only 198.18.0.0/15 and
 2001:db8::/32 are ever routed (no default routes), so nothing can leave the
 lab by mistake.  Interfaces are created directly inside their namespaces, so
 several labs can run side by side with the same interface names.
@@ -88,7 +93,11 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except OSError as exc:
         return exc.errno == errno.EPERM
-    return True
+    try:  # a killed but not yet reaped creator is a zombie: its labs are stale too
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def list_netns() -> list[str]:
@@ -188,12 +197,12 @@ class Lab:
     ns_cli: str = field(init=False)
     ns_gw: str = field(init=False)
     ns_srv: str = field(init=False)
-    client_if: tuple[str, str] = ("c0", "c1")
-    gw_client_if: tuple[str, str] = ("gc0", "gc1")
-    gw_server_if: str = "gs0"
-    gw_server_if2: str = "gs1"
-    server_if: str = "s0"
-    server_if2: str = "s1"
+    client_if: tuple[str, str] = field(init=False, default=("c0", "c1"))
+    gw_client_if: tuple[str, str] = field(init=False, default=("gc0", "gc1"))
+    gw_server_if: str = field(init=False, default="gs0")
+    gw_server_if2: str = field(init=False, default="gs1")
+    server_if: str = field(init=False, default="s0")
+    server_if2: str = field(init=False, default="s1")
     client_addr: tuple[dict[Family, str], dict[Family, str]] = field(init=False)
     gw_client_addr: tuple[dict[Family, str], dict[Family, str]] = field(init=False)
     server_addr: dict[Family, str] = field(init=False)
@@ -240,6 +249,9 @@ class Lab:
         for p in self._procs:
             with contextlib.suppress(subprocess.SubprocessError):
                 p.wait(timeout=5)
+            for pipe in (p.stdin, p.stdout, p.stderr):
+                if pipe:
+                    pipe.close()
         self._procs.clear()
         for ns in (self.ns_cli, self.ns_gw, self.ns_srv):
             if ns in list_netns():

@@ -37,9 +37,7 @@ class LinkType(IntEnum):
 _ETH_IPV4, _ETH_IPV6 = 0x0800, 0x86DD
 _VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100, 0x9200))
 _U16 = Struct("!H")
-_IPV4 = Struct("!BBHHHBBH4s4s")
 _IPV6 = Struct("!IHBB16s16s")
-_TCP = Struct("!HHIIBBHHH")
 _LE32 = Struct("<I")
 _BE32 = Struct("!I")
 
@@ -99,36 +97,46 @@ def addr_text(addr: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET if len(addr) == 4 else socket.AF_INET6, addr)
 
 
+# Plain ints for the hot path: comparing against IntEnum members costs an
+# attribute lookup through the enum machinery on every packet.
+_LT_ETHERNET, _LT_SLL, _LT_SLL2 = int(LinkType.ETHERNET), int(LinkType.LINUX_SLL), int(LinkType.LINUX_SLL2)
+_LT_NULL, _LT_LOOP = int(LinkType.NULL), int(LinkType.LOOP)
+_LT_RAW = frozenset(int(t) for t in (LinkType.RAW, LinkType.RAW_OLD, LinkType.RAW_OPENBSD, LinkType.IPV4,
+                                     LinkType.IPV6))
+_IPV4_FIELDS = Struct("!BxHxxHxB2x4s4s")  # ver/ihl, total length, frag, proto, src, dst
+_TCP_FIELDS = Struct("!HHIIBBH")  # ports, seq, ack, data offset, flags, window
+
+
 def strip_link(linktype: int, frame: memoryview) -> memoryview | WireError | None:
     """Return the IP packet inside a frame, ``None`` when it carries no IP."""
     n = len(frame)
-    if linktype == LinkType.ETHERNET:
+    if linktype == _LT_ETHERNET:
         if n < 14:
             return WireError(ErrorKind.TRUNCATED_LINK, "ethernet header")
         off = 12
-        (etype,) = _U16.unpack_from(frame, off)
+        etype = (frame[12] << 8) | frame[13]
         while etype in _VLAN_TPIDS:
             off += 4
             if n < off + 2:
                 return WireError(ErrorKind.TRUNCATED_LINK, "vlan tag")
-            (etype,) = _U16.unpack_from(frame, off)
+            etype = (frame[off] << 8) | frame[off + 1]
         off += 2
-    elif linktype == LinkType.LINUX_SLL:
+    elif linktype == _LT_SLL:
         if n < 16:
             return WireError(ErrorKind.TRUNCATED_LINK, "sll header")
-        (etype,) = _U16.unpack_from(frame, 14)
+        etype = (frame[14] << 8) | frame[15]
         off = 16
-    elif linktype == LinkType.LINUX_SLL2:
+    elif linktype == _LT_SLL2:
         if n < 20:
             return WireError(ErrorKind.TRUNCATED_LINK, "sll2 header")
-        (etype,) = _U16.unpack_from(frame, 0)
+        etype = (frame[0] << 8) | frame[1]
         off = 20
-    elif linktype in (LinkType.RAW, LinkType.RAW_OLD, LinkType.RAW_OPENBSD, LinkType.IPV4, LinkType.IPV6):
+    elif linktype in _LT_RAW:
         return frame
-    elif linktype in (LinkType.NULL, LinkType.LOOP):
+    elif linktype == _LT_NULL or linktype == _LT_LOOP:
         if n < 4:
             return WireError(ErrorKind.TRUNCATED_LINK, "loopback header")
-        fam = _LE32.unpack_from(frame, 0)[0] if linktype == LinkType.NULL else _BE32.unpack_from(frame, 0)[0]
+        fam = _LE32.unpack_from(frame, 0)[0] if linktype == _LT_NULL else _BE32.unpack_from(frame, 0)[0]
         if fam > 0xFFFF:  # NULL is host byte order: accept either
             fam = _BE32.unpack_from(frame, 0)[0]
         if fam not in (2, 10, 24, 28, 30):
@@ -136,7 +144,7 @@ def strip_link(linktype: int, frame: memoryview) -> memoryview | WireError | Non
         return frame[4:]
     else:
         return WireError(ErrorKind.UNSUPPORTED_LINKTYPE, str(linktype))
-    if etype not in (_ETH_IPV4, _ETH_IPV6):
+    if etype != _ETH_IPV4 and etype != _ETH_IPV6:
         return None
     return frame[off:]
 
@@ -150,7 +158,7 @@ def parse_ip(ip: memoryview, ts: float = 0.0) -> TcpSegment | WireError | None:
     if ver == 4:
         if n < 20:
             return WireError(ErrorKind.TRUNCATED_IP, f"{n} bytes")
-        vihl, _tos, total, _id, frag, _ttl, proto, _sum, src, dst = _IPV4.unpack_from(ip, 0)
+        vihl, total, frag, proto, src, dst = _IPV4_FIELDS.unpack_from(ip, 0)
         ihl = (vihl & 0x0F) * 4
         if ihl < 20:
             return WireError(ErrorKind.BAD_IP_HEADER_LENGTH, str(ihl))
@@ -195,23 +203,22 @@ def parse_ip(ip: memoryview, ts: float = 0.0) -> TcpSegment | WireError | None:
         return WireError(ErrorKind.BAD_IP_VERSION, str(ver))
     if n < l4 + 20:
         return WireError(ErrorKind.TRUNCATED_TCP, f"{n - l4} bytes of header")
-    sport, dport, seq, ack, doff, flags, window, _csum, _urg = _TCP.unpack_from(ip, l4)
+    sport, dport, seq, ack, doff, flags, window = _TCP_FIELDS.unpack_from(ip, l4)
     hdr_len = (doff >> 4) * 4
     if hdr_len < 20:
         return WireError(ErrorKind.BAD_TCP_DATA_OFFSET, str(hdr_len))
-    if n < l4 + hdr_len:
+    poff = l4 + hdr_len
+    if n < poff:
         return WireError(ErrorKind.TRUNCATED_TCP, "options")
-    if end < l4 + hdr_len:
+    if end < poff:
         # The IP length claims less than the TCP header: a lie, or TSO captures
         # that wrote 0; use what was captured.
         end = n
-    poff = l4 + hdr_len
-    wire_len = end - poff
-    cap_len = min(n, end) - poff
-    return TcpSegment(
-        ip[: min(n, end)], ver, bytes(src), bytes(dst), l4, sport, dport, seq, ack,
-        flags, window, hdr_len, poff, cap_len, wire_len, ts,
-    )
+    if n > end:
+        ip = ip[:end]  # link-layer padding (Ethernet minimum frame) is not payload
+        n = end
+    return TcpSegment(ip, ver, src, dst, l4, sport, dport, seq, ack, flags, window, hdr_len, poff, n - poff,
+                      end - poff, ts)
 
 
 def parse_frame(linktype: int, frame: memoryview | bytes, ts: float = 0.0) -> TcpSegment | WireError | None:
@@ -252,11 +259,33 @@ def option_spans(opts: memoryview) -> list[tuple[int, int, int]] | WireError:
 
 
 def mptcp_spans(seg: TcpSegment) -> list[tuple[int, int]] | WireError:
-    """``(offset in seg.ip, length)`` of every MPTCP option of a segment."""
-    if seg.hdr_len == 20:
+    """``(offset in seg.ip, length)`` of every MPTCP option of a segment.
+
+    Same walk and same errors as :func:`option_spans`, inlined over
+    ``seg.ip`` because it runs for every packet.
+    """
+    hl = seg.hdr_len
+    if hl == 20:
         return []
-    spans = option_spans(seg.options)
-    if isinstance(spans, WireError):
-        return spans
-    base = seg.tcp_off + 20
-    return [(base + s, ln) for k, s, ln in spans if k == TCPOPT_MPTCP]
+    ip = seg.ip
+    i = seg.tcp_off + 20
+    end = i + hl - 20
+    out: list[tuple[int, int]] = []
+    while i < end:
+        kind = ip[i]
+        if kind == TCPOPT_NOP:
+            i += 1
+            continue
+        if kind == TCPOPT_EOL:
+            break
+        if i + 1 >= end:
+            return WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} without length")
+        olen = ip[i + 1]
+        if olen < 2:
+            return WireError(ErrorKind.BAD_OPTION_LENGTH, f"kind {kind} length {olen}")
+        if i + olen > end:
+            return WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} length {olen}")
+        if kind == TCPOPT_MPTCP:
+            out.append((i, olen))
+        i += olen
+    return out

@@ -1,0 +1,259 @@
+"""Configuration: a TOML file validated up front, every error naming the bad key.
+
+The schema is declared once as dataclasses; :func:`load_config` walks the
+TOML table against them so an unknown key, a wrong type or a bad value stops
+the start with ``config error: [section] key: why`` instead of surfacing
+later as a traceback on the packet path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .core.policy import Action, Policy, Rule, UntrustedJoin
+from .core.tracker import TrackerConfig
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key."""
+
+
+@dataclass(slots=True)
+class QueueConfig:
+    num: int = 0  # first NFQUEUE number
+    workers: int = 1  # queues num .. num+workers-1 (see README: one worker per queue)
+    max_len: int = 4096  # packets the kernel may hold for us
+    sock_rcvbuf: int = 8 * 1024 * 1024  # netlink socket receive buffer (bytes)
+    fail: str = "open"  # "open": accept when mproxy is absent/overloaded/failing; "closed": drop
+
+
+@dataclass(slots=True)
+class RulesConfig:
+    manage: bool = True  # install iptables rules on start, remove them on stop
+    chain: str = "MPROXY"
+    table: str = "mangle"
+    hook: str = "FORWARD"  # FORWARD for a gateway; INPUT/OUTPUT for host mode
+    connmark: int = 0x4D50  # bits of the conntrack mark that say "MPTCP connection"
+    ipv6: bool = True
+    in_interfaces: list[str] = field(default_factory=list)  # restrict to traffic arriving here
+
+
+@dataclass(slots=True)
+class SinkConfig:
+    interface: str = ""  # Ethernet frames of the emitted stream go out here (IDS listens)
+    pcap: str = ""  # rotating pcap files: path prefix
+    pcap_rotate_mb: int = 100
+    pcap_keep: int = 10
+    passthrough: bool = True  # also copy queued plain-TCP packets (downgraded/fallback) to the sink
+
+
+@dataclass(slots=True)
+class LogConfig:
+    events: str = ""  # JSON-lines event log path, "-" for stdout, "" for none
+    level: str = "info"
+    log_keys: bool = False  # never write MPTCP keys unless explicitly asked
+
+
+@dataclass(slots=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9464"  # "" disables the exporter
+
+
+@dataclass(slots=True)
+class Config:
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    policy: Policy = field(default_factory=Policy)
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+_SECTIONS = {"queue": QueueConfig, "rules": RulesConfig, "tracker": TrackerConfig, "sink": SinkConfig,
+             "log": LogConfig, "metrics": MetricsConfig}
+
+
+def _fill(cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    obj = cls()
+    known = {f.name: f for f in fields(cls)}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"[{where}] unknown key {key!r} (known: {', '.join(sorted(known))})")
+        default = getattr(obj, key)
+        setattr(obj, key, _coerce(value, default, f"[{where}] {key}"))
+    return obj
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{name}: must not be negative")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{name}: must not be negative")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported setting")
+
+
+def _networks(value: Any, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{name}: expected a network or a list of networks, got {value!r}")
+    out = []
+    for v in value:
+        try:
+            out.append(ipaddress.ip_network(v, strict=False))
+        except (ValueError, TypeError):
+            raise ConfigError(f"{name}: {v!r} is not an IP network") from None
+    return tuple(out)
+
+
+def _ports(value: Any, name: str) -> frozenset[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{name}: expected a port, a list of ports or \"LOW-HIGH\" ranges")
+    ports: set[int] = set()
+    for v in value:
+        if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536:
+            ports.add(v)
+        elif isinstance(v, str) and "-" in v:
+            try:
+                lo, hi = (int(x) for x in v.split("-", 1))
+            except ValueError:
+                raise ConfigError(f"{name}: bad port range {v!r}") from None
+            if not 0 < lo <= hi < 65536:
+                raise ConfigError(f"{name}: bad port range {v!r}")
+            ports.update(range(lo, hi + 1))
+        else:
+            raise ConfigError(f"{name}: bad port {v!r}")
+    return frozenset(ports)
+
+
+def _action(value: Any, name: str) -> Action:
+    try:
+        return Action(value)
+    except ValueError:
+        raise ConfigError(f"{name}: unknown action {value!r} (one of: {', '.join(a.value for a in Action)})") \
+            from None
+
+
+def _policy(table: Any) -> Policy:
+    if not isinstance(table, dict):
+        raise ConfigError("[policy] must be a table")
+    allowed = {"default", "trusted_networks", "untrusted_join", "rule"}
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"[policy] unknown key {key!r} (known: {', '.join(sorted(allowed))})")
+    default = _action(table.get("default", "inspect"), "[policy] default")
+    trusted = _networks(table["trusted_networks"], "[policy] trusted_networks") if "trusted_networks" in table \
+        else None
+    try:
+        untrusted = UntrustedJoin(table.get("untrusted_join", "refuse"))
+    except ValueError:
+        raise ConfigError("[policy] untrusted_join: expected \"refuse\" or \"downgrade\"") from None
+    rules = []
+    raw_rules = table.get("rule", [])
+    if not isinstance(raw_rules, list):
+        raise ConfigError("[policy] rule: use [[policy.rule]] tables")
+    for i, r in enumerate(raw_rules, 1):
+        where = f"[[policy.rule]] #{i}"
+        if not isinstance(r, dict):
+            raise ConfigError(f"{where} must be a table")
+        for key in r:
+            if key not in {"client", "server", "ports", "action", "name"}:
+                raise ConfigError(f"{where} unknown key {key!r} (known: action, client, name, ports, server)")
+        if "action" not in r:
+            raise ConfigError(f"{where}: missing key 'action'")
+        rules.append(Rule(
+            action=_action(r["action"], f"{where} action"),
+            clients=_networks(r.get("client", []), f"{where} client"),
+            servers=_networks(r.get("server", []), f"{where} server"),
+            ports=_ports(r.get("ports"), f"{where} ports"),
+            name=str(r.get("name", f"rule{i}")),
+        ))
+    return Policy(tuple(rules), default, trusted, untrusted)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    cfg = Config()
+    for key, value in data.items():
+        if key == "policy":
+            cfg.policy = _policy(value)
+        elif key in _SECTIONS:
+            setattr(cfg, key, _fill(_SECTIONS[key], value, key))
+        else:
+            raise ConfigError(f"unknown section [{key}] (known: {', '.join(sorted([*_SECTIONS, 'policy']))})")
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    q = cfg.queue
+    if q.fail not in ("open", "closed"):
+        raise ConfigError(f"[queue] fail: expected \"open\" or \"closed\", got {q.fail!r}")
+    if not 0 <= q.num <= 65535 or q.workers < 1 or q.num + q.workers - 1 > 65535:
+        raise ConfigError("[queue] num/workers: queue numbers must lie in 0..65535 and workers >= 1")
+    if q.max_len < 1:
+        raise ConfigError("[queue] max_len: must be at least 1")
+    if cfg.rules.hook not in ("FORWARD", "INPUT", "OUTPUT", "PREROUTING", "POSTROUTING"):
+        raise ConfigError(f"[rules] hook: {cfg.rules.hook!r} is not a netfilter hook")
+    if cfg.rules.table not in ("mangle", "filter", "raw"):
+        raise ConfigError(f"[rules] table: {cfg.rules.table!r} (use mangle, filter or raw)")
+    if not 0 < cfg.rules.connmark <= 0xFFFFFFFF:
+        raise ConfigError("[rules] connmark: must be a non-zero 32-bit mask")
+    if not cfg.rules.chain or len(cfg.rules.chain) > 28 or not cfg.rules.chain.replace("_", "").replace(
+            "-", "").isalnum():
+        raise ConfigError(f"[rules] chain: {cfg.rules.chain!r} is not a usable chain name")
+    if cfg.log.level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"[log] level: {cfg.log.level!r} (debug, info, warning, error)")
+    if cfg.metrics.listen:
+        host, sep, port = cfg.metrics.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+            raise ConfigError(f"[metrics] listen: expected HOST:PORT, got {cfg.metrics.listen!r}")
+    t = cfg.tracker
+    if t.max_connections < 1 or t.max_subflows < 1 or t.max_subflows_per_connection < 1:
+        raise ConfigError("[tracker] limits must be at least 1")
+    if cfg.sink.pcap_rotate_mb < 1 or cfg.sink.pcap_keep < 1:
+        raise ConfigError("[sink] pcap_rotate_mb and pcap_keep must be at least 1")
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_config(text, path)

@@ -1,0 +1,216 @@
+"""Inline decisions for queued packets: policy + tracker + emitter, one verdict per packet.
+
+Sans-I/O: :meth:`Gateway.packet` takes the IP packet the kernel queued and
+the time, and returns a :class:`Decision` — the verdict (accept, drop,
+accept a rewritten packet), the emitted frames for the IDS sink and log
+records. The NFQUEUE adapter only moves bytes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .. import crypto
+from ..wire import mptcp as m
+from ..wire.errors import WireError
+from ..wire.packet import ACK, SYN, TcpSegment, mptcp_spans, parse_ip
+from ..wire.rewrite import nop_out
+from .emitter import ethernet_frame
+from .events import Event, Notice, NoticeType
+from .pipeline import Frames, Pipeline
+from .policy import Action, Policy, UntrustedJoin
+from .tracker import TrackerConfig
+
+
+class Verdict(str, Enum):
+    ACCEPT = "accept"
+    DROP = "drop"
+    ACCEPT_MODIFIED = "accept_modified"
+
+
+@dataclass(slots=True)
+class Decision:
+    verdict: Verdict
+    payload: bytes | None = None  # the rewritten packet for ACCEPT_MODIFIED
+    frames: Frames = field(default_factory=list)  # emitted stream for the IDS sink
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class GatewayStats:
+    verdicts: Counter[str] = field(default_factory=Counter)
+    actions: Counter[str] = field(default_factory=Counter)  # downgrade, join_refused, allow, ...
+    parse_errors: Counter[str] = field(default_factory=Counter)
+
+
+_ACCEPT = Decision(Verdict.ACCEPT)
+_FLOWS_LIMIT = 200_000
+
+
+class Gateway:
+    """One worker's state: every subflow of a connection must reach the same Gateway."""
+
+    def __init__(self, policy: Policy | None = None, tracker: TrackerConfig | None = None, *,
+                 passthrough: bool = True) -> None:
+        self.policy = policy or Policy()
+        self.pipeline = Pipeline(tracker, passthrough=passthrough)
+        self.tracker = self.pipeline.tracker
+        self.stats = GatewayStats()
+        # connections mproxy decided to leave alone: 4-tuples (both orientations) and tokens
+        self._untouched: dict[tuple[bytes, int, bytes, int], Action] = {}
+        self._untouched_tokens: set[int] = set()
+        self._conn_action: dict[int, Action] = {}
+        self.records: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------
+    def packet(self, ip: bytes | bytearray | memoryview, ts: float) -> Decision:
+        seg = parse_ip(memoryview(ip), ts)
+        if seg is None:
+            return self._count(_ACCEPT)
+        if isinstance(seg, WireError):
+            # not ours to judge: the endpoint's stack drops what it cannot parse
+            self.stats.parse_errors[seg.kind.value] += 1
+            return self._count(_ACCEPT)
+        key = (seg.src, seg.sport, seg.dst, seg.dport)
+        left = self._untouched.get(key)
+        if left is not None:
+            return self._untouched_packet(seg, left)
+        flags = seg.flags
+        chosen: Action | None = None
+        if flags & SYN and not flags & ACK:
+            d = self._syn(seg, ip)
+            if isinstance(d, Decision):
+                return self._count(d)
+            chosen = d
+        events = self.tracker.process(seg)
+        if chosen is not None:
+            self._remember(seg, chosen)
+        verdict = Verdict.ACCEPT
+        reason = ""
+        if events:
+            verdict, reason = self._judge(seg, events)
+        frames = self.pipeline.handle(events)
+        self.records.extend(self.pipeline.drain_records())
+        return self._count(Decision(verdict, None, frames, reason))
+
+    def flush(self, ts: float) -> Frames:
+        frames = self.pipeline.finish(ts)
+        self.records.extend(self.pipeline.drain_records())
+        return frames
+
+    def expire(self, ts: float) -> Frames:
+        frames = self.pipeline.handle(self.tracker.expire(ts))
+        self.records.extend(self.pipeline.drain_records())
+        return frames
+
+    def drain_records(self) -> list[dict[str, Any]]:
+        recs, self.records = self.records, []
+        return recs
+
+    # ------------------------------------------------------------------
+    def _count(self, d: Decision) -> Decision:
+        self.stats.verdicts[d.verdict.value] += 1
+        return d
+
+    def _action_record(self, action: str, seg: TcpSegment, detail: str, conn_id: int | None = None) -> None:
+        self.stats.actions[action] += 1
+        self.records.append({"event": "action", "ts": round(seg.ts, 6), "action": action, "conn_id": conn_id,
+                             "src": seg.src_text, "sport": seg.sport, "dst": seg.dst_text, "dport": seg.dport,
+                             "detail": detail})
+
+    def _syn(self, seg: TcpSegment, ip: bytes | bytearray | memoryview) -> Decision | Action | None:
+        """Policy on a connection's or subflow's first SYN.
+
+        A Decision is final; an Action (for a new connection) or None means the
+        SYN goes on to the tracker.
+        """
+        spans = mptcp_spans(seg)
+        if isinstance(spans, WireError) or not spans:
+            return None
+        opts = [(off, ln, m.decode(seg.ip[off : off + ln], seg.flags)) for off, ln in spans]
+        cap = next(((off, ln, o) for off, ln, o in opts if isinstance(o, m.MpCapable)), None)
+        join = next((o for _, _, o in opts if isinstance(o, m.MpJoin)), None)
+        if cap is not None:
+            action, rule = self.policy.decide(seg.src, seg.dst, seg.dport)
+            if action == Action.DOWNGRADE:
+                buf = bytearray(seg.ip)
+                off, ln, _ = cap
+                nop_out(buf, seg.tcp_off, off, ln)
+                self._leave(seg, Action.DOWNGRADE)
+                self._action_record("downgrade", seg, f"MP_CAPABLE removed ({rule})")
+                if len(buf) != len(ip):  # the kernel gave us more than the IP packet: keep the tail
+                    buf += bytes(ip[len(buf):])
+                return Decision(Verdict.ACCEPT_MODIFIED, bytes(buf), [], "downgrade")
+            if action == Action.ALLOW:
+                self._leave(seg, Action.ALLOW)
+                self._action_record("allow", seg, f"left alone ({rule})")
+                return _ACCEPT
+            return action
+        if join is not None and join.phase == m.JoinPhase.SYN:
+            token = join.token or 0
+            if token in self._untouched_tokens:
+                self._leave(seg, Action.ALLOW)
+                return _ACCEPT
+            conn = self.tracker.join_target(token, seg.dst)
+            action = self._conn_action.get(conn.id, self.policy.default) if conn is not None else None
+            if not self.policy.is_trusted(seg.src) and self.policy.untrusted_join == UntrustedJoin.REFUSE:
+                return self._refuse_join(seg, conn, "join from an untrusted address")
+            if action == Action.BLOCK_JOINS:
+                return self._refuse_join(seg, conn, "joins blocked by policy")
+            if conn is None and self._verifying():
+                return self._refuse_join(seg, None, f"unknown token 0x{token:08x}")
+        return None
+
+    def _verifying(self) -> bool:
+        return self.policy.default == Action.VERIFY_JOINS or any(
+            r.action == Action.VERIFY_JOINS for r in self.policy.rules)
+
+    def _refuse_join(self, seg: TcpSegment, conn: Any, why: str) -> Decision:
+        self._action_record("join_refused", seg, why, conn.id if conn is not None else None)
+        return Decision(Verdict.DROP, None, [], why)
+
+    def _leave(self, seg: TcpSegment, action: Action) -> None:
+        if len(self._untouched) > _FLOWS_LIMIT:
+            self._untouched.clear()  # bounded: forgotten flows are simply tracked as plain TCP
+        self._untouched[(seg.src, seg.sport, seg.dst, seg.dport)] = action
+        self._untouched[(seg.dst, seg.dport, seg.src, seg.sport)] = action
+
+    def _untouched_packet(self, seg: TcpSegment, action: Action) -> Decision:
+        if action == Action.ALLOW and seg.flags & SYN and seg.flags & ACK:
+            # learn the server's key so the allowed connection's joins are allowed too
+            spans = mptcp_spans(seg)
+            if not isinstance(spans, WireError):
+                for off, ln in spans:
+                    o = m.decode(seg.ip[off : off + ln], seg.flags)
+                    if isinstance(o, m.MpCapable) and o.sender_key is not None:
+                        self._untouched_tokens.add(crypto.key_token(o.sender_key, o.version))
+        frames: Frames = []
+        if action == Action.DOWNGRADE and self.pipeline.passthrough:
+            frames = [(seg.ts, ethernet_frame(seg.ip, seg.ipver))]
+        return self._count(Decision(Verdict.ACCEPT, None, frames))
+
+    def _remember(self, seg: TcpSegment, action: Action) -> None:
+        """Keep the policy action of the connection a SYN just opened (bounded by live connections)."""
+        hit = self.tracker.subflow_of(seg)
+        if hit is None or hit[0].conn is None:
+            return
+        self._conn_action[hit[0].conn.id] = action
+        if len(self._conn_action) > 2 * self.tracker.config.max_connections:
+            live = self.tracker.connections
+            self._conn_action = {k: v for k, v in self._conn_action.items() if k in live}
+
+    def action_of(self, conn_id: int) -> Action:
+        return self._conn_action.get(conn_id, self.policy.default)
+
+    def _judge(self, seg: TcpSegment, events: list[Event]) -> tuple[Verdict, str]:
+        """Per-packet verdict from what the tracker saw in it."""
+        for e in events:
+            if isinstance(e, Notice) and e.type == NoticeType.JOIN_HMAC_FAILURE:
+                action = self._conn_action.get(e.conn_id or 0, self.policy.default)
+                if action == Action.VERIFY_JOINS:
+                    self._action_record("join_refused", seg, "MP_JOIN HMAC does not verify", e.conn_id)
+                    return Verdict.DROP, "join HMAC"
+        return Verdict.ACCEPT, ""

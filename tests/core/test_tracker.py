@@ -1,0 +1,261 @@
+"""Tracker behaviour from packets built by our encoder: packets in, events out."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from mproxy.core.events import (
+    ConnectionOpened, DataReleased, Direction, GapSkipped, Notice, NoticeType, Outcome, PassThrough, SubflowJoined,
+)
+from mproxy.core.tracker import ConnectionClosedSummary, Tracker, TrackerConfig
+from mproxy.wire import mptcp as m
+from mproxy.wire.build import build_tcp
+from mproxy.wire.packet import ACK, SYN
+
+from .session import Session, run, seg, streams
+
+C2S, S2C = Direction.C2S, Direction.S2C
+
+
+def notices(ev) -> list[NoticeType]:
+    return [e.type for e in ev if isinstance(e, Notice)]
+
+
+def summary(ev) -> dict:
+    (s,) = [e.summary for e in ev if isinstance(e, ConnectionClosedSummary)]
+    return s
+
+
+@pytest.mark.parametrize("version", [0, 1])
+@pytest.mark.parametrize("ipver", [4, 6])
+def test_two_subflows_both_directions(version: int, ipver: int) -> None:
+    s = Session(version, ipver)
+    pk = s.handshake() + s.join(1)
+    pk += [s.data(0, True, 0, b"GET /?q=UNION SELE"), s.data(1, True, 18, b"CT * FROM users HTTP/1.0\r\n\r\n")]
+    pk += [s.data(1, False, 0, b"HTTP/1.0 200 OK\r\n"), s.data(0, False, 17, b"\r\nbody")]
+    pk += [s.data_fin(0, True, 46), s.data_fin(1, False, 23)]
+    ev = run(Tracker(), pk)
+    got = streams(ev)
+    assert got[(1, C2S)] == b"GET /?q=UNION SELECT * FROM users HTTP/1.0\r\n\r\n"
+    assert got[(1, S2C)] == b"HTTP/1.0 200 OK\r\n\r\nbody"
+    assert sum(isinstance(e, SubflowJoined) for e in ev) == 1
+    sm = summary(ev)
+    assert sm["outcome"] == "data_fin" and sm["version"] == version
+    assert [sf["role"] for sf in sm["subflows"]] == ["initial", "join"]
+    assert not notices(ev)
+
+
+def test_v1_mp_capable_with_data_maps_at_idsn_plus_one() -> None:
+    s = Session(1)
+    pk = s.handshake()
+    sub = s.subs[0]
+    cap = m.MpCapable(1, m.CAP_H_HMAC, s.ck, s.sk, 5)
+    pk.append(s._pkt(sub, True, ACK, [cap.encode()], b"hello"))
+    sub.next_rel[0] += 5
+    pk.append(s.data(0, True, 5, b" world"))
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"hello world"
+    assert not notices(ev)
+
+
+def test_plain_tcp_passes_through_and_fallback_in_handshake() -> None:
+    s = Session(1)
+    syn, synack, ack = s.handshake()
+    plain_synack = build_tcp(s.addr(2, 9), s.addr(2, 1), s.dport, s.sport, s.subs[0].isn[1], s.subs[0].isn[0] + 1,
+                             SYN | ACK)
+    t = Tracker()
+    ev = run(t, [syn, plain_synack], flush=False)
+    assert [type(e) for e in ev] == [PassThrough, PassThrough]  # held SYN released with the SYN/ACK
+    other = build_tcp(s.addr(5), s.addr(6), 1234, 80, 1, 1, ACK, payload=b"x")
+    assert isinstance(t.process(seg(other))[0], PassThrough)
+
+
+def test_reinjection_with_differing_bytes_raises_notice_first_copy_wins() -> None:
+    s = Session(1)
+    pk = s.handshake() + s.join(1)
+    pk.append(s.data(0, True, 0, b"benign request"))
+    pk.append(s.data(1, True, 0, b"UNION SELECT 1"))  # same DSNs, other bytes, other path
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"benign request"
+    assert NoticeType.OVERLAP_MISMATCH in notices(ev)
+
+
+def test_side_channel_gap_when_peer_acks_unseen_bytes() -> None:
+    s = Session(1)
+    pk = s.handshake()
+    pk.append(s.data(0, True, 0, b"seen"))
+    # 100 bytes travel on a path the gateway does not see; the server DATA_ACKs them
+    pk.append(s.ack(0, False, s.idsn[0] + 104))
+    s.subs[0].next_rel[0] += 0
+    pk.append(s.data(0, True, 104, b"after"))
+    ev = run(Tracker(), pk)
+    gaps = [e for e in ev if isinstance(e, GapSkipped)]
+    assert len(gaps) == 1 and gaps[0].length == 100 and gaps[0].acked
+    assert NoticeType.SIDE_CHANNEL in notices(ev)
+    assert streams(ev)[(1, C2S)] == b"seenafter"
+    assert summary(ev)["c2s"]["gap_bytes"] == 100
+
+
+def test_off_window_injection_is_not_accepted() -> None:
+    s = Session(1)
+    pk = s.handshake()
+    pk.append(s.data(0, True, 0, b"real"))
+    pk.append(s.ack(0, False, s.idsn[0] + 4))  # server acks: window known
+    # injected segment far outside the subflow window, claiming the next DSNs
+    pk.append(s.data(0, True, 4, b"EVIL", rel=5 + 50_000_000))
+    pk.append(s.data(0, True, 4, b"good"))
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"realgood"
+    assert NoticeType.OUT_OF_WINDOW in notices(ev)
+
+
+def test_mapping_spanning_segments_and_late_mapping() -> None:
+    s = Session(1)
+    pk = s.handshake()
+    # a 12-byte mapping announced only on its second segment
+    a = s.data(0, True, 0, b"abcdef", mapping=False)
+    b = s.data(0, True, 6, b"ghijkl", map_rel=1, map_len=12)
+    ev = run(Tracker(), pk + [a, b])
+    assert streams(ev)[(1, C2S)] == b"abcdefghijkl"
+
+
+def test_dss_checksum_verified_and_failure_dropped() -> None:
+    s = Session(0, csum=True, dsn64=False)
+    pk = s.handshake()
+    pk.append(s.data(0, True, 0, b"good"))
+    bad = bytearray(s.data(0, True, 4, b"more"))
+    bad[-1] ^= 0xFF  # payload corrupted after the DSS checksum was computed
+    pk.append(bytes(bad))
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"good"
+    assert NoticeType.DSS_CHECKSUM_FAILURE in notices(ev)
+
+
+def test_infinite_mapping_fallback() -> None:
+    s = Session(1)
+    pk = s.handshake()
+    pk.append(s.data(0, True, 0, b"mptcp "))
+    sub = s.subs[0]
+    inf = m.dss(s.idsn[1], s.idsn[0] + 6, sub.next_rel[0], 0)
+    pk.append(s._pkt(sub, True, ACK, [inf.encode()], b"then tcp"))
+    sub.next_rel[0] += 8
+    pk.append(s._pkt(sub, True, ACK, [], b" only"))
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"mptcp then tcp only"
+    assert NoticeType.INFINITE_MAPPING in notices(ev)
+
+
+def test_fastclose_ends_connection_with_reset() -> None:
+    s = Session(1)
+    pk = s.handshake() + s.join(1)
+    pk.append(s.data(0, True, 0, b"x"))
+    pk.append(s.rst(1, True, [m.MpFastclose(s.sk).encode()]))
+    ev = run(Tracker(), pk, flush=False)
+    closed = [e for e in ev if isinstance(e, ConnectionClosedSummary)]
+    assert closed and closed[0].outcome == Outcome.FASTCLOSE and closed[0].reset
+
+
+def test_join_grouped_by_token_and_hmac_failure_noticed() -> None:
+    s = Session(1)
+    pk = s.handshake() + s.join(1, bad_hmac=True)
+    ev = run(Tracker(), pk)
+    assert NoticeType.JOIN_HMAC_FAILURE in notices(ev)
+    s2 = Session(1)
+    ev2 = run(Tracker(), s2.handshake() + s2.join(1, token=0xDEADBEEF))
+    assert NoticeType.JOIN_UNKNOWN_TOKEN in notices(ev2)
+
+
+def test_join_grouped_by_add_addr_when_handshake_missed() -> None:
+    s = Session(1)
+    hs = s.handshake()
+    ann = m.AddAddr(1, 5, s.addr(2, 9), None, False, 0)
+    sub = s.subs[0]
+    first = s.data(0, True, 0, b"abc")
+    pk = [first, s._pkt(sub, False, ACK, [ann.encode(), m.dss(s.idsn[0] + 3).encode()])]
+    pk += s.join(1, token=0x01020304)[0:3]  # unknown token: handshake not seen
+    pk.append(s.data(1, True, 3, b"def"))
+    ev = run(Tracker(), pk)
+    del hs
+    sm = summary(ev)
+    assert sm["pickup"] and len(sm["subflows"]) == 2
+    assert streams(ev)[(1, C2S)] == b"abcdef"
+
+
+def test_pickup_mid_stream_by_dsn_proximity() -> None:
+    s = Session(1)
+    s.handshake()
+    s.join(1)
+    t = Tracker()
+    pk = [s.data(0, True, 0, b"0123"), s.data(1, True, 4, b"4567"), s.data(0, True, 8, b"89")]
+    ev = run(t, pk)
+    sm = summary(ev)
+    assert sm["pickup"] and len(sm["subflows"]) == 2
+    assert streams(ev)[(1, C2S)] == b"0123456789"
+
+
+def test_connection_limit_is_counted() -> None:
+    t = Tracker(TrackerConfig(max_connections=3))
+    for i in range(6):
+        s = Session(1, sport=41000 + i)
+        s._isn += i * 7
+        run(t, s.handshake(), flush=False)
+    assert len(t.connections) <= 3
+    assert t.stats.memcap["connections"] >= 3
+
+
+def test_idle_connections_expire() -> None:
+    t = Tracker(TrackerConfig(idle_timeout=10.0))
+    s = Session(1)
+    ev = run(t, s.handshake(), flush=False)
+    later = build_tcp(s.addr(7), s.addr(8), 1, 2, 0, 0, ACK)
+    ev += t.process(seg(later, 2000.0))
+    assert [e.outcome for e in ev if isinstance(e, ConnectionClosedSummary)] == [Outcome.IDLE]
+    assert not t.connections
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    c2s=st.binary(min_size=1, max_size=12000),
+    s2c=st.binary(min_size=0, max_size=2000),
+    nsub=st.integers(1, 8),
+    seed=st.integers(0, 2**32 - 1),
+    version=st.sampled_from([0, 1]),
+    dsn64=st.booleans(),
+    dup_rate=st.floats(0, 0.5),
+    reinject_rate=st.floats(0, 0.5),
+)
+def test_property_any_split_order_duplicates_reinjection(c2s, s2c, nsub, seed, version, dsn64, dup_rate,
+                                                         reinject_rate) -> None:
+    """Any split of both streams over 1-8 subflows, any arrival order, duplicates and
+    reinjections on other subflows: the rebuilt streams equal the originals."""
+    rnd = random.Random(seed)
+    s = Session(version, dsn64=dsn64)
+    setup = s.handshake()
+    for i in range(1, nsub):
+        setup += s.join(i, addr_id=i)
+    data: list[bytes] = []
+    for from_client, payload in ((True, c2s), (False, s2c)):
+        off = 0
+        while off < len(payload):
+            n = rnd.randint(1, rnd.choice((8, 200, 1400)))
+            chunk = payload[off : off + n]
+            sf = rnd.randrange(nsub)
+            data.append(s.data(sf, from_client, off, chunk))
+            if rnd.random() < reinject_rate and nsub > 1:
+                other = (sf + rnd.randrange(1, nsub)) % nsub
+                data.append(s.data(other, from_client, off, chunk))
+            off += len(chunk)
+    data += [p for p in data if rnd.random() < dup_rate]
+    rnd.shuffle(data)
+    fins = [s.data_fin(rnd.randrange(nsub), True, len(c2s)), s.data_fin(rnd.randrange(nsub), False, len(s2c))]
+    ev = run(Tracker(), setup + data + fins)
+    got = streams(ev)
+    assert got.get((1, C2S), b"") == c2s
+    assert got.get((1, S2C), b"") == s2c
+    assert summary(ev)["outcome"] == "data_fin"
+    assert not [n for n in notices(ev) if n != NoticeType.ADD_ADDR_DUPLICATE]
+    assert [e for e in ev if isinstance(e, ConnectionOpened)][0].conn_id == 1
+    assert all(isinstance(e.data, bytes) for e in ev if isinstance(e, DataReleased))
