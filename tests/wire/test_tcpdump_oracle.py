@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mproxy.io.pcap import read_captures
 from mproxy.wire import mptcp as m
@@ -23,7 +25,7 @@ from mproxy.wire.tcpdump_text import BAD, render_option, render_options
 
 CAPTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "captures"
 
-pytestmark = pytest.mark.skipif(not CAPTURES.is_dir(), reason="reference captures absent")
+needs_captures = pytest.mark.skipif(not CAPTURES.is_dir(), reason="reference captures absent")
 
 
 def _pcaps_with_out() -> list[str]:
@@ -140,6 +142,7 @@ def test_matches_tcpdump_out(name: str) -> None:
     assert compared > 0
 
 
+@needs_captures
 def test_every_mptcp_frame_compared() -> None:
     """Sanity: the references hold every subtype tcpdump's fragments show."""
     seen = set()
@@ -288,3 +291,77 @@ def test_render_options_stops_at_bad() -> None:
     opts = bytes((2, 4, 5, 0xB4)) + _opt(0x40, b"\x01") + bytes((8, 1))
     assert render_options(opts, ACK) == ["mptcp 4 rem-addr id 1", BAD]
     assert render_options(bytes((0, 0)) + _opt(0x40, b"\x01"), ACK) == ["mptcp 4 rem-addr id 1"]
+
+
+# ---------------------------------------------------------------- Debian's tcpdump 4.99
+
+
+def as_tcpdump_499(fragment: str) -> str:
+    """What tcpdump 4.99 prints where master prints ``fragment``.
+
+    4.99 knows no MP_TCPRST (subtype 8 is "unknown") and prints MP_CAPABLE
+    without ``flags [...]`` and without ``data_len``/``csum=`` inside the braces.
+    """
+    parts = fragment.split(" ", 3)
+    if len(parts) >= 3 and parts[2].startswith("tcprst"):
+        return f"mptcp {parts[1]} unknown"
+    if len(parts) >= 3 and parts[2] == "capable":
+        fragment = re.sub(r" flags \[[A-H]*(?:none)?\]", "", fragment)
+        fragment = re.sub(r",data_len=\d+|,csum=0x[0-9a-f]+", "", fragment)
+    return fragment
+
+
+def _tcpdump_499() -> str | None:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("tcpdump")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    return exe if "tcpdump version 4.99" in (out.stdout + out.stderr) else None
+
+
+@pytest.mark.parametrize("name", _pcaps_with_out())
+def test_debian_tcpdump_499_differs_only_as_documented(name: str) -> None:
+    import subprocess
+
+    exe = _tcpdump_499()
+    if exe is None:
+        pytest.skip("no tcpdump 4.99 installed")
+    text = subprocess.run([exe, "-#", "-n", "-tttt", "-r", str(CAPTURES / f"{name}.pcap")], capture_output=True,
+                          text=True, check=True).stdout
+    old = parse_out(text)
+    ref = parse_out((CAPTURES / f"{name}.out").read_text())
+    assert sorted(old) == sorted(ref)
+    for n in ref:
+        want = [as_tcpdump_499(f) for f in tcpdump_fragments(ref[n])]
+        assert tcpdump_fragments(old[n]) == want, n
+
+
+@needs_captures
+def test_snaplen_cut_inside_the_options_still_renders_what_was_captured() -> None:
+    (fr,) = read_captures([str(CAPTURES / "mptcp-dss-oobr.pcap")])
+    cut = fr.data[:-1]  # the file's snaplen is 73: the last option byte missing, as tcpdump's test intends
+    seg = parse_frame(fr.linktype, cut)
+    assert isinstance(seg, WireError) and seg.kind == ErrorKind.TRUNCATED_TCP
+    assert our_fragments(fr.linktype, cut) == ["mptcp 3 dss" + BAD]
+
+
+@settings(max_examples=3000)
+@given(st.binary(min_size=1, max_size=38), st.integers(0, 15), st.integers(0, 0xFF))
+def test_render_option_never_raises(body: bytes, subtype: int, flags: int) -> None:
+    raw = bytes((30, len(body) + 2, (subtype << 4) | (body[0] & 0x0F))) + body[1:]
+    text = render_option(raw, flags)
+    assert text.startswith(f"mptcp {len(raw)} ")
+    opt = m.decode(raw, flags)
+    if not isinstance(opt, WireError):
+        assert BAD not in text  # whatever we decode, tcpdump prints too
+
+
+@settings(max_examples=1000)
+@given(st.binary(max_size=40), st.integers(0, 0xFF))
+def test_render_options_never_raises(opts: bytes, flags: int) -> None:
+    out = render_options(opts, flags)
+    assert all(f.startswith("mptcp") or f == BAD for f in out)
+    assert all(BAD not in f for f in out[:-1])
