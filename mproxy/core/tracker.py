@@ -44,6 +44,7 @@ from .events import (
 from .reassembler import MASK32, MASK64, DataStream, expand32
 
 _NO_EVENTS: list[Event] = []
+_DIRS = (Direction.C2S, Direction.S2C)
 _PICKUP_DSN_WINDOW = 1 << 26  # a subflow's DSNs within 64 MiB of a stream belong to it
 _MAX_MAPPINGS = 32
 _TCPOPT_WSCALE = 3
@@ -104,7 +105,7 @@ class Subflow:
     role: Role
     ts: float
     conn: "Connection | None" = None
-    flipped: bool = False  # initiator is the connection's server
+    flipped: int = 0  # 1 when the initiator is the connection's server
     addr_id: int | None = None
     backup: bool = False
     dirs: tuple[SubflowDir, SubflowDir] = field(default_factory=lambda: (SubflowDir(), SubflowDir()))
@@ -310,6 +311,17 @@ class Tracker:
         o = _Opts()
         ip = seg.ip
         flags = seg.flags
+        if len(spans) == 1:
+            off, ln = spans[0]
+            opt = m.decode(ip[off : off + ln], flags)
+            if isinstance(opt, m.Dss):
+                o.dss = opt
+                return o
+            if isinstance(opt, WireError):
+                self._decode_error(opt, seg, hit, ev)
+                return None
+            o.add(opt)
+            return o
         for off, ln in spans:
             opt = m.decode(ip[off : off + ln], flags)
             if isinstance(opt, WireError):
@@ -557,18 +569,58 @@ class Tracker:
                 return
         if conn.closed is not None:
             return
-        if sf.role == Role.INITIAL and not sf.established and o.cap is not None:
-            self._on_cap_ack(conn, sf, o.cap, seg, ev)
-        elif sf.role == Role.JOIN and not sf.established and o.join is not None and o.join.phase == m.JoinPhase.ACK:
-            self._on_join_ack(conn, sf, o.join, seg, ev)
-            if sf.refused:
-                return
-        if not sf.established and sf.role != Role.PICKUP:
-            sf.established = True
-            if sf.role == Role.JOIN:
-                ev.append(SubflowJoined(conn.id, sf.id, ts))
-                self.stats.joins += 1
-        cdir = Direction(d ^ int(sf.flipped))
+        if not sf.established:
+            if sf.role == Role.INITIAL and o.cap is not None:
+                self._on_cap_ack(conn, sf, o.cap, seg, ev)
+            elif sf.role == Role.JOIN and o.join is not None and o.join.phase == m.JoinPhase.ACK:
+                self._on_join_ack(conn, sf, o.join, seg, ev)
+                if sf.refused:
+                    return
+            if not sf.established and sf.role != Role.PICKUP:
+                sf.established = True
+                if sf.role == Role.JOIN:
+                    ev.append(SubflowJoined(conn.id, sf.id, ts))
+                    self.stats.joins += 1
+        cdir = _DIRS[d ^ sf.flipped]
+        if o.rare:
+            self._rare_options(conn, sf, sfd, cdir, o, seg, ev)
+        dss = o.dss
+        if dss is not None:
+            if dss.data_ack is not None:
+                rst = conn.streams[cdir ^ 1]
+                ack = dss.data_ack
+                if not dss.flags & m.DSS_a and rst.base is not None:
+                    ack = expand32(ack, rst.base)
+                if rst.acked is None or ack > rst.acked:
+                    rst.acked = ack
+            if dss.dsn is not None:
+                self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev)
+        if seg.payload_len:
+            self._on_payload(conn, sf, sfd, cdir, seg, ev)
+        if o.fastclose is not None:
+            self._close(conn, Outcome.FASTCLOSE, True, ts, ev)
+            return
+        ending = False
+        if flags & (FIN | RST):
+            if flags & FIN:
+                sfd.fin = True
+            if flags & RST:
+                sf.reset = True
+                if sf.closed_ts is None:
+                    sf.closed_ts = ts
+            elif sfd.fin and sf.dirs[d ^ 1].fin and sf.closed_ts is None:
+                sf.closed_ts = ts
+            ending = True
+        s0, s1 = conn.streams
+        if (s0.acked is not None and s0.base is not None and s0.acked > s0.base) or (
+                s1.acked is not None and s1.base is not None and s1.acked > s1.base):
+            self._check_gaps(conn, ts, ev)
+        if ending or s0.finished or s1.finished:
+            self._check_end(conn, ts, ev)
+
+    def _rare_options(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, o: "_Opts",
+                      seg: TcpSegment, ev: list[Event]) -> None:
+        """Everything but DSS: seldom present, kept off the per-packet path."""
         if o.cap is not None and o.cap.data_len is not None and sf.role == Role.INITIAL:
             self._on_cap_data(conn, sfd, cdir, o.cap)
         if o.add_addr is not None and not o.add_addr.echo:
@@ -579,33 +631,8 @@ class Tracker:
                 ann.pop(i, None)
         if o.prio is not None:
             sf.backup = o.prio.backup
-        dss = o.dss
-        if dss is not None:
-            if dss.data_ack is not None:
-                rst = conn.streams[cdir ^ 1]
-                ack = dss.data_ack
-                if not dss.ack64 and rst.base is not None:
-                    ack = expand32(ack, rst.base)
-                rst.on_data_ack(ack)
-            if dss.dsn is not None:
-                self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev)
         if o.fail is not None:
             self._notice(ev, NoticeType.MP_FAIL, conn, f"MP_FAIL dsn {o.fail.dsn}", seg)
-        if seg.payload_len:
-            self._on_payload(conn, sf, sfd, cdir, seg, ev)
-        if flags & FIN:
-            sfd.fin = True
-        if o.fastclose is not None:
-            self._close(conn, Outcome.FASTCLOSE, True, ts, ev)
-            return
-        if flags & RST:
-            sf.reset = True
-            if sf.closed_ts is None:
-                sf.closed_ts = ts
-        elif sfd.fin and sf.dirs[d ^ 1].fin and sf.closed_ts is None:
-            sf.closed_ts = ts
-        self._check_gaps(conn, ts, ev)
-        self._check_end(conn, ts, ev)
 
     def _on_syn(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event]) -> None:
         ts = seg.ts
@@ -773,7 +800,7 @@ class Tracker:
             if length <= 0:
                 self._after_fin(conn, cdir, seg.ts, ev)
                 return
-            for old in sfd.mappings:
+            for old in reversed(sfd.mappings):
                 if old.ssn == ssn and old.dsn == dsn and old.length == length:
                     mp = old
                     break
@@ -1082,9 +1109,10 @@ class ConnectionClosedSummary(ConnectionClosed):
 class _Opts:
     """The MPTCP options of one segment, by subtype (first of each kind wins)."""
 
-    __slots__ = ("cap", "join", "dss", "add_addr", "remove", "prio", "fail", "fastclose", "tcprst")
+    __slots__ = ("cap", "join", "dss", "add_addr", "remove", "prio", "fail", "fastclose", "tcprst", "rare")
 
     def __init__(self) -> None:
+        self.rare = False  # any option but DSS
         self.cap: m.MpCapable | None = None
         self.join: m.MpJoin | None = None
         self.dss: m.Dss | None = None
@@ -1099,7 +1127,9 @@ class _Opts:
         if isinstance(opt, m.Dss):
             if self.dss is None:
                 self.dss = opt
-        elif isinstance(opt, m.MpCapable):
+            return
+        self.rare = True
+        if isinstance(opt, m.MpCapable):
             self.cap = self.cap or opt
         elif isinstance(opt, m.MpJoin):
             self.join = self.join or opt
