@@ -214,6 +214,7 @@ class Lab:
     _procs: list[subprocess.Popen[bytes]] = field(init=False, default_factory=list)
     _loss_rules: dict[int, list[tuple[str, list[str]]]] = field(init=False, default_factory=dict)
     _up: bool = field(init=False, default=False)
+    capture_drops: int = field(init=False, default=0)  # packets tcpdump said the kernel dropped
 
     def __post_init__(self) -> None:
         self.ns_cli, self.ns_gw, self.ns_srv = (f"{self.prefix}-{r}" for r in _ROLES)
@@ -358,10 +359,26 @@ class Lab:
         self._up = True
 
     def _configure_link(self, ln: _Link) -> None:
-        for ns, ifname, addrs in ((ln.ns_a, ln.if_a, ln.addr_a), (ln.ns_b, ln.if_b, ln.addr_b)):
+        ends = ((ln.ns_a, ln.if_a, ln.addr_a), (ln.ns_b, ln.if_b, ln.addr_b))
+        for ns, ifname, addrs in ends:
             self.run(ns, "ip", "addr", "replace", f"{addrs[4]}/{ln.plen[4]}", "dev", ifname)
             self.run(ns, "ip", "-6", "addr", "replace", f"{addrs[6]}/{ln.plen[6]}", "dev", ifname, "nodad")
             self.run(ns, "ip", "link", "set", ifname, "up")
+        # Static neighbours: the first IPv6 neighbour solicitation on a fresh veth is
+        # sometimes left unanswered, which delays a SYN (or an MP_JOIN) by the 1 s
+        # ND retransmit timer.  Permanent entries make timing deterministic.
+        macs = [self._mac(ns, ifname) for ns, ifname, _ in ends]
+        for (ns, ifname, _), (_, _, peer), mac in ((ends[0], ends[1], macs[1]), (ends[1], ends[0], macs[0])):
+            for fam in (4, 6):
+                self.run(ns, "ip", f"-{fam}", "neigh", "replace", peer[fam], "lladdr", mac,
+                         "dev", ifname, "nud", "permanent")
+
+    def _mac(self, ns: str, ifname: str) -> str:
+        out = self.run(ns, "ip", "-o", "link", "show", "dev", ifname).stdout
+        m = re.search(r"link/ether ([0-9a-f:]{17})", out)
+        if not m:
+            raise LabError(f"no MAC for {ifname} in {ns}: {out}")
+        return m.group(1)
 
     def _routes(self) -> None:
         for ns, ifs, mine, gws in (
@@ -453,17 +470,36 @@ class Lab:
                 _wait_listening(p)
             yield out
         finally:
+            # tcpdump stops reading on SIGINT without draining what the kernel
+            # still holds for it: wait until the file has stopped growing first.
+            _wait_quiet([out if len(ifaces) == 1 else out.with_suffix(f".{i}{out.suffix}") for i in ifaces])
             for p in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGINT)
+            self.capture_drops = 0
             for p in procs:
                 try:
-                    p.wait(timeout=10)
+                    _out, err = p.communicate(timeout=10)
                 except subprocess.TimeoutExpired:
                     p.kill()
-                    p.wait(timeout=5)
-                if p.stderr:
-                    p.stderr.close()
+                    _out, err = p.communicate(timeout=5)
+                m = re.search(rb"(\d+) packets? dropped by kernel", err or b"")
+                if m:
+                    self.capture_drops += int(m.group(1))
+
+
+def _wait_quiet(paths: Sequence[Path], quiet: float = 0.3, limit: float = 5.0) -> None:
+    """Return once the capture files have not grown for ``quiet`` seconds (or after ``limit``)."""
+    deadline = time.monotonic() + limit
+    last: list[int] = []
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        sizes = [p.stat().st_size if p.exists() else 0 for p in paths]
+        if sizes != last:
+            last, since = sizes, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
 
 
 def _wait_listening(p: subprocess.Popen[bytes], timeout: float = 10) -> None:
