@@ -244,8 +244,7 @@ class PcapWriter:
         usec = int(round((ts - sec) * 1e6))
         if usec >= 1_000_000:
             sec, usec = sec + 1, usec - 1_000_000
-        self._f.write(self._rec.pack(sec, usec, len(frame), len(frame)))
-        self._f.write(frame)
+        self._f.write(self._rec.pack(sec, usec, len(frame), len(frame)) + frame)
 
     def flush(self) -> None:
         self._f.flush()
