@@ -59,9 +59,55 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         out.close()
         if log is not None and log is not sys.stdout:
             log.close()
+    if args.metrics:
+        from .io.metrics import Sources, snapshot
+
+        try:
+            with open(args.metrics, "wb") as f:
+                f.write(snapshot(Sources(tracker=res.pipeline.tracker, pipeline=res.pipeline.stats)))
+        except OSError as e:
+            print(f"mproxy replay: cannot write {args.metrics}: {e.strerror or e}", file=sys.stderr)
+            return 2
     if not args.quiet:
         for line in summary_lines(res):
             print(f"mproxy replay: {line}", file=sys.stderr)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .service import run
+
+    return run(args.config)
+
+
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .io.netfilter import render
+    from .service import load
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"mproxy: config error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(cfg, delete=args.delete, source=args.config))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .service import load
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"mproxy: config error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        sinks = [s for s in (cfg.sink.interface and f"interface {cfg.sink.interface}",
+                             cfg.sink.pcap and f"pcap {cfg.sink.pcap}.N.pcap") if s]
+        print(f"{args.config}: OK (queue {cfg.queue.num}, fail {cfg.queue.fail}, policy {cfg.policy.default.value}"
+              f" + {len(cfg.policy.rules)} rules, sinks: {', '.join(sinks) or 'none'})")
     return 0
 
 
@@ -80,8 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", metavar="IN", help="captures (pcap/pcapng), merged by timestamp")
     r.add_argument("--out", "-o", required=True, metavar="OUT.pcap", help="emitted stream (Ethernet pcap)")
     r.add_argument("--log", metavar="LOG.jsonl", help="JSON-lines event log ('-' for stdout)")
+    r.add_argument("--metrics", metavar="FILE", help="write a final Prometheus text-format snapshot here")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
     r.set_defaults(func=_cmd_replay)
+
+    g = sub.add_parser("run", help="run the inline gateway on NFQUEUE until SIGINT/SIGTERM")
+    g.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration")
+    g.set_defaults(func=_cmd_run)
+
+    n = sub.add_parser("rules", help="print the iptables/ip6tables commands `run` installs")
+    n.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration")
+    n.add_argument("--delete", action="store_true", help="print the commands that remove them instead")
+    n.set_defaults(func=_cmd_rules)
+
+    k = sub.add_parser("check", help="validate a configuration (exit 0: valid, 2: invalid)")
+    k.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration")
+    k.add_argument("-q", "--quiet", action="store_true", help="no summary on success")
+    k.set_defaults(func=_cmd_check)
     return p
 
 

@@ -23,8 +23,34 @@ NEEDLE = b"UNION+SELECT"
 
 
 def _show(data: bytes, limit: int = 160) -> str:
-    text = data[:limit].decode("latin-1")
-    return text.replace("\r", "\\r").replace("\n", "\\n\n      ") + ("..." if len(data) > limit else "")
+    """Printable rendering: CR/LF spelt out, other control and high bytes as dots."""
+    out = []
+    for b in data[:limit]:
+        if b == 13:
+            out.append("\\r")
+        elif b == 10:
+            out.append("\\n\n      ")
+        else:
+            out.append(chr(b) if 32 <= b < 127 else ".")
+    return "".join(out) + ("..." if len(data) > limit else "")
+
+
+def _payload_by_flow(path: str) -> dict[tuple[str, int, str, int], bytearray]:
+    """TCP payload of a capture concatenated per 4-tuple, in capture order."""
+    flows: dict[tuple[str, int, str, int], bytearray] = defaultdict(bytearray)
+    for fr in read_captures([path]):
+        seg = parse_frame(fr.linktype, fr.data, fr.ts)
+        if isinstance(seg, TcpSegment) and seg.payload_len:
+            flows[(seg.src_text, seg.sport, seg.dst_text, seg.dport)] += seg.payload
+    return flows
+
+
+def _report(flows: dict[tuple[str, int, str, int], bytearray], limit: int) -> None:
+    for (s, sp, d, dp), data in flows.items():
+        if sp > dp:  # client -> server (ephemeral port to service port)
+            found = "contains" if NEEDLE in data else "does NOT contain"
+            print(f"   {s}:{sp} -> {d}:{dp}  {len(data)} bytes, {found} {NEEDLE.decode()}")
+            print(f"      {_show(bytes(data), limit)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,17 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     cap = args.capture
 
     print(f"== input: {cap}")
-    per_subflow: dict[tuple[str, int, str, int], bytearray] = defaultdict(bytearray)
-    for fr in read_captures([cap]):
-        seg = parse_frame(fr.linktype, fr.data, fr.ts)
-        if isinstance(seg, TcpSegment) and seg.payload_len:
-            per_subflow[(seg.src_text, seg.sport, seg.dst_text, seg.dport)] += seg.payload
     print("   what a per-connection IDS reassembles, subflow by subflow (client -> server):")
-    for (s, sp, d, dp), data in per_subflow.items():
-        if dp in (80, 8080, 5201) or sp > dp:
-            found = "contains" if NEEDLE in data else "does NOT contain"
-            print(f"   {s}:{sp} -> {d}:{dp}  {len(data)} bytes, {found} {NEEDLE.decode()}")
-            print(f"      {_show(bytes(data))}")
+    _report(_payload_by_flow(cap), 160)
 
     out_path = args.out or tempfile.mktemp(suffix=".pcap", prefix="mproxy-demo-")
     log = io.StringIO()
@@ -54,18 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== mproxy replay {cap} --out {out_path}")
     for line in summary_lines(res):
         print(f"   {line}")
-    # read the emitted pcap back: one plain TCP conversation per MPTCP connection
-    emitted: dict[tuple[str, int, str, int], bytearray] = defaultdict(bytearray)
-    for fr in read_captures([out_path]):
-        seg = parse_frame(fr.linktype, fr.data, fr.ts)
-        if isinstance(seg, TcpSegment) and seg.payload_len:
-            emitted[(seg.src_text, seg.sport, seg.dst_text, seg.dport)] += seg.payload
     print("   what the IDS reads from the emitted stream (client -> server):")
-    for (s, sp, d, dp), data in emitted.items():
-        if sp > dp:
-            found = "contains" if NEEDLE in data else "does not contain"
-            print(f"   {s}:{sp} -> {d}:{dp}  {len(data)} bytes, {found} {NEEDLE.decode()}")
-            print(f"      {_show(bytes(data), 400)}")
+    _report(_payload_by_flow(out_path), 400)
     print(f"\n   Read the emitted stream with any IDS or: tshark -r {out_path} -q -z follow,tcp,ascii,0")
     return 0
 

@@ -215,6 +215,9 @@ class TrackerStats:
     out_of_window: int = 0
     notices: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
+    options: list[int] = field(default_factory=lambda: [0] * 9)  # decoded options by subtype
+    rebuilt_bytes: list[int] = field(default_factory=lambda: [0, 0])  # released, by direction
+    gap_bytes: Counter[str] = field(default_factory=Counter)  # side_channel / capture
 
 
 def _wscale(seg: TcpSegment) -> int | None:
@@ -245,7 +248,18 @@ class Tracker:
     # ------------------------------------------------------------------
     @property
     def active_subflows(self) -> int:
-        return len(self._sf) // 2
+        """MPTCP subflows still open (entries kept only to absorb late packets are not counted)."""
+        return sum(1 for sf, d in self._sf.values()
+                   if d == 0 and sf.closed_ts is None and not sf.plain and not sf.refused)
+
+    def buffered_bytes(self) -> tuple[int, int]:
+        """(out-of-order bytes, unmapped bytes) held right now, over all connections."""
+        ooo = unmapped = 0
+        for conn in self.connections.values():
+            ooo += conn.streams[0].ooo_bytes + conn.streams[1].ooo_bytes
+            for sf in conn.subflows:
+                unmapped += sf.dirs[0].pending_bytes + sf.dirs[1].pending_bytes
+        return ooo, unmapped
 
     def process(self, seg: TcpSegment) -> list[Event]:
         """Feed one segment; returns the events it caused (often none)."""
@@ -311,15 +325,18 @@ class Tracker:
         o = _Opts()
         ip = seg.ip
         flags = seg.flags
+        counts = self.stats.options
         if len(spans) == 1:
             off, ln = spans[0]
             opt = m.decode(ip[off : off + ln], flags)
             if isinstance(opt, m.Dss):
+                counts[2] += 1
                 o.dss = opt
                 return o
             if isinstance(opt, WireError):
                 self._decode_error(opt, seg, hit, ev)
                 return None
+            counts[opt.subtype] += 1
             o.add(opt)
             return o
         for off, ln in spans:
@@ -327,6 +344,7 @@ class Tracker:
             if isinstance(opt, WireError):
                 self._decode_error(opt, seg, hit, ev)
                 continue
+            counts[opt.subtype] += 1
             o.add(opt)
         return o
 
@@ -970,6 +988,7 @@ class Tracker:
         if out:
             if not conn.opened:
                 self._open(conn, ts, ev)
+            self.stats.rebuilt_bytes[cdir] += len(out)
             ev.append(DataReleased(conn.id, cdir, out, ts))
         self._after_fin(conn, cdir, ts, ev)
 
@@ -1007,11 +1026,13 @@ class Tracker:
             start = st.base
             out = st.skip_to(target, acked)
             if target > start:
+                self.stats.gap_bytes["side_channel" if acked else "capture"] += target - start
                 ev.append(GapSkipped(conn.id, cdir, start, target - start, acked, ts))
                 t = NoticeType.SIDE_CHANNEL if acked else NoticeType.CAPTURE_GAP
                 self._notice(ev, t, conn, f"{target - start} bytes at dsn {start} "
                              + ("acknowledged by the peer but never seen" if acked else "never seen"), None, ts)
             if out:
+                self.stats.rebuilt_bytes[cdir] += len(out)
                 ev.append(DataReleased(conn.id, cdir, out, ts))
             self._after_fin(conn, cdir, ts, ev)
             if nb is None or nb >= limit:

@@ -1,0 +1,340 @@
+"""Inline gateway: throughput and added latency through ``mproxy run`` vs plain kernel forwarding.
+
+Run (root, kernel MPTCP): .venv/bin/python benchmarks/inline.py [--seconds 5] [--repeat 2] [--profile]
+
+In one unshaped namespace lab (``Lab(rate=None)``), the same run measures:
+
+* bulk throughput client -> server for ``--seconds``, over MPTCP (two client
+  paths, as the lab configures) and over plain TCP, first with the gateway
+  forwarding in the kernel (no rules, no mproxy), then through ``mproxy run``
+  with policy ``inspect`` and the emitted stream written to a sink interface;
+* the round-trip time of 64-byte request/response exchanges over MPTCP (TCP_NODELAY),
+  with and without mproxy: each round trip crosses the queue twice, so half the
+  difference of the medians is the added latency per queued packet;
+* inside mproxy (its ``stats`` record): the time from the callback's entry to
+  the verdict, and from the socket becoming readable to the verdict (this one
+  includes waiting behind the packets before it in the same batch).
+
+``--profile`` samples the mproxy process with py-spy during the MPTCP bulk
+run and prints where the time goes (self time per function).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IPPROTO_MPTCP = 262
+PORT = 5301
+PING_PORT = 5302
+
+
+# --------------------------------------------------------------------------- traffic (run in namespaces)
+def _serve_bulk(args: argparse.Namespace) -> int:
+    proto = IPPROTO_MPTCP if args.mptcp else socket.IPPROTO_TCP
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("0.0.0.0", args.port))
+    ls.listen(4)
+    print("READY", flush=True)
+    ls.settimeout(30)
+    conn, _ = ls.accept()
+    buf = bytearray(1 << 20)
+    n = 0
+    t0 = time.monotonic()
+    first = None
+    while True:
+        k = conn.recv_into(buf)
+        if not k:
+            break
+        if first is None:
+            first = time.monotonic()
+        n += k
+    t1 = time.monotonic()
+    mptcp = bool(conn.getsockopt(socket.IPPROTO_TCP, 43)) if args.mptcp else False
+    conn.close()
+    print(json.dumps({"bytes": n, "seconds": t1 - (first or t0), "mptcp": mptcp}), flush=True)
+    return 0
+
+
+def _send_bulk(args: argparse.Namespace) -> int:
+    proto = IPPROTO_MPTCP if args.mptcp else socket.IPPROTO_TCP
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+    s.settimeout(30)
+    s.connect((args.connect, args.port))
+    buf = os.urandom(1 << 18)
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        s.sendall(buf)
+    s.shutdown(socket.SHUT_WR)
+    s.recv(1)
+    s.close()
+    return 0
+
+
+def _serve_ping(args: argparse.Namespace) -> int:
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("0.0.0.0", args.port))
+    ls.listen(4)
+    print("READY", flush=True)
+    ls.settimeout(30)
+    conn, _ = ls.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        d = conn.recv(64)
+        if not d:
+            break
+        while len(d) < 64:
+            more = conn.recv(64 - len(d))
+            if not more:
+                return 0
+            d += more
+        conn.sendall(d)
+    conn.close()
+    return 0
+
+
+def _send_ping(args: argparse.Namespace) -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+    s.settimeout(10)
+    s.connect((args.connect, args.port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = b"x" * 64
+    rtts = []
+    for i in range(args.count):
+        t0 = time.perf_counter_ns()
+        s.sendall(msg)
+        got = 0
+        while got < 64:
+            d = s.recv(64 - got)
+            if not d:
+                raise SystemExit("server closed")
+            got += len(d)
+        rtts.append(time.perf_counter_ns() - t0)
+        time.sleep(0.0005)  # one exchange in flight at a time, no batching effects
+    s.close()
+    print(json.dumps({"rtt_ns": rtts}), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- orchestration
+@dataclass
+class Bulk:
+    mbit: float
+    mptcp: bool
+
+
+def _py(lab, ns: str, *argv: str, **kw):  # type: ignore[no-untyped-def]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return lab.popen(ns, sys.executable, str(Path(__file__).resolve()), *argv, env=env, **kw)
+
+
+def _ready(p: subprocess.Popen[bytes]) -> None:
+    assert p.stdout is not None
+    line = p.stdout.readline().decode().strip()
+    if line != "READY":
+        raise RuntimeError(f"server said {line!r}")
+
+
+def bulk(lab, mptcp: bool, seconds: float) -> Bulk:  # type: ignore[no-untyped-def]
+    flag = ["--mptcp"] if mptcp else []
+    srv = _py(lab, lab.ns_srv, "_serve_bulk", "--port", str(PORT), *flag, stdout=subprocess.PIPE)
+    _ready(srv)
+    cli = _py(lab, lab.ns_cli, "_send_bulk", "--connect", lab.server_addr[4], "--port", str(PORT),
+              "--seconds", str(seconds), *flag)
+    cli.wait(seconds + 60)
+    out, _ = srv.communicate(timeout=60)
+    res = json.loads(out.decode().strip().splitlines()[-1])
+    if cli.returncode != 0:
+        raise RuntimeError("bulk client failed")
+    return Bulk(res["bytes"] * 8 / res["seconds"] / 1e6, res["mptcp"])
+
+
+def ping(lab, count: int) -> list[int]:  # type: ignore[no-untyped-def]
+    srv = _py(lab, lab.ns_srv, "_serve_ping", "--port", str(PING_PORT), stdout=subprocess.PIPE)
+    _ready(srv)
+    cli = _py(lab, lab.ns_cli, "_send_ping", "--connect", lab.server_addr[4], "--port", str(PING_PORT),
+              "--count", str(count), stdout=subprocess.PIPE)
+    out, _ = cli.communicate(timeout=120)
+    srv.wait(30)
+    rtts = json.loads(out.decode().strip().splitlines()[-1])["rtt_ns"]
+    return rtts[50:]  # skip warm-up (handshake, join, first allocations)
+
+
+class Mproxy:
+    """``mproxy run`` in the gateway namespace, policy inspect, emitted stream to a veth sink."""
+
+    def __init__(self, lab, work: Path, tag: str, profile: bool = False) -> None:  # type: ignore[no-untyped-def]
+        self.lab, self.work, self.tag, self.profile = lab, work, tag, profile
+        self.events = work / f"{tag}.events.jsonl"
+        self.err = work / f"{tag}.mproxy.err"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.spy: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Mproxy:
+        cfg = self.work / f"{self.tag}.toml"
+        cfg.write_text(f'[queue]\nnum = 7\n[sink]\ninterface = "sink0"\n[log]\nevents = "{self.events}"\n'
+                       '[metrics]\nlisten = ""\n')
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = self.lab.popen(self.lab.ns_gw, sys.executable, "-m", "mproxy", "run", "-c", str(cfg),
+                                   env=env, stderr=open(self.err, "wb"))
+        deadline = time.monotonic() + 15
+        while b"ready:" not in self.err.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mproxy did not start: {self.err.read_text()}")
+            time.sleep(0.05)
+        if self.profile:
+            spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            self.spy = subprocess.Popen([spy, "record", "-p", str(self.proc.pid), "-r", "250", "--format",
+                                         "raw", "-o", str(self.work / f"{self.tag}.pyspy.txt"), "--nonblocking"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.spy is not None:
+            self.spy.send_signal(signal.SIGINT)
+            self.spy.wait(30)
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+    def stats(self) -> dict:  # type: ignore[type-arg]
+        for line in reversed(self.events.read_text().splitlines()):
+            rec = json.loads(line)
+            if rec["event"] == "stats":
+                return rec
+        raise RuntimeError("no stats record")
+
+
+def profile_table(raw: Path, top: int = 22) -> list[tuple[str, float]]:
+    """Self time per function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(n)
+        own[frames[-1]] += int(n)
+    return [(f, 100.0 * c / total) for f, c in own.most_common(top)] if total else []
+
+
+def _pct(xs: list[int], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p * len(s)))] / 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd")
+    for name in ("_serve_bulk", "_send_bulk", "_serve_ping", "_send_ping"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--port", type=int, default=PORT)
+        sp.add_argument("--connect", default="")
+        sp.add_argument("--seconds", type=float, default=5)
+        sp.add_argument("--count", type=int, default=2000)
+        sp.add_argument("--mptcp", action="store_true")
+    ap.add_argument("--seconds", type=float, default=5.0, help="per bulk transfer")
+    ap.add_argument("--repeat", type=int, default=2, help="bulk transfers per mode (best is reported)")
+    ap.add_argument("--pings", type=int, default=2000)
+    ap.add_argument("--profile", action="store_true", help="py-spy the MPTCP bulk run")
+    ap.add_argument("--keep", help="directory for configs, logs and profiles (default: temp)")
+    args = ap.parse_args(argv)
+    if args.cmd:
+        return {"_serve_bulk": _serve_bulk, "_send_bulk": _send_bulk, "_serve_ping": _serve_ping,
+                "_send_ping": _send_ping}[args.cmd](args)
+
+    from mproxy.lab.topology import Lab, lab_available
+
+    why = lab_available()
+    if why:
+        print(f"lab unavailable: {why}", file=sys.stderr)
+        return 2
+    work = Path(args.keep or tempfile.mkdtemp(prefix="mproxy-inline-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, object]] = {}
+    with Lab(rate=None) as lab:
+        lab.run(lab.ns_gw, "ip", "link", "add", "sink0", "type", "veth", "peer", "name", "sink1")
+        for i in ("sink0", "sink1"):
+            lab.run(lab.ns_gw, "sysctl", "-qw", f"net.ipv6.conf.{i}.disable_ipv6=1")
+            lab.run(lab.ns_gw, "ip", "link", "set", i, "mtu", "1600", "up")
+
+        def best(mptcp: bool) -> Bulk:
+            runs = [bulk(lab, mptcp, args.seconds) for _ in range(args.repeat)]
+            return max(runs, key=lambda b: b.mbit)
+
+        k_mptcp, k_tcp = best(True), best(False)
+        k_rtt = ping(lab, args.pings)
+        with Mproxy(lab, work, "bulk-mptcp", args.profile) as mp:
+            m_mptcp = best(True)
+        s_bulk = mp.stats()
+        with Mproxy(lab, work, "bulk-tcp") as mp:
+            m_tcp = best(False)
+        s_tcp = mp.stats()
+        with Mproxy(lab, work, "ping") as mp:
+            m_rtt = ping(lab, args.pings)
+        s_ping = mp.stats()
+
+    def tp(k: Bulk, m: Bulk) -> str:
+        return f"{k.mbit:,.0f} | {m.mbit:,.0f} | {100 * m.mbit / k.mbit:.1f} %"
+
+    print("\n## inline results\n")
+    print(f"{args.seconds:g} s bulk client->server, best of {args.repeat}; Mbit/s of application payload.\n")
+    print("| transfer | kernel forwarding Mbit/s | through mproxy Mbit/s | ratio | target |")
+    print("|---|---|---|---|---|")
+    target_m = min(0.5 * k_mptcp.mbit, 1000.0)
+    print(f"| MPTCP (2 paths), inspect | {tp(k_mptcp, m_mptcp)} | ≥ {target_m:,.0f} Mbit/s "
+          f"({'met' if m_mptcp.mbit >= target_m else 'MISSED'}) |")
+    print(f"| plain TCP | {tp(k_tcp, m_tcp)} | ≥ 95 % "
+          f"({'met' if m_tcp.mbit >= 0.95 * k_tcp.mbit else 'MISSED'}) |")
+    q = s_bulk["queue"]
+    print(f"\nMPTCP run through mproxy: {q['packets']:,} packets queued, {q['wakeups']:,} reader wake-ups, "
+          f"{q['full_batches']} full batches, truncated {q['truncated']}, core errors {q['core_errors']}; "
+          f"kernel queue {s_bulk['kernel_queue']}; plain-TCP run queued {s_tcp['queue']['packets']} packets.")
+    print("\n| latency (µs) | p50 | p90 | p99 | max |")
+    print("|---|---|---|---|---|")
+    print(f"| RTT 64 B over MPTCP, kernel forwarding | {_pct(k_rtt, .5):.0f} | {_pct(k_rtt, .9):.0f} | "
+          f"{_pct(k_rtt, .99):.0f} | {max(k_rtt) / 1000:.0f} |")
+    print(f"| RTT 64 B over MPTCP, through mproxy | {_pct(m_rtt, .5):.0f} | {_pct(m_rtt, .9):.0f} | "
+          f"{_pct(m_rtt, .99):.0f} | {max(m_rtt) / 1000:.0f} |")
+    added = [(_pct(m_rtt, p) - _pct(k_rtt, p)) / 2 for p in (.5, .9, .99)]
+    print(f"| added per queued packet (half the RTT difference) | {added[0]:.0f} | {added[1]:.0f} | "
+          f"{added[2]:.0f} | |")
+    for label, s in (("ping run", s_ping), ("MPTCP bulk run", s_bulk)):
+        for key, what in (("verdict_latency_us", "callback entry -> verdict"),
+                          ("wait_latency_us", "socket readable -> verdict")):
+            lat = s[key]
+            print(f"| in mproxy, {label}: {what} | {lat['p50']} | {lat['p90']} | {lat['p99']} | {lat['max']} |")
+    if args.profile:
+        prof = work / "bulk-mptcp.pyspy.txt"
+        if prof.exists():
+            print("\nprofile of mproxy during the MPTCP bulk run (py-spy, self time):\n")
+            print("| function | self % |")
+            print("|---|---|")
+            for fn, pct in profile_table(prof):
+                print(f"| `{fn}` | {pct:.1f} |")
+    print(f"\n(logs, configs{', profile' if args.profile else ''}: {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

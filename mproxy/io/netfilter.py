@@ -1,0 +1,213 @@
+"""The iptables/ip6tables rules that send MPTCP connections, and nothing else, to mproxy.
+
+Only MPTCP needs user space, so the kernel decides what to queue:
+
+* a TCP SYN (without ACK) carrying option 30 (MP_CAPABLE or MP_JOIN) sets the
+  ``[rules] connmark`` bits on its conntrack entry;
+* every packet of a connection with those bits goes to ``NFQUEUE``.
+
+Plain TCP is looked at by two cheap rules and never leaves the kernel. The
+SYN decides once per connection (conntrack keeps the mark), so both
+directions and every later packet follow without re-parsing options; a join
+is a new TCP connection with its own SYN, so it is marked the same way.
+``--tcp-flags SYN,ACK SYN`` (not ``SYN SYN``) keeps a SYN/ACK from marking a
+connection whose SYN was not queued (e.g. it arrived outside
+``in_interfaces``): mproxy would see it without its handshake.
+
+Fail-open adds ``--queue-bypass`` (no process bound: accept); a *full* queue
+is a property of the bound queue, set over netlink by
+:mod:`mproxy.io.nfqueue`. The default table is ``mangle``: an NFQUEUE accept
+verdict ends the current table's traversal for that hook, so in ``mangle``
+the operator's ``filter`` rules still see every packet mproxy accepted; a jump
+from ``filter`` would let queued traffic skip the filter rules after it.
+
+The same command list is printed (``mproxy rules``) and executed (``mproxy
+run`` with ``[rules] manage = true``), so what an operator reads is exactly
+what mproxy does.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import Config, ConfigError
+
+__all__ = ["Command", "RulesError", "Rules", "validate", "install_commands", "delete_commands", "render"]
+
+_TABLE_HOOKS = {
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+}
+
+
+class RulesError(RuntimeError):
+    """An iptables command failed; the message holds the command and its stderr."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    argv: tuple[str, ...]
+    optional: bool = False  # cleanup of something that may not exist: failure is fine
+
+    def shell(self) -> str:
+        return shlex.join(self.argv)
+
+
+def validate(cfg: Config) -> None:
+    """Checks only the live gateway needs (``mproxy check`` and ``run`` call it)."""
+    r = cfg.rules
+    hooks = _TABLE_HOOKS.get(r.table)
+    if hooks is None:
+        raise ConfigError(f"[rules] table: {r.table!r} cannot be used: the connmark match needs conntrack, "
+                          "which runs after the raw table (use \"mangle\")")
+    if r.hook not in hooks:
+        raise ConfigError(f"[rules] hook: table {r.table} has no {r.hook} hook (it has {', '.join(hooks)})")
+    for name in r.in_interfaces:
+        if not name or len(name) > 15 or any(c in name for c in " /\t"):
+            raise ConfigError(f"[rules] in_interfaces: {name!r} is not an interface name")
+    if cfg.queue.workers != 1:
+        raise ConfigError(
+            f"[queue] workers: {cfg.queue.workers} is not supported, use 1 (every subflow of an MPTCP "
+            "connection must reach the same worker; see mproxy/io/nfqueue.py for the design)")
+
+
+def _tools(cfg: Config) -> tuple[str, ...]:
+    return ("iptables", "ip6tables") if cfg.rules.ipv6 else ("iptables",)
+
+
+def _chain_rules(cfg: Config) -> list[list[str]]:
+    r, q = cfg.rules, cfg.queue
+    mark = f"0x{r.connmark:x}/0x{r.connmark:x}"
+    syn = ["-p", "tcp", "-m", "tcp", "--tcp-flags", "SYN,ACK", "SYN", "--tcp-option", "30",
+           "-j", "CONNMARK", "--set-xmark", mark]
+    rules = [["-i", i, *syn] for i in r.in_interfaces] or [syn]
+    queue = ["-m", "connmark", "--mark", mark, "-j", "NFQUEUE", "--queue-num", str(q.num)]
+    if q.fail == "open":
+        queue.append("--queue-bypass")
+    rules.append(queue)
+    return rules
+
+
+def _jump(cfg: Config) -> list[str]:
+    return ["-p", "tcp", "-j", cfg.rules.chain]
+
+
+def install_commands(cfg: Config) -> list[Command]:
+    r = cfg.rules
+    out: list[Command] = []
+    for tool in _tools(cfg):
+        base = (tool, "-w", "-t", r.table)
+        out.append(Command((*base, "-N", r.chain)))
+        out += [Command((*base, "-A", r.chain, *spec)) for spec in _chain_rules(cfg)]
+        out.append(Command((*base, "-I", r.hook, "1", *_jump(cfg))))
+    return out
+
+
+def delete_commands(cfg: Config) -> list[Command]:
+    r = cfg.rules
+    out: list[Command] = []
+    for tool in _tools(cfg):
+        base = (tool, "-w", "-t", r.table)
+        out.append(Command((*base, "-D", r.hook, *_jump(cfg)), optional=True))
+        out.append(Command((*base, "-F", r.chain), optional=True))
+        out.append(Command((*base, "-X", r.chain), optional=True))
+    return out
+
+
+def render(cfg: Config, *, delete: bool = False, source: str = "") -> str:
+    """The commands as a shell script (what ``mproxy rules`` prints)."""
+    r, q = cfg.rules, cfg.queue
+    head = [
+        f"# mproxy netfilter rules{' for ' + source if source else ''}"
+        f"{' (removal)' if delete else ''}",
+        f"# TCP SYNs with option 30 (MPTCP) mark their connection with connmark bits 0x{r.connmark:x};",
+        f"# every packet of a marked connection goes to NFQUEUE {q.num}; plain TCP stays in the kernel.",
+        f"# fail {q.fail}: " + ("--queue-bypass accepts while no mproxy is bound; mproxy also sets the "
+                                "queue's fail-open flag (a full queue accepts)" if q.fail == "open" else
+                                "no --queue-bypass: MPTCP is dropped while no mproxy is bound or the queue "
+                                "is full"),
+    ]
+    cmds = delete_commands(cfg) if delete else install_commands(cfg)
+    return "\n".join(head + [c.shell() + (" 2>/dev/null || true" if c.optional else "") for c in cmds]) + "\n"
+
+
+Runner = Callable[[tuple[str, ...]], "subprocess.CompletedProcess[str]"]
+
+
+def _run(argv: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+class Rules:
+    """Installs and removes mproxy's rules; removal is idempotent and also clears stale leftovers."""
+
+    def __init__(self, cfg: Config, runner: Runner = _run) -> None:
+        self.cfg = cfg
+        self._runner = runner
+        self.installed = False
+
+    def install(self) -> None:
+        for tool in _tools(self.cfg):
+            if shutil.which(tool) is None and self._runner is _run:
+                raise RulesError(f"{tool} not found in PATH (set [rules] ipv6 = false for IPv4 only)"
+                                 if tool == "ip6tables" else f"{tool} not found in PATH")
+        self.remove(quiet=True)  # a previous run killed with SIGKILL leaves its chain behind
+        try:
+            for cmd in install_commands(self.cfg):
+                self._exec(cmd)
+        except RulesError:
+            self.remove(quiet=True)
+            raise
+        self.installed = True
+
+    def remove(self, *, quiet: bool = False) -> list[str]:
+        """Delete the jump(s), flush and delete the chain; returns problems (never raises)."""
+        problems: list[str] = []
+        for cmd in delete_commands(self.cfg):
+            repeat = 8 if "-D" in cmd.argv else 1  # the jump may have been added more than once
+            for _ in range(repeat):
+                try:
+                    cp = self._runner(cmd.argv)
+                except (OSError, subprocess.SubprocessError) as e:
+                    problems.append(f"{cmd.shell()}: {e}")
+                    break
+                if cp.returncode != 0:
+                    break
+        if not quiet:
+            problems += self._leftovers()
+        self.installed = False
+        return problems
+
+    def _leftovers(self) -> list[str]:
+        out = []
+        for tool in _tools(self.cfg):
+            try:
+                cp = self._runner((tool, "-w", "-t", self.cfg.rules.table, "-S", self.cfg.rules.chain))
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if cp.returncode == 0:
+                out.append(f"{tool}: chain {self.cfg.rules.chain} still present in table {self.cfg.rules.table}")
+        return out
+
+    def _exec(self, cmd: Command) -> None:
+        try:
+            cp = self._runner(cmd.argv)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RulesError(f"`{cmd.shell()}` failed: {e}") from None
+        if cp.returncode != 0 and not cmd.optional:
+            raise RulesError(f"`{cmd.shell()}` exited {cp.returncode}: {cp.stderr.strip()}")
+
+    def counters(self, tool: str = "iptables") -> list[tuple[int, int, str]]:
+        """(packets, bytes, rule text) of the chain's rules, for diagnostics and tests."""
+        cp = self._runner((tool, "-w", "-t", self.cfg.rules.table, "-L", self.cfg.rules.chain,
+                           "-v", "-x", "-n"))
+        rows = []
+        for line in cp.stdout.splitlines()[2:]:
+            parts = line.split(None, 2)
+            if len(parts) == 3 and parts[0].isdigit():
+                rows.append((int(parts[0]), int(parts[1]), parts[2]))
+        return rows

@@ -1,0 +1,262 @@
+"""``mproxy run``: config -> rules -> queue -> gateway -> sinks and event log.
+
+Thin wiring around :class:`~mproxy.core.gateway.Gateway` (the same core the
+``replay`` command runs). Start order makes sure a rule never points at a
+queue nobody reads: bind the queue (and set its fail mode), then install the
+rules. Stop order is the reverse, and drains what was already queued before
+unbinding, so a clean stop loses no packet: rules out (new packets stay in
+the kernel), verdicts for what is still in the socket, unbind, flush the
+gateway (open connections are reported), close the sinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+from .core.gateway import Gateway
+from .io import netfilter
+from .io.nfqueue import SAFE_MTU, FailMode, QueueAdapter, QueueError, kernel_queue_state, oversize_interfaces
+from .io.sinks import EventLog, FrameSinks, SinkError, open_sinks
+
+__all__ = ["Service", "run", "load"]
+
+log = logging.getLogger("mproxy")
+EXPIRE_INTERVAL = 1.0
+
+
+def load(path: str) -> Config:
+    """Load and validate a config for the live gateway; raises ConfigError naming the key."""
+    cfg = load_config(path)
+    netfilter.validate(cfg)
+    return cfg
+
+
+@dataclass(slots=True)
+class Service:
+    cfg: Config
+    source: str = ""
+    gateway: Gateway = field(init=False)
+    sinks: FrameSinks = field(init=False, default_factory=FrameSinks)
+    events: EventLog | None = field(init=False, default=None)
+    queue: QueueAdapter | None = field(init=False, default=None)
+    rules: netfilter.Rules | None = field(init=False, default=None)
+    started: float = field(init=False, default=0.0)
+    _stop: asyncio.Event | None = field(init=False, default=None)
+    _kernel_waiting: int = field(init=False, default=0)
+    _stuck_warned: bool = field(init=False, default=False)
+    _last_packets: int = field(init=False, default=-1)
+    _final_kernel_state: dict[str, int] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        c = self.cfg
+        self.gateway = Gateway(c.policy, c.tracker, passthrough=c.sink.passthrough)
+
+    # ------------------------------------------------------------------ start / stop
+    def start(self) -> None:
+        """Open sinks, bind the queue, install rules; raises SinkError/QueueError/RulesError."""
+        c = self.cfg
+        self.started = time.time()
+        self.sinks = open_sinks(c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb, c.sink.pcap_keep)
+        self.events = EventLog(c.log.events, drop_keys=not c.log.log_keys)
+        for name, mtu in oversize_interfaces(c.rules.in_interfaces or None):
+            log.warning("interface %s has MTU %d: queued packets above %d bytes cannot be copied whole by "
+                        "netfilterqueue; lower the MTU (and disable LRO) on interfaces carrying MPTCP",
+                        name, mtu, SAFE_MTU)
+        self.queue = QueueAdapter(
+            c.queue.num, self.gateway.packet, emit=self.sinks.write if self.sinks else None,
+            after_batch=self._after_batch, fail=FailMode(c.queue.fail), max_len=c.queue.max_len,
+            sock_rcvbuf=c.queue.sock_rcvbuf)
+        self.queue.open()
+        if self.queue.fail_open_confirmed is None:
+            log.warning("could not confirm the queue's fail-%s setting (a packet arrived first)", c.queue.fail)
+        if c.rules.manage:
+            self.rules = netfilter.Rules(c)
+            try:
+                self.rules.install()
+            except netfilter.RulesError:
+                self.queue.close()
+                raise
+
+    def stop(self) -> None:
+        """Reverse of start; safe to call on a partly started service."""
+        if self.queue is not None:
+            self._final_kernel_state = kernel_queue_state(self.cfg.queue.num)
+        if self.rules is not None:
+            for p in self.rules.remove():
+                log.error("removing rules: %s", p)
+            self.rules = None
+        if self.queue is not None:
+            self.queue.drain()
+            self.queue.close()
+        now = time.time()
+        try:
+            self.sinks.write(self.gateway.flush(now))
+        except Exception:  # noqa: BLE001 - still close everything
+            log.exception("flushing the gateway failed")
+        if self.events is not None:
+            self.events.write(self.gateway.drain_records())
+            self.events.write([self.stats_record(now)])
+            self.events.close()
+        self.sinks.close()
+
+    # ------------------------------------------------------------------ loop
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        assert self.queue is not None
+        self.queue.attach(loop)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reopen)
+        loop.add_signal_handler(signal.SIGUSR1, self._dump_stats)
+        ticker = loop.create_task(self._tick())
+        c = self.cfg
+        log.info("ready: NFQUEUE %d (fail %s%s), rules %s, policy %s, sinks %s", c.queue.num, c.queue.fail,
+                 "" if self.queue.fail_open_confirmed else ", unconfirmed",
+                 f"in {c.rules.table} {c.rules.hook} -> {c.rules.chain}" if c.rules.manage else "not managed",
+                 c.policy.default.value, ", ".join(_sink_names(c)) or "none")
+        try:
+            await self._stop.wait()
+        finally:
+            ticker.cancel()
+            self.queue.detach(loop)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+                loop.remove_signal_handler(sig)
+        log.info("stopping")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_INTERVAL)
+            try:
+                now = time.time()
+                frames = self.gateway.expire(now)
+                if frames:
+                    self.sinks.write(frames)
+                self._after_batch()
+                self.sinks.flush()
+                self._watch_kernel_queue()
+            except Exception:  # noqa: BLE001 - the ticker must survive
+                log.exception("periodic expiry failed")
+
+    def _after_batch(self) -> None:
+        if self.gateway.records and self.events is not None:
+            self.events.write(self.gateway.drain_records())
+            self.events.flush()
+
+    def _watch_kernel_queue(self) -> None:
+        """Warn when the kernel holds packets we never saw (messages too big for netfilterqueue's buffer)."""
+        assert self.queue is not None
+        st = kernel_queue_state(self.cfg.queue.num)
+        if st is None:
+            return
+        idle = self.queue.stats.packets == self._last_packets
+        self._last_packets = self.queue.stats.packets
+        if idle and st["waiting"] and st["waiting"] == self._kernel_waiting and not self._stuck_warned:
+            self._stuck_warned = True
+            log.warning("%d queued packets have no verdict and none is being read: their netlink messages were "
+                        "probably larger than netfilterqueue's 4096-byte buffer (MTU above %d?); they count "
+                        "against max_len until mproxy stops", st["waiting"], SAFE_MTU)
+        self._kernel_waiting = st["waiting"]
+
+    def _reopen(self) -> None:
+        if self.events is not None:
+            self.events.reopen()
+        log.info("event log reopened")
+
+    def _dump_stats(self) -> None:
+        import json
+
+        log.info("stats %s", json.dumps(self.stats_record(time.time()), separators=(",", ":")))
+
+    # ------------------------------------------------------------------ reporting
+    def stats_record(self, now: float) -> dict[str, Any]:
+        """The ``stats`` record written to the event log at stop (and logged on SIGUSR1)."""
+        gw = self.gateway
+        ts = gw.tracker.stats
+        q = self.queue
+        return {
+            "event": "stats", "ts": round(now, 6), "uptime": round(now - self.started, 3),
+            "queue": q.stats.as_dict() if q else None,
+            "kernel_queue": kernel_queue_state(self.cfg.queue.num) or self._final_kernel_state,
+            "fail": self.cfg.queue.fail, "fail_flag_confirmed": q.fail_open_confirmed if q else None,
+            "verdict_latency_us": q.latency.summary() if q else None,
+            "wait_latency_us": q.wait_latency.summary() if q else None,
+            "verdicts": dict(gw.stats.verdicts), "actions": dict(gw.stats.actions),
+            "parse_errors": dict(gw.stats.parse_errors),
+            "tracker": {"packets": ts.packets, "mptcp_packets": ts.mptcp_packets,
+                        "plain_packets": ts.plain_packets, "connections": ts.connections,
+                        "subflows": ts.subflows, "joins": ts.joins, "notices": dict(ts.notices),
+                        "memcap": dict(ts.memcap), "outcomes": dict(ts.outcomes)},
+            "reassembled_bytes": {"c2s": gw.pipeline.stats.bytes_out[0], "s2c": gw.pipeline.stats.bytes_out[1]},
+            "sinks": self.sinks.stats(),
+        }
+
+
+def _sink_names(c: Config) -> list[str]:
+    out = []
+    if c.sink.interface:
+        out.append(f"interface {c.sink.interface}")
+    if c.sink.pcap:
+        out.append(f"pcap {c.sink.pcap}.N.pcap")
+    if c.log.events:
+        out.append(f"events {c.log.events}")
+    return out
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
+                        format="mproxy[%(process)d] %(levelname)s: %(message)s")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(config_path: str) -> int:
+    """Run until SIGINT/SIGTERM. Exit codes: 0 clean stop, 1 start failure, 2 bad config."""
+    try:
+        cfg = load(config_path)
+    except ConfigError as e:
+        print(f"mproxy: config error: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log.level)
+    if cfg.metrics.listen:
+        log.debug("metrics exporter not part of `mproxy run` yet: [metrics] listen %s ignored", cfg.metrics.listen)
+    svc = Service(cfg, config_path)
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # until the event loop takes over, SIGTERM/SIGINT unwind through the cleanup below
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupted)
+    code = 0
+    try:
+        svc.start()
+        with asyncio.Runner(loop_factory=_new_loop) as runner:
+            runner.run(svc.serve())
+    except (SinkError, QueueError, netfilter.RulesError) as e:
+        log.error("cannot start: %s", e)
+        code = 1
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        svc.stop()
+    st = svc.queue.stats if svc.queue else None
+    if st is not None and code == 0:
+        log.info("stopped: %d packets (%d accepted, %d dropped, %d modified), %d core errors, %d truncated",
+                 st.packets, st.accepted, st.dropped, st.modified, st.core_errors, st.truncated)
+    return code

@@ -1,0 +1,415 @@
+"""``mproxy run`` inline on NFQUEUE, end to end, with real kernel MPTCP in network namespaces.
+
+One lab (client with two paths, gateway, server) is shared by the module;
+each test starts its own ``mproxy run`` in the gateway namespace with a config
+it writes, and stops it with SIGTERM (exit 0, rules gone). Ground truth is
+what the applications sent (their SHA-256) and what independent tools see:
+tshark on captures taken at the server and on the sink interface, iptables'
+own rule counters, the kernel's queue counters.
+
+Run as a script inside a namespace (``python test_gateway_live.py forge ...``)
+it is the forged-MP_JOIN sender used by the verify-joins test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import pytest  # noqa: E402
+
+from mproxy.lab.topology import lab_available  # noqa: E402
+
+LAB_REASON = lab_available()
+pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
+
+SINK_IF, IDS_IF = "sink0", "sink1"  # mproxy writes to sink0; "the IDS" (tcpdump) listens on its veth peer
+QUEUE = 0
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# --------------------------------------------------------------------------- mproxy in the gateway
+@dataclass
+class Running:
+    proc: subprocess.Popen[bytes]
+    dir: Path
+    rc: int | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def err(self) -> str:
+        return (self.dir / "mproxy.err").read_text(errors="replace")
+
+    def stats(self) -> dict[str, Any]:
+        return next(r for r in reversed(self.records) if r["event"] == "stats")
+
+    def actions(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["event"] == "action" and r["action"] == name]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(_ROOT), PYTHONUNBUFFERED="1")
+
+
+@contextlib.contextmanager
+def mproxy(lab: Any, d: Path, *, policy: str = "inspect", fail: str = "open", max_len: int = 4096,
+           expect_clean_stop: bool = True) -> Iterator[Running]:
+    """``mproxy run`` in the gateway namespace for the duration of the block."""
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = d / "mproxy.toml"
+    cfg.write_text(f"""
+[queue]
+num = {QUEUE}
+max_len = {max_len}
+fail = "{fail}"
+[policy]
+default = "{policy}"
+[sink]
+interface = "{SINK_IF}"
+pcap = "{d / 'sink'}"
+[log]
+events = "{d / 'events.jsonl'}"
+level = "debug"
+[metrics]
+listen = ""
+""")
+    err = open(d / "mproxy.err", "wb")
+    proc = lab.popen(lab.ns_gw, sys.executable, "-m", "mproxy", "run", "-c", str(cfg), env=_env(), stderr=err)
+    err.close()
+    run = Running(proc, d)
+    deadline = time.monotonic() + 20
+    while "ready:" not in run.err:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"mproxy did not start (exit {proc.poll()}): {run.err}")
+        time.sleep(0.05)
+    try:
+        yield run
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            run.rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            run.rc = proc.wait(5)
+        ev = d / "events.jsonl"
+        if ev.exists():
+            run.records = [json.loads(line) for line in ev.read_text().splitlines() if line.strip()]
+    if expect_clean_stop:
+        assert run.rc == 0, run.err
+        assert "Traceback" not in run.err, run.err
+        for tool in ("iptables", "ip6tables"):
+            left = lab.run(lab.ns_gw, tool, "-w", "-t", "mangle", "-S").stdout
+            assert "MPROXY" not in left, f"{tool} rules left after stop:\n{left}"
+
+
+def rule_counters(lab: Any, tool: str = "iptables") -> dict[str, int]:
+    """Packets counted by the MPROXY chain's rules (CONNMARK, NFQUEUE) and by the FORWARD jump."""
+    out: dict[str, int] = {}
+    for chain in ("MPROXY", "FORWARD"):
+        text = lab.run(lab.ns_gw, tool, "-w", "-t", "mangle", "-L", chain, "-v", "-x", "-n").stdout
+        for line in text.splitlines()[2:]:
+            f = line.split()
+            if len(f) > 2 and f[0].isdigit():
+                out[f[2] if chain == "MPROXY" else f"{chain}->{f[2]}"] = int(f[0])
+    return out
+
+
+def kernel_queue(lab: Any) -> dict[str, int] | None:
+    text = lab.run(lab.ns_gw, "cat", "/proc/net/netfilter/nfnetlink_queue").stdout
+    for line in text.splitlines():
+        f = line.split()
+        if f and f[0] == str(QUEUE):
+            return {"waiting": int(f[2]), "dropped": int(f[5]), "user_dropped": int(f[6]), "seq": int(f[7])}
+    return None
+
+
+# --------------------------------------------------------------------------- the lab
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Any]:
+    from mproxy.lab.topology import Lab, LabError
+
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"netfilterqueue not importable: {e}")
+    with Lab(rate="30mbit") as lab:
+        # the IDS-facing veth pair; MTU 1600 so 1460-byte IPv6 segments fit (1520 bytes of IP)
+        lab.run(lab.ns_gw, "ip", "link", "add", SINK_IF, "type", "veth", "peer", "name", IDS_IF)
+        for i in (SINK_IF, IDS_IF):
+            lab.run(lab.ns_gw, "sysctl", "-qw", f"net.ipv6.conf.{i}.disable_ipv6=1")
+            lab.run(lab.ns_gw, "ip", "link", "set", i, "mtu", "1600", "up")
+        try:  # NFQUEUE as an iptables target in this kernel?
+            probe = ("-t", "mangle", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "NFQUEUE",
+                     "--queue-num", "9", "--queue-bypass")
+            lab.run(lab.ns_gw, "iptables", "-w", *probe)
+            lab.run(lab.ns_gw, "iptables", "-w", *("-D" if a == "-A" else a for a in probe))
+        except LabError as e:
+            pytest.skip(f"NFQUEUE target unavailable: {e}")
+        yield lab
+
+
+def transfer(lab: Any, d: Path, name: str, **kw: Any) -> Any:
+    from mproxy.lab.scenarios import run_transfer
+
+    kw.setdefault("c2s_bytes", 1_000_000)
+    kw.setdefault("s2c_bytes", 1_000_000)
+    kw.setdefault("timeout", 30.0)
+    res = run_transfer(lab, d, name, **kw)
+    assert res.ok, "\n".join(res.problems())
+    return res
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("family", [4, 6])
+def test_inspect_emits_what_the_applications_sent(lab: Any, tmp_path: Path, family: int) -> None:
+    from tests.oracles import data_streams, tshark_count, tshark_follow_raw
+
+    ids = tmp_path / "ids.pcap"
+    with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
+        res = transfer(lab, tmp_path, "inspect", family=family)
+    (c,) = res.connections
+    assert c.mptcp is True
+    # the connection really used both paths (tshark on the gateway capture, MPTCP packets only)
+    assert len(data_streams(res.capture)) >= 2, "data did not cross both client paths"
+    conns = [r for r in mp.records if r["event"] == "mptcp_connection"]
+    assert len(conns) == 1 and len(conns[0]["subflows"]) == 2
+    assert all(sf["bytes_c2s"] > 0 for sf in conns[0]["subflows"])
+    # what the IDS received on the sink interface, and the pcap sink, both read back by tshark
+    pcaps = sorted((tmp_path / "mproxy").glob("sink.*.pcap"))
+    assert len(pcaps) == 1
+    for cap in (ids, pcaps[0]):
+        (f,) = tshark_follow_raw(cap)
+        assert f.four_tuple == c.four_tuple, cap
+        assert (len(f.client_data), sha(f.client_data)) == (c.c2s_sent_bytes, c.c2s_sent_sha256), cap
+        assert (len(f.server_data), sha(f.server_data)) == (c.s2c_sent_bytes, c.s2c_sent_sha256), cap
+        assert tshark_count(cap, "mptcp") == 0
+    st = mp.stats()
+    assert st["queue"]["truncated"] == st["queue"]["core_errors"] == st["queue"]["verdict_errors"] == 0
+    assert st["fail_flag_confirmed"] is True
+    assert st["sinks"][0]["too_big"] == st["sinks"][0]["errors"] == 0
+    assert not [r for r in mp.records if r["event"] == "notice"]
+
+
+def test_downgrade_server_sees_plain_tcp(lab: Any, tmp_path: Path) -> None:
+    from tests.oracles import tshark_count
+
+    srv = tmp_path / "server.pcap"
+    with mproxy(lab, tmp_path / "mproxy", policy="downgrade") as mp, \
+            lab.capture(srv, iface=lab.server_if, ns=lab.ns_srv):
+        res = transfer(lab, tmp_path, "downgrade")
+    (c,) = res.connections
+    assert c.mptcp is False, "the client must have fallen back to TCP"
+    assert tshark_count(srv, "tcp") > 0
+    assert tshark_count(srv, "mptcp") == 0, "an MPTCP option reached the server"
+    assert len(mp.actions("downgrade")) == 1
+    assert mp.stats()["queue"]["modified"] == 1
+
+
+def test_block_joins_keeps_one_subflow(lab: Any, tmp_path: Path) -> None:
+    from tests.oracles import tcp_streams, tshark_count
+
+    srv = tmp_path / "server.pcap"
+    with mproxy(lab, tmp_path / "mproxy", policy="block-joins") as mp, \
+            lab.capture(srv, iface=lab.server_if, ns=lab.ns_srv):
+        res = transfer(lab, tmp_path, "block", c2s_bytes=500_000, s2c_bytes=500_000)
+    (c,) = res.connections
+    assert c.mptcp is True
+    assert tshark_count(srv, "tcp.options.mptcp.subtype == 1") == 0, "an MP_JOIN reached the server"
+    assert len(tcp_streams(srv, "tcp.len > 0")) == 1, "data on more than one subflow"
+    assert mp.actions("join_refused"), "the client's join SYN was never refused"
+
+
+def test_verify_joins_drops_forged_joins(lab: Any, tmp_path: Path) -> None:
+    from tests.oracles import tshark_count
+
+    srv = tmp_path / "server.pcap"
+    forged: dict[str, Any] = {}
+    src = lab.client_addr[1][4]
+    unknown_port, bad_hmac_port = 40111, 40112
+    # the client kernel would answer the forged join's SYN/ACK with a RST: keep it quiet
+    rst = ["-p", "tcp", "--sport", str(bad_hmac_port), "--tcp-flags", "RST", "RST", "-j", "DROP"]
+    lab.run(lab.ns_cli, "iptables", "-w", "-A", "OUTPUT", *rst)
+
+    def forge(pct: int) -> None:
+        if pct != 20 or forged:
+            return
+        token = server_token(lab)
+        forged["token"] = token
+        for port, tok, complete in ((unknown_port, 0x0BADC0DE, False), (bad_hmac_port, token, True)):
+            cp = lab.run(lab.ns_cli, sys.executable, __file__, "forge", "--src", src, "--dst",
+                         lab.server_addr[4], "--sport", str(port), "--token", str(tok),
+                         *(["--complete"] if complete else []), timeout=20)
+            forged[port] = json.loads(cp.stdout)
+
+    try:
+        with mproxy(lab, tmp_path / "mproxy", policy="verify-joins") as mp, \
+                lab.capture(srv, iface=lab.server_if, ns=lab.ns_srv):
+            res = transfer(lab, tmp_path, "verify", c2s_bytes=1_500_000, s2c_bytes=200_000,
+                           rate=600_000, on_progress=forge)
+    finally:
+        lab.run(lab.ns_cli, "iptables", "-w", "-D", "OUTPUT", *rst, check=False)
+    (c,) = res.connections
+    assert c.mptcp is True and len(c.subflows) == 2, "the legitimate join must pass verify-joins"
+    assert forged.get("token"), "no server token found"
+    # unknown token: the SYN itself never reaches the server
+    assert tshark_count(srv, f"tcp.srcport == {unknown_port}") == 0
+    # known token, wrong HMAC: SYN passes (and is answered), the third ACK is dropped
+    assert forged[bad_hmac_port]["synack"], "the server never answered the forged join SYN"
+    assert tshark_count(srv, f"tcp.srcport == {bad_hmac_port} && tcp.flags.syn == 1") >= 1
+    assert tshark_count(srv, f"tcp.srcport == {bad_hmac_port} && tcp.flags.syn == 0") == 0, \
+        "the join ACK with the wrong HMAC reached the server"
+    why = sorted(r["detail"] for r in mp.actions("join_refused"))
+    assert any("unknown token" in w for w in why) and any("HMAC" in w for w in why), why
+
+
+def test_plain_tcp_is_never_queued(lab: Any, tmp_path: Path) -> None:
+    # the client's MPTCP SYN loses option 30 on its way out: an ordinary TCP connection
+    strip = ["-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "-j", "TCPOPTSTRIP", "--strip-options", "30"]
+    for tool in ("iptables", "ip6tables"):
+        lab.run(lab.ns_cli, tool, "-w", *strip)
+    try:
+        with mproxy(lab, tmp_path / "mproxy") as mp:
+            res4 = transfer(lab, tmp_path, "plain4", family=4)
+            res6 = transfer(lab, tmp_path, "plain6", family=6)
+            v4, v6 = rule_counters(lab, "iptables"), rule_counters(lab, "ip6tables")
+    finally:
+        for tool in ("iptables", "ip6tables"):
+            lab.run(lab.ns_cli, tool, "-w", *("-D" if a == "-A" else a for a in strip), check=False)
+    assert res4.connections[0].mptcp is False and res6.connections[0].mptcp is False
+    for counters in (v4, v6):
+        assert counters["FORWARD->MPROXY"] > 500, counters  # the traffic did cross the chain
+        assert counters["CONNMARK"] == 0 and counters["NFQUEUE"] == 0, counters
+    assert mp.stats()["queue"]["packets"] == 0
+
+
+def test_sigkill_fail_open_keeps_traffic_flowing(lab: Any, tmp_path: Path) -> None:
+    killed: list[int] = []
+    with mproxy(lab, tmp_path / "mproxy", expect_clean_stop=False) as mp:
+        def kill(pct: int) -> None:
+            if pct >= 30 and not killed:
+                mp.proc.send_signal(signal.SIGKILL)
+                mp.proc.wait(5)
+                killed.append(rule_counters(lab)["NFQUEUE"])
+
+        res = transfer(lab, tmp_path, "killed", c2s_bytes=2_000_000, s2c_bytes=300_000, rate=1_000_000,
+                       on_progress=kill)
+        queued_after = rule_counters(lab)["NFQUEUE"]
+    assert killed and mp.rc == -signal.SIGKILL
+    assert res.connections[0].mptcp is True
+    # the rules outlived the process: packets kept hitting NFQUEUE and --queue-bypass let them through
+    assert queued_after > killed[0] + 100, (killed, queued_after)
+    # a new start clears the leftovers, a clean stop removes everything (checked by mproxy())
+    with mproxy(lab, tmp_path / "restart"):
+        assert lab.run(lab.ns_gw, "iptables", "-w", "-t", "mangle", "-S").stdout.count("-j MPROXY") == 1
+
+
+@pytest.mark.parametrize("fail", ["open", "closed"])
+def test_full_queue_follows_fail_mode(lab: Any, tmp_path: Path, fail: str) -> None:
+    """A stalled reader (SIGSTOP) fills an 8-packet queue: fail open passes the rest, fail closed drops it."""
+    state: dict[str, Any] = {}
+    with mproxy(lab, tmp_path / "mproxy", fail=fail, max_len=8) as mp:
+        def stall(pct: int) -> None:
+            if pct >= 20 and "stopped" not in state:
+                mp.proc.send_signal(signal.SIGSTOP)
+                state["stopped"] = time.monotonic()
+                if fail == "closed":
+                    time.sleep(2.0)
+                    state["queue"] = kernel_queue(lab)
+                    mp.proc.send_signal(signal.SIGCONT)
+
+        try:
+            res = transfer(lab, tmp_path, f"stall-{fail}", c2s_bytes=1_500_000, s2c_bytes=100_000,
+                           rate=1_000_000, on_progress=stall)
+            state.setdefault("queue", kernel_queue(lab))
+        finally:
+            mp.proc.send_signal(signal.SIGCONT)
+    assert res.connections[0].mptcp is True
+    q = state["queue"]
+    assert q is not None and q["waiting"] == 8, q  # the stalled reader holds exactly max_len packets
+    if fail == "open":
+        # the whole transfer finished while mproxy was still stopped: overflow was accepted
+        assert q["dropped"] == 0, q
+    else:
+        assert q["dropped"] > 0, q  # overflow dropped; TCP recovered once the reader resumed
+    assert mp.stats()["queue"]["core_errors"] == 0
+
+
+# --------------------------------------------------------------------------- helpers run in namespaces
+def server_token(lab: Any) -> int:
+    """The server's MPTCP token of the connection in progress (``ss -M`` in the server namespace)."""
+    import re
+
+    out = lab.run(lab.ns_srv, "ss", "-Mni").stdout
+    m = re.search(r"token:([0-9a-f]+)", out)
+    if not m:
+        raise AssertionError(f"no MPTCP token in ss output:\n{out}")
+    return int(m.group(1), 16)
+
+
+def _forge(args: argparse.Namespace) -> int:
+    """Send an MP_JOIN SYN (and with --complete, answer the SYN/ACK with a zero HMAC) from a raw socket."""
+    from mproxy.wire import mptcp as m
+    from mproxy.wire.build import build_tcp, tcp_options
+    from mproxy.wire.packet import ACK, SYN, TcpSegment, parse_ip
+
+    src, dst = socket.inet_aton(args.src), socket.inet_aton(args.dst)
+    isn = 0x1234_0000 + args.sport
+    mss = b"\x02\x04\x05\xb4"
+    join = m.MpJoin(m.JoinPhase.SYN, False, 7, args.token, 0x5EED_0000 + args.sport).encode()
+    syn = build_tcp(src, dst, args.sport, args.dport, isn, 0, SYN, 64240, tcp_options(mss, join))
+    rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    tx.sendto(syn, (args.dst, 0))
+    out: dict[str, Any] = {"synack": False, "sent": ["syn"]}
+    if args.complete:
+        rx.settimeout(0.2)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            try:
+                pkt = rx.recv(65535)
+            except TimeoutError:
+                continue
+            seg = parse_ip(memoryview(pkt))
+            if isinstance(seg, TcpSegment) and seg.sport == args.dport and seg.dport == args.sport \
+                    and seg.flags & SYN and seg.flags & ACK:
+                out["synack"] = True
+                ack = m.MpJoin(m.JoinPhase.ACK, hmac=bytes(20)).encode()
+                tx.sendto(build_tcp(src, dst, args.sport, args.dport, isn + 1, seg.seq + 1, ACK, 502,
+                                    tcp_options(ack)), (args.dst, 0))
+                out["sent"].append("ack")
+                break
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("forge")
+    f.add_argument("--src", required=True)
+    f.add_argument("--dst", required=True)
+    f.add_argument("--sport", type=int, required=True)
+    f.add_argument("--dport", type=int, default=5201)
+    f.add_argument("--token", type=int, required=True)
+    f.add_argument("--complete", action="store_true")
+    sys.exit(_forge(ap.parse_args()))

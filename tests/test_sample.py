@@ -1,0 +1,79 @@
+"""The shipped sample ``mproxy/samples/split-attack.pcap`` shows what mproxy is for.
+
+Made by ``python -m mproxy.lab.make_sample`` from a real kernel MPTCP
+connection: an SQL injection whose URI is split across two subflows.  tshark
+(an independent reassembler) must find the attack string in no single TCP
+stream of the input, and whole in one stream of ``mproxy replay``'s output,
+where its HTTP dissector also reads the request URI whole.  No root needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mproxy.cli import main
+from mproxy.lab.make_sample import ATTACK_NEEDLE, ATTACK_PART1, ATTACK_PART2, ATTACK_URI, BENIGN
+from tests.oracles import tshark_available, tshark_count, tshark_fields, tshark_follow_raw
+
+SAMPLE = Path(__file__).resolve().parents[1] / "mproxy" / "samples" / "split-attack.pcap"
+
+pytestmark = pytest.mark.skipif(tshark_available() is not None, reason=tshark_available() or "")
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, object]]]:
+    out = tmp_path_factory.mktemp("sample")
+    pcap, log = out / "out.pcap", out / "log.jsonl"
+    assert main(["replay", str(SAMPLE), "--out", str(pcap), "--log", str(log), "-q"]) == 0
+    return pcap, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_sample_is_small_real_mptcp() -> None:
+    assert SAMPLE.is_file() and SAMPLE.stat().st_size < 200_000
+    assert tshark_count(SAMPLE, "mptcp") > 0
+    assert tshark_count(SAMPLE, "tcp.options.mptcp.subtype == 1") >= 3, "no MP_JOIN handshake"
+
+
+def test_input_hides_the_attack_from_per_subflow_reassembly() -> None:
+    streams = tshark_follow_raw(SAMPLE)
+    assert len(streams) >= 2
+    for s in streams:
+        assert ATTACK_NEEDLE not in s.client_data and b"UNION SELECT" not in s.client_data, s.four_tuple
+    part1 = [s.stream for s in streams if ATTACK_PART1 in s.client_data]
+    part2 = [s.stream for s in streams if ATTACK_PART2 in s.client_data]
+    assert part1 and part2 and set(part1).isdisjoint(part2), (part1, part2)
+    assert any(BENIGN in s.client_data for s in streams)
+    uris = [row[0] for row in tshark_fields(SAMPLE, ["http.request.uri"], "http.request")]
+    assert ATTACK_URI not in uris
+
+
+def test_replay_shows_the_attack_whole(replayed: tuple[Path, list[dict[str, object]]]) -> None:
+    pcap, records = replayed
+    streams = tshark_follow_raw(pcap)
+    assert len(streams) == 1, "one MPTCP connection -> one plain TCP conversation"
+    (s,) = streams
+    assert ATTACK_NEEDLE in s.client_data
+    assert s.client_data.index(BENIGN) < s.client_data.index(ATTACK_NEEDLE)
+    assert s.server_data.count(b"HTTP/1.1 200 OK") == 2
+    uris = [row[0] for row in tshark_fields(pcap, ["http.request.uri"], "http.request")]
+    assert uris == ["/index.html", ATTACK_URI]
+    assert tshark_count(pcap, "mptcp") == 0
+    (conn,) = [r for r in records if r["event"] == "mptcp_connection"]
+    assert len(conn["subflows"]) == 2 and conn["outcome"] == "data_fin"  # type: ignore[arg-type]
+
+
+@pytest.mark.lab
+def test_make_sample_regenerates(tmp_path: Path) -> None:
+    """The generator still produces a capture that passes its own tshark check (needs root)."""
+    from mproxy.lab import lab_available
+    from mproxy.lab.make_sample import check, make
+
+    reason = lab_available()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "split.pcap"
+    make(out, attempts=3)
+    assert not check(out) and out.stat().st_size < 200_000
