@@ -186,6 +186,7 @@ class Connection:
             "start": round(self.ts, 6), "end": round(self.last_ts, 6),
             "subflows": [
                 dict(sf.tuple_text(), id=sf.id, role=sf.role.value, addr_id=sf.addr_id, backup=sf.backup,
+                     established=sf.established,
                      initiator="server" if sf.flipped else "client", reset=sf.reset,
                      bytes_c2s=(sf.dirs[1] if sf.flipped else sf.dirs[0]).bytes,
                      bytes_s2c=(sf.dirs[0] if sf.flipped else sf.dirs[1]).bytes)
