@@ -224,18 +224,60 @@ class Mproxy:
         raise RuntimeError("no stats record")
 
 
-def profile_table(raw: Path, top: int = 22) -> list[tuple[str, float]]:
-    """Self time per function from py-spy's collapsed stacks."""
+def profile_table(raw: Path, top: int = 16) -> list[tuple[str, float, float]]:
+    """(function, self %, inclusive %) from py-spy's collapsed stacks, by self time."""
+    import re
+
     own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
             continue
-        frames = stack.split(";")
+        frames = [re.sub(r" \((?:.*/)?([^/]+?):\d+\)$", r" (\1)", f) for f in stack.split(";")]
         total += int(n)
         own[frames[-1]] += int(n)
-    return [(f, 100.0 * c / total) for f, c in own.most_common(top)] if total else []
+        for f in set(frames):
+            incl[f] += int(n)
+    if not total:
+        return []
+    return [(f, 100.0 * c / total, 100.0 * incl[f] / total) for f, c in own.most_common(top)]
+
+
+def _null_queue(args: argparse.Namespace) -> int:
+    """The adapter with a core that accepts everything: the NFQUEUE + netfilterqueue floor."""
+    import asyncio
+
+    from mproxy.config import parse_config
+    from mproxy.core.gateway import Decision, Verdict
+    from mproxy.io.netfilter import Rules
+    from mproxy.io.nfqueue import QueueAdapter
+
+    accept = Decision(Verdict.ACCEPT)
+    qa = QueueAdapter(7, lambda data, ts: accept)
+    qa.open()
+    rules = Rules(parse_config("[queue]\nnum = 7\n"))
+    rules.install()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        qa.attach(loop)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        print("READY", flush=True)
+        await stop.wait()
+        qa.detach(loop)
+
+    try:
+        import uvloop
+
+        uvloop.run(serve())
+    finally:
+        rules.remove()
+        qa.close()
+    print(json.dumps({"packets": qa.stats.packets, "latency": qa.latency.summary()}), flush=True)
+    return 0
 
 
 def _pct(xs: list[int], p: float) -> float:
@@ -246,7 +288,7 @@ def _pct(xs: list[int], p: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
-    for name in ("_serve_bulk", "_send_bulk", "_serve_ping", "_send_ping"):
+    for name in ("_serve_bulk", "_send_bulk", "_serve_ping", "_send_ping", "_null_queue"):
         sp = sub.add_parser(name)
         sp.add_argument("--port", type=int, default=PORT)
         sp.add_argument("--connect", default="")
@@ -261,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd:
         return {"_serve_bulk": _serve_bulk, "_send_bulk": _send_bulk, "_serve_ping": _serve_ping,
-                "_send_ping": _send_ping}[args.cmd](args)
+                "_send_ping": _send_ping, "_null_queue": _null_queue}[args.cmd](args)
 
     from mproxy.lab.topology import Lab, lab_available
 
@@ -293,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         with Mproxy(lab, work, "ping") as mp:
             m_rtt = ping(lab, args.pings)
         s_ping = mp.stats()
+        null = _py(lab, lab.ns_gw, "_null_queue", stdout=subprocess.PIPE)
+        _ready(null)
+        n_mptcp = best(True)
+        null.send_signal(signal.SIGTERM)
+        null_out, _ = null.communicate(timeout=30)
+        null_stats = json.loads(null_out.decode().strip().splitlines()[-1])
 
     def tp(k: Bulk, m: Bulk) -> str:
         return f"{k.mbit:,.0f} | {m.mbit:,.0f} | {100 * m.mbit / k.mbit:.1f} %"
@@ -306,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({'met' if m_mptcp.mbit >= target_m else 'MISSED'}) |")
     print(f"| plain TCP | {tp(k_tcp, m_tcp)} | ≥ 95 % "
           f"({'met' if m_tcp.mbit >= 0.95 * k_tcp.mbit else 'MISSED'}) |")
+    print(f"| MPTCP, queue with a no-op core (NFQUEUE + netfilterqueue floor) | {tp(k_mptcp, n_mptcp)} | "
+          f"(reference) |")
     q = s_bulk["queue"]
     print(f"\nMPTCP run through mproxy: {q['packets']:,} packets queued, {q['wakeups']:,} reader wake-ups, "
           f"{q['full_batches']} full batches, truncated {q['truncated']}, core errors {q['core_errors']}; "
@@ -319,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     added = [(_pct(m_rtt, p) - _pct(k_rtt, p)) / 2 for p in (.5, .9, .99)]
     print(f"| added per queued packet (half the RTT difference) | {added[0]:.0f} | {added[1]:.0f} | "
           f"{added[2]:.0f} | |")
+    nl = null_stats["latency"]
+    print(f"| no-op core, MPTCP bulk: callback entry -> verdict | {nl['p50']} | {nl['p90']} | {nl['p99']} | "
+          f"{nl['max']} |")
     for label, s in (("ping run", s_ping), ("MPTCP bulk run", s_bulk)):
         for key, what in (("verdict_latency_us", "callback entry -> verdict"),
                           ("wait_latency_us", "socket readable -> verdict")):
@@ -328,10 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         prof = work / "bulk-mptcp.pyspy.txt"
         if prof.exists():
             print("\nprofile of mproxy during the MPTCP bulk run (py-spy, self time):\n")
-            print("| function | self % |")
-            print("|---|---|")
-            for fn, pct in profile_table(prof):
-                print(f"| `{fn}` | {pct:.1f} |")
+            print("| function | self % | inclusive % |")
+            print("|---|---|---|")
+            for fn, own, inc in profile_table(prof):
+                print(f"| `{fn}` | {own:.1f} | {inc:.1f} |")
     print(f"\n(logs, configs{', profile' if args.profile else ''}: {work})")
     return 0
 

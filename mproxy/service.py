@@ -22,6 +22,8 @@ from typing import Any
 from .config import Config, ConfigError, load_config
 from .core.gateway import Gateway
 from .io import netfilter
+from .io.metrics import LatencyHistogram, Sources, make_registry
+from .io.metrics import QueueStats as MetricQueueStats
 from .io.nfqueue import SAFE_MTU, FailMode, QueueAdapter, QueueError, kernel_queue_state, oversize_interfaces
 from .io.sinks import EventLog, FrameSinks, SinkError, open_sinks
 
@@ -53,6 +55,9 @@ class Service:
     _stuck_warned: bool = field(init=False, default=False)
     _last_packets: int = field(init=False, default=-1)
     _final_kernel_state: dict[str, int] | None = field(init=False, default=None)
+    _tick_errors: int = field(init=False, default=0)
+    metric_queue: MetricQueueStats = field(init=False, default_factory=MetricQueueStats)
+    histogram: LatencyHistogram = field(init=False, default_factory=LatencyHistogram)
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -72,7 +77,7 @@ class Service:
         self.queue = QueueAdapter(
             c.queue.num, self.gateway.packet, emit=self.sinks.write if self.sinks else None,
             after_batch=self._after_batch, fail=FailMode(c.queue.fail), max_len=c.queue.max_len,
-            sock_rcvbuf=c.queue.sock_rcvbuf)
+            sock_rcvbuf=c.queue.sock_rcvbuf, histogram=self.histogram)
         self.queue.open()
         if self.queue.fail_open_confirmed is None:
             log.warning("could not confirm the queue's fail-%s setting (a packet arrived first)", c.queue.fail)
@@ -111,24 +116,29 @@ class Service:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         assert self.queue is not None
+        c = self.cfg
+        metrics = await self._serve_metrics() if c.metrics.listen else None
         self.queue.attach(loop)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reopen)
         loop.add_signal_handler(signal.SIGUSR1, self._dump_stats)
         ticker = loop.create_task(self._tick())
-        c = self.cfg
-        log.info("ready: NFQUEUE %d (fail %s%s), rules %s, policy %s, sinks %s", c.queue.num, c.queue.fail,
-                 "" if self.queue.fail_open_confirmed else ", unconfirmed",
+        log.info("ready: NFQUEUE %d (fail %s%s), rules %s, policy %s, sinks %s, metrics %s", c.queue.num,
+                 c.queue.fail, "" if self.queue.fail_open_confirmed else ", unconfirmed",
                  f"in {c.rules.table} {c.rules.hook} -> {c.rules.chain}" if c.rules.manage else "not managed",
-                 c.policy.default.value, ", ".join(_sink_names(c)) or "none")
+                 c.policy.default.value, ", ".join(_sink_names(c)) or "none",
+                 f"http://{c.metrics.listen}/metrics" if c.metrics.listen else "off")
         try:
             await self._stop.wait()
         finally:
             ticker.cancel()
+            if metrics is not None:
+                metrics.close()
             self.queue.detach(loop)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the cleanup short
         log.info("stopping")
 
     async def _tick(self) -> None:
@@ -143,7 +153,53 @@ class Service:
                 self.sinks.flush()
                 self._watch_kernel_queue()
             except Exception:  # noqa: BLE001 - the ticker must survive
-                log.exception("periodic expiry failed")
+                self._tick_errors += 1
+                if self._tick_errors == 1:
+                    log.exception("periodic expiry failed (further failures only counted)")
+
+    async def _serve_metrics(self) -> asyncio.AbstractServer:
+        """Prometheus text on ``/metrics``, served by the event loop itself.
+
+        Single-threaded on purpose: the collector reads the core's counters at
+        scrape time, between two packets, so no lock is taken on the packet path.
+        """
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        gw = self.gateway
+        registry = make_registry(Sources(tracker=gw.tracker, pipeline=gw.pipeline.stats, gateway=gw.stats,
+                                         queue=self.metric_queue, latency=self.histogram, mode="gateway"))
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+                if path.split(b"?")[0] in (b"/metrics", b"/"):
+                    self._update_queue_metrics()
+                    body, status, ctype = generate_latest(registry), b"200 OK", CONTENT_TYPE_LATEST.encode()
+                else:
+                    body, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
+                writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+                await writer.drain()
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        host, _, port = self.cfg.metrics.listen.rpartition(":")
+        try:
+            return await asyncio.start_server(handle, host.strip("[]"), int(port))
+        except OSError as e:
+            raise MetricsError(f"[metrics] listen {self.cfg.metrics.listen}: {e.strerror or e}") from None
+
+    def _update_queue_metrics(self) -> None:
+        if self.queue is None:
+            return
+        q, m = self.queue.stats, self.metric_queue
+        m.fail_verdicts, m.truncated = q.core_errors + q.truncated, q.truncated
+        st = kernel_queue_state(self.cfg.queue.num)
+        if st is not None:
+            m.kernel_dropped, m.user_dropped = st["dropped"], st["user_dropped"]
 
     def _after_batch(self) -> None:
         if self.gateway.records and self.events is not None:
@@ -199,6 +255,10 @@ class Service:
         }
 
 
+class MetricsError(RuntimeError):
+    """The metrics endpoint cannot listen (message names the key)."""
+
+
 def _sink_names(c: Config) -> list[str]:
     out = []
     if c.sink.interface:
@@ -231,8 +291,6 @@ def run(config_path: str) -> int:
         print(f"mproxy: config error: {e}", file=sys.stderr)
         return 2
     _setup_logging(cfg.log.level)
-    if cfg.metrics.listen:
-        log.debug("metrics exporter not part of `mproxy run` yet: [metrics] listen %s ignored", cfg.metrics.listen)
     svc = Service(cfg, config_path)
 
     def interrupted(signum: int, _frame: object) -> None:
@@ -241,12 +299,14 @@ def run(config_path: str) -> int:
     # until the event loop takes over, SIGTERM/SIGINT unwind through the cleanup below
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, interrupted)
+    for sig in (signal.SIGHUP, signal.SIGUSR1):  # their default action would kill us with the rules in place
+        signal.signal(sig, signal.SIG_IGN)
     code = 0
     try:
         svc.start()
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             runner.run(svc.serve())
-    except (SinkError, QueueError, netfilter.RulesError) as e:
+    except (SinkError, QueueError, netfilter.RulesError, MetricsError) as e:
         log.error("cannot start: %s", e)
         code = 1
     except SystemExit as e:

@@ -48,7 +48,15 @@ def test_v0_client_and_server_side_captures_agree(tmp_path: Path) -> None:
     fs = {(f.client[0], f.client[1]): f for f in tshark_follow_raw(out_s)}
     for key, rc in cc.items():
         rs = cs[key]
-        assert rc["version"] == 0 and len(rc["subflows"]) == 4
+        assert rc["version"] == 0
+
+        def established(rec: dict) -> set[tuple[str, int, str, int]]:
+            return {(sf["src"], sf["sport"], sf["dst"], sf["dport"]) for sf in rec["subflows"]
+                    if sf["established"] and sf["role"] != "pickup"}
+
+        # both capture points saw the same subflows complete their handshakes (3 or 4 per
+        # connection: one join of the first iperf connection was never answered)
+        assert established(rc) == established(rs) and len(established(rc)) >= 3
         for d, attr in (("c2s", "client_data"), ("s2c", "server_data")):
             a, b = getattr(fc[key], attr), getattr(fs[key], attr)
             # the emitted stream as tshark reads it is what the log says was rebuilt

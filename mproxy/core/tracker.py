@@ -17,7 +17,7 @@ connection's :class:`~mproxy.core.reassembler.DataStream` per direction.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,6 +244,8 @@ class Tracker:
         self._next_conn = 1
         self._next_sf = 1
         self._last_expire = 0.0
+        self._last_sweep = 0.0
+        self._lingering: deque[tuple[float, Subflow]] = deque()  # (closed at, subflow)
         self.now = 0.0
 
     # ------------------------------------------------------------------
@@ -276,14 +278,12 @@ class Tracker:
         hit = self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
         opts = self._options(seg, hit, ev)
         if hit is None:
-            if opts is None:
-                st.plain_packets += 1
-                ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
-                return ev
-            st.mptcp_packets += 1
-            self._new_subflow(seg, opts, ev)
-            return ev
+            return self.process_new(seg, opts, ev)
         sf, d = hit
+        if seg.flags & SYN and not seg.flags & ACK and self._stale(sf, d, seg):
+            # a new connection re-using the 4-tuple of one that ended
+            self._drop_subflow(sf)
+            return self.process_new(seg, opts, ev)
         sf.last_ts = ts
         if sf.refused:
             return ev
@@ -299,6 +299,33 @@ class Tracker:
                 self.connections.move_to_end(conn.id)
         self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
         return ev
+
+    def process_new(self, seg: TcpSegment, opts: "_Opts | None", ev: list[Event]) -> list[Event]:
+        """A segment of no tracked subflow: plain TCP, or the start of a subflow."""
+        if opts is None:
+            self.stats.plain_packets += 1
+            ev.append(PassThrough(bytes(seg.ip), seg.ipver, seg.ts))
+            return ev
+        self.stats.mptcp_packets += 1
+        self._new_subflow(seg, opts, ev)
+        return ev
+
+    @staticmethod
+    def _stale(sf: Subflow, d: int, seg: TcpSegment) -> bool:
+        """Is this SYN the start of a new connection rather than a retransmission?"""
+        if sf.closed_ts is not None or sf.refused or (sf.conn is not None and sf.conn.closed is not None):
+            return True
+        isn = sf.dirs[d].isn
+        return isn is not None and isn != seg.seq
+
+    def _drop_subflow(self, sf: Subflow) -> None:
+        k = sf.key
+        for key in (k, (k[2], k[3], k[0], k[1])):
+            hit = self._sf.get(key)
+            if hit is not None and hit[0] is sf:
+                del self._sf[key]
+        if sf.conn is not None and sf.conn.closed is None and sf in sf.conn.subflows:
+            sf.closed_ts = sf.closed_ts or sf.last_ts
 
     def flush(self, now: float | None = None) -> list[Event]:
         """End of input: release what can be released (holes become gaps) and close all."""
@@ -595,8 +622,8 @@ class Tracker:
                 self._on_join_ack(conn, sf, o.join, seg, ev)
                 if sf.refused:
                     return
-            if not sf.established and sf.role != Role.PICKUP:
-                sf.established = True
+            if not sf.established and sf.role != Role.PICKUP and sf.dirs[1].isn is not None:
+                sf.established = True  # SYN/ACK seen and now an ACK: the handshake completed
                 if sf.role == Role.JOIN:
                     ev.append(SubflowJoined(conn.id, sf.id, ts))
                     self.stats.joins += 1
@@ -1076,6 +1103,7 @@ class Tracker:
         for sf in conn.subflows:
             if sf.closed_ts is None:
                 sf.closed_ts = ts
+            self._lingering.append((ts, sf))
         self._forget_tokens(conn)
 
     def _forget(self, conn: Connection) -> None:
@@ -1102,8 +1130,17 @@ class Tracker:
             if now - conn.last_ts < limit:
                 break
             self._close(conn, Outcome.IDLE, False, now, ev)
-        # subflow entries: closed ones after a linger, idle ones after the idle timeout
-        if force or len(self._sf) > 64:
+        # subflow entries of ended connections: after a linger, in the order they ended
+        lq = self._lingering
+        while lq and (force or now - lq[0][0] >= cfg.closed_linger):
+            _t, sf = lq.popleft()
+            if now - max(_t, sf.last_ts) < cfg.closed_linger and not force:
+                lq.append((sf.last_ts, sf))  # still receiving late packets: look again later
+                break
+            self._drop_subflow(sf)
+        # loose entries (no connection, or plain TCP after a fallback): a periodic sweep
+        if force or now - self._last_sweep >= 30.0:
+            self._last_sweep = now
             dead = []
             for key, (sf, d) in self._sf.items():
                 if d:

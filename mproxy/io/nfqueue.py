@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from bisect import bisect_left
 import os
 import socket
 import struct
@@ -83,6 +84,7 @@ _NLMSG = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("!BBH")
 _NLATTR_BE32 = struct.Struct("=HH")
 _CONFIG_SEQ = 0x6D707278  # "mprx": tells our ACK from libnfnetlink's
+_SO_RCVBUFFORCE = 33  # not exported by Python's socket module
 
 
 class FailMode(str, Enum):
@@ -310,6 +312,7 @@ class QueueAdapter:
     latency: Latency = field(default_factory=Latency)  # callback entry -> verdict issued
     wait_latency: Latency = field(default_factory=Latency)  # socket readable -> verdict issued
     fail_open_confirmed: bool | None = None
+    histogram: Any = None  # optional mproxy.io.metrics.LatencyHistogram (callback entry -> verdict)
     _nfq: Any = None
     _sock: socket.socket | None = None
     _reader: _BudgetSocket | None = None
@@ -339,7 +342,7 @@ class QueueAdapter:
         self._fd = nfq.get_fd()
         self._sock = socket.fromfd(self._fd, socket.AF_NETLINK, socket.SOCK_RAW)
         try:  # SO_RCVBUFFORCE ignores net.core.rmem_max (we hold CAP_NET_ADMIN)
-            self._sock.setsockopt(socket.SOL_SOCKET, 33, self.sock_rcvbuf)
+            self._sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.sock_rcvbuf)
         except OSError:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.sock_rcvbuf)
         self._reader = _BudgetSocket(self._sock, self.batch, self.stats)
@@ -447,6 +450,12 @@ class QueueAdapter:
         t1 = time.perf_counter_ns()
         self.latency.add(t1 - t0)
         self.wait_latency.add(t1 - self._wake)
+        h = self.histogram
+        if h is not None:  # bisect: the same bucket as LatencyHistogram.observe, at C speed
+            sec = (t1 - t0) * 1e-9
+            h.counts[bisect_left(h.bounds, sec)] += 1
+            h.total += sec
+            h.n += 1
         if decision is not None and decision.frames and self.emit is not None:
             try:
                 self.emit(decision.frames)

@@ -32,6 +32,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mproxy.lab.topology import Lab
 
 IPPROTO_MPTCP = 262
 HTTP_PORT = 80
@@ -126,10 +130,7 @@ def _app_env() -> dict[str, str]:
     return env
 
 
-def _endpoint_id(lab: object, ns: str, addr: str) -> str:
-    from mproxy.lab.topology import Lab
-
-    assert isinstance(lab, Lab)
+def _endpoint_id(lab: Lab, ns: str, addr: str) -> str:
     for ln in lab.run(ns, "ip", "mptcp", "endpoint", "show").stdout.splitlines():
         parts = ln.split()
         if parts and parts[0] == addr and "id" in parts:
@@ -195,10 +196,8 @@ def generate(out: Path) -> None:
             time.sleep(0.3)
 
 
-def _wait_subflows(lab: object, n: int, timeout: float = 5.0) -> None:
-    from mproxy.lab.topology import Lab
-
-    assert isinstance(lab, Lab)
+def _wait_subflows(lab: Lab, n: int, timeout: float = 5.0) -> None:
+    """Until the client has *n* established TCP subflows to the HTTP port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = lab.run(lab.ns_cli, "ss", "-tnH", "state", "established").stdout

@@ -259,3 +259,32 @@ def test_property_any_split_order_duplicates_reinjection(c2s, s2c, nsub, seed, v
     assert not [n for n in notices(ev) if n != NoticeType.ADD_ADDR_DUPLICATE]
     assert [e for e in ev if isinstance(e, ConnectionOpened)][0].conn_id == 1
     assert all(isinstance(e.data, bytes) for e in ev if isinstance(e, DataReleased))
+
+
+def test_reused_four_tuple_starts_a_new_connection() -> None:
+    """Found by the replay benchmark: a closed connection's entries must not swallow a new one."""
+    t = Tracker()
+    first = Session(1)
+    pk = first.handshake() + [first.data(0, True, 0, b"one"), first.data_fin(0, True, 3),
+                              first.data_fin(0, False, 0)]
+    ev = run(t, pk, flush=False)
+    second = Session(1, client_key=0x0102030405060708, server_key=0x1112131415161718)
+    second._isn = 777_000  # same 4-tuple, new ISNs and keys, 5 seconds later
+    pk2 = second.handshake() + [second.data(0, True, 0, b"two")]
+    for p in pk2:
+        ev += t.process(seg(p, 1005.0))
+    ev += t.flush()
+    closed = [e.summary for e in ev if isinstance(e, ConnectionClosedSummary)]
+    assert [c["c2s"]["bytes"] for c in closed] == [3, 3]
+    assert closed[0]["client_port"] == closed[1]["client_port"]
+
+
+def test_closed_subflow_entries_linger_then_go() -> None:
+    t = Tracker(TrackerConfig(closed_linger=5.0))
+    s = Session(1)
+    run(t, s.handshake() + [s.data_fin(0, True, 0), s.data_fin(0, False, 0)], flush=False)
+    assert not t.connections and t._sf
+    t.process(seg(build_tcp(s.addr(7), s.addr(8), 1, 2, 0, 0, ACK), 1003.0))
+    assert t._sf  # still lingering for late FIN/ACKs
+    t.process(seg(build_tcp(s.addr(7), s.addr(8), 1, 2, 0, 0, ACK), 1010.0))
+    assert not t._sf

@@ -72,7 +72,7 @@ def _env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def mproxy(lab: Any, d: Path, *, policy: str = "inspect", fail: str = "open", max_len: int = 4096,
-           expect_clean_stop: bool = True) -> Iterator[Running]:
+           metrics: str = "", expect_clean_stop: bool = True) -> Iterator[Running]:
     """``mproxy run`` in the gateway namespace for the duration of the block."""
     d.mkdir(parents=True, exist_ok=True)
     cfg = d / "mproxy.toml"
@@ -90,7 +90,7 @@ pcap = "{d / 'sink'}"
 events = "{d / 'events.jsonl'}"
 level = "debug"
 [metrics]
-listen = ""
+listen = "{metrics}"
 """)
     err = open(d / "mproxy.err", "wb")
     proc = lab.popen(lab.ns_gw, sys.executable, "-m", "mproxy", "run", "-c", str(cfg), env=_env(), stderr=err)
@@ -185,8 +185,11 @@ def test_inspect_emits_what_the_applications_sent(lab: Any, tmp_path: Path, fami
     from tests.oracles import data_streams, tshark_count, tshark_follow_raw
 
     ids = tmp_path / "ids.pcap"
-    with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
+    with mproxy(lab, tmp_path / "mproxy", metrics="127.0.0.1:9464") as mp, \
+            lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
         res = transfer(lab, tmp_path, "inspect", family=family)
+        scrape = lab.run(lab.ns_gw, sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
+                         "'http://127.0.0.1:9464/metrics', timeout=5).read().decode())").stdout
     (c,) = res.connections
     assert c.mptcp is True
     # the connection really used both paths (tshark on the gateway capture, MPTCP packets only)
@@ -208,6 +211,15 @@ def test_inspect_emits_what_the_applications_sent(lab: Any, tmp_path: Path, fami
     assert st["fail_flag_confirmed"] is True
     assert st["sinks"][0]["too_big"] == st["sinks"][0]["errors"] == 0
     assert not [r for r in mp.records if r["event"] == "notice"]
+    # the Prometheus endpoint (served by the event loop, inside the gateway namespace)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+         for fam in text_string_to_metric_families(scrape) for s in fam.samples}
+    assert m[("mproxy_rebuilt_bytes_total", (("direction", "client_to_server"),))] == c.c2s_sent_bytes
+    accepted = m[("mproxy_verdicts_total", (("verdict", "accept"),))]
+    assert 0 < accepted <= st["queue"]["accepted"]  # scraped before the last packets, if any
+    assert m[("mproxy_verdict_latency_seconds_count", ())] == accepted
 
 
 def test_downgrade_server_sees_plain_tcp(lab: Any, tmp_path: Path) -> None:
@@ -352,6 +364,23 @@ def test_full_queue_follows_fail_mode(lab: Any, tmp_path: Path, fail: str) -> No
     else:
         assert q["dropped"] > 0, q  # overflow dropped; TCP recovered once the reader resumed
     assert mp.stats()["queue"]["core_errors"] == 0
+
+
+def test_start_failures_exit_1_and_leave_nothing(lab: Any, tmp_path: Path) -> None:
+    bad = tmp_path / "nosink.toml"
+    bad.write_text('[sink]\ninterface = "nope0"\n[metrics]\nlisten = ""\n')
+    cp = lab.run(lab.ns_gw, "env", f"PYTHONPATH={_ROOT}", sys.executable, "-m", "mproxy", "run", "-c",
+                 str(bad), check=False)
+    assert cp.returncode == 1 and "no interface named 'nope0'" in cp.stderr and "Traceback" not in cp.stderr
+    assert "MPROXY" not in lab.run(lab.ns_gw, "iptables", "-w", "-t", "mangle", "-S").stdout
+    with mproxy(lab, tmp_path / "first"):
+        again = tmp_path / "second.toml"
+        again.write_text(f"[queue]\nnum = {QUEUE}\n[metrics]\nlisten = \"\"\n")
+        cp = lab.run(lab.ns_gw, "env", f"PYTHONPATH={_ROOT}", sys.executable, "-m", "mproxy", "run", "-c",
+                     str(again), check=False)
+        assert cp.returncode == 1 and f"cannot bind NFQUEUE {QUEUE}" in cp.stderr, cp.stderr
+        # the running instance keeps its rules
+        assert lab.run(lab.ns_gw, "iptables", "-w", "-t", "mangle", "-S").stdout.count("-j NFQUEUE") == 1
 
 
 # --------------------------------------------------------------------------- helpers run in namespaces
