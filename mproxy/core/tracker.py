@@ -640,8 +640,21 @@ class Tracker:
                 if rst.acked is None or ack > rst.acked:
                     rst.acked = ack
             if dss.dsn is not None:
-                self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev)
-        if seg.payload_len:
+                n = seg.payload_len
+                isn = sfd.isn
+                if n and isn is not None and not dss.flags & m.DSS_F and not sfd.pending \
+                        and n == seg.wire_payload_len \
+                        and (seg.seq - isn - (dss.ssn or 0)) & MASK32 <= (dss.dll or 0) - n \
+                        and (n == dss.dll or not conn.csum):
+                    self._fast_data(conn, sfd, cdir, dss, seg, ev)
+                    n = 0
+                else:
+                    self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev)
+            else:
+                n = seg.payload_len
+        else:
+            n = seg.payload_len
+        if n:
             self._on_payload(conn, sf, sfd, cdir, seg, ev)
         if o.fastclose is not None:
             self._close(conn, Outcome.FASTCLOSE, True, ts, ev)
@@ -871,34 +884,74 @@ class Tracker:
         if starts and seg.payload_len:
             sfd.isn = (seg.seq - mp.ssn) & MASK32
 
-    def _on_payload(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, seg: TcpSegment,
-                    ev: list[Event]) -> None:
-        seq = seg.seq
+    def _in_window(self, conn: Connection, sfd: SubflowDir, seg: TcpSegment, ev: list[Event]) -> bool:
+        """Subflow check: only bytes inside the receiver's TCP window count (off-path insertion guard)."""
+        if not self.config.window_check or sfd.peer_ack is None:
+            return True
         n = seg.payload_len
-        if self.config.window_check and sfd.peer_ack is not None:
-            off = (seq - sfd.peer_ack) & MASK32
-            if off >= 0x80000000:
-                off -= 0x100000000
-            win = max(sfd.peer_win, 65535)
-            if off + n > win + 65535 or off < -(2 * win + 65535):
-                self.stats.out_of_window += 1
-                if not sfd.oow_noticed:
-                    sfd.oow_noticed = True
-                    self._notice(ev, NoticeType.OUT_OF_WINDOW, conn,
-                                 f"{n} bytes at {off:+d} from the acked point, window {win}", seg)
-                return
-        end = (seq + n) & MASK32
+        off = (seg.seq - sfd.peer_ack) & MASK32
+        if off >= 0x80000000:
+            off -= 0x100000000
+        win = max(sfd.peer_win, 65535)
+        if off + n > win + 65535 or off < -(2 * win + 65535):
+            self.stats.out_of_window += 1
+            if not sfd.oow_noticed:
+                sfd.oow_noticed = True
+                self._notice(ev, NoticeType.OUT_OF_WINDOW, conn,
+                             f"{n} bytes at {off:+d} from the acked point, window {win}", seg)
+            return False
+        return True
+
+    @staticmethod
+    def _seen(sfd: SubflowDir, seg: TcpSegment) -> None:
+        n = seg.payload_len
+        end = (seg.seq + n) & MASK32
         if sfd.last_end is None or ((end - sfd.last_end) & MASK32) < 0x80000000:
             sfd.last_end = end
         sfd.bytes += n
+
+    def _fast_data(self, conn: Connection, sfd: SubflowDir, cdir: Direction, dss: m.Dss, seg: TcpSegment,
+                   ev: list[Event]) -> None:
+        """The common case: one mapping covering exactly this in-order payload. No mapping is
+        kept (a retransmission carries its mapping again), checksums are verified here."""
+        st = conn.streams[cdir]
+        dsn = dss.dsn or 0
+        ssn = dss.ssn or 0
+        if not dss.flags & m.DSS_m and st.base is not None:
+            dsn = expand32(dsn, st.base)
+        conn.mapped[cdir] = True
+        sfd.last_map_ssn = ssn
+        dll = dss.dll or 0
+        if seg.payload_len != dll:
+            # the mapping reaches beyond this packet: keep it for segments that do not repeat it
+            maps = sfd.mappings
+            if not maps or maps[-1].ssn != ssn or maps[-1].dsn != dsn:
+                maps.append(Mapping(ssn, dsn, dll, False, None, dll))
+                if len(maps) > _MAX_MAPPINGS:
+                    del maps[0]
+            dsn = (dsn + ((seg.seq - (sfd.isn or 0) - ssn) & MASK32)) & MASK64
+        if not self._in_window(conn, sfd, seg, ev):
+            return
+        self._seen(sfd, seg)
+        payload = seg.payload
+        if conn.csum and dss.checksum is not None and not crypto.dss_checksum_ok(
+                dsn, dss.ssn or 0, dss.dll or 0, dss.checksum, payload):
+            self._notice(ev, NoticeType.DSS_CHECKSUM_FAILURE, conn,
+                         f"mapping dsn {dsn} ssn {dss.ssn} len {dss.dll}", seg)
+            return
+        self._deliver(conn, cdir, dsn, payload, seg.ts, ev)
+
+    def _on_payload(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, seg: TcpSegment,
+                    ev: list[Event]) -> None:
+        if not self._in_window(conn, sfd, seg, ev):
+            return
+        self._seen(sfd, seg)
         payload = seg.payload
         if sfd.isn is None:
-            if sf.role == Role.INITIAL or not sfd.mappings:
-                # no ISN and nothing to anchor to yet: wait for a mapping
-                pass
-            self._hold(conn, sfd, seq, payload, seg, ev)
+            # no ISN yet (picked up mid-stream): hold until a mapping anchors the sequence space
+            self._hold(conn, sfd, seg.seq, payload, seg, ev)
             return
-        rel = (seq - sfd.isn) & MASK32
+        rel = (seg.seq - sfd.isn) & MASK32
         self._map_bytes(conn, sf, sfd, cdir, rel, payload, seg.ts, ev, seg)
 
     def _map_bytes(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, rel: int,

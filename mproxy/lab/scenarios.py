@@ -114,6 +114,7 @@ class ScenarioResult:
     expected_connections: int
     events: list[tuple[float, str]] = field(default_factory=list)
     unmatched: list[dict[str, Any]] = field(default_factory=list)
+    capture_drops: int = 0  # packets tcpdump reported dropped by the kernel
 
     @property
     def ok(self) -> bool:
@@ -292,7 +293,8 @@ def run_transfer(
     conns, unmatched = _merge(cdata, sdata)
     return ScenarioResult(name=name, capture=cap, connections=conns, addresses=lab.addresses(),
                           family=family, duration=duration, client_json=cjson, server_json=sjson,
-                          expected_connections=connections, events=events, unmatched=unmatched)
+                          expected_connections=connections, events=events, unmatched=unmatched,
+                          capture_drops=lab.capture_drops)
 
 
 # --------------------------------------------------------------------------- scenarios

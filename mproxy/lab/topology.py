@@ -470,8 +470,11 @@ class Lab:
                 _wait_listening(p)
             yield out
         finally:
-            # tcpdump stops reading on SIGINT without draining what the kernel
-            # still holds for it: wait until the file has stopped growing first.
+            # tcpdump stops reading on SIGINT without draining what the kernel still
+            # holds for it, and with TPACKET_V3 libpcap sees a ring block only when it
+            # fills or its 1 s timeout retires it: wait until the file has been quiet
+            # for longer than that. (--immediate-mode would avoid the wait but makes
+            # the kernel drop captured packets under load.)
             _wait_quiet([out if len(ifaces) == 1 else out.with_suffix(f".{i}{out.suffix}") for i in ifaces])
             for p in procs:
                 if p.poll() is None:
@@ -488,7 +491,7 @@ class Lab:
                     self.capture_drops += int(m.group(1))
 
 
-def _wait_quiet(paths: Sequence[Path], quiet: float = 0.3, limit: float = 5.0) -> None:
+def _wait_quiet(paths: Sequence[Path], quiet: float = 1.3, limit: float = 6.0) -> None:
     """Return once the capture files have not grown for ``quiet`` seconds (or after ``limit``)."""
     deadline = time.monotonic() + limit
     last: list[int] = []

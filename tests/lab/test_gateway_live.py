@@ -226,14 +226,22 @@ def test_downgrade_server_sees_plain_tcp(lab: Any, tmp_path: Path) -> None:
     from tests.oracles import tshark_count
 
     srv = tmp_path / "server.pcap"
-    with mproxy(lab, tmp_path / "mproxy", policy="downgrade") as mp, \
-            lab.capture(srv, iface=lab.server_if, ns=lab.ns_srv):
+    d = tmp_path / "mproxy"
+    with mproxy(lab, d, policy="downgrade") as mp, lab.capture(srv, iface=lab.server_if, ns=lab.ns_srv):
         res = transfer(lab, tmp_path, "downgrade")
+        # logrotate: move the event log away, SIGHUP, mproxy writes to a fresh file
+        (d / "events.jsonl").rename(d / "events.1.jsonl")
+        mp.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while not (d / "events.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
     (c,) = res.connections
     assert c.mptcp is False, "the client must have fallen back to TCP"
     assert tshark_count(srv, "tcp") > 0
     assert tshark_count(srv, "mptcp") == 0, "an MPTCP option reached the server"
-    assert len(mp.actions("downgrade")) == 1
+    rotated = [json.loads(line) for line in (d / "events.1.jsonl").read_text().splitlines()]
+    assert [r["action"] for r in rotated if r["event"] == "action"] == ["downgrade"]
+    assert [r["event"] for r in mp.records] == ["stats"]  # written after the SIGHUP, to the new file
     assert mp.stats()["queue"]["modified"] == 1
 
 

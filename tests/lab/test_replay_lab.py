@@ -34,6 +34,7 @@ def test_replay_rebuilds_what_the_applications_sent(name: str, scenario: Callabl
                                                     tmp_path: Path) -> None:
     res = scenario(name)
     assert res.ok, "\n".join(res.problems())
+    assert res.capture_drops == 0, f"tcpdump lost {res.capture_drops} packets: the capture is incomplete"
     out, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
     assert main(["replay", str(res.capture), "--out", str(out), "--log", str(log), "-q"]) == 0
     records = [json.loads(line) for line in log.read_text().splitlines()]
