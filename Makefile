@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SAMPLE := samples/split-attack.pcap
 
-.PHONY: demo test venv deps clean bench
+.PHONY: demo replay-demo test venv deps clean bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,7 +17,12 @@ venv: $(VENV)/.installed
 deps:
 	@bash .ci/apt-deps
 
+# The live demo: namespace lab, mproxy inline on NFQUEUE, an attack split across two
+# MPTCP paths fast-closed (needs root). replay-demo: the offline replay of a shipped capture.
 demo: venv
+	$(PY) -m mproxy.demo_live
+
+replay-demo: venv
 	$(PY) -m mproxy.demo
 
 test: venv

@@ -106,8 +106,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if not args.quiet:
         sinks = [s for s in (cfg.sink.interface and f"interface {cfg.sink.interface}",
                              cfg.sink.pcap and f"pcap {cfg.sink.pcap}.N.pcap") if s]
+        from .reacting import load_ruleset
+
+        rs = load_ruleset(cfg)
         print(f"{args.config}: OK (queue {cfg.queue.num}, fail {cfg.queue.fail}, policy {cfg.policy.default.value}"
-              f" + {len(cfg.policy.rules)} rules, sinks: {', '.join(sinks) or 'none'})")
+              f" + {len(cfg.policy.rules)} rules, sinks: {', '.join(sinks) or 'none'}, inspector: "
+              f"{f'{len(rs)} signatures from {rs.source}' if rs is not None else 'off'}, alerts followed: "
+              f"{len(cfg.alerts.files)})")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .core.policy import Action, Policy, Rule, UntrustedJoin
@@ -63,6 +64,33 @@ class MetricsConfig:
 
 
 @dataclass(slots=True)
+class InspectorConfig:
+    mode: str = "auto"  # "auto": on unless [alerts] files are followed; "on"; "off"
+    rules: str = ""  # rules file (relative: to the config file); "": see resolve_rules_path
+    window: int = 4096  # a rule's contents and pcre must all occur within this many stream bytes
+    pcre_window: int = 1024  # bytes before a chunk that pcre also scans (matches spanning chunks)
+
+
+@dataclass(slots=True)
+class AlertsConfig:
+    files: list[str] = field(default_factory=list)  # Suricata eve.json / Snort 3 alert_json files to follow
+    poll_interval: float = 0.25  # seconds between checks of the files
+    from_start: bool = False  # at start, read existing files from the beginning (default: new lines only)
+
+
+REACTIONS = ("fastclose", "log", "downgrade-host")
+
+
+@dataclass(slots=True)
+class ActionsConfig:
+    on_match: list[str] = field(default_factory=lambda: ["fastclose"])  # embedded inspector hit
+    on_alert: list[str] = field(default_factory=lambda: ["fastclose"])  # external IDS alert
+    on_side_channel: list[str] = field(default_factory=lambda: ["log"])  # acked bytes never seen
+    downgrade_host_seconds: float = 600.0
+    kill_linger: float = 30.0  # seconds a killed connection's late packets are dropped and answered
+
+
+@dataclass(slots=True)
 class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
@@ -71,10 +99,14 @@ class Config:
     sink: SinkConfig = field(default_factory=SinkConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    inspector: InspectorConfig = field(default_factory=InspectorConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    actions: ActionsConfig = field(default_factory=ActionsConfig)
 
 
 _SECTIONS = {"queue": QueueConfig, "rules": RulesConfig, "tracker": TrackerConfig, "sink": SinkConfig,
-             "log": LogConfig, "metrics": MetricsConfig}
+             "log": LogConfig, "metrics": MetricsConfig, "inspector": InspectorConfig, "alerts": AlertsConfig,
+             "actions": ActionsConfig}
 
 
 def _fill(cls: type, table: Any, where: str) -> Any:
@@ -104,6 +136,8 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):  # TOML has nan and inf
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
         if value < 0:
             raise ConfigError(f"{name}: must not be negative")
         return float(value)
@@ -206,16 +240,45 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses per nesting level
+        raise ConfigError(f"{source}: not valid TOML: arrays or tables nested too deeply") from None
     cfg = Config()
     for key, value in data.items():
         if key == "policy":
             cfg.policy = _policy(value)
+        elif key == "actions" and isinstance(value, dict):  # a single reaction may be a bare string
+            setattr(cfg, key, _fill(ActionsConfig, {k: [v] if k.startswith("on_") and isinstance(v, str) else v
+                                                    for k, v in value.items()}, key))
         elif key in _SECTIONS:
             setattr(cfg, key, _fill(_SECTIONS[key], value, key))
         else:
             raise ConfigError(f"unknown section [{key}] (known: {', '.join(sorted([*_SECTIONS, 'policy']))})")
     _check(cfg)
+    cfg.inspector.rules = resolve_rules_path(cfg.inspector.rules, source)
     return cfg
+
+
+_SHIPPED_RULES = Path(__file__).resolve().parents[1] / "config" / "mproxy.rules"
+
+
+def resolve_rules_path(rules: str, source: str = "") -> str:
+    """The rules file to load: relative paths are taken from the config file's directory; "" means
+    ``mproxy.rules`` beside the config file, else the rules shipped in the checkout's ``config/``."""
+    base = Path(source).resolve().parent if source and not source.startswith("<") else Path.cwd()
+    if rules:
+        return str(base / rules) if not Path(rules).is_absolute() else rules
+    for cand in (base / "mproxy.rules", _SHIPPED_RULES):
+        if source.startswith("<") and cand != _SHIPPED_RULES:
+            continue
+        if cand.is_file():
+            return str(cand)
+    return ""
+
+
+def inspector_enabled(cfg: Config) -> bool:
+    """The embedded inspector runs unless turned off, or (auto) an external IDS's alerts are followed."""
+    mode = cfg.inspector.mode
+    return mode == "on" or (mode == "auto" and not cfg.alerts.files)
 
 
 def _check(cfg: Config) -> None:
@@ -246,6 +309,21 @@ def _check(cfg: Config) -> None:
         raise ConfigError("[tracker] limits must be at least 1")
     if cfg.sink.pcap_rotate_mb < 1 or cfg.sink.pcap_keep < 1:
         raise ConfigError("[sink] pcap_rotate_mb and pcap_keep must be at least 1")
+    if cfg.inspector.mode not in ("auto", "on", "off"):
+        raise ConfigError(f"[inspector] mode: expected \"auto\", \"on\" or \"off\", got {cfg.inspector.mode!r}")
+    if cfg.inspector.window < 1 or cfg.inspector.pcre_window < 1:
+        raise ConfigError("[inspector] window and pcre_window must be at least 1")
+    if cfg.alerts.poll_interval <= 0 or cfg.alerts.poll_interval > 60:
+        raise ConfigError("[alerts] poll_interval: expected seconds in (0, 60]")
+    a = cfg.actions
+    for name in ("on_match", "on_alert", "on_side_channel"):
+        chosen = getattr(a, name)
+        if not chosen:
+            raise ConfigError(f"[actions] {name}: choose at least one of {', '.join(REACTIONS)}")
+        for v in chosen:
+            if v not in REACTIONS:
+                raise ConfigError(f"[actions] {name}: unknown reaction {v!r} (one or a list of: "
+                                  f"{', '.join(REACTIONS)})")
 
 
 def load_config(path: str) -> Config:

@@ -26,6 +26,9 @@ from .io.metrics import LatencyHistogram, Sources, make_registry
 from .io.metrics import QueueStats as MetricQueueStats
 from .io.nfqueue import SAFE_MTU, FailMode, QueueAdapter, QueueError, kernel_queue_state, oversize_interfaces
 from .io.sinks import EventLog, FrameSinks, SinkError, open_sinks
+from .io.alerts import AlertFollower
+from .io.inject import InjectError, Injector
+from .reacting import AlertFeed, build_inspector, build_reactions, load_ruleset, needs_injection
 
 __all__ = ["Service", "run", "load"]
 
@@ -37,6 +40,7 @@ def load(path: str) -> Config:
     """Load and validate a config for the live gateway; raises ConfigError naming the key."""
     cfg = load_config(path)
     netfilter.validate(cfg)
+    load_ruleset(cfg)  # a bad rules file is a config error naming its line
     return cfg
 
 
@@ -58,10 +62,21 @@ class Service:
     _tick_errors: int = field(init=False, default=0)
     metric_queue: MetricQueueStats = field(init=False, default_factory=MetricQueueStats)
     histogram: LatencyHistogram = field(init=False, default_factory=LatencyHistogram)
+    injector: Injector | None = field(init=False, default=None)  # MP_FASTCLOSE/RST out
+    alert_feed: AlertFeed | None = field(init=False, default=None)  # IDS alerts in
+    follower: AlertFollower | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         c = self.cfg
-        self.gateway = Gateway(c.policy, c.tracker, passthrough=c.sink.passthrough)
+        self.gateway = Gateway(c.policy, c.tracker, passthrough=c.sink.passthrough, inspector=build_inspector(c),
+                               reactions=build_reactions(c))
+
+    def _packet_and_inject(self, data: bytes, ts: float) -> Any:
+        """Gateway.packet, then the kill packets it asked for go out before the verdict is issued."""
+        d = self.gateway.packet(data, ts)
+        if d.inject and self.injector is not None:
+            self.injector.send(d.inject)
+        return d
 
     # ------------------------------------------------------------------ start / stop
     def start(self) -> None:
@@ -74,8 +89,16 @@ class Service:
             log.warning("interface %s has MTU %d: queued packets above %d bytes cannot be copied whole by "
                         "netfilterqueue; lower the MTU (and disable LRO) on interfaces carrying MPTCP",
                         name, mtu, SAFE_MTU)
+        if needs_injection(c):
+            self.injector = Injector(ipv6=c.rules.ipv6)
+            self.injector.open()
+        ins = self.gateway.responder.inspector
+        log.info("inspector: %s; reactions: on_match %s, on_alert %s, on_side_channel %s; alerts: %s",
+                 f"{len(ins.rules)} rules from {c.inspector.rules}" if ins is not None else "off",
+                 "+".join(c.actions.on_match), "+".join(c.actions.on_alert), "+".join(c.actions.on_side_channel),
+                 ", ".join(c.alerts.files) or "none")
         self.queue = QueueAdapter(
-            c.queue.num, self.gateway.packet, emit=self.sinks.write if self.sinks else None,
+            c.queue.num, self._packet_and_inject if self.injector is not None else self.gateway.packet, emit=self.sinks.write if self.sinks else None,
             after_batch=self._after_batch, fail=FailMode(c.queue.fail), max_len=c.queue.max_len,
             sock_rcvbuf=c.queue.sock_rcvbuf, histogram=self.histogram)
         self.queue.open()
@@ -110,6 +133,10 @@ class Service:
             self.events.write([self.stats_record(now)])
             self.events.close()
         self.sinks.close()
+        if self.follower is not None:
+            self.follower.close()
+        if self.injector is not None:
+            self.injector.close()
 
     # ------------------------------------------------------------------ loop
     async def serve(self) -> None:
@@ -124,6 +151,11 @@ class Service:
         loop.add_signal_handler(signal.SIGHUP, self._reopen)
         loop.add_signal_handler(signal.SIGUSR1, self._dump_stats)
         ticker = loop.create_task(self._tick())
+        follow = None
+        if c.alerts.files:
+            self.alert_feed = AlertFeed(self.gateway, self.injector, self.sinks.write, self._after_batch)
+            self.follower = self.alert_feed.follower(c)
+            follow = loop.create_task(self.follower.run())
         log.info("ready: NFQUEUE %d (fail %s%s), rules %s, policy %s, sinks %s, metrics %s", c.queue.num,
                  c.queue.fail, "" if self.queue.fail_open_confirmed else ", unconfirmed",
                  f"in {c.rules.table} {c.rules.hook} -> {c.rules.chain}" if c.rules.manage else "not managed",
@@ -133,6 +165,8 @@ class Service:
             await self._stop.wait()
         finally:
             ticker.cancel()
+            if follow is not None:
+                follow.cancel()
             if metrics is not None:
                 metrics.close()
             self.queue.detach(loop)
@@ -167,7 +201,8 @@ class Service:
 
         gw = self.gateway
         registry = make_registry(Sources(tracker=gw.tracker, pipeline=gw.pipeline.stats, gateway=gw.stats,
-                                         queue=self.metric_queue, latency=self.histogram, mode="gateway"))
+                                         queue=self.metric_queue, latency=self.histogram, mode="gateway",
+                                         sinks=lambda: self.sinks.stats(), events=self.events))
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -196,10 +231,13 @@ class Service:
         if self.queue is None:
             return
         q, m = self.queue.stats, self.metric_queue
-        m.fail_verdicts, m.truncated = q.core_errors + q.truncated, q.truncated
+        m.accepted, m.dropped, m.modified = q.accepted, q.dropped, q.modified
+        m.core_errors, m.truncated, m.verdict_errors = q.core_errors, q.truncated, q.verdict_errors
+        m.socket_overruns, m.max_len = q.enobufs, self.cfg.queue.max_len
         st = kernel_queue_state(self.cfg.queue.num)
+        m.kernel = st is not None
         if st is not None:
-            m.kernel_dropped, m.user_dropped = st["dropped"], st["user_dropped"]
+            m.kernel_dropped, m.user_dropped, m.waiting = st["dropped"], st["user_dropped"], st["waiting"]
 
     def _after_batch(self) -> None:
         if self.gateway.records and self.events is not None:
@@ -252,7 +290,21 @@ class Service:
                         "memcap": dict(ts.memcap), "outcomes": dict(ts.outcomes)},
             "reassembled_bytes": {"c2s": gw.pipeline.stats.bytes_out[0], "s2c": gw.pipeline.stats.bytes_out[1]},
             "sinks": self.sinks.stats(),
+            "reactions": {"inspector": _inspector_stats(gw), "responder": {
+                k: getattr(gw.responder.stats, k) for k in gw.responder.stats.__slots__},  # type: ignore[attr-defined]
+                "alerts": self.alert_feed.stats.as_dict() if self.alert_feed else None,
+                "follower": self.follower.stats() if self.follower else None,
+                "inject": self.injector.stats.as_dict() if self.injector else None},
         }
+
+
+def _inspector_stats(gw: Gateway) -> dict[str, Any] | None:
+    ins = gw.responder.inspector
+    if ins is None:
+        return None
+    st = ins.stats
+    return {"rules": len(ins.rules), "bytes": {"c2s": st.bytes[0], "s2c": st.bytes[1]}, "chunks": st.chunks,
+            "matches": st.matches, "pcre_runs": st.pcre_runs, "flows": st.flows}
 
 
 class MetricsError(RuntimeError):
@@ -306,7 +358,7 @@ def run(config_path: str) -> int:
         svc.start()
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             runner.run(svc.serve())
-    except (SinkError, QueueError, netfilter.RulesError, MetricsError) as e:
+    except (SinkError, QueueError, netfilter.RulesError, MetricsError, InjectError) as e:
         log.error("cannot start: %s", e)
         code = 1
     except SystemExit as e:

@@ -16,7 +16,7 @@ def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     text = (ROOT / "config" / "mproxy.toml").read_text()
     from dataclasses import fields
 
-    for section in ("queue", "rules", "tracker", "sink", "log", "metrics"):
+    for section in ("queue", "rules", "tracker", "sink", "log", "metrics", "inspector", "alerts", "actions"):
         for f in fields(getattr(cfg, section)):
             assert f"\n{f.name} = " in text or f"\n# {f.name} = " in text, f"[{section}] {f.name} undocumented"
 
@@ -32,6 +32,11 @@ def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     ("[[policy.rule]]\naction='allow'\nports=[70000]", "bad port 70000"),
     ("[metrics]\nlisten = 'nowhere'", "[metrics] listen"),
     ("key = ", "not valid TOML"),
+    ("[actions]\non_match = 'nuke'", "[actions] on_match: unknown reaction 'nuke'"),
+    ("[actions]\non_alert = []", "[actions] on_alert: choose at least one"),
+    ("[inspector]\nmode = 'maybe'", "[inspector] mode"),
+    ("[alerts]\nfiles = 'eve.json'", "[alerts] files"),
+    ("[alerts]\npoll_interval = 0", "[alerts] poll_interval"),
 ])
 def test_bad_config_names_the_key(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -45,3 +50,19 @@ def test_unreadable_config(tmp_path: Path) -> None:
     (tmp_path / "bin.toml").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError):
         load_config(str(tmp_path / "bin.toml"))
+
+
+def test_rules_path_and_bad_rules_file(tmp_path: Path) -> None:
+    from mproxy.config import inspector_enabled
+    from mproxy.service import load
+
+    cfg = load_config(str(ROOT / "config" / "mproxy.toml"))
+    assert cfg.inspector.rules == str(ROOT / "config" / "mproxy.rules") and inspector_enabled(cfg)
+    assert cfg.actions.on_match == ["fastclose"]
+    (tmp_path / "bad.rules").write_text('# x\nalert tcp any any -> any any (content:"a"; depth:3; sid:1;)\n')
+    conf = tmp_path / "m.toml"
+    conf.write_text('[inspector]\nrules = "bad.rules"\n[actions]\non_match = "log"\n')
+    with pytest.raises(ConfigError, match=r"\[inspector\] rules: .*bad.rules:2: option 'depth'"):
+        load(str(conf))
+    conf.write_text('[inspector]\nrules = "bad.rules"\n[alerts]\nfiles = ["eve.json"]\n')
+    assert not inspector_enabled(load(str(conf)))  # auto: an external IDS is followed, rules not needed

@@ -29,7 +29,6 @@ class NoticeType(str, Enum):
     INVALID_OPTION = "invalid_option"
     KEY_CHANGE = "key_change"
     ADD_ADDR_ID_REUSE = "add_addr_id_reuse"
-    ADD_ADDR_DUPLICATE = "add_addr_duplicate"
     JOIN_UNKNOWN_TOKEN = "join_unknown_token"
     JOIN_UNKNOWN_ADDRESS = "join_unknown_address"
     JOIN_HMAC_FAILURE = "join_hmac_failure"

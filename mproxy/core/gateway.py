@@ -18,10 +18,13 @@ from ..wire import mptcp as m
 from ..wire.errors import WireError
 from ..wire.packet import ACK, SYN, TcpSegment, mptcp_spans, parse_ip
 from ..wire.rewrite import nop_out
+from .alerts import Alert
 from .emitter import ethernet_frame
 from .events import Event, Notice, NoticeType
+from .inspector import Inspector
 from .pipeline import Frames, Pipeline
 from .policy import Action, Policy, UntrustedJoin
+from .reactions import Reactions, Responder
 from .tracker import TrackerConfig
 
 
@@ -37,6 +40,7 @@ class Decision:
     payload: bytes | None = None  # the rewritten packet for ACCEPT_MODIFIED
     frames: Frames = field(default_factory=list)  # emitted stream for the IDS sink
     reason: str = ""
+    inject: list[bytes] = field(default_factory=list)  # IP packets to send (MP_FASTCLOSE/RST) before the verdict
 
 
 @dataclass(slots=True)
@@ -54,7 +58,8 @@ class Gateway:
     """One worker's state: every subflow of a connection must reach the same Gateway."""
 
     def __init__(self, policy: Policy | None = None, tracker: TrackerConfig | None = None, *,
-                 passthrough: bool = True) -> None:
+                 passthrough: bool = True, inspector: Inspector | None = None,
+                 reactions: Reactions | None = None) -> None:
         self.policy = policy or Policy()
         self.pipeline = Pipeline(tracker, passthrough=passthrough)
         self.tracker = self.pipeline.tracker
@@ -64,6 +69,8 @@ class Gateway:
         self._untouched_tokens: set[int] = set()
         self._conn_action: dict[int, Action] = {}
         self.records: list[dict[str, Any]] = []
+        # inspector matches, IDS alerts, side channels -> fastclose / log / downgrade-host
+        self.responder = Responder(self.tracker, reactions, inspector, self._reaction_record)
 
     # ------------------------------------------------------------------
     def packet(self, ip: bytes | bytearray | memoryview, ts: float) -> Decision:
@@ -78,6 +85,11 @@ class Gateway:
         left = self._untouched.get(key)
         if left is not None:
             return self._untouched_packet(seg, left)
+        if self.responder.killed:
+            r = self.responder.killed_packet(seg)
+            if r is not None:
+                return self._count(Decision(Verdict.DROP if r.drop else Verdict.ACCEPT, None, [], r.reason,
+                                            r.inject))
         flags = seg.flags
         chosen: Action | None = None
         if flags & SYN and not flags & ACK:
@@ -90,11 +102,32 @@ class Gateway:
             self._remember(seg, chosen)
         verdict = Verdict.ACCEPT
         reason = ""
+        inject: list[bytes] = []
         if events:
             verdict, reason = self._judge(seg, events)
+            # inline verdict: bytes this packet made in-order pass the inspector before it is accepted
+            r = self.responder.judge(seg, events)
+            if r is not None:
+                events = events + r.events
+                inject = r.inject
+                if r.drop:
+                    verdict, reason = Verdict.DROP, r.reason
         frames = self.pipeline.handle(events)
         self.records.extend(self.pipeline.drain_records())
-        return self._count(Decision(verdict, None, frames, reason))
+        return self._count(Decision(verdict, None, frames, reason, inject))
+
+    def alert(self, a: Alert, ts: float) -> Decision | None:
+        """An external IDS alert (``[actions] on_alert``); None when it names no live MPTCP connection.
+
+        The Decision's verdict means nothing (no packet is waiting); its frames
+        go to the sink and its packets are injected.
+        """
+        r, _conn = self.responder.alert(a, ts)
+        if r is None:
+            return None
+        frames = self.pipeline.handle(r.events)
+        self.records.extend(self.pipeline.drain_records())
+        return Decision(Verdict.ACCEPT, None, frames, r.reason, r.inject)
 
     def flush(self, ts: float) -> Frames:
         frames = self.pipeline.finish(ts)
@@ -111,6 +144,10 @@ class Gateway:
         return recs
 
     # ------------------------------------------------------------------
+    def _reaction_record(self, rec: dict[str, Any]) -> None:
+        self.stats.actions[rec["action"]] += 1
+        self.records.append(rec)
+
     def _count(self, d: Decision) -> Decision:
         self.stats.verdicts[d.verdict.value] += 1
         return d
@@ -135,6 +172,10 @@ class Gateway:
         join = next((o for _, _, o in opts if isinstance(o, m.MpJoin)), None)
         if cap is not None:
             action, rule = self.policy.decide(seg.src, seg.dst, seg.dport)
+            if self.responder.hosts and action != Action.ALLOW:
+                until = self.responder.host_downgraded(seg.src, seg.ts)
+                if until is not None:
+                    action, rule = Action.DOWNGRADE, f"downgrade-host until {until:.0f}"
             if action == Action.DOWNGRADE:
                 buf = bytearray(seg.ip)
                 off, ln, _ = cap
@@ -151,6 +192,8 @@ class Gateway:
             return action
         if join is not None and join.phase == m.JoinPhase.SYN:
             token = join.token or 0
+            if self.responder.killed_tokens and self.responder.token_killed(token, seg.ts):
+                return self._refuse_join(seg, None, f"token 0x{token:08x} of a fast-closed connection")
             if token in self._untouched_tokens:
                 self._leave(seg, Action.ALLOW)
                 return _ACCEPT

@@ -47,6 +47,8 @@ _NO_EVENTS: list[Event] = []
 _DIRS = (Direction.C2S, Direction.S2C)
 _PICKUP_DSN_WINDOW = 1 << 26  # a subflow's DSNs within 64 MiB of a stream belong to it
 _MAX_MAPPINGS = 32
+_MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flood must not grow it
+_JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TCPOPT_WSCALE = 3
 
 
@@ -65,6 +67,11 @@ class TrackerConfig:
     history: int = 64 * 1024  # released bytes kept to compare late copies against
     gap_grace: float = 0.0  # seconds a DATA_ACKed hole may stay open before it is a gap
     window_check: bool = True
+    # MP_JOIN flood: more than ``join_flood_threshold`` join SYNs to one receiver (address + token;
+    # unknown tokens share one counter per address) within ``join_flood_window`` seconds raises
+    # one ``join_flood`` notice per window. 0 disables. A connection joins at most a few subflows.
+    join_flood_threshold: int = 32
+    join_flood_window: float = 10.0
 
 
 @dataclass(slots=True)
@@ -95,6 +102,10 @@ class SubflowDir:
     last_map_ssn: int | None = None
     last_end: int | None = None  # abs seq after the last segment seen
     oow_noticed: bool = False
+    # where mapped subflow bytes went: [start, end, dsn - ssn] (relative ssn, 32-bit), newest last
+    placed: list[list[int]] = field(default_factory=list)
+    placed_end: int | None = None  # relative ssn after the furthest mapped byte
+    remap_noticed: bool = False
     bytes: int = 0
 
 
@@ -148,6 +159,7 @@ class Connection:
     closed: Outcome | None = None
     last_ts: float = 0.0
     notices: Counter[str] = field(default_factory=Counter)
+    add_addr_repeats: int = 0  # identical ADD_ADDR seen again (retransmission): counted, not a notice
 
     @property
     def ipver(self) -> int:
@@ -176,7 +188,8 @@ class Connection:
             }
         return {
             "event": "mptcp_connection",
-            "id": self.id,
+            "ts": round(self.last_ts, 6),
+            "conn_id": self.id,
             "version": self.version,
             "client": addr_text(self.client[0]), "client_port": self.client[1],
             "server": addr_text(self.server[0]), "server_port": self.server[1],
@@ -197,6 +210,7 @@ class Connection:
                 for side, ann in zip(("client", "server"), self.announced)
             },
             "notices": dict(self.notices),
+            "add_addr_repeats": self.add_addr_repeats,
             "outcome": self.closed.value if self.closed else None,
             **dirs,
         }
@@ -219,6 +233,7 @@ class TrackerStats:
     options: list[int] = field(default_factory=lambda: [0] * 9)  # decoded options by subtype
     rebuilt_bytes: list[int] = field(default_factory=lambda: [0, 0])  # released, by direction
     gap_bytes: Counter[str] = field(default_factory=Counter)  # side_channel / capture
+    add_addr_repeats: int = 0  # identical ADD_ADDR retransmissions (benign: no notice)
 
 
 def _wscale(seg: TcpSegment) -> int | None:
@@ -246,6 +261,8 @@ class Tracker:
         self._last_expire = 0.0
         self._last_sweep = 0.0
         self._lingering: deque[tuple[float, Subflow]] = deque()  # (closed at, subflow)
+        # join-flood windows, oldest first: (receiver address, token or None) -> [start, joins, noticed]
+        self._join_windows: OrderedDict[tuple[bytes, int | None], list[Any]] = OrderedDict()
         self.now = 0.0
 
     # ------------------------------------------------------------------
@@ -384,14 +401,20 @@ class Tracker:
 
     def _notice(self, ev: list[Event], t: NoticeType, conn: Connection | None, detail: str,
                 seg: TcpSegment | None = None, ts: float | None = None) -> None:
+        """Count and emit a notice. Its 4-tuple is the packet's when a packet caused it, else the
+        connection's initial subflow (client -> server): the addresses the IDS sees the emitted
+        conversation under, so an analyst can match the two."""
         self.stats.notices[t.value] += 1
         if conn is not None:
             conn.notices[t.value] += 1
         if seg is not None:
             ev.append(Notice(t, conn.id if conn else None, detail, seg.ts, seg.src_text, seg.sport,
                              seg.dst_text, seg.dport))
+        elif conn is not None:
+            ev.append(Notice(t, conn.id, detail, self.now if ts is None else ts, addr_text(conn.client[0]),
+                             conn.client[1], addr_text(conn.server[0]), conn.server[1]))
         else:
-            ev.append(Notice(t, conn.id if conn else None, detail, self.now if ts is None else ts))
+            ev.append(Notice(t, None, detail, self.now if ts is None else ts))
 
     # -- subflow creation -------------------------------------------------
     def _new_subflow(self, seg: TcpSegment, o: "_Opts", ev: list[Event]) -> None:
@@ -487,13 +510,18 @@ class Tracker:
     def _join_syn(self, seg: TcpSegment, key: tuple[bytes, int, bytes, int], j: m.MpJoin, ev: list[Event]) -> None:
         ts = seg.ts
         conn, flipped = self._find_by_token(j.token or 0, seg.dst)
+        by_token = conn is not None
         if conn is None:
             conn, flipped = self._find_by_address(seg.src, seg.dst, seg.dport)
+        # while a receiver is flooded, its joins are summed up in the one join_flood notice
+        flooded = bool(self.config.join_flood_threshold) and self._count_join(
+            seg, j.token if by_token else None, conn, ev)
+        if not flooded:
             if conn is None:
                 self._notice(ev, NoticeType.JOIN_UNKNOWN_TOKEN, None, f"token 0x{j.token:08x}", seg)
-        elif not self._knows_address(conn, seg.dst, flipped):
-            self._notice(ev, NoticeType.JOIN_UNKNOWN_ADDRESS, conn,
-                         f"join to {seg.dst_text} never announced", seg)
+            elif not self._knows_address(conn, seg.dst, flipped):
+                self._notice(ev, NoticeType.JOIN_UNKNOWN_ADDRESS, conn,
+                             f"join to {seg.dst_text} never announced", seg)
         if conn is not None and len(conn.subflows) >= self.config.max_subflows_per_connection:
             self.stats.refused["per_connection_limit"] += 1
             ev.append(SubflowRefused("per_connection_limit", ts))
@@ -505,6 +533,36 @@ class Tracker:
         sf.nonce_i = j.nonce
         sf.dirs[0].isn = seg.seq
         sf.dirs[0].wscale = _wscale(seg)
+
+    def _count_join(self, seg: TcpSegment, token: int | None, conn: Connection | None, ev: list[Event]) -> bool:
+        """MP_JOIN flood detection: join SYNs per receiver (address + token) in a fixed window.
+
+        Joins with unknown tokens share one counter per address, so spraying random tokens at
+        one host is a flood too. Returns whether the receiver is over the threshold in this
+        window. State is bounded: at most ``_JOIN_FLOOD_KEYS`` windows, the oldest dropped
+        first; windows that ended are pruned by :meth:`_expire`.
+        """
+        cfg = self.config
+        ts = seg.ts
+        key = (seg.dst, token)
+        wins = self._join_windows
+        w = wins.get(key)
+        if w is None or ts - w[0] >= cfg.join_flood_window:
+            if w is None and len(wins) >= _JOIN_FLOOD_KEYS:
+                wins.popitem(last=False)
+            w = [ts, 0, False]
+            wins[key] = w
+            wins.move_to_end(key)
+        w[1] += 1
+        if w[1] <= cfg.join_flood_threshold:
+            return False
+        if not w[2]:
+            w[2] = True  # once per window: a flood must not flood the event log too
+            tok = "unknown tokens" if token is None else f"token 0x{token:08x}"
+            self._notice(ev, NoticeType.JOIN_FLOOD, conn,
+                         f"more than {cfg.join_flood_threshold} MP_JOIN SYNs to {seg.dst_text} ({tok}) "
+                         f"within {cfg.join_flood_window:g} s", seg)
+        return True
 
     def _find_by_token(self, token: int, dst: bytes) -> tuple[Connection | None, bool]:
         cands = self._tokens.get(token)
@@ -546,6 +604,12 @@ class Tracker:
         """A subflow first seen mid-stream: attach by DSN proximity or start a pickup connection."""
         ts = seg.ts
         conn, flipped = self._find_by_dsn(o.dss, seg)
+        if conn is not None and len(conn.subflows) >= self.config.max_subflows_per_connection:
+            # over the per-connection limit: tracked as an orphan (bounded by max_subflows), never attached
+            self.stats.refused["per_connection_limit"] += 1
+            ev.append(SubflowRefused("per_connection_limit", ts))
+            self._add_subflow(key, Role.PICKUP, ts, None, flipped)
+            return
         if conn is None:
             client_is_src = seg.dport < seg.sport if seg.dport != seg.sport else True
             conn = self._new_connection(seg, ts, ev, client_is_src=client_is_src, pickup=True)
@@ -594,6 +658,11 @@ class Tracker:
         if flags & SYN:
             self._on_syn(sf, d, seg, o, ev)
             return
+        if not self._in_window(conn, sfd, seg, ev):
+            # judged as a whole: an off-path packet must not move the tracked ack or
+            # window, add a mapping, or carry a DATA_ACK that would make us skip real
+            # bytes as a "gap" (and then discard them as duplicates)
+            return
         if flags & ACK:
             # this packet's ack/window govern the other direction's data
             other = sf.dirs[d ^ 1]
@@ -606,7 +675,7 @@ class Tracker:
             # a join whose connection is unknown: try again with its data
             if o.dss is not None:
                 c, flipped = self._find_by_dsn(o.dss, seg)
-                if c is not None:
+                if c is not None and len(c.subflows) < self.config.max_subflows_per_connection:
                     self._attach(sf, c, flipped ^ bool(d), ts, ev)
                     conn = c
             if conn is None:
@@ -648,8 +717,8 @@ class Tracker:
                         and (n == dss.dll or not conn.csum):
                     self._fast_data(conn, sfd, cdir, dss, seg, ev)
                     n = 0
-                else:
-                    self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev)
+                elif not self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev):
+                    n = 0  # a mapping contradicting an earlier one: its bytes are not taken
             else:
                 n = seg.payload_len
         else:
@@ -697,11 +766,13 @@ class Tracker:
         ts = seg.ts
         conn = sf.conn
         sfd = sf.dirs[d]
+        if conn is not None and conn.closed is not None:
+            return  # a late SYN/ACK of an expired handshake must not re-index (and leak) the closed connection
         if not seg.flags & ACK:  # retransmitted SYN
             if conn is not None and o.cap is not None and o.cap.sender_key is not None \
                     and conn.client_key is not None and o.cap.sender_key != conn.client_key:
                 self._notice(ev, NoticeType.KEY_CHANGE, conn, "MP_CAPABLE key changed in SYN retransmission", seg)
-            if conn is not None and not conn.opened:
+            if conn is not None and not conn.opened and len(conn.held) < _MAX_HELD:
                 conn.held.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
             return
         if d != 1:
@@ -804,9 +875,13 @@ class Tracker:
         if prev is not None:
             if prev != (a.address, a.port):
                 self._notice(ev, NoticeType.ADD_ADDR_ID_REUSE, conn,
-                             f"address id {a.addr_id} re-used for {addr_text(a.address)}", seg)
+                             f"address id {a.addr_id} re-used for {addr_text(a.address)} (was "
+                             f"{addr_text(prev[0])})", seg)
             else:
-                self._notice(ev, NoticeType.ADD_ADDR_DUPLICATE, conn, f"address id {a.addr_id} repeated", seg)
+                # the same announcement again: Linux retransmits ADD_ADDR until it is echoed, so
+                # this is normal protocol behaviour -- counted, never a notice
+                conn.add_addr_repeats += 1
+                self.stats.add_addr_repeats += 1
         ann[a.addr_id] = (a.address, a.port)
 
     def _open(self, conn: Connection, ts: float, ev: list[Event]) -> None:
@@ -834,7 +909,8 @@ class Tracker:
 
     # -- mappings and payload -------------------------------------------------
     def _on_mapping(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, dss: m.Dss,
-                    seg: TcpSegment, ev: list[Event]) -> None:
+                    seg: TcpSegment, ev: list[Event]) -> bool:
+        """Take a DSS mapping; False when it contradicts an earlier one (the segment's bytes are ignored)."""
         st = conn.streams[cdir]
         dsn = dss.dsn or 0
         if not dss.dsn64:
@@ -842,12 +918,14 @@ class Tracker:
                 dsn = expand32(dsn, st.base)
         dll = dss.dll or 0
         ssn = dss.ssn or 0
+        if seg.payload_len and not self._window_ok(sfd, seg):
+            return True  # an off-path insertion must not plant mappings; its bytes are refused later
         conn.mapped[cdir] = True
         if dss.data_fin:
             if dll == 1 and ssn == 0:  # bare DATA_FIN: consumes one DSN, no payload
                 st.set_fin(dsn)
                 self._after_fin(conn, cdir, seg.ts, ev)
-                return
+                return True
             if dll >= 1:
                 st.set_fin(dsn + dll - 1)
         if dll == 0:
@@ -858,12 +936,14 @@ class Tracker:
             length = dll - (1 if dss.data_fin else 0)
             if length <= 0:
                 self._after_fin(conn, cdir, seg.ts, ev)
-                return
+                return True
             for old in reversed(sfd.mappings):
                 if old.ssn == ssn and old.dsn == dsn and old.length == length:
                     mp = old
                     break
             else:
+                if not self._place(conn, sfd, ssn, dsn, length, seg, ev):
+                    return False  # the first placement of these subflow bytes stands
                 cs = dss.checksum if conn.csum and dss.checksum is not None else None
                 mp = Mapping(ssn, dsn, length, False, cs, dll)
                 sfd.mappings.append(mp)
@@ -876,6 +956,7 @@ class Tracker:
         sfd.last_map_ssn = ssn
         if sfd.pending and sfd.isn is not None:
             self._resolve_pending(conn, sfd, cdir, seg.ts, ev)
+        return True
 
     def _sync_pickup(self, sfd: SubflowDir, seg: TcpSegment, mp: Mapping) -> None:
         """Infer the ISN of a subflow seen mid-stream from a segment that starts a mapping."""
@@ -884,23 +965,29 @@ class Tracker:
         if starts and seg.payload_len:
             sfd.isn = (seg.seq - mp.ssn) & MASK32
 
-    def _in_window(self, conn: Connection, sfd: SubflowDir, seg: TcpSegment, ev: list[Event]) -> bool:
-        """Subflow check: only bytes inside the receiver's TCP window count (off-path insertion guard)."""
+    def _window_ok(self, sfd: SubflowDir, seg: TcpSegment) -> bool:
+        """Does the segment lie inside the receiver's TCP window (no side effects)?"""
         if not self.config.window_check or sfd.peer_ack is None:
             return True
-        n = seg.payload_len
         off = (seg.seq - sfd.peer_ack) & MASK32
         if off >= 0x80000000:
             off -= 0x100000000
         win = max(sfd.peer_win, 65535)
-        if off + n > win + 65535 or off < -(2 * win + 65535):
-            self.stats.out_of_window += 1
-            if not sfd.oow_noticed:
-                sfd.oow_noticed = True
-                self._notice(ev, NoticeType.OUT_OF_WINDOW, conn,
-                             f"{n} bytes at {off:+d} from the acked point, window {win}", seg)
-            return False
-        return True
+        return not (off + seg.payload_len > win + 65535 or off < -(2 * win + 65535))
+
+    def _in_window(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, ev: list[Event]) -> bool:
+        """Subflow check: only bytes inside the receiver's TCP window count (off-path insertion guard)."""
+        if self._window_ok(sfd, seg):
+            return True
+        self.stats.out_of_window += 1
+        if not sfd.oow_noticed:
+            sfd.oow_noticed = True
+            off = (seg.seq - (sfd.peer_ack or 0)) & MASK32
+            if off >= 0x80000000:
+                off -= 0x100000000
+            self._notice(ev, NoticeType.OUT_OF_WINDOW, conn, f"{seg.payload_len} bytes at {off:+d} from the "
+                         f"acked point, window {max(sfd.peer_win, 65535)}", seg)
+        return False
 
     @staticmethod
     def _seen(sfd: SubflowDir, seg: TcpSegment) -> None:
@@ -910,18 +997,64 @@ class Tracker:
             sfd.last_end = end
         sfd.bytes += n
 
+    def _place(self, conn: Connection, sfd: SubflowDir, ssn: int, dsn: int, length: int, seg: TcpSegment,
+               ev: list[Event]) -> bool:
+        """Record where a mapping puts subflow bytes; False when it moves bytes an earlier mapping
+        placed elsewhere.
+
+        A TCP receiver keeps the first copy of subflow bytes and the Linux MPTCP receiver resets a
+        subflow whose mapping contradicts the current one (MIB DSSNoMatch); honouring a second
+        placement would let one copy land twice in the rebuilt stream -- an evasion. So the first
+        placement stands and a ``bad_mapping`` notice is raised (once per subflow direction).
+        In-order traffic costs one comparison; the last 16 placements are remembered.
+        """
+        off = (dsn - ssn) & MASK32
+        end = (ssn + length) & MASK32
+        pl = sfd.placed
+        hw = sfd.placed_end
+        if hw is None or (ssn - hw) & MASK32 < 0x80000000:  # at or beyond everything placed so far
+            if pl and pl[-1][1] == ssn and pl[-1][2] == off:
+                pl[-1][1] = end
+            else:
+                pl.append([ssn, end, off])
+                if len(pl) > 16:
+                    del pl[0]
+            sfd.placed_end = end
+            return True
+        for start, stop, o in reversed(pl):
+            if (ssn - start) & MASK32 >= (stop - start) & MASK32 and (start - ssn) & MASK32 >= length:
+                continue  # no subflow byte in common
+            if o == off:
+                if (ssn - start) & MASK32 <= (stop - start) & MASK32 and (end - start) & MASK32 <= (
+                        stop - start) & MASK32:
+                    return True  # a repeat of (part of) this placement: the usual retransmission
+                continue
+            if not sfd.remap_noticed:
+                sfd.remap_noticed = True
+                self._notice(ev, NoticeType.BAD_MAPPING, conn,
+                             f"subflow bytes at ssn {ssn} mapped to dsn {dsn}; they were mapped to dsn "
+                             f"{(dsn - off + o) & MASK64}", seg)
+            return False
+        pl.append([ssn, end, off])  # bytes before the furthest ones, seen for the first time
+        if len(pl) > 16:
+            del pl[0]
+        return True
+
     def _fast_data(self, conn: Connection, sfd: SubflowDir, cdir: Direction, dss: m.Dss, seg: TcpSegment,
                    ev: list[Event]) -> None:
         """The common case: one mapping covering exactly this in-order payload. No mapping is
-        kept (a retransmission carries its mapping again), checksums are verified here."""
+        kept (a retransmission carries its mapping again), checksums are verified here.
+        (Out-of-window segments never get here: _on_segment judges them whole.)"""
         st = conn.streams[cdir]
         dsn = dss.dsn or 0
         ssn = dss.ssn or 0
         if not dss.flags & m.DSS_m and st.base is not None:
             dsn = expand32(dsn, st.base)
+        dll = dss.dll or 0
+        if not self._place(conn, sfd, ssn, dsn, dll, seg, ev):
+            return
         conn.mapped[cdir] = True
         sfd.last_map_ssn = ssn
-        dll = dss.dll or 0
         if seg.payload_len != dll:
             # the mapping reaches beyond this packet: keep it for segments that do not repeat it
             maps = sfd.mappings
@@ -930,8 +1063,6 @@ class Tracker:
                 if len(maps) > _MAX_MAPPINGS:
                     del maps[0]
             dsn = (dsn + ((seg.seq - (sfd.isn or 0) - ssn) & MASK32)) & MASK64
-        if not self._in_window(conn, sfd, seg, ev):
-            return
         self._seen(sfd, seg)
         payload = seg.payload
         if conn.csum and dss.checksum is not None and not crypto.dss_checksum_ok(
@@ -943,8 +1074,6 @@ class Tracker:
 
     def _on_payload(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, seg: TcpSegment,
                     ev: list[Event]) -> None:
-        if not self._in_window(conn, sfd, seg, ev):
-            return
         self._seen(sfd, seg)
         payload = seg.payload
         if sfd.isn is None:
@@ -1176,6 +1305,9 @@ class Tracker:
 
     def _expire(self, now: float, ev: list[Event], force: bool = False) -> None:
         cfg = self.config
+        wins = self._join_windows
+        while wins and now - next(iter(wins.values()))[0] >= cfg.join_flood_window:
+            wins.popitem(last=False)
         # connections, least recently active first
         while self.connections:
             conn = next(iter(self.connections.values()))
@@ -1209,6 +1341,17 @@ class Tracker:
             for key in dead:
                 self._sf.pop(key, None)
                 self._sf.pop((key[2], key[3], key[0], key[1]), None)
+
+    # -- read-only helpers (reactions: alerts, fast-close) ----------------------
+    def connection_at(self, src: bytes, sport: int, dst: bytes, dport: int) -> Connection | None:
+        """The live connection owning the subflow with this 4-tuple (either orientation), if any.
+
+        An IDS alert names the emitted conversation, i.e. the initial subflow's 4-tuple.
+        """
+        hit = self._sf.get((src, sport, dst, dport))
+        if hit is None or hit[0].conn is None or hit[0].conn.closed is not None:
+            return None
+        return hit[0].conn
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,20 @@
 The core keeps plain integer counters in its stats dataclasses; this
 collector turns them into metric families only when Prometheus scrapes, so
 the per-packet path pays nothing for metrics. Labels are low-cardinality
-enums (verdict, subtype, kind, outcome, direction) — never addresses.
+enums (verdict, subtype, kind, outcome, direction, reason) — never addresses,
+ports or connection ids. Every label value a family can take is exported from
+the first scrape on (as 0), so ``rate()`` and alert rules see a series before
+the first event instead of an absent one.
+
+The README's "Metrics" section lists every family; ``tests/io/test_metrics.py``
+checks the two agree.
 """
 
 from __future__ import annotations
 
+import platform
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -26,6 +34,12 @@ from ..wire.mptcp import Subtype
 
 # verdict latency buckets (seconds): the target is p99 < 1 ms
 LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3)
+
+# label values known in advance (exported as 0 until they happen)
+VERDICTS = ("accept", "drop", "accept_modified")
+ACTIONS = ("downgrade", "join_refused", "allow", "fastclose", "downgrade-host", "log")
+REFUSE_REASONS = ("join_hmac", "subflow_limit", "connection_limit", "per_connection_limit", "orphan_data")
+MEMCAP_LIMITS = ("connections", "subflows", "out_of_order", "pending")
 
 
 @dataclass(slots=True)
@@ -50,13 +64,24 @@ class LatencyHistogram:
 
 @dataclass(slots=True)
 class QueueStats:
-    """What the live adapter knows about its NFQUEUE (filled by mproxy/io/nfqueue.py)."""
+    """What the live adapter knows about its NFQUEUE, copied in by the service at scrape time.
 
-    fail_verdicts: int = 0  # verdicts issued by fail mode because the core raised
-    truncated: int = 0  # packets whose copy was cut short (MTU above the copy range)
-    kernel_dropped: int = 0  # /proc/net/netfilter/nfnetlink_queue: queue full, dropped
-    user_dropped: int = 0  # netlink socket buffer overrun
-    bypassed: int = 0  # fail-open passes counted by mproxy (queue full with FAIL_OPEN)
+    Verdicts here are the ones really issued to the kernel, including those the
+    fail mode gave when the core raised or the packet copy was truncated.
+    """
+
+    accepted: int = 0
+    dropped: int = 0
+    modified: int = 0  # accepted with a rewritten payload
+    core_errors: int = 0  # verdict by fail mode: the core raised
+    truncated: int = 0  # verdict by fail mode: the kernel copied less than the packet
+    verdict_errors: int = 0  # issuing the verdict itself failed
+    socket_overruns: int = 0  # ENOBUFS: the kernel could not hand packets over (passed or dropped by fail mode)
+    kernel: bool = False  # the fields below were read from /proc/net/netfilter/nfnetlink_queue
+    kernel_dropped: int = 0  # queue full, fail closed: dropped by the kernel
+    user_dropped: int = 0  # netlink delivery failed, fail closed: dropped by the kernel
+    waiting: int = 0  # handed to mproxy, no verdict yet
+    max_len: int = 0  # queue capacity (config [queue] max_len)
 
 
 @dataclass(slots=True)
@@ -70,6 +95,25 @@ class Sources:
     latency: LatencyHistogram | None = None
     mode: str = "replay"
     lock: threading.Lock | None = None  # held while reading if the core runs in another thread
+    sinks: Callable[[], list[dict[str, Any]]] | None = None  # FrameSinks.stats
+    events: Any = None  # the EventLog (records, errors)
+    extra: list[Callable[[], Iterable[Any]]] = field(default_factory=list)  # more families (other adapters)
+
+
+def _counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=labels)
+
+
+def _by_label(name: str, doc: str, label: str, values: Iterable[str], counts: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter family with every known value, plus any value the core counted that we did not foresee."""
+    c = _counter(name, doc, [label])
+    seen = []
+    for v in values:
+        seen.append(v)
+        c.add_metric([v], counts.get(v, 0))
+    for v in sorted(set(counts) - set(seen)):
+        c.add_metric([v], counts[v])
+    return c
 
 
 class MproxyCollector(Collector):
@@ -89,115 +133,33 @@ class MproxyCollector(Collector):
         yield from fams
 
     def _collect(self, s: Sources) -> Iterator[Any]:
-        info = InfoMetricFamily("mproxy_build", "mproxy version and mode")
-        info.add_metric([], {"version": __version__, "mode": s.mode})
+        info = InfoMetricFamily("mproxy_build", "mproxy version, run mode (gateway or replay) and Python version")
+        info.add_metric([], {"version": __version__, "mode": s.mode, "python": platform.python_version()})
         yield info
-        t = s.tracker
-        if t is not None:
-            st = t.stats
-            c = CounterMetricFamily("mproxy_packets", "TCP packets seen by the tracker, by kind", labels=["kind"])
-            c.add_metric(["mptcp"], st.mptcp_packets)
-            c.add_metric(["plain"], st.plain_packets)
-            yield c
-            c = CounterMetricFamily("mproxy_mptcp_options", "MPTCP options decoded, by subtype",
-                                    labels=["subtype"])
-            for sub in Subtype:
-                c.add_metric([sub.name], st.options[sub])
-            yield c
-            c = CounterMetricFamily("mproxy_decode_errors", "Malformed packets and options, by kind",
-                                    labels=["kind"])
-            errors = dict(st.decode_errors)
-            if s.pipeline is not None:
-                for k, v in s.pipeline.parse_errors.items():
-                    errors[k] = errors.get(k, 0) + v
-            if s.gateway is not None:
-                for k, v in s.gateway.parse_errors.items():
-                    errors[k] = errors.get(k, 0) + v
-            for kind in ErrorKind:
-                c.add_metric([kind.value], errors.get(kind.value, 0))
-            yield c
-            g = GaugeMetricFamily("mproxy_connections_active", "MPTCP connections tracked now")
-            g.add_metric([], len(t.connections))
-            yield g
-            g = GaugeMetricFamily("mproxy_subflows_active", "TCP subflows tracked now")
-            g.add_metric([], t.active_subflows)
-            yield g
-            c = CounterMetricFamily("mproxy_connections", "MPTCP connections that ended, by outcome",
-                                    labels=["outcome"])
-            for o in Outcome:
-                c.add_metric([o.value], st.outcomes.get(o.value, 0))
-            yield c
-            c = CounterMetricFamily("mproxy_connections_opened", "MPTCP connections seen starting or picked up")
-            c.add_metric([], st.connections)
-            yield c
-            c = CounterMetricFamily("mproxy_subflows_joined", "Subflows attached to a known connection")
-            c.add_metric([], st.joins)
-            yield c
-            c = CounterMetricFamily("mproxy_subflows_refused", "Subflows not attached, by reason",
-                                    labels=["reason"])
-            for reason in ("join_hmac", "subflow_limit", "connection_limit", "per_connection_limit",
-                           "orphan_data"):
-                c.add_metric([reason], st.refused.get(reason, 0))
-            yield c
-            c = CounterMetricFamily("mproxy_rebuilt_bytes", "Bytes released in data-sequence order, by direction",
-                                    labels=["direction"])
-            c.add_metric(["client_to_server"], st.rebuilt_bytes[0])
-            c.add_metric(["server_to_client"], st.rebuilt_bytes[1])
-            yield c
-            ooo, unmapped = t.buffered_bytes()
-            g = GaugeMetricFamily("mproxy_buffered_bytes", "Bytes held now, by buffer", labels=["buffer"])
-            g.add_metric(["out_of_order"], ooo)
-            g.add_metric(["unmapped"], unmapped)
-            yield g
-            c = CounterMetricFamily("mproxy_gap_bytes", "Bytes skipped in rebuilt streams, by kind",
-                                    labels=["kind"])
-            c.add_metric(["side_channel"], st.gap_bytes.get("side_channel", 0))
-            c.add_metric(["capture"], st.gap_bytes.get("capture", 0))
-            yield c
-            c = CounterMetricFamily("mproxy_notices", "Anomaly notices, by type", labels=["type"])
-            for nt in NoticeType:
-                c.add_metric([nt.value], st.notices.get(nt.value, 0))
-            yield c
-            c = CounterMetricFamily("mproxy_memcap_hits", "Times a memory or state limit bit, by limit",
-                                    labels=["limit"])
-            for lim in ("connections", "subflows", "out_of_order", "pending"):
-                c.add_metric([lim], st.memcap.get(lim, 0))
-            yield c
-            c = CounterMetricFamily("mproxy_out_of_window_packets", "Subflow segments outside the receiver window")
-            c.add_metric([], st.out_of_window)
-            yield c
+        if s.tracker is not None:
+            yield from self._tracker(s)
         p = s.pipeline
         if p is not None:
-            c = CounterMetricFamily("mproxy_emitted_frames", "Frames written to the IDS sink, by kind",
-                                    labels=["kind"])
+            c = _counter("mproxy_emitted_frames", "Frames written to the IDS sink, by kind", ["kind"])
             c.add_metric(["rebuilt"], p.emitted_frames - p.passthrough_frames)
             c.add_metric(["passthrough"], p.passthrough_frames)
             yield c
         gw = s.gateway
         if gw is not None:
-            c = CounterMetricFamily("mproxy_verdicts", "NFQUEUE verdicts issued, by verdict", labels=["verdict"])
-            for v in ("accept", "drop", "accept_modified"):
-                c.add_metric([v], gw.verdicts.get(v, 0))
-            yield c
-            c = CounterMetricFamily("mproxy_actions", "Policy actions taken, by action", labels=["action"])
-            for a in ("downgrade", "join_refused", "allow", "fastclose"):
-                c.add_metric([a], gw.actions.get(a, 0))
-            yield c
-            c = CounterMetricFamily("mproxy_downgrades", "Connections downgraded to TCP (MP_CAPABLE removed)")
+            verdicts: Mapping[str, int] = gw.verdicts
+            if s.queue is not None:  # what was really issued, fail-mode verdicts included
+                q = s.queue
+                verdicts = {"accept": q.accepted, "drop": q.dropped, "accept_modified": q.modified}
+            yield _by_label("mproxy_verdicts", "Packet verdicts issued, by verdict", "verdict", VERDICTS, verdicts)
+            yield _by_label("mproxy_actions", "Policy actions taken, by action", "action", ACTIONS, gw.actions)
+            c = _counter("mproxy_downgrades", "MPTCP connections downgraded to TCP (MP_CAPABLE removed from the SYN)")
             c.add_metric([], gw.actions.get("downgrade", 0))
             yield c
-            c = CounterMetricFamily("mproxy_fastcloses", "MPTCP connections killed with MP_FASTCLOSE")
+            c = _counter("mproxy_fastcloses", "MPTCP connections killed with MP_FASTCLOSE")
             c.add_metric([], gw.actions.get("fastclose", 0))
             yield c
-        q = s.queue
-        if q is not None:
-            c = CounterMetricFamily("mproxy_queue_events", "NFQUEUE trouble, by kind", labels=["kind"])
-            c.add_metric(["fail_verdict"], q.fail_verdicts)
-            c.add_metric(["truncated"], q.truncated)
-            c.add_metric(["kernel_dropped"], q.kernel_dropped)
-            c.add_metric(["user_dropped"], q.user_dropped)
-            c.add_metric(["bypassed"], q.bypassed)
-            yield c
+        if s.queue is not None:
+            yield from self._queue(s.queue)
         h = s.latency
         if h is not None:
             hist = HistogramMetricFamily("mproxy_verdict_latency_seconds",
@@ -210,19 +172,139 @@ class MproxyCollector(Collector):
             buckets.append(("+Inf", h.n))
             hist.add_metric([], buckets, h.total)
             yield hist
+        if s.sinks is not None:
+            yield from self._sinks(s.sinks())
+        if s.events is not None:
+            c = _counter("mproxy_event_log_records", "Records written to the JSON-lines event log")
+            c.add_metric([], s.events.records)
+            yield c
+            c = _counter("mproxy_event_log_errors", "Failed writes to the event log (records lost)")
+            c.add_metric([], s.events.errors)
+            yield c
+        for more in s.extra:
+            yield from more()
+
+    @staticmethod
+    def _tracker(s: Sources) -> Iterator[Any]:
+        t = s.tracker
+        assert t is not None
+        st = t.stats
+        c = _counter("mproxy_packets", "TCP packets seen by the tracker, by kind (refused: of a subflow that "
+                     "failed verification, ignored)", ["kind"])
+        c.add_metric(["mptcp"], st.mptcp_packets)
+        c.add_metric(["plain"], st.plain_packets)
+        c.add_metric(["refused"], max(0, st.packets - st.mptcp_packets - st.plain_packets))
+        yield c
+        c = _counter("mproxy_mptcp_options", "MPTCP options decoded, by subtype", ["subtype"])
+        for sub in Subtype:
+            c.add_metric([sub.name], st.options[sub])
+        yield c
+        errors = dict(st.decode_errors)
+        for extra in (s.pipeline.parse_errors if s.pipeline else {}, s.gateway.parse_errors if s.gateway else {}):
+            for k, v in extra.items():
+                errors[k] = errors.get(k, 0) + v
+        yield _by_label("mproxy_decode_errors", "Malformed packets and options, by kind", "kind",
+                        (k.value for k in ErrorKind), errors)
+        g = GaugeMetricFamily("mproxy_connections_active", "MPTCP connections tracked now")
+        g.add_metric([], len(t.connections))
+        yield g
+        g = GaugeMetricFamily("mproxy_subflows_active", "MPTCP subflows open now")
+        g.add_metric([], t.active_subflows)
+        yield g
+        c = _counter("mproxy_connections_opened", "MPTCP connections seen starting or picked up mid-stream")
+        c.add_metric([], st.connections)
+        yield c
+        yield _by_label("mproxy_connections_closed", "MPTCP connections that ended, by outcome", "outcome",
+                        (o.value for o in Outcome), st.outcomes)
+        c = _counter("mproxy_subflows_joined", "Subflows attached to a known connection (MP_JOIN or pickup)")
+        c.add_metric([], st.joins)
+        yield c
+        yield _by_label("mproxy_subflows_refused", "Subflows not attached, by reason", "reason", REFUSE_REASONS,
+                        st.refused)
+        c = _counter("mproxy_rebuilt_bytes", "Bytes released in data-sequence order, by direction", ["direction"])
+        c.add_metric(["client_to_server"], st.rebuilt_bytes[0])
+        c.add_metric(["server_to_client"], st.rebuilt_bytes[1])
+        yield c
+        ooo, unmapped = t.buffered_bytes()
+        g = GaugeMetricFamily("mproxy_buffered_bytes", "Bytes held now, by buffer", labels=["buffer"])
+        g.add_metric(["out_of_order"], ooo)
+        g.add_metric(["unmapped"], unmapped)
+        yield g
+        c = _counter("mproxy_gap_bytes", "Bytes skipped in rebuilt streams because they never crossed the "
+                     "gateway, by kind (side_channel: the peer acknowledged them)", ["kind"])
+        c.add_metric(["side_channel"], st.gap_bytes.get("side_channel", 0))
+        c.add_metric(["capture"], st.gap_bytes.get("capture", 0))
+        yield c
+        yield _by_label("mproxy_notices", "Anomaly notices, by type", "type", (n.value for n in NoticeType),
+                        st.notices)
+        yield _by_label("mproxy_memcap_hits", "Times a memory or state limit bit, by limit", "limit", MEMCAP_LIMITS,
+                        st.memcap)
+        c = _counter("mproxy_out_of_window_packets", "Subflow segments outside the receiver's TCP window (ignored)")
+        c.add_metric([], st.out_of_window)
+        yield c
+        c = _counter("mproxy_add_addr_repeats", "Identical ADD_ADDR announcements seen again (retransmissions: "
+                     "normal, not a notice)")
+        c.add_metric([], st.add_addr_repeats)
+        yield c
+
+    @staticmethod
+    def _queue(q: QueueStats) -> Iterator[Any]:
+        c = _counter("mproxy_fail_verdicts", "Verdicts given by the fail mode instead of the core, by reason",
+                     ["reason"])
+        c.add_metric(["core_error"], q.core_errors)
+        c.add_metric(["truncated"], q.truncated)
+        yield c
+        c = _counter("mproxy_verdict_errors", "Verdicts that could not be issued (the kernel keeps the packet)")
+        c.add_metric([], q.verdict_errors)
+        yield c
+        c = _counter("mproxy_queue_socket_overruns", "Times the netlink socket overflowed (ENOBUFS): the kernel "
+                     "passed (fail open) or dropped (fail closed) packets mproxy never saw")
+        c.add_metric([], q.socket_overruns)
+        yield c
+        g = GaugeMetricFamily("mproxy_queue_capacity_packets",
+                              "Packets the kernel may hold for mproxy ([queue] max_len)")
+        g.add_metric([], q.max_len)
+        yield g
+        if q.kernel:
+            c = _counter("mproxy_queue_dropped_packets", "Packets the kernel dropped instead of queueing them "
+                         "(fail closed), by reason", ["reason"])
+            c.add_metric(["queue_full"], q.kernel_dropped)
+            c.add_metric(["netlink_failure"], q.user_dropped)
+            yield c
+            g = GaugeMetricFamily("mproxy_queue_waiting_packets", "Packets handed to mproxy without a verdict yet")
+            g.add_metric([], q.waiting)
+            yield g
+
+    @staticmethod
+    def _sinks(stats: list[dict[str, Any]]) -> Iterator[Any]:
+        frames = _counter("mproxy_sink_frames", "Frames of the emitted stream written, by sink", ["sink"])
+        dropped = _counter("mproxy_sink_dropped_frames", "Frames a sink could not write, by sink and reason",
+                           ["sink", "reason"])
+        for st in stats:
+            if "interface" in st:
+                frames.add_metric(["interface"], st.get("frames", 0))
+                dropped.add_metric(["interface", "busy"], st.get("dropped", 0))
+                dropped.add_metric(["interface", "too_big"], st.get("too_big", 0))
+                dropped.add_metric(["interface", "error"], st.get("errors", 0))
+            elif "pcap" in st:
+                frames.add_metric(["pcap"], st.get("frames", 0))
+                dropped.add_metric(["pcap", "error"], st.get("errors", 0))
+        yield frames
+        yield dropped
 
 
 def make_registry(sources: Sources, process: bool = True) -> CollectorRegistry:
+    """A registry with the mproxy collector and, for a running process, CPU/memory/fd metrics.
+
+    The process metrics carry the ``mproxy_`` prefix too (``mproxy_process_*``): the metric
+    prefix is a contract, and a shared Prometheus keeps them apart from other exporters'.
+    """
     reg = CollectorRegistry()
     reg.register(MproxyCollector(sources))
     if process:
-        from prometheus_client import PROCESS_COLLECTOR, PLATFORM_COLLECTOR
+        from prometheus_client import ProcessCollector
 
-        for col in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR):
-            try:
-                reg.register(col)
-            except ValueError:
-                pass
+        ProcessCollector(namespace="mproxy", registry=reg)
     return reg
 
 

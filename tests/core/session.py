@@ -97,8 +97,10 @@ class Session:
         ]
 
     def join(self, path: int, *, backup: bool = False, addr_id: int = 1, bad_hmac: bool = False,
-             token: int | None = None) -> list[bytes]:
-        sub = Sub((self.addr(2, path + 1), self.sport + 1 + len(self.subs)), (self.addr(2, 9), self.dport),
+             token: int | None = None, server: bytes | None = None) -> list[bytes]:
+        """The three packets of an MP_JOIN handshake from client path ``path`` (to ``server``,
+        default the server's only address)."""
+        sub = Sub((self.addr(2, path + 1), self.sport + 1 + len(self.subs)), (server or self.addr(2, 9), self.dport),
                   [self._isn, self._isn + 50000], addr_id=addr_id, nonce=(0x1000 + path, 0x2000 + path))
         self._isn += 100000
         self.subs.append(sub)

@@ -35,8 +35,8 @@ def test_replay_rebuilds_what_the_applications_sent(name: str, scenario: Callabl
     res = scenario(name)
     assert res.ok, "\n".join(res.problems())
     assert res.capture_drops == 0, f"tcpdump lost {res.capture_drops} packets: the capture is incomplete"
-    out, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
-    assert main(["replay", str(res.capture), "--out", str(out), "--log", str(log), "-q"]) == 0
+    out, log, prom = tmp_path / "out.pcap", tmp_path / "log.jsonl", tmp_path / "metrics.prom"
+    assert main(["replay", str(res.capture), "--out", str(out), "--log", str(log), "--metrics", str(prom), "-q"]) == 0
     records = [json.loads(line) for line in log.read_text().splitlines()]
     conns = {(r["client"], r["client_port"]): r for r in records if r["event"] == "mptcp_connection"}
     followed = {(f.client[0], f.client[1]): f for f in tshark_follow_raw(out)}
@@ -54,6 +54,17 @@ def test_replay_rebuilds_what_the_applications_sent(name: str, scenario: Callabl
         assert len(rec["subflows"]) >= 2, "the join must be grouped with its connection"
     notices = [r for r in records if r["event"] == "notice"]
     assert not notices, notices
+    # the metrics snapshot tells the same story
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+         for fam in text_string_to_metric_families(prom.read_text()) for s in fam.samples}
+    assert sum(v for (n, _), v in m.items() if n == "mproxy_notices_total") == 0
+    assert m[("mproxy_connections_closed_total", (("outcome", "data_fin"),))] == len(res.connections)
+    assert m[("mproxy_subflows_joined_total", ())] == sum(
+        1 for r in conns.values() for sf in r["subflows"] if sf["role"] == "join" and sf["established"])
+    assert m[("mproxy_rebuilt_bytes_total", (("direction", "client_to_server"),))] == sum(
+        c.c2s_sent_bytes for c in res.connections)
     # one plain TCP conversation per connection: no MPTCP left, no TCP analysis complaints
     assert tshark_count(out, "mptcp") == 0
     assert tshark_count(out, "tcp.analysis.flags && !tcp.analysis.window_update") == 0

@@ -1,0 +1,486 @@
+"""Signature rules: a documented subset of the Snort/Suricata rule language.
+
+Why a subset: the embedded inspector matches the *rebuilt* MPTCP byte stream
+(one direction of one connection at a time), not packets or HTTP buffers, so
+only keywords that make sense on a raw stream are accepted. Everything else
+is refused with the file name and line number instead of being silently
+ignored: an ignored modifier (``depth``, ``http_uri`` ...) would make a rule
+match more than its author meant, and a match kills connections.
+
+Grammar (one rule per line; a trailing ``\\`` continues it)::
+
+    ACTION tcp SRC SPORT -> DST DPORT (OPTION; OPTION; ...)
+    ACTION tcp SRC SPORT <> DST DPORT (...)        # both directions
+    var|ipvar|portvar NAME VALUE                   # $NAME in later rules
+    # comment
+
+* ACTION: ``alert``, ``drop`` or ``reject`` (all mean "match"; what happens is
+  ``[actions] on_match``).
+* Addresses: ``any``, an address, a CIDR network, ``$VAR``, ``!X``, ``[X, Y, ...]``.
+  Ports: ``any``, ``N``, ``LO:HI``, ``:HI``, ``LO:``, ``$VAR``, ``!X``, ``[X, ...]``.
+* Options: ``msg:"..."``; ``content:"..."`` (``|41 42|`` hex, ``\\"`` ``\\;``
+  ``\\\\`` escapes; several per rule) followed by ``nocase`` (and the no-op
+  ``fast_pattern``, ``rawbytes``); ``pcre:"/re/FLAGS"`` (flags ``i s m x``);
+  ``flow:to_server|to_client|from_client|from_server[,established]``;
+  ``sid:N`` (required, unique); ``rev:N``; metadata kept or ignored:
+  ``classtype``, ``reference``, ``metadata``, ``priority``, ``gid``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+__all__ = ["Content", "Pcre", "Flow", "AddrSpec", "PortSpec", "Rule", "RuleSet", "RuleError", "parse_rules",
+           "load_rules"]
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class RuleError(ValueError):
+    """A rules file that cannot be used; the message names the file and line."""
+
+
+class Flow(str, Enum):
+    ANY = "any"
+    TO_SERVER = "to_server"  # client -> server data
+    TO_CLIENT = "to_client"  # server -> client data
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    pattern: bytes
+    nocase: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pcre:
+    source: str  # as written, for the log
+    regex: re.Pattern[bytes]
+
+
+# --------------------------------------------------------------------------- address and port specs
+@dataclass(frozen=True, slots=True)
+class AddrSpec:
+    """``any``, a network, a negation or a list (OR of positives, minus every negative)."""
+
+    kind: str  # "any" | "net" | "not" | "list"
+    net: Network | None = None
+    items: tuple["AddrSpec", ...] = ()
+
+    def matches(self, addr: Address) -> bool:
+        if self.kind == "any":
+            return True
+        if self.kind == "net":
+            assert self.net is not None
+            return addr.version == self.net.version and addr in self.net
+        if self.kind == "not":
+            return not self.items[0].matches(addr)
+        pos = [i for i in self.items if i.kind != "not"]
+        neg = [i for i in self.items if i.kind == "not"]
+        return (not pos or any(i.matches(addr) for i in pos)) and all(i.matches(addr) for i in neg)
+
+
+@dataclass(frozen=True, slots=True)
+class PortSpec:
+    kind: str  # "any" | "range" | "not" | "list"
+    lo: int = 0
+    hi: int = 65535
+    items: tuple["PortSpec", ...] = ()
+
+    def matches(self, port: int) -> bool:
+        if self.kind == "any":
+            return True
+        if self.kind == "range":
+            return self.lo <= port <= self.hi
+        if self.kind == "not":
+            return not self.items[0].matches(port)
+        pos = [i for i in self.items if i.kind != "not"]
+        neg = [i for i in self.items if i.kind == "not"]
+        return (not pos or any(i.matches(port) for i in pos)) and all(i.matches(port) for i in neg)
+
+
+ANY_ADDR = AddrSpec("any")
+ANY_PORT = PortSpec("any")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    sid: int
+    msg: str
+    contents: tuple[Content, ...]
+    pcre: Pcre | None = None
+    rev: int = 1
+    action: str = "alert"
+    src: AddrSpec = ANY_ADDR
+    sport: PortSpec = ANY_PORT
+    dst: AddrSpec = ANY_ADDR
+    dport: PortSpec = ANY_PORT
+    bidirectional: bool = False
+    flow: Flow = Flow.ANY
+    classtype: str = ""
+    line: int = 0
+
+    def applies(self, to_server: bool, sender: tuple[Address, int], receiver: tuple[Address, int]) -> bool:
+        """Does the rule inspect data flowing sender -> receiver (``to_server``: client -> server)?"""
+        if self.flow == Flow.TO_SERVER and not to_server or self.flow == Flow.TO_CLIENT and to_server:
+            return False
+        if self._hdr(sender, receiver):
+            return True
+        return self.bidirectional and self._hdr(receiver, sender)
+
+    def _hdr(self, a: tuple[Address, int], b: tuple[Address, int]) -> bool:
+        return (self.src.matches(a[0]) and self.sport.matches(a[1]) and self.dst.matches(b[0])
+                and self.dport.matches(b[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    rules: tuple[Rule, ...] = ()
+    source: str = ""
+    variables: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    @property
+    def longest_content(self) -> int:
+        return max((len(c.pattern) for r in self.rules for c in r.contents), default=0)
+
+
+# --------------------------------------------------------------------------- parsing
+_HEADER = re.compile(r"^\s*(\w+)\s+(\w+)\s+(.+?)\s+(\S+)\s+(->|<>)\s+(.+?)\s+(\S+)\s*\((.*)\)\s*$", re.S)
+_VAR = re.compile(r"^\s*(var|ipvar|portvar)\s+([A-Za-z_][A-Za-z0-9_]*)\s+(.+?)\s*$")
+_ACTIONS = frozenset({"alert", "drop", "reject"})
+_IGNORED = frozenset({"classtype", "reference", "metadata", "priority", "gid"})
+_NOOP_MODIFIERS = frozenset({"fast_pattern", "rawbytes"})
+_PCRE_FLAGS = {"i": re.IGNORECASE, "s": re.DOTALL, "m": re.MULTILINE, "x": re.VERBOSE}
+_SUPPORTED = ("msg, content, nocase, fast_pattern, rawbytes, pcre, flow, sid, rev, classtype, reference, "
+              "metadata, priority, gid")
+
+
+class _LineError(Exception):
+    pass
+
+
+def _split_options(body: str) -> list[tuple[str, str | None]]:
+    """``name:value;`` pairs; ``;`` inside quotes or after a backslash does not split."""
+    out: list[tuple[str, str | None]] = []
+    cur: list[str] = []
+    quoted = esc = False
+    for ch in body:
+        if esc:
+            cur.append(ch)
+            esc = False
+            continue
+        if ch == "\\":
+            cur.append(ch)
+            esc = True
+            continue
+        if ch == '"':
+            quoted = not quoted
+        if ch == ";" and not quoted:
+            _add_option(out, "".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    if quoted:
+        raise _LineError("unterminated quoted string")
+    if "".join(cur).strip():
+        raise _LineError(f"option {''.join(cur).strip()!r} is not terminated by ';'")
+    return out
+
+
+def _add_option(out: list[tuple[str, str | None]], text: str) -> None:
+    text = text.strip()
+    if not text:
+        return
+    name, sep, value = text.partition(":")
+    out.append((name.strip().lower(), value.strip() if sep else None))
+
+
+def _unquote(value: str | None, what: str) -> str:
+    if value is None:
+        raise _LineError(f"{what} needs a value")
+    if len(value) < 2 or not value.startswith('"') or not value.endswith('"'):
+        raise _LineError(f"{what} value must be in double quotes: {value!r}")
+    return value[1:-1]
+
+
+def _content_bytes(raw: str) -> bytes:
+    out = bytearray()
+    i, n = 0, len(raw)
+    while i < n:
+        ch = raw[i]
+        if ch == "\\":
+            if i + 1 >= n:
+                raise _LineError("content ends with a lone backslash")
+            nxt = raw[i + 1]
+            if nxt not in '";\\:|':
+                raise _LineError(f"content: unknown escape \\{nxt} (escape only \" ; \\ : |)")
+            out += nxt.encode()
+            i += 2
+        elif ch == "|":
+            j = raw.find("|", i + 1)
+            if j < 0:
+                raise _LineError("content: unterminated |hex| block")
+            hexpart = raw[i + 1 : j].replace(" ", "")
+            try:
+                out += bytes.fromhex(hexpart)
+            except ValueError:
+                raise _LineError(f"content: bad hex block |{raw[i + 1:j]}|") from None
+            i = j + 1
+        elif ch == '"' or ch == ";":
+            raise _LineError(f"content: unescaped {ch!r}")
+        else:
+            try:
+                out += ch.encode("latin-1")
+            except UnicodeEncodeError:
+                out += ch.encode()
+            i += 1
+    if not out:
+        raise _LineError("content is empty")
+    return bytes(out)
+
+
+def _pcre(value: str | None) -> Pcre:
+    if value is not None and value.startswith("!"):
+        raise _LineError("negated pcre is not supported")
+    text = _unquote(value, "pcre")
+    if not text.startswith("/") or text.rfind("/") == 0:
+        raise _LineError(f"pcre must look like \"/regex/flags\": {text!r}")
+    end = text.rfind("/")
+    pattern, flags = text[1:end], text[end + 1 :]
+    fl = 0
+    for f in flags:
+        if f not in _PCRE_FLAGS:
+            raise _LineError(f"pcre flag {f!r} is not supported (supported: i s m x)")
+        fl |= _PCRE_FLAGS[f]
+    try:
+        rx = re.compile(pattern.replace('\\"', '"').encode("latin-1"), fl)
+    except (re.error, UnicodeEncodeError) as e:
+        raise _LineError(f"pcre does not compile: {e}") from None
+    return Pcre(text, rx)
+
+
+def _flow(value: str | None) -> Flow:
+    if value is None:
+        raise _LineError("flow needs a value")
+    flow = Flow.ANY
+    for part in (p.strip().lower() for p in value.split(",")):
+        if part in ("to_server", "from_client"):
+            flow = Flow.TO_SERVER
+        elif part in ("to_client", "from_server"):
+            flow = Flow.TO_CLIENT
+        elif part in ("established", "only_stream", "stateless"):
+            continue  # the rebuilt stream is established and reassembled by construction
+        else:
+            raise _LineError(f"flow:{part} is not supported (to_server, to_client, from_client, from_server, "
+                             "established)")
+    return flow
+
+
+def _int(value: str | None, what: str) -> int:
+    try:
+        v = int(value or "")
+    except ValueError:
+        raise _LineError(f"{what} must be an integer, got {value!r}") from None
+    if v < 0:
+        raise _LineError(f"{what} must not be negative")
+    return v
+
+
+def _expand(text: str, variables: dict[str, str], depth: int = 0) -> str:
+    if depth > 8:
+        raise _LineError("variables nest too deeply")
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in variables:
+            raise _LineError(f"undefined variable ${name}")
+        return _expand(variables[name], variables, depth + 1)
+
+    return re.sub(r"\$([A-Za-z_][A-Za-z0-9_]*)", sub, text)
+
+
+def _split_list(text: str) -> list[str]:
+    """Top-level comma split of ``a, [b, c], !d``."""
+    items, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise _LineError(f"unbalanced ']' in {text!r}")
+        if ch == "," and depth == 0:
+            items.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise _LineError(f"unbalanced '[' in {text!r}")
+    items.append("".join(cur).strip())
+    if any(not i for i in items):
+        raise _LineError(f"empty item in list {text!r}")
+    return items
+
+
+def _addr(text: str) -> AddrSpec:
+    text = text.strip()
+    if text.lower() == "any":
+        return ANY_ADDR
+    if text.startswith("!"):
+        return AddrSpec("not", items=(_addr(text[1:]),))
+    if text.startswith("["):
+        if not text.endswith("]"):
+            raise _LineError(f"unbalanced list {text!r}")
+        return AddrSpec("list", items=tuple(_addr(i) for i in _split_list(text[1:-1])))
+    try:
+        return AddrSpec("net", net=ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise _LineError(f"{text!r} is not an address, network, list or any") from None
+
+
+def _port(text: str) -> PortSpec:
+    text = text.strip()
+    if text.lower() == "any":
+        return ANY_PORT
+    if text.startswith("!"):
+        return PortSpec("not", items=(_port(text[1:]),))
+    if text.startswith("["):
+        if not text.endswith("]"):
+            raise _LineError(f"unbalanced list {text!r}")
+        return PortSpec("list", items=tuple(_port(i) for i in _split_list(text[1:-1])))
+    try:
+        if ":" in text:
+            lo_s, hi_s = text.split(":", 1)
+            lo = int(lo_s) if lo_s else 0
+            hi = int(hi_s) if hi_s else 65535
+        else:
+            lo = hi = int(text)
+    except ValueError:
+        raise _LineError(f"{text!r} is not a port, range, list or any") from None
+    if not 0 <= lo <= hi <= 65535:
+        raise _LineError(f"bad port range {text!r}")
+    return PortSpec("range", lo, hi)
+
+
+def _squeeze_lists(head: str) -> str:
+    """Drop blanks inside ``[...]`` of a rule header, so ``[80, 8080]`` is one token."""
+    out, depth = [], 0
+    for ch in head:
+        depth += ch == "["
+        depth -= ch == "]"
+        if depth > 0 and ch.isspace():
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+def _rule(text: str, variables: dict[str, str], line: int) -> Rule:
+    head, paren, rest = text.partition("(")
+    m = _HEADER.match(_squeeze_lists(head) + paren + rest)
+    if not m:
+        raise _LineError("expected 'ACTION tcp SRC SPORT -> DST DPORT (OPTIONS)'")
+    action, proto, src, sport, arrow, dst, dport, body = m.groups()
+    action = action.lower()
+    if action not in _ACTIONS:
+        raise _LineError(f"action {action!r} is not supported (alert, drop, reject)")
+    if proto.lower() != "tcp":
+        raise _LineError(f"protocol {proto!r} is not supported (the rebuilt stream is tcp)")
+    msg, sid, rev, classtype = "", None, 1, ""
+    contents: list[Content] = []
+    pcre: Pcre | None = None
+    flow = Flow.ANY
+    for name, value in _split_options(body):
+        if name == "msg":
+            msg = _unquote(value, "msg").replace('\\"', '"').replace("\\;", ";").replace("\\\\", "\\")
+        elif name == "content":
+            if value is not None and value.startswith("!"):
+                raise _LineError("negated content is not supported")
+            contents.append(Content(_content_bytes(_unquote(value, "content"))))
+        elif name == "nocase":
+            if not contents:
+                raise _LineError("nocase must follow a content")
+            contents[-1] = Content(contents[-1].pattern, True)
+        elif name in _NOOP_MODIFIERS:
+            if not contents:
+                raise _LineError(f"{name} must follow a content")
+        elif name == "pcre":
+            if pcre is not None:
+                raise _LineError("only one pcre per rule is supported")
+            pcre = _pcre(value)
+        elif name == "flow":
+            flow = _flow(value)
+        elif name == "sid":
+            sid = _int(value, "sid")
+        elif name == "rev":
+            rev = _int(value, "rev")
+        elif name == "classtype":
+            classtype = (value or "").strip()
+        elif name in _IGNORED:
+            continue
+        else:
+            raise _LineError(f"option {name!r} is not supported (supported: {_SUPPORTED})")
+    if sid is None:
+        raise _LineError("sid is required")
+    if not contents and pcre is None:
+        raise _LineError("a rule needs at least one content or a pcre")
+    return Rule(sid=sid, msg=msg, contents=tuple(contents), pcre=pcre, rev=rev, action=action,
+                src=_addr(_expand(src, variables)), sport=_port(_expand(sport, variables)),
+                dst=_addr(_expand(dst, variables)), dport=_port(_expand(dport, variables)),
+                bidirectional=arrow == "<>", flow=flow, classtype=classtype, line=line)
+
+
+def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
+    """Parse a rules file; raises :class:`RuleError` naming ``source:line``."""
+    variables: dict[str, str] = {}
+    rules: list[Rule] = []
+    sids: dict[int, int] = {}
+    pending: list[str] = []
+    start = 0
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.rstrip()
+        if not pending:
+            stripped = line.strip()
+            if not stripped or stripped.startswith("#"):
+                continue
+            start = lineno
+        if line.endswith("\\") and not line.endswith("\\\\"):
+            pending.append(line[:-1])
+            continue
+        pending.append(line)
+        stmt = " ".join(p.strip() for p in pending)
+        pending = []
+        try:
+            vm = _VAR.match(stmt)
+            if vm:
+                variables[vm.group(2)] = vm.group(3)
+                _expand(vm.group(3), variables)  # undefined references fail here, on this line
+                continue
+            rule = _rule(stmt, variables, start)
+        except _LineError as e:
+            raise RuleError(f"{source}:{start}: {e}") from None
+        if rule.sid in sids:
+            raise RuleError(f"{source}:{start}: sid {rule.sid} already used on line {sids[rule.sid]}")
+        sids[rule.sid] = start
+        rules.append(rule)
+    if pending:
+        raise RuleError(f"{source}:{start}: rule continues past the end of the file")
+    return RuleSet(tuple(rules), source, variables)
+
+
+def load_rules(path: str | Path) -> RuleSet:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RuleError(f"{p}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise RuleError(f"{p}: not UTF-8 text") from None
+    return parse_rules(text, str(p))

@@ -1,0 +1,401 @@
+"""Adversarial traffic against the sans-I/O core: floods, buffer filling, conflicting overlaps,
+insertion, DSN jumps and wraps, damaged captures, a very large number of connections.
+
+The security property under test is the same everywhere: whatever the traffic, tracker state
+stays within the configured limits (and the limit hits are counted), per-packet cost stays flat,
+and what reaches the rebuilt stream is exactly what the legitimate endpoints exchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import os
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from mproxy.core.events import DataReleased, Direction, GapSkipped, Notice, NoticeType, Outcome, SubflowRefused
+from mproxy.core.pipeline import Pipeline
+from mproxy.core.tracker import ConnectionClosedSummary, Tracker, TrackerConfig
+from mproxy.io.pcap import PcapWriter
+from mproxy.replay import replay
+from mproxy.wire import mptcp as m
+from mproxy.wire.build import build_tcp, tcp_options
+from mproxy.wire.packet import ACK, SYN, LinkType
+from tests.fuzz.targets import check_bounded, check_frame
+
+from .session import MASK64, Session, run, seg, streams
+
+C2S, S2C = Direction.C2S, Direction.S2C
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def notices(ev: list) -> list[NoticeType]:
+    return [e.type for e in ev if isinstance(e, Notice)]
+
+
+def summaries(ev: list) -> list[dict]:
+    return [e.summary for e in ev if isinstance(e, ConnectionClosedSummary)]
+
+
+def flood_syn(i: int, *, join: bool = False, dst: bytes = bytes((198, 18, 9, 2))) -> bytes:
+    """Attacker SYN ``i``: MP_CAPABLE (SYN flood) or MP_JOIN with a random token (join flood),
+    from 198.19.0.0/16 sources."""
+    src = ipaddress.IPv4Address(0xC6130000 + i % 65000 + 1).packed
+    opt = m.MpJoin(m.JoinPhase.SYN, False, 1, (i * 2654435761) & 0xFFFFFFFF, i).encode() if join \
+        else m.MpCapable(1, m.CAP_H_HMAC).encode()
+    return build_tcp(src, dst, 1024 + i % 60000, 80, i * 7919, 0, SYN, 65535, tcp_options(opt))
+
+
+def legit_exchange(s: Session, c2s: bytes, s2c: bytes) -> list[bytes]:
+    """Handshake, a join, data both ways split over both subflows, DATA_FIN both ways."""
+    pk = s.handshake() + s.join(1)
+    h = len(c2s) // 2
+    pk += [s.data(0, True, 0, c2s[:h]), s.data(1, True, h, c2s[h:]), s.data(1, False, 0, s2c)]
+    pk += [s.data_fin(0, True, len(c2s)), s.data_fin(0, False, len(s2c))]
+    return pk
+
+
+class Feeder:
+    """Feeds IP packets with an advancing clock and keeps every event."""
+
+    def __init__(self, tracker: Tracker, ts: float = 1000.0, step: float = 0.0001) -> None:
+        self.tracker, self.ts, self.step = tracker, ts, step
+        self.events: list = []
+
+    def __call__(self, packets: list[bytes]) -> list:
+        out: list = []
+        for p in packets:
+            self.ts += self.step
+            out += self.tracker.process(seg(p, self.ts))
+        self.events += out
+        return out
+
+
+# --------------------------------------------------------------------------- floods
+def test_syn_flood_is_bounded_counted_and_legit_connections_are_rebuilt() -> None:
+    cfg = TrackerConfig(max_connections=200, max_subflows=600)
+    tr = Tracker(cfg)
+    feed = Feeder(tr)
+    feed([flood_syn(i) for i in range(3000)])
+    # a legitimate connection during the flood: its handshake interleaved with 50 more flood SYNs per RTT
+    s = Session(1, sport=33001)
+    legit = legit_exchange(s, b"POST /login user=admin&pw=' OR 1=1 --", b"HTTP/1.1 403 Forbidden\r\n\r\n")
+    ev: list = []
+    for n, p in enumerate(legit):
+        ev += feed([p])
+        feed([flood_syn(10_000 + 50 * n + k) for k in range(50)])
+        check_bounded(tr)
+    assert len(tr.connections) <= cfg.max_connections
+    assert tr.stats.memcap["connections"] >= 3000 - cfg.max_connections
+    (sm,) = [x for x in summaries(ev) if x["client_port"] == 33001]
+    assert sm["outcome"] == "data_fin" and not sm["pickup"] and len(sm["subflows"]) == 2
+    got = streams(ev)
+    cid = sm["conn_id"]
+    assert got[(cid, C2S)] == b"POST /login user=admin&pw=' OR 1=1 --"
+    assert got[(cid, S2C)] == b"HTTP/1.1 403 Forbidden\r\n\r\n"
+    # and one after the flood
+    s2 = Session(1, sport=33002, client_key=7, server_key=8)
+    ev2 = feed(legit_exchange(s2, b"after", b"flood"))
+    (sm2,) = summaries([e for e in ev2 if isinstance(e, ConnectionClosedSummary) and e.summary["client_port"] == 33002])
+    assert sm2["outcome"] == "data_fin" and sm2["c2s"]["bytes"] == 5 and sm2["s2c"]["bytes"] == 5
+
+
+def test_join_flood_is_bounded_counted_and_does_not_blind_the_tracker() -> None:
+    """MP_JOIN SYNs with random tokens cost the attacker nothing (no handshake). They must not
+    occupy the subflow table so that a legitimate connection arriving next goes untracked."""
+    cfg = TrackerConfig(max_connections=100, max_subflows=300)
+    tr = Tracker(cfg)
+    feed = Feeder(tr)
+    ev = feed([flood_syn(i, join=True) for i in range(5000)])
+    check_bounded(tr)
+    assert len(tr._sf) <= 2 * cfg.max_subflows
+    assert tr.stats.memcap["subflows"] > 0
+    assert NoticeType.JOIN_FLOOD in notices(ev) and NoticeType.JOIN_UNKNOWN_TOKEN in notices(ev)
+    # a legitimate connection while the flood goes on (10 join SYNs between its packets)
+    s = Session(1, sport=34001)
+    legit = legit_exchange(s, b"GET /?id=1 UNION SELECT password FROM users", b"200 OK")
+    ev = []
+    for n, p in enumerate(legit):
+        ev += feed([p])
+        feed([flood_syn(20_000 + 10 * n + k, join=True) for k in range(10)])
+        check_bounded(tr)
+    (sm,) = summaries(ev)
+    assert sm["outcome"] == "data_fin" and len(sm["subflows"]) == 2
+    assert streams(ev)[(sm["conn_id"], C2S)] == b"GET /?id=1 UNION SELECT password FROM users"
+
+
+def _per_syn_seconds(established: int, syns: int = 1500) -> float:
+    """Seconds per flood SYN when the connection table is full of established connections."""
+    tr = Tracker(TrackerConfig(max_connections=established, max_subflows=4 * established))
+    ts = 1000.0
+    for i in range(established):
+        s = Session(1, sport=1024 + i % 60000, client_key=i + 1, server_key=i + 2)
+        s._isn = 1000 + i * 10
+        for p in s.handshake():
+            ts += 0.000001
+            tr.process(seg(p, ts))
+    pk = [seg(flood_syn(i), 0.0) for i in range(syns)]
+    t0 = time.perf_counter()
+    for p in pk:
+        ts += 0.0001
+        p.ts = ts
+        tr.process(p)
+    dt = time.perf_counter() - t0
+    assert tr.stats.refused["connection_limit"] == syns  # nothing half-open to evict: refused, counted
+    assert len(tr.connections) == established
+    return dt / syns
+
+
+def test_flood_cost_per_packet_does_not_grow_with_the_table() -> None:
+    """At the connection limit every flood SYN looked for a victim and swept the subflow table:
+    O(table) per packet, a CPU denial of service. The cost must not depend on the table size."""
+    small, large = _per_syn_seconds(1000), _per_syn_seconds(10_000)
+    assert large < 3 * small + 20e-6, (small, large)
+
+
+# --------------------------------------------------------------------------- buffers
+def test_out_of_order_flood_stays_under_the_memcaps() -> None:
+    cfg = TrackerConfig(ooo_limit=64 * 1024, pending_limit=32 * 1024)
+    tr = Tracker(cfg)
+    feed = Feeder(tr)
+    s = Session(1)
+    feed(s.handshake() + s.join(1))
+    data = os.urandom(4 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        # never fill DSN offset 0..1000: everything after it is out of order (1400-byte segments)
+        for off in range(1000, len(data) - 1400, 1400):
+            feed([s.data(off // 1400 % 2, True, off, data[off : off + 1400])])
+        # unmapped bytes: segments whose mapping never comes
+        for i in range(200):
+            feed([s.data(1, False, 0, b"u" * 1000, mapping=False)])
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    (conn,) = tr.connections.values()
+    st = conn.streams[C2S]
+    assert st.ooo_bytes <= cfg.ooo_limit and st.released == 0
+    assert tr.buffered_bytes()[0] == st.ooo_bytes and tr.buffered_bytes()[1] <= cfg.pending_limit
+    assert tr.stats.memcap["out_of_order"] > 0 and tr.stats.memcap["pending"] > 0
+    assert st.memcap_bytes >= len(data) - 1000 - cfg.ooo_limit - 2800
+    assert NoticeType.MEMCAP in notices(feed.events)
+    check_bounded(tr)
+    # what the cap kept is whole and right: filling the hole releases exactly those bytes
+    assert peak < 4 * (cfg.ooo_limit + cfg.pending_limit) + 2 * 1024 * 1024, peak
+    ev = feed([s.data(0, True, 0, data[:1000])])
+    out = b"".join(e.data for e in ev if isinstance(e, DataReleased))
+    assert len(out) >= 1000 + cfg.ooo_limit - 1400 and out == data[: len(out)]
+
+
+def test_overlapping_segments_with_conflicting_bytes_first_accepted_wins() -> None:
+    """Policy (README, Semantics): bytes accepted first win, in order or out of order, released or
+    still buffered; every later copy that differs raises overlap_mismatch."""
+    s = Session(1)
+    feed = Feeder(Tracker())
+    feed(s.handshake() + s.join(1))
+    pk = [
+        s.data(0, True, 0, b"AAAAAAAAAA"),  # [0,10) released
+        s.data(1, True, 5, b"bbbbbbbbbb"),  # [5,15): [5,10) conflicts with released bytes, [10,15) new
+        s.data(0, True, 30, b"CCCCCCCCCC"),  # [30,40) buffered out of order
+        s.data(1, True, 35, b"dddddddddd"),  # [35,45): conflicts with the buffered bytes
+        s.data(0, True, 25, b"eeeeeeeeee"),  # [25,35): conflicts with the buffered bytes at [30,35)
+        s.data(1, True, 15, b"ffffffffff"),  # [15,25) fills the hole: everything is released
+        s.data(0, True, 0, b"AAAAAAAAAA"),  # an identical retransmission: no notice
+    ]
+    ev = feed(pk) + feed.tracker.flush()
+    got = streams(ev)[(1, C2S)]
+    assert got == b"AAAAAAAAAA" + b"bbbbb" + b"ffffffffff" + b"eeeee" + b"CCCCCCCCCC" + b"ddddd"
+    assert notices(ev).count(NoticeType.OVERLAP_MISMATCH) == 3
+    details = [e.detail for e in ev if isinstance(e, Notice) and e.type == NoticeType.OVERLAP_MISMATCH]
+    assert "already released" in details[0] and all("already released" not in d for d in details[1:])
+    assert summaries(ev)[0]["c2s"]["duplicate_bytes"] == 5 + 5 + 5 + 10
+
+
+# --------------------------------------------------------------------------- insertion
+def test_off_window_segments_on_the_real_subflow_are_not_accepted() -> None:
+    s = Session(1)
+    feed = Feeder(Tracker())
+    feed(s.handshake())
+    feed([s.data(0, True, 0, b"real"), s.ack(0, False, s.idsn[0] + 4)])
+    bad = [s.data(0, True, 4, b"EVIL", rel=5 + 10_000_000),  # far ahead of the window
+           s.data(0, True, 4, b"EVIL", rel=5 - 5_000_000),  # far behind
+           s.data(0, True, 4, b"EVIL", rel=5 + 0x80000000)]  # half the sequence space away
+    ev = feed(bad) + feed([s.data(0, True, 4, b"good")]) + feed.tracker.flush()
+    assert streams(feed.events)[(1, C2S)] == b"realgood"
+    assert NoticeType.OUT_OF_WINDOW in notices(ev) and feed.tracker.stats.out_of_window == 3
+    assert not notices(ev).count(NoticeType.OVERLAP_MISMATCH)
+
+
+def test_off_path_insertion_is_not_accepted() -> None:
+    """An off-path attacker knows addresses and ports, not sequence numbers or DSNs (keyed by
+    secrets). A spoofed ACK with a huge DATA_ACK must neither skip the stream forward (blinding the
+    IDS) nor move the subflow window (so the real data would be refused); a spoofed data segment
+    on a new 4-tuple with a guessed DSN must not join the victim's stream."""
+    s = Session(1)
+    tr = Tracker()
+    feed = Feeder(tr)
+    feed(s.handshake())
+    feed([s.data(0, True, 0, b"hello"), s.ack(0, False, s.idsn[0] + 5)])
+    sub = s.subs[0]
+    spoofed = [build_tcp(sub.server[0], sub.client[0], sub.server[1], sub.client[1], seq, ack, ACK, 65535,
+                         tcp_options(m.dss(data_ack).encode()))
+               for seq, ack, data_ack in ((0x12345678, 0x9ABCDEF0, MASK64), (0x55555555, 0x1, s.idsn[0] + 10**9),
+                                          (sub.isn[1] + 0x40000000, sub.isn[0] + 6, s.idsn[0] + 1000))]
+    feed(spoofed)
+    # a forged subflow: new 4-tuple, a DSS claiming the next bytes at a guessed DSN
+    forged = build_tcp(s.addr(66, 1), sub.server[0], 50000, sub.server[1], 777, 1, ACK, 65535,
+                       tcp_options(m.dss(1, 0x0123456789ABCDEF, 1, 4).encode()), b"EVIL")
+    feed([forged])
+    feed([s.data(0, True, 5, b" world"), s.data_fin(0, True, 11), s.data_fin(0, False, 0)])
+    ev = feed.events + tr.flush()
+    victim = [x for x in summaries(ev) if x["client_port"] == s.sport]
+    assert victim and victim[0]["c2s"]["bytes"] == 11 and victim[0]["outcome"] == "data_fin"
+    assert streams(ev)[(victim[0]["conn_id"], C2S)] == b"hello world"
+    assert victim[0]["c2s"]["gaps"] == [] and NoticeType.SIDE_CHANNEL not in notices(ev)
+    assert tr.stats.out_of_window >= 3  # the spoofed ACKs are counted
+
+
+# --------------------------------------------------------------------------- DSN jumps and wraps
+def test_huge_dsn_jump_does_not_allocate() -> None:
+    s = Session(1)
+    pipe = Pipeline()
+    for p in s.handshake():
+        pipe.feed_segment(seg(p, 1000.0))
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        frames = []
+        for off in (1 << 40, (1 << 63) - 5, (1 << 64) - (s.idsn[0] % (1 << 64)) - 100):
+            frames += pipe.feed_segment(seg(s.data(0, True, off, b"X" * 1000), 1000.1))
+        # the receiver acks 2**40 bytes nobody saw (a legitimate-looking side channel)
+        frames += pipe.feed_segment(seg(s.ack(0, False, s.idsn[0] + (1 << 40) + 1000), 1000.2))
+        frames += pipe.finish()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, peak
+    for f in frames:
+        check_frame(*f)
+    (rec,) = [r for r in pipe.records if r["event"] == "mptcp_connection"]
+    assert rec["c2s"]["gap_bytes"] >= 1 << 40
+
+
+def _released(ev: list, cid: int = 1, d: Direction = C2S) -> bytes:
+    return streams(ev).get((cid, d), b"")
+
+
+@pytest.mark.parametrize("dsn64", [True, False])
+def test_dsn_wraps_past_2_64(dsn64: bool) -> None:
+    """A stream whose DSNs cross 2**64 (64-bit DSNs; IDSNs are random, and a peer can choose its key
+    so its stream starts just below the wrap) and, with 32-bit DSNs on the wire, crosses the
+    2**32 boundaries at the same time. Picked up mid-stream, so the stream starts where we say."""
+    s = Session(1, dsn64=dsn64)
+    s.handshake()
+    s.join(1)
+    start = MASK64 - 2999  # 3000 bytes before the 64-bit wrap
+    off0 = (start - s.idsn[0]) & MASK64
+    data = os.urandom(8000)
+    pk = [s.data(i // 1000 % 2, True, off0 + i, data[i : i + 1000]) for i in range(0, 8000, 1000)]
+    pk.append(s.ack(0, False, start + 8000))
+    pk.append(s.data_fin(0, True, off0 + 8000))
+    ev = run(Tracker(), pk)
+    assert _released(ev) == data
+    (sm,) = summaries(ev)
+    assert sm["pickup"] and sm["c2s"]["gaps"] == [] and sm["c2s"]["data_fin"]
+    assert sm["c2s"]["acked_bytes"] == 8000 and not notices(ev)
+
+
+def _key_with_idsn_low32_near_wrap(room: int = 1 << 20) -> int:
+    """A client key whose IDSN's low 32 bits sit just below 2**32 (found in ~4k SHA-256 tries)."""
+    from mproxy import crypto
+
+    k = 1
+    while (crypto.key_idsn(k, 1) + 1) & 0xFFFFFFFF < (1 << 32) - room:
+        k += 1
+    return k
+
+
+def test_32_bit_dsn_wrap_from_the_handshake() -> None:
+    k = _key_with_idsn_low32_near_wrap()
+    s = Session(1, dsn64=False, client_key=k)
+    left = (1 << 32) - (s.idsn[0] & 0xFFFFFFFF)  # bytes before the low 32 bits wrap
+    data = os.urandom(left + 200_000)
+    pk = s.handshake() + s.join(1)
+    pk += [s.data(i // 1400 % 2, True, i, data[i : i + 1400]) for i in range(0, len(data), 1400)]
+    pk += [s.data_fin(0, True, len(data)), s.data_fin(0, False, 0)]
+    ev = run(Tracker(), pk)
+    assert _released(ev) == data
+    assert summaries(ev)[0]["outcome"] == "data_fin"
+
+
+# --------------------------------------------------------------------------- damaged captures
+def test_truncated_final_packet_and_snaplen_cut_packets(tmp_path: Path) -> None:
+    """Snaplen-cut packets (captured payload shorter than the IP length): the missing bytes are
+    never invented -- they are a capture gap of exactly their length, and every byte after them is
+    at its right place. A truncated last record is reported, not a crash."""
+    s = Session(1)
+    data = bytes(range(256)) * 40  # 10240 bytes
+    pk = s.handshake() + s.join(1)
+    pk += [s.data(i // 1024 % 2, True, i, data[i : i + 1024]) for i in range(0, len(data), 1024)]
+    pk += [s.data_fin(0, True, len(data)), s.data_fin(0, False, 0)]
+    cut = {5: 100, 8: 1}  # packet index -> payload bytes captured (of 1024)
+    buf = io.BytesIO()
+    w = PcapWriter(buf, 101)
+    for i, p in enumerate(pk):
+        frame = p[: len(p) - 1024 + cut[i]] if i in cut else p
+        w._f.write(struct.pack("<IIII", 1000 + i, 0, len(frame), len(p)) + frame)
+    whole = buf.getvalue()
+    cap = tmp_path / "cut.pcap"
+    cap.write_bytes(whole + struct.pack("<IIII", 2000, 0, 500, 500) + b"\x45" * 100)  # truncated last record
+    log = io.StringIO()
+    res = replay([str(cap)], io.BytesIO(), log)
+    assert any("truncated last packet" in p for p in res.problems)
+    import json
+
+    (rec,) = [json.loads(x) for x in log.getvalue().splitlines() if '"mptcp_connection"' in x]
+    first = {5: (5 - 5) * 1024, 8: (8 - 5) * 1024}  # data offsets of the cut segments
+    expected = b"".join(data[i : i + 1024] if i not in (first[5], first[8]) else data[i : i + cut[i // 1024 + 5]]
+                        for i in range(0, len(data), 1024))
+    assert rec["c2s"]["gap_bytes"] == (1024 - 100) + (1024 - 1)
+    assert [(g["length"], g["acked"]) for g in rec["c2s"]["gaps"]] == [(924, False), (1023, False)]
+    assert rec["c2s"]["bytes"] == len(expected) and rec["c2s"]["sha256"] == hashlib.sha256(expected).hexdigest()
+    assert res.pipeline.tracker.stats.notices["capture_gap"] == 2
+
+
+# --------------------------------------------------------------------------- a million connections
+def _replay_peak_rss(path: Path) -> tuple[int, float, str]:
+    """Peak RSS (KiB) and seconds of ``mproxy replay`` over ``path``, in a fresh interpreter."""
+    code = ("import resource, sys, time; from mproxy.cli import main; t = time.monotonic(); "
+            f"rc = main(['replay', {str(path)!r}, '--out', '/dev/null', '-q']); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic() - t, rc)")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert cp.returncode == 0, cp.stderr
+    rss, secs, rc = cp.stdout.split()
+    return int(rss), float(secs), rc
+
+
+def test_many_short_lived_connections_keep_rss_flat(tmp_path: Path) -> None:
+    """Short-lived connections through ``replay``: peak RSS must not grow with their number (closed
+    connections are reported and forgotten). CI compares 20k with 100k connections; the 100k vs
+    1M comparison is ``benchmarks/connections.py`` (figures in benchmarks/README.md)."""
+    from tests.core.manyconns import write_capture
+
+    small, large = tmp_path / "20k.pcap", tmp_path / "100k.pcap"
+    write_capture(small, 20_000)
+    write_capture(large, 100_000)
+    rss_small, _t, rc = _replay_peak_rss(small)
+    rss_large, secs, _rc = _replay_peak_rss(large)
+    assert rc == "0"
+    # flat: 5x the connections, < 10% (and < 8 MiB) more peak memory
+    assert rss_large - rss_small < max(0.10 * rss_small, 8 * 1024), (rss_small, rss_large)
+    assert secs < 120

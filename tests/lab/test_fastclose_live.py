@@ -1,0 +1,241 @@
+"""Closing the loop on real kernel MPTCP: ``mproxy run`` kills an attacking connection on every subflow.
+
+One lab (client with two paths, gateway, server) for the module; each test
+starts ``mproxy run`` in the gateway namespace with a config it writes. The
+HTTP server application records every byte it receives
+(:mod:`mproxy.lab.http_attack`), both applications report how and when their
+connection ended, and tcpdump in the client and server namespaces records what
+each end received — tshark then says which subflows got an RST and whether it
+carried MP_FASTCLOSE. The attack request is split across the two client paths
+(``...UNION+SELE`` on path 0, ``CT+password...`` on path 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import pytest  # noqa: E402
+
+from mproxy.lab.topology import lab_available  # noqa: E402
+
+LAB_REASON = lab_available()
+pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
+
+QUEUE = 3
+PORT = 80
+
+
+@contextlib.contextmanager
+def mproxy(lab: Any, d: Path, extra: str = "") -> Iterator[dict[str, Any]]:
+    """``mproxy run`` in the gateway namespace; yields a dict that gets ``records`` after the stop."""
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = d / "mproxy.toml"
+    cfg.write_text(f"""
+[queue]
+num = {QUEUE}
+[log]
+events = "{d / 'events.jsonl'}"
+level = "debug"
+[metrics]
+listen = ""
+{extra}
+""")
+    err_path = d / "mproxy.err"
+    with open(err_path, "wb") as err:
+        proc = lab.popen(lab.ns_gw, sys.executable, "-m", "mproxy", "run", "-c", str(cfg),
+                         env=dict(os.environ, PYTHONPATH=str(_ROOT)), stderr=err)
+    out: dict[str, Any] = {"proc": proc, "records": []}
+    deadline = time.monotonic() + 20
+    while "ready:" not in err_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"mproxy did not start: {err_path.read_text(errors='replace')}")
+        time.sleep(0.05)
+    try:
+        yield out
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        ev = d / "events.jsonl"
+        out["records"] = [json.loads(x) for x in ev.read_text().splitlines() if x.strip()] if ev.exists() else []
+        text = err_path.read_text(errors="replace")
+        assert rc == 0 and "Traceback" not in text, text
+        assert "MPROXY" not in lab.run(lab.ns_gw, "iptables", "-w", "-t", "mangle", "-S").stdout
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Any]:
+    from mproxy.lab.http_attack import prepare_steering
+    from mproxy.lab.topology import Lab
+
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"netfilterqueue not importable: {e}")
+    with Lab(rate=None, gso=False) as lab:
+        prepare_steering(lab)
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def server(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from mproxy.lab.http_attack import Server
+
+    srv = Server(lab, tmp_path_factory.mktemp("http"), PORT)
+    yield srv
+    srv.stop()
+
+
+def resets(pcap: Path) -> dict[tuple[str, int, str, int], set[str]]:
+    """4-tuple (src, sport, dst, dport) of each RST in the capture -> kinds ('rst', 'mp_fastclose')."""
+    from tests.oracles import tshark_fields
+
+    rows = tshark_fields(pcap, ["ip.src", "ipv6.src", "tcp.srcport", "ip.dst", "ipv6.dst", "tcp.dstport",
+                                "tcp.options.mptcp.subtype", "tcp.options.mptcp.recvkey"], "tcp.flags.reset == 1")
+    out: dict[tuple[str, int, str, int], set[str]] = {}
+    for r in rows:
+        src, dst = r[0] or r[1], r[3] or r[4]
+        kinds = out.setdefault((src, int(r[2]), dst, int(r[5])), set())
+        kinds.add("rst")
+        if "7" in r[6].split(","):
+            kinds.add("mp_fastclose")
+    return out
+
+
+def subflow_tuples(lab: Any, family: int, records: list[dict[str, Any]]) -> list[tuple[str, int, str, int]]:
+    (conn,) = [r for r in records if r["event"] == "mptcp_connection" and r.get("outcome") == "fastclose"]
+    return [(sf["src"], sf["sport"], sf["dst"], sf["dport"]) for sf in conn["subflows"]]
+
+
+def check_killed(lab: Any, tmp: Path, family: int, cli_pcap: Path, srv_pcap: Path, records: list[dict[str, Any]],
+                 t0: float, client_end: dict[str, Any], server_end: dict[str, Any]) -> None:
+    # both applications saw the connection reset, within a second of the trigger
+    assert client_end.get("how") == "reset", client_end
+    assert server_end.get("how") == "reset", server_end
+    assert client_end["t"] - t0 < 1.0, (client_end, t0)
+    assert server_end["t"] - t0 < 1.0, (server_end, t0)
+    # every subflow got its RST carrying MP_FASTCLOSE, at both ends
+    tuples = subflow_tuples(lab, family, records)
+    assert len(tuples) == 2, tuples
+    paths = {lab.addresses().path_of(t[0]) for t in tuples}
+    assert paths == {0, 1}, tuples  # the subflows really used both client paths
+    at_server, at_client = resets(srv_pcap), resets(cli_pcap)
+    for src, sport, dst, dport in tuples:
+        assert "mp_fastclose" in at_server.get((src, sport, dst, dport), set()), (at_server, tuples)
+        assert "mp_fastclose" in at_client.get((dst, dport, src, sport), set()), (at_client, tuples)
+    (act,) = [r for r in records if r["event"] == "action" and r["action"] == "fastclose"]
+    assert act["mode"] == "mp_fastclose" and act["version"] == 1 and len(act["subflows"]) == 2, act
+    assert all(sf["to_responder"] == sf["to_initiator"] == "rst+mp_fastclose" for sf in act["subflows"])
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_inspector_blocks_split_attack_and_fastcloses(lab: Any, server: Any, tmp_path: Path, family: int) -> None:
+    from mproxy.lab.http_attack import NEEDLE, ATTACK_PART1, Client, split_attack
+
+    cli_pcap, srv_pcap = tmp_path / "client.pcap", tmp_path / "server.pcap"
+    with mproxy(lab, tmp_path / "mproxy", '[inspector]\nmode = "on"\n') as mp:
+        with lab.capture(cli_pcap, ns=lab.ns_cli), lab.capture(srv_pcap, ns=lab.ns_srv):
+            client = Client(lab, server, family)
+            try:
+                res = split_attack(lab, client, PORT)
+                end = server.wait_for(lambda e: e.get("ev") == "end" and e.get("conn") == client.conn, 5)
+            finally:
+                client.close()
+    got = server.received(client.conn)
+    assert ATTACK_PART1 in got  # part 1 alone is harmless and was delivered
+    assert NEEDLE not in got and b"CT+password" not in got, got  # the bytes completing the attack never arrived
+    check_killed(lab, tmp_path, family, cli_pcap, srv_pcap, mp["records"], res["part2_sent"], res["client"], end)
+    (act,) = [r for r in mp["records"] if r["event"] == "action"]
+    assert act["trigger"] == "inspector" and act["sid"] == 1000002, act
+    assert act["dropped"]["len"] > 0
+
+
+def test_ids_alert_fastcloses_every_subflow(lab: Any, server: Any, tmp_path: Path) -> None:
+    from mproxy.lab.http_attack import NEEDLE, Client, split_attack
+
+    eve = tmp_path / "eve.json"
+    eve.write_text('{"event_type":"stats","stats":{}}\n')
+    cli_pcap, srv_pcap = tmp_path / "client.pcap", tmp_path / "server.pcap"
+    extra = f'[inspector]\nmode = "off"\n[alerts]\nfiles = ["{eve}"]\npoll_interval = 0.1\n'
+    with mproxy(lab, tmp_path / "mproxy", extra) as mp:
+        with lab.capture(cli_pcap, ns=lab.ns_cli), lab.capture(srv_pcap, ns=lab.ns_srv):
+            client = Client(lab, server, 4)
+            try:
+                res = split_attack_no_wait(lab, client)
+                # the attack went through (no embedded inspector): the IDS alerts on the emitted stream
+                assert NEEDLE in server.received(client.conn)
+                alert = {"timestamp": "2025-01-01T00:00:00.000000+0000", "event_type": "alert", "proto": "TCP",
+                         "src_ip": lab.client_addr[0][4], "src_port": client.sport, "dest_ip": lab.server_addr[4],
+                         "dest_port": PORT, "alert": {"signature_id": 2006446, "signature": "ET WEB_SERVER "
+                                                      "Possible SQL Injection Attempt UNION SELECT", "rev": 1}}
+                with eve.open("a") as f:
+                    f.write("this is not json\n")
+                    t0 = time.time()
+                    f.write(json.dumps(alert) + "\n")
+                cend = client.wait_end(3.0)
+                send = server.wait_for(lambda e: e.get("ev") == "end" and e.get("conn") == client.conn, 5)
+            finally:
+                client.close()
+    assert res
+    check_killed(lab, tmp_path, 4, cli_pcap, srv_pcap, mp["records"], t0, cend, send)
+    (act,) = [r for r in mp["records"] if r["event"] == "action"]
+    assert act["trigger"] == "alert" and act["sid"] == 2006446 and act["ids"] == "suricata", act
+    st = next(r for r in mp["records"] if r["event"] == "stats")["reactions"]
+    assert st["alerts"]["acted"] == 1 and st["alerts"]["malformed"] == {"not_json": 1}, st
+    assert st["alerts"]["ignored"] == 0  # the stats line was before the start (followed from the end)
+
+
+def split_attack_no_wait(lab: Any, client: Any) -> bool:
+    from mproxy.lab.http_attack import ATTACK_PART1, ATTACK_PART2, BENIGN, steer, wait_subflows
+
+    steer(lab, 0)
+    client.send(BENIGN)
+    client.response()
+    wait_subflows(lab, PORT, 2)
+    client.send(ATTACK_PART1)
+    steer(lab, 1)
+    time.sleep(0.2)
+    client.send(ATTACK_PART2)
+    client.response()
+    return True
+
+
+def test_benign_transfer_untouched(lab: Any, server: Any, tmp_path: Path) -> None:
+    from mproxy.lab.http_attack import BENIGN, Client, steer, wait_subflows
+
+    with mproxy(lab, tmp_path / "mproxy", '[inspector]\nmode = "on"\n') as mp:
+        client = Client(lab, server, 4)
+        try:
+            steer(lab, 0)
+            client.send(BENIGN)
+            assert client.response()["status"] == "HTTP/1.1 200 OK"
+            wait_subflows(lab, PORT, 2)
+            steer(lab, 1)
+            time.sleep(0.2)
+            client.send(BENIGN)
+            assert client.response()["status"] == "HTTP/1.1 200 OK"
+            client.cmd("close")
+            end = server.wait_for(lambda e: e.get("ev") == "end" and e.get("conn") == client.conn, 5)
+        finally:
+            client.close()
+    assert end["how"] == "eof" and server.received(client.conn) == BENIGN * 2
+    recs = mp["records"]
+    assert not [r for r in recs if r["event"] == "action"], recs
+    (conn,) = [r for r in recs if r["event"] == "mptcp_connection"]
+    assert conn["outcome"] in ("data_fin", "fin") and len(conn["subflows"]) == 2
+    st = next(r for r in recs if r["event"] == "stats")
+    assert st["verdicts"].get("drop", 0) == 0
+    assert st["reactions"]["inspector"]["bytes"]["c2s"] == 2 * len(BENIGN)
