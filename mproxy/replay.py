@@ -49,8 +49,11 @@ class _Progress:
 
 
 def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
-           config: TrackerConfig | None = None, progress: bool = False) -> ReplayResult:
-    """Replay captures through the core; raises CaptureError for unreadable inputs."""
+           config: TrackerConfig | None = None, progress: bool = False, *, log_keys: bool = False) -> ReplayResult:
+    """Replay captures through the core; raises CaptureError for unreadable inputs.
+
+    MPTCP keys (``*_key`` fields) are left out of the log unless ``log_keys``: with them anyone
+    reading the log could forge MP_JOINs and MP_FASTCLOSEs for connections still open."""
     pipe = Pipeline(config)
     writer = PcapWriter(out)
     readers: list[CaptureReader] = []
@@ -66,6 +69,8 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
             else:
                 notices += 1
             if log is not None:
+                if not log_keys:
+                    rec = {k: v for k, v in rec.items() if not k.endswith("_key")}
                 log.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
     try:

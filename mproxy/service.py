@@ -202,7 +202,8 @@ class Service:
         gw = self.gateway
         registry = make_registry(Sources(tracker=gw.tracker, pipeline=gw.pipeline.stats, gateway=gw.stats,
                                          queue=self.metric_queue, latency=self.histogram, mode="gateway",
-                                         sinks=lambda: self.sinks.stats(), events=self.events))
+                                         sinks=lambda: self.sinks.stats(), events=self.events,
+                                         extra=[self._reaction_metrics]))
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -226,6 +227,14 @@ class Service:
             return await asyncio.start_server(handle, host.strip("[]"), int(port))
         except OSError as e:
             raise MetricsError(f"[metrics] listen {self.cfg.metrics.listen}: {e.strerror or e}") from None
+
+    def _reaction_metrics(self) -> Any:
+        from .io.metrics import reaction_families
+
+        r = self.gateway.responder
+        return reaction_families(r.inspector.stats if r.inspector is not None else None, r.stats,
+                                 self.injector.stats if self.injector is not None else None,
+                                 self.alert_feed.stats if self.alert_feed is not None else None)
 
     def _update_queue_metrics(self) -> None:
         if self.queue is None:

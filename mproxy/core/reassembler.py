@@ -114,6 +114,19 @@ class DataStream:
             return self._drain()
         return b""
 
+    def unwrap(self, dsn: int) -> int:
+        """A 64-bit wire DSN (or DATA_ACK) as a position in this stream, which does not wrap.
+
+        DSNs wrap at 2**64 (IDSNs are random; a peer can pick a key whose stream starts just
+        below the wrap). Positions here are plain integers that keep growing, so a wire value
+        is taken as the one congruent to it mod 2**64 nearest to the stream's position.
+        """
+        base = self.base
+        if base is None:
+            return dsn
+        d = (dsn - base) & MASK64
+        return base + d if d < 1 << 63 else base + d - (1 << 64)
+
     def set_fin(self, fin_dsn: int) -> bytes:
         """Record DATA_FIN at ``fin_dsn``; returns b"" (data before it still flows)."""
         if self.fin_dsn is None:

@@ -178,7 +178,7 @@ class Connection:
             dirs[d] = {
                 "bytes": st.released,
                 "sha256": st.sha.hexdigest(),
-                "gaps": [{"dsn": g.dsn, "length": g.length, "acked": g.acked} for g in st.gaps],
+                "gaps": [{"dsn": g.dsn & MASK64, "length": g.length, "acked": g.acked} for g in st.gaps],
                 "gap_bytes": sum(g.length for g in st.gaps),
                 "data_fin": st.finished,
                 "acked_bytes": None if st.acked is None or st.start is None else max(0, min(
@@ -194,6 +194,8 @@ class Connection:
             "client": addr_text(self.client[0]), "client_port": self.client[1],
             "server": addr_text(self.server[0]), "server_port": self.server[1],
             "client_token": self.client_token(), "server_token": self.server_token(),
+            # the keys themselves: writers drop every "*_key" field unless [log] log_keys = true
+            "client_key": self.client_key, "server_key": self.server_key,
             "checksum": self.csum,
             "pickup": self.pickup,
             "start": round(self.ts, 6), "end": round(self.last_ts, 6),
@@ -263,6 +265,10 @@ class Tracker:
         self._lingering: deque[tuple[float, Subflow]] = deque()  # (closed at, subflow)
         # join-flood windows, oldest first: (receiver address, token or None) -> [start, joins, noticed]
         self._join_windows: OrderedDict[tuple[bytes, int | None], list[Any]] = OrderedDict()
+        # O(1) victims when a limit bites (a flood must not cost a scan of the tables per packet):
+        # connections still in their handshake (LRU first) and subflows attached to no connection
+        self._half_open: OrderedDict[int, Connection] = OrderedDict()
+        self._orphans: OrderedDict[int, Subflow] = OrderedDict()
         self.now = 0.0
 
     # ------------------------------------------------------------------
@@ -314,6 +320,8 @@ class Tracker:
             conn.last_ts = ts
             if conn.closed is None:
                 self.connections.move_to_end(conn.id)
+                if not conn.opened and conn.id in self._half_open:
+                    self._half_open.move_to_end(conn.id)
         self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
         return ev
 
@@ -341,6 +349,7 @@ class Tracker:
             hit = self._sf.get(key)
             if hit is not None and hit[0] is sf:
                 del self._sf[key]
+        self._orphans.pop(sf.id, None)
         if sf.conn is not None and sf.conn.closed is None and sf in sf.conn.subflows:
             sf.closed_ts = sf.closed_ts or sf.last_ts
 
@@ -422,10 +431,14 @@ class Tracker:
         ts = seg.ts
         key = (seg.src, seg.sport, seg.dst, seg.dport)
         if len(self._sf) // 2 >= self.config.max_subflows:
+            self.stats.memcap["subflows"] += 1  # the limit bit: counted however room is made
             self._expire(ts, ev, force=True)
+            while len(self._sf) // 2 >= self.config.max_subflows and self._orphans:
+                # a subflow no connection claimed (joins with unknown tokens: a join flood) makes
+                # room first, oldest first, so a flood cannot keep new connections from being tracked
+                self._drop_subflow(self._orphans.popitem(last=False)[1])
             if len(self._sf) // 2 >= self.config.max_subflows:
                 self.stats.refused["subflow_limit"] += 1
-                self.stats.memcap["subflows"] += 1
                 ev.append(SubflowRefused("subflow_limit", ts))
                 ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
                 return
@@ -465,7 +478,7 @@ class Tracker:
             self._expire(ts, ev, force=True)
             if len(self.connections) >= self.config.max_connections:
                 # evict the least recently active connection still in its handshake, else refuse
-                victim = next((c for c in self.connections.values() if not c.opened), None)
+                victim = next(iter(self._half_open.values()), None)
                 if victim is None:
                     self.stats.refused["connection_limit"] += 1
                     self.stats.memcap["connections"] += 1
@@ -481,6 +494,7 @@ class Tracker:
                                    DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history)))
         self._next_conn += 1
         self.connections[conn.id] = conn
+        self._half_open[conn.id] = conn
         self.stats.connections += 1
         return conn
 
@@ -493,6 +507,8 @@ class Tracker:
         self.stats.subflows += 1
         if conn is not None:
             conn.subflows.append(sf)
+        else:
+            self._orphans[sf.id] = sf
         return sf
 
     def _index_token(self, conn: Connection, key: int) -> None:
@@ -641,10 +657,14 @@ class Tracker:
             for val, k in probes:
                 for flipped in (False, True):
                     st = conn.streams[k ^ int(flipped)]
-                    if st.base is None:
+                    # a stream picked up mid-stream may have no byte in order yet (its first data
+                    # waits for a mapping to anchor it) but already knows the peer's DATA_ACK
+                    ref = st.base if st.base is not None else st.acked
+                    if ref is None:
                         continue
-                    ref = st.base if (dss.dsn64 if k == 0 else dss.ack64) else st.base & MASK32
-                    if abs(val - ref) < _PICKUP_DSN_WINDOW:
+                    mask = MASK64 if (dss.dsn64 if k == 0 else dss.ack64) else MASK32
+                    dist = (val - ref) & mask  # modular: streams cross 2**32 and 2**64
+                    if min(dist, mask + 1 - dist) < _PICKUP_DSN_WINDOW:
                         # the sender must be on the matching side's addresses
                         return conn, flipped
         return None, False
@@ -706,6 +726,7 @@ class Tracker:
                 ack = dss.data_ack
                 if not dss.flags & m.DSS_a and rst.base is not None:
                     ack = expand32(ack, rst.base)
+                ack = rst.unwrap(ack)  # DSNs wrap at 2**64, stream positions do not
                 if rst.acked is None or ack > rst.acked:
                     rst.acked = ack
             if dss.dsn is not None:
@@ -858,6 +879,7 @@ class Tracker:
             sf.conn.subflows.remove(sf)
         sf.conn = None
         sf.closed_ts = ts
+        self._orphans[sf.id] = sf
         self.stats.refused[reason] += 1
         ev.append(SubflowRefused(reason, ts))
 
@@ -887,12 +909,14 @@ class Tracker:
     def _open(self, conn: Connection, ts: float, ev: list[Event]) -> None:
         conn.opened = True
         conn.held.clear()
+        self._half_open.pop(conn.id, None)
         ev.append(ConnectionOpened(conn.id, ts))
 
     def _attach(self, sf: Subflow, conn: Connection, flipped: bool, ts: float, ev: list[Event]) -> None:
         sf.conn = conn
         sf.flipped = flipped
         conn.subflows.append(sf)
+        self._orphans.pop(sf.id, None)
         ev.append(SubflowJoined(conn.id, sf.id, ts))
         self.stats.joins += 1
 
@@ -923,11 +947,11 @@ class Tracker:
         conn.mapped[cdir] = True
         if dss.data_fin:
             if dll == 1 and ssn == 0:  # bare DATA_FIN: consumes one DSN, no payload
-                st.set_fin(dsn)
+                st.set_fin(st.unwrap(dsn))
                 self._after_fin(conn, cdir, seg.ts, ev)
                 return True
             if dll >= 1:
-                st.set_fin(dsn + dll - 1)
+                st.set_fin(st.unwrap(dsn) + dll - 1)
         if dll == 0:
             if not any(mp.infinite for mp in sfd.mappings):
                 self._notice(ev, NoticeType.INFINITE_MAPPING, conn, f"infinite mapping at dsn {dsn}", seg)
@@ -1185,7 +1209,7 @@ class Tracker:
                  ev: list[Event]) -> None:
         st = conn.streams[cdir]
         before = len(st.overlaps), st.memcap_drops
-        out = st.insert(dsn, data)
+        out = st.insert(st.unwrap(dsn), data)
         if len(st.overlaps) != before[0]:
             for ov in st.overlaps[before[0]:]:
                 self._notice(ev, NoticeType.OVERLAP_MISMATCH, conn,
@@ -1282,6 +1306,7 @@ class Tracker:
             ev.extend(conn.held)
             conn.held.clear()
         self.connections.pop(conn.id, None)
+        self._half_open.pop(conn.id, None)
         for sf in conn.subflows:
             if sf.closed_ts is None:
                 sf.closed_ts = ts
@@ -1290,6 +1315,7 @@ class Tracker:
 
     def _forget(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
+        self._half_open.pop(conn.id, None)
         self._forget_tokens(conn)
 
     def _forget_tokens(self, conn: Connection) -> None:
@@ -1324,7 +1350,9 @@ class Tracker:
                 break
             self._drop_subflow(sf)
         # loose entries (no connection, or plain TCP after a fallback): a periodic sweep
-        if force or now - self._last_sweep >= 30.0:
+        # (forced at a limit at most once a second: the sweep is O(table), and a flood hits the
+        # limit on every packet)
+        if (force and now - self._last_sweep >= 1.0) or now - self._last_sweep >= 30.0:
             self._last_sweep = now
             dead = []
             for key, (sf, d) in self._sf.items():
@@ -1339,8 +1367,10 @@ class Tracker:
                 if now - max(ref, sf.last_ts) >= linger:
                     dead.append(key)
             for key in dead:
-                self._sf.pop(key, None)
+                hit = self._sf.pop(key, None)
                 self._sf.pop((key[2], key[3], key[0], key[1]), None)
+                if hit is not None:
+                    self._orphans.pop(hit[0].id, None)
 
     # -- read-only helpers (reactions: alerts, fast-close) ----------------------
     def connection_at(self, src: bytes, sport: int, dst: bytes, dport: int) -> Connection | None:

@@ -311,3 +311,38 @@ def make_registry(sources: Sources, process: bool = True) -> CollectorRegistry:
 def snapshot(sources: Sources) -> bytes:
     """Prometheus text format of the current values (``replay --metrics FILE``)."""
     return generate_latest(make_registry(sources, process=False))
+
+
+def reaction_families(inspector: Any = None, responder: Any = None, injector: Any = None,
+                      alerts: Any = None) -> Iterator[Any]:
+    """Inspector, reaction, injection and alert-feed counters (``Sources.extra`` of the gateway).
+
+    Arguments are the stats objects of mproxy/core/inspector.py, core/reactions.py,
+    io/inject.py and core/alerts.py (any may be None when that part is off).
+    """
+    c = CounterMetricFamily("mproxy_inspected_bytes", "Rebuilt bytes passed through the embedded inspector",
+                            labels=["direction"])
+    b = inspector.bytes if inspector is not None else (0, 0)
+    c.add_metric(["client_to_server"], b[0])
+    c.add_metric(["server_to_client"], b[1])
+    yield c
+    c = CounterMetricFamily("mproxy_signature_matches", "Embedded inspector signature matches")
+    c.add_metric([], inspector.matches if inspector is not None else 0)
+    yield c
+    c = CounterMetricFamily("mproxy_killed_packets", "Packets of fast-closed connections, by what was done",
+                            labels=["action"])
+    c.add_metric(["dropped"], responder.late_dropped if responder is not None else 0)
+    c.add_metric(["answered"], responder.answered if responder is not None else 0)
+    yield c
+    c = CounterMetricFamily("mproxy_injected_packets", "MP_FASTCLOSE/RST packets injected, by result",
+                            labels=["result"])
+    c.add_metric(["sent"], injector.sent if injector is not None else 0)
+    c.add_metric(["error"], injector.errors if injector is not None else 0)
+    yield c
+    c = CounterMetricFamily("mproxy_ids_alerts", "External IDS alert lines, by result", labels=["result"])
+    a = alerts
+    c.add_metric(["acted"], a.acted if a is not None else 0)
+    c.add_metric(["unmatched"], a.unmatched if a is not None else 0)
+    c.add_metric(["ignored"], a.ignored if a is not None else 0)
+    c.add_metric(["malformed"], sum(a.malformed.values()) if a is not None else 0)
+    yield c

@@ -475,6 +475,8 @@ def check_bounded(tr: Tracker) -> None:
         for c in lst:
             assert c.id in live, f"token 0x{tok:x} keeps closed connection {c.id}"
     assert len(tr._lingering) <= 2 * cfg.max_subflows + 2 * cfg.max_connections * cfg.max_subflows_per_connection
+    assert set(tr._half_open) <= live and all(not c.opened for c in tr._half_open.values())
+    assert all(tr._sf.get(sf.key, (None,))[0] is sf and sf.conn is None for sf in tr._orphans.values())
     for conn in tr.connections.values():
         assert conn.closed is None
         assert len(conn.subflows) <= cfg.max_subflows_per_connection, (conn.id, len(conn.subflows))
@@ -485,7 +487,7 @@ def check_bounded(tr: Tracker) -> None:
             assert sorted(st._starts) == st._starts and set(st._starts) == set(st._chunks)
             assert len(st._history) <= 2 * max(st.history_limit, 1)
             if st.base is not None:
-                assert 0 <= st.base < 1 << 64
+                assert st.base >= 0  # a position: starts at a 64-bit DSN, only grows (wraps are unwrapped)
     seen: set[int] = set()
     for sf, _d in tr._sf.values():
         if id(sf) in seen:

@@ -1,0 +1,91 @@
+"""The heaviest adversarial case end to end: SYN and MP_JOIN floods through ``mproxy run`` with
+small limits, while and after which a legitimate MPTCP connection must be tracked and rebuilt
+exactly (the applications' SHA-256 against the event log and against tshark reading the sink).
+
+The flood comes from a raw socket in the client namespace (the lab's own addresses only) to a port
+the server silently drops, so for mproxy every flood SYN stays a half-open connection or an
+unclaimed join subflow -- the state a flood is meant to exhaust. The sans-I/O versions (and the
+per-packet cost) are in tests/core/test_adversarial.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import pytest  # noqa: E402
+
+from mproxy.lab.topology import lab_available  # noqa: E402
+from tests.lab.livehelp import Mproxy, env, open_lab, sha, transfer  # noqa: E402
+
+LAB_REASON = lab_available()
+pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
+
+MAX_CONNECTIONS, MAX_SUBFLOWS = 200, 400
+FLOOD = 2500  # SYNs of each kind
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Any]:
+    yield from open_lab()
+
+
+def test_syn_and_join_floods_are_bounded_and_legit_connections_rebuilt(lab: Any, tmp_path: Path) -> None:
+    from tests.oracles import tcp_streams, tshark_follow_raw
+
+    drop = ["INPUT", "-p", "tcp", "--dport", "5202", "-j", "DROP"]
+    lab.run(lab.ns_srv, "iptables", "-w", "-A", *drop)
+    extra = f"[tracker]\nmax_connections = {MAX_CONNECTIONS}\nmax_subflows = {MAX_SUBFLOWS}\n"
+    mp = Mproxy(lab, tmp_path / "mproxy", metrics="127.0.0.1:9464", extra=extra).start()
+    floods: list[subprocess.Popen[bytes]] = []
+    try:
+        for seed, kind in enumerate(("syn", "join")):
+            floods.append(lab.popen(lab.ns_cli, sys.executable, str(_ROOT / "tests/lab/livehelp.py"), "flood",
+                                    "--src", lab.client_addr[0][4], "--dst", lab.server_addr[4], "--kind", kind,
+                                    "--count", str(FLOOD), "--seconds", "4", "--seed", str(seed),
+                                    stdout=subprocess.PIPE, env=env()))
+        time.sleep(1.0)  # the tables are full by now
+        during = transfer(lab, tmp_path, "during", c2s_bytes=400_000, s2c_bytes=200_000)
+        sent = [json.loads(p.communicate(timeout=30)[0]) for p in floods]
+        m = mp.scrape()
+        after = transfer(lab, tmp_path, "after", c2s_bytes=200_000, s2c_bytes=100_000)
+    finally:
+        for p in floods:
+            if p.poll() is None:
+                p.kill()
+        rc = mp.stop()
+        lab.run(lab.ns_srv, "iptables", "-w", "-D", *drop, check=False)
+    assert rc == 0 and "Traceback" not in mp.err, mp.err
+    assert [s["sent"] for s in sent] == [FLOOD, FLOOD]
+    # bounded and counted
+    assert m[("mproxy_connections_active", ())] <= MAX_CONNECTIONS
+    hits = {dict(k[1])["limit"]: v for k, v in m.items() if k[0] == "mproxy_memcap_hits_total"}
+    assert hits["connections"] > 0 and hits["subflows"] > 0, hits
+    st = mp.stats()
+    assert st["tracker"]["memcap"]["connections"] > 0 and st["tracker"]["memcap"]["subflows"] > 0
+    assert st["queue"]["core_errors"] == 0
+    recs = mp.records()
+    assert any(r["event"] == "notice" and r["type"] == "join_flood" for r in recs)
+    # the legitimate connections: tracked from their handshake and rebuilt byte for byte
+    sink = sorted((tmp_path / "mproxy").glob("sink.*.pcap"))
+    for res in (during, after):
+        (c,) = res.connections
+        assert c.mptcp is True
+        (rec,) = [r for r in recs if r["event"] == "mptcp_connection" and r["client_port"] == c.client_port
+                  and r["server_port"] == 5201]
+        assert rec["pickup"] is False and rec["outcome"] == "data_fin", rec
+        assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
+        assert (rec["s2c"]["bytes"], rec["s2c"]["sha256"]) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
+        ids = tcp_streams(sink[-1], f"tcp.port == {c.client_port} && tcp.port == 5201")
+        (f,) = tshark_follow_raw(sink[-1], ids)
+        assert (len(f.client_data), sha(f.client_data)) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
+        assert (len(f.server_data), sha(f.server_data)) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
