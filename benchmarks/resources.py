@@ -163,7 +163,7 @@ def main() -> int:
     print(f"| same after 1 KB each way (comparison history holds it) | "
           f"{res['connection_after_1kb_each_way_bytes']:,} B |")
     print(f"| each further subflow (MP_JOIN) | {res['extra_subflow_bytes']:,} B |")
-    print(f"\n| concurrent connections | RSS before | peak RSS | per connection |\n|---|---|---|---|")
+    print("\n| concurrent connections | RSS before | peak RSS | per connection |\n|---|---|---|---|")
     print(f"| {res['concurrent']:,} | {res['rss_before_mib']} MiB | {res['peak_rss_mib']} MiB | "
           f"{res['rss_kib_per_connection']} KiB |")
     return 0

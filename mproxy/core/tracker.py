@@ -470,6 +470,11 @@ class Tracker:
             if o.cap is None and o.join is None:
                 ev.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
                 return
+        elif not seg.payload_len and not o.rare and (o.dss is None or o.dss.dsn is None):
+            # a bare (DATA_)ACK or FIN of a subflow we do not track: typically the last packets of a
+            # connection whose entries already went (closed_linger, or a full table under a flood).
+            # Nothing to rebuild: absorbed, instead of resurrecting it as an empty pickup connection.
+            return
         self._pickup(seg, key, o, ev)
 
     def _new_connection(self, seg: TcpSegment, ts: float, ev: list[Event], *, client_is_src: bool = True,

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from mproxy.core.events import DataReleased, Direction, GapSkipped, Notice, NoticeType, Outcome, SubflowRefused
+from mproxy.core.events import DataReleased, Direction, Notice, NoticeType
 from mproxy.core.pipeline import Pipeline
 from mproxy.core.tracker import ConnectionClosedSummary, Tracker, TrackerConfig
 from mproxy.io.pcap import PcapWriter
 from mproxy.replay import replay
 from mproxy.wire import mptcp as m
 from mproxy.wire.build import build_tcp, tcp_options
-from mproxy.wire.packet import ACK, SYN, LinkType
+from mproxy.wire.packet import ACK, SYN
 from tests.fuzz.targets import check_bounded, check_frame
 
 from .session import MASK64, Session, run, seg, streams
@@ -336,6 +336,39 @@ def test_32_bit_dsn_wrap_from_the_handshake() -> None:
     ev = run(Tracker(), pk)
     assert _released(ev) == data
     assert summaries(ev)[0]["outcome"] == "data_fin"
+
+
+# --------------------------------------------------------------------------- restart: pickup
+def test_pickup_groups_subflows_before_any_byte_is_in_order() -> None:
+    """After ``mproxy run`` restarts, the first segment seen on a subflow is usually in the middle
+    of a mapping: its bytes wait for the subflow's sequence space to be anchored, so the picked-up
+    stream has no position yet. The other subflow must still join it (by the peer's DATA_ACK),
+    not become a second connection whose gaps are the first one's bytes (found live by
+    tests/lab/test_failure_live.py)."""
+    s = Session(1)
+    s.handshake()
+    s.join(1)
+    tr = Tracker()
+    ev = run(tr, [
+        s.data(0, True, 5000, b"m" * 1000, rel=5001, map_rel=1, map_len=20000),  # mid-mapping: held
+        s.ack(0, False, s.idsn[0] + 6000),  # the server's DATA_ACK: the only position known
+        s.data(1, True, 8000, b"n" * 1000),  # the other subflow
+    ], flush=False)
+    (conn,) = tr.connections.values()
+    assert conn.pickup and len(conn.subflows) == 2 and tr.stats.connections == 1
+    assert not [e for e in ev if isinstance(e, Notice)]
+
+
+def test_late_ack_after_linger_does_not_resurrect_a_connection() -> None:
+    cfg = TrackerConfig(closed_linger=5.0)
+    s = Session(1)
+    tr = Tracker(cfg)
+    feed = Feeder(tr)
+    feed(s.handshake() + [s.data(0, True, 0, b"x"), s.data_fin(0, True, 1), s.data_fin(0, False, 0)])
+    assert not tr.connections and tr.stats.outcomes["data_fin"] == 1
+    feed.ts += 60  # entries of the closed connection are gone
+    feed([s.ack(0, True, s.idsn[1] + 1), s.fin(0, False)])
+    assert not tr.connections and tr.stats.connections == 1
 
 
 # --------------------------------------------------------------------------- damaged captures

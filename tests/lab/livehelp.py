@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +87,7 @@ class Mproxy:
     max_len: int = 4096
     metrics: str = ""
     extra: str = ""  # more TOML (e.g. a [tracker] table)
+    log_extra: str = ""  # more lines in the [log] table (e.g. log_keys = true)
     launcher: list[str] = field(default_factory=list)  # argv prefix *outside* the namespace (unshare ...)
     inside: list[str] = field(default_factory=list)  # argv prefix inside the namespace (setpriv ...)
     proc: subprocess.Popen[bytes] | None = None
@@ -109,6 +109,7 @@ pcap = "{self.dir / 'sink'}"
 [log]
 events = "{self.dir / 'events.jsonl'}"
 level = "debug"
+{self.log_extra}
 [metrics]
 listen = "{self.metrics}"
 [inspector]
