@@ -132,8 +132,10 @@ def test_join_flood_is_bounded_counted_and_does_not_blind_the_tracker() -> None:
     assert streams(ev)[(sm["conn_id"], C2S)] == b"GET /?id=1 UNION SELECT password FROM users"
 
 
-def _per_syn_seconds(established: int, syns: int = 1500) -> float:
-    """Seconds per flood SYN when the connection table is full of established connections."""
+def _lines_per_syn(established: int, syns: int = 300) -> float:
+    """Python lines executed per flood SYN when the connection table is full of established
+    connections. Counting executed lines (sys.settrace) instead of timing keeps the test
+    deterministic on a noisy machine, and a scan of the tables shows up as lines per entry."""
     tr = Tracker(TrackerConfig(max_connections=established, max_subflows=4 * established))
     ts = 1000.0
     for i in range(established):
@@ -143,22 +145,33 @@ def _per_syn_seconds(established: int, syns: int = 1500) -> float:
             ts += 0.000001
             tr.process(seg(p, ts))
     pk = [seg(flood_syn(i), 0.0) for i in range(syns)]
-    t0 = time.perf_counter()
-    for p in pk:
-        ts += 0.0001
-        p.ts = ts
-        tr.process(p)
-    dt = time.perf_counter() - t0
+    lines = 0
+
+    def tracer(frame: object, event: str, arg: object) -> object:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        for p in pk:
+            ts += 0.0001
+            p.ts = ts
+            tr.process(p)
+    finally:
+        sys.settrace(None)
     assert tr.stats.refused["connection_limit"] == syns  # nothing half-open to evict: refused, counted
     assert len(tr.connections) == established
-    return dt / syns
+    return lines / syns
 
 
 def test_flood_cost_per_packet_does_not_grow_with_the_table() -> None:
     """At the connection limit every flood SYN looked for a victim and swept the subflow table:
-    O(table) per packet, a CPU denial of service. The cost must not depend on the table size."""
-    small, large = _per_syn_seconds(1000), _per_syn_seconds(10_000)
-    assert large < 3 * small + 20e-6, (small, large)
+    O(table) per packet, a CPU denial of service. The work per packet must not depend on the
+    table size (the timed figures are in benchmarks/README.md)."""
+    small, large = _lines_per_syn(1000), _lines_per_syn(10_000)
+    assert large <= small * 1.05 + 5, (small, large)
 
 
 # --------------------------------------------------------------------------- buffers
