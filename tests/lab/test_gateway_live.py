@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -39,12 +38,8 @@ from mproxy.lab.topology import lab_available  # noqa: E402
 LAB_REASON = lab_available()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
 
-SINK_IF, IDS_IF = "sink0", "sink1"  # mproxy writes to sink0; "the IDS" (tcpdump) listens on its veth peer
-QUEUE = 0
-
-
-def sha(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
+# mproxy writes to sink0; "the IDS" (tcpdump) listens on its veth peer
+from tests.lab.livehelp import IDS_IF, QUEUE, SINK_IF, kernel_queue, open_lab, sha  # noqa: E402
 
 
 # --------------------------------------------------------------------------- mproxy in the gateway
@@ -134,38 +129,11 @@ def rule_counters(lab: Any, tool: str = "iptables") -> dict[str, int]:
     return out
 
 
-def kernel_queue(lab: Any) -> dict[str, int] | None:
-    text = lab.run(lab.ns_gw, "cat", "/proc/net/netfilter/nfnetlink_queue").stdout
-    for line in text.splitlines():
-        f = line.split()
-        if f and f[0] == str(QUEUE):
-            return {"waiting": int(f[2]), "dropped": int(f[5]), "user_dropped": int(f[6]), "seq": int(f[7])}
-    return None
-
-
 # --------------------------------------------------------------------------- the lab
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Any]:
-    from mproxy.lab.topology import Lab, LabError
-
-    try:
-        import netfilterqueue  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"netfilterqueue not importable: {e}")
-    with Lab(rate="30mbit") as lab:
-        # the IDS-facing veth pair; MTU 1600 so 1460-byte IPv6 segments fit (1520 bytes of IP)
-        lab.run(lab.ns_gw, "ip", "link", "add", SINK_IF, "type", "veth", "peer", "name", IDS_IF)
-        for i in (SINK_IF, IDS_IF):
-            lab.run(lab.ns_gw, "sysctl", "-qw", f"net.ipv6.conf.{i}.disable_ipv6=1")
-            lab.run(lab.ns_gw, "ip", "link", "set", i, "mtu", "1600", "up")
-        try:  # NFQUEUE as an iptables target in this kernel?
-            probe = ("-t", "mangle", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "NFQUEUE",
-                     "--queue-num", "9", "--queue-bypass")
-            lab.run(lab.ns_gw, "iptables", "-w", *probe)
-            lab.run(lab.ns_gw, "iptables", "-w", *("-D" if a == "-A" else a for a in probe))
-        except LabError as e:
-            pytest.skip(f"NFQUEUE target unavailable: {e}")
-        yield lab
+    # the IDS-facing veth pair has MTU 1600 so 1460-byte IPv6 segments fit (1520 bytes of IP)
+    yield from open_lab(rate="30mbit")
 
 
 def transfer(lab: Any, d: Path, name: str, **kw: Any) -> Any:
