@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 
@@ -80,28 +80,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run(args.config)
 
 
-def _cmd_rules(args: argparse.Namespace) -> int:
+def _load_config(path: str) -> Any:
+    """The validated config, or None after printing the error that names the bad key."""
     from .config import ConfigError
-    from .io.netfilter import render
     from .service import load
 
     try:
-        cfg = load(args.config)
+        return load(path)
     except ConfigError as e:
         print(f"mproxy: config error: {e}", file=sys.stderr)
+        return None
+
+
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from .io.netfilter import render
+
+    cfg = _load_config(args.config)
+    if cfg is None:
         return 2
     sys.stdout.write(render(cfg, delete=args.delete, source=args.config))
     return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .service import load
-
-    try:
-        cfg = load(args.config)
-    except ConfigError as e:
-        print(f"mproxy: config error: {e}", file=sys.stderr)
+    cfg = _load_config(args.config)
+    if cfg is None:
         return 2
     if not args.quiet:
         sinks = [s for s in (cfg.sink.interface and f"interface {cfg.sink.interface}",
