@@ -318,31 +318,21 @@ def reaction_families(inspector: Any = None, responder: Any = None, injector: An
     """Inspector, reaction, injection and alert-feed counters (``Sources.extra`` of the gateway).
 
     Arguments are the stats objects of mproxy/core/inspector.py, core/reactions.py,
-    io/inject.py and core/alerts.py (any may be None when that part is off).
+    io/inject.py and core/alerts.py; a part that is off passes None and reads as zeros.
     """
-    c = CounterMetricFamily("mproxy_inspected_bytes", "Rebuilt bytes passed through the embedded inspector",
-                            labels=["direction"])
-    b = inspector.bytes if inspector is not None else (0, 0)
-    c.add_metric(["client_to_server"], b[0])
-    c.add_metric(["server_to_client"], b[1])
+    ins, rsp, inj, alr = inspector, responder, injector, alerts
+    b = ins.bytes if ins else (0, 0)
+    yield _by_label("mproxy_inspected_bytes", "Rebuilt bytes passed through the embedded inspector", "direction",
+                    ("client_to_server", "server_to_client"), {"client_to_server": b[0], "server_to_client": b[1]})
+    c = _counter("mproxy_signature_matches", "Embedded inspector signature matches")
+    c.add_metric([], ins.matches if ins else 0)
     yield c
-    c = CounterMetricFamily("mproxy_signature_matches", "Embedded inspector signature matches")
-    c.add_metric([], inspector.matches if inspector is not None else 0)
-    yield c
-    c = CounterMetricFamily("mproxy_killed_packets", "Packets of fast-closed connections, by what was done",
-                            labels=["action"])
-    c.add_metric(["dropped"], responder.late_dropped if responder is not None else 0)
-    c.add_metric(["answered"], responder.answered if responder is not None else 0)
-    yield c
-    c = CounterMetricFamily("mproxy_injected_packets", "MP_FASTCLOSE/RST packets injected, by result",
-                            labels=["result"])
-    c.add_metric(["sent"], injector.sent if injector is not None else 0)
-    c.add_metric(["error"], injector.errors if injector is not None else 0)
-    yield c
-    c = CounterMetricFamily("mproxy_ids_alerts", "External IDS alert lines, by result", labels=["result"])
-    a = alerts
-    c.add_metric(["acted"], a.acted if a is not None else 0)
-    c.add_metric(["unmatched"], a.unmatched if a is not None else 0)
-    c.add_metric(["ignored"], a.ignored if a is not None else 0)
-    c.add_metric(["malformed"], sum(a.malformed.values()) if a is not None else 0)
-    yield c
+    yield _by_label("mproxy_killed_packets", "Packets of fast-closed connections, by what was done", "action",
+                    ("dropped", "answered"),
+                    {"dropped": rsp.late_dropped, "answered": rsp.answered} if rsp else {})
+    yield _by_label("mproxy_injected_packets", "MP_FASTCLOSE/RST packets injected, by result", "result",
+                    ("sent", "error"), {"sent": inj.sent, "error": inj.errors} if inj else {})
+    yield _by_label("mproxy_ids_alerts", "External IDS alert lines, by result", "result",
+                    ("acted", "unmatched", "ignored", "malformed"),
+                    {"acted": alr.acted, "unmatched": alr.unmatched, "ignored": alr.ignored,
+                     "malformed": sum(alr.malformed.values())} if alr else {})
