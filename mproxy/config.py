@@ -29,6 +29,7 @@ class QueueConfig:
     max_len: int = 4096  # packets the kernel may hold for us
     sock_rcvbuf: int = 8 * 1024 * 1024  # netlink socket receive buffer (bytes)
     fail: str = "open"  # "open": accept when mproxy is absent/overloaded/failing; "closed": drop
+    gso: bool = True  # queue GSO packets whole (NFQA_CFG_F_GSO) instead of letting the kernel cut them first
 
 
 @dataclass(slots=True)

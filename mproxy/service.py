@@ -24,7 +24,7 @@ from .core.gateway import Gateway
 from .io import netfilter
 from .io.metrics import LatencyHistogram, Sources, make_registry
 from .io.metrics import QueueStats as MetricQueueStats
-from .io.nfqueue import SAFE_MTU, FailMode, QueueAdapter, QueueError, kernel_queue_state, oversize_interfaces
+from .io.nfqueue import COPY_RANGE, FailMode, QueueAdapter, QueueError, kernel_queue_state, oversize_interfaces
 from .io.sinks import EventLog, FrameSinks, SinkError, open_sinks
 from .io.alerts import AlertFollower
 from .io.inject import InjectError, Injector
@@ -69,7 +69,7 @@ class Service:
     def __post_init__(self) -> None:
         c = self.cfg
         self.gateway = Gateway(c.policy, c.tracker, passthrough=c.sink.passthrough, inspector=build_inspector(c),
-                               reactions=build_reactions(c))
+                               reactions=build_reactions(c), split_passthrough=c.queue.gso)
 
     def _packet_and_inject(self, data: bytes, ts: float) -> Any:
         """Gateway.packet, then the kill packets it asked for go out before the verdict is issued."""
@@ -85,10 +85,10 @@ class Service:
         self.started = time.time()
         self.sinks = open_sinks(c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb, c.sink.pcap_keep)
         self.events = EventLog(c.log.events, drop_keys=not c.log.log_keys)
-        for name, mtu in oversize_interfaces(c.rules.in_interfaces or None):
-            log.warning("interface %s has MTU %d: queued packets above %d bytes cannot be copied whole by "
-                        "netfilterqueue; lower the MTU (and disable LRO) on interfaces carrying MPTCP",
-                        name, mtu, SAFE_MTU)
+        for name, size in oversize_interfaces(c.rules.in_interfaces or None):
+            log.warning("interface %s may pass packets of %d bytes (BIG TCP or MTU): a queued packet holds at "
+                        "most %d; set gso_max_size/gro_max_size to 65536 on interfaces carrying MPTCP",
+                        name, size, COPY_RANGE)
         if needs_injection(c):
             self.injector = Injector(ipv6=c.rules.ipv6)
             self.injector.open()
@@ -100,7 +100,7 @@ class Service:
         self.queue = QueueAdapter(
             c.queue.num, self._packet_and_inject if self.injector is not None else self.gateway.packet, emit=self.sinks.write if self.sinks else None,
             after_batch=self._after_batch, fail=FailMode(c.queue.fail), max_len=c.queue.max_len,
-            sock_rcvbuf=c.queue.sock_rcvbuf, histogram=self.histogram)
+            sock_rcvbuf=c.queue.sock_rcvbuf, histogram=self.histogram, gso=c.queue.gso)
         self.queue.open()
         if self.queue.fail_open_confirmed is None:
             log.warning("could not confirm the queue's fail-%s setting (a packet arrived first)", c.queue.fail)
@@ -254,7 +254,7 @@ class Service:
             self.events.flush()
 
     def _watch_kernel_queue(self) -> None:
-        """Warn when the kernel holds packets we never saw (messages too big for netfilterqueue's buffer)."""
+        """Warn when the kernel holds packets we are not reading (a stuck reader would be a bug)."""
         assert self.queue is not None
         st = kernel_queue_state(self.cfg.queue.num)
         if st is None:
@@ -263,9 +263,8 @@ class Service:
         self._last_packets = self.queue.stats.packets
         if idle and st["waiting"] and st["waiting"] == self._kernel_waiting and not self._stuck_warned:
             self._stuck_warned = True
-            log.warning("%d queued packets have no verdict and none is being read: their netlink messages were "
-                        "probably larger than netfilterqueue's 4096-byte buffer (MTU above %d?); they count "
-                        "against max_len until mproxy stops", st["waiting"], SAFE_MTU)
+            log.warning("%d queued packets have no verdict and none is being read (lost netlink messages?); "
+                        "they count against max_len until mproxy stops", st["waiting"])
         self._kernel_waiting = st["waiting"]
 
     def _reopen(self) -> None:

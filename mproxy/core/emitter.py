@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from struct import Struct
 
 from mproxy.wire.packet import ACK, FIN, PSH, RST, SYN
+from mproxy.wire.rewrite import split_tcp
 
 __all__ = [
     "CLIENT_MAC",
     "SERVER_MAC",
     "TcpEmitter",
     "ethernet_frame",
+    "passthrough_frames",
 ]
 
 CLIENT_MAC = bytes.fromhex("020000000001")  # locally administered, unicast
@@ -85,6 +87,18 @@ def _payload_sum(payload: bytes | memoryview, n: int) -> int:
     for k, m in plan:
         v = (v & m) + (v >> k)
     return v % 0xFFFF
+
+
+def passthrough_frames(ip_packet: bytes | memoryview, ipver: int, ts: float, mss: int | None) -> list[tuple[float, bytes]]:
+    """A passed-through packet for the sink: as it is, or (``mss`` given) as the wire carries it.
+
+    The live gateway queues GSO packets whole with their checksum left to the
+    kernel; with ``mss`` they are cut into segments with filled checksums (see
+    :func:`~mproxy.wire.rewrite.split_tcp`), so an IDS that checks both reads them.
+    """
+    if mss is None:
+        return [(ts, ethernet_frame(ip_packet, ipver))]
+    return [(ts, ethernet_frame(p, ipver)) for p in split_tcp(ip_packet, mss)]
 
 
 def ethernet_frame(ip_packet: bytes | memoryview, ipver: int) -> bytes:

@@ -19,7 +19,7 @@ from ..wire.errors import WireError
 from ..wire.packet import ACK, SYN, TcpSegment, mptcp_spans, parse_ip
 from ..wire.rewrite import nop_out
 from .alerts import Alert
-from .emitter import ethernet_frame
+from .emitter import passthrough_frames
 from .events import Event, Notice, NoticeType
 from .inspector import Inspector
 from .pipeline import Frames, Pipeline
@@ -59,9 +59,9 @@ class Gateway:
 
     def __init__(self, policy: Policy | None = None, tracker: TrackerConfig | None = None, *,
                  passthrough: bool = True, inspector: Inspector | None = None,
-                 reactions: Reactions | None = None) -> None:
+                 reactions: Reactions | None = None, split_passthrough: bool = False) -> None:
         self.policy = policy or Policy()
-        self.pipeline = Pipeline(tracker, passthrough=passthrough)
+        self.pipeline = Pipeline(tracker, passthrough=passthrough, split_passthrough=split_passthrough)
         self.tracker = self.pipeline.tracker
         self.stats = GatewayStats()
         # connections mproxy decided to leave alone: 4-tuples (both orientations) and tokens
@@ -232,7 +232,7 @@ class Gateway:
                         self._untouched_tokens.add(crypto.key_token(o.sender_key, o.version))
         frames: Frames = []
         if action == Action.DOWNGRADE and self.pipeline.passthrough:
-            frames = [(seg.ts, ethernet_frame(seg.ip, seg.ipver))]
+            frames = passthrough_frames(seg.ip, seg.ipver, seg.ts, self.pipeline.passthrough_mss)
         return self._count(Decision(Verdict.ACCEPT, None, frames))
 
     def _remember(self, seg: TcpSegment, action: Action) -> None:

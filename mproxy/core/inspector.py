@@ -5,21 +5,21 @@ one direction (in data-sequence order) and returns the rules that matched.
 The gateway calls it before it gives the packet that released those bytes
 its verdict, so a match can still drop that packet.
 
-Engine: one Aho-Corasick automaton (pyahocorasick, C) holds every ``content``
-of every rule, lower-cased; the stream is lower-cased too (ASCII only, as
-Snort's ``nocase``) and case-sensitive contents are verified on the original
-bytes at each hit. One pass per chunk finds all contents of all rules.
+Engine: one Hyperscan block-mode database (C, SIMD: several GB/s) holds every
+``content`` of every rule as a literal, caseless for ``nocase`` ones, so one
+pass per chunk finds all contents of all rules; Python only sees the hits.
 
 Streaming: a content split across two chunks must be found, so each
 direction keeps its last ``longest content - 1`` bytes and the next chunk is
 scanned behind them; hits that lie wholly inside that tail were reported
-before and are skipped. ``pcre`` is evaluated on a bounded window (the last
-``pcre_window`` bytes plus the new chunk); for rules with contents only once
-all of them have been seen within ``window`` bytes of each other, and only on
-a chunk that holds one of them or starts less than ``pcre_window`` bytes after
-one (the contents are the prefilter, as Snort's fast pattern, and a pcre
-match that straddles the boundary after its content is still found). A rule
-fires at most once per connection direction.
+before and are skipped. ``pcre`` runs only once all of a rule's contents have
+been seen within ``window`` bytes of each other (the contents are the
+prefilter, as Snort's fast pattern), and only on the stretch where a match can
+satisfy the rule: within ``window`` bytes of those contents, and no further
+back than ``pcre_window`` bytes before the chunk (so a match straddling the
+chunk boundary is still found); rules with a pcre and no content run it on
+each chunk plus those ``pcre_window`` bytes. A rule fires at most once per
+connection direction.
 
 Semantics on the stream (the subset documented in :mod:`mproxy.core.rules`):
 a rule matches when every content occurs (in any order) and its pcre
@@ -32,7 +32,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-import ahocorasick
+import hyperscan
 
 from .events import Direction
 from .rules import Rule, RuleSet
@@ -87,19 +87,23 @@ class Inspector:
         self.pcre_window = pcre_window
         self.stats = InspectorStats()
         self._flows: dict[tuple[int, int], _Dir] = {}
-        # pattern (lower-cased) -> [(rule index, content index, exact pattern or None)]
-        self._auto: Any = None
-        hits: dict[str, list[tuple[int, int, bytes | None]]] = {}
+        # Hyperscan expression id -> (pattern length, ((rule index, content index), ...))
+        self._db: Any = None
+        self._targets: list[tuple[int, tuple[tuple[int, int], ...]]] = []
+        exprs: dict[tuple[bytes, bool], list[tuple[int, int]]] = {}
         for ri, r in enumerate(self.rules):
             for ci, c in enumerate(r.contents):
-                key = c.pattern.lower().decode("latin-1")
-                hits.setdefault(key, []).append((ri, ci, None if c.nocase else c.pattern))
-        if hits:
-            auto = ahocorasick.Automaton()
-            for key, targets in hits.items():
-                auto.add_word(key, (len(key), tuple(targets)))
-            auto.make_automaton()
-            self._auto = auto
+                key = (c.pattern.lower(), True) if c.nocase else (c.pattern, False)
+                exprs.setdefault(key, []).append((ri, ci))
+        if exprs:
+            keys = list(exprs)
+            db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+            db.compile(expressions=[k[0] for k in keys], ids=list(range(len(keys))), elements=len(keys),
+                       flags=[hyperscan.HS_FLAG_CASELESS if k[1] else 0 for k in keys], literal=True)
+            self._db = db
+            self._targets = [(len(k[0]), tuple(exprs[k])) for k in keys]
+        self._hits: list[tuple[int, int]] = []
+        self._on_hit = self._collect
         self._ac_keep = max(rules.longest_content - 1, 0)
         self._keep = max(rules.longest_content - 1, pcre_window if any(r.pcre for r in self.rules) else 0, 0)
 
@@ -127,25 +131,25 @@ class Inspector:
         st.offset += len(data)
         out: list[Match] = []
         touched: set[int] = set()
-        auto = self._auto
-        if auto is not None:
+        db = self._db
+        if db is not None:
             lead = min(len(tail), self._ac_keep)  # the part of the tail a split content can start in
             a0 = len(tail) - lead
-            hay = buf[a0:].lower().decode("latin-1")
-            for end, (plen, targets) in auto.iter(hay):
-                if end < lead:
+            hits = self._hits
+            db.scan(buf[a0:] if a0 else buf, match_event_handler=self._on_hit)
+            targets_of = self._targets
+            for eid, stop in hits:
+                if stop <= lead:
                     continue  # wholly inside the tail: reported with the previous chunk
-                end += a0
-                for ri, ci, exact in targets:
+                for ri, ci in targets_of[eid][1]:
                     if ri not in st.applies or ri in st.fired:
-                        continue
-                    if exact is not None and buf[end - plen + 1 : end + 1] != exact:
                         continue
                     ends = st.seen.get(ri)
                     if ends is None:
                         ends = st.seen[ri] = [-1] * len(self.rules[ri].contents)
-                    ends[ci] = base + end + 1
+                    ends[ci] = base + a0 + stop
                     touched.add(ri)
+            hits.clear()
         chunk_start = st.offset - len(data)
         cands = touched.union(st.pcre_only)
         cands.update(ri for ri in st.seen if self.rules[ri].pcre is not None)
@@ -164,7 +168,14 @@ class Inspector:
             if r.pcre is not None:
                 self.stats.pcre_runs += 1
                 start = max(0, len(tail) - self.pcre_window)
-                region = buf[start:]
+                stop = len(buf)
+                if r.contents:  # the match must lie within `window` of every content
+                    ends = st.seen[ri]
+                    start = max(start, max(ends) - self.window - base)
+                    stop = min(stop, min(ends) + self.window - base)
+                    if stop <= len(tail) or start >= stop:
+                        continue
+                region = buf[start:stop]
                 new_from = len(tail) - start
                 found = None
                 for m in r.pcre.regex.finditer(region):
@@ -183,6 +194,9 @@ class Inspector:
         keep = self._keep
         st.tail = buf[-keep:] if keep else b""
         return out
+
+    def _collect(self, eid: int, _start: int, stop: int, _flags: int, _ctx: object) -> None:
+        self._hits.append((eid, stop))
 
     def close(self, conn_id: int) -> None:
         self._flows.pop((conn_id, 0), None)

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..wire.errors import WireError
 from ..wire.packet import TcpSegment, parse_frame
-from .emitter import TcpEmitter, ethernet_frame
+from .emitter import TcpEmitter, passthrough_frames
 from .events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -47,11 +47,13 @@ class Pipeline:
     """Tracker + emitters: ``feed``/``feed_segment`` return output frames; records accumulate."""
 
     def __init__(self, config: TrackerConfig | None = None, *, passthrough: bool = True,
-                 mss: int = 1460) -> None:
+                 mss: int = 1460, split_passthrough: bool = False) -> None:
         self.tracker = Tracker(config)
         self.stats = PipelineStats()
         self.passthrough = passthrough
         self.mss = mss
+        # live: packets queued whole (GSO, checksum left to the kernel) reach the sink as the wire carries them
+        self.passthrough_mss: int | None = mss if split_passthrough else None
         self.records: list[dict[str, Any]] = []
         self._emitters: dict[int, TcpEmitter] = {}
 
@@ -87,8 +89,9 @@ class Pipeline:
                     self.stats.bytes_out[e.direction] += len(e.data)
             elif isinstance(e, PassThrough):
                 if self.passthrough:
-                    out.append((e.ts, ethernet_frame(e.ip, e.ipver)))
-                    self.stats.passthrough_frames += 1
+                    frames = passthrough_frames(e.ip, e.ipver, e.ts, self.passthrough_mss)
+                    out += frames
+                    self.stats.passthrough_frames += len(frames)
             elif isinstance(e, ConnectionOpened):
                 conn = self.tracker.connections.get(e.conn_id)
                 if conn is not None:

@@ -1,21 +1,32 @@
 """NFQUEUE adapter: queued packets in, verdicts out, on an asyncio (uvloop) reader.
 
-The kernel hands each queued packet to netfilterqueue's netlink socket; the
-event loop watches that socket's file descriptor and, when it is readable,
-lets netfilterqueue dispatch what is waiting to :meth:`QueueAdapter._on_packet`,
-which runs the sans-I/O core and issues the verdict before returning. There
-is no thread and no blocking loop.
+netfilterqueue binds the queue (``nfq_open``, ``nfq_create_queue``) and
+hands us its netlink socket's file descriptor; from then on this module
+speaks nfnetlink_queue on that socket itself. The event loop watches the
+descriptor; when it is readable :meth:`QueueAdapter._on_readable` reads up to
+:attr:`QueueAdapter.batch` messages (``recv_into`` one reused buffer), runs
+the sans-I/O core on each queued packet and sends the verdicts, several
+``NFQNL_MSG_VERDICT`` messages per ``send``. There is no thread and no
+blocking loop.
 
-Two deliberate deviations from ``loop.add_reader(fd, lambda: nfq.run(block=False))``:
+Why not netfilterqueue's own ``run``/``Packet`` path: it receives into a
+4096-byte buffer and copies at most 4016 bytes of a packet, so the kernel
+must cut GSO packets into MTU-sized ones before queueing them, and every
+packet costs a Python callback, an object and a verdict syscall. Here the
+queue is configured (over netlink, on the bound socket: the kernel only
+takes a queue's configuration from it) with
 
-* batches are bounded: ``nfq.run()`` only returns once the socket is empty,
-  which under sustained load can be never, starving signal handlers (SIGTERM)
-  and timers. :meth:`NetfilterQueue.run_socket` reads through any object with
-  ``recv``; ours raises ``EAGAIN`` after :attr:`QueueAdapter.batch` packets,
-  and the (level-triggered) reader fires again on the next loop iteration;
-* the queue's fail-open flag is set over netlink on netfilterqueue's own
-  socket (:func:`set_fail_open`): netfilterqueue does not expose it, and the
-  kernel only accepts a queue's configuration from the socket bound to it.
+* ``NFQA_CFG_F_GSO``: GSO packets (up to 64 KB of one TCP flow) are queued
+  whole, not segmented — for bulk transfers ~40x fewer queued packets. Such
+  packets (and any ``CHECKSUM_PARTIAL`` one) carry a TCP checksum that is not
+  filled in (``NFQA_SKB_CSUMNOTREADY``); the core never reads it, and a
+  payload we rewrite gets its checksum computed in full (the kernel then
+  sends it as is);
+* copy range 65535 (the most an ``NFQA_PAYLOAD`` attribute holds): larger
+  packets (BIG TCP) arrive cut, are counted as ``truncated`` and get the
+  fail-mode verdict;
+* ``NFQA_CFG_F_FAIL_OPEN`` (fail open) or not (fail closed): what the kernel
+  does when the queue is full.
 
 Every packet gets a verdict, whatever happens: a core exception or a packet
 the kernel copied only partly is accepted (fail open) or dropped (fail closed),
@@ -40,51 +51,59 @@ own Gateway; the control process keeps only the token -> worker table.
 from __future__ import annotations
 
 import errno
+import json
 import logging
-from bisect import bisect_left
 import os
 import socket
 import struct
+import subprocess
 import time
 import traceback
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ..core.gateway import Decision, Verdict
 from ..core.pipeline import Frames
+from ..wire.rewrite import fill_tcp_checksum
 
 __all__ = [
-    "FailMode", "QueueStats", "Latency", "QueueAdapter", "QueueError", "set_fail_open", "fail_open_message",
-    "kernel_queue_state", "oversize_interfaces", "COPY_LIMIT", "SAFE_MTU",
+    "FailMode", "QueueStats", "Latency", "QueueAdapter", "QueueError", "configure_queue", "config_message",
+    "packet_message", "parse_packet", "verdict_message", "kernel_queue_state", "oversize_interfaces",
+    "COPY_RANGE", "NFQA_SKB_CSUMNOTREADY", "NFQA_SKB_GSO",
 ]
 
 log = logging.getLogger("mproxy.nfqueue")
 
-# netfilterqueue copies at most 4096 - 80 bytes of a packet and receives into a
-# 4096-byte buffer: a netlink message larger than that is cut and the packet in
-# it never gets a verdict. ~200 bytes of attributes (timestamp, devices, MAC,
-# mark, cap length, VLAN) leave room for packets up to SAFE_MTU bytes.
-COPY_LIMIT = 4096 - 80
-SAFE_MTU = 3800
-
-# nfnetlink_queue configuration (linux/netfilter/nfnetlink_queue.h)
+# nfnetlink_queue (linux/netfilter/nfnetlink_queue.h, linux/netfilter/nfnetlink.h)
 NFNL_SUBSYS_QUEUE = 3
-NFQNL_MSG_CONFIG = 2
-NFQA_CFG_MASK = 4
-NFQA_CFG_FLAGS = 5
-NFQA_CFG_F_FAIL_OPEN = 1
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
+NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
+NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_IFINDEX_INDEV = 1, 2, 5
+NFQA_PAYLOAD, NFQA_CAP_LEN, NFQA_SKB_INFO = 10, 13, 14
+NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 2, 3, 4, 5
+NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO = 1, 4
+NFQA_SKB_CSUMNOTREADY, NFQA_SKB_GSO = 1, 2
+NFQNL_COPY_PACKET = 2
+NF_DROP, NF_ACCEPT = 0, 1
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR = 2
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+COPY_RANGE = 0xFFFF  # NFQA_PAYLOAD's length field is 16 bits
+_PACKET_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
 _NLMSG = struct.Struct("=IHHII")
+_NLMSG_HEAD = struct.Struct("=IH")
 _NFGEN = struct.Struct("!BBH")
-_NLATTR_BE32 = struct.Struct("=HH")
+_NLA = struct.Struct("=HH")
+_BE32 = struct.Struct("!I")
+_VERDICT_HDR = struct.Struct("!II")
 _CONFIG_SEQ = 0x6D707278  # "mprx": tells our ACK from libnfnetlink's
 _SO_RCVBUFFORCE = 33  # not exported by Python's socket module
+_RECV_BUFFER = 0x10000 + 0x4000  # the largest packet message (64 KB payload + attributes) fits
+_FLUSH_BYTES = 32 * 1024  # send the verdicts gathered so far once they take this much
 
 
 class FailMode(str, Enum):
@@ -96,15 +115,6 @@ class QueueError(RuntimeError):
     """The queue could not be bound or configured (message says why and what to check)."""
 
 
-class _Packet(Protocol):  # the part of netfilterqueue.Packet we use (tests pass fakes)
-    indev: int
-
-    def get_payload(self) -> bytes: ...
-    def accept(self) -> None: ...
-    def drop(self) -> None: ...
-    def set_payload(self, payload: bytes) -> None: ...
-
-
 @dataclass(slots=True)
 class QueueStats:
     packets: int = 0
@@ -113,9 +123,13 @@ class QueueStats:
     modified: int = 0  # accepted with a rewritten payload
     core_errors: int = 0  # the core raised: verdict by fail mode
     truncated: int = 0  # the kernel copied less than the IP packet: verdict by fail mode
-    verdict_errors: int = 0  # issuing the verdict itself failed
+    verdict_errors: int = 0  # issuing the verdict itself failed (or the kernel refused it)
     sink_errors: int = 0
     enobufs: int = 0  # the socket overflowed (kernel accepted/dropped those by fail mode)
+    malformed: int = 0  # netlink messages we could not read (no verdict possible without an id)
+    gso: int = 0  # packets queued whole as GSO (several TCP segments' worth)
+    queued_bytes: int = 0  # IP bytes of the queued packets
+    verdict_sends: int = 0  # send() calls carrying verdicts
     wakeups: int = 0
     full_batches: int = 0  # batches cut at the budget (sustained load)
 
@@ -178,75 +192,114 @@ def _ifname(index: int) -> str:
         return f"ifindex {index}"
 
 
-def _mtu(name: str) -> int | None:
-    try:
-        return int(Path(f"/sys/class/net/{name}/mtu").read_text())
-    except (OSError, ValueError):
-        return None
+# --------------------------------------------------------------------------- messages
+def _attr(atype: int, value: bytes) -> bytes:
+    n = 4 + len(value)
+    return _NLA.pack(n, atype) + value + bytes(-n & 3)
 
 
-def oversize_interfaces(names: list[str] | None = None) -> list[tuple[str, int]]:
-    """Interfaces (given, or all but loopback) whose MTU is above :data:`SAFE_MTU`."""
-    if not names:
-        try:
-            names = sorted(p.name for p in Path("/sys/class/net").iterdir() if p.name != "lo")
-        except OSError:
-            return []
-    out = []
-    for n in names:
-        mtu = _mtu(n)
-        if mtu is not None and mtu > SAFE_MTU:
-            out.append((n, mtu))
-    return out
+def _nfnl(msg_type: int, flags: int, seq: int, res_id: int, attrs: bytes) -> bytes:
+    body = _NFGEN.pack(socket.AF_UNSPEC, 0, res_id) + attrs
+    return _NLMSG.pack(_NLMSG.size + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg_type, flags, seq, 0) + body
 
 
-def fail_open_message(queue_num: int, fail_open: bool, *, ack: bool = True, seq: int = _CONFIG_SEQ) -> bytes:
-    """NFQNL_MSG_CONFIG setting (or clearing) NFQA_CFG_F_FAIL_OPEN on ``queue_num``.
+def config_message(queue_num: int, *, fail_open: bool, gso: bool = True, copy_range: int | None = COPY_RANGE,
+                   ack: bool = True, seq: int = _CONFIG_SEQ) -> bytes:
+    """NFQNL_MSG_CONFIG: copy mode and range, then the fail-open and GSO flags, for ``queue_num``.
 
-    Attributes are big-endian u32 (the kernel reads them with ``ntohl``);
-    ``res_id`` in the nfgenmsg header is the queue number in network order.
+    Attributes are big-endian (the kernel reads them with ``ntohl``); ``res_id``
+    in the nfgenmsg header is the queue number in network order. With
+    ``copy_range=None`` the copy parameters are left as they are.
     """
-    flags = NFQA_CFG_F_FAIL_OPEN if fail_open else 0
-    attrs = (_NLATTR_BE32.pack(8, NFQA_CFG_MASK) + struct.pack("!I", NFQA_CFG_F_FAIL_OPEN)
-             + _NLATTR_BE32.pack(8, NFQA_CFG_FLAGS) + struct.pack("!I", flags))
-    body = _NFGEN.pack(socket.AF_UNSPEC, 0, queue_num) + attrs
-    msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
-    return _NLMSG.pack(_NLMSG.size + len(body), msg_type, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, 0) + body
+    attrs = b""
+    if copy_range is not None:
+        attrs += _attr(NFQA_CFG_PARAMS, struct.pack("!IB", copy_range, NFQNL_COPY_PACKET))
+    mask = NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO
+    flags = (NFQA_CFG_F_FAIL_OPEN if fail_open else 0) | (NFQA_CFG_F_GSO if gso else 0)
+    attrs += _attr(NFQA_CFG_MASK, _BE32.pack(mask)) + _attr(NFQA_CFG_FLAGS, _BE32.pack(flags))
+    return _nfnl(NFQNL_MSG_CONFIG, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, queue_num, attrs)
 
 
-def set_fail_open(fd: int, queue_num: int, fail_open: bool, timeout: float = 1.0) -> bool | None:
-    """Set the queue's fail-open flag through the bound socket ``fd``; True when the kernel confirmed.
+def verdict_message(queue_num: int, packet_id: int, verdict: int, payload: bytes | None = None) -> bytes:
+    """NFQNL_MSG_VERDICT for one packet, with the rewritten packet when ``payload`` is given."""
+    attrs = _attr(NFQA_VERDICT_HDR, _VERDICT_HDR.pack(verdict, packet_id))
+    if payload is not None:
+        attrs += _attr(NFQA_PAYLOAD, payload)
+    return _nfnl(NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, queue_num, attrs)
 
-    Must run right after binding, before anything is queued: the kernel's ACK
-    is read here. Returns None when a queued packet arrived first (its
-    message is left for netfilterqueue; the ACK then reaches libnfnetlink,
-    which ignores it) so the outcome is unconfirmed. Raises QueueError when
-    the kernel refused the setting.
+
+def packet_message(queue_num: int, packet_id: int, payload: bytes, *, indev: int = 0, skb_info: int = 0,
+                   cap_len: int | None = None, hw_protocol: int = 0x0800, hook: int = 2, seq: int = 0) -> bytes:
+    """NFQNL_MSG_PACKET as the kernel lays it out (header first, payload last): for tests and fuzzing."""
+    attrs = _attr(NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, hw_protocol, hook))
+    if indev:
+        attrs += _attr(NFQA_IFINDEX_INDEV, _BE32.pack(indev))
+    if cap_len is not None:
+        attrs += _attr(NFQA_CAP_LEN, _BE32.pack(cap_len))
+    if skb_info:
+        attrs += _attr(NFQA_SKB_INFO, _BE32.pack(skb_info))
+    attrs += _attr(NFQA_PAYLOAD, payload)
+    return _nfnl(NFQNL_MSG_PACKET, 0, seq, queue_num, attrs)
+
+
+def parse_packet(mv: memoryview, p: int, end: int) -> tuple[int, int, int, int, int, int]:
+    """Attributes of one NFQNL_MSG_PACKET between ``p`` (after the nfgenmsg) and ``end``.
+
+    Returns (packet id or -1, payload start, payload end, skb info, cap len, in-device index); a payload
+    start of -1 means none. Stops at the first attribute whose length lies (the rest is not trusted).
+    """
+    pid = start = stop = -1
+    info = cap = indev = 0
+    while p + 4 <= end:
+        alen, atype = _NLA.unpack_from(mv, p)
+        if alen < 4 or p + alen > end:
+            break
+        t = atype & NLA_TYPE_MASK
+        if t == NFQA_PAYLOAD:
+            start, stop = p + 4, p + alen
+        elif alen >= 8:
+            if t == NFQA_PACKET_HDR:
+                pid = _BE32.unpack_from(mv, p + 4)[0]
+            elif t == NFQA_SKB_INFO:
+                info = _BE32.unpack_from(mv, p + 4)[0]
+            elif t == NFQA_CAP_LEN:
+                cap = _BE32.unpack_from(mv, p + 4)[0]
+            elif t == NFQA_IFINDEX_INDEV:
+                indev = _BE32.unpack_from(mv, p + 4)[0]
+        p += (alen + 3) & ~3
+    return pid, start, stop, info, cap, indev
+
+
+def configure_queue(sock: socket.socket, queue_num: int, *, fail_open: bool, gso: bool = True,
+                    timeout: float = 1.0) -> bool | None:
+    """Copy whole packets (range 65535), set fail-open and GSO flags; True when the kernel confirmed.
+
+    Runs right after binding, before anything is queued, on the bound socket:
+    the kernel's ACK is read here. Returns None when a queued packet arrived
+    first (it stays in the socket for the reader; the ACK that follows is
+    read and ignored there), so the outcome is unconfirmed. Raises QueueError
+    when the kernel refused the setting.
     """
     import select
 
-    sock = socket.fromfd(fd, socket.AF_NETLINK, socket.SOCK_RAW)  # a dup: same socket, same port id
-    try:
-        sock.send(fail_open_message(queue_num, fail_open))
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([sock], [], [], left)[0]:
-                return None
-            head = sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            if len(head) < _NLMSG.size:
-                return None
-            _ln, mtype, _fl, seq, _pid = _NLMSG.unpack_from(head)
-            if mtype != NLMSG_ERROR or seq != _CONFIG_SEQ:
-                return None
-            sock.recv(65536, socket.MSG_DONTWAIT)  # consume our ACK
-            err = -struct.unpack_from("=i", head, _NLMSG.size)[0] if len(head) >= _NLMSG.size + 4 else 0
-            if err:
-                raise QueueError(f"kernel refused the fail-open setting of queue {queue_num}: "
-                                 f"{os.strerror(err)}")
-            return True
-    finally:
-        sock.close()
+    sock.send(config_message(queue_num, fail_open=fail_open, gso=gso))
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([sock], [], [], left)[0]:
+            return None
+        head = sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        if len(head) < _NLMSG.size:
+            return None
+        _ln, mtype, _fl, seq, _pid = _NLMSG.unpack_from(head)
+        if mtype != NLMSG_ERROR or seq != _CONFIG_SEQ:
+            return None
+        sock.recv(_RECV_BUFFER, socket.MSG_DONTWAIT)  # consume our ACK
+        err = -struct.unpack_from("=i", head, _NLMSG.size)[0] if len(head) >= _NLMSG.size + 4 else 0
+        if err:
+            raise QueueError(f"kernel refused the configuration of queue {queue_num} (copy range, fail-open, "
+                             f"GSO): {os.strerror(err)}")
+        return True
 
 
 def kernel_queue_state(queue_num: int) -> dict[str, int] | None:
@@ -267,28 +320,27 @@ def kernel_queue_state(queue_num: int) -> dict[str, int] | None:
     return None
 
 
-class _BudgetSocket:
-    """``recv`` for :meth:`NetfilterQueue.run_socket` that ends a batch after ``budget`` messages."""
+def oversize_interfaces(names: list[str] | None = None) -> list[tuple[str, int]]:
+    """Interfaces (given, or all but loopback) that may hand the queue packets above 65535 bytes (BIG TCP).
 
-    __slots__ = ("sock", "budget", "left", "stats")
-
-    def __init__(self, sock: socket.socket, budget: int, stats: QueueStats) -> None:
-        self.sock = sock
-        self.budget = budget
-        self.left = budget
-        self.stats = stats
-
-    def recv(self, size: int) -> bytes:
-        if self.left <= 0:
-            self.stats.full_batches += 1
-            raise BlockingIOError(errno.EAGAIN, "batch budget used")
-        self.left -= 1
-        try:
-            return self.sock.recv(size, socket.MSG_DONTWAIT)
-        except OSError as e:
-            if e.errno == errno.ENOBUFS:
-                self.stats.enobufs += 1
-            raise
+    Such packets cannot be copied whole (``NFQA_PAYLOAD`` holds at most 65535
+    bytes); they would be counted as truncated and get the fail-mode verdict.
+    """
+    try:
+        out = subprocess.run(["ip", "-d", "-j", "link", "show"], capture_output=True, text=True, timeout=5)
+        links = json.loads(out.stdout or "[]")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+    found = []
+    for link in links:
+        name = link.get("ifname", "")
+        if name == "lo" or (names and name not in names):
+            continue
+        size = max(int(link.get("gso_max_size", 0) or 0), int(link.get("gro_max_size", 0) or 0),
+                   int(link.get("mtu", 0) or 0))
+        if size > 65536:
+            found.append((name, size))
+    return found
 
 
 Handler = Callable[[bytes, float], Decision]
@@ -301,28 +353,33 @@ class QueueAdapter:
 
     num: int
     handler: Handler
-    emit: FrameSink | None = None  # the emitted stream goes here, after the verdict
+    emit: FrameSink | None = None  # the emitted stream goes here, after the verdicts are sent
     after_batch: Callable[[], None] | None = None
     fail: FailMode = FailMode.OPEN
     max_len: int = 4096
     sock_rcvbuf: int = 8 * 1024 * 1024
-    batch: int = 256
+    batch: int = 256  # messages read per wake-up before yielding to the loop
+    flush_every: int = 16  # verdicts gathered before a send (fewer syscalls, bounded extra wait)
+    gso: bool = True  # queue GSO packets whole (NFQA_CFG_F_GSO)
     clock: Callable[[], float] = time.time
     stats: QueueStats = field(default_factory=QueueStats)
-    latency: Latency = field(default_factory=Latency)  # callback entry -> verdict issued
-    wait_latency: Latency = field(default_factory=Latency)  # socket readable -> verdict issued
+    latency: Latency = field(default_factory=Latency)  # packet read -> its verdict sent
+    wait_latency: Latency = field(default_factory=Latency)  # socket readable -> verdict sent
     fail_open_confirmed: bool | None = None
-    histogram: Any = None  # optional mproxy.io.metrics.LatencyHistogram (callback entry -> verdict)
+    histogram: Any = None  # optional mproxy.io.metrics.LatencyHistogram (packet read -> verdict sent)
+    sock: Any = None  # the bound netlink socket (tests pass a socketpair end)
     _nfq: Any = None
-    _sock: socket.socket | None = None
-    _reader: _BudgetSocket | None = None
+    _buf: bytearray = field(default_factory=lambda: bytearray(_RECV_BUFFER))
+    _out: bytearray = field(default_factory=bytearray)
+    _t0: list[int] = field(default_factory=list)
+    _frames: Frames = field(default_factory=list)
     _wake: int = 0
     _logged: set[str] = field(default_factory=set)
     _fd: int = -1
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
-        """Bind the queue and configure it (copy mode, length, buffer, fail-open flag)."""
+        """Bind the queue with netfilterqueue, then configure it ourselves (copy range, GSO, fail-open, buffer)."""
         import warnings
 
         from netfilterqueue import NetfilterQueue
@@ -334,23 +391,28 @@ class QueueAdapter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # rcvbuf is forced below
             try:
-                nfq.bind(self.num, self._on_packet, max_len=self.max_len, sock_len=self.sock_rcvbuf // 2)
+                nfq.bind(self.num, self._unexpected_callback, max_len=self.max_len,
+                         sock_len=self.sock_rcvbuf // 2)
             except OSError as e:
                 raise QueueError(f"cannot bind NFQUEUE {self.num}: {e} (another process bound to it? "
                                  "root or CAP_NET_ADMIN?)") from None
         self._nfq = nfq
         self._fd = nfq.get_fd()
-        self._sock = socket.fromfd(self._fd, socket.AF_NETLINK, socket.SOCK_RAW)
+        sock = socket.fromfd(self._fd, socket.AF_NETLINK, socket.SOCK_RAW)  # a dup: same socket, same port id
         try:  # SO_RCVBUFFORCE ignores net.core.rmem_max (we hold CAP_NET_ADMIN)
-            self._sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.sock_rcvbuf)
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.sock_rcvbuf)
         except OSError:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.sock_rcvbuf)
-        self._reader = _BudgetSocket(self._sock, self.batch, self.stats)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.sock_rcvbuf)
+        self.sock = sock
         try:
-            self.fail_open_confirmed = set_fail_open(self._fd, self.num, self.fail == FailMode.OPEN)
-        except QueueError:
+            self.fail_open_confirmed = configure_queue(sock, self.num, fail_open=self.fail == FailMode.OPEN,
+                                                       gso=self.gso)
+        except (QueueError, OSError) as e:
             self.close()
-            raise
+            raise QueueError(str(e)) from None
+
+    def _unexpected_callback(self, pkt: Any) -> None:  # netfilterqueue's run() is never called
+        pkt.accept()
 
     @property
     def fd(self) -> int:
@@ -365,7 +427,7 @@ class QueueAdapter:
 
     def drain(self) -> None:
         """Give a verdict to everything already in the socket (at stop, before unbinding)."""
-        if self._reader is None:
+        if self.sock is None:
             return
         for _ in range(1000):
             before = self.stats.packets
@@ -381,41 +443,82 @@ class QueueAdapter:
             except Exception:  # noqa: BLE001 - shutting down anyway
                 log.debug("unbind failed", exc_info=True)
             self._nfq = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        self._reader = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
         self._fd = -1
 
     # ------------------------------------------------------------------ hot path
     def _on_readable(self) -> None:
-        reader = self._reader
-        if reader is None:
+        sock = self.sock
+        if sock is None:
             return
-        self.stats.wakeups += 1
+        st = self.stats
+        st.wakeups += 1
         self._wake = time.perf_counter_ns()
-        reader.left = reader.budget
+        buf = self._buf
+        mv = memoryview(buf)
         try:
-            self._nfq.run_socket(reader)
-        except OSError as e:  # recv failed for another reason than EAGAIN/ENOBUFS
-            self._once("recv", logging.ERROR, f"reading the queue failed: {e}")
+            for _ in range(self.batch):
+                try:
+                    n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    if e.errno == errno.ENOBUFS:  # the kernel could not deliver some; go on reading
+                        st.enobufs += 1
+                        continue
+                    self._once("recv", logging.ERROR, f"reading the queue failed: {e}")
+                    break
+                self._messages(mv, n)
+            else:
+                st.full_batches += 1
+        finally:
+            mv.release()
+            self._flush()
         if self.after_batch is not None:
             try:
                 self.after_batch()
             except Exception:  # noqa: BLE001
                 self._once("after_batch", logging.ERROR, "writing records failed", exc=True)
 
-    def _on_packet(self, pkt: _Packet) -> None:
+    def _messages(self, mv: memoryview, n: int) -> None:
+        off = 0
+        while off + 16 <= n:
+            ln, mtype = _NLMSG_HEAD.unpack_from(mv, off)
+            if ln < 16 or off + ln > n:
+                self.stats.malformed += 1
+                self._once("malformed", logging.ERROR, f"unreadable netlink message ({ln} bytes at {off} of {n})")
+                return
+            if mtype == _PACKET_TYPE:
+                self._packet(mv, off + 20, off + ln)
+            elif mtype == NLMSG_ERROR and ln >= 20:
+                err = -struct.unpack_from("=i", mv, off + 16)[0]
+                if err:  # a verdict (or configuration) the kernel refused
+                    self.stats.verdict_errors += 1
+                    self._once("nlerr", logging.ERROR, f"the kernel refused a queue message: {os.strerror(err)}")
+            off += (ln + 3) & ~3
+
+    def _packet(self, mv: memoryview, p: int, end: int) -> None:
         t0 = time.perf_counter_ns()
         st = self.stats
+        pid, start, stop, info, cap, indev = parse_packet(mv, p, end)
+        if pid < 0:
+            st.malformed += 1
+            self._once("noid", logging.ERROR, "a queued packet's message has no packet id: no verdict possible")
+            return
         st.packets += 1
         decision: Decision | None = None
+        data = b""
         try:
-            data = pkt.get_payload()
+            data = mv[start:stop].tobytes() if start >= 0 else b""  # the core may keep it: copy
+            st.queued_bytes += len(data)
+            if info & NFQA_SKB_GSO:
+                st.gso += 1
             claimed = _claimed_length(data)
-            if claimed > len(data):
+            if claimed > len(data) or cap > len(data) or not data:
                 st.truncated += 1
-                self._truncated(pkt, len(data), claimed)
+                self._truncated(indev, len(data), max(claimed, cap))
             else:
                 decision = self.handler(data, self.clock())
         except Exception:  # noqa: BLE001 - the verdict below must happen whatever the core did
@@ -424,58 +527,91 @@ class QueueAdapter:
                        f"the core raised on a packet; it was {self._fail_word()} and further errors are "
                        "only counted (traceback at debug level)", exc=True)
             decision = None
-        try:
-            if decision is None:
-                if self.fail == FailMode.OPEN:
-                    pkt.accept()
-                    st.accepted += 1
-                else:
-                    pkt.drop()
-                    st.dropped += 1
+        payload = None
+        if decision is None:
+            if self.fail == FailMode.OPEN:
+                verdict = NF_ACCEPT
+                st.accepted += 1
             else:
-                v = decision.verdict
-                if v is Verdict.ACCEPT:
-                    pkt.accept()
-                    st.accepted += 1
-                elif v is Verdict.DROP:
-                    pkt.drop()
-                    st.dropped += 1
-                else:
-                    pkt.set_payload(decision.payload)
-                    pkt.accept()
-                    st.modified += 1
-        except Exception:  # noqa: BLE001
-            st.verdict_errors += 1
-            self._once("verdict", logging.ERROR, "issuing a verdict failed", exc=True)
-        t1 = time.perf_counter_ns()
-        self.latency.add(t1 - t0)
-        self.wait_latency.add(t1 - self._wake)
-        h = self.histogram
-        if h is not None:  # bisect: the same bucket as LatencyHistogram.observe, at C speed
-            sec = (t1 - t0) * 1e-9
-            h.counts[bisect_left(h.bounds, sec)] += 1
-            h.total += sec
-            h.n += 1
-        if decision is not None and decision.frames and self.emit is not None:
+                verdict = NF_DROP
+                st.dropped += 1
+        else:
+            v = decision.verdict
+            if v is Verdict.ACCEPT:
+                verdict = NF_ACCEPT
+                st.accepted += 1
+            elif v is Verdict.DROP:
+                verdict = NF_DROP
+                st.dropped += 1
+            else:
+                verdict, payload = self._rewritten(decision.payload or b"", info)
+            if decision.frames and self.emit is not None:
+                self._frames += decision.frames
+        self._out += verdict_message(self.num, pid, verdict, payload)
+        self._t0.append(t0)
+        if len(self._t0) >= self.flush_every or len(self._out) >= _FLUSH_BYTES:
+            self._flush()
+
+    def _rewritten(self, new: bytes, info: int) -> tuple[int, bytes | None]:
+        """Verdict for a rewritten packet: its TCP checksum completed when the kernel had left it partial."""
+        st = self.stats
+        if info & NFQA_SKB_GSO:  # only SYNs are rewritten; a GSO one would be a core bug
+            st.core_errors += 1
+            self._once("gso_rewrite", logging.ERROR, "the core rewrote a GSO packet; it was " + self._fail_word())
+            if self.fail == FailMode.OPEN:
+                st.accepted += 1
+                return NF_ACCEPT, None
+            st.dropped += 1
+            return NF_DROP, None
+        if info & NFQA_SKB_CSUMNOTREADY:
+            buf = bytearray(new)
+            if fill_tcp_checksum(buf):
+                new = bytes(buf)
+        st.modified += 1
+        return NF_ACCEPT, new
+
+    def _flush(self) -> None:
+        """Send the gathered verdicts in one ``send``, then hand their frames to the sink."""
+        t0s = self._t0
+        if t0s:
+            st = self.stats
             try:
-                self.emit(decision.frames)
+                self.sock.send(self._out)
+                st.verdict_sends += 1
+            except Exception:  # noqa: BLE001 - counted; the kernel keeps them until unbind (fail mode then)
+                st.verdict_errors += len(t0s)
+                self._once("verdict", logging.ERROR, "sending verdicts failed", exc=True)
+            t1 = time.perf_counter_ns()
+            lat, wait, h, wake = self.latency, self.wait_latency, self.histogram, self._wake
+            for t0 in t0s:
+                lat.add(t1 - t0)
+                wait.add(t1 - wake)
+                if h is not None:  # bisect: the same bucket as LatencyHistogram.observe, at C speed
+                    sec = (t1 - t0) * 1e-9
+                    h.counts[bisect_left(h.bounds, sec)] += 1
+                    h.total += sec
+                    h.n += 1
+            self._out = bytearray()
+            self._t0 = []
+        if self._frames:
+            frames, self._frames = self._frames, []
+            try:
+                self.emit(frames)  # type: ignore[misc]
             except Exception:  # noqa: BLE001
-                st.sink_errors += 1
+                self.stats.sink_errors += 1
                 self._once("sink", logging.ERROR, "writing to the sink failed", exc=True)
 
     # ------------------------------------------------------------------ reporting
     def _fail_word(self) -> str:
         return "accepted (fail open)" if self.fail == FailMode.OPEN else "dropped (fail closed)"
 
-    def _truncated(self, pkt: _Packet, got: int, claimed: int) -> None:
+    def _truncated(self, indev: int, got: int, claimed: int) -> None:
         if "truncated" in self._logged:
             return
-        name = _ifname(getattr(pkt, "indev", 0))
-        mtu = _mtu(name)
         self._once("truncated", logging.WARNING,
-                   f"queued packet copied only partly ({got} of {claimed} bytes; netfilterqueue copies at most "
-                   f"{COPY_LIMIT}); it arrived on {name}{f' (MTU {mtu})' if mtu else ''}. Lower the MTU of "
-                   f"interfaces carrying MPTCP to at most {SAFE_MTU} bytes and disable LRO; the packet was "
+                   f"queued packet copied only partly ({got} of {claimed} bytes; a queued packet holds at most "
+                   f"{COPY_RANGE}); it arrived on {_ifname(indev)}. Keep GSO/GRO packets at most 64 KB on "
+                   f"interfaces carrying MPTCP (no BIG TCP: gso_max_size/gro_max_size 65536); the packet was "
                    f"{self._fail_word()} unparsed, further ones are only counted")
 
     def _once(self, key: str, level: int, msg: str, exc: bool = False) -> None:

@@ -9,8 +9,8 @@ offload on the sender) stays wrong by the same amount rather than being
 
 from __future__ import annotations
 
-from .checksum import replace_bytes
-from .packet import TCPOPT_NOP
+from .checksum import ipv4_header_checksum, replace_bytes, tcp_checksum
+from .packet import CWR, FIN, PSH, TCPOPT_NOP, TcpSegment, parse_ip
 
 _TCP_CSUM = 16  # offset of the checksum in the TCP header
 
@@ -29,3 +29,68 @@ def nop_out(ip: bytearray, tcp_off: int, opt_off: int, length: int) -> None:
         raise ValueError(f"bytes {opt_off}..{opt_off + length} are not inside the TCP options")
     if length:
         replace_bytes(ip, tcp_off + _TCP_CSUM, opt_off, bytes((TCPOPT_NOP,)) * length, opt_off - tcp_off)
+
+
+def fill_tcp_checksum(ip: bytearray) -> bool:
+    """Compute the TCP checksum of ``ip`` in full and store it; False when ``ip`` is not a whole TCP packet.
+
+    For packets whose checksum the kernel left partial (``CHECKSUM_PARTIAL``:
+    the field holds only the pseudo-header sum, the NIC or the GSO code was to
+    finish it): once we rewrite such a packet the kernel sends it as it is.
+    """
+    seg = parse_ip(memoryview(ip))
+    if not isinstance(seg, TcpSegment) or seg.payload_len != seg.wire_payload_len:
+        return False
+    off = seg.tcp_off
+    end = off + seg.hdr_len + seg.payload_len
+    ip[off + _TCP_CSUM : off + _TCP_CSUM + 2] = b"\0\0"
+    csum = tcp_checksum(seg.src, seg.dst, memoryview(ip)[off:end])
+    ip[off + _TCP_CSUM : off + _TCP_CSUM + 2] = csum.to_bytes(2, "big")
+    return True
+
+
+def split_tcp(ip: bytes | bytearray | memoryview, mss: int) -> list[bytes]:
+    """The TCP packet as the wire would carry it: segments of at most ``mss`` payload bytes, checksums filled.
+
+    What GSO segmentation does to a packet queued whole (``NFQA_CFG_F_GSO``),
+    for copies handed to an IDS that checks sizes and checksums: the headers
+    repeat with the sequence number advanced, the IPv4 ID incremented and
+    the lengths fixed; CWR stays on the first segment, FIN and PSH on the
+    last. Anything that is not a whole TCP packet comes back unchanged.
+    """
+    seg = parse_ip(memoryview(ip))
+    if not isinstance(seg, TcpSegment) or seg.payload_len != seg.wire_payload_len or mss < 1:
+        return [bytes(ip)]
+    head = bytes(ip[: seg.payload_off])
+    data = ip[seg.payload_off : seg.payload_off + seg.payload_len]
+    n = seg.payload_len
+    if n <= mss:
+        one = bytearray(head)
+        one += data
+        fill_tcp_checksum(one)
+        return [bytes(one)]
+    out = []
+    off, t, v4 = seg.tcp_off, seg.tcp_off, seg.ipver == 4
+    ipid = (head[4] << 8) | head[5] if v4 else 0
+    for k, i in enumerate(range(0, n, mss)):
+        chunk = data[i : i + mss]
+        pkt = bytearray(head)
+        pkt += chunk
+        length = len(pkt)
+        if v4:
+            pkt[2:4] = length.to_bytes(2, "big")
+            pkt[4:6] = ((ipid + k) & 0xFFFF).to_bytes(2, "big")
+            pkt[10:12] = b"\0\0"
+            pkt[10:12] = ipv4_header_checksum(memoryview(pkt)[:off]).to_bytes(2, "big")
+        else:
+            pkt[4:6] = (length - 40).to_bytes(2, "big")
+        pkt[t + 4 : t + 8] = ((seg.seq + i) & 0xFFFFFFFF).to_bytes(4, "big")
+        flags = seg.flags
+        if k:
+            flags &= ~CWR
+        if i + mss < n:
+            flags &= ~(FIN | PSH)
+        pkt[t + 13] = flags
+        fill_tcp_checksum(pkt)
+        out.append(bytes(pkt))
+    return out

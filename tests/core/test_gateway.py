@@ -36,6 +36,21 @@ def test_downgrade_strips_mp_capable_with_valid_checksum() -> None:
     assert gw.stats.actions["downgrade"] == 1
 
 
+def test_downgraded_gso_packets_reach_the_sink_as_segments() -> None:
+    """Live (split_passthrough): a 20 KB packet of a downgraded connection leaves as <= 1460-byte segments."""
+    s = Session(1)
+    syn, synack, ack = s.handshake()
+    big = s.data(0, True, 0, b"q" * 20000, mapping=False)
+    for split, sizes in ((False, [20000]), (True, [1460] * 13 + [1020])):
+        gw = Gateway(Policy(default=Action.DOWNGRADE), split_passthrough=split)
+        gw.packet(syn, 1000.0)
+        d = gw.packet(big, 1000.1)
+        segs = [parse_ip(memoryview(f[14:])) for _, f in d.frames]
+        assert [x.payload_len for x in segs if isinstance(x, TcpSegment)] == sizes
+        if split:
+            assert all(tcp_checksum(x.src, x.dst, x.ip[x.tcp_off:]) == 0 for x in segs if isinstance(x, TcpSegment))
+
+
 def test_block_joins_drops_join_syn_only() -> None:
     s = Session(1)
     gw = Gateway(Policy(default=Action.BLOCK_JOINS))
