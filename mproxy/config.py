@@ -50,6 +50,7 @@ class SinkConfig:
     pcap_rotate_mb: int = 100
     pcap_keep: int = 10
     passthrough: bool = True  # also copy queued plain-TCP packets (downgraded/fallback) to the sink
+    worker: bool = True  # emit the stream and write the sinks in a second process (a second core)
 
 
 @dataclass(slots=True)

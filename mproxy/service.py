@@ -25,6 +25,7 @@ from .io import netfilter
 from .io.metrics import LatencyHistogram, Sources, make_registry
 from .io.metrics import QueueStats as MetricQueueStats
 from .io.nfqueue import COPY_RANGE, FailMode, QueueAdapter, QueueError, kernel_queue_state, oversize_interfaces
+from .io.emitworker import RemoteSinks
 from .io.sinks import EventLog, FrameSinks, SinkError, open_sinks
 from .io.alerts import AlertFollower
 from .io.inject import InjectError, Injector
@@ -83,7 +84,13 @@ class Service:
         """Open sinks, bind the queue, install rules; raises SinkError/QueueError/RulesError."""
         c = self.cfg
         self.started = time.time()
-        self.sinks = open_sinks(c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb, c.sink.pcap_keep)
+        if c.sink.worker and (c.sink.interface or c.sink.pcap):  # fork first: nothing else is open yet
+            remote = RemoteSinks(self.gateway.pipeline, c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb,
+                                 c.sink.pcap_keep)
+            remote.start()
+            self.sinks = remote  # type: ignore[assignment]
+        else:
+            self.sinks = open_sinks(c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb, c.sink.pcap_keep)
         self.events = EventLog(c.log.events, drop_keys=not c.log.log_keys)
         for name, size in oversize_interfaces(c.rules.in_interfaces or None):
             log.warning("interface %s may pass packets of %d bytes (BIG TCP or MTU): a queued packet holds at "
@@ -249,6 +256,8 @@ class Service:
             m.kernel_dropped, m.user_dropped, m.waiting = st["dropped"], st["user_dropped"], st["waiting"]
 
     def _after_batch(self) -> None:
+        if isinstance(self.sinks, RemoteSinks):
+            self.sinks.pump()  # ops from alerts and reactions that no verdict carried
         if self.gateway.records and self.events is not None:
             self.events.write(self.gateway.drain_records())
             self.events.flush()

@@ -77,6 +77,16 @@ class _Dir:
     fired: set[int] = field(default_factory=set)
 
 
+def _span(tail: bytes, data: bytes, a: int, b: int) -> bytes:
+    """``(tail + data)[a:b]`` without building ``tail + data``."""
+    lt = len(tail)
+    if b <= lt:
+        return tail[a:b]
+    if a >= lt:
+        return data[a - lt : b - lt]
+    return tail[a:] + data[: b - lt]
+
+
 class Inspector:
     """Matches a :class:`RuleSet` on rebuilt streams; state per live connection."""
 
@@ -126,30 +136,38 @@ class Inspector:
         self.stats.chunks += 1
         self.stats.bytes[direction] += len(data)
         tail = st.tail
-        buf = tail + data if tail else bytes(data)
-        base = st.offset - len(tail)  # stream offset of buf[0]
+        lt = len(tail)
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        base = st.offset - lt  # stream offset of the tail's first byte ("buf" = tail + data, never built)
         st.offset += len(data)
         out: list[Match] = []
         touched: set[int] = set()
         db = self._db
         if db is not None:
-            lead = min(len(tail), self._ac_keep)  # the part of the tail a split content can start in
-            a0 = len(tail) - lead
             hits = self._hits
-            db.scan(buf[a0:] if a0 else buf, match_event_handler=self._on_hit)
+            found: list[tuple[int, int]] = []  # (expression, end offset in buf)
+            lead = min(lt, self._ac_keep)  # the part of the tail a split content can start in
+            if lead:  # contents that start in the tail and end in this chunk
+                db.scan(tail[lt - lead :] + data[: self._ac_keep], match_event_handler=self._on_hit)
+                targets_of = self._targets
+                found += [(eid, lt - lead + stop) for eid, stop in hits
+                          if stop > lead and stop - targets_of[eid][0] < lead]
+                hits.clear()
+            db.scan(data, match_event_handler=self._on_hit)
+            found += [(eid, lt + stop) for eid, stop in hits]
+            hits.clear()
             targets_of = self._targets
-            for eid, stop in hits:
-                if stop <= lead:
-                    continue  # wholly inside the tail: reported with the previous chunk
+            for eid, end in found:
                 for ri, ci in targets_of[eid][1]:
                     if ri not in st.applies or ri in st.fired:
                         continue
                     ends = st.seen.get(ri)
                     if ends is None:
                         ends = st.seen[ri] = [-1] * len(self.rules[ri].contents)
-                    ends[ci] = base + a0 + stop
+                    if base + end > ends[ci]:
+                        ends[ci] = base + end
                     touched.add(ri)
-            hits.clear()
         chunk_start = st.offset - len(data)
         cands = touched.union(st.pcre_only)
         cands.update(ri for ri in st.seen if self.rules[ri].pcre is not None)
@@ -167,16 +185,16 @@ class Inspector:
                     continue  # no content of the rule near this chunk: a pcre match here would not be near them
             if r.pcre is not None:
                 self.stats.pcre_runs += 1
-                start = max(0, len(tail) - self.pcre_window)
-                stop = len(buf)
+                start = max(0, lt - self.pcre_window)
+                stop = lt + len(data)
                 if r.contents:  # the match must lie within `window` of every content
                     ends = st.seen[ri]
                     start = max(start, max(ends) - self.window - base)
                     stop = min(stop, min(ends) + self.window - base)
-                    if stop <= len(tail) or start >= stop:
+                    if stop <= lt or start >= stop:
                         continue
-                region = buf[start:stop]
-                new_from = len(tail) - start
+                region = _span(tail, data, start, stop)
+                new_from = lt - start
                 found = None
                 for m in r.pcre.regex.finditer(region):
                     if m.end() > new_from:
@@ -192,7 +210,12 @@ class Inspector:
             self.stats.matches += 1
             out.append(Match(conn_id, direction, r.sid, r.rev, r.msg, end_off))
         keep = self._keep
-        st.tail = buf[-keep:] if keep else b""
+        if not keep:
+            st.tail = b""
+        elif len(data) >= keep:
+            st.tail = data[-keep:]
+        else:
+            st.tail = (tail + data)[-keep:]
         return out
 
     def _collect(self, eid: int, _start: int, stop: int, _flags: int, _ctx: object) -> None:

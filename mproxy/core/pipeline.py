@@ -43,8 +43,68 @@ class PipelineStats:
     bytes_out: list[int] = field(default_factory=lambda: [0, 0])
 
 
+Op = tuple[Any, ...]  # one emission step; plain tuples so a second process can receive them pickled
+
+
+class Emission:
+    """The emitted stream's state: emission ops in, Ethernet frames out.
+
+    One :class:`TcpEmitter` per MPTCP connection. :class:`Pipeline` turns
+    tracker events into ops and applies them here in-process; the live
+    gateway can instead ship the ops to a second process that runs its own
+    Emission (:mod:`mproxy.io.emitworker`) — the emitter is most of the
+    per-byte cost, and the same ops give the same frames either way.
+    """
+
+    def __init__(self, mss: int = 1460, passthrough_mss: int | None = None) -> None:
+        self.mss = mss
+        self.passthrough_mss = passthrough_mss
+        self.frames = 0
+        self.passthrough = 0
+        self._emitters: dict[int, TcpEmitter] = {}
+
+    def apply(self, ops: list[Op]) -> Frames:
+        out: Frames = []
+        emitters = self._emitters
+        for op in ops:
+            kind = op[0]
+            if kind == "data":
+                em = emitters.get(op[1])
+                if em is not None:
+                    out += em.data(op[2], op[3], op[4])
+            elif kind == "pass":
+                frames = passthrough_frames(op[1], op[2], op[3], self.passthrough_mss)
+                out += frames
+                self.passthrough += len(frames)
+            elif kind == "open":
+                em = TcpEmitter(op[2], op[3], op[4], op[5], mss=self.mss)
+                emitters[op[1]] = em
+                out += em.open(op[6])
+            elif kind == "skip":
+                em = emitters.get(op[1])
+                if em is not None:
+                    em.skip(op[2], op[3])
+            elif kind == "fin":
+                em = emitters.get(op[1])
+                if em is not None:
+                    out += em.half_close(op[2], op[3])
+            elif kind == "close":
+                em = emitters.pop(op[1], None)
+                if em is not None and op[4]:
+                    out += em.close(op[2], reset=op[3])
+        self.frames += len(out)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._emitters)
+
+
 class Pipeline:
-    """Tracker + emitters: ``feed``/``feed_segment`` return output frames; records accumulate."""
+    """Tracker + emitters: ``feed``/``feed_segment`` return output frames; records accumulate.
+
+    With ``remote`` set (a list), emission ops are appended there instead of
+    being applied, and no frames are returned: another process emits them.
+    """
 
     def __init__(self, config: TrackerConfig | None = None, *, passthrough: bool = True,
                  mss: int = 1460, split_passthrough: bool = False) -> None:
@@ -55,7 +115,8 @@ class Pipeline:
         # live: packets queued whole (GSO, checksum left to the kernel) reach the sink as the wire carries them
         self.passthrough_mss: int | None = mss if split_passthrough else None
         self.records: list[dict[str, Any]] = []
-        self._emitters: dict[int, TcpEmitter] = {}
+        self.emission = Emission(mss, self.passthrough_mss)
+        self.remote: list[Op] | None = None
 
     def feed(self, linktype: int, frame: bytes | memoryview, ts: float) -> Frames:
         """One captured frame; non-TCP frames are counted and not forwarded."""
@@ -77,45 +138,50 @@ class Pipeline:
         return self.handle(self.tracker.flush(now))
 
     def handle(self, events: list[Event]) -> Frames:
-        """Turn tracker events into frames (and log records)."""
+        """Turn tracker events into frames (or remote ops) and log records."""
         if not events:
             return []
-        out: Frames = []
+        ops: list[Op] = []
         for e in events:
             if isinstance(e, DataReleased):
-                em = self._emitters.get(e.conn_id)
-                if em is not None:
-                    out += em.data(e.direction == Direction.C2S, e.data, e.ts)
-                    self.stats.bytes_out[e.direction] += len(e.data)
+                ops.append(("data", e.conn_id, e.direction == Direction.C2S, e.data, e.ts))
+                self.stats.bytes_out[e.direction] += len(e.data)
             elif isinstance(e, PassThrough):
                 if self.passthrough:
-                    frames = passthrough_frames(e.ip, e.ipver, e.ts, self.passthrough_mss)
-                    out += frames
-                    self.stats.passthrough_frames += len(frames)
+                    ops.append(("pass", e.ip, e.ipver, e.ts))
             elif isinstance(e, ConnectionOpened):
                 conn = self.tracker.connections.get(e.conn_id)
                 if conn is not None:
-                    em = TcpEmitter(conn.client[0], conn.client[1], conn.server[0], conn.server[1], mss=self.mss)
-                    self._emitters[e.conn_id] = em
-                    out += em.open(e.ts)
+                    ops.append(("open", e.conn_id, conn.client[0], conn.client[1], conn.server[0],
+                                conn.server[1], e.ts))
             elif isinstance(e, GapSkipped):
-                em = self._emitters.get(e.conn_id)
-                if em is not None:
-                    em.skip(e.direction == Direction.C2S, e.length)
+                ops.append(("skip", e.conn_id, e.direction == Direction.C2S, e.length))
             elif isinstance(e, DataFinished):
-                em = self._emitters.get(e.conn_id)
-                if em is not None:
-                    out += em.half_close(e.direction == Direction.C2S, e.ts)
+                ops.append(("fin", e.conn_id, e.direction == Direction.C2S, e.ts))
             elif isinstance(e, ConnectionClosed):
-                em = self._emitters.pop(e.conn_id, None)
-                if em is not None and e.outcome != Outcome.END_OF_INPUT:
-                    out += em.close(e.ts, reset=e.reset)
+                ops.append(("close", e.conn_id, e.ts, e.reset, e.outcome != Outcome.END_OF_INPUT))
                 if isinstance(e, ConnectionClosedSummary):
                     self.records.append(e.summary)
             elif isinstance(e, Notice):
                 self.records.append(notice_record(e))
+        if not ops:
+            return []
+        if self.remote is not None:
+            self.remote += ops
+            return []
+        em = self.emission
+        before = em.passthrough
+        out = em.apply(ops)
+        self.stats.passthrough_frames += em.passthrough - before
         self.stats.emitted_frames += len(out)
         return out
+
+    def take_ops(self) -> list[Op]:
+        """The emission ops gathered since the last call (remote mode)."""
+        ops = self.remote or []
+        if self.remote is not None:
+            self.remote = []
+        return ops
 
     def drain_records(self) -> list[dict[str, Any]]:
         recs = self.records

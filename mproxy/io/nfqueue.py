@@ -571,8 +571,14 @@ class QueueAdapter:
         return NF_ACCEPT, new
 
     def _flush(self) -> None:
-        """Send the gathered verdicts in one ``send``, then hand their frames to the sink."""
+        """Send the gathered verdicts in one ``send``, then hand their frames to the sink.
+
+        The sink is called after every send, with no frames too: a remote
+        emitter (:mod:`mproxy.io.emitworker`) ships the ops gathered since.
+        """
         t0s = self._t0
+        if not t0s and not self._frames:
+            return
         if t0s:
             st = self.stats
             try:
@@ -593,10 +599,10 @@ class QueueAdapter:
                     h.n += 1
             self._out = bytearray()
             self._t0 = []
-        if self._frames:
+        if self.emit is not None:
             frames, self._frames = self._frames, []
             try:
-                self.emit(frames)  # type: ignore[misc]
+                self.emit(frames)
             except Exception:  # noqa: BLE001
                 self.stats.sink_errors += 1
                 self._once("sink", logging.ERROR, "writing to the sink failed", exc=True)

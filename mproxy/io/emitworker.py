@@ -1,0 +1,181 @@
+"""The emitter and the sinks in a second process, fed with the pipeline's emission ops.
+
+Turning released bytes into 1460-byte segments with checksums, each followed
+by an ACK, and writing them to the sink costs more CPU than everything else
+the live gateway does per byte (tracking, reassembly, inspection, verdicts).
+With ``[sink] worker = true`` the gateway's pipeline records emission ops
+(:class:`~mproxy.core.pipeline.Emission`: plain tuples) instead of applying
+them, and :class:`RemoteSinks` ships them, batched, over a socketpair to a
+forked child that runs its own Emission and the configured sinks. The verdict
+path no longer waits on the emitter, and a second core does that work.
+
+The child handles messages in order, so a ``stats`` request answered by it
+also means everything sent before has been written. Sending blocks when the
+child falls behind (back-pressure: the queue absorbs it, then fail-open or
+fail-closed decides) rather than dropping ops, which would leave the emitted
+conversations inconsistent. If the child dies, emission stops: counted in
+``worker_errors`` and logged once; verdicts go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..core.pipeline import Emission, Frames, Pipeline
+from .sinks import open_sinks
+
+__all__ = ["RemoteSinks"]
+
+log = logging.getLogger("mproxy.emitworker")
+
+
+def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, passthrough_mss: int | None) -> None:
+    """The worker: ops in, frames out to the sinks; answers ``stats`` and ``close`` in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        sinks = open_sinks(*sink_args)
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        conn.send(("error", str(e)))
+        return
+    conn.send(("ready",))
+    em = Emission(mss, passthrough_mss)
+    try:
+        while True:
+            try:
+                msg = pickle.loads(conn.recv_bytes())
+            except EOFError:
+                break
+            kind = msg[0]
+            if kind == "b":
+                frames = em.apply(msg[1])
+                if msg[2]:
+                    frames += msg[2]
+                if frames:
+                    sinks.write(frames)
+            elif kind == "stats":
+                sinks.flush()
+                conn.send(("stats", sinks.stats(), em.frames, em.passthrough, len(em)))
+            elif kind == "close":
+                sinks.flush()
+                conn.send(("stats", sinks.stats(), em.frames, em.passthrough, len(em)))
+                break
+    finally:
+        sinks.close()
+        conn.close()
+
+
+class RemoteSinks:
+    """FrameSinks look-alike: ``write`` ships the pipeline's pending ops and the given frames to the child."""
+
+    def __init__(self, pipeline: Pipeline, interface: str, pcap: str, rotate_mb: int, keep: int) -> None:
+        self.pipeline = pipeline
+        self.sink_args = (interface, pcap, rotate_mb, keep)
+        self.worker_errors = 0
+        self.batches = 0
+        self._conn: Connection | None = None
+        self._proc: Any = None
+        self._last: list[dict[str, Any]] = []
+
+    def start(self) -> None:
+        """Fork the child, which opens the sinks; raises the SinkError it met."""
+        from .sinks import SinkError
+
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe(duplex=True)
+        p = self.pipeline
+        proc = ctx.Process(target=_child, args=(child, self.sink_args, p.mss, p.passthrough_mss),
+                           name="mproxy-emit", daemon=True)
+        proc.start()
+        child.close()
+        if not parent.poll(15):
+            proc.kill()
+            raise SinkError("the emitter process did not start")
+        reply = parent.recv()
+        if reply[0] != "ready":
+            proc.join(5)
+            raise SinkError(reply[1])
+        self._conn, self._proc = parent, proc
+        p.remote = []
+        log.info("emitter process %d writes the sinks", proc.pid)
+
+    # ---------------------------------------------------------------- FrameSinks interface
+    def write(self, frames: Frames) -> None:
+        """Ship the ops the pipeline gathered since the last call, and ``frames`` (made outside it)."""
+        ops = self.pipeline.take_ops()
+        if ops or frames:
+            self._send(("b", ops, frames))
+            self.batches += 1
+
+    def pump(self) -> None:
+        self.write([])
+
+    def flush(self) -> None:
+        self.pump()
+
+    def stats(self) -> list[dict[str, Any]]:
+        """The child's sink counters (a round trip: everything sent before is written by then)."""
+        self.pump()
+        if self._send(("stats",)):
+            self._receive_stats()
+        return self._last
+
+    def close(self) -> None:
+        if self._conn is None:
+            return
+        self.pump()
+        if self._send(("close",)):
+            self._receive_stats()
+        self._conn.close()
+        self._conn = None
+        if self._proc is not None:
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc = None
+
+    def __bool__(self) -> bool:
+        return True
+
+    # ---------------------------------------------------------------- internals
+    def _send(self, msg: tuple[Any, ...]) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            return True
+        except (OSError, EOFError, ValueError) as e:
+            self._failed(f"sending to it failed: {e}")
+            return False
+
+    def _receive_stats(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            if not conn.poll(10):
+                self._failed("it did not answer within 10 s")
+                return
+            reply = conn.recv()
+        except (OSError, EOFError) as e:
+            self._failed(f"reading from it failed: {e}")
+            return
+        _kind, sinks, frames, passthrough, _live = reply
+        self._last = sinks
+        st = self.pipeline.stats
+        st.emitted_frames, st.passthrough_frames = frames, passthrough
+
+    def _failed(self, why: str) -> None:
+        """The child is gone: log once, stop sending (ops keep being taken and dropped, so nothing piles up)."""
+        self.worker_errors += 1
+        if self.worker_errors == 1:
+            log.error("emitter process: %s; the emitted stream stops (verdicts go on)", why)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
