@@ -246,7 +246,7 @@ def profile_table(raw: Path, top: int = 16) -> list[tuple[str, float, float]]:
 
 
 def _null_queue(args: argparse.Namespace) -> int:
-    """The adapter with a core that accepts everything: the NFQUEUE + netfilterqueue floor."""
+    """The adapter with a core that accepts everything: the floor of NFQUEUE and our queue reader."""
     import asyncio
 
     from mproxy.config import parse_config
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({'met' if m_mptcp.mbit >= target_m else 'MISSED'}) |")
     print(f"| plain TCP | {tp(k_tcp, m_tcp)} | ≥ 95 % "
           f"({'met' if m_tcp.mbit >= 0.95 * k_tcp.mbit else 'MISSED'}) |")
-    print(f"| MPTCP, queue with a no-op core (NFQUEUE + netfilterqueue floor) | {tp(k_mptcp, n_mptcp)} | "
+    print(f"| MPTCP, queue with a no-op core (NFQUEUE + queue reader floor) | {tp(k_mptcp, n_mptcp)} | "
           f"(reference) |")
     q = s_bulk["queue"]
     print(f"\nMPTCP run through mproxy: {q['packets']:,} packets queued, {q['wakeups']:,} reader wake-ups, "
