@@ -83,8 +83,7 @@ class AlertFeed:
         self.stats.acted += 1
         if d.inject and self.injector is not None:
             self.injector.send(d.inject)
-        if d.frames:
-            self.write_frames(d.frames)
+        self.write_frames(d.frames)  # also with none: a remote emitter ships the ops gathered since
         if self.after is not None:
             self.after()
 

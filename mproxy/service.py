@@ -256,8 +256,6 @@ class Service:
             m.kernel_dropped, m.user_dropped, m.waiting = st["dropped"], st["user_dropped"], st["waiting"]
 
     def _after_batch(self) -> None:
-        if isinstance(self.sinks, RemoteSinks):
-            self.sinks.pump()  # ops from alerts and reactions that no verdict carried
         if self.gateway.records and self.events is not None:
             self.events.write(self.gateway.drain_records())
             self.events.flush()

@@ -145,19 +145,17 @@ class Inspector:
         touched: set[int] = set()
         db = self._db
         if db is not None:
-            hits = self._hits
+            hits, targets_of = self._hits, self._targets
             found: list[tuple[int, int]] = []  # (expression, end offset in buf)
             lead = min(lt, self._ac_keep)  # the part of the tail a split content can start in
             if lead:  # contents that start in the tail and end in this chunk
                 db.scan(tail[lt - lead :] + data[: self._ac_keep], match_event_handler=self._on_hit)
-                targets_of = self._targets
                 found += [(eid, lt - lead + stop) for eid, stop in hits
                           if stop > lead and stop - targets_of[eid][0] < lead]
                 hits.clear()
             db.scan(data, match_event_handler=self._on_hit)
             found += [(eid, lt + stop) for eid, stop in hits]
             hits.clear()
-            targets_of = self._targets
             for eid, end in found:
                 for ri, ci in targets_of[eid][1]:
                     if ri not in st.applies or ri in st.fired:

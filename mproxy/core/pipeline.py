@@ -170,17 +170,16 @@ class Pipeline:
             self.remote += ops
             return []
         em = self.emission
-        before = em.passthrough
         out = em.apply(ops)
-        self.stats.passthrough_frames += em.passthrough - before
-        self.stats.emitted_frames += len(out)
+        self.stats.emitted_frames, self.stats.passthrough_frames = em.frames, em.passthrough
         return out
 
     def take_ops(self) -> list[Op]:
         """The emission ops gathered since the last call (remote mode)."""
-        ops = self.remote or []
-        if self.remote is not None:
-            self.remote = []
+        ops = self.remote
+        if not ops:
+            return []
+        self.remote = []
         return ops
 
     def drain_records(self) -> list[dict[str, Any]]:

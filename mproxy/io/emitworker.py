@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..core.pipeline import Emission, Frames, Pipeline
-from .sinks import open_sinks
+from .sinks import SinkError, open_sinks
 
 __all__ = ["RemoteSinks"]
 
@@ -58,13 +58,11 @@ def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, pas
                     frames += msg[2]
                 if frames:
                     sinks.write(frames)
-            elif kind == "stats":
+            elif kind in ("stats", "close"):
                 sinks.flush()
-                conn.send(("stats", sinks.stats(), em.frames, em.passthrough, len(em)))
-            elif kind == "close":
-                sinks.flush()
-                conn.send(("stats", sinks.stats(), em.frames, em.passthrough, len(em)))
-                break
+                conn.send((sinks.stats(), em.frames, em.passthrough))
+                if kind == "close":
+                    break
     finally:
         sinks.close()
         conn.close()
@@ -84,8 +82,6 @@ class RemoteSinks:
 
     def start(self) -> None:
         """Fork the child, which opens the sinks; raises the SinkError it met."""
-        from .sinks import SinkError
-
         ctx = multiprocessing.get_context("fork")
         parent, child = ctx.Pipe(duplex=True)
         p = self.pipeline
@@ -166,7 +162,7 @@ class RemoteSinks:
         except (OSError, EOFError) as e:
             self._failed(f"reading from it failed: {e}")
             return
-        _kind, sinks, frames, passthrough, _live = reply
+        sinks, frames, passthrough = reply
         self._last = sinks
         st = self.pipeline.stats
         st.emitted_frames, st.passthrough_frames = frames, passthrough

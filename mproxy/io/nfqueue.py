@@ -100,6 +100,7 @@ _NFGEN = struct.Struct("!BBH")
 _NLA = struct.Struct("=HH")
 _BE32 = struct.Struct("!I")
 _VERDICT_HDR = struct.Struct("!II")
+_NLMSG_ERRNO = struct.Struct("=i")  # nlmsgerr.error, after the header
 _CONFIG_SEQ = 0x6D707278  # "mprx": tells our ACK from libnfnetlink's
 _SO_RCVBUFFORCE = 33  # not exported by Python's socket module
 _RECV_BUFFER = 0x10000 + 0x4000  # the largest packet message (64 KB payload + attributes) fits
@@ -295,7 +296,7 @@ def configure_queue(sock: socket.socket, queue_num: int, *, fail_open: bool, gso
         if mtype != NLMSG_ERROR or seq != _CONFIG_SEQ:
             return None
         sock.recv(_RECV_BUFFER, socket.MSG_DONTWAIT)  # consume our ACK
-        err = -struct.unpack_from("=i", head, _NLMSG.size)[0] if len(head) >= _NLMSG.size + 4 else 0
+        err = -_NLMSG_ERRNO.unpack_from(head, _NLMSG.size)[0] if len(head) >= _NLMSG.size + 4 else 0
         if err:
             raise QueueError(f"kernel refused the configuration of queue {queue_num} (copy range, fail-open, "
                              f"GSO): {os.strerror(err)}")
@@ -493,7 +494,7 @@ class QueueAdapter:
             if mtype == _PACKET_TYPE:
                 self._packet(mv, off + 20, off + ln)
             elif mtype == NLMSG_ERROR and ln >= 20:
-                err = -struct.unpack_from("=i", mv, off + 16)[0]
+                err = -_NLMSG_ERRNO.unpack_from(mv, off + _NLMSG.size)[0]
                 if err:  # a verdict (or configuration) the kernel refused
                     self.stats.verdict_errors += 1
                     self._once("nlerr", logging.ERROR, f"the kernel refused a queue message: {os.strerror(err)}")
@@ -612,8 +613,6 @@ class QueueAdapter:
         return "accepted (fail open)" if self.fail == FailMode.OPEN else "dropped (fail closed)"
 
     def _truncated(self, indev: int, got: int, claimed: int) -> None:
-        if "truncated" in self._logged:
-            return
         self._once("truncated", logging.WARNING,
                    f"queued packet copied only partly ({got} of {claimed} bytes; a queued packet holds at most "
                    f"{COPY_RANGE}); it arrived on {_ifname(indev)}. Keep GSO/GRO packets at most 64 KB on "

@@ -31,6 +31,13 @@ def nop_out(ip: bytearray, tcp_off: int, opt_off: int, length: int) -> None:
         replace_bytes(ip, tcp_off + _TCP_CSUM, opt_off, bytes((TCPOPT_NOP,)) * length, opt_off - tcp_off)
 
 
+def _store_tcp_checksum(ip: bytearray, tcp_off: int, end: int, src: bytes, dst: bytes) -> None:
+    """Zero the TCP checksum field of ``ip`` (TCP from ``tcp_off`` to ``end``), sum, store."""
+    ip[tcp_off + _TCP_CSUM : tcp_off + _TCP_CSUM + 2] = b"\0\0"
+    csum = tcp_checksum(src, dst, memoryview(ip)[tcp_off:end])
+    ip[tcp_off + _TCP_CSUM : tcp_off + _TCP_CSUM + 2] = csum.to_bytes(2, "big")
+
+
 def fill_tcp_checksum(ip: bytearray) -> bool:
     """Compute the TCP checksum of ``ip`` in full and store it; False when ``ip`` is not a whole TCP packet.
 
@@ -41,11 +48,7 @@ def fill_tcp_checksum(ip: bytearray) -> bool:
     seg = parse_ip(memoryview(ip))
     if not isinstance(seg, TcpSegment) or seg.payload_len != seg.wire_payload_len:
         return False
-    off = seg.tcp_off
-    end = off + seg.hdr_len + seg.payload_len
-    ip[off + _TCP_CSUM : off + _TCP_CSUM + 2] = b"\0\0"
-    csum = tcp_checksum(seg.src, seg.dst, memoryview(ip)[off:end])
-    ip[off + _TCP_CSUM : off + _TCP_CSUM + 2] = csum.to_bytes(2, "big")
+    _store_tcp_checksum(ip, seg.tcp_off, seg.payload_off + seg.payload_len, seg.src, seg.dst)
     return True
 
 
@@ -55,8 +58,9 @@ def split_tcp(ip: bytes | bytearray | memoryview, mss: int) -> list[bytes]:
     What GSO segmentation does to a packet queued whole (``NFQA_CFG_F_GSO``),
     for copies handed to an IDS that checks sizes and checksums: the headers
     repeat with the sequence number advanced, the IPv4 ID incremented and
-    the lengths fixed; CWR stays on the first segment, FIN and PSH on the
-    last. Anything that is not a whole TCP packet comes back unchanged.
+    the lengths (and the IPv4 header checksum) fixed; CWR stays on the first
+    segment, FIN and PSH on the last. Anything that is not a whole TCP packet
+    comes back unchanged.
     """
     seg = parse_ip(memoryview(ip))
     if not isinstance(seg, TcpSegment) or seg.payload_len != seg.wire_payload_len or mss < 1:
@@ -64,24 +68,18 @@ def split_tcp(ip: bytes | bytearray | memoryview, mss: int) -> list[bytes]:
     head = bytes(ip[: seg.payload_off])
     data = ip[seg.payload_off : seg.payload_off + seg.payload_len]
     n = seg.payload_len
-    if n <= mss:
-        one = bytearray(head)
-        one += data
-        fill_tcp_checksum(one)
-        return [bytes(one)]
-    out = []
-    off, t, v4 = seg.tcp_off, seg.tcp_off, seg.ipver == 4
+    t, v4 = seg.tcp_off, seg.ipver == 4
     ipid = (head[4] << 8) | head[5] if v4 else 0
-    for k, i in enumerate(range(0, n, mss)):
-        chunk = data[i : i + mss]
+    out = []
+    for k, i in enumerate(range(0, max(n, 1), mss)):  # one segment also for no payload
         pkt = bytearray(head)
-        pkt += chunk
+        pkt += data[i : i + mss]
         length = len(pkt)
         if v4:
             pkt[2:4] = length.to_bytes(2, "big")
             pkt[4:6] = ((ipid + k) & 0xFFFF).to_bytes(2, "big")
             pkt[10:12] = b"\0\0"
-            pkt[10:12] = ipv4_header_checksum(memoryview(pkt)[:off]).to_bytes(2, "big")
+            pkt[10:12] = ipv4_header_checksum(memoryview(pkt)[:t]).to_bytes(2, "big")
         else:
             pkt[4:6] = (length - 40).to_bytes(2, "big")
         pkt[t + 4 : t + 8] = ((seg.seq + i) & 0xFFFFFFFF).to_bytes(4, "big")
@@ -91,6 +89,6 @@ def split_tcp(ip: bytes | bytearray | memoryview, mss: int) -> list[bytes]:
         if i + mss < n:
             flags &= ~(FIN | PSH)
         pkt[t + 13] = flags
-        fill_tcp_checksum(pkt)
+        _store_tcp_checksum(pkt, t, length, seg.src, seg.dst)
         out.append(bytes(pkt))
     return out

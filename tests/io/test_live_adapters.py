@@ -5,11 +5,7 @@ The end-to-end behaviour on real NFQUEUE is in tests/lab/test_gateway_live.py.
 
 from __future__ import annotations
 
-import errno
 import json
-import logging
-import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +14,11 @@ import pytest
 
 from mproxy.cli import main
 from mproxy.config import ConfigError, parse_config
-from mproxy.core.gateway import Decision, Gateway, Verdict
 from mproxy.io import netfilter
 from mproxy.io.pcap import read_captures
 from mproxy.io.sinks import EventLog, InterfaceSink, RotatingPcapSink, SinkError
 from mproxy.wire.build import build_tcp
 from mproxy.wire.packet import ACK
-
-from ..core.session import Session
 
 ROOT = Path(__file__).resolve().parents[2]
 
