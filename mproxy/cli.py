@@ -80,6 +80,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run(args.config)
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .workers import run_worker
+
+    return run_worker(args.config, args.index, args.channel_fd)
+
+
 def _load_config(path: str) -> Any:
     """The validated config, or None after printing the error that names the bad key."""
     from .config import ConfigError
@@ -112,7 +118,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         from .reacting import load_ruleset
 
         rs = load_ruleset(cfg)
-        print(f"{args.config}: OK (queue {cfg.queue.num}, fail {cfg.queue.fail}, policy {cfg.policy.default.value}"
+        queues = (f"queue {cfg.queue.num}" if cfg.queue.workers == 1 else
+                  f"control queue {cfg.queue.num}, {cfg.queue.workers} workers on queues {cfg.queue.num + 1}.."
+                  f"{cfg.queue.num + cfg.queue.workers}")
+        print(f"{args.config}: OK ({queues}, fail {cfg.queue.fail}, policy {cfg.policy.default.value}"
               f" + {len(cfg.policy.rules)} rules, sinks: {', '.join(sinks) or 'none'}, inspector: "
               f"{f'{len(rs)} signatures from {rs.source}' if rs is not None else 'off'}, alerts followed: "
               f"{len(cfg.alerts.files)})")
@@ -141,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("run", help="run the inline gateway on NFQUEUE until SIGINT/SIGTERM")
     g.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration")
     g.set_defaults(func=_cmd_run)
+
+    w = sub.add_parser("worker", help="one worker of `run` with [queue] workers > 1 (started by `run`)")
+    w.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration")
+    w.add_argument("--index", type=int, required=True, help="worker number (its queue is num+1+index)")
+    w.add_argument("--channel-fd", type=int, required=True, help="inherited socket to the control process")
+    w.set_defaults(func=_cmd_worker)
 
     n = sub.add_parser("rules", help="print the iptables/ip6tables commands `run` installs")
     n.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration")

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 @dataclass(slots=True)
 class QueueConfig:
     num: int = 0  # first NFQUEUE number
-    workers: int = 1  # queues num .. num+workers-1 (see README: one worker per queue)
+    workers: int = 1  # >1: control queue num steers each MPTCP connection to a worker's queue num+1+w
     max_len: int = 4096  # packets the kernel may hold for us
     sock_rcvbuf: int = 8 * 1024 * 1024  # netlink socket receive buffer (bytes)
     fail: str = "open"  # "open": accept when mproxy is absent/overloaded/failing; "closed": drop
@@ -39,6 +39,7 @@ class RulesConfig:
     table: str = "mangle"
     hook: str = "FORWARD"  # FORWARD for a gateway; INPUT/OUTPUT for host mode
     connmark: int = 0x4D50  # bits of the conntrack mark that say "MPTCP connection"
+    worker_mask: int = 0xFF0000  # workers > 1: mark bits naming a connection's worker (1..mask)
     ipv6: bool = True
     in_interfaces: list[str] = field(default_factory=list)  # restrict to traffic arriving here
 
@@ -287,8 +288,10 @@ def _check(cfg: Config) -> None:
     q = cfg.queue
     if q.fail not in ("open", "closed"):
         raise ConfigError(f"[queue] fail: expected \"open\" or \"closed\", got {q.fail!r}")
-    if not 0 <= q.num <= 65535 or q.workers < 1 or q.num + q.workers - 1 > 65535:
-        raise ConfigError("[queue] num/workers: queue numbers must lie in 0..65535 and workers >= 1")
+    last = q.num + (q.workers if q.workers > 1 else 0)  # workers > 1: a control queue plus one per worker
+    if not 0 <= q.num <= 65535 or q.workers < 1 or last > 65535:
+        raise ConfigError("[queue] num/workers: queue numbers must lie in 0..65535 and workers >= 1 "
+                          "(with workers > 1 mproxy uses queues num .. num+workers)")
     if q.max_len < 1:
         raise ConfigError("[queue] max_len: must be at least 1")
     if cfg.rules.hook not in ("FORWARD", "INPUT", "OUTPUT", "PREROUTING", "POSTROUTING"):
@@ -297,6 +300,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"[rules] table: {cfg.rules.table!r} (use mangle, filter or raw)")
     if not 0 < cfg.rules.connmark <= 0xFFFFFFFF:
         raise ConfigError("[rules] connmark: must be a non-zero 32-bit mask")
+    wm = cfg.rules.worker_mask
+    if not 0 < wm <= 0xFFFFFFFF or wm & (wm + (wm & -wm)):
+        raise ConfigError(f"[rules] worker_mask: 0x{wm:x} must be one run of set bits within 32 bits")
+    if wm & cfg.rules.connmark:
+        raise ConfigError(f"[rules] worker_mask: 0x{wm:x} overlaps [rules] connmark 0x{cfg.rules.connmark:x}")
+    if q.workers > wm // (wm & -wm):
+        raise ConfigError(f"[queue] workers: {q.workers} do not fit in [rules] worker_mask 0x{wm:x} "
+                          f"(at most {wm // (wm & -wm)})")
     if not cfg.rules.chain or len(cfg.rules.chain) > 28 or not cfg.rules.chain.replace("_", "").replace(
             "-", "").isalnum():
         raise ConfigError(f"[rules] chain: {cfg.rules.chain!r} is not a usable chain name")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,18 +68,51 @@ class Service:
     injector: Injector | None = field(init=False, default=None)  # MP_FASTCLOSE/RST out
     alert_feed: AlertFeed | None = field(init=False, default=None)  # IDS alerts in
     follower: AlertFollower | None = field(init=False, default=None)
+    # a worker of a multi-worker gateway (mproxy/workers.py): its number and the channel to the control
+    # process, which receives the tokens this worker's tracker learns and asks for its metrics
+    worker: int | None = None
+    channel: socket.socket | None = None
+    workers_total: int = 1
+    announce_lost: int = field(init=False, default=0)
+    _registry: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         c = self.cfg
         self.gateway = Gateway(c.policy, c.tracker, passthrough=c.sink.passthrough, inspector=build_inspector(c),
                                reactions=build_reactions(c), split_passthrough=c.queue.gso)
+        if self.channel is not None:
+            t = self.gateway.tracker
+            t.token_log = []
+            t.number_connections((self.worker or 0) + 1, max(1, self.workers_total))
 
-    def _packet_and_inject(self, data: bytes, ts: float) -> Any:
-        """Gateway.packet, then the kill packets it asked for go out before the verdict is issued."""
-        d = self.gateway.packet(data, ts)
-        if d.inject and self.injector is not None:
-            self.injector.send(d.inject)
-        return d
+    def _handler(self) -> Any:
+        """What the queue calls per packet: the gateway, plus injection and token announcements if needed."""
+        gw, inj, ch = self.gateway, self.injector, self.channel
+        if inj is None and ch is None:
+            return gw.packet
+        tokens = gw.tracker.token_log
+
+        def handle(data: bytes, ts: float) -> Any:
+            d = gw.packet(data, ts)
+            if d.inject and inj is not None:  # kill packets go out before the verdict is issued
+                inj.send(d.inject)
+            if tokens:  # announced before this packet's verdict: ahead of any join it makes possible
+                self._announce(tokens)
+            return d
+
+        return handle
+
+    def _announce(self, tokens: list[tuple[int, bool]]) -> None:
+        msg = b"T" + b"".join(_TOKEN.pack(t, a) for t, a in tokens)
+        n = len(tokens)
+        tokens.clear()
+        try:
+            assert self.channel is not None
+            self.channel.send(msg)
+        except OSError:  # the control process is gone or not reading: its joins fall back to a hash
+            self.announce_lost += n
+            if self.announce_lost == n:
+                log.error("announcing tokens to the control process failed (further losses only counted)")
 
     # ------------------------------------------------------------------ start / stop
     def start(self) -> None:
@@ -86,12 +121,13 @@ class Service:
         self.started = time.time()
         if c.sink.worker and (c.sink.interface or c.sink.pcap):  # fork first: nothing else is open yet
             remote = RemoteSinks(self.gateway.pipeline, c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb,
-                                 c.sink.pcap_keep)
+                                 c.sink.pcap_keep, inherited=(self.channel,) if self.channel is not None else ())
             remote.start()
             self.sinks = remote  # type: ignore[assignment]
         else:
             self.sinks = open_sinks(c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb, c.sink.pcap_keep)
-        self.events = EventLog(c.log.events, drop_keys=not c.log.log_keys)
+        self.events = EventLog(c.log.events, drop_keys=not c.log.log_keys,
+                               tag={"worker": self.worker} if self.worker is not None else {})
         for name, size in oversize_interfaces(c.rules.in_interfaces or None):
             log.warning("interface %s may pass packets of %d bytes (BIG TCP or MTU): a queued packet holds at "
                         "most %d; set gso_max_size/gro_max_size to 65536 on interfaces carrying MPTCP",
@@ -105,7 +141,7 @@ class Service:
                  "+".join(c.actions.on_match), "+".join(c.actions.on_alert), "+".join(c.actions.on_side_channel),
                  ", ".join(c.alerts.files) or "none")
         self.queue = QueueAdapter(
-            c.queue.num, self._packet_and_inject if self.injector is not None else self.gateway.packet, emit=self.sinks.write if self.sinks else None,
+            c.queue.num, self._handler(), emit=self.sinks.write if self.sinks else None,
             after_batch=self._after_batch, fail=FailMode(c.queue.fail), max_len=c.queue.max_len,
             sock_rcvbuf=c.queue.sock_rcvbuf, histogram=self.histogram, gso=c.queue.gso)
         self.queue.open()
@@ -157,13 +193,18 @@ class Service:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reopen)
         loop.add_signal_handler(signal.SIGUSR1, self._dump_stats)
+        if self.channel is not None:
+            loop.add_reader(self.channel.fileno(), self._on_channel)
+            self.channel.send(b"R")  # ready: the queue is bound
         ticker = loop.create_task(self._tick())
         follow = None
         if c.alerts.files:
             self.alert_feed = AlertFeed(self.gateway, self.injector, self.sinks.write, self._after_batch)
             self.follower = self.alert_feed.follower(c)
             follow = loop.create_task(self.follower.run())
-        log.info("ready: NFQUEUE %d (fail %s%s), rules %s, policy %s, sinks %s, metrics %s", c.queue.num,
+        # a worker says "up", not "ready:": that word is the whole gateway's (the control process's)
+        log.info("%s: NFQUEUE %d (fail %s%s), rules %s, policy %s, sinks %s, metrics %s",
+                 "ready" if self.worker is None else f"worker {self.worker} up", c.queue.num,
                  c.queue.fail, "" if self.queue.fail_open_confirmed else ", unconfirmed",
                  f"in {c.rules.table} {c.rules.hook} -> {c.rules.chain}" if c.rules.manage else "not managed",
                  c.policy.default.value, ", ".join(_sink_names(c)) or "none",
@@ -176,6 +217,8 @@ class Service:
                 follow.cancel()
             if metrics is not None:
                 metrics.close()
+            if self.channel is not None:
+                loop.remove_reader(self.channel.fileno())
             self.queue.detach(loop)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
@@ -198,42 +241,51 @@ class Service:
                 if self._tick_errors == 1:
                     log.exception("periodic expiry failed (further failures only counted)")
 
+    def exposition(self) -> bytes:
+        """The Prometheus text of this process's metrics (what ``/metrics`` serves)."""
+        from prometheus_client import generate_latest
+
+        if self._registry is None:
+            gw = self.gateway
+            self._registry = make_registry(Sources(
+                tracker=gw.tracker, pipeline=gw.pipeline.stats, gateway=gw.stats, queue=self.metric_queue,
+                latency=self.histogram, mode="gateway", sinks=lambda: self.sinks.stats(), events=self.events,
+                extra=[self._reaction_metrics]))
+        self._update_queue_metrics()
+        return generate_latest(self._registry)
+
     async def _serve_metrics(self) -> asyncio.AbstractServer:
         """Prometheus text on ``/metrics``, served by the event loop itself.
 
         Single-threaded on purpose: the collector reads the core's counters at
         scrape time, between two packets, so no lock is taken on the packet path.
         """
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        gw = self.gateway
-        registry = make_registry(Sources(tracker=gw.tracker, pipeline=gw.pipeline.stats, gateway=gw.stats,
-                                         queue=self.metric_queue, latency=self.histogram, mode="gateway",
-                                         sinks=lambda: self.sinks.stats(), events=self.events,
-                                         extra=[self._reaction_metrics]))
+        async def body() -> bytes:
+            return self.exposition()
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-                if path.split(b"?")[0] in (b"/metrics", b"/"):
-                    self._update_queue_metrics()
-                    body, status, ctype = generate_latest(registry), b"200 OK", CONTENT_TYPE_LATEST.encode()
-                else:
-                    body, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
-                writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
-                             + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-                await writer.drain()
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-                pass
-            finally:
-                writer.close()
+        return await serve_metrics(self.cfg.metrics.listen, body)
 
-        host, _, port = self.cfg.metrics.listen.rpartition(":")
+    def _on_channel(self) -> None:
+        """A request from the control process (``M``: metrics); end of file: it is gone, so stop."""
+        assert self.channel is not None and self._stop is not None
         try:
-            return await asyncio.start_server(handle, host.strip("[]"), int(port))
-        except OSError as e:
-            raise MetricsError(f"[metrics] listen {self.cfg.metrics.listen}: {e.strerror or e}") from None
+            msg = self.channel.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            msg = b""
+        if not msg:
+            log.error("worker %s: the control process is gone; stopping", self.worker)
+            asyncio.get_running_loop().remove_reader(self.channel.fileno())
+            self._stop.set()
+            return
+        if msg[:1] == b"M":
+            reply = b"M" + msg[1:9] + self.exposition()
+            try:
+                self.channel.send(reply)
+            except OSError as e:
+                log.warning("worker %s: metrics reply failed: %s", self.worker, e)
 
     def _reaction_metrics(self) -> Any:
         from .io.metrics import reaction_families
@@ -292,6 +344,8 @@ class Service:
         q = self.queue
         return {
             "event": "stats", "ts": round(now, 6), "uptime": round(now - self.started, 3),
+            **({"worker": self.worker, "queue_num": self.cfg.queue.num, "announce_lost": self.announce_lost}
+               if self.worker is not None else {}),
             "queue": q.stats.as_dict() if q else None,
             "kernel_queue": kernel_queue_state(self.cfg.queue.num) or self._final_kernel_state,
             "fail": self.cfg.queue.fail, "fail_flag_confirmed": q.fail_open_confirmed if q else None,
@@ -326,6 +380,36 @@ class MetricsError(RuntimeError):
     """The metrics endpoint cannot listen (message names the key)."""
 
 
+_TOKEN = struct.Struct("!I?")  # a token announcement: token, indexed (True) or forgotten (False)
+
+
+async def serve_metrics(listen: str, body: Any) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.0 server for ``/metrics`` on ``listen`` ("host:port"); ``body`` makes the text."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+            if path.split(b"?")[0] in (b"/metrics", b"/"):
+                text, status, ctype = await body(), b"200 OK", CONTENT_TYPE_LATEST.encode()
+            else:
+                text, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
+            writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                         + str(len(text)).encode() + b"\r\nConnection: close\r\n\r\n" + text)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    host, _, port = listen.rpartition(":")
+    try:
+        return await asyncio.start_server(handle, host.strip("[]"), int(port))
+    except OSError as e:
+        raise MetricsError(f"[metrics] listen {listen}: {e.strerror or e}") from None
+
+
 def _sink_names(c: Config) -> list[str]:
     out = []
     if c.sink.interface:
@@ -358,7 +442,15 @@ def run(config_path: str) -> int:
         print(f"mproxy: config error: {e}", file=sys.stderr)
         return 2
     _setup_logging(cfg.log.level)
-    svc = Service(cfg, config_path)
+    if cfg.queue.workers > 1:
+        from .workers import run_controller
+
+        return run_controller(cfg, config_path)
+    return _run_service(Service(cfg, config_path))
+
+
+def _run_service(svc: Any, start_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Start, serve until a signal, stop (a Service or a workers Controller); 0 clean, 1 start failure."""
 
     def interrupted(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -373,7 +465,7 @@ def run(config_path: str) -> int:
         svc.start()
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             runner.run(svc.serve())
-    except (SinkError, QueueError, netfilter.RulesError, MetricsError, InjectError) as e:
+    except (SinkError, QueueError, netfilter.RulesError, MetricsError, InjectError, *start_errors) as e:
         log.error("cannot start: %s", e)
         code = 1
     except SystemExit as e:

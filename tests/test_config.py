@@ -37,6 +37,10 @@ def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     ("[inspector]\nmode = 'maybe'", "[inspector] mode"),
     ("[alerts]\nfiles = 'eve.json'", "[alerts] files"),
     ("[alerts]\npoll_interval = 0", "[alerts] poll_interval"),
+    ("[queue]\nworkers = 256", "[queue] workers: 256 do not fit"),
+    ("[queue]\nnum = 65535\nworkers = 2", "[queue] num/workers"),
+    ("[rules]\nworker_mask = 0x10100", "[rules] worker_mask: 0x10100 must be one run"),
+    ("[rules]\nworker_mask = 0x4000", "overlaps [rules] connmark"),
 ])
 def test_bad_config_names_the_key(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:

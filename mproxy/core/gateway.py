@@ -32,6 +32,7 @@ class Verdict(str, Enum):
     ACCEPT = "accept"
     DROP = "drop"
     ACCEPT_MODIFIED = "accept_modified"
+    REPEAT = "repeat"  # back through the hook with ``Decision.mark`` (control queue: steer to a worker)
 
 
 @dataclass(slots=True)
@@ -41,6 +42,7 @@ class Decision:
     frames: Frames = field(default_factory=list)  # emitted stream for the IDS sink
     reason: str = ""
     inject: list[bytes] = field(default_factory=list)  # IP packets to send (MP_FASTCLOSE/RST) before the verdict
+    mark: int = 0  # REPEAT: the packet mark's bits under the queue's mark mask
 
 
 @dataclass(slots=True)

@@ -259,6 +259,7 @@ class Tracker:
         self.connections: OrderedDict[int, Connection] = OrderedDict()  # LRU by activity
         self._tokens: dict[int, list[Connection]] = {}
         self._next_conn = 1
+        self.conn_id_step = 1  # workers of one gateway number connections w+1, w+1+N, ... (unique ids)
         self._next_sf = 1
         self._last_expire = 0.0
         self._last_sweep = 0.0
@@ -270,6 +271,13 @@ class Tracker:
         self._half_open: OrderedDict[int, Connection] = OrderedDict()
         self._orphans: OrderedDict[int, Subflow] = OrderedDict()
         self.now = 0.0
+        # (token, indexed?) as tokens come and go, when someone reads them (the worker of a
+        # multi-worker gateway announces them to the control queue); None: not recorded
+        self.token_log: list[tuple[int, bool]] | None = None
+
+    def number_connections(self, first: int, step: int) -> None:
+        """Connection ids first, first+step, ...: the workers of one gateway never share an id."""
+        self._next_conn, self.conn_id_step = first, step
 
     # ------------------------------------------------------------------
     @property
@@ -497,7 +505,7 @@ class Tracker:
                           pickup=pickup, last_ts=ts,
                           streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history),
                                    DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history)))
-        self._next_conn += 1
+        self._next_conn += self.conn_id_step
         self.connections[conn.id] = conn
         self._half_open[conn.id] = conn
         self.stats.connections += 1
@@ -521,6 +529,8 @@ class Tracker:
         lst = self._tokens.setdefault(tok, [])
         if conn not in lst:
             lst.append(conn)
+            if self.token_log is not None:
+                self.token_log.append((tok, True))
 
     def _set_base(self, conn: Connection, d: Direction) -> None:
         key = conn.client_key if d == Direction.C2S else conn.server_key
@@ -1333,6 +1343,8 @@ class Tracker:
                 lst.remove(conn)
                 if not lst:
                     del self._tokens[tok]
+                    if self.token_log is not None:
+                        self.token_log.append((tok, False))
 
     def _expire(self, now: float, ev: list[Event], force: bool = False) -> None:
         cfg = self.config

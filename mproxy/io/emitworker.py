@@ -34,10 +34,13 @@ __all__ = ["RemoteSinks"]
 log = logging.getLogger("mproxy.emitworker")
 
 
-def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, passthrough_mss: int | None) -> None:
+def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, passthrough_mss: int | None,
+           inherited: tuple[Any, ...] = ()) -> None:
     """The worker: ops in, frames out to the sinks; answers ``stats`` and ``close`` in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for obj in inherited:  # the parent's end of our pipe (else its death is no EOF here), its sockets
+        obj.close()
     try:
         sinks = open_sinks(*sink_args)
     except Exception as e:  # noqa: BLE001 - reported to the parent
@@ -71,8 +74,10 @@ def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, pas
 class RemoteSinks:
     """FrameSinks look-alike: ``write`` ships the pipeline's pending ops and the given frames to the child."""
 
-    def __init__(self, pipeline: Pipeline, interface: str, pcap: str, rotate_mb: int, keep: int) -> None:
+    def __init__(self, pipeline: Pipeline, interface: str, pcap: str, rotate_mb: int, keep: int,
+                 inherited: tuple[Any, ...] = ()) -> None:
         self.pipeline = pipeline
+        self.inherited = inherited  # the parent's sockets the child must not hold open (closed there)
         self.sink_args = (interface, pcap, rotate_mb, keep)
         self.worker_errors = 0
         self.batches = 0
@@ -85,8 +90,8 @@ class RemoteSinks:
         ctx = multiprocessing.get_context("fork")
         parent, child = ctx.Pipe(duplex=True)
         p = self.pipeline
-        proc = ctx.Process(target=_child, args=(child, self.sink_args, p.mss, p.passthrough_mss),
-                           name="mproxy-emit", daemon=True)
+        proc = ctx.Process(target=_child, args=(child, self.sink_args, p.mss, p.passthrough_mss,
+                                                (parent, *self.inherited)), name="mproxy-emit", daemon=True)
         proc.start()
         child.close()
         if not parent.poll(15):

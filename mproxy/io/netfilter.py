@@ -69,10 +69,6 @@ def validate(cfg: Config) -> None:
     for name in r.in_interfaces:
         if not name or len(name) > 15 or any(c in name for c in " /\t"):
             raise ConfigError(f"[rules] in_interfaces: {name!r} is not an interface name")
-    if cfg.queue.workers != 1:
-        raise ConfigError(
-            f"[queue] workers: {cfg.queue.workers} is not supported, use 1 (every subflow of an MPTCP "
-            "connection must reach the same worker; see mproxy/io/nfqueue.py for the design)")
 
 
 def _tools(cfg: Config) -> tuple[str, ...]:
@@ -82,13 +78,31 @@ def _tools(cfg: Config) -> tuple[str, ...]:
 def _chain_rules(cfg: Config) -> list[list[str]]:
     r, q = cfg.rules, cfg.queue
     mark = f"0x{r.connmark:x}/0x{r.connmark:x}"
-    syn = ["-p", "tcp", "-m", "tcp", "--tcp-flags", "SYN,ACK", "SYN", "--tcp-option", "30",
-           "-j", "CONNMARK", "--set-xmark", mark]
-    rules = [["-i", i, *syn] for i in r.in_interfaces] or [syn]
-    queue = ["-m", "connmark", "--mark", mark, "-j", "NFQUEUE", "--queue-num", str(q.num)]
-    if q.fail == "open":
-        queue.append("--queue-bypass")
-    rules.append(queue)
+    bypass = ["--queue-bypass"] if q.fail == "open" else []
+    syn = ["-p", "tcp", "-m", "tcp", "--tcp-flags", "SYN,ACK", "SYN", "--tcp-option", "30"]
+    if q.workers == 1:
+        first = [*syn, "-j", "CONNMARK", "--set-xmark", mark]
+        rules = [["-i", i, *first] for i in r.in_interfaces] or [first]
+        rules.append(["-m", "connmark", "--mark", mark, "-j", "NFQUEUE", "--queue-num", str(q.num), *bypass])
+        return rules
+    # workers: the first SYN of a connection (no worker in its conntrack or packet mark yet) goes
+    # to the control queue, which repeats it with its worker's bits in the packet mark; those are
+    # saved in the conntrack mark, and every packet of the connection goes to that worker's queue
+    wm = r.worker_mask
+    none = f"0/0x{wm:x}"
+    control = [*syn, "-m", "connmark", "--mark", none, "-m", "mark", "--mark", none,
+               "-j", "NFQUEUE", "--queue-num", str(q.num), *bypass]
+    rules = [["-i", i, *control] for i in r.in_interfaces] or [control]
+    steered = ["-m", "mark", "!", "--mark", none]
+    rules += [
+        [*steered, "-j", "CONNMARK", "--save-mark", "--nfmask", f"0x{wm:x}", "--ctmask", f"0x{wm:x}"],
+        [*steered, "-j", "CONNMARK", "--set-xmark", mark],  # the "MPTCP" bits, as with one worker
+        [*steered, "-j", "MARK", "--set-xmark", none],  # the worker bits do not leave the chain
+    ]
+    shift = (wm & -wm).bit_length() - 1
+    for w in range(q.workers):
+        rules.append(["-m", "connmark", "--mark", f"0x{(w + 1) << shift:x}/0x{wm:x}", "-j", "NFQUEUE",
+                      "--queue-num", str(q.num + 1 + w), *bypass])
     return rules
 
 
@@ -124,8 +138,23 @@ def render(cfg: Config, *, delete: bool = False, source: str = "") -> str:
     head = [
         f"# mproxy netfilter rules{' for ' + source if source else ''}"
         f"{' (removal)' if delete else ''}",
-        f"# TCP SYNs with option 30 (MPTCP) mark their connection with connmark bits 0x{r.connmark:x};",
-        f"# every packet of a marked connection goes to NFQUEUE {q.num}; plain TCP stays in the kernel.",
+    ]
+    if q.workers == 1:
+        head += [
+            f"# TCP SYNs with option 30 (MPTCP) mark their connection with connmark bits 0x{r.connmark:x};",
+            f"# every packet of a marked connection goes to NFQUEUE {q.num}; plain TCP stays in the kernel.",
+        ]
+    else:
+        head += [
+            f"# The first TCP SYN with option 30 (MPTCP) of a connection goes to control NFQUEUE {q.num}, which "
+            f"picks the worker",
+            f"# (MP_JOIN: the worker owning its token) and repeats the SYN with the worker in mark bits "
+            f"0x{r.worker_mask:x};",
+            f"# they are saved in the connmark and every packet of the connection goes to NFQUEUE "
+            f"{q.num + 1}..{q.num + q.workers}",
+            "# (one per worker); plain TCP stays in the kernel.",
+        ]
+    head += [
         f"# fail {q.fail}: " + ("--queue-bypass accepts while no mproxy is bound; mproxy also sets the "
                                 "queue's fail-open flag (a full queue accepts)" if q.fail == "open" else
                                 "no --queue-bypass: MPTCP is dropped while no mproxy is bound or the queue "

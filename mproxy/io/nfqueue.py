@@ -82,13 +82,13 @@ log = logging.getLogger("mproxy.nfqueue")
 # nfnetlink_queue (linux/netfilter/nfnetlink_queue.h, linux/netfilter/nfnetlink.h)
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
-NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_IFINDEX_INDEV = 1, 2, 5
+NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK, NFQA_IFINDEX_INDEV = 1, 2, 3, 5
 NFQA_PAYLOAD, NFQA_CAP_LEN, NFQA_SKB_INFO = 10, 13, 14
 NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 2, 3, 4, 5
 NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO = 1, 4
 NFQA_SKB_CSUMNOTREADY, NFQA_SKB_GSO = 1, 2
 NFQNL_COPY_PACKET = 2
-NF_DROP, NF_ACCEPT = 0, 1
+NF_DROP, NF_ACCEPT, NF_REPEAT = 0, 1, 4
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR = 2
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
@@ -131,6 +131,7 @@ class QueueStats:
     gso: int = 0  # packets queued whole as GSO (several TCP segments' worth)
     queued_bytes: int = 0  # IP bytes of the queued packets
     verdict_sends: int = 0  # send() calls carrying verdicts
+    repeated: int = 0  # sent back through the hook with a mark (control queue: steered to a worker)
     wakeups: int = 0
     full_batches: int = 0  # batches cut at the budget (sustained load)
 
@@ -221,18 +222,27 @@ def config_message(queue_num: int, *, fail_open: bool, gso: bool = True, copy_ra
     return _nfnl(NFQNL_MSG_CONFIG, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, queue_num, attrs)
 
 
-def verdict_message(queue_num: int, packet_id: int, verdict: int, payload: bytes | None = None) -> bytes:
-    """NFQNL_MSG_VERDICT for one packet, with the rewritten packet when ``payload`` is given."""
+def verdict_message(queue_num: int, packet_id: int, verdict: int, payload: bytes | None = None,
+                    mark: int | None = None) -> bytes:
+    """NFQNL_MSG_VERDICT for one packet, with the rewritten packet when ``payload`` is given.
+
+    ``mark`` replaces the packet's whole mark (the kernel does not mask it).
+    """
     attrs = _attr(NFQA_VERDICT_HDR, _VERDICT_HDR.pack(verdict, packet_id))
+    if mark is not None:
+        attrs += _attr(NFQA_MARK, _BE32.pack(mark))
     if payload is not None:
         attrs += _attr(NFQA_PAYLOAD, payload)
     return _nfnl(NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, queue_num, attrs)
 
 
 def packet_message(queue_num: int, packet_id: int, payload: bytes, *, indev: int = 0, skb_info: int = 0,
-                   cap_len: int | None = None, hw_protocol: int = 0x0800, hook: int = 2, seq: int = 0) -> bytes:
+                   cap_len: int | None = None, hw_protocol: int = 0x0800, hook: int = 2, seq: int = 0,
+                   mark: int = 0) -> bytes:
     """NFQNL_MSG_PACKET as the kernel lays it out (header first, payload last): for tests and fuzzing."""
     attrs = _attr(NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, hw_protocol, hook))
+    if mark:
+        attrs += _attr(NFQA_MARK, _BE32.pack(mark))
     if indev:
         attrs += _attr(NFQA_IFINDEX_INDEV, _BE32.pack(indev))
     if cap_len is not None:
@@ -243,14 +253,15 @@ def packet_message(queue_num: int, packet_id: int, payload: bytes, *, indev: int
     return _nfnl(NFQNL_MSG_PACKET, 0, seq, queue_num, attrs)
 
 
-def parse_packet(mv: memoryview, p: int, end: int) -> tuple[int, int, int, int, int, int]:
+def parse_packet(mv: memoryview, p: int, end: int) -> tuple[int, int, int, int, int, int, int]:
     """Attributes of one NFQNL_MSG_PACKET between ``p`` (after the nfgenmsg) and ``end``.
 
-    Returns (packet id or -1, payload start, payload end, skb info, cap len, in-device index); a payload
-    start of -1 means none. Stops at the first attribute whose length lies (the rest is not trusted).
+    Returns (packet id or -1, payload start, payload end, skb info, cap len, in-device index, packet
+    mark); a payload start of -1 means none. Stops at the first attribute whose length lies (the rest
+    is not trusted).
     """
     pid = start = stop = -1
-    info = cap = indev = 0
+    info = cap = indev = mark = 0
     while p + 4 <= end:
         alen, atype = _NLA.unpack_from(mv, p)
         if alen < 4 or p + alen > end:
@@ -267,8 +278,10 @@ def parse_packet(mv: memoryview, p: int, end: int) -> tuple[int, int, int, int, 
                 cap = _BE32.unpack_from(mv, p + 4)[0]
             elif t == NFQA_IFINDEX_INDEV:
                 indev = _BE32.unpack_from(mv, p + 4)[0]
+            elif t == NFQA_MARK:
+                mark = _BE32.unpack_from(mv, p + 4)[0]
         p += (alen + 3) & ~3
-    return pid, start, stop, info, cap, indev
+    return pid, start, stop, info, cap, indev, mark
 
 
 def configure_queue(sock: socket.socket, queue_num: int, *, fail_open: bool, gso: bool = True,
@@ -362,6 +375,7 @@ class QueueAdapter:
     batch: int = 256  # messages read per wake-up before yielding to the loop
     flush_every: int = 16  # verdicts gathered before a send (fewer syscalls, bounded extra wait)
     gso: bool = True  # queue GSO packets whole (NFQA_CFG_F_GSO)
+    mark_mask: int = 0  # REPEAT verdicts set these bits of the packet mark to Decision.mark, keep the rest
     clock: Callable[[], float] = time.time
     stats: QueueStats = field(default_factory=QueueStats)
     latency: Latency = field(default_factory=Latency)  # packet read -> its verdict sent
@@ -503,7 +517,7 @@ class QueueAdapter:
     def _packet(self, mv: memoryview, p: int, end: int) -> None:
         t0 = time.perf_counter_ns()
         st = self.stats
-        pid, start, stop, info, cap, indev = parse_packet(mv, p, end)
+        pid, start, stop, info, cap, indev, mark = parse_packet(mv, p, end)
         if pid < 0:
             st.malformed += 1
             self._once("noid", logging.ERROR, "a queued packet's message has no packet id: no verdict possible")
@@ -528,7 +542,7 @@ class QueueAdapter:
                        f"the core raised on a packet; it was {self._fail_word()} and further errors are "
                        "only counted (traceback at debug level)", exc=True)
             decision = None
-        payload = None
+        payload = newmark = None
         if decision is None:
             if self.fail == FailMode.OPEN:
                 verdict = NF_ACCEPT
@@ -544,11 +558,15 @@ class QueueAdapter:
             elif v is Verdict.DROP:
                 verdict = NF_DROP
                 st.dropped += 1
+            elif v is Verdict.REPEAT:
+                verdict = NF_REPEAT
+                newmark = (mark & ~self.mark_mask) | (decision.mark & self.mark_mask)
+                st.repeated += 1
             else:
                 verdict, payload = self._rewritten(decision.payload or b"", info)
             if decision.frames and self.emit is not None:
                 self._frames += decision.frames
-        self._out += verdict_message(self.num, pid, verdict, payload)
+        self._out += verdict_message(self.num, pid, verdict, payload, newmark)
         self._t0.append(t0)
         if len(self._t0) >= self.flush_every or len(self._out) >= _FLUSH_BYTES:
             self._flush()

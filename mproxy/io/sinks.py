@@ -270,49 +270,74 @@ def open_sinks(interface: str, pcap: str, rotate_mb: int, keep: int) -> FrameSin
 
 @dataclass(slots=True)
 class EventLog:
-    """JSON lines to a file (appended) or stdout; ``reopen`` after log rotation."""
+    """JSON lines to a file (appended) or stdout; ``reopen`` after log rotation.
+
+    Lines gather in memory and go out whole, in one ``write`` per flush on an
+    ``O_APPEND`` descriptor: the workers of a multi-worker gateway append to
+    the same file without cutting each other's records.
+    """
 
     path: str
     drop_keys: bool = True  # remove MPTCP keys from records unless [log] log_keys
+    tag: dict[str, Any] = field(default_factory=dict)  # added to every record (a worker's number)
     records: int = 0
     errors: int = 0
-    _f: IO[str] | None = None
+    _fd: int = -1
+    _stdout: bool = False
+    _pending: list[str] = field(default_factory=list)
+    _size: int = 0
 
     def __post_init__(self) -> None:
         self._open()
 
     def _open(self) -> None:
-        if not self.path:
-            self._f = None
-        elif self.path == "-":
-            self._f = sys.stdout
-        else:
+        self._stdout = self.path == "-"
+        if self.path and not self._stdout:
             try:
-                self._f = open(self.path, "a", encoding="utf-8", buffering=1 << 16)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             except OSError as e:
                 raise SinkError(f"[log] events: cannot open {self.path}: {e.strerror}") from None
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        f = self._f
-        if f is None:
+        if self._fd < 0 and not self._stdout:
             return
         try:
             for r in records:
                 if self.drop_keys:
                     r = {k: v for k, v in r.items() if not k.endswith("_key")}
-                f.write(json.dumps(r, separators=(",", ":"), default=str) + "\n")
+                if self.tag:
+                    r = {**r, **self.tag}
+                line = json.dumps(r, separators=(",", ":"), default=str) + "\n"
+                self._pending.append(line)
+                self._size += len(line)
             self.records += len(records)
-        except (OSError, ValueError) as e:
-            self.errors += 1
-            if self.errors == 1:
-                log.error("writing the event log failed: %s (further errors only counted)", e)
+        except (TypeError, ValueError) as e:
+            self._failed(e)
+        if self._size >= _EVENTS_FLUSH:
+            self.flush()
 
     def flush(self) -> None:
-        if self._f is not None:
-            try:
-                self._f.flush()
-            except OSError:
-                self.errors += 1
+        if not self._pending:
+            return
+        data = "".join(self._pending).encode()
+        self._pending, self._size = [], 0
+        try:
+            if self._stdout:
+                sys.stdout.write(data.decode())
+                sys.stdout.flush()
+                return
+            if self._fd < 0:
+                return
+            view = memoryview(data)
+            while view:  # a regular file takes it all in one write unless the disk is full
+                view = view[os.write(self._fd, view):]
+        except (OSError, ValueError) as e:
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        self.errors += 1
+        if self.errors == 1:
+            log.error("writing the event log failed: %s (further errors only counted)", e)
 
     def reopen(self) -> None:
         """Close and open the path again (SIGHUP), so logrotate can move the old file away."""
@@ -326,11 +351,14 @@ class EventLog:
             log.error("%s", e)
 
     def close(self) -> None:
-        if self._f is not None and self._f is not sys.stdout:
+        self.flush()
+        if self._fd >= 0:
             try:
-                self._f.close()
+                os.close(self._fd)
             except OSError:
                 pass
-        elif self._f is sys.stdout:
-            self.flush()
-        self._f = None
+        self._fd = -1
+        self._stdout = False
+
+
+_EVENTS_FLUSH = 1 << 16  # bytes of records held before they are written anyway

@@ -87,3 +87,22 @@ def test_dead_worker_is_counted_and_verdicts_go_on(tmp_path: Path, caplog: pytes
     assert len([r for r in caplog.records if "emitter process" in r.getMessage()]) == 1
     assert gw.pipeline.take_ops() == []  # nothing piles up
     sinks.close()
+
+
+def test_worker_ends_when_its_parent_is_gone_and_holds_no_parent_socket(tmp_path: Path) -> None:
+    """A SIGKILLed gateway must not leave its emitter behind: the child keeps no copy of the parent's
+    end of the pipe (else the parent's death is no end of file there) nor the sockets it is told about."""
+    import socket
+
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sinks = RemoteSinks(Gateway().pipeline, "", str(tmp_path / "orphan"), 100, 3, inherited=(theirs,))
+    sinks.start()
+    proc = sinks._proc
+    theirs.close()  # now only the child could still hold it
+    mine.setblocking(False)
+    assert mine.recv(1) == b""  # end of file: nobody holds the other end
+    assert sinks._conn is not None
+    sinks._conn.close()  # what the kernel does to a killed parent's descriptors
+    proc.join(5)
+    assert not proc.is_alive()
+    mine.close()

@@ -123,7 +123,13 @@ def test_gateway_exposition_follows_conventions() -> None:
 
 
 def test_readme_documents_every_metric() -> None:
-    text = full_exposition()
+    from prometheus_client import generate_latest
+
+    from mproxy.config import parse_config
+    from mproxy.workers import Controller, _control_registry
+
+    control = generate_latest(_control_registry(Controller(parse_config("[queue]\nworkers = 2"), "x"))).decode()
+    text = full_exposition() + control
     kinds = {"counter": "counter", "gauge": "gauge", "histogram": "histogram", "info": "gauge"}
     exposed = {}
     for fam in text_string_to_metric_families(text):

@@ -45,22 +45,25 @@ def tcp4(payload: bytes = b"x") -> bytes:
     return build_tcp(bytes([198, 18, 1, 2]), bytes([198, 18, 10, 2]), 40000, 80, 1, 1, ACK, payload=payload)
 
 
-def verdicts(raw: bytes) -> list[tuple[int, int, bytes | None]]:
-    """(packet id, verdict, payload or None) of each NFQNL_MSG_VERDICT in one datagram."""
+def verdicts(raw: bytes, with_mark: bool = False) -> list[tuple[int, int, bytes | None]]:
+    """(packet id, verdict, payload or None[, mark or None]) of each NFQNL_MSG_VERDICT in one datagram."""
     out, off = [], 0
     while off + 16 <= len(raw):
         ln, mtype, flags, _seq, _pid = NLMSG.unpack_from(raw, off)
         assert mtype == (3 << 8) | 1 and flags == 1 and ln >= 20
-        p, pid, verdict, payload = off + 20, None, None, None
+        p, pid, verdict, payload, mark = off + 20, None, None, None, None
         while p + 4 <= off + ln:
             alen, atype = struct.unpack_from("=HH", raw, p)
             if atype == 2:
                 verdict, pid = struct.unpack_from("!II", raw, p + 4)
+            elif atype == 3:
+                assert alen == 8
+                mark = struct.unpack_from("!I", raw, p + 4)[0]
             elif atype == 10:
                 payload = raw[p + 4 : p + alen]
             p += (alen + 3) & ~3
         assert pid is not None and verdict is not None
-        out.append((pid, verdict, payload))
+        out.append((pid, verdict, payload, mark) if with_mark else (pid, verdict, payload))  # type: ignore[arg-type]
         off += (ln + 3) & ~3
     return out
 
@@ -119,13 +122,14 @@ def test_config_message_layout() -> None:
 
 def test_packet_and_verdict_messages_round_trip() -> None:
     pkt = tcp4(b"hello")
-    msg = packet_message(3, 77, pkt, indev=5, skb_info=NFQA_SKB_CSUMNOTREADY, cap_len=900)
+    msg = packet_message(3, 77, pkt, indev=5, skb_info=NFQA_SKB_CSUMNOTREADY, cap_len=900, mark=0xAB0042)
     ln, mtype = struct.unpack_from("=IH", msg)
     assert ln == len(msg) and mtype == 3 << 8
-    pid, a, b, info, cap, indev = parse_packet(memoryview(msg), 20, len(msg))
-    assert (pid, msg[a:b], info, cap, indev) == (77, pkt, NFQA_SKB_CSUMNOTREADY, 900, 5)
+    pid, a, b, info, cap, indev, mark = parse_packet(memoryview(msg), 20, len(msg))
+    assert (pid, msg[a:b], info, cap, indev, mark) == (77, pkt, NFQA_SKB_CSUMNOTREADY, 900, 5, 0xAB0042)
     assert verdicts(verdict_message(3, 77, 1)) == [(77, 1, None)]
     assert verdicts(verdict_message(3, 78, 1, b"abc")) == [(78, 1, b"abc")]
+    assert verdicts(verdict_message(3, 79, 4, mark=0x20000), with_mark=True) == [(79, 4, None, 0x20000)]
 
 
 def test_parse_packet_stops_at_a_lying_attribute() -> None:
@@ -138,6 +142,27 @@ def test_parse_packet_stops_at_a_lying_attribute() -> None:
 
 
 # --------------------------------------------------------------------------- adapter
+def test_repeat_verdict_sets_only_the_masked_mark_bits() -> None:
+    """The control queue's REPEAT carries the worker bits and keeps the rest of the packet's mark."""
+    qa = QueueAdapter(0, lambda data, ts: Decision(Verdict.REPEAT, mark=0x20000), mark_mask=0xFF0000)
+    k = Kernel(qa)
+    k.queue(tcp4(), mark=0x11000007)
+    k.queue(tcp4())
+    qa._on_readable()
+    assert flat_marks(k) == [(1, 4, None, 0x11020007), (2, 4, None, 0x20000)]
+    assert qa.stats.repeated == 2 and qa.stats.accepted == 0
+    k.close()
+
+
+def flat_marks(k: Kernel) -> list[tuple[int, int, bytes | None, int | None]]:
+    out = []
+    while True:
+        try:
+            out += verdicts(k.k.recv(1 << 17, socket.MSG_DONTWAIT), with_mark=True)
+        except BlockingIOError:
+            return out  # type: ignore[return-value]
+
+
 def test_verdicts_are_batched_and_frames_follow_them() -> None:
     out: list[list[tuple[float, bytes]]] = []
     qa = QueueAdapter(0, Gateway().packet, emit=out.append)

@@ -86,6 +86,7 @@ class Mproxy:
     policy: str = "inspect"
     max_len: int = 4096
     metrics: str = ""
+    workers: int = 1
     extra: str = ""  # more TOML (e.g. a [tracker] table)
     log_extra: str = ""  # more lines in the [log] table (e.g. log_keys = true)
     launcher: list[str] = field(default_factory=list)  # argv prefix *outside* the namespace (unshare ...)
@@ -99,6 +100,7 @@ class Mproxy:
         cfg.write_text(f"""
 [queue]
 num = {QUEUE}
+workers = {self.workers}
 max_len = {self.max_len}
 fail = "{self.fail}"
 [policy]

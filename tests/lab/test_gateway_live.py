@@ -67,13 +67,14 @@ def _env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def mproxy(lab: Any, d: Path, *, policy: str = "inspect", fail: str = "open", max_len: int = 4096,
-           metrics: str = "", expect_clean_stop: bool = True) -> Iterator[Running]:
+           metrics: str = "", expect_clean_stop: bool = True, workers: int = 1) -> Iterator[Running]:
     """``mproxy run`` in the gateway namespace for the duration of the block."""
     d.mkdir(parents=True, exist_ok=True)
     cfg = d / "mproxy.toml"
     cfg.write_text(f"""
 [queue]
 num = {QUEUE}
+workers = {workers}
 max_len = {max_len}
 fail = "{fail}"
 [policy]
@@ -227,7 +228,10 @@ def test_block_joins_keeps_one_subflow(lab: Any, tmp_path: Path) -> None:
     assert mp.actions("join_refused"), "the client's join SYN was never refused"
 
 
-def test_verify_joins_drops_forged_joins(lab: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_verify_joins_drops_forged_joins(lab: Any, tmp_path: Path, workers: int) -> None:
+    """With two workers the forged joins are steered like real ones: the unknown token by hash, the
+    known one to the worker owning the connection, whose verify-joins policy drops what fails."""
     from tests.oracles import tshark_count
 
     srv = tmp_path / "server.pcap"
@@ -250,7 +254,7 @@ def test_verify_joins_drops_forged_joins(lab: Any, tmp_path: Path) -> None:
             forged[port] = json.loads(cp.stdout)
 
     try:
-        with mproxy(lab, tmp_path / "mproxy", policy="verify-joins") as mp, \
+        with mproxy(lab, tmp_path / "mproxy", policy="verify-joins", workers=workers) as mp, \
                 lab.capture(srv, iface=lab.server_if, ns=lab.ns_srv):
             res = transfer(lab, tmp_path, "verify", c2s_bytes=1_500_000, s2c_bytes=200_000,
                            rate=600_000, on_progress=forge)
