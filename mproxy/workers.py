@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import select
 import signal
 import socket
@@ -470,7 +469,6 @@ def run_worker(config_path: str, index: int, channel_fd: int) -> int:
         return 2
     channel.setblocking(False)
     _setup_logging(cfg.log.level)
-    os.environ.pop("NOTIFY_SOCKET", None)  # only the control process talks to systemd
     return _run_service(Service(worker_config(cfg, index), config_path, worker=index, channel=channel,
                                 workers_total=cfg.queue.workers))
 

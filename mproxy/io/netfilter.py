@@ -14,6 +14,12 @@ is a new TCP connection with its own SYN, so it is marked the same way.
 connection whose SYN was not queued (e.g. it arrived outside
 ``in_interfaces``): mproxy would see it without its handshake.
 
+With ``[queue] workers`` > 1 the first SYN of a connection (no worker bits
+in its conntrack or packet mark) goes to the control queue instead; it comes
+back (``NF_REPEAT``) with its worker's bits in the packet mark, which are
+saved into the conntrack mark, and one rule per worker queues every packet of
+a connection carrying that worker's bits to the worker's queue.
+
 Fail-open adds ``--queue-bypass`` (no process bound: accept); a *full* queue
 is a property of the bound queue, set over netlink by
 :mod:`mproxy.io.nfqueue`. The default table is ``mangle``: an NFQUEUE accept

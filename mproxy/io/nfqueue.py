@@ -32,20 +32,10 @@ Every packet gets a verdict, whatever happens: a core exception or a packet
 the kernel copied only partly is accepted (fail open) or dropped (fail closed),
 counted, and logged once.
 
-Workers (``[queue] workers`` > 1) are refused for now. ``--queue-balance``
-spreads packets over queues by a hash of the address pair, but the subflows
-of one MPTCP connection use different addresses (that is the point of
-MPTCP), so they would land on different workers whose trackers each see a
-fragment. A correct design steers by *connection*, which only the MPTCP
-layer knows: (1) one control queue receives every SYN carrying option 30;
-its owner learns each connection's tokens (from the SYN/ACK key) and assigns
-a worker W on MP_CAPABLE, looks W up by token on MP_JOIN, and returns the SYN
-with verdict ``NF_REPEAT`` and packet mark W; (2) the rules then save the
-packet mark into worker bits of the connmark (``CONNMARK --save-mark`` with
-a mask) and queue every later packet of the connection with ``-m connmark
---mark W/WMASK -j NFQUEUE --queue-num BASE+W``, one rule per worker. Each
-worker owns its queue (verdicts must come from the bound socket) and its
-own Gateway; the control process keeps only the token -> worker table.
+With ``[queue] workers`` > 1 one adapter reads the control queue (its
+handler answers ``REPEAT`` with the worker in the packet mark, under
+``mark_mask``) and one per worker process reads that worker's queue; see
+:mod:`mproxy.workers` and :mod:`mproxy.core.steering`.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ def queue_state(lab: Any) -> dict[int, dict[str, int]]:
     return out
 
 
-def test_two_workers_keep_every_subflow_of_a_connection_together(lab: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_two_workers_keep_every_subflow_of_a_connection_together(lab: Any, tmp_path: Path, family: int) -> None:
     from tests.oracles import tshark_follow_raw
 
     ids = tmp_path / "ids.pcap"
@@ -54,7 +55,8 @@ def test_two_workers_keep_every_subflow_of_a_connection_together(lab: Any, tmp_p
     with lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
         mp.start()
         try:
-            res = transfer(lab, tmp_path, "workers", connections=6, c2s_bytes=400_000, s2c_bytes=300_000)
+            res = transfer(lab, tmp_path, "workers", connections=6, c2s_bytes=400_000, s2c_bytes=300_000,
+                           family=family)
             queues = queue_state(lab)
             scrape = mp.scrape()
         finally:
@@ -130,3 +132,65 @@ def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(lab: Any, tmp_pa
     assert scrape[("mproxy_worker_restarts_total", ())] == 1
     assert scrape[("mproxy_workers_up", ())] == 2
     assert rules_left(lab).count("MPROXY") == 0
+
+
+def test_joins_to_an_announced_server_address_reach_the_same_worker(tmp_path: Path) -> None:
+    """The server announces a second address (ADD_ADDR) and the clients join to it: a 4-tuple hash
+    (``--queue-balance``) could not know these subflows belong together; the token does."""
+    labs = open_lab(rate="30mbit", server_signal=True)
+    lab = next(labs)
+    try:
+        mp = Mproxy(lab, tmp_path / "mproxy", workers=2, metrics=METRICS)
+        mp.start()
+        try:
+            res = transfer(lab, tmp_path, "add_addr", connections=4, c2s_bytes=300_000, s2c_bytes=300_000)
+            scrape = mp.scrape()
+        finally:
+            assert mp.stop() == 0, mp.err
+    finally:
+        labs.close()
+    joins = sum(len(c.subflows) - 1 for c in res.connections)
+    assert joins >= len(res.connections)
+    srv_addrs = {sf[2] for c in res.connections for sf in c.subflows}
+    assert len(srv_addrs) >= 2, "no join went to the announced address"
+    assert scrape[("mproxy_steering_syns_total", (("kind", "join"),))] == joins
+    assert scrape[("mproxy_steering_syns_total", (("kind", "join_unknown"),))] == 0
+    conns = mp.connections()
+    assert len(conns) == len(res.connections)
+    assert sum(len(r["subflows"]) for r in conns) == sum(len(c.subflows) for c in res.connections)
+    by_port = {c.four_tuple[1]: c for c in res.connections}
+    for rec in conns:
+        app = by_port[rec["client_port"]]
+        assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (app.c2s_sent_bytes, app.c2s_sent_sha256)
+        assert (rec["s2c"]["bytes"], rec["s2c"]["sha256"]) == (app.s2c_sent_bytes, app.s2c_sent_sha256)
+
+
+def test_sigkill_of_the_control_process_stalls_nothing_and_leaves_no_worker(lab: Any, tmp_path: Path) -> None:
+    """Fail open: with the control process killed, its rules stay but every queue is bypassed; the
+    workers notice the end of their channel and stop by themselves (no orphans)."""
+    mp = Mproxy(lab, tmp_path / "mproxy", workers=2)
+    mp.start()
+    killed: list[int] = []
+
+    def kill_control(pct: int) -> None:
+        if pct == 30 and not killed:
+            killed.append(pct)
+            mp.kill()
+
+    try:
+        res = transfer(lab, tmp_path, "sigkill", c2s_bytes=1_500_000, s2c_bytes=100_000, rate=1_000_000,
+                       on_progress=kill_control)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            left = lab.run(lab.ns_gw, "pgrep", "-f", "mproxy (worker|run)", check=False).stdout.split()
+            if not left:
+                break
+            time.sleep(0.1)
+        assert not left, f"mproxy processes left after the control process died: {left}"
+    finally:  # the killed process left its rules behind: remove them inside the gateway namespace
+        script = lab.run(lab.ns_gw, sys.executable, "-m", "mproxy", "rules", "-c", str(mp.config()),
+                         "--delete").stdout
+        lab.run(lab.ns_gw, "sh", "-c", script, check=False)
+        assert rules_left(lab).count("MPROXY") == 0
+    assert killed and res.ok
+    assert "the control process is gone; stopping" in mp.err
