@@ -147,25 +147,14 @@ class Service:
         self.queue.open()
         if self.queue.fail_open_confirmed is None:
             log.warning("could not confirm the queue's fail-%s setting (a packet arrived first)", c.queue.fail)
-        if c.rules.manage:
-            self.rules = netfilter.Rules(c)
-            try:
-                self.rules.install()
-            except netfilter.RulesError:
-                self.queue.close()
-                raise
+        self.rules = install_rules(c, self.queue)
 
     def stop(self) -> None:
         """Reverse of start; safe to call on a partly started service."""
         if self.queue is not None:
             self._final_kernel_state = kernel_queue_state(self.cfg.queue.num)
-        if self.rules is not None:
-            for p in self.rules.remove():
-                log.error("removing rules: %s", p)
-            self.rules = None
-        if self.queue is not None:
-            self.queue.drain()
-            self.queue.close()
+        remove_rules_and_unbind(self.rules, self.queue)
+        self.rules = None
         now = time.time()
         try:
             self.sinks.write(self.gateway.flush(now))
@@ -374,6 +363,30 @@ def _inspector_stats(gw: Gateway) -> dict[str, Any] | None:
     st = ins.stats
     return {"rules": len(ins.rules), "bytes": {"c2s": st.bytes[0], "s2c": st.bytes[1]}, "chunks": st.chunks,
             "matches": st.matches, "pcre_runs": st.pcre_runs, "flows": st.flows}
+
+
+def install_rules(cfg: Config, queue: QueueAdapter) -> netfilter.Rules | None:
+    """The managed rules, installed once ``queue`` is bound (a rule never points at an unread queue);
+    on failure the queue is closed and RulesError raised."""
+    if not cfg.rules.manage:
+        return None
+    rules = netfilter.Rules(cfg)
+    try:
+        rules.install()
+    except netfilter.RulesError:
+        queue.close()
+        raise
+    return rules
+
+
+def remove_rules_and_unbind(rules: netfilter.Rules | None, queue: QueueAdapter | None) -> None:
+    """Stop order: rules out (new packets stay in the kernel), verdicts for what is queued, unbind."""
+    if rules is not None:
+        for p in rules.remove():
+            log.error("removing rules: %s", p)
+    if queue is not None:
+        queue.drain()
+        queue.close()
 
 
 class MetricsError(RuntimeError):

@@ -44,9 +44,11 @@ from .config import Config
 from .core.steering import Steering
 from .io import netfilter
 from .io.nfqueue import FailMode, QueueAdapter, kernel_queue_state
-from .service import _TOKEN, Service, _run_service, _setup_logging, load, serve_metrics
+from .service import (_TOKEN, Service, _run_service, _setup_logging, install_rules, load, remove_rules_and_unbind,
+                      serve_metrics)
 
-__all__ = ["Controller", "ControlStats", "WorkerError", "worker_config", "run_controller", "run_worker", "merge_expositions"]
+__all__ = ["Controller", "ControlStats", "WorkerError", "worker_config", "run_controller", "run_worker",
+           "merge_expositions"]
 
 log = logging.getLogger("mproxy")
 READY_TIMEOUT = 30.0  # a worker binds its queue and opens its sinks well within this
@@ -127,13 +129,7 @@ class Controller:
                                   sock_rcvbuf=c.queue.sock_rcvbuf, gso=c.queue.gso,
                                   mark_mask=c.rules.worker_mask)
         self.queue.open()
-        if c.rules.manage:
-            self.rules = netfilter.Rules(c)
-            try:
-                self.rules.install()
-            except netfilter.RulesError:
-                self.queue.close()
-                raise
+        self.rules = install_rules(c, self.queue)
 
     def _spawn(self, w: _Worker) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -168,13 +164,8 @@ class Controller:
     def stop(self) -> None:
         """Rules out, control queue drained, then each worker stopped (it drains its own queue)."""
         self._stopping = True
-        if self.rules is not None:
-            for p in self.rules.remove():
-                log.error("removing rules: %s", p)
-            self.rules = None
-        if self.queue is not None:
-            self.queue.drain()
-            self.queue.close()
+        remove_rules_and_unbind(self.rules, self.queue)
+        self.rules = None
         for w in self.workers:
             if w.proc is not None and w.proc.poll() is None:
                 w.proc.send_signal(signal.SIGTERM)
