@@ -153,7 +153,8 @@ def test_prometheus_sees_the_two_path_transfer(lab: Any, tmp_path: Path) -> None
     assert rebuilt == {(("direction", "client_to_server"),): c.c2s_sent_bytes,
                        (("direction", "server_to_client"),): c.s2c_sent_bytes}, rebuilt
     accepted = verdicts[(("verdict", "accept"),)]
-    assert accepted > 1000 and verdicts[(("verdict", "drop"),)] == verdicts[(("verdict", "accept_modified"),)] == 0
+    # (GSO packets of up to 64 KB are one verdict each: how many depends on the load)
+    assert accepted > 100 and verdicts[(("verdict", "drop"),)] == verdicts[(("verdict", "accept_modified"),)] == 0
     assert lat_count == {(): accepted}  # one latency observation per verdict, same scrape
     assert packets == {(): accepted}  # every queued packet went through the tracker
     assert accepted <= mp.stats()["queue"]["accepted"]  # the last packets may follow the last scrape
