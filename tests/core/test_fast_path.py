@@ -1,0 +1,183 @@
+"""The tracker's fast path (``Tracker._fast``) against its general path, side by side.
+
+The fast path inlines the general path's steps for the dominant packet; these
+tests feed the same packets to a tracker with it and one without it and
+require identical events after every packet and identical state at the end.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from mproxy.core.tracker import Tracker, TrackerConfig
+from mproxy.wire import mptcp as m
+from mproxy.wire.packet import TcpSegment, parse_ip
+from tests.fuzz.targets import Reader, _ops_packets, _small_config
+
+from .session import Session
+
+_SETTINGS: dict[str, Any] = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _state(tr: Tracker) -> Any:
+    """Everything a later packet or the log could see, as comparable values."""
+    conns = []
+    for c in tr.connections.values():
+        streams = [(s.base, s.start, s.released, s.ooo_bytes, s.duplicate_bytes, s.fin_dsn, s.finished, s.acked,
+                    list(s._starts), dict(s._chunks), bytes(s._history), s.sha.hexdigest(), list(s.gaps))
+                   for s in c.streams]
+        sfs = [(sf.id, sf.last_ts, sf.established, sf.closed_ts,
+                [(sd.isn, sd.peer_ack, sd.peer_win, [(mp.ssn, mp.dsn, mp.length) for mp in sd.mappings],
+                  dict(sd.pending), sd.last_map_ssn, sd.last_end, sd.placed, sd.placed_end, sd.bytes, sd.fin)
+                 for sd in sf.dirs]) for sf in c.subflows]
+        conns.append((c.id, c.last_ts, c.mapped, c.fin_emitted, c.gap_since, dict(c.notices), streams, sfs))
+    st = tr.stats
+    return (list(tr.connections), conns, st.packets, st.mptcp_packets, st.plain_packets, st.options,
+            st.rebuilt_bytes, dict(st.notices), dict(st.decode_errors), st.out_of_window, tr.now)
+
+
+def _twins(config: TrackerConfig | None = None) -> tuple[Tracker, Tracker]:
+    fast, slow = Tracker(config), Tracker(config)
+    slow.fast_path = False
+    return fast, slow
+
+
+def _side_by_side(packets: list[tuple[float, bytes]], config: TrackerConfig | None = None) -> None:
+    """Feed both trackers the same packets: same events each time, same state, same flush."""
+    fast, slow = _twins(config)
+    for ts, p in packets:
+        a, b = parse_ip(memoryview(p), ts), parse_ip(memoryview(p), ts)
+        if not isinstance(a, TcpSegment) or not isinstance(b, TcpSegment):
+            continue
+        assert fast.process(a) == slow.process(b)
+        assert _state(fast) == _state(slow)
+    now = packets[-1][0] + 1000 if packets else 0.0
+    assert fast.flush(now) == slow.flush(now)
+
+
+_PROGRAMS = st.one_of(st.binary(min_size=16, max_size=3000),  # long programs come from a seed, as in test_fuzz
+                      st.randoms(use_true_random=False).map(lambda r: r.randbytes(r.randint(500, 3000))))
+
+
+@settings(max_examples=400, **_SETTINGS)
+@given(_PROGRAMS, st.booleans())
+def test_adversarial_programs_same_events_and_state(data: bytes, small: bool) -> None:
+    """The fuzz target's programs (forged joins, arbitrary mappings, duplicates, mutations,
+    snaplen cuts, time jumps): the fast path changes nothing observable."""
+    packets, _hdr = _ops_packets(Reader(data))
+    _side_by_side(packets, _small_config() if small else None)
+
+
+@settings(max_examples=150, **_SETTINGS)
+@given(
+    c2s=st.binary(min_size=1, max_size=12000),
+    s2c=st.binary(min_size=0, max_size=3000),
+    nsub=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+    version=st.sampled_from([0, 1]),
+    dsn64=st.booleans(),
+    disorder=st.sampled_from([0.0, 0.02, 0.1, 0.3]),
+    reinject=st.sampled_from([0.0, 0.05, 0.3]),
+)
+def test_mostly_in_order_traffic_same_events_and_state(c2s: bytes, s2c: bytes, nsub: int, seed: int, version: int,
+                                                       dsn64: bool, disorder: float, reinject: float) -> None:
+    """Realistic traffic (mostly in order, Data ACKs, some reordering and reinjection, streams
+    over 32-bit DSNs too): where the fast path takes most packets, it matches."""
+    rnd = random.Random(seed)
+    s = Session(version, dsn64=dsn64, client_key=0x1122334455667788 + seed)
+    pk = s.handshake()
+    for i in range(1, nsub):
+        pk += s.join(i, addr_id=i)
+    data: list[bytes] = []
+    offs = [0, 0]
+    streams = (c2s, s2c)
+    while offs[0] < len(c2s) or offs[1] < len(s2c):
+        d = 0 if offs[1] >= len(s2c) or (offs[0] < len(c2s) and rnd.random() < 0.8) else 1
+        n = rnd.randint(1, rnd.choice((100, 1400)))
+        chunk = streams[d][offs[d]: offs[d] + n]
+        sf = rnd.randrange(nsub)
+        data.append(s.data(sf, d == 0, offs[d], chunk, data_ack=s.idsn[d ^ 1] + offs[d ^ 1]))
+        if rnd.random() < reinject and nsub > 1:
+            data.append(s.data((sf + 1) % nsub, d == 0, offs[d], chunk))
+        if rnd.random() < 0.3:
+            data.append(s.ack(sf, d != 0, s.idsn[d] + offs[d] + len(chunk)))
+        offs[d] += len(chunk)
+    for i in range(len(data) - 1):
+        if rnd.random() < disorder:
+            data[i], data[i + 1] = data[i + 1], data[i]
+    data += [s.data_fin(0, True, len(c2s)), s.data_fin(0, False, len(s2c))]
+    ts = 1000.0
+    packets = []
+    for p in pk + data:
+        ts += 0.0001
+        packets.append((ts, p))
+    fast, slow = _twins()
+    hits = 0
+    real = fast._fast
+
+    def counting(*a: Any) -> bool:
+        nonlocal hits
+        r = real(*a)
+        hits += r
+        return r
+
+    fast._fast = counting  # type: ignore[method-assign]
+    for t, p in packets:
+        a, b = parse_ip(memoryview(p), t), parse_ip(memoryview(p), t)
+        assert isinstance(a, TcpSegment) and isinstance(b, TcpSegment)
+        assert fast.process(a) == slow.process(b)
+    assert _state(fast) == _state(slow)
+    assert fast.flush() == slow.flush()
+    if not disorder and not reinject:
+        assert hits >= len(data) - 2  # everything but the DATA_FINs
+
+
+def test_fast_path_takes_clean_traffic() -> None:
+    """A plain in-order transfer goes through the fast path (or the benchmark means nothing)."""
+    s = Session(1)
+    pk = s.handshake()
+    body = bytes(range(256)) * 40
+    data = [s.data(0, True, off, body[off:off + 1000]) for off in range(0, len(body), 1000)]
+    data.append(s.ack(0, False, s.idsn[0] + len(body)))
+    fast = Tracker()
+    calls: list[bool] = []
+    real = fast._fast
+    fast._fast = lambda *a: calls.append(real(*a)) or calls[-1]  # type: ignore[method-assign]
+    ts = 1000.0
+    for p in pk + data:
+        ts += 0.001
+        seg = parse_ip(memoryview(p), ts)
+        assert isinstance(seg, TcpSegment)
+        fast.process(seg)
+    assert calls[-len(data):] == [True] * len(data)
+
+
+@settings(max_examples=300, **_SETTINGS)
+@given(st.integers(0, 0xFF), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+       st.integers(0, 0xFFFF), st.integers(0, 15))
+def test_dss_plain_layouts_read_what_decode_reads(flags: int, ack: int, dsn: int, ssn: int, dll: int,
+                                                  rsv: int) -> None:
+    """Every layout of ``DSS_PLAIN`` yields the fields ``mptcp.decode`` yields."""
+    layout = m.DSS_PLAIN.get(flags & 0x1F)
+    if layout is None:
+        return
+    ln, fmt, have = layout
+    if not flags & m.DSS_a:
+        ack &= 0xFFFFFFFF
+    if not flags & m.DSS_m:
+        dsn &= 0xFFFFFFFF
+    fields = [v for v, bit in ((ack, 1), (dsn, 2), (ssn, 2), (dll, 2)) if have & bit]
+    opt = bytes((30, ln, 0x20 | rsv, flags)) + fmt.pack(*fields)
+    assert len(opt) == ln
+    d = m.decode(opt, 0x10)
+    assert isinstance(d, m.Dss) and not d.data_fin and d.checksum is None
+    assert (d.data_ack, d.dsn, d.ssn, d.dll) == (ack if have & 1 else None, *((dsn, ssn, dll) if have & 2 else
+                                                                              (None, None, None)))
+    assert list(fmt.unpack_from(opt, 4)) == fields
+    # two bytes longer is a DSS with a checksum: not a plain layout
+    assert m.DSS_PLAIN[flags & 0x1F][0] != len(opt) + 2
+    struct.calcsize(fmt.format)
