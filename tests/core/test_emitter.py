@@ -465,3 +465,33 @@ def test_tshark_sees_skip_as_missing_segment(tmp_path: Path) -> None:
     # The only analysis notes are the hole and the ACK that covers it.
     flagged = tshark("-r", str(out), "-Y", ANALYSIS_PROBLEMS, "-T", "fields", "-e", "tcp.analysis.lost_segment", "-e", "tcp.analysis.ack_lost_segment")
     assert len(flagged.splitlines()) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ipver=st.sampled_from([4, 6]),
+    mss=st.integers(1, 1500),
+    opened=st.booleans(),
+    runs=st.lists(st.tuples(st.booleans(), st.lists(st.binary(min_size=0, max_size=3000), max_size=5)), max_size=5),
+    fin=st.sampled_from([None, True, False]),
+)
+def test_data_runs_equal_one_data_call_per_payload(ipver: int, mss: int, opened: bool,
+                                                   runs: list[tuple[bool, list[bytes]]], fin: bool | None) -> None:
+    """A run of payloads is the frames of one ``data`` call each, in order; after a FIN, all discarded."""
+    one, many = emitter(ipver, mss=mss), emitter(ipver, mss=mss)
+    want, got = [], []
+    if opened:
+        want += one.open(0.5)
+        got += many.open(0.5)
+    if fin is not None:
+        want += one.half_close(fin, 0.7)
+        got += many.half_close(fin, 0.7)
+    for i, (fc, payloads) in enumerate(runs):
+        for j, p in enumerate(payloads):
+            want += one.data(fc, p, i + j / 10)
+        got += many.data_runs(fc, [(memoryview(p) if j % 2 else p, i + j / 10) for j, p in enumerate(payloads)])
+    want += one.close(9.0)
+    got += many.close(9.0)
+    assert got == want
+    assert (many.client_bytes, many.server_bytes, many.discarded) == (one.client_bytes, one.server_bytes,
+                                                                       one.discarded)
