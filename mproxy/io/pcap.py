@@ -246,6 +246,26 @@ class PcapWriter:
             sec, usec = sec + 1, usec - 1_000_000
         self._f.write(self._rec.pack(sec, usec, len(frame), len(frame)) + frame)
 
+    def write_frames(self, frames: list[tuple[float, bytes]]) -> None:
+        """Many records in one write; the same bytes as :meth:`write` for each in turn (frames
+        of one release share a timestamp, so its conversion is done once per run)."""
+        pack = self._rec.pack
+        parts: list[bytes] = []
+        append = parts.append
+        last = None
+        sec = usec = 0
+        for ts, frame in frames:
+            if ts != last:
+                last = ts
+                sec = int(ts)
+                usec = int(round((ts - sec) * 1e6))
+                if usec >= 1_000_000:
+                    sec, usec = sec + 1, usec - 1_000_000
+            n = len(frame)
+            append(pack(sec, usec, n, n))
+            append(frame)
+        self._f.write(b"".join(parts))
+
     def flush(self) -> None:
         self._f.flush()
 

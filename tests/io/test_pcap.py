@@ -246,6 +246,21 @@ def test_writer_round_trip(tmp_path: Path) -> None:
     assert frames[0].ts == 10.25 and frames[1].ts == 11.0
 
 
+def test_write_frames_writes_what_write_writes(tmp_path: Path) -> None:
+    frames = [(10.25, PKT_A), (10.25, PKT_B), (10.9999997, PKT_A), (11.0000004, PKT_B), (3.0, PKT_A)]
+    one, many = tmp_path / "one.pcap", tmp_path / "many.pcap"
+    with one.open("wb") as f:
+        w = PcapWriter(f)
+        for ts, fr in frames:
+            w.write(ts, fr)
+    with many.open("wb") as f:
+        w = PcapWriter(f)
+        w.write_frames(frames[:2])
+        w.write_frames([])
+        w.write_frames(frames[2:])
+    assert one.read_bytes() == many.read_bytes()
+
+
 # ------------------------------------------------------------------ the reference captures
 
 
