@@ -433,8 +433,10 @@ class Tracker:
             sfd.bytes += n
             payload = ip[seg.payload_off : seg.payload_off + n]
             base = st.base
-            if base is not None and (dsn - base) & MASK64 == 0 and not st._starts and st.fin_dsn is None:
-                # DataStream.insert at its base with nothing buffered: _advance, inlined
+            starts = st._starts
+            if base is not None and (dsn - base) & MASK64 == 0 and st.fin_dsn is None \
+                    and (not starts or starts[0] > base + n):
+                # DataStream.insert at its base, nothing buffered that it reaches: _advance, inlined
                 out = bytes(payload)
                 st.base = base + n
                 st.released += n
