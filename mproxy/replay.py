@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 from .core.pipeline import Pipeline
 from .core.tracker import TrackerConfig
-from .io.pcap import CaptureError, CaptureReader, PcapWriter, read_captures
+from .io.emitproc import EmitProcess, EmitProcessError
+from .io.pcap import CaptureError, CaptureReader, Frame, PcapWriter, read_captures
 
 
 _BATCH_MASK = 0xFF  # emit every 256 input packets
@@ -52,16 +55,30 @@ class _Progress:
 
 
 def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
-           config: TrackerConfig | None = None, progress: bool = False, *, log_keys: bool = False) -> ReplayResult:
+           config: TrackerConfig | None = None, progress: bool = False, *, log_keys: bool = False,
+           emit_process: bool | None = None) -> ReplayResult:
     """Replay captures through the core; raises CaptureError for unreadable inputs.
 
     MPTCP keys (``*_key`` fields) are left out of the log unless ``log_keys``: with them anyone
-    reading the log could forge MP_JOINs and MP_FASTCLOSEs for connections still open."""
+    reading the log could forge MP_JOINs and MP_FASTCLOSEs for connections still open.
+
+    ``emit_process``: emit and write the pcap in a second process (:mod:`mproxy.io.emitproc`;
+    the same bytes, raises EmitProcessError if it fails); default: when two CPUs are available."""
     pipe = Pipeline(config)
-    pipe.remote = []  # ops gathered, applied every _BATCH packets: same frames, fewer emitter calls
-    writer = PcapWriter(out)
+    pipe.remote = []  # ops gathered and emitted every _BATCH_MASK + 1 packets: runs of releases per emitter call
     readers: list[CaptureReader] = []
-    frames = read_captures(inputs, readers)
+    frames: Iterator[Frame] = read_captures(inputs, readers)
+    if emit_process is None:
+        emit_process = _cpus() > 1
+    child: EmitProcess | None = None
+    writer: PcapWriter | None = None
+    if emit_process:
+        first = next(frames, None)  # every input opened and checked: a bad one fails before the fork
+        frames = itertools.chain(() if first is None else (first,), frames)
+        child = EmitProcess(out, pipe.mss, pipe.passthrough_mss)
+        child.start()
+    else:
+        writer = PcapWriter(out)
     prog = _Progress(readers, progress)
     n = conns = notices = 0
 
@@ -77,25 +94,48 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
                     rec = {k: v for k, v in rec.items() if not k.endswith("_key")}
                 log.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
+    def emit() -> None:
+        if child is not None:
+            ops = pipe.take_ops()
+            if ops:
+                child.send(ops)
+        elif writer is not None:
+            writer.write_frames(pipe.emit_pending())
+
     feed = pipe.feed
     try:
-        for fr in frames:
-            n += 1
-            feed(fr.linktype, fr.data, fr.ts)
-            if pipe.records:
-                write_records()
-            if not n & _BATCH_MASK:
-                writer.write_frames(pipe.emit_pending())
-                if not n & 0x3FF:
-                    prog.tick(n)
-    finally:
-        prog.done()
-    pipe.finish()
-    writer.write_frames(pipe.emit_pending())
-    write_records()
-    writer.flush()
+        try:
+            for fr in frames:
+                n += 1
+                feed(fr.linktype, fr.data, fr.ts)
+                if pipe.records:
+                    write_records()
+                if not n & _BATCH_MASK:
+                    emit()
+                    if not n & 0x3FF:
+                        prog.tick(n)
+        finally:
+            prog.done()
+        pipe.finish()
+        emit()
+        write_records()
+        if child is not None:
+            pipe.stats.emitted_frames, pipe.stats.passthrough_frames = child.close()
+        elif writer is not None:
+            writer.flush()
+    except BaseException:
+        if child is not None:
+            child.abort()
+        raise
     problems = [p for r in readers for p in r.problems]
     return ReplayResult(n, conns, notices, problems, pipe)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def summary_lines(res: ReplayResult) -> list[str]:
@@ -124,4 +164,4 @@ def open_output(path: str) -> IO[bytes]:
     return open(path, "wb")
 
 
-__all__ = ["replay", "ReplayResult", "summary_lines", "open_output", "CaptureError"]
+__all__ = ["replay", "ReplayResult", "summary_lines", "open_output", "CaptureError", "EmitProcessError"]

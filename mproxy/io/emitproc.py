@@ -1,0 +1,174 @@
+"""The replay's emitter and pcap writer in a forked child: emission ops in over a pipe, pcap out.
+
+A replay is two halves of about equal cost per packet: reading, parsing and
+tracking, and turning released bytes into checksummed segments (each with its
+ACK) written as pcap records. On two cores they overlap. The parent's pipeline
+gathers emission ops (:class:`~mproxy.core.pipeline.Pipeline` remote mode, the
+same plain tuples :mod:`mproxy.io.emitworker` ships for the live gateway);
+:class:`EmitProcess` sends them pickled, in batches, and the child applies them
+in order to its own :class:`~mproxy.core.pipeline.Emission`: the frames are the
+ones an in-process replay writes, byte for byte.
+
+Failure is loud and bounded: if the child dies (or cannot write), the parent's
+next send, or the final handshake, raises :class:`EmitProcessError` with the
+child's message or exit status. A full pipe blocks the parent (back-pressure,
+memory stays flat); the parent never waits on a child that is gone, because
+each side holds only its own ends of the pipes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pickle
+import signal
+from multiprocessing.connection import Connection
+from typing import Any, BinaryIO
+
+from ..core.pipeline import Emission, Op
+from .pcap import PcapWriter
+
+__all__ = ["EmitProcess", "EmitProcessError"]
+
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not exported by every Python build
+_PIPE_SIZE = 1 << 20  # a batch or two in flight; the default 64 KiB costs a context switch per 64 KiB
+_PARENT_GONE = 3
+
+
+class EmitProcessError(Exception):
+    """The emitter process failed; the message says how (the output is incomplete)."""
+
+
+def _child(ops_fd: int, reply_fd: int, out: BinaryIO, mss: int, passthrough_mss: int | None) -> int:
+    """The child's loop: a pickled op list per message, ``None`` to finish. Returns the exit code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; its exit closes the pipe
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    rd = Connection(ops_fd, writable=False)
+    wr = Connection(reply_fd, readable=False)
+    em = Emission(mss, passthrough_mss)
+    try:
+        writer = PcapWriter(out)
+        while True:
+            try:
+                msg = pickle.loads(rd.recv_bytes())
+            except EOFError:
+                out.flush()
+                return _PARENT_GONE
+            if msg is None:
+                break
+            writer.write_frames(em.apply(msg))
+        writer.flush()
+    except OSError as e:
+        wr.send(("error", f"cannot write the output: {e.strerror or e}"))
+        return 1
+    wr.send(("done", em.frames, em.passthrough))
+    return 0
+
+
+class EmitProcess:
+    """Handle on the child: :meth:`start`, :meth:`send` op batches, :meth:`close` (or :meth:`abort`)."""
+
+    def __init__(self, out: BinaryIO, mss: int = 1460, passthrough_mss: int | None = None) -> None:
+        self.out = out
+        self.mss = mss
+        self.passthrough_mss = passthrough_mss
+        self.pid = 0
+        self.batches = 0
+        self._ops: Connection | None = None
+        self._reply: Connection | None = None
+
+    def start(self) -> None:
+        """Fork the child. Call before writing anything to ``out`` from this process."""
+        self.out.flush()  # nothing buffered may be written twice (once per process)
+        ops_r, ops_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        try:
+            fcntl.fcntl(ops_w, _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass  # over /proc/sys/fs/pipe-max-size: the default size only costs context switches
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the caller's code
+            code = 70
+            try:
+                os.close(ops_w)
+                os.close(reply_r)
+                code = _child(ops_r, reply_w, self.out, self.mss, self.passthrough_mss)
+            except BaseException:  # noqa: BLE001 - reported by the exit code
+                code = 70
+            finally:
+                os._exit(code)
+        os.close(ops_r)
+        os.close(reply_w)
+        self.pid = pid
+        self._ops = Connection(ops_w, readable=False)
+        self._reply = Connection(reply_r, writable=False)
+
+    def send(self, ops: list[Op]) -> None:
+        """Ship one batch (blocks while the child is a pipe's worth behind)."""
+        if self._ops is None:
+            raise EmitProcessError("the emitter process is not running")
+        try:
+            self._ops.send_bytes(pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            self._fail()
+        self.batches += 1
+
+    def close(self) -> tuple[int, int]:
+        """Finish: everything sent is written and flushed. Returns (frames, passthrough frames)."""
+        if self._ops is None or self._reply is None:
+            raise EmitProcessError("the emitter process is not running")
+        try:
+            self._ops.send_bytes(pickle.dumps(None))
+            reply: Any = self._reply.recv()
+        except (OSError, EOFError):
+            self._fail()
+        code = self._reap()
+        if reply[0] != "done":
+            raise EmitProcessError(f"emitter process: {reply[1]}")
+        if code != 0:
+            raise EmitProcessError(f"emitter process {_status(code)}")
+        return reply[1], reply[2]
+
+    def abort(self) -> None:
+        """Stop the child now (the parent failed); the output is left as it is."""
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._reap()
+
+    # ---------------------------------------------------------------- internals
+    def _reap(self) -> int:
+        for c in (self._ops, self._reply):
+            if c is not None:
+                c.close()
+        self._ops = self._reply = None
+        pid, self.pid = self.pid, 0
+        if not pid:
+            return 0
+        _pid, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    def _fail(self) -> Any:
+        """The pipe broke: the child's own message if it left one, else its exit status."""
+        msg = None
+        reply = self._reply
+        try:
+            if reply is not None and reply.poll(0):
+                got = reply.recv()
+                if got[0] == "error":
+                    msg = got[1]
+        except (OSError, EOFError):
+            pass
+        code = self._reap()
+        raise EmitProcessError(f"emitter process: {msg}" if msg else f"emitter process {_status(code)}")
+
+
+def _status(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
