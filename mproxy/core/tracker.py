@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from struct import Struct
 from typing import Any
 
 from .. import crypto
@@ -51,6 +52,8 @@ _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flo
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TCPOPT_WSCALE = 3
 _NOT_FAST = SYN | FIN | RST
+_TS_MPTCP = Struct("!4s8xBBBB")  # NOP NOP kind 8 len 10, timestamps, then an MPTCP option's first 4 bytes
+_NOP_NOP_TS = b"\x01\x01\x08\x0a"
 _DSS_PLAIN = m.DSS_PLAIN
 
 
@@ -348,14 +351,27 @@ class Tracker:
         if conn is None or conn.closed is not None or not conn.opened or conn.csum or not sf.established \
                 or sf.refused or sf.plain:
             return False
-        spans = mptcp_spans(seg)
-        if type(spans) is not list or len(spans) != 1:
-            return False
-        off, ln = spans[0]
         ip = seg.ip
-        if ip[off + 2] >> 4 != 2:
+        o = seg.tcp_off + 20
+        tail = seg.hdr_len - 34  # bytes after NOP NOP timestamp MPTCP-header, minus the MPTCP option's length
+        if tail >= 0:
+            head, kind, ln, sub, fl = _TS_MPTCP.unpack_from(ip, o)
+            tail -= ln - 2
+        if tail < 0 or head != _NOP_NOP_TS or kind != 30 or (tail and not (tail == 2 and (
+                ip[o + 12 + ln] == 0 or (ip[o + 12 + ln] == 1 and ip[o + 13 + ln] <= 1)))):
+            # not Linux's layout (NOP NOP timestamp, one MPTCP option, two bytes of NOP/EOL padding
+            # or none; DSS lengths are even): walk the options
+            spans = mptcp_spans(seg)
+            if type(spans) is not list or len(spans) != 1:
+                return False
+            off, ln = spans[0]
+            if ln < 4:
+                return False
+            sub, fl = ip[off + 2], ip[off + 3]
+        else:
+            off = o + 12
+        if sub >> 4 != 2:
             return False
-        fl = ip[off + 3]
         layout = _DSS_PLAIN.get(fl & 0x1F)
         if layout is None or layout[0] != ln:
             return False

@@ -40,12 +40,13 @@ class Sub:
 class Session:
     def __init__(self, version: int = 1, ipver: int = 4, *, client_key: int = 0x1122334455667788,
                  server_key: int = 0x99AABBCCDDEEFF00, csum: bool = False, dsn64: bool = True,
-                 sport: int = 40000, dport: int = 80) -> None:
+                 sport: int = 40000, dport: int = 80, timestamps: bool = False) -> None:
         self.version = version
         self.ipver = ipver
         self.ck, self.sk = client_key, server_key
         self.csum = csum
         self.dsn64 = dsn64
+        self.timestamps = timestamps
         self.idsn = [(crypto.key_idsn(client_key, version) + 1) & MASK64,
                      (crypto.key_idsn(server_key, version) + 1) & MASK64]
         self.subs: list[Sub] = []
@@ -75,6 +76,8 @@ class Session:
         ack = 0
         if flags & ACK:
             ack = sub.isn[d ^ 1] + (sub.next_rel[d ^ 1] if ack_rel is None else ack_rel)
+        if self.timestamps and not flags & SYN:  # Linux's layout: NOP NOP timestamp first
+            opts = [b"\x01\x01\x08\x0a" + (int(self.ts * 1000) & 0xFFFFFFFF).to_bytes(4, "big") + bytes(4), *opts]
         return build_tcp(src[0], dst[0], src[1], dst[1], seq, ack, flags, 65535, tcp_options(*opts), payload)
 
     # -- handshakes -------------------------------------------------------

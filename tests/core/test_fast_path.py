@@ -11,14 +11,15 @@ import random
 import struct
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from mproxy.core.tracker import Tracker, TrackerConfig
 from mproxy.wire import mptcp as m
 from mproxy.wire.packet import TcpSegment, parse_ip
 from tests.fuzz.targets import Reader, _ops_packets, _small_config
 
-from .session import Session
+from .session import MASK64, Session
 
 _SETTINGS: dict[str, Any] = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -83,15 +84,16 @@ def test_adversarial_programs_same_events_and_state(data: bytes, small: bool) ->
     disorder=st.sampled_from([0.0, 0.02, 0.1, 0.3]),
     reinject=st.sampled_from([0.0, 0.05, 0.3]),
     skew=st.sampled_from([0.0, 3.0, 12.0]),
+    timestamps=st.booleans(),
 )
 def test_mostly_in_order_traffic_same_events_and_state(c2s_len: int, s2c_len: int, nsub: int, seed: int, version: int,
                                                        dsn64: bool, disorder: float, reinject: float,
-                                                       skew: float) -> None:
+                                                       skew: float, timestamps: bool) -> None:
     """Realistic traffic (mostly in order, Data ACKs, some reordering and reinjection, streams
     over 32-bit DSNs too): where the fast path takes most packets, it matches."""
     rnd = random.Random(seed)
     c2s, s2c = rnd.randbytes(c2s_len), rnd.randbytes(s2c_len)
-    s = Session(version, dsn64=dsn64, client_key=0x1122334455667788 + seed)
+    s = Session(version, dsn64=dsn64, client_key=0x1122334455667788 + seed, timestamps=timestamps)
     pk = s.handshake()
     for i in range(1, nsub):
         pk += s.join(i, addr_id=i)
@@ -161,9 +163,10 @@ def test_in_order_packet_that_reaches_a_buffered_chunk_releases_both() -> None:
     assert _state(fast) == _state(slow) and fast.connections[1].streams[0].released == 250
 
 
-def test_fast_path_takes_clean_traffic() -> None:
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_fast_path_takes_clean_traffic(timestamps: bool) -> None:
     """A plain in-order transfer goes through the fast path (or the benchmark means nothing)."""
-    s = Session(1)
+    s = Session(1, timestamps=timestamps)
     pk = s.handshake()
     body = bytes(range(256)) * 40
     data = [s.data(0, True, off, body[off:off + 1000]) for off in range(0, len(body), 1000)]
@@ -206,3 +209,46 @@ def test_dss_plain_layouts_read_what_decode_reads(flags: int, ack: int, dsn: int
     # two bytes longer is a DSS with a checksum: not a plain layout
     assert m.DSS_PLAIN[flags & 0x1F][0] != len(opt) + 2
     struct.calcsize(fmt.format)
+
+
+@settings(max_examples=500, **_SETTINGS)
+@given(flags=st.sampled_from(sorted(m.DSS_PLAIN)) | st.integers(0, 0xFF), bad_len=st.sampled_from([0, 0, 0, -2, 2, 1]),
+       tail=st.lists(st.sampled_from([0, 1, 1, 2, 4, 30]), max_size=6).map(bytes) | st.binary(max_size=6), mutate=st.one_of(st.none(), st.none(), st.tuples(st.integers(0, 40),
+                                                                                      st.integers(0, 255))),
+       payload=st.sampled_from([0, 1, 100]))
+@example(flags=0x0F, bad_len=0, tail=b"\x01\x05", mutate=None, payload=100)  # NOP, then a kind without length
+@example(flags=0x0F, bad_len=0, tail=b"\x05\x02", mutate=None, payload=100)  # a 2-byte option after the DSS
+@example(flags=0x0D, bad_len=0, tail=b"\x00\x1e", mutate=None, payload=100)  # EOL: the rest is ignored
+@example(flags=0x03, bad_len=0, tail=b"\x01\x01\x01\x01", mutate=None, payload=0)  # more padding than Linux's
+@example(flags=0x0F, bad_len=0, tail=b"", mutate=(2, 5), payload=100)  # not a timestamp option
+@example(flags=0x0F, bad_len=0, tail=b"", mutate=(12, 5), payload=100)  # not an MPTCP option
+@example(flags=0x0F, bad_len=0, tail=b"", mutate=(0, 0), payload=100)  # EOL first: no options at all
+def test_option_layouts_same_as_the_option_walk(flags: int, bad_len: int, tail: bytes,
+                                                mutate: tuple[int, int] | None, payload: int) -> None:
+    """The fast path reads Linux's option layout (NOP NOP timestamp, one MPTCP option, NOP/EOL
+    padding) without walking the options; any other bytes (EOL, junk, a second option, wrong
+    lengths) must give what the walk gives."""
+    from mproxy.wire.build import build_tcp
+
+    s = Session(1, timestamps=True)
+    pk = s.handshake()
+    sub = s.subs[0]
+    body = bytes(range(payload))
+    dss = m.Dss(flags, s.idsn[1] & (MASK64 if flags & m.DSS_a else 0xFFFFFFFF) if flags & m.DSS_A else None,
+                s.idsn[0] & (MASK64 if flags & m.DSS_m else 0xFFFFFFFF) if flags & m.DSS_M else None,
+                1 if flags & m.DSS_M else None, payload if flags & m.DSS_M else None).encode()
+    if bad_len:
+        dss = (dss[:1] + bytes(((len(dss) + bad_len) & 0xFF,)) + dss[2:]).ljust(len(dss) + bad_len, b"\0")
+        dss = dss[:max(len(dss) + bad_len, 2)]
+    ts = b"\x01\x01\x08\x0a" + bytes(8)
+    opts = bytearray(ts + dss + tail)
+    opts += b"\x01" * (-len(opts) % 4)
+    if mutate is not None and mutate[0] < len(opts):
+        opts[mutate[0]] = mutate[1]
+    if len(opts) > 40:
+        return
+    pk.append(build_tcp(sub.client[0], sub.server[0], sub.client[1], sub.server[1], sub.isn[0] + 1, sub.isn[1] + 1,
+                        0x10, 65535, bytes(opts), body))
+    sub.next_rel[0] += payload
+    pk.append(s.data(0, True, payload, b"next", data_ack=s.idsn[1]))
+    _side_by_side([(1000.0 + i, p) for i, p in enumerate(pk)])
