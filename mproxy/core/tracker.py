@@ -424,9 +424,18 @@ class Tracker:
         other.peer_win = seg.window << ws
         if data_ack is not None:
             rst = streams[cdir ^ 1]
-            if not fl & m.DSS_a and rst.base is not None:
-                data_ack = expand32(data_ack, rst.base)
-            data_ack = rst.unwrap(data_ack)
+            rb = rst.base
+            if rb is not None:
+                if not fl & m.DSS_a:  # expand32, inlined (its final "& MASK64" is the unwrap's too)
+                    cand = (rb & ~MASK32) | data_ack
+                    diff = cand - rb
+                    if diff > 0x80000000:
+                        cand -= 0x100000000
+                    elif diff < -0x80000000:
+                        cand += 0x100000000
+                    data_ack = cand
+                diff = (data_ack - rb) & MASK64  # DataStream.unwrap, inlined
+                data_ack = rb + diff if diff < 1 << 63 else rb + diff - (1 << 64)
             if rst.acked is None or data_ack > rst.acked:
                 rst.acked = data_ack
         if have & 2:

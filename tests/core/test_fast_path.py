@@ -85,15 +85,16 @@ def test_adversarial_programs_same_events_and_state(data: bytes, small: bool) ->
     reinject=st.sampled_from([0.0, 0.05, 0.3]),
     skew=st.sampled_from([0.0, 3.0, 12.0]),
     timestamps=st.booleans(),
+    ack64=st.booleans(),
 )
 def test_mostly_in_order_traffic_same_events_and_state(c2s_len: int, s2c_len: int, nsub: int, seed: int, version: int,
                                                        dsn64: bool, disorder: float, reinject: float,
-                                                       skew: float, timestamps: bool) -> None:
+                                                       skew: float, timestamps: bool, ack64: bool) -> None:
     """Realistic traffic (mostly in order, Data ACKs, some reordering and reinjection, streams
     over 32-bit DSNs too): where the fast path takes most packets, it matches."""
     rnd = random.Random(seed)
     c2s, s2c = rnd.randbytes(c2s_len), rnd.randbytes(s2c_len)
-    s = Session(version, dsn64=dsn64, client_key=0x1122334455667788 + seed, timestamps=timestamps)
+    s = Session(version, dsn64=dsn64, client_key=0x1122334455667788 + seed, timestamps=timestamps, ack64=ack64)
     pk = s.handshake()
     for i in range(1, nsub):
         pk += s.join(i, addr_id=i)
@@ -252,3 +253,23 @@ def test_option_layouts_same_as_the_option_walk(flags: int, bad_len: int, tail: 
     sub.next_rel[0] += payload
     pk.append(s.data(0, True, payload, b"next", data_ack=s.idsn[1]))
     _side_by_side([(1000.0 + i, p) for i, p in enumerate(pk)])
+
+
+@pytest.mark.parametrize("dsn64", [True, False])
+@pytest.mark.parametrize("ack64", [True, False])
+def test_streams_across_the_2_64_wrap(dsn64: bool, ack64: bool) -> None:
+    """DSNs and Data ACKs crossing 2**64 (and 2**32 with 32-bit values on the wire): positions
+    keep growing in both paths (the stream is picked up just below the wrap)."""
+    s = Session(1, dsn64=dsn64, ack64=ack64)
+    s.handshake()
+    s.join(1)
+    start = MASK64 - 2999
+    off0 = (start - s.idsn[0]) & MASK64
+    data = random.Random(7).randbytes(8000)
+    pk = []
+    for i in range(0, 8000, 500):
+        pk.append(s.data(i // 500 % 2, True, off0 + i, data[i: i + 500]))
+        ack = m.dss((start + i + 500) & (MASK64 if ack64 else 0xFFFFFFFF), ack64=ack64)
+        pk.append(s._pkt(s.subs[i // 500 % 2], False, 0x10, [ack.encode()]))
+    pk.append(s.data_fin(0, True, off0 + 8000))
+    _side_by_side([(1000.0 + i / 100, p) for i, p in enumerate(pk)])
