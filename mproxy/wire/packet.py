@@ -105,6 +105,9 @@ _LT_RAW = frozenset(int(t) for t in (LinkType.RAW, LinkType.RAW_OLD, LinkType.RA
                                      LinkType.IPV6))
 _IPV4_FIELDS = Struct("!BxHxxHxB2x4s4s")  # ver/ihl, total length, frag, proto, src, dst
 _TCP_FIELDS = Struct("!HHIIBBH")  # ports, seq, ack, data offset, flags, window
+_V4_TCP = Struct("!2xHxxHxB2x4s4sHHIIBBH")  # a 20-byte IPv4 header's fields as above, then TCP's
+# link type -> (IP offset, offset of its 16-bit ethertype or -1): the links parse_frame reads in one go
+_FIXED_LINKS = {_LT_SLL2: (20, 0), _LT_ETHERNET: (14, 12), _LT_SLL: (16, 14), **{t: (0, -1) for t in _LT_RAW}}
 
 
 def strip_link(linktype: int, frame: memoryview) -> memoryview | WireError | None:
@@ -225,6 +228,22 @@ def parse_frame(linktype: int, frame: memoryview | bytes, ts: float = 0.0) -> Tc
     """Parse a captured frame of the given link type down to TCP."""
     if not isinstance(frame, memoryview):
         frame = memoryview(frame)
+    # The common case in one unpack: Linux cooked v2 / Ethernet / cooked v1 / raw IP carrying IPv4
+    # without IP options and TCP. Exactly what strip_link + parse_ip give; anything else goes there.
+    fixed = _FIXED_LINKS.get(linktype)
+    if fixed is not None:
+        off, et = fixed
+        n = len(frame) - off
+        if n >= 40 and frame[off] == 0x45 and (et < 0 or (frame[et] == 8 and frame[et + 1] == 0)):
+            total, frag, proto, src, dst, sport, dport, seq, ack, doff, flags, window = _V4_TCP.unpack_from(frame, off)
+            hdr_len = (doff >> 4) * 4
+            poff = 20 + hdr_len
+            if proto == _IPPROTO_TCP and not frag & 0x3FFF and total >= 20 and hdr_len >= 20 and n >= poff:
+                end = total if total >= poff else n
+                if n > end:
+                    n = end
+                return TcpSegment(frame[off : off + n], 4, src, dst, 20, sport, dport, seq, ack, flags, window,
+                                  hdr_len, poff, n - poff, end - poff, ts)
     ip = strip_link(linktype, frame)
     if ip is None or isinstance(ip, WireError):
         return ip
