@@ -5,7 +5,7 @@ tracking, and turning released bytes into checksummed segments (each with its
 ACK) written as pcap records. On two cores they overlap. The parent's pipeline
 gathers emission ops (:class:`~mproxy.core.pipeline.Pipeline` remote mode, the
 same plain tuples :mod:`mproxy.io.emitworker` ships for the live gateway);
-:class:`EmitProcess` sends them pickled, in batches, and the child applies them
+:class:`EmitProcess` sends them marshalled, in batches, and the child applies them
 in order to its own :class:`~mproxy.core.pipeline.Emission`: the frames are the
 ones an in-process replay writes, byte for byte.
 
@@ -19,10 +19,9 @@ each side holds only its own ends of the pipes.
 from __future__ import annotations
 
 import fcntl
+import marshal
 import os
-import pickle
 import signal
-from multiprocessing.connection import Connection
 from typing import Any, BinaryIO
 
 from ..core.pipeline import Emission, Op
@@ -33,24 +32,54 @@ __all__ = ["EmitProcess", "EmitProcessError"]
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not exported by every Python build
 _PIPE_SIZE = 1 << 20  # a batch or two in flight; the default 64 KiB costs a context switch per 64 KiB
 _PARENT_GONE = 3
+# Messages: 8-byte little-endian length, then marshal data. marshal (built in: no import at start-up,
+# faster than pickle) carries the ops' plain tuples of bytes, ints, floats and bools; both ends are us.
 
 
 class EmitProcessError(Exception):
     """The emitter process failed; the message says how (the output is incomplete)."""
 
 
+def _send(fd: int, obj: Any) -> None:
+    data = marshal.dumps(obj)
+    bufs = [len(data).to_bytes(8, "little"), data]
+    while bufs:
+        n = os.writev(fd, bufs)
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs.pop(0))
+        if bufs and n:
+            bufs[0] = memoryview(bufs[0])[n:]
+
+
+def _recv(fd: int) -> Any:
+    """One message; EOFError when the other end is closed (between messages or inside one)."""
+    size = int.from_bytes(_read(fd, 8), "little")
+    return marshal.loads(_read(fd, size))
+
+
+def _read(fd: int, n: int) -> bytes | bytearray:
+    first = os.read(fd, n)
+    if len(first) == n:
+        return first
+    buf = bytearray(first)
+    while len(buf) < n:
+        more = os.read(fd, n - len(buf))
+        if not more:
+            raise EOFError
+        buf += more
+    return buf
+
+
 def _child(ops_fd: int, reply_fd: int, out: BinaryIO, mss: int, passthrough_mss: int | None) -> int:
-    """The child's loop: a pickled op list per message, ``None`` to finish. Returns the exit code."""
+    """The child's loop: an op list per message, ``None`` to finish. Returns the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; its exit closes the pipe
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    rd = Connection(ops_fd, writable=False)
-    wr = Connection(reply_fd, readable=False)
     em = Emission(mss, passthrough_mss)
     try:
         writer = PcapWriter(out)
         while True:
             try:
-                msg = pickle.loads(rd.recv_bytes())
+                msg = _recv(ops_fd)
             except EOFError:
                 out.flush()
                 return _PARENT_GONE
@@ -59,9 +88,9 @@ def _child(ops_fd: int, reply_fd: int, out: BinaryIO, mss: int, passthrough_mss:
             writer.write_frames(em.apply(msg))
         writer.flush()
     except OSError as e:
-        wr.send(("error", f"cannot write the output: {e.strerror or e}"))
+        _send(reply_fd, ("error", f"cannot write the output: {e.strerror or e}"))
         return 1
-    wr.send(("done", em.frames, em.passthrough))
+    _send(reply_fd, ("done", em.frames, em.passthrough))
     return 0
 
 
@@ -74,8 +103,8 @@ class EmitProcess:
         self.passthrough_mss = passthrough_mss
         self.pid = 0
         self.batches = 0
-        self._ops: Connection | None = None
-        self._reply: Connection | None = None
+        self._ops = -1  # our ends of the two pipes
+        self._reply = -1
 
     def start(self) -> None:
         """Fork the child. Call before writing anything to ``out`` from this process."""
@@ -100,26 +129,25 @@ class EmitProcess:
         os.close(ops_r)
         os.close(reply_w)
         self.pid = pid
-        self._ops = Connection(ops_w, readable=False)
-        self._reply = Connection(reply_r, writable=False)
+        self._ops, self._reply = ops_w, reply_r
 
     def send(self, ops: list[Op]) -> None:
         """Ship one batch (blocks while the child is a pipe's worth behind)."""
-        if self._ops is None:
+        if self._ops < 0:
             raise EmitProcessError("the emitter process is not running")
         try:
-            self._ops.send_bytes(pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL))
+            _send(self._ops, ops)
         except OSError:
             self._fail()
         self.batches += 1
 
     def close(self) -> tuple[int, int]:
         """Finish: everything sent is written and flushed. Returns (frames, passthrough frames)."""
-        if self._ops is None or self._reply is None:
+        if self._ops < 0:
             raise EmitProcessError("the emitter process is not running")
         try:
-            self._ops.send_bytes(pickle.dumps(None))
-            reply: Any = self._reply.recv()
+            _send(self._ops, None)
+            reply: Any = _recv(self._reply)
         except (OSError, EOFError):
             self._fail()
         code = self._reap()
@@ -136,14 +164,14 @@ class EmitProcess:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self._reap()
+        self._reap()
 
     # ---------------------------------------------------------------- internals
     def _reap(self) -> int:
-        for c in (self._ops, self._reply):
-            if c is not None:
-                c.close()
-        self._ops = self._reply = None
+        for fd in (self._ops, self._reply):
+            if fd >= 0:
+                os.close(fd)
+        self._ops = self._reply = -1
         pid, self.pid = self.pid, 0
         if not pid:
             return 0
@@ -153,13 +181,12 @@ class EmitProcess:
     def _fail(self) -> Any:
         """The pipe broke: the child's own message if it left one, else its exit status."""
         msg = None
-        reply = self._reply
         try:
-            if reply is not None and reply.poll(0):
-                got = reply.recv()
-                if got[0] == "error":
-                    msg = got[1]
-        except (OSError, EOFError):
+            os.set_blocking(self._reply, False)  # what it wrote before exiting is there, or nothing is
+            got = _recv(self._reply)
+            if got[0] == "error":
+                msg = got[1]
+        except (OSError, EOFError, ValueError, TypeError, IndexError):
             pass
         code = self._reap()
         raise EmitProcessError(f"emitter process: {msg}" if msg else f"emitter process {_status(code)}")

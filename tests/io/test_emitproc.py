@@ -97,9 +97,7 @@ def test_cli_uses_it_and_can_turn_it_off(capture: Path, tmp_path: Path) -> None:
 
 
 def _child_killed_after_first_batch(ops_fd: int, reply_fd: int, out: Any, mss: int, pmss: int | None) -> int:
-    from multiprocessing.connection import Connection
-
-    Connection(ops_fd, writable=False).recv_bytes()
+    emitproc._recv(ops_fd)
     os.kill(os.getpid(), signal.SIGKILL)
     return 0
 
