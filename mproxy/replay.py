@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import json
 import os
 import sys
 import time
@@ -13,7 +13,7 @@ from typing import IO, Any
 
 from .core.pipeline import Pipeline
 from .core.tracker import TrackerConfig
-from .io.emitproc import EmitProcess, EmitProcessError
+from .io.emitproc import EmitProcess, EmitProcessError, json_line
 from .io.pcap import CaptureError, CaptureReader, Frame, PcapWriter, read_captures
 
 
@@ -62,25 +62,33 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
     MPTCP keys (``*_key`` fields) are left out of the log unless ``log_keys``: with them anyone
     reading the log could forge MP_JOINs and MP_FASTCLOSEs for connections still open.
 
-    ``emit_process``: emit and write the pcap in a second process (:mod:`mproxy.io.emitproc`;
-    the same bytes, raises EmitProcessError if it fails); default: when two CPUs are available."""
+    ``emit_process``: emit and write the pcap (and the log) in a second process
+    (:mod:`mproxy.io.emitproc`: the same bytes; raises EmitProcessError if it fails); default: when
+    two CPUs are available and ``out`` and ``log`` are files (not in-memory buffers)."""
+    files = _has_fd(out) and (log is None or _has_fd(log))  # a forked child writes through descriptors
+    if emit_process is None:
+        emit_process = files and _cpus() > 1
+    elif emit_process and not files:
+        raise ValueError("the emitter process writes to files: out and log need file descriptors")
+    if emit_process and log is not None:  # the child hashes the streams for the log: not this process
+        config = dataclasses.replace(config or TrackerConfig(), stream_hash=False)
     pipe = Pipeline(config)
     pipe.remote = []  # ops gathered and emitted every _BATCH_MASK + 1 packets: runs of releases per emitter call
     readers: list[CaptureReader] = []
     frames: Iterator[Frame] = read_captures(inputs, readers)
-    if emit_process is None:
-        emit_process = _cpus() > 1
     child: EmitProcess | None = None
     writer: PcapWriter | None = None
     if emit_process:
         first = next(frames, None)  # every input opened and checked: a bad one fails before the fork
         frames = itertools.chain(() if first is None else (first,), frames)
-        child = EmitProcess(out, pipe.mss, pipe.passthrough_mss)
+        child = EmitProcess(out, log, mss=pipe.mss, passthrough_mss=pipe.passthrough_mss,
+                            fill_hashes=not pipe.tracker.config.stream_hash)
         child.start()
     else:
         writer = PcapWriter(out)
     prog = _Progress(readers, progress)
     n = conns = notices = 0
+    pending: list[dict[str, Any]] = []  # log records for the child, sent with their batch's ops
 
     def write_records() -> None:
         nonlocal conns, notices
@@ -92,13 +100,17 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
             if log is not None:
                 if not log_keys:
                     rec = {k: v for k, v in rec.items() if not k.endswith("_key")}
-                log.write(json.dumps(rec, separators=(",", ":")) + "\n")
+                if child is not None:
+                    pending.append(rec)
+                else:
+                    log.write(json_line(rec))
 
     def emit() -> None:
         if child is not None:
             ops = pipe.take_ops()
-            if ops:
-                child.send(ops)
+            if ops or pending:
+                child.send(ops, pending)
+                pending.clear()
         elif writer is not None:
             writer.write_frames(pipe.emit_pending())
 
@@ -117,8 +129,8 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
         finally:
             prog.done()
         pipe.finish()
-        emit()
         write_records()
+        emit()
         if child is not None:
             pipe.stats.emitted_frames, pipe.stats.passthrough_frames = child.close()
         elif writer is not None:
@@ -129,6 +141,14 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
         raise
     problems = [p for r in readers for p in r.problems]
     return ReplayResult(n, conns, notices, problems, pipe)
+
+
+def _has_fd(f: IO[Any]) -> bool:
+    try:
+        f.fileno()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both of the first two
+        return False
+    return True
 
 
 def _cpus() -> int:

@@ -17,6 +17,7 @@ connection's :class:`~mproxy.core.reassembler.DataStream` per direction.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from struct import Struct
@@ -77,6 +78,10 @@ class TrackerConfig:
     # one ``join_flood`` notice per window. 0 disables. A connection joins at most a few subflows.
     join_flood_threshold: int = 32
     join_flood_window: float = 10.0
+    # SHA-256 of each rebuilt stream for the mptcp_connection record. False: the record's "sha256" is
+    # None and whoever consumes DataReleased computes it (the replay's emitter process does, off the
+    # tracking process's per-packet path; the bytes hashed are the same)
+    stream_hash: bool = True
 
 
 @dataclass(slots=True)
@@ -182,7 +187,7 @@ class Connection:
         for d, st in zip(("c2s", "s2c"), self.streams):
             dirs[d] = {
                 "bytes": st.released,
-                "sha256": st.sha.hexdigest(),
+                "sha256": None if st.sha is None else st.sha.hexdigest(),
                 "gaps": [{"dsn": g.dsn & MASK64, "length": g.length, "acked": g.acked} for g in st.gaps],
                 "gap_bytes": sum(g.length for g in st.gaps),
                 "data_fin": st.finished,
@@ -465,7 +470,8 @@ class Tracker:
                 out = bytes(payload)
                 st.base = base + n
                 st.released += n
-                st.sha.update(out)
+                if st.sha is not None:
+                    st.sha.update(out)
                 if st.history_limit:
                     h = st._history
                     h += out
@@ -653,8 +659,10 @@ class Tracker:
         cfg = self.config
         conn = Connection(self._next_conn, ts, a if client_is_src else b, b if client_is_src else a,
                           pickup=pickup, last_ts=ts,
-                          streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history),
-                                   DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history)))
+                          streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
+                                              sha=hashlib.sha256() if cfg.stream_hash else None),
+                                   DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
+                                              sha=hashlib.sha256() if cfg.stream_hash else None)))
         self._next_conn += 1
         self.connections[conn.id] = conn
         self._half_open[conn.id] = conn

@@ -19,10 +19,12 @@ each side holds only its own ends of the pipes.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import marshal
 import os
 import signal
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from ..core.pipeline import Emission, Op
 from .pcap import PcapWriter
@@ -33,7 +35,7 @@ _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not exported by every Python
 _PIPE_SIZE = 1 << 20  # a batch or two in flight; the default 64 KiB costs a context switch per 64 KiB
 _PARENT_GONE = 3
 # Messages: 8-byte little-endian length, then marshal data. marshal (built in: no import at start-up,
-# faster than pickle) carries the ops' plain tuples of bytes, ints, floats and bools; both ends are us.
+# faster than pickle) carries the ops' plain tuples and the log records' JSON values; both ends are us.
 
 
 class EmitProcessError(Exception):
@@ -70,11 +72,18 @@ def _read(fd: int, n: int) -> bytes | bytearray:
     return buf
 
 
-def _child(ops_fd: int, reply_fd: int, out: BinaryIO, mss: int, passthrough_mss: int | None) -> int:
-    """The child's loop: an op list per message, ``None`` to finish. Returns the exit code."""
+def json_line(rec: dict[str, Any]) -> str:
+    """One record of the JSON-lines log."""
+    return json.dumps(rec, separators=(",", ":")) + "\n"
+
+
+def _child(ops_fd: int, reply_fd: int, out: BinaryIO, log: IO[str] | None, mss: int, passthrough_mss: int | None,
+           fill_hashes: bool) -> int:
+    """The child's loop: ``(ops, records)`` per message, ``None`` to finish. Returns the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; its exit closes the pipe
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     em = Emission(mss, passthrough_mss)
+    hashes: dict[tuple[int, bool], Any] = {}  # (connection, from client) -> SHA-256 of the released bytes
     try:
         writer = PcapWriter(out)
         while True:
@@ -85,22 +94,49 @@ def _child(ops_fd: int, reply_fd: int, out: BinaryIO, mss: int, passthrough_mss:
                 return _PARENT_GONE
             if msg is None:
                 break
-            writer.write_frames(em.apply(msg))
+            ops, records = msg
+            writer.write_frames(em.apply(ops))
+            if fill_hashes:
+                for op in ops:
+                    if op[0] == "data":
+                        h = hashes.get((op[1], op[2]))
+                        if h is None:
+                            h = hashes[(op[1], op[2])] = hashlib.sha256()
+                        h.update(op[3])
+            for rec in records:
+                if fill_hashes and rec["event"] == "mptcp_connection":
+                    # every release of the connection came in this batch's ops or before
+                    for key, fc in (("c2s", True), ("s2c", False)):
+                        if rec[key]["sha256"] is None:
+                            rec[key]["sha256"] = hashes.pop((rec["conn_id"], fc), _EMPTY).hexdigest()
+                if log is not None:
+                    log.write(json_line(rec))
         writer.flush()
+        if log is not None:
+            log.flush()
     except OSError as e:
-        _send(reply_fd, ("error", f"cannot write the output: {e.strerror or e}"))
+        _send(reply_fd, ("error", f"cannot write: {e.strerror or e}"))
         return 1
     _send(reply_fd, ("done", em.frames, em.passthrough))
     return 0
 
 
+_EMPTY = hashlib.sha256()
+
+
 class EmitProcess:
     """Handle on the child: :meth:`start`, :meth:`send` op batches, :meth:`close` (or :meth:`abort`)."""
 
-    def __init__(self, out: BinaryIO, mss: int = 1460, passthrough_mss: int | None = None) -> None:
+    def __init__(self, out: BinaryIO, log: IO[str] | None = None, *, mss: int = 1460,
+                 passthrough_mss: int | None = None, fill_hashes: bool = False) -> None:
+        """``log``: the child writes the records sent with each batch there; ``fill_hashes``: the
+        tracker keeps no stream hashes (``TrackerConfig.stream_hash`` off), the child fills in each
+        mptcp_connection record's ``sha256`` from the data ops it saw."""
         self.out = out
+        self.log = log
         self.mss = mss
         self.passthrough_mss = passthrough_mss
+        self.fill_hashes = fill_hashes
         self.pid = 0
         self.batches = 0
         self._ops = -1  # our ends of the two pipes
@@ -109,6 +145,8 @@ class EmitProcess:
     def start(self) -> None:
         """Fork the child. Call before writing anything to ``out`` from this process."""
         self.out.flush()  # nothing buffered may be written twice (once per process)
+        if self.log is not None:
+            self.log.flush()
         ops_r, ops_w = os.pipe()
         reply_r, reply_w = os.pipe()
         try:
@@ -121,7 +159,7 @@ class EmitProcess:
             try:
                 os.close(ops_w)
                 os.close(reply_r)
-                code = _child(ops_r, reply_w, self.out, self.mss, self.passthrough_mss)
+                code = _child(ops_r, reply_w, self.out, self.log, self.mss, self.passthrough_mss, self.fill_hashes)
             except BaseException:  # noqa: BLE001 - reported by the exit code
                 code = 70
             finally:
@@ -131,12 +169,13 @@ class EmitProcess:
         self.pid = pid
         self._ops, self._reply = ops_w, reply_r
 
-    def send(self, ops: list[Op]) -> None:
-        """Ship one batch (blocks while the child is a pipe's worth behind)."""
+    def send(self, ops: list[Op], records: list[dict[str, Any]] = []) -> None:  # noqa: B006 - not mutated
+        """Ship one batch: ops, then the log records made with them (blocks while the child is a
+        pipe's worth behind)."""
         if self._ops < 0:
             raise EmitProcessError("the emitter process is not running")
         try:
-            _send(self._ops, ops)
+            _send(self._ops, (ops, records))
         except OSError:
             self._fail()
         self.batches += 1

@@ -96,7 +96,7 @@ def test_cli_uses_it_and_can_turn_it_off(capture: Path, tmp_path: Path) -> None:
     assert outs[0] == outs[1]
 
 
-def _child_killed_after_first_batch(ops_fd: int, reply_fd: int, out: Any, mss: int, pmss: int | None) -> int:
+def _child_killed_after_first_batch(ops_fd: int, *_args: Any) -> int:
     emitproc._recv(ops_fd)
     os.kill(os.getpid(), signal.SIGKILL)
     return 0
@@ -171,6 +171,16 @@ def test_empty_capture(tmp_path: Path) -> None:
     assert a == b and len(a) == 24
 
 
+def test_in_memory_outputs_stay_in_process(capture: Path) -> None:
+    """A forked child cannot write into this process's BytesIO: the default stays in-process."""
+    out, log = io.BytesIO(), io.StringIO()
+    res = replay([str(capture)], out, log)
+    assert len(out.getvalue()) > 10_000 and log.getvalue().count("mptcp_connection") == 2
+    assert res.pipeline.tracker.config.stream_hash
+    with pytest.raises(ValueError, match="file descriptors"):
+        replay([str(capture)], io.BytesIO(), None, emit_process=True)
+
+
 def test_not_running() -> None:
     p = emitproc.EmitProcess(io.BytesIO())
     with pytest.raises(EmitProcessError):
@@ -178,3 +188,20 @@ def test_not_running() -> None:
     with pytest.raises(EmitProcessError):
         p.close()
     p.abort()
+
+
+@pytest.mark.timeout(60)
+def test_log_written_by_the_child_and_its_errors(capture: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """With the emitter process the child writes the log (and fills in the stream hashes the
+    tracking process no longer computes): the same lines; a log it cannot write is an error."""
+    a_pcap, a_log, a = _replay([capture], tmp_path, "la", emit_process=False)
+    b_pcap, b_log, b = _replay([capture], tmp_path, "lb", emit_process=True)
+    assert a_log == b_log and '"sha256":"' in b_log and '"sha256":null' not in b_log
+    assert b.pipeline.tracker.config.stream_hash is False and a.pipeline.tracker.config.stream_hash is True
+    if os.path.exists("/dev/full"):
+        rc = main(["replay", str(capture), "--out", str(tmp_path / "o.pcap"), "--log", "/dev/full", "-q",
+                   "--emit-process"])
+        err = capsys.readouterr().err
+        assert rc == 1 and "No space left on device" in err and "Traceback" not in err
+        assert _no_zombies()
