@@ -7,8 +7,10 @@ fields point into the caller's buffer. Anything that is not TCP returns
 
 from __future__ import annotations
 
+import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from struct import Struct
 
@@ -224,8 +226,11 @@ def parse_ip(ip: memoryview, ts: float = 0.0) -> TcpSegment | WireError | None:
                       end - poff, ts)
 
 
-def parse_frame(linktype: int, frame: memoryview | bytes, ts: float = 0.0) -> TcpSegment | WireError | None:
-    """Parse a captured frame of the given link type down to TCP."""
+def parse_frame_pure(linktype: int, frame: memoryview | bytes, ts: float = 0.0) -> TcpSegment | WireError | None:
+    """Parse a captured frame of the given link type down to TCP.
+
+    :data:`parse_frame` is this function, or the compiled accelerator (``mproxy/_accel.c``) that
+    does its common case in C and hands it everything else."""
     if not isinstance(frame, memoryview):
         frame = memoryview(frame)
     # The common case in one unpack: Linux cooked v2 / Ethernet / cooked v1 / raw IP carrying IPv4
@@ -248,6 +253,26 @@ def parse_frame(linktype: int, frame: memoryview | bytes, ts: float = 0.0) -> Tc
     if ip is None or isinstance(ip, WireError):
         return ip
     return parse_ip(ip, ts)
+
+
+def _accelerated() -> Callable[[int, memoryview | bytes, float], TcpSegment | WireError | None] | None:
+    """The compiled parse_frame, unless it is not built, does not fit this TcpSegment, or
+    MPROXY_NO_ACCEL is set (the pure code then runs; the test suite runs both)."""
+    if os.environ.get("MPROXY_NO_ACCEL"):
+        return None
+    try:
+        from .. import _accel  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        _accel.init(TcpSegment, tuple(f.name for f in fields(TcpSegment)), parse_frame_pure)
+    except (TypeError, RuntimeError):
+        return None
+    return _accel.parse_frame  # type: ignore[no-any-return]
+
+
+parse_frame = _accelerated() or parse_frame_pure
+ACCELERATED = parse_frame is not parse_frame_pure
 
 
 def option_spans(opts: memoryview) -> list[tuple[int, int, int]] | WireError:

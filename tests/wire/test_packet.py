@@ -30,6 +30,7 @@ from mproxy.wire.packet import (
     mptcp_spans,
     option_spans,
     parse_frame,
+    parse_frame_pure,
     parse_ip,
     strip_link,
 )
@@ -594,8 +595,8 @@ _V4_LINKS = [(LinkType.LINUX_SLL2, sll2), (LinkType.ETHERNET, eth), (LinkType.LI
 def test_one_unpack_parse_equals_strip_link_then_parse_ip(link, payload: bytes, flags: int, hdr: int,
                                                           mutations: list[tuple[int, int]], cut: int,
                                                           total: int | None) -> None:
-    """parse_frame reads IPv4 + TCP of the common link types in one unpack: the same segment (or the
-    same error) as the general path, for valid frames, damaged ones, cuts and lying lengths."""
+    """parse_frame_pure reads IPv4 + TCP of the common link types in one unpack: the same segment (or
+    the same error) as the general path, for valid frames, damaged ones, cuts and lying lengths."""
     linktype, wrap = link
     opts = bytes((1,)) * ((hdr - 20) // 4 * 4)
     frame = bytearray(wrap(ipv4(tcp_bytes(SRC4, DST4, flags=flags, opts=opts, payload=payload), total=total)))
@@ -603,7 +604,7 @@ def test_one_unpack_parse_equals_strip_link_then_parse_ip(link, payload: bytes, 
         if pos < len(frame):
             frame[pos] = val
     frame = frame[: max(0, len(frame) - cut)] if cut < 100 else frame
-    got, want = parse_frame(linktype, bytes(frame), 1.5), _parse_general(linktype, bytes(frame))
+    got, want = parse_frame_pure(linktype, bytes(frame), 1.5), _parse_general(linktype, bytes(frame))
     assert got == want
     if isinstance(got, TcpSegment):
         assert bytes(got.ip) == bytes(want.ip) and len(got.ip) == len(want.ip)  # type: ignore[union-attr]
