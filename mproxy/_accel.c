@@ -1,4 +1,4 @@
-/* Optional compiled accelerator for mproxy's per-packet hot path (CPython only).
+/* Optional compiled accelerator for mproxy's per-packet hot paths (CPython only).
  *
  * parse_frame(linktype, frame, ts): the common capture frame -- Linux cooked v2 / Ethernet /
  * cooked v1 / raw IP carrying IPv4 without IP options and TCP, as bytes -- parsed into a
@@ -10,6 +10,9 @@
  * The TcpSegment is made without running its dataclass __init__ (16 Python-level stores): the
  * object is allocated and its slots are filled through the offsets of the class's slot
  * descriptors, read and checked once by init().
+ *
+ * emit_data(...): the emitter's segment loop (mproxy.core.emitter.TcpEmitter.data_runs), whose
+ * Python loop is likewise the reference.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -159,10 +162,158 @@ fail:
     return NULL;
 }
 
+static inline void
+put16(unsigned char *p, unsigned v)
+{
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+
+static inline void
+put32(unsigned char *p, unsigned long v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+/* the ones' complement checksum of x (a sum mod 0xFFFF), as the emitter's -x % 0xFFFF */
+static inline unsigned
+fold(unsigned long long x)
+{
+    return (unsigned)((0xFFFF - x % 0xFFFF) % 0xFFFF);
+}
+
+/* emit_data(sbuf, rbuf, stoff, rtoff, v4, sipc, ripc, sconst, rconst, mss, sid, rid, seq, ack,
+ *           payload, ts, out) -> (sid, rid, seq)
+ *
+ * The segment loop of TcpEmitter.data_runs for one payload: each segment of at most mss bytes
+ * (PSH on the last) from the sender's header template sbuf, then the receiver's pure ACK from
+ * rbuf, appended to out as (ts, frame); the same bytes as the Python loop (which stays the
+ * reference: MPROXY_NO_ACCEL=1). The templates are copied, not written: every frame sets all of
+ * their variable fields either way. */
+static PyObject *
+accel_emit_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 17) {
+        PyErr_SetString(PyExc_TypeError, "emit_data() takes 17 arguments");
+        return NULL;
+    }
+    PyObject *sbuf = args[0], *rbuf = args[1], *ts = args[15], *out = args[16];
+    if (!PyByteArray_Check(sbuf) || !PyByteArray_Check(rbuf) || !PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "emit_data(bytearray, bytearray, ..., list)");
+        return NULL;
+    }
+    long stoff = PyLong_AsLong(args[2]), rtoff = PyLong_AsLong(args[3]);
+    int v4 = PyObject_IsTrue(args[4]);
+    unsigned long long sipc = PyLong_AsUnsignedLongLong(args[5]), ripc = PyLong_AsUnsignedLongLong(args[6]);
+    unsigned long long sconst = PyLong_AsUnsignedLongLong(args[7]), rconst = PyLong_AsUnsignedLongLong(args[8]);
+    long mss = PyLong_AsLong(args[9]), sid = PyLong_AsLong(args[10]), rid = PyLong_AsLong(args[11]);
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[12]), ack = PyLong_AsUnsignedLongLong(args[13]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_ssize_t slen = PyByteArray_GET_SIZE(sbuf), rlen = PyByteArray_GET_SIZE(rbuf);
+    if (v4 < 0 || mss < 1 || sid < 0 || sid > 0xFFFF || rid < 0 || rid > 0xFFFF || seq > 0xFFFFFFFFULL ||
+        ack > 0xFFFFFFFFULL || stoff < 26 || rtoff < 26 || stoff + 16 > slen || rtoff + 16 > rlen ||
+        sipc > 0xFFFFFFFFULL || ripc > 0xFFFFFFFFULL || sconst > 0xFFFFFFFFULL || rconst > 0xFFFFFFFFULL) {
+        PyErr_SetString(PyExc_ValueError, "emit_data: template or state out of range");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[14], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *pay = (const unsigned char *)view.buf;
+    Py_ssize_t n = view.len;
+    for (Py_ssize_t off = 0; off < n; off += mss) {
+        Py_ssize_t k = n - off < mss ? n - off : mss;
+        unsigned flags = off >= n - mss ? 0x18 : 0x10; /* ACK|PSH on the last segment */
+        unsigned long tcp_len = 20 + (unsigned long)k;
+        PyObject *fr = PyBytes_FromStringAndSize(NULL, slen + k);
+        if (fr == NULL)
+            goto fail;
+        unsigned char *f = (unsigned char *)PyBytes_AS_STRING(fr);
+        memcpy(f, PyByteArray_AS_STRING(sbuf), slen);
+        memcpy(f + slen, pay + off, k);
+        if (v4) {
+            put16(f + 16, (unsigned)(tcp_len + 20));
+            put16(f + 18, (unsigned)sid);
+            put16(f + 20, 0x4000);
+            f[22] = 64;
+            f[23] = 6;
+            put16(f + 24, fold(sipc + tcp_len + 20 + (unsigned long long)sid));
+            sid = (sid + 1) & 0xFFFF;
+        } else {
+            put16(f + 18, (unsigned)tcp_len);
+        }
+        unsigned long long sum = 0; /* the payload's 16-bit big-endian words, an odd last byte padded */
+        const unsigned char *p = pay + off;
+        Py_ssize_t i = 0;
+        for (; i + 1 < k; i += 2)
+            sum += ((unsigned)p[i] << 8) | p[i + 1];
+        if (i < k)
+            sum += (unsigned)p[i] << 8;
+        unsigned long long x = sconst + tcp_len + seq + ack + 0x5000 + flags + sum % 0xFFFF;
+        unsigned char *t = f + stoff;
+        put32(t, (unsigned long)seq);
+        put32(t + 4, (unsigned long)ack);
+        t[8] = 0x50;
+        t[9] = (unsigned char)flags;
+        put16(t + 10, 0xFFFF);
+        put16(t + 12, fold(x));
+        PyObject *item = PyTuple_Pack(2, ts, fr);
+        Py_DECREF(fr);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            goto fail;
+        }
+        Py_DECREF(item);
+        seq = (seq + (unsigned long long)k) & 0xFFFFFFFFULL;
+
+        PyObject *ar = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(rbuf), rlen);
+        if (ar == NULL)
+            goto fail;
+        unsigned char *a = (unsigned char *)PyBytes_AS_STRING(ar);
+        if (v4) {
+            put16(a + 16, 40);
+            put16(a + 18, (unsigned)rid);
+            put16(a + 20, 0x4000);
+            a[22] = 64;
+            a[23] = 6;
+            put16(a + 24, fold(ripc + 40 + (unsigned long long)rid));
+            rid = (rid + 1) & 0xFFFF;
+        } else {
+            put16(a + 18, 20);
+        }
+        x = rconst + 20 + ack + seq + 0x5000 + 0x10;
+        t = a + rtoff;
+        put32(t, (unsigned long)ack);
+        put32(t + 4, (unsigned long)seq);
+        t[8] = 0x50;
+        t[9] = 0x10;
+        put16(t + 10, 0xFFFF);
+        put16(t + 12, fold(x));
+        item = PyTuple_Pack(2, ts, ar);
+        Py_DECREF(ar);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            goto fail;
+        }
+        Py_DECREF(item);
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(llK)", sid, rid, seq);
+fail:
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 static PyMethodDef accel_methods[] = {
     {"init", accel_init, METH_VARARGS, "init(TcpSegment, field names, parse_frame_pure)"},
     {"parse_frame", (PyCFunction)(void (*)(void))accel_parse_frame, METH_FASTCALL,
      "parse_frame(linktype, frame, ts=0.0): mproxy.wire.packet.parse_frame, the common case compiled"},
+    {"emit_data", (PyCFunction)(void (*)(void))accel_emit_data, METH_FASTCALL,
+     "the segment loop of mproxy.core.emitter.TcpEmitter.data_runs for one payload"},
     {NULL, NULL, 0, NULL},
 };
 

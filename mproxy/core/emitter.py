@@ -20,7 +20,8 @@ Sans-I/O: bytes and timestamps in, ``(ts, frame)`` lists out.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from struct import Struct
 
@@ -75,6 +76,20 @@ def _fold_plan(n: int) -> tuple[tuple[int, int], ...]:
     if len(_FOLD_PLANS) < 4096:
         _FOLD_PLANS[n] = tuple(plan)
     return tuple(plan)
+
+
+def _accelerated() -> Callable[..., tuple[int, int, int]] | None:
+    """The compiled segment loop (``mproxy/_accel.c``), unless not built or MPROXY_NO_ACCEL is set."""
+    if os.environ.get("MPROXY_NO_ACCEL"):
+        return None
+    try:
+        from .. import _accel  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return getattr(_accel, "emit_data", None)
+
+
+_emit_data = _accelerated()  # None: data_runs' own loop, the reference
 
 
 def _payload_sum(payload: bytes | memoryview, n: int) -> int:
@@ -339,6 +354,7 @@ class TcpEmitter:
             full_plan = _fold_plan(mss)
         join = b"".join
         append = out.append
+        emit = _emit_data
         sid = rid = seq = ack = -1  # loaded after the implicit open, which sends frames too
         for payload, ts in runs:
             mv = memoryview(payload)
@@ -352,6 +368,11 @@ class TcpEmitter:
                     out += self.open(ts)
                 sid, rid = snd.ip_id, rcv.ip_id
                 seq, ack = snd.seq, rcv.seq
+            if emit is not None:
+                sid, rid, seq = emit(sbuf, rbuf, stoff, rtoff, v4, sipc, ripc, sconst, rconst, mss, sid, rid, seq,
+                                     ack, mv, ts, out)
+                snd.sent += n
+                continue
             last = n - mss
             off = 0
             while off < n:
