@@ -29,7 +29,7 @@ replay-demo: venv
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
-	MPROXY_NO_ACCEL=1 $(PY) -m pytest -q -p no:cacheprovider tests/wire tests/core tests/io/test_emitproc.py tests/test_replay.py tests/test_sample.py
+	MPROXY_NO_ACCEL=1 $(PY) -m pytest -q -p no:cacheprovider tests/wire tests/core tests/io/test_pcap.py tests/io/test_emitproc.py tests/test_replay.py tests/test_sample.py
 
 bench: venv
 	$(PY) benchmarks/decode.py

@@ -11,6 +11,9 @@
  * object is allocated and its slots are filled through the offsets of the class's slot
  * descriptors, read and checked once by init().
  *
+ * pcap_records(...): classic pcap records sliced out of a buffer into Frames (CaptureReader), the
+ * same way.
+ *
  * emit_data(...): the emitter's segment loop (mproxy.core.emitter.TcpEmitter.data_runs), whose
  * Python loop is likewise the reference.
  */
@@ -24,6 +27,8 @@ static const char *const FIELD_NAMES[NFIELDS] = {
     "hdr_len", "payload_off", "payload_len", "wire_payload_len", "ts",
 };
 
+static int slot_offsets(PyTypeObject *tp, PyObject *names, const char *const *want, int count, Py_ssize_t *offs);
+
 static PyTypeObject *seg_type = NULL;  /* mproxy.wire.packet.TcpSegment */
 static PyObject *fallback = NULL;      /* mproxy.wire.packet.parse_frame_pure */
 static Py_ssize_t offsets[NFIELDS];
@@ -34,36 +39,15 @@ accel_init(PyObject *self, PyObject *args)
     PyObject *cls, *names, *pure;
     if (!PyArg_ParseTuple(args, "O!O!O:init", &PyType_Type, &cls, &PyTuple_Type, &names, &pure))
         return NULL;
-    if (PyTuple_GET_SIZE(names) != NFIELDS) {
-        PyErr_SetString(PyExc_TypeError, "TcpSegment fields changed: rebuild mproxy._accel");
-        return NULL;
-    }
     PyTypeObject *tp = (PyTypeObject *)cls;
-    for (int i = 0; i < NFIELDS; i++) {
-        PyObject *name = PyTuple_GET_ITEM(names, i);
-        if (!PyUnicode_Check(name) || PyUnicode_CompareWithASCIIString(name, FIELD_NAMES[i]) != 0) {
-            PyErr_SetString(PyExc_TypeError, "TcpSegment fields changed: rebuild mproxy._accel");
-            return NULL;
-        }
-        /* the slot's own descriptor, from the class dict (not an inherited or shadowing attribute) */
-        PyObject *d = PyDict_GetItemWithError(tp->tp_dict, name);
-        if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type) {
-            if (!PyErr_Occurred())
-                PyErr_Format(PyExc_TypeError, "TcpSegment.%s is not a slot", FIELD_NAMES[i]);
-            return NULL;
-        }
-        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
-        if (m->type != T_OBJECT_EX || m->offset < (Py_ssize_t)sizeof(PyObject) ||
-            m->offset + (Py_ssize_t)sizeof(PyObject *) > tp->tp_basicsize) {
-            PyErr_Format(PyExc_TypeError, "TcpSegment.%s is not an object slot", FIELD_NAMES[i]);
-            return NULL;
-        }
-        offsets[i] = m->offset;
-    }
+    Py_ssize_t offs[NFIELDS];  /* the ones in use change only when all are read */
+    if (slot_offsets(tp, names, FIELD_NAMES, NFIELDS, offs) < 0)
+        return NULL;
     if (!PyCallable_Check(pure)) {
         PyErr_SetString(PyExc_TypeError, "fallback is not callable");
         return NULL;
     }
+    memcpy(offsets, offs, sizeof(offs));
     Py_INCREF(cls);
     Py_XSETREF(seg_type, tp);
     Py_INCREF(pure);
@@ -162,6 +146,144 @@ fail:
     return NULL;
 }
 
+/* ---------------------------------------------------------------- classic pcap records */
+#define NFRAME 6
+static const char *const FRAME_NAMES[NFRAME] = {"ts", "linktype", "data", "orig_len", "source", "number"};
+static PyTypeObject *frame_type = NULL; /* mproxy.io.pcap.Frame */
+static Py_ssize_t frame_offsets[NFRAME];
+
+/* the offsets of cls's object slots named names[i] (exactly those, in that order) */
+static int
+slot_offsets(PyTypeObject *tp, PyObject *names, const char *const *want, int count, Py_ssize_t *offs)
+{
+    if (PyTuple_GET_SIZE(names) != count) {
+        PyErr_Format(PyExc_TypeError, "%s fields changed: rebuild mproxy._accel", tp->tp_name);
+        return -1;
+    }
+    for (int i = 0; i < count; i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        if (!PyUnicode_Check(name) || PyUnicode_CompareWithASCIIString(name, want[i]) != 0) {
+            PyErr_Format(PyExc_TypeError, "%s fields changed: rebuild mproxy._accel", tp->tp_name);
+            return -1;
+        }
+        PyObject *d = PyDict_GetItemWithError(tp->tp_dict, name);
+        if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_TypeError, "%s.%s is not a slot", tp->tp_name, want[i]);
+            return -1;
+        }
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type != T_OBJECT_EX || m->offset < (Py_ssize_t)sizeof(PyObject) ||
+            m->offset + (Py_ssize_t)sizeof(PyObject *) > tp->tp_basicsize) {
+            PyErr_Format(PyExc_TypeError, "%s.%s is not an object slot", tp->tp_name, want[i]);
+            return -1;
+        }
+        offs[i] = m->offset;
+    }
+    return 0;
+}
+
+static PyObject *
+accel_init_frame(PyObject *self, PyObject *args)
+{
+    PyObject *cls, *names;
+    if (!PyArg_ParseTuple(args, "O!O!:init_frame", &PyType_Type, &cls, &PyTuple_Type, &names))
+        return NULL;
+    Py_ssize_t offs[NFRAME];
+    if (slot_offsets((PyTypeObject *)cls, names, FRAME_NAMES, NFRAME, offs) < 0)
+        return NULL;
+    memcpy(frame_offsets, offs, sizeof(offs));
+    Py_INCREF(cls);
+    Py_XSETREF(frame_type, (PyTypeObject *)cls);
+    Py_RETURN_NONE;
+}
+
+static inline unsigned long
+rd32(const unsigned char *p, int little)
+{
+    return little ? ((unsigned long)p[3] << 24) | ((unsigned long)p[2] << 16) | ((unsigned long)p[1] << 8) | p[0]
+                  : be32(p);
+}
+
+/* pcap_records(buf, start, little, div, linktype, source, max_frame) -> (frames, end, claim)
+ *
+ * The Frames of the classic pcap records lying whole in buf from offset start, as
+ * CaptureReader._pcap makes them one by one; end: the offset after the last of them. It stops at
+ * a record that is not whole yet (claim 0: read more) or that claims more than max_frame bytes
+ * (claim: that length, at offset end; damage). */
+static PyObject *
+accel_pcap_records(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    Py_ssize_t start, max_frame;
+    int little;
+    double div;
+    PyObject *linktype, *source;
+    if (!PyArg_ParseTuple(args, "y*npdOOn:pcap_records", &buf, &start, &little, &div, &linktype, &source, &max_frame))
+        return NULL;
+    PyObject *frames = NULL, *zero = NULL;
+    if (frame_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "mproxy._accel.init_frame() was not called");
+        goto done;
+    }
+    if (start < 0 || start > buf.len || div <= 0) {
+        PyErr_SetString(PyExc_ValueError, "pcap_records: bad start or divisor");
+        goto done;
+    }
+    frames = PyList_New(0);
+    zero = PyLong_FromLong(0);
+    if (frames == NULL || zero == NULL)
+        goto fail;
+    const unsigned char *b = (const unsigned char *)buf.buf;
+    Py_ssize_t i = start;
+    unsigned long claim = 0;
+    while (buf.len - i >= 16) {
+        unsigned long sec = rd32(b + i, little), frac = rd32(b + i + 4, little);
+        unsigned long incl = rd32(b + i + 8, little), orig = rd32(b + i + 12, little);
+        if (incl > (unsigned long)max_frame) {
+            claim = incl;
+            break;
+        }
+        if (buf.len - i - 16 < (Py_ssize_t)incl)
+            break;
+        PyObject *vals[NFRAME];
+        vals[0] = PyFloat_FromDouble((double)sec + (double)frac / div);
+        vals[1] = Py_NewRef(linktype);
+        vals[2] = PyBytes_FromStringAndSize((const char *)b + i + 16, (Py_ssize_t)incl);
+        vals[3] = PyLong_FromUnsignedLong(orig);
+        vals[4] = Py_NewRef(source);
+        vals[5] = Py_NewRef(zero);
+        PyObject *fr = NULL;
+        if (vals[0] && vals[2] && vals[3])
+            fr = frame_type->tp_alloc(frame_type, 0);
+        if (fr == NULL) {
+            for (int k = 0; k < NFRAME; k++)
+                Py_XDECREF(vals[k]);
+            goto fail;
+        }
+        for (int k = 0; k < NFRAME; k++)
+            *(PyObject **)((char *)fr + frame_offsets[k]) = vals[k];
+        int err = PyList_Append(frames, fr);
+        Py_DECREF(fr);
+        if (err < 0)
+            goto fail;
+        i += 16 + (Py_ssize_t)incl;
+    }
+    PyObject *res = Py_BuildValue("(Onk)", frames, i, claim);
+    Py_DECREF(frames);
+    Py_DECREF(zero);
+    PyBuffer_Release(&buf);
+    return res;
+fail:
+    Py_XDECREF(frames);
+    frames = NULL;
+done:
+    Py_XDECREF(zero);
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- the emitter */
 static inline void
 put16(unsigned char *p, unsigned v)
 {
@@ -312,6 +434,9 @@ static PyMethodDef accel_methods[] = {
     {"init", accel_init, METH_VARARGS, "init(TcpSegment, field names, parse_frame_pure)"},
     {"parse_frame", (PyCFunction)(void (*)(void))accel_parse_frame, METH_FASTCALL,
      "parse_frame(linktype, frame, ts=0.0): mproxy.wire.packet.parse_frame, the common case compiled"},
+    {"init_frame", accel_init_frame, METH_VARARGS, "init_frame(Frame, field names)"},
+    {"pcap_records", accel_pcap_records, METH_VARARGS,
+     "pcap_records(buf, start, little, div, linktype, source, max_frame) -> (frames, end, claim)"},
     {"emit_data", (PyCFunction)(void (*)(void))accel_emit_data, METH_FASTCALL,
      "the segment loop of mproxy.core.emitter.TcpEmitter.data_runs for one payload"},
     {NULL, NULL, 0, NULL},
