@@ -64,10 +64,11 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
 
     ``emit_process``: emit and write the pcap (and the log) in a second process
     (:mod:`mproxy.io.emitproc`: the same bytes; raises EmitProcessError if it fails); default: when
-    two CPUs are available and ``out`` and ``log`` are files (not in-memory buffers)."""
+    two CPUs are available, ``out`` and ``log`` are files (not in-memory buffers) and no other
+    thread runs."""
     files = _has_fd(out) and (log is None or _has_fd(log))  # a forked child writes through descriptors
     if emit_process is None:
-        emit_process = files and _cpus() > 1
+        emit_process = files and _cpus() > 1 and not _threads()
     elif emit_process and not files:
         raise ValueError("the emitter process writes to files: out and log need file descriptors")
     if emit_process and log is not None:  # the child hashes the streams for the log: not this process
@@ -149,6 +150,13 @@ def _has_fd(f: IO[Any]) -> bool:
     except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both of the first two
         return False
     return True
+
+
+def _threads() -> bool:
+    """Other threads running? (Forking then could copy a lock one of them holds.) Without the
+    threading module imported there are none to ask about, and it is not imported for this."""
+    threading = sys.modules.get("threading")
+    return threading is not None and threading.active_count() > 1
 
 
 def _cpus() -> int:

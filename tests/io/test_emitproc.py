@@ -181,6 +181,20 @@ def test_in_memory_outputs_stay_in_process(capture: Path) -> None:
         replay([str(capture)], io.BytesIO(), None, emit_process=True)
 
 
+def test_no_fork_while_other_threads_run(capture: Path, tmp_path: Path) -> None:
+    import threading
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        _, _, res = _replay([capture], tmp_path, "threads")
+    finally:
+        stop.set()
+        t.join()
+    assert res.pipeline.tracker.config.stream_hash  # hashed here: no emitter process
+
+
 def test_not_running() -> None:
     p = emitproc.EmitProcess(io.BytesIO())
     with pytest.raises(EmitProcessError):
