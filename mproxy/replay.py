@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import sys
@@ -71,9 +70,9 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
         emit_process = files and _cpus() > 1 and not _threads()
     elif emit_process and not files:
         raise ValueError("the emitter process writes to files: out and log need file descriptors")
-    if emit_process and log is not None:  # the child hashes the streams for the log: not this process
-        config = dataclasses.replace(config or TrackerConfig(), stream_hash=False)
     pipe = Pipeline(config)
+    if emit_process and log is not None:  # the child hashes the streams for the log: not this process
+        pipe.tracker.stream_hash = False
     pipe.remote = []  # ops gathered and emitted every _BATCH_MASK + 1 packets: runs of releases per emitter call
     readers: list[CaptureReader] = []
     frames: Iterator[Frame] = read_captures(inputs, readers)
@@ -83,7 +82,7 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
         first = next(frames, None)  # every input opened and checked: a bad one fails before the fork
         frames = itertools.chain(() if first is None else (first,), frames)
         child = EmitProcess(out, log, mss=pipe.mss, passthrough_mss=pipe.passthrough_mss,
-                            fill_hashes=not pipe.tracker.config.stream_hash)
+                            fill_hashes=not pipe.tracker.stream_hash)
         child.start()
     else:
         writer = PcapWriter(out)

@@ -78,10 +78,6 @@ class TrackerConfig:
     # one ``join_flood`` notice per window. 0 disables. A connection joins at most a few subflows.
     join_flood_threshold: int = 32
     join_flood_window: float = 10.0
-    # SHA-256 of each rebuilt stream for the mptcp_connection record. False: the record's "sha256" is
-    # None and whoever consumes DataReleased computes it (the replay's emitter process does, off the
-    # tracking process's per-packet path; the bytes hashed are the same)
-    stream_hash: bool = True
 
 
 @dataclass(slots=True)
@@ -263,6 +259,10 @@ class Tracker:
     """Groups subflows into MPTCP connections and rebuilds their byte streams."""
 
     fast_path = True  # tests turn it off to hold the general path against it
+    # SHA-256 of each rebuilt stream for the mptcp_connection record. False (set before the first
+    # packet): the record's "sha256" is None and whoever consumes DataReleased computes it over the
+    # same bytes (the replay's emitter process does, off the tracking process's per-packet path)
+    stream_hash = True
 
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
@@ -660,9 +660,9 @@ class Tracker:
         conn = Connection(self._next_conn, ts, a if client_is_src else b, b if client_is_src else a,
                           pickup=pickup, last_ts=ts,
                           streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
-                                              sha=hashlib.sha256() if cfg.stream_hash else None),
+                                              sha=hashlib.sha256() if self.stream_hash else None),
                                    DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
-                                              sha=hashlib.sha256() if cfg.stream_hash else None)))
+                                              sha=hashlib.sha256() if self.stream_hash else None)))
         self._next_conn += 1
         self.connections[conn.id] = conn
         self._half_open[conn.id] = conn

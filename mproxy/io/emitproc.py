@@ -130,7 +130,7 @@ class EmitProcess:
     def __init__(self, out: BinaryIO, log: IO[str] | None = None, *, mss: int = 1460,
                  passthrough_mss: int | None = None, fill_hashes: bool = False) -> None:
         """``log``: the child writes the records sent with each batch there; ``fill_hashes``: the
-        tracker keeps no stream hashes (``TrackerConfig.stream_hash`` off), the child fills in each
+        tracker keeps no stream hashes (``Tracker.stream_hash`` off), the child fills in each
         mptcp_connection record's ``sha256`` from the data ops it saw."""
         self.out = out
         self.log = log

@@ -176,7 +176,7 @@ def test_in_memory_outputs_stay_in_process(capture: Path) -> None:
     out, log = io.BytesIO(), io.StringIO()
     res = replay([str(capture)], out, log)
     assert len(out.getvalue()) > 10_000 and log.getvalue().count("mptcp_connection") == 2
-    assert res.pipeline.tracker.config.stream_hash
+    assert res.pipeline.tracker.stream_hash
     with pytest.raises(ValueError, match="file descriptors"):
         replay([str(capture)], io.BytesIO(), None, emit_process=True)
 
@@ -192,7 +192,7 @@ def test_no_fork_while_other_threads_run(capture: Path, tmp_path: Path) -> None:
     finally:
         stop.set()
         t.join()
-    assert res.pipeline.tracker.config.stream_hash  # hashed here: no emitter process
+    assert res.pipeline.tracker.stream_hash  # hashed here: no emitter process
 
 
 def test_not_running() -> None:
@@ -212,7 +212,7 @@ def test_log_written_by_the_child_and_its_errors(capture: Path, tmp_path: Path,
     a_pcap, a_log, a = _replay([capture], tmp_path, "la", emit_process=False)
     b_pcap, b_log, b = _replay([capture], tmp_path, "lb", emit_process=True)
     assert a_log == b_log and '"sha256":"' in b_log and '"sha256":null' not in b_log
-    assert b.pipeline.tracker.config.stream_hash is False and a.pipeline.tracker.config.stream_hash is True
+    assert b.pipeline.tracker.stream_hash is False and a.pipeline.tracker.stream_hash is True
     if os.path.exists("/dev/full"):
         rc = main(["replay", str(capture), "--out", str(tmp_path / "o.pcap"), "--log", "/dev/full", "-q",
                    "--emit-process"])
