@@ -98,8 +98,7 @@ def _set_by_slots(cls: type) -> None:
     exec(f"def __init__(self, {', '.join(names)}):\n{body}", env)  # noqa: S102 - our own field names
     init = env["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
-    init.__doc__ = cls.__init__.__doc__
-    cls.__init__ = init  # type: ignore[misc]
+    setattr(cls, "__init__", init)  # noqa: B010 - a class attribute, not an instance's
 
 
 _set_by_slots(DataReleased)

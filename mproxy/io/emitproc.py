@@ -24,7 +24,7 @@ import json
 import marshal
 import os
 import signal
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
 from ..core.pipeline import Emission, Op
 from .pcap import PcapWriter
@@ -44,7 +44,7 @@ class EmitProcessError(Exception):
 
 def _send(fd: int, obj: Any) -> None:
     data = marshal.dumps(obj)
-    bufs = [len(data).to_bytes(8, "little"), data]
+    bufs: list[bytes | memoryview] = [len(data).to_bytes(8, "little"), data]
     while bufs:
         n = os.writev(fd, bufs)
         while bufs and n >= len(bufs[0]):
@@ -77,7 +77,7 @@ def json_line(rec: dict[str, Any]) -> str:
     return json.dumps(rec, separators=(",", ":")) + "\n"
 
 
-def _child(ops_fd: int, reply_fd: int, out: BinaryIO, log: IO[str] | None, mss: int, passthrough_mss: int | None,
+def _child(ops_fd: int, reply_fd: int, out: IO[bytes], log: IO[str] | None, mss: int, passthrough_mss: int | None,
            fill_hashes: bool) -> int:
     """The child's loop: ``(ops, records)`` per message, ``None`` to finish. Returns the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; its exit closes the pipe
@@ -127,7 +127,7 @@ _EMPTY = hashlib.sha256()
 class EmitProcess:
     """Handle on the child: :meth:`start`, :meth:`send` op batches, :meth:`close` (or :meth:`abort`)."""
 
-    def __init__(self, out: BinaryIO, log: IO[str] | None = None, *, mss: int = 1460,
+    def __init__(self, out: IO[bytes], log: IO[str] | None = None, *, mss: int = 1460,
                  passthrough_mss: int | None = None, fill_hashes: bool = False) -> None:
         """``log``: the child writes the records sent with each batch there; ``fill_hashes``: the
         tracker keeps no stream hashes (``Tracker.stream_hash`` off), the child fills in each
