@@ -5,7 +5,9 @@ SAMPLE := samples/split-attack.pcap
 
 .PHONY: demo replay-demo test venv deps clean bench
 
-$(VENV)/.installed: pyproject.toml
+# setup.py builds the optional C accelerator (mproxy/_accel.c; gcc and python3-dev, see .ci/apt-deps);
+# without them the install goes on and mproxy runs pure Python.
+$(VENV)/.installed: pyproject.toml setup.py mproxy/_accel.c
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
@@ -27,10 +29,11 @@ replay-demo: venv
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
+	MPROXY_NO_ACCEL=1 $(PY) -m pytest -q -p no:cacheprovider tests/wire tests/core tests/io/test_pcap.py tests/io/test_emitproc.py tests/test_replay.py tests/test_sample.py
 
 bench: venv
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/replay.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis mproxy/*.so

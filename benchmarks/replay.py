@@ -9,8 +9,12 @@ later runs.  In one run it measures:
 
 * ``mproxy replay CAPTURE --out OUT --log LOG`` as a child process, wall
   clock, best of ``--reps``: packets/s and input MB/s, with and without the
-  interpreter's start-up (timed on a one-packet capture);
-* the child's peak RSS (``os.wait4`` rusage of that child alone);
+  interpreter's start-up (timed on a one-packet capture); by default that is
+  two processes (tracking, and the emitter process) with the compiled
+  accelerator if it is built; the same again with ``--no-emit-process`` (one
+  process), with ``MPROXY_NO_ACCEL=1`` (pure Python), and with both;
+* the child's peak RSS (``os.wait4`` rusage of that child and its emitter
+  process, not of earlier children);
 * tshark's MPTCP analysis of the same file (mappings, MPTCP analysis and
   inter-subflow retransmission prefs on), two ways: a stats-only pass
   (``-q -z conv,tcp``) and a field pass that prints the analysis results
@@ -21,7 +25,7 @@ later runs.  In one run it measures:
   client ports renumbered (twice the packets and connections).
 
 Prints markdown tables (for benchmarks/README.md ``## replay``).  ``--profile``
-adds a pyinstrument profile of one in-process replay.
+adds a pyinstrument profile of one replay in a single process.
 """
 
 from __future__ import annotations
@@ -56,10 +60,12 @@ class Run:
     stderr: str
 
 
-def run_child(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> Run:
-    """Run *argv*; wall time and the peak RSS of that child alone (not of earlier children)."""
+def run_child(argv: list[str], stdout: int | None = subprocess.DEVNULL, env: dict[str, str] | None = None) -> Run:
+    """Run *argv*; wall time and the peak RSS of that child (with its own children: the replay's
+    emitter process) alone, not of earlier children."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, cwd=ROOT)
+    p = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, cwd=ROOT,
+                         env=None if env is None else {**os.environ, **env})
     assert p.stderr is not None
     err = p.stderr.read().decode(errors="replace")  # small: replay -q / tshark warnings
     _pid, status, ru = os.wait4(p.pid, 0)
@@ -70,8 +76,8 @@ def run_child(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> Run:
     return Run(dt, ru.ru_maxrss, err)
 
 
-def best(argv: list[str], reps: int) -> Run:
-    runs = [run_child(argv) for _ in range(reps)]
+def best(argv: list[str], reps: int, env: dict[str, str] | None = None) -> Run:
+    runs = [run_child(argv, env=env) for _ in range(reps)]
     return min(runs, key=lambda r: r.seconds)
 
 
@@ -210,12 +216,13 @@ def log_summary(work: Path) -> tuple[int, int, float]:
 
 
 def profile(cap: Path, work: Path) -> str:
-    """pyinstrument text profile of one in-process replay (self-contained child)."""
+    """pyinstrument text profile of one replay in a single process (self-contained child): the
+    default run splits the work over two processes, a profiler would only see one of them."""
     code = (
         "import sys; from pyinstrument import Profiler; from mproxy.replay import replay\n"
         "p = Profiler(interval=0.0005); p.start()\n"
         f"out = open({str(work / 'prof-out.pcap')!r}, 'wb')\n"
-        f"replay([{str(cap)!r}], out, None); out.close()\n"
+        f"replay([{str(cap)!r}], out, None, emit_process=False); out.close()\n"
         "p.stop(); print(p.output_text(unicode=False, color=False, show_all=False))\n"
     )
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
@@ -251,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     conns, joins, join_share = log_summary(work)
     rate = packets / whole.seconds
     rate_net = packets / max(whole.seconds - startup, 1e-9)
+    # the same replay on one core, and without the compiled accelerator (the pure-Python reference)
+    variants = [("mproxy replay --no-emit-process (one process)",
+                 best([*replay_argv(cap, work), "--no-emit-process"], args.reps)),
+                ("mproxy replay, MPROXY_NO_ACCEL=1 (pure Python)",
+                 best(replay_argv(cap, work), args.reps, env={"MPROXY_NO_ACCEL": "1"})),
+                ("mproxy replay --no-emit-process, MPROXY_NO_ACCEL=1",
+                 best([*replay_argv(cap, work), "--no-emit-process"], args.reps, env={"MPROXY_NO_ACCEL": "1"}))]
 
     mem_rows: list[tuple[str, int, int, int]] = [("one packet (start-up)", 1, start_run.maxrss_kb, 0)]
     for label, path in (("first half", half), ("whole", cap), ("whole + renumbered copy", double)):
@@ -270,12 +284,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\ncapture: {cap} ({size / 1e6:.1f} MB, {fmt(packets)} packets, {conns} MPTCP connections, "
           f"{joins} joined subflows carrying {join_share:.0%} of the client->server bytes)")
+    from mproxy.wire.packet import ACCELERATED
+
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; best of {args.reps} "
-          f"(tshark: {args.tshark_reps}); start-up: mproxy {startup:.3f} s\n")
+          f"(tshark: {args.tshark_reps}); start-up: mproxy {startup:.3f} s; "
+          f"compiled accelerator: {'built' if ACCELERATED else 'NOT built'}\n")
     print("| tool | wall s | packets/s | MB/s | packets/s w/o start-up | peak RSS MB |")
     print("|---|---|---|---|---|---|")
-    print(f"| mproxy replay | {whole.seconds:.2f} | {fmt(rate)} | {size / 1e6 / whole.seconds:.1f} | "
-          f"{fmt(rate_net)} | {whole.maxrss_kb / 1024:.0f} |")
+    for label, r in [("mproxy replay", whole), *variants]:
+        print(f"| {label} | {r.seconds:.2f} | {fmt(packets / r.seconds)} | {size / 1e6 / r.seconds:.1f} | "
+              f"{fmt(packets / max(r.seconds - startup, 1e-9))} | {r.maxrss_kb / 1024:.0f} |")
     for label, secs, net in ts_rows:
         print(f"| {label} | {secs:.2f} | {fmt(packets / secs)} | {size / 1e6 / secs:.1f} | "
               f"{fmt(packets / max(net, 1e-9))} | |")

@@ -36,7 +36,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import CaptureError, open_output, replay, summary_lines
+    from .replay import CaptureError, EmitProcessError, open_output, replay, summary_lines
 
     try:
         out = open_output(args.out)
@@ -51,12 +51,23 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(f"mproxy replay: cannot write {args.log}: {e.strerror or e}", file=sys.stderr)
         return 2
     try:
-        res = replay(args.inputs, out, log, progress=sys.stderr.isatty() and not args.quiet)
+        res = replay(args.inputs, out, log, progress=sys.stderr.isatty() and not args.quiet,
+                     emit_process=args.emit_process)
+        out.close()
     except CaptureError as e:
         print(f"mproxy replay: {e}", file=sys.stderr)
         return 2
+    except EmitProcessError as e:
+        print(f"mproxy replay: {e}; {args.out} is incomplete", file=sys.stderr)
+        return 1
+    except OSError as e:  # writing the output (full disk, closed pipe) in this process
+        print(f"mproxy replay: cannot write {args.out}: {e.strerror or e}; it is incomplete", file=sys.stderr)
+        return 1
     finally:
-        out.close()
+        try:
+            out.close()  # again after an error: what is still buffered cannot be written either
+        except OSError:
+            pass
         if log is not None and log is not sys.stdout:
             log.close()
     if args.metrics:
@@ -145,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log", metavar="LOG.jsonl", help="JSON-lines event log ('-' for stdout)")
     r.add_argument("--metrics", metavar="FILE", help="write a final Prometheus text-format snapshot here")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
+    r.add_argument("--emit-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="emit and write the pcap in a second process (default: when 2+ CPUs are available)")
     r.set_defaults(func=_cmd_replay)
 
     g = sub.add_parser("run", help="run the inline gateway on NFQUEUE until SIGINT/SIGTERM")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 from .core.pipeline import Pipeline
 from .core.tracker import TrackerConfig
-from .io.pcap import CaptureError, CaptureReader, PcapWriter, read_captures
+from .io.emitproc import EmitProcess, EmitProcessError, json_line
+from .io.pcap import CaptureError, CaptureReader, Frame, PcapWriter, read_captures
+
+
+_BATCH_MASK = 0xFF  # emit every 256 input packets
 
 
 @dataclass(slots=True)
@@ -49,17 +54,41 @@ class _Progress:
 
 
 def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
-           config: TrackerConfig | None = None, progress: bool = False, *, log_keys: bool = False) -> ReplayResult:
+           config: TrackerConfig | None = None, progress: bool = False, *, log_keys: bool = False,
+           emit_process: bool | None = None) -> ReplayResult:
     """Replay captures through the core; raises CaptureError for unreadable inputs.
 
     MPTCP keys (``*_key`` fields) are left out of the log unless ``log_keys``: with them anyone
-    reading the log could forge MP_JOINs and MP_FASTCLOSEs for connections still open."""
+    reading the log could forge MP_JOINs and MP_FASTCLOSEs for connections still open.
+
+    ``emit_process``: emit and write the pcap (and the log) in a second process
+    (:mod:`mproxy.io.emitproc`: the same bytes; raises EmitProcessError if it fails); default: when
+    two CPUs are available, ``out`` and ``log`` are files (not in-memory buffers) and no other
+    thread runs."""
+    files = _has_fd(out) and (log is None or _has_fd(log))  # a forked child writes through descriptors
+    if emit_process is None:
+        emit_process = files and _cpus() > 1 and not _threads()
+    elif emit_process and not files:
+        raise ValueError("the emitter process writes to files: out and log need file descriptors")
     pipe = Pipeline(config)
-    writer = PcapWriter(out)
+    if emit_process and log is not None:  # the child hashes the streams for the log: not this process
+        pipe.tracker.stream_hash = False
+    pipe.remote = []  # ops gathered and emitted every _BATCH_MASK + 1 packets: runs of releases per emitter call
     readers: list[CaptureReader] = []
-    frames = read_captures(inputs, readers)
+    frames: Iterator[Frame] = read_captures(inputs, readers)
+    child: EmitProcess | None = None
+    writer: PcapWriter | None = None
+    if emit_process:
+        first = next(frames, None)  # every input opened and checked: a bad one fails before the fork
+        frames = itertools.chain(() if first is None else (first,), frames)
+        child = EmitProcess(out, log, mss=pipe.mss, passthrough_mss=pipe.passthrough_mss,
+                            fill_hashes=not pipe.tracker.stream_hash)
+        child.start()
+    else:
+        writer = PcapWriter(out)
     prog = _Progress(readers, progress)
     n = conns = notices = 0
+    pending: list[dict[str, Any]] = []  # log records for the child, sent with their batch's ops
 
     def write_records() -> None:
         nonlocal conns, notices
@@ -71,25 +100,69 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
             if log is not None:
                 if not log_keys:
                     rec = {k: v for k, v in rec.items() if not k.endswith("_key")}
-                log.write(json.dumps(rec, separators=(",", ":")) + "\n")
+                if child is not None:
+                    pending.append(rec)
+                else:
+                    log.write(json_line(rec))
 
+    def emit() -> None:
+        if child is not None:
+            ops = pipe.take_ops()
+            if ops or pending:
+                child.send(ops, pending)
+                pending.clear()
+        elif writer is not None:
+            writer.write_frames(pipe.emit_pending())
+
+    feed = pipe.feed
     try:
-        for fr in frames:
-            n += 1
-            for ts, frame in pipe.feed(fr.linktype, fr.data, fr.ts):
-                writer.write(ts, frame)
-            if pipe.records:
-                write_records()
-            if not n & 0x3FF:
-                prog.tick(n)
-    finally:
-        prog.done()
-    for ts, frame in pipe.finish():
-        writer.write(ts, frame)
-    write_records()
-    writer.flush()
+        try:
+            for fr in frames:
+                n += 1
+                feed(fr.linktype, fr.data, fr.ts)
+                if pipe.records:
+                    write_records()
+                if not n & _BATCH_MASK:
+                    emit()
+                    if not n & 0x3FF:
+                        prog.tick(n)
+        finally:
+            prog.done()
+        pipe.finish()
+        write_records()
+        emit()
+        if child is not None:
+            pipe.stats.emitted_frames, pipe.stats.passthrough_frames = child.close()
+        elif writer is not None:
+            writer.flush()
+    except BaseException:
+        if child is not None:
+            child.abort()
+        raise
     problems = [p for r in readers for p in r.problems]
     return ReplayResult(n, conns, notices, problems, pipe)
+
+
+def _has_fd(f: IO[Any]) -> bool:
+    try:
+        f.fileno()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both of the first two
+        return False
+    return True
+
+
+def _threads() -> bool:
+    """Other threads running? (Forking then could copy a lock one of them holds.) Without the
+    threading module imported there are none to ask about, and it is not imported for this."""
+    threading = sys.modules.get("threading")
+    return threading is not None and threading.active_count() > 1
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def summary_lines(res: ReplayResult) -> list[str]:
@@ -118,4 +191,4 @@ def open_output(path: str) -> IO[bytes]:
     return open(path, "wb")
 
 
-__all__ = ["replay", "ReplayResult", "summary_lines", "open_output", "CaptureError"]
+__all__ = ["replay", "ReplayResult", "summary_lines", "open_output", "CaptureError", "EmitProcessError"]

@@ -20,6 +20,8 @@ Sans-I/O: bytes and timestamps in, ``(ts, frame)`` lists out.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from struct import Struct
 
@@ -76,6 +78,20 @@ def _fold_plan(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(plan)
 
 
+def _accelerated() -> Callable[..., tuple[int, int, int]] | None:
+    """The compiled segment loop (``mproxy/_accel.c``), unless not built or MPROXY_NO_ACCEL is set."""
+    if os.environ.get("MPROXY_NO_ACCEL"):
+        return None
+    try:
+        from .. import _accel  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return getattr(_accel, "emit_data", None)
+
+
+_emit_data = _accelerated()  # None: data_runs' own loop, the reference
+
+
 def _payload_sum(payload: bytes | memoryview, n: int) -> int:
     """One's-complement sum of ``payload`` (zero-padded to even length), mod 0xFFFF.
 
@@ -104,6 +120,10 @@ def passthrough_frames(ip_packet: bytes | memoryview, ipver: int, ts: float, mss
     if mss is None:
         return [(ts, ethernet_frame(ip_packet, ipver))]
     return [(ts, ethernet_frame(p, ipver)) for p in split_tcp(ip_packet, mss)]
+
+
+def _nbytes(payload: bytes | memoryview) -> int:
+    return memoryview(payload).nbytes
 
 
 def ethernet_frame(ip_packet: bytes | memoryview, ipver: int) -> bytes:
@@ -308,24 +328,24 @@ class TcpEmitter:
         Bytes after that direction's FIN (or after the close) cannot be
         expressed in TCP: they are dropped and counted in :attr:`discarded`.
         """
-        mv = memoryview(payload)
-        if mv.ndim != 1 or mv.itemsize != 1:
-            mv = mv.cast("B")  # count bytes, not items
-        n = len(mv)
-        if not n:
-            return []
+        return self.data_runs(from_client, ((payload, ts),))
+
+    def data_runs(self, from_client: bool, runs: Iterable[tuple[bytes | memoryview, float]]) -> list[tuple[float, bytes]]:
+        """Several payloads of one direction, in order: exactly the frames of one :meth:`data`
+        call per ``(payload, ts)``, concatenated, for one set-up (a bulk transfer releases one
+        packet's worth at a time, and the set-up costs about a third of a segment)."""
         snd, rcv = (self._c, self._s) if from_client else (self._s, self._c)
+        out: list[tuple[float, bytes]] = []
         if self._closed or snd.fin:
-            self._discarded += n
-            return []
-        out = self.open(ts) if not self._opened else []
+            for payload, _ts in runs:
+                self._discarded += _nbytes(payload)
+            return out
         # The loop inlines _frame for both frames of each pair: this is the hot path.
         mss = self._mss
         sbuf, rbuf = snd.buf, rcv.buf
         stoff, rtoff = snd.tcp_off + 4, rcv.tcp_off + 4
         sconst, rconst = snd.tcp_const, rcv.tcp_const
         v4 = self._v4
-        sid, rid = snd.ip_id, rcv.ip_id
         sipc, ripc = snd.ip_const, rcv.ip_const
         pack_ip, pack_tcp, pack16 = _V4_VAR.pack_into, _TCP_VAR.pack_into, _U16.pack_into
         from_bytes = int.from_bytes
@@ -334,45 +354,64 @@ class TcpEmitter:
             full_plan = _fold_plan(mss)
         join = b"".join
         append = out.append
-        seq, ack = snd.seq, rcv.seq
-        last = n - mss
-        off = 0
-        while off < n:
-            chunk = mv[off : off + mss]
-            k = len(chunk)
-            flags = ACK | PSH if off >= last else ACK
-            tcp_len = 20 + k
-            if v4:
-                pack_ip(sbuf, 16, tcp_len + 20, sid, _DF, _TTL, 6, -(sipc + tcp_len + 20 + sid) % 0xFFFF)
-                sid = (sid + 1) & 0xFFFF
-            else:
-                pack16(sbuf, 18, tcp_len)
-            v = from_bytes(chunk, "little")  # payload sum, as _payload_sum
-            if k == mss:
-                plan = full_plan
-            else:
-                plan = _FOLD_PLANS.get(k)
-                if plan is None:
-                    plan = _fold_plan(k)
-            for fk, fm in plan:
-                v = (v & fm) + (v >> fk)
-            v %= 0xFFFF
-            x = sconst + tcp_len + seq + ack + 0x5000 + flags + ((v & 0xFF) << 8) + (v >> 8)
-            pack_tcp(sbuf, stoff, seq, ack, 0x50, flags, _WINDOW, -x % 0xFFFF)
-            append((ts, join((sbuf, chunk))))
-            seq = (seq + k) & _MASK32
-            if v4:
-                pack_ip(rbuf, 16, 40, rid, _DF, _TTL, 6, -(ripc + 40 + rid) % 0xFFFF)
-                rid = (rid + 1) & 0xFFFF
-            else:
-                pack16(rbuf, 18, 20)
-            x = rconst + 20 + ack + seq + 0x5000 + ACK
-            pack_tcp(rbuf, rtoff, ack, seq, 0x50, ACK, _WINDOW, -x % 0xFFFF)
-            append((ts, bytes(rbuf)))
-            off += mss
-        snd.ip_id, rcv.ip_id = sid, rid
-        snd.seq = seq
-        snd.sent += n
+        emit = _emit_data
+        sid = rid = seq = ack = -1  # loaded after the implicit open, which sends frames too
+        for payload, ts in runs:
+            mv = memoryview(payload)
+            if mv.ndim != 1 or mv.itemsize != 1:
+                mv = mv.cast("B")  # count bytes, not items
+            n = len(mv)
+            if not n:
+                continue
+            if sid < 0:
+                if not self._opened:
+                    out += self.open(ts)
+                sid, rid = snd.ip_id, rcv.ip_id
+                seq, ack = snd.seq, rcv.seq
+            if emit is not None:
+                sid, rid, seq = emit(sbuf, rbuf, stoff, rtoff, v4, sipc, ripc, sconst, rconst, mss, sid, rid, seq,
+                                     ack, mv, ts, out)
+                snd.sent += n
+                continue
+            last = n - mss
+            off = 0
+            while off < n:
+                chunk = mv[off : off + mss] if n > mss else mv
+                k = len(chunk)
+                flags = ACK | PSH if off >= last else ACK
+                tcp_len = 20 + k
+                if v4:
+                    pack_ip(sbuf, 16, tcp_len + 20, sid, _DF, _TTL, 6, -(sipc + tcp_len + 20 + sid) % 0xFFFF)
+                    sid = (sid + 1) & 0xFFFF
+                else:
+                    pack16(sbuf, 18, tcp_len)
+                v = from_bytes(chunk, "little")  # payload sum, as _payload_sum
+                if k == mss:
+                    plan = full_plan
+                else:
+                    plan = _FOLD_PLANS.get(k)
+                    if plan is None:
+                        plan = _fold_plan(k)
+                for fk, fm in plan:
+                    v = (v & fm) + (v >> fk)
+                v %= 0xFFFF
+                x = sconst + tcp_len + seq + ack + 0x5000 + flags + ((v & 0xFF) << 8) + (v >> 8)
+                pack_tcp(sbuf, stoff, seq, ack, 0x50, flags, _WINDOW, -x % 0xFFFF)
+                append((ts, join((sbuf, chunk))))
+                seq = (seq + k) & _MASK32
+                if v4:
+                    pack_ip(rbuf, 16, 40, rid, _DF, _TTL, 6, -(ripc + 40 + rid) % 0xFFFF)
+                    rid = (rid + 1) & 0xFFFF
+                else:
+                    pack16(rbuf, 18, 20)
+                x = rconst + 20 + ack + seq + 0x5000 + ACK
+                pack_tcp(rbuf, rtoff, ack, seq, 0x50, ACK, _WINDOW, -x % 0xFFFF)
+                append((ts, bytes(rbuf)))
+                off += mss
+            snd.sent += n
+        if sid >= 0:
+            snd.ip_id, rcv.ip_id = sid, rid
+            snd.seq = seq
         return out
 
     def skip(self, from_client: bool, n: int) -> None:

@@ -64,14 +64,27 @@ class Emission:
         self._emitters: dict[int, TcpEmitter] = {}
 
     def apply(self, ops: list[Op]) -> Frames:
+        """The frames of ``ops``, in order. Consecutive data ops of one connection direction
+        (a bulk transfer's releases, one per packet) go to the emitter as one run."""
         out: Frames = []
         emitters = self._emitters
-        for op in ops:
+        i, n = 0, len(ops)
+        while i < n:
+            op = ops[i]
+            i += 1
             kind = op[0]
             if kind == "data":
-                em = emitters.get(op[1])
+                cid, fc = op[1], op[2]
+                run = [(op[3], op[4])]
+                while i < n:
+                    nx = ops[i]
+                    if nx[0] != "data" or nx[1] != cid or nx[2] != fc:
+                        break
+                    run.append((nx[3], nx[4]))
+                    i += 1
+                em = emitters.get(cid)
                 if em is not None:
-                    out += em.data(op[2], op[3], op[4])
+                    out += em.data_runs(fc, run)
             elif kind == "pass":
                 frames = passthrough_frames(op[1], op[2], op[3], self.passthrough_mss)
                 out += frames
@@ -142,10 +155,15 @@ class Pipeline:
         if not events:
             return []
         ops: list[Op] = []
+        bytes_out = self.stats.bytes_out
         for e in events:
-            if isinstance(e, DataReleased):
+            if type(e) is DataReleased:  # nearly every event: no isinstance chain, no enum compare
+                d = e.direction
+                ops.append(("data", e.conn_id, not d, e.data, e.ts))  # C2S is 0
+                bytes_out[d] += len(e.data)
+            elif isinstance(e, DataReleased):
                 ops.append(("data", e.conn_id, e.direction == Direction.C2S, e.data, e.ts))
-                self.stats.bytes_out[e.direction] += len(e.data)
+                bytes_out[e.direction] += len(e.data)
             elif isinstance(e, PassThrough):
                 if self.passthrough:
                     ops.append(("pass", e.ip, e.ipver, e.ts))
@@ -168,6 +186,17 @@ class Pipeline:
             return []
         if self.remote is not None:
             self.remote += ops
+            return []
+        em = self.emission
+        out = em.apply(ops)
+        self.stats.emitted_frames, self.stats.passthrough_frames = em.frames, em.passthrough
+        return out
+
+    def emit_pending(self) -> Frames:
+        """Apply the ops gathered in remote mode here, in one batch (the replay does this every
+        few hundred packets: a run of releases then reaches each emitter in one call)."""
+        ops = self.take_ops()
+        if not ops:
             return []
         em = self.emission
         out = em.apply(ops)

@@ -75,7 +75,7 @@ class DataStream:
     _starts: list[int] = field(default_factory=list)
     _chunks: dict[int, bytes] = field(default_factory=dict)
     _history: bytearray = field(default_factory=bytearray)
-    sha: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    sha: "hashlib._Hash | None" = field(default_factory=hashlib.sha256)  # None: the consumer of the releases hashes
     overlaps: list[Overlap] = field(default_factory=list)
     gaps: list[Gap] = field(default_factory=list)
 
@@ -177,7 +177,8 @@ class DataStream:
     def _advance(self, out: bytes) -> None:
         self.base = (self.base or 0) + len(out)
         self.released += len(out)
-        self.sha.update(out)
+        if self.sha is not None:
+            self.sha.update(out)
         if self.history_limit:
             h = self._history
             h += out

@@ -17,8 +17,10 @@ connection's :class:`~mproxy.core.reassembler.DataStream` per direction.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from struct import Struct
 from typing import Any
 
 from .. import crypto
@@ -50,6 +52,10 @@ _MAX_MAPPINGS = 32
 _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flood must not grow it
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TCPOPT_WSCALE = 3
+_NOT_FAST = SYN | FIN | RST
+_TS_MPTCP = Struct("!4s8xBBBB")  # NOP NOP kind 8 len 10, timestamps, then an MPTCP option's first 4 bytes
+_NOP_NOP_TS = b"\x01\x01\x08\x0a"
+_DSS_PLAIN = m.DSS_PLAIN
 
 
 @dataclass(slots=True)
@@ -177,7 +183,7 @@ class Connection:
         for d, st in zip(("c2s", "s2c"), self.streams):
             dirs[d] = {
                 "bytes": st.released,
-                "sha256": st.sha.hexdigest(),
+                "sha256": None if st.sha is None else st.sha.hexdigest(),
                 "gaps": [{"dsn": g.dsn & MASK64, "length": g.length, "acked": g.acked} for g in st.gaps],
                 "gap_bytes": sum(g.length for g in st.gaps),
                 "data_fin": st.finished,
@@ -252,6 +258,12 @@ def _wscale(seg: TcpSegment) -> int | None:
 class Tracker:
     """Groups subflows into MPTCP connections and rebuilds their byte streams."""
 
+    fast_path = True  # tests turn it off to hold the general path against it
+    # SHA-256 of each rebuilt stream for the mptcp_connection record. False (set before the first
+    # packet): the record's "sha256" is None and whoever consumes DataReleased computes it over the
+    # same bytes (the replay's emitter process does, off the tracking process's per-packet path)
+    stream_hash = True
+
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
         self.stats = TrackerStats()
@@ -307,6 +319,8 @@ class Tracker:
             self._last_expire = ts
             self._expire(ts, ev)
         hit = self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
+        if hit is not None and self.fast_path and self._fast(hit[0], hit[1], seg, ev):
+            return ev
         opts = self._options(seg, hit, ev)
         if hit is None:
             return self.process_new(seg, opts, ev)
@@ -332,6 +346,156 @@ class Tracker:
                     self._half_open.move_to_end(conn.id)
         self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
         return ev
+
+    def _fast(self, sf: Subflow, d: int, seg: TcpSegment, ev: list[Event]) -> bool:
+        """The dominant packet, whole, in one frame: an in-window ACK on an established subflow of
+        an open connection whose only MPTCP option is a plain DSS (Data ACK and/or a mapping of
+        exactly this payload, at or beyond every placed byte), no checksums, nothing unmapped.
+
+        Returns False, having changed nothing, for anything else: the general path
+        (``_options`` -> ``_on_segment``) then does the work. When it returns True, state and
+        events are what the general path would have produced (a hypothesis test holds the two
+        side by side); it only inlines that path's steps in the same order.
+        """
+        flags = seg.flags
+        if flags & _NOT_FAST or not flags & ACK or seg.hdr_len == 20:
+            return False
+        conn = sf.conn
+        if conn is None or conn.closed is not None or not conn.opened or conn.csum or not sf.established \
+                or sf.refused or sf.plain:
+            return False
+        ip = seg.ip
+        o = seg.tcp_off + 20
+        tail = seg.hdr_len - 34  # bytes after NOP NOP timestamp MPTCP-header, minus the MPTCP option's length
+        if tail >= 0:
+            head, kind, ln, sub, fl = _TS_MPTCP.unpack_from(ip, o)
+            tail -= ln - 2
+        if tail < 0 or head != _NOP_NOP_TS or kind != 30 or (tail and not (tail == 2 and (
+                ip[o + 12 + ln] == 0 or (ip[o + 12 + ln] == 1 and ip[o + 13 + ln] <= 1)))):
+            # not Linux's layout (NOP NOP timestamp, one MPTCP option, two bytes of NOP/EOL padding
+            # or none; DSS lengths are even): walk the options
+            spans = mptcp_spans(seg)
+            if type(spans) is not list or len(spans) != 1:
+                return False
+            off, ln = spans[0]
+            if ln < 4:
+                return False
+            sub, fl = ip[off + 2], ip[off + 3]
+        else:
+            off = o + 12
+        if sub >> 4 != 2:
+            return False
+        layout = _DSS_PLAIN.get(fl & 0x1F)
+        if layout is None or layout[0] != ln:
+            return False
+        n = seg.payload_len
+        sfd = sf.dirs[d]
+        pa = sfd.peer_ack
+        if pa is not None and self.config.window_check:  # _window_ok, inlined
+            o = (seg.seq - pa) & MASK32
+            if o >= 0x80000000:
+                o -= 0x100000000
+            win = sfd.peer_win if sfd.peer_win > 65535 else 65535
+            if o + n > win + 65535 or o < -(2 * win + 65535):
+                return False
+        cdir = _DIRS[d ^ sf.flipped]
+        streams = conn.streams
+        have = layout[2]
+        if have == 2:
+            data_ack = None
+            dsn, ssn, dll = layout[1].unpack_from(ip, off + 4)
+        elif have == 3:
+            data_ack, dsn, ssn, dll = layout[1].unpack_from(ip, off + 4)
+        else:
+            if n:
+                return False  # payload without a mapping
+            (data_ack,) = layout[1].unpack_from(ip, off + 4)
+            dsn = ssn = dll = 0
+        if have & 2:
+            isn = sfd.isn
+            if not n or n != dll or n != seg.wire_payload_len or isn is None or sfd.pending \
+                    or (seg.seq - isn) & MASK32 != ssn:
+                return False
+            hw = sfd.placed_end
+            if hw is not None and (ssn - hw) & MASK32 >= 0x80000000:
+                return False  # bytes before the furthest placed ones: _place checks them
+            st = streams[cdir]
+            if not fl & m.DSS_m and st.base is not None:
+                dsn = expand32(dsn, st.base)
+        # -- committed: from here on, the general path's steps in its order
+        ts = seg.ts
+        sf.last_ts = ts
+        self.stats.mptcp_packets += 1
+        self.stats.options[2] += 1
+        conn.last_ts = ts
+        self.connections.move_to_end(conn.id)
+        other = sf.dirs[d ^ 1]
+        other.peer_ack = seg.ack
+        ws = sfd.wscale
+        if ws is None or other.wscale is None:
+            ws = 14 if sfd.isn is None else 0
+        other.peer_win = seg.window << ws
+        if data_ack is not None:
+            rst = streams[cdir ^ 1]
+            rb = rst.base
+            if rb is not None:
+                if not fl & m.DSS_a:  # expand32, inlined (its final "& MASK64" is the unwrap's too)
+                    cand = (rb & ~MASK32) | data_ack
+                    diff = cand - rb
+                    if diff > 0x80000000:
+                        cand -= 0x100000000
+                    elif diff < -0x80000000:
+                        cand += 0x100000000
+                    data_ack = cand
+                diff = (data_ack - rb) & MASK64  # DataStream.unwrap, inlined
+                data_ack = rb + diff if diff < 1 << 63 else rb + diff - (1 << 64)
+            if rst.acked is None or data_ack > rst.acked:
+                rst.acked = data_ack
+        if have & 2:
+            # _fast_data with the mapping covering exactly this payload; _place's in-order case
+            moff = (dsn - ssn) & MASK32
+            end = (ssn + n) & MASK32
+            pl = sfd.placed
+            if pl and pl[-1][1] == ssn and pl[-1][2] == moff:
+                pl[-1][1] = end
+            else:
+                pl.append([ssn, end, moff])
+                if len(pl) > 16:
+                    del pl[0]
+            sfd.placed_end = end
+            conn.mapped[cdir] = True
+            sfd.last_map_ssn = ssn
+            seq_end = (seg.seq + n) & MASK32  # _seen
+            if sfd.last_end is None or ((seq_end - sfd.last_end) & MASK32) < 0x80000000:
+                sfd.last_end = seq_end
+            sfd.bytes += n
+            payload = ip[seg.payload_off : seg.payload_off + n]
+            base = st.base
+            starts = st._starts
+            if base is not None and (dsn - base) & MASK64 == 0 and st.fin_dsn is None \
+                    and (not starts or starts[0] > base + n):
+                # DataStream.insert at its base, nothing buffered that it reaches: _advance, inlined
+                out = bytes(payload)
+                st.base = base + n
+                st.released += n
+                if st.sha is not None:
+                    st.sha.update(out)
+                if st.history_limit:
+                    h = st._history
+                    h += out
+                    if len(h) > 2 * st.history_limit:
+                        del h[: len(h) - st.history_limit]
+                self.stats.rebuilt_bytes[cdir] += n
+                ev.append(DataReleased(conn.id, cdir, out, ts))
+            else:
+                self._deliver(conn, cdir, dsn, payload, ts, ev)
+        s0, s1 = streams
+        if (s0.acked is not None and s0.base is not None and s0.acked > s0.base) or (
+                s1.acked is not None and s1.base is not None and s1.acked > s1.base):
+            self._check_gaps(conn, ts, ev)
+        if s0.finished or s1.finished:
+            self._check_end(conn, ts, ev)
+        return True
 
     def process_new(self, seg: TcpSegment, opts: "_Opts | None", ev: list[Event]) -> list[Event]:
         """A segment of no tracked subflow: plain TCP, or the start of a subflow."""
@@ -503,8 +667,10 @@ class Tracker:
         cfg = self.config
         conn = Connection(self._next_conn, ts, a if client_is_src else b, b if client_is_src else a,
                           pickup=pickup, last_ts=ts,
-                          streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history),
-                                   DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history)))
+                          streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
+                                              sha=hashlib.sha256() if self.stream_hash else None),
+                                   DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
+                                              sha=hashlib.sha256() if self.stream_hash else None)))
         self._next_conn += self.conn_id_step
         self.connections[conn.id] = conn
         self._half_open[conn.id] = conn

@@ -9,8 +9,10 @@ and is recorded in :attr:`CaptureReader.problems` so callers can report it.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from struct import Struct, error as StructError
 from typing import BinaryIO, Iterator
 
@@ -19,6 +21,9 @@ PCAP_MAGIC_NS = 0xA1B23C4D
 PCAPNG_SHB = 0x0A0D0D0A
 PCAPNG_BOM = 0x1A2B3C4D
 MAX_FRAME = 256 * 1024  # larger claims are damage, not packets
+
+
+_CHUNK = 256 * 1024  # classic pcap read size when records are sliced in C
 
 
 class CaptureError(Exception):
@@ -79,6 +84,9 @@ class CaptureReader:
         if major != 2:
             raise CaptureError(f"{self.path}: unsupported pcap version {major}")
         linktype = network & 0x0FFFFFFF
+        if _pcap_records is not None:
+            yield from self._pcap_compiled(f, endian == "<", div, linktype)
+            return
         rec = Struct(endian + "IIII")
         pos = 24
         while True:
@@ -99,6 +107,34 @@ class CaptureReader:
             pos += 16 + incl
             self.position = pos
             yield Frame(sec + frac / div, linktype, data, orig, self.source)
+
+    def _pcap_compiled(self, f: BinaryIO, little: bool, div: float, linktype: int) -> Iterator[Frame]:
+        """_pcap's record loop with the records of each 256 KiB read sliced into Frames in C
+        (``mproxy/_accel.c``); the same frames and the same problems, at the same offsets."""
+        assert _pcap_records is not None
+        buf = b""
+        i = 0
+        pos = 24  # file offset of buf[i]
+        while True:
+            frames, j, claim = _pcap_records(buf, i, little, div, linktype, self.source, MAX_FRAME)
+            if frames:
+                pos += j - i
+                self.position = pos
+                yield from frames
+            i = j
+            if claim:
+                self.problems.append(f"{self.path}: record at offset {pos} claims {claim} bytes")
+                return
+            more = f.read(_CHUNK)
+            if not more:
+                rest = len(buf) - i
+                if 0 < rest < 16:
+                    self.problems.append(f"{self.path}: truncated record header at offset {pos}")
+                elif rest:
+                    self.problems.append(f"{self.path}: truncated last packet at offset {pos}")
+                return
+            buf = buf[i:] + more
+            i = 0
 
     # -- pcapng -------------------------------------------------------
     def _pcapng(self, f: BinaryIO, head: bytes) -> Iterator[Frame]:
@@ -186,6 +222,22 @@ class CaptureReader:
                 self.problems.append(f"{self.path}: short block type {btype} at offset {pos - blen}")
 
 
+def _accelerated() -> Callable[..., tuple[list[Frame], int, int]] | None:
+    """The compiled record slicer (``mproxy/_accel.c``), unless not built or MPROXY_NO_ACCEL is set."""
+    if os.environ.get("MPROXY_NO_ACCEL"):
+        return None
+    try:
+        from .. import _accel  # type: ignore[attr-defined]
+
+        _accel.init_frame(Frame, tuple(f.name for f in fields(Frame)))
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return _accel.pcap_records  # type: ignore[no-any-return]
+
+
+_pcap_records = _accelerated()
+
+
 def _if_tsresol(opts: bytes, endian: str) -> float:
     """Seconds per timestamp tick from an IDB's if_tsresol option (default µs)."""
     i = 0
@@ -218,16 +270,11 @@ def read_captures(paths: list[str], readers: list[CaptureReader] | None = None) 
             first = next(it)
         except StopIteration:
             continue
-        its.append(_prepend(first, it))
+        its.append(itertools.chain((first,), it))
     merged = its[0] if len(its) == 1 else heapq.merge(*its, key=lambda fr: fr.ts)
     for n, fr in enumerate(merged, 1):
         fr.number = n
         yield fr
-
-
-def _prepend(first: Frame, rest: Iterator[Frame]) -> Iterator[Frame]:
-    yield first
-    yield from rest
 
 
 class PcapWriter:
@@ -245,6 +292,26 @@ class PcapWriter:
         if usec >= 1_000_000:
             sec, usec = sec + 1, usec - 1_000_000
         self._f.write(self._rec.pack(sec, usec, len(frame), len(frame)) + frame)
+
+    def write_frames(self, frames: list[tuple[float, bytes]]) -> None:
+        """Many records in one write; the same bytes as :meth:`write` for each in turn (frames
+        of one release share a timestamp, so its conversion is done once per run)."""
+        pack = self._rec.pack
+        parts: list[bytes] = []
+        append = parts.append
+        last = None
+        sec = usec = 0
+        for ts, frame in frames:
+            if ts != last:
+                last = ts
+                sec = int(ts)
+                usec = int(round((ts - sec) * 1e6))
+                if usec >= 1_000_000:
+                    sec, usec = sec + 1, usec - 1_000_000
+            n = len(frame)
+            append(pack(sec, usec, n, n))
+            append(frame)
+        self._f.write(b"".join(parts))
 
     def flush(self) -> None:
         self._f.flush()

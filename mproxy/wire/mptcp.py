@@ -212,6 +212,22 @@ def dss(
                checksum if dsn is not None else None)
 
 
+# DSS layouts read without building a Dss (the tracker's per-packet fast path): flags byte & 0x1F
+# -> (option length, struct of the fields after the flags byte, fields present: 1 Data ACK,
+# 2 mapping, 3 both). DATA_FIN and DSS checksums are absent here on purpose: those go through
+# :func:`decode`, as does any length that does not match.
+DSS_PLAIN: dict[int, tuple[int, Struct, int]] = {
+    DSS_A: (8, Struct("!I"), 1),
+    DSS_A | DSS_a: (12, Struct("!Q"), 1),
+    DSS_M: (14, Struct("!IIH"), 2),
+    DSS_M | DSS_m: (18, Struct("!QIH"), 2),
+    DSS_A | DSS_M: (18, Struct("!IIIH"), 3),
+    DSS_A | DSS_a | DSS_M: (22, Struct("!QIIH"), 3),
+    DSS_A | DSS_M | DSS_m: (22, Struct("!IQIH"), 3),
+    DSS_A | DSS_a | DSS_M | DSS_m: (26, Struct("!QQIH"), 3),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class AddAddr:
     """ADD_ADDR. v0: IPVer nibble, no HMAC. v1: E (echo) bit, 64-bit HMAC unless an echo."""

@@ -7,8 +7,10 @@ fields point into the caller's buffer. Anything that is not TCP returns
 
 from __future__ import annotations
 
+import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from struct import Struct
 
@@ -105,6 +107,9 @@ _LT_RAW = frozenset(int(t) for t in (LinkType.RAW, LinkType.RAW_OLD, LinkType.RA
                                      LinkType.IPV6))
 _IPV4_FIELDS = Struct("!BxHxxHxB2x4s4s")  # ver/ihl, total length, frag, proto, src, dst
 _TCP_FIELDS = Struct("!HHIIBBH")  # ports, seq, ack, data offset, flags, window
+_V4_TCP = Struct("!2xHxxHxB2x4s4sHHIIBBH")  # a 20-byte IPv4 header's fields as above, then TCP's
+# link type -> (IP offset, offset of its 16-bit ethertype or -1): the links parse_frame reads in one go
+_FIXED_LINKS = {_LT_SLL2: (20, 0), _LT_ETHERNET: (14, 12), _LT_SLL: (16, 14), **{t: (0, -1) for t in _LT_RAW}}
 
 
 def strip_link(linktype: int, frame: memoryview) -> memoryview | WireError | None:
@@ -221,14 +226,53 @@ def parse_ip(ip: memoryview, ts: float = 0.0) -> TcpSegment | WireError | None:
                       end - poff, ts)
 
 
-def parse_frame(linktype: int, frame: memoryview | bytes, ts: float = 0.0) -> TcpSegment | WireError | None:
-    """Parse a captured frame of the given link type down to TCP."""
+def parse_frame_pure(linktype: int, frame: memoryview | bytes, ts: float = 0.0) -> TcpSegment | WireError | None:
+    """Parse a captured frame of the given link type down to TCP.
+
+    :data:`parse_frame` is this function, or the compiled accelerator (``mproxy/_accel.c``) that
+    does its common case in C and hands it everything else."""
     if not isinstance(frame, memoryview):
         frame = memoryview(frame)
+    # The common case in one unpack: Linux cooked v2 / Ethernet / cooked v1 / raw IP carrying IPv4
+    # without IP options and TCP. Exactly what strip_link + parse_ip give; anything else goes there.
+    fixed = _FIXED_LINKS.get(linktype)
+    if fixed is not None:
+        off, et = fixed
+        n = len(frame) - off
+        if n >= 40 and frame[off] == 0x45 and (et < 0 or (frame[et] == 8 and frame[et + 1] == 0)):
+            total, frag, proto, src, dst, sport, dport, seq, ack, doff, flags, window = _V4_TCP.unpack_from(frame, off)
+            hdr_len = (doff >> 4) * 4
+            poff = 20 + hdr_len
+            if proto == _IPPROTO_TCP and not frag & 0x3FFF and total >= 20 and hdr_len >= 20 and n >= poff:
+                end = total if total >= poff else n
+                if n > end:
+                    n = end
+                return TcpSegment(frame[off : off + n], 4, src, dst, 20, sport, dport, seq, ack, flags, window,
+                                  hdr_len, poff, n - poff, end - poff, ts)
     ip = strip_link(linktype, frame)
     if ip is None or isinstance(ip, WireError):
         return ip
     return parse_ip(ip, ts)
+
+
+def _accelerated() -> Callable[[int, memoryview | bytes, float], TcpSegment | WireError | None] | None:
+    """The compiled parse_frame, unless it is not built, does not fit this TcpSegment, or
+    MPROXY_NO_ACCEL is set (the pure code then runs; the test suite runs both)."""
+    if os.environ.get("MPROXY_NO_ACCEL"):
+        return None
+    try:
+        from .. import _accel  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        _accel.init(TcpSegment, tuple(f.name for f in fields(TcpSegment)), parse_frame_pure)
+    except (TypeError, RuntimeError):
+        return None
+    return _accel.parse_frame  # type: ignore[no-any-return]
+
+
+parse_frame = _accelerated() or parse_frame_pure
+ACCELERATED = parse_frame is not parse_frame_pure
 
 
 def option_spans(opts: memoryview) -> list[tuple[int, int, int]] | WireError:

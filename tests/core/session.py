@@ -40,12 +40,15 @@ class Sub:
 class Session:
     def __init__(self, version: int = 1, ipver: int = 4, *, client_key: int = 0x1122334455667788,
                  server_key: int = 0x99AABBCCDDEEFF00, csum: bool = False, dsn64: bool = True,
-                 sport: int = 40000, dport: int = 80) -> None:
+                 sport: int = 40000, dport: int = 80, timestamps: bool = False, ack64: bool = True) -> None:
         self.version = version
         self.ipver = ipver
         self.ck, self.sk = client_key, server_key
         self.csum = csum
         self.dsn64 = dsn64
+        self.timestamps = timestamps
+        self.ack64 = ack64
+        self._ack_mask = MASK64 if ack64 else 0xFFFFFFFF
         self.idsn = [(crypto.key_idsn(client_key, version) + 1) & MASK64,
                      (crypto.key_idsn(server_key, version) + 1) & MASK64]
         self.subs: list[Sub] = []
@@ -75,6 +78,8 @@ class Session:
         ack = 0
         if flags & ACK:
             ack = sub.isn[d ^ 1] + (sub.next_rel[d ^ 1] if ack_rel is None else ack_rel)
+        if self.timestamps and not flags & SYN:  # Linux's layout: NOP NOP timestamp first
+            opts = [b"\x01\x01\x08\x0a" + (int(self.ts * 1000) & 0xFFFFFFFF).to_bytes(4, "big") + bytes(4), *opts]
         return build_tcp(src[0], dst[0], src[1], dst[1], seq, ack, flags, 65535, tcp_options(*opts), payload)
 
     # -- handshakes -------------------------------------------------------
@@ -140,10 +145,11 @@ class Session:
             if self.csum:
                 cs = crypto.dss_checksum(dsn, mrel, mlen + (1 if fin else 0), payload) if mlen == len(payload) else 0
             wire_dsn = dsn if self.dsn64 else dsn & 0xFFFFFFFF
-            opt = m.dss(ack & MASK64, wire_dsn, mrel, mlen + (1 if fin else 0), checksum=cs, data_fin=fin,
+            opt = m.dss(ack & self._ack_mask, wire_dsn, mrel, mlen + (1 if fin else 0), checksum=cs, data_fin=fin,
+                        ack64=self.ack64,
                         dsn64=self.dsn64)
         else:
-            opt = m.dss(ack & MASK64)
+            opt = m.dss(ack & self._ack_mask, ack64=self.ack64)
         opts.append(opt.encode())
         pkt = self._pkt(sub, from_client, ACK, opts, payload, rel=r)
         if rel is None:
@@ -154,12 +160,13 @@ class Session:
         sub = self.subs[sf]
         d = 0 if from_client else 1
         dsn = (self.idsn[d] + offset) & MASK64
-        opt = m.dss(self.idsn[d ^ 1], dsn if self.dsn64 else dsn & 0xFFFFFFFF, 0, 1, data_fin=True,
+        opt = m.dss(self.idsn[d ^ 1] & self._ack_mask, dsn if self.dsn64 else dsn & 0xFFFFFFFF, 0, 1, data_fin=True,
+                    ack64=self.ack64,
                     dsn64=self.dsn64, checksum=0 if self.csum else None)
         return self._pkt(sub, from_client, ACK, [opt.encode()])
 
     def ack(self, sf: int, from_client: bool, data_ack: int) -> bytes:
-        return self._pkt(self.subs[sf], from_client, ACK, [m.dss(data_ack & MASK64).encode()])
+        return self._pkt(self.subs[sf], from_client, ACK, [m.dss(data_ack & self._ack_mask, ack64=self.ack64).encode()])
 
     def fin(self, sf: int, from_client: bool) -> bytes:
         return self._pkt(self.subs[sf], from_client, FIN | ACK, [])

@@ -55,7 +55,8 @@ def test_any_split_of_a_stream_containing_the_pattern_is_found(prefix: bytes, su
 @settings(max_examples=100, deadline=None)
 @given(gap=st.binary(max_size=200), cuts=st.lists(st.integers(min_value=0, max_value=260), max_size=8))
 def test_pcre_and_multi_content_across_chunks(gap: bytes, cuts: list[int]) -> None:
-    assume(b"union+select" not in gap.lower() and b"Secret" not in gap)  # other rules' patterns
+    # the gap must not hold another rule's content (hypothesis also draws this module's literals)
+    assume(not any(w in gap.lower() for w in (b"union+select", b"secret", b"drop", b"evil")))
     data = b"alpha" + gap.replace(b"omega", b"") + b"omega ; DROP  TABLE users; evil123x"
     sids = feed_all(Inspector(RULES), splits(data, cuts))
     assert sorted(sids) == [3, 4, 5]

@@ -30,6 +30,7 @@ from mproxy.wire.packet import (
     mptcp_spans,
     option_spans,
     parse_frame,
+    parse_frame_pure,
     parse_ip,
     strip_link,
 )
@@ -576,3 +577,34 @@ def test_mptcp_spans_agrees_with_option_spans(opts: bytes, ver: int) -> None:
     else:
         base = seg.tcp_off + 20
         assert got == [(base + s, n) for k, s, n in ref if k == 30]
+
+
+def _parse_general(linktype: int, frame: bytes) -> TcpSegment | WireError | None:
+    ip = strip_link(linktype, memoryview(frame))
+    return ip if ip is None or isinstance(ip, WireError) else parse_ip(ip, 1.5)
+
+
+_V4_LINKS = [(LinkType.LINUX_SLL2, sll2), (LinkType.ETHERNET, eth), (LinkType.LINUX_SLL, sll),
+             (LinkType.RAW, lambda ip: ip), (LinkType.IPV4, lambda ip: ip), (LinkType.RAW_OLD, lambda ip: ip)]
+
+
+@settings(max_examples=3000)
+@given(st.sampled_from(_V4_LINKS), st.binary(max_size=60), st.integers(0, 255), st.integers(20, 60),
+       st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)), max_size=3), st.integers(0, 120),
+       st.sampled_from([None, 0, 19, 20, 39, 40, 41, 64, 200]))
+def test_one_unpack_parse_equals_strip_link_then_parse_ip(link, payload: bytes, flags: int, hdr: int,
+                                                          mutations: list[tuple[int, int]], cut: int,
+                                                          total: int | None) -> None:
+    """parse_frame_pure reads IPv4 + TCP of the common link types in one unpack: the same segment (or
+    the same error) as the general path, for valid frames, damaged ones, cuts and lying lengths."""
+    linktype, wrap = link
+    opts = bytes((1,)) * ((hdr - 20) // 4 * 4)
+    frame = bytearray(wrap(ipv4(tcp_bytes(SRC4, DST4, flags=flags, opts=opts, payload=payload), total=total)))
+    for pos, val in mutations:
+        if pos < len(frame):
+            frame[pos] = val
+    frame = frame[: max(0, len(frame) - cut)] if cut < 100 else frame
+    got, want = parse_frame_pure(linktype, bytes(frame), 1.5), _parse_general(linktype, bytes(frame))
+    assert got == want
+    if isinstance(got, TcpSegment):
+        assert bytes(got.ip) == bytes(want.ip) and len(got.ip) == len(want.ip)  # type: ignore[union-attr]
