@@ -1,6 +1,7 @@
 """Inline gateway: throughput and added latency through ``mproxy run`` vs plain kernel forwarding.
 
 Run (root, kernel MPTCP): .venv/bin/python benchmarks/inline.py [--seconds 5] [--repeat 2] [--profile]
+                                  [--workers 2] [--conns 4]
 
 In one unshaped namespace lab (``Lab(rate=None)``), the same run measures:
 
@@ -15,6 +16,11 @@ In one unshaped namespace lab (``Lab(rate=None)``), the same run measures:
   the verdict, and from the socket becoming readable to the verdict (this one
   includes waiting behind the packets before it in the same batch).
 
+* ``--conns`` parallel MPTCP bulk transfers (aggregate Mbit/s) with kernel
+  forwarding, through one ``mproxy run`` process and through ``--workers``
+  worker processes (``[queue] workers``): workers spread connections, not one
+  transfer, over cores.
+
 ``--profile`` samples the mproxy process with py-spy during the MPTCP bulk
 run and prints where the time goes (self time per function).
 """
@@ -27,8 +33,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -47,45 +51,76 @@ PING_PORT = 5302
 
 # --------------------------------------------------------------------------- traffic (run in namespaces)
 def _serve_bulk(args: argparse.Namespace) -> int:
+    """Accept ``--conns`` connections, drain them concurrently; payload bytes over the span of all of them."""
+    import threading
+
     proto = IPPROTO_MPTCP if args.mptcp else socket.IPPROTO_TCP
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("0.0.0.0", args.port))
-    ls.listen(4)
+    ls.listen(max(4, args.conns))
     print("READY", flush=True)
     ls.settimeout(30)
-    conn, _ = ls.accept()
-    buf = bytearray(1 << 20)
-    n = 0
-    t0 = time.monotonic()
-    first = None
-    while True:
-        k = conn.recv_into(buf)
-        if not k:
-            break
-        if first is None:
-            first = time.monotonic()
-        n += k
-    t1 = time.monotonic()
-    mptcp = bool(conn.getsockopt(socket.IPPROTO_TCP, 43)) if args.mptcp else False
-    conn.close()
-    print(json.dumps({"bytes": n, "seconds": t1 - (first or t0), "mptcp": mptcp}), flush=True)
+    done: list[tuple[int, float, float, bool]] = []
+
+    def drain(conn: socket.socket) -> None:
+        buf = bytearray(1 << 20)
+        n, first = 0, None
+        while True:
+            k = conn.recv_into(buf)
+            if not k:
+                break
+            if first is None:
+                first = time.monotonic()
+            n += k
+        t1 = time.monotonic()
+        mptcp = bool(conn.getsockopt(socket.IPPROTO_TCP, 43)) if args.mptcp else False
+        conn.close()
+        done.append((n, first or t1, t1, mptcp))
+
+    threads = []
+    for _ in range(args.conns):
+        conn, _ = ls.accept()
+        t = threading.Thread(target=drain, args=(conn,))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    n = sum(d[0] for d in done)
+    span = max(d[2] for d in done) - min(d[1] for d in done)
+    print(json.dumps({"bytes": n, "seconds": span, "mptcp": all(d[3] for d in done)}), flush=True)
     return 0
 
 
 def _send_bulk(args: argparse.Namespace) -> int:
+    import threading
+
     proto = IPPROTO_MPTCP if args.mptcp else socket.IPPROTO_TCP
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
-    s.settimeout(30)
-    s.connect((args.connect, args.port))
-    buf = os.urandom(1 << 18)
     end = time.monotonic() + args.seconds
-    while time.monotonic() < end:
-        s.sendall(buf)
-    s.shutdown(socket.SHUT_WR)
-    s.recv(1)
-    s.close()
-    return 0
+    buf = os.urandom(1 << 18)
+    failed: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+            s.settimeout(30)
+            s.connect((args.connect, args.port))
+            while time.monotonic() < end:
+                s.sendall(buf)
+            s.shutdown(socket.SHUT_WR)
+            s.recv(1)
+            s.close()
+        except OSError as e:
+            failed.append(e)
+
+    threads = [threading.Thread(target=send) for _ in range(args.conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        print(f"sender: {failed[0]}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _serve_ping(args: argparse.Namespace) -> int:
@@ -153,12 +188,13 @@ def _ready(p: subprocess.Popen[bytes]) -> None:
         raise RuntimeError(f"server said {line!r}")
 
 
-def bulk(lab, mptcp: bool, seconds: float) -> Bulk:  # type: ignore[no-untyped-def]
+def bulk(lab, mptcp: bool, seconds: float, conns: int = 1) -> Bulk:  # type: ignore[no-untyped-def]
     flag = ["--mptcp"] if mptcp else []
-    srv = _py(lab, lab.ns_srv, "_serve_bulk", "--port", str(PORT), *flag, stdout=subprocess.PIPE)
+    srv = _py(lab, lab.ns_srv, "_serve_bulk", "--port", str(PORT), "--conns", str(conns), *flag,
+              stdout=subprocess.PIPE)
     _ready(srv)
     cli = _py(lab, lab.ns_cli, "_send_bulk", "--connect", lab.server_addr[4], "--port", str(PORT),
-              "--seconds", str(seconds), *flag)
+              "--seconds", str(seconds), "--conns", str(conns), *flag)
     cli.wait(seconds + 60)
     out, _ = srv.communicate(timeout=60)
     res = json.loads(out.decode().strip().splitlines()[-1])
@@ -181,8 +217,9 @@ def ping(lab, count: int) -> list[int]:  # type: ignore[no-untyped-def]
 class Mproxy:
     """``mproxy run`` in the gateway namespace, policy inspect, emitted stream to a veth sink."""
 
-    def __init__(self, lab, work: Path, tag: str, profile: bool = False) -> None:  # type: ignore[no-untyped-def]
-        self.lab, self.work, self.tag, self.profile = lab, work, tag, profile
+    def __init__(self, lab, work: Path, tag: str, profile: bool = False,  # type: ignore[no-untyped-def]
+                 workers: int = 1) -> None:
+        self.lab, self.work, self.tag, self.profile, self.workers = lab, work, tag, profile, workers
         self.events = work / f"{tag}.events.jsonl"
         self.err = work / f"{tag}.mproxy.err"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -190,8 +227,8 @@ class Mproxy:
 
     def __enter__(self) -> Mproxy:
         cfg = self.work / f"{self.tag}.toml"
-        cfg.write_text(f'[queue]\nnum = 7\n[sink]\ninterface = "sink0"\n[log]\nevents = "{self.events}"\n'
-                       '[metrics]\nlisten = ""\n')
+        cfg.write_text(f'[queue]\nnum = 7\nworkers = {self.workers}\n[sink]\ninterface = "sink0"\n'
+                       f'[log]\nevents = "{self.events}"\n[metrics]\nlisten = ""\n')
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = self.lab.popen(self.lab.ns_gw, sys.executable, "-m", "mproxy", "run", "-c", str(cfg),
                                    env=env, stderr=open(self.err, "wb"))
@@ -215,6 +252,10 @@ class Mproxy:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
+
+    def all_stats(self) -> list[dict]:  # type: ignore[type-arg]
+        """Every ``stats`` record (one per worker process with ``workers`` > 1)."""
+        return [r for r in map(json.loads, self.events.read_text().splitlines()) if r["event"] == "stats"]
 
     def stats(self) -> dict:  # type: ignore[type-arg]
         for line in reversed(self.events.read_text().splitlines()):
@@ -295,10 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--seconds", type=float, default=5)
         sp.add_argument("--count", type=int, default=2000)
         sp.add_argument("--mptcp", action="store_true")
+        sp.add_argument("--conns", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=5.0, help="per bulk transfer")
     ap.add_argument("--repeat", type=int, default=2, help="bulk transfers per mode (best is reported)")
     ap.add_argument("--pings", type=int, default=2000)
     ap.add_argument("--profile", action="store_true", help="py-spy the MPTCP bulk run")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="also run --conns parallel MPTCP transfers through 1 and through this many workers "
+                         "(0: skip)")
+    ap.add_argument("--conns", type=int, default=4, help="parallel connections for the workers comparison")
     ap.add_argument("--keep", help="directory for configs, logs and profiles (default: temp)")
     args = ap.parse_args(argv)
     if args.cmd:
@@ -313,15 +359,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = Path(args.keep or tempfile.mkdtemp(prefix="mproxy-inline-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, dict[str, object]] = {}
     with Lab(rate=None) as lab:
         lab.run(lab.ns_gw, "ip", "link", "add", "sink0", "type", "veth", "peer", "name", "sink1")
         for i in ("sink0", "sink1"):
             lab.run(lab.ns_gw, "sysctl", "-qw", f"net.ipv6.conf.{i}.disable_ipv6=1")
             lab.run(lab.ns_gw, "ip", "link", "set", i, "mtu", "1600", "up")
 
-        def best(mptcp: bool) -> Bulk:
-            runs = [bulk(lab, mptcp, args.seconds) for _ in range(args.repeat)]
+        def best(mptcp: bool, conns: int = 1) -> Bulk:
+            runs = [bulk(lab, mptcp, args.seconds, conns) for _ in range(args.repeat)]
             return max(runs, key=lambda b: b.mbit)
 
         k_mptcp, k_tcp = best(True), best(False)
@@ -341,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         null.send_signal(signal.SIGTERM)
         null_out, _ = null.communicate(timeout=30)
         null_stats = json.loads(null_out.decode().strip().splitlines()[-1])
+        multi: list[tuple[str, Bulk, int]] = []  # (label, result, packets queued)
+        if args.workers:
+            multi.append(("kernel forwarding", best(True, args.conns), 0))
+            for n in sorted({1, args.workers}):
+                with Mproxy(lab, work, f"multi-w{n}", workers=n) as mp:
+                    res = best(True, args.conns)
+                queued = sum(r["queue"]["packets"] for r in mp.all_stats())
+                multi.append((f"mproxy, {n} worker{'s' if n > 1 else ''}", res, queued))
 
     def tp(k: Bulk, m: Bulk) -> str:
         return f"{k.mbit:,.0f} | {m.mbit:,.0f} | {100 * m.mbit / k.mbit:.1f} %"
@@ -377,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
                           ("wait_latency_us", "socket readable -> verdict")):
             lat = s[key]
             print(f"| in mproxy, {label}: {what} | {lat['p50']} | {lat['p90']} | {lat['p99']} | {lat['max']} |")
+    if multi:
+        base = multi[0][1].mbit
+        print(f"\n{args.conns} parallel MPTCP transfers (2 paths each), inspect, sink interface:\n")
+        print("| gateway | Mbit/s (all connections) | of kernel forwarding | packets queued |")
+        print("|---|---|---|---|")
+        for label, b, queued in multi:
+            print(f"| {label} | {b.mbit:,.0f} | {100 * b.mbit / base:.1f} % | {queued:,} |")
     if args.profile:
         prof = work / "bulk-mptcp.pyspy.txt"
         if prof.exists():

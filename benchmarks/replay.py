@@ -257,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     whole = best(replay_argv(cap, work), args.reps)
     conns, joins, join_share = log_summary(work)
     rate = packets / whole.seconds
-    rate_net = packets / max(whole.seconds - startup, 1e-9)
     # the same replay on one core, and without the compiled accelerator (the pure-Python reference)
     variants = [("mproxy replay --no-emit-process (one process)",
                  best([*replay_argv(cap, work), "--no-emit-process"], args.reps)),

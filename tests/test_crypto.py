@@ -199,7 +199,6 @@ def expand32(low: int, near: int) -> int:
 def dss_mappings_verified(name: str) -> tuple[int, int]:
     """Verify every DSS mapping with a checksum in a v0 capture; returns (verified, with checksum)."""
     frames = capture(name)
-    keys: dict[bytes, int] = {}  # sender address+port -> key (MP_CAPABLE SYN / SYN-ACK)
     isn: dict[tuple, int] = {}  # (src, sport, dst, dport) -> subflow ISN
     conn_of: dict[tuple, int] = {}  # subflow direction -> sender's key
     tokens: dict[int, int] = {}  # token -> key
@@ -208,7 +207,6 @@ def dss_mappings_verified(name: str) -> tuple[int, int]:
     pending_join: dict[tuple, int] = {}
     for _, seg, opts in frames:
         d = (seg.src, seg.sport, seg.dst, seg.dport)
-        r = (seg.dst, seg.dport, seg.src, seg.sport)
         if seg.flags & SYN:
             isn[d] = seg.seq
         for o in opts:

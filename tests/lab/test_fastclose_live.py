@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -164,7 +163,7 @@ def test_inspector_blocks_split_attack_and_fastcloses(lab: Any, server: Any, tmp
 
 
 def test_ids_alert_fastcloses_every_subflow(lab: Any, server: Any, tmp_path: Path) -> None:
-    from mproxy.lab.http_attack import NEEDLE, Client, split_attack
+    from mproxy.lab.http_attack import NEEDLE, Client
 
     eve = tmp_path / "eve.json"
     eve.write_text('{"event_type":"stats","stats":{}}\n')

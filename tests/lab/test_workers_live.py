@@ -71,7 +71,8 @@ def test_two_workers_keep_every_subflow_of_a_connection_together(lab: Any, tmp_p
     assert joins >= len(res.connections), "the clients did not open their second subflows"
     # the control steered each MP_CAPABLE SYN in turn and each join by its announced token
     assert scrape[("mproxy_steering_syns_total", (("kind", "capable"),))] == len(res.connections)
-    assert scrape[("mproxy_steering_syns_total", (("kind", "join"),))] == joins
+    # a join SYN the kernel retried or that never became a subflow is steered too
+    assert scrape[("mproxy_steering_syns_total", (("kind", "join"),))] >= joins
     assert scrape[("mproxy_steering_syns_total", (("kind", "join_unknown"),))] == 0
     assert scrape[("mproxy_workers_up", ())] == 2
     per_worker = {w: scrape[("mproxy_connections_opened_total", (("worker", w),))] for w in ("0", "1")}
@@ -153,7 +154,8 @@ def test_joins_to_an_announced_server_address_reach_the_same_worker(tmp_path: Pa
     assert joins >= len(res.connections)
     srv_addrs = {sf[2] for c in res.connections for sf in c.subflows}
     assert len(srv_addrs) >= 2, "no join went to the announced address"
-    assert scrape[("mproxy_steering_syns_total", (("kind", "join"),))] == joins
+    # a join SYN the kernel retried or that never became a subflow is steered too
+    assert scrape[("mproxy_steering_syns_total", (("kind", "join"),))] >= joins
     assert scrape[("mproxy_steering_syns_total", (("kind", "join_unknown"),))] == 0
     conns = mp.connections()
     assert len(conns) == len(res.connections)
