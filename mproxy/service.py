@@ -478,7 +478,7 @@ def _run_service(svc: Any, start_errors: tuple[type[Exception], ...] = ()) -> in
         svc.start()
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             runner.run(svc.serve())
-    except (SinkError, QueueError, netfilter.RulesError, MetricsError, InjectError, *start_errors) as e:
+    except (SinkError, QueueError, netfilter.RulesError, MetricsError, InjectError) + start_errors as e:
         log.error("cannot start: %s", e)
         code = 1
     except SystemExit as e:

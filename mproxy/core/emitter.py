@@ -389,9 +389,8 @@ class TcpEmitter:
                 if k == mss:
                     plan = full_plan
                 else:
-                    plan = _FOLD_PLANS.get(k)
-                    if plan is None:
-                        plan = _fold_plan(k)
+                    known = _FOLD_PLANS.get(k)
+                    plan = known if known is not None else _fold_plan(k)
                 for fk, fm in plan:
                     v = (v & fm) + (v >> fk)
                 v %= 0xFFFF

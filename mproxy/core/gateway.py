@@ -200,10 +200,10 @@ class Gateway:
                 self._leave(seg, Action.ALLOW)
                 return _ACCEPT
             conn = self.tracker.join_target(token, seg.dst)
-            action = self._conn_action.get(conn.id, self.policy.default) if conn is not None else None
+            conn_action = self._conn_action.get(conn.id, self.policy.default) if conn is not None else None
             if not self.policy.is_trusted(seg.src) and self.policy.untrusted_join == UntrustedJoin.REFUSE:
                 return self._refuse_join(seg, conn, "join from an untrusted address")
-            if action == Action.BLOCK_JOINS:
+            if conn_action == Action.BLOCK_JOINS:
                 return self._refuse_join(seg, conn, "joins blocked by policy")
             if conn is None and self._verifying():
                 return self._refuse_join(seg, None, f"unknown token 0x{token:08x}")

@@ -193,14 +193,14 @@ class Inspector:
                         continue
                 region = _span(tail, data, start, stop)
                 new_from = lt - start
-                found = None
+                hit = None
                 for m in r.pcre.regex.finditer(region):
                     if m.end() > new_from:
-                        found = m
+                        hit = m
                         break
-                if found is None:
+                if hit is None:
                     continue
-                end_off = base + start + found.end()
+                end_off = base + start + hit.end()
             else:
                 end_off = max(st.seen[ri])
             st.fired.add(ri)

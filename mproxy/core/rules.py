@@ -309,7 +309,9 @@ def _expand(text: str, variables: dict[str, str], depth: int = 0) -> str:
 
 def _split_list(text: str) -> list[str]:
     """Top-level comma split of ``a, [b, c], !d``."""
-    items, depth, cur = [], 0, []
+    items: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "[":
             depth += 1

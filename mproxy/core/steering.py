@@ -144,10 +144,10 @@ class Steering:
                     return w
                 if sub == Subtype.MP_JOIN and olen == 12:
                     token = int.from_bytes(opts[i + 4 : i + 8], "big")
-                    w = self.tokens.get(token)
-                    if w is not None:
+                    owner = self.tokens.get(token)
+                    if owner is not None:
                         self.last_kind = SteerKind.JOIN
-                        return w
+                        return owner
                     if not final:
                         return None
                     self.last_kind = SteerKind.JOIN_UNKNOWN

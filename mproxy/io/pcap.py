@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from struct import Struct, error as StructError
-from typing import BinaryIO, Iterator
+from typing import IO, BinaryIO, Iterator
 
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
@@ -282,7 +282,7 @@ class PcapWriter:
 
     _rec = Struct("<IIII")
 
-    def __init__(self, f: BinaryIO, linktype: int = 1, snaplen: int = 262144) -> None:
+    def __init__(self, f: IO[bytes], linktype: int = 1, snaplen: int = 262144) -> None:
         self._f = f
         f.write(Struct("<IHHiIII").pack(PCAP_MAGIC_US, 2, 4, 0, 0, snaplen, linktype))
 

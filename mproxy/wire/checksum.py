@@ -13,7 +13,7 @@ from struct import Struct
 _U16 = Struct("!H")
 
 
-def ones_sum(data: bytes | memoryview, initial: int = 0) -> int:
+def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     """One's-complement 16-bit sum of ``data`` (odd length padded with zero)."""
     n = len(data)
     v = int.from_bytes(data, "big")
@@ -35,12 +35,12 @@ def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
     return ones_sum(src + dst, proto + (length & 0xFFFF) + (length >> 16))
 
 
-def tcp_checksum(src: bytes, dst: bytes, tcp: bytes | memoryview) -> int:
+def tcp_checksum(src: bytes, dst: bytes, tcp: bytes | bytearray | memoryview) -> int:
     """TCP checksum of a segment whose checksum field is zero (or to verify: 0 = ok)."""
     return finish(ones_sum(tcp, pseudo_header_sum(src, dst, 6, len(tcp))))
 
 
-def ipv4_header_checksum(hdr: bytes | memoryview) -> int:
+def ipv4_header_checksum(hdr: bytes | bytearray | memoryview) -> int:
     return finish(ones_sum(hdr))
 
 

@@ -149,9 +149,9 @@ def _join(raw: bytes, n: int, nib: int, tf: int) -> str | None:
     if n == 12:
         out += f" token 0x{opt.token:x} nonce 0x{opt.nonce:x}"
     elif n == 16:
-        out += f" hmac 0x{int.from_bytes(opt.hmac, 'big'):x} nonce 0x{opt.nonce:x}"
+        out += f" hmac 0x{int.from_bytes(opt.hmac or b'', 'big'):x} nonce 0x{opt.nonce:x}"
     else:
-        out += f" hmac 0x{opt.hmac.hex()}"
+        out += f" hmac 0x{(opt.hmac or b'').hex()}"
     return out
 
 
