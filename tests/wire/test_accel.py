@@ -21,7 +21,7 @@ try:
 except ImportError:  # not built (no compiler): the pure code runs, and is what the rest of the suite tests
     _accel = None
 
-needs_accel = pytest.mark.skipif(_accel is None or not packet.ACCELERATED, reason="accelerator not built")
+needs_accel = pytest.mark.skipif(_accel is None or not packet.ACCELERATED, reason="accelerator not built (or MPROXY_NO_ACCEL)")
 ROOT = Path(__file__).resolve().parents[2]
 
 
