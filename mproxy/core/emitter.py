@@ -20,11 +20,11 @@ Sans-I/O: bytes and timestamps in, ``(ts, frame)`` lists out.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from struct import Struct
 
+from mproxy.compiled import accelerator
 from mproxy.wire.packet import ACK, FIN, PSH, RST, SYN
 from mproxy.wire.rewrite import split_tcp
 
@@ -79,14 +79,8 @@ def _fold_plan(n: int) -> tuple[tuple[int, int], ...]:
 
 
 def _accelerated() -> Callable[..., tuple[int, int, int]] | None:
-    """The compiled segment loop (``mproxy/_accel.c``), unless not built or MPROXY_NO_ACCEL is set."""
-    if os.environ.get("MPROXY_NO_ACCEL"):
-        return None
-    try:
-        from .. import _accel  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return getattr(_accel, "emit_data", None)
+    """The compiled segment loop (``mproxy/_accel.c``), if :func:`~mproxy.compiled.accelerator` has it."""
+    return getattr(accelerator(), "emit_data", None)
 
 
 _emit_data = _accelerated()  # None: data_runs' own loop, the reference

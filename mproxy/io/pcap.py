@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from struct import Struct, error as StructError
 from typing import IO, BinaryIO, Iterator
 
+from ..compiled import accelerator
+
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
 PCAPNG_SHB = 0x0A0D0D0A
@@ -223,14 +225,13 @@ class CaptureReader:
 
 
 def _accelerated() -> Callable[..., tuple[list[Frame], int, int]] | None:
-    """The compiled record slicer (``mproxy/_accel.c``), unless not built or MPROXY_NO_ACCEL is set."""
-    if os.environ.get("MPROXY_NO_ACCEL"):
+    """The compiled record slicer (``mproxy/_accel.c``), if :func:`~mproxy.compiled.accelerator` has it."""
+    _accel = accelerator()
+    if _accel is None:
         return None
     try:
-        from .. import _accel  # type: ignore[attr-defined]
-
         _accel.init_frame(Frame, tuple(f.name for f in fields(Frame)))
-    except (ImportError, AttributeError, TypeError):
+    except (AttributeError, TypeError):
         return None
     return _accel.pcap_records  # type: ignore[no-any-return]
 

@@ -7,13 +7,13 @@ fields point into the caller's buffer. Anything that is not TCP returns
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from struct import Struct
 
+from ..compiled import accelerator
 from .errors import ErrorKind, WireError
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
@@ -258,11 +258,8 @@ def parse_frame_pure(linktype: int, frame: memoryview | bytes, ts: float = 0.0) 
 def _accelerated() -> Callable[[int, memoryview | bytes, float], TcpSegment | WireError | None] | None:
     """The compiled parse_frame, unless it is not built, does not fit this TcpSegment, or
     MPROXY_NO_ACCEL is set (the pure code then runs; the test suite runs both)."""
-    if os.environ.get("MPROXY_NO_ACCEL"):
-        return None
-    try:
-        from .. import _accel  # type: ignore[attr-defined]
-    except ImportError:
+    _accel = accelerator()
+    if _accel is None:
         return None
     try:
         _accel.init(TcpSegment, tuple(f.name for f in fields(TcpSegment)), parse_frame_pure)
