@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.policy import Action, Policy, Rule, UntrustedJoin
+from .core.marks import mask_capacity
 from .core.tracker import TrackerConfig
 
 
@@ -301,13 +302,14 @@ def _check(cfg: Config) -> None:
     if not 0 < cfg.rules.connmark <= 0xFFFFFFFF:
         raise ConfigError("[rules] connmark: must be a non-zero 32-bit mask")
     wm = cfg.rules.worker_mask
-    if not 0 < wm <= 0xFFFFFFFF or wm & (wm + (wm & -wm)):
+    capacity = mask_capacity(wm) if wm <= 0xFFFFFFFF else 0
+    if not capacity:
         raise ConfigError(f"[rules] worker_mask: 0x{wm:x} must be one run of set bits within 32 bits")
     if wm & cfg.rules.connmark:
         raise ConfigError(f"[rules] worker_mask: 0x{wm:x} overlaps [rules] connmark 0x{cfg.rules.connmark:x}")
-    if q.workers > wm // (wm & -wm):
+    if q.workers > capacity:
         raise ConfigError(f"[queue] workers: {q.workers} do not fit in [rules] worker_mask 0x{wm:x} "
-                          f"(at most {wm // (wm & -wm)})")
+                          f"(at most {capacity})")
     if not cfg.rules.chain or len(cfg.rules.chain) > 28 or not cfg.rules.chain.replace("_", "").replace(
             "-", "").isalnum():
         raise ConfigError(f"[rules] chain: {cfg.rules.chain!r} is not a usable chain name")

@@ -28,10 +28,11 @@ from enum import Enum
 
 from ..wire.errors import WireError
 from ..wire.mptcp import Subtype
-from ..wire.packet import SYN, TcpSegment, parse_ip
+from ..wire.packet import SYN, TcpSegment, mptcp_spans, parse_ip
 from .gateway import Decision, Verdict
+from .marks import mask_capacity, mask_shift, worker_bits
 
-__all__ = ["Steering", "SteeringStats", "SteerKind", "worker_bits", "mask_shift"]
+__all__ = ["Steering", "SteeringStats", "SteerKind", "worker_bits", "mask_shift", "mask_capacity"]
 
 
 class SteerKind(str, Enum):
@@ -58,25 +59,16 @@ class SteeringStats:
         return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
 
 
-def mask_shift(mask: int) -> int:
-    """Position of the lowest set bit of a (non-zero) mark mask."""
-    return (mask & -mask).bit_length() - 1
-
-
-def worker_bits(worker: int, mask: int) -> int:
-    """The mark value naming ``worker`` (0-based) inside ``mask``; 0 means "no worker yet"."""
-    return (worker + 1) << mask_shift(mask)
-
-
 class Steering:
     """Token -> worker table and the per-SYN choice (see the module docstring)."""
 
     __slots__ = ("workers", "mask", "max_tokens", "tokens", "stats", "_next", "last_kind")
 
     def __init__(self, workers: int, mask: int, max_tokens: int = 1 << 20) -> None:
-        if mask <= 0 or mask & (mask + (mask & -mask)):
+        capacity = mask_capacity(mask)
+        if not capacity:
             raise ValueError(f"mark mask 0x{mask:x} is not one run of set bits")
-        if not 1 <= workers <= mask >> mask_shift(mask):
+        if not 1 <= workers <= capacity:
             raise ValueError(f"{workers} workers do not fit in mark mask 0x{mask:x}")
         self.workers = workers
         self.mask = mask
@@ -123,27 +115,20 @@ class Steering:
         if not seg.flags & SYN:
             self.last_kind = SteerKind.OTHER
             return self._hash(seg)
-        opts = seg.options
-        i, n = 0, len(opts)
-        while i < n:
-            kind = opts[i]
-            if kind == 0:
-                break
-            if kind == 1:
-                i += 1
-                continue
-            if i + 1 >= n or opts[i + 1] < 2 or i + opts[i + 1] > n:
-                break
-            olen = opts[i + 1]
-            if kind == 30 and olen >= 3:
-                sub = opts[i + 2] >> 4
+        spans = mptcp_spans(seg)  # the tracker's own option walk: an option list it refuses is "other" here
+        if isinstance(spans, list):
+            raw = seg.ip
+            for off, olen in spans:
+                if olen < 3:
+                    continue
+                sub = raw[off + 2] >> 4
                 if sub == Subtype.MP_CAPABLE:
                     self.last_kind = SteerKind.CAPABLE
                     w = self._next
                     self._next = (w + 1) % self.workers
                     return w
                 if sub == Subtype.MP_JOIN and olen == 12:
-                    token = int.from_bytes(opts[i + 4 : i + 8], "big")
+                    token = int.from_bytes(raw[off + 4 : off + 8], "big")
                     owner = self.tokens.get(token)
                     if owner is not None:
                         self.last_kind = SteerKind.JOIN
@@ -152,7 +137,6 @@ class Steering:
                         return None
                     self.last_kind = SteerKind.JOIN_UNKNOWN
                     return self._hash(seg)
-            i += olen
         self.last_kind = SteerKind.OTHER
         return self._hash(seg)
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import Config, ConfigError
+from ..core.marks import worker_bits
 
 __all__ = ["Command", "RulesError", "Rules", "validate", "install_commands", "delete_commands", "render"]
 
@@ -105,9 +106,8 @@ def _chain_rules(cfg: Config) -> list[list[str]]:
         [*steered, "-j", "CONNMARK", "--set-xmark", mark],  # the "MPTCP" bits, as with one worker
         [*steered, "-j", "MARK", "--set-xmark", none],  # the worker bits do not leave the chain
     ]
-    shift = (wm & -wm).bit_length() - 1
     for w in range(q.workers):
-        rules.append(["-m", "connmark", "--mark", f"0x{(w + 1) << shift:x}/0x{wm:x}", "-j", "NFQUEUE",
+        rules.append(["-m", "connmark", "--mark", f"0x{worker_bits(w, wm):x}/0x{wm:x}", "-j", "NFQUEUE",
                       "--queue-num", str(q.num + 1 + w), *bypass])
     return rules
 

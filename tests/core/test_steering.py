@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mproxy import crypto
 from mproxy.core.gateway import Verdict
+from mproxy.core.marks import mask_capacity
 from mproxy.core.steering import Steering, SteerKind, mask_shift, worker_bits
 from mproxy.core.tracker import Tracker
 from mproxy.wire.build import build_tcp
@@ -32,6 +33,9 @@ def test_worker_bits_sit_under_the_mask_and_zero_means_none() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         Steering(4, 0x3 << 8)  # values 1..3 only
     Steering(3, 0x3 << 8)
+    # the same arithmetic the config check uses
+    assert mask_capacity(MASK) == 255 and mask_capacity(0x3 << 8) == 3
+    assert mask_capacity(0x10100) == mask_capacity(0) == mask_capacity(-1) == 0
 
 
 def test_capable_syns_go_round_robin_and_joins_follow_their_token() -> None:
