@@ -131,6 +131,13 @@ class Controller:
         self.queue.open()
         self.rules = install_rules(c, self.queue)
 
+    def queue_of(self, w: _Worker) -> int:
+        return self.cfg.queue.num + 1 + w.index  # worker_config's queue
+
+    def workers_up(self) -> int:
+        """Workers running with their queue bound."""
+        return sum(1 for w in self.workers if w.channel is not None and w.ready)
+
     def _spawn(self, w: _Worker) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (mine, theirs):
@@ -153,12 +160,12 @@ class Controller:
         while not w.ready:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise WorkerError(f"worker {w.index} (queue {self.cfg.queue.num + 1 + w.index}) did not get ready "
+                raise WorkerError(f"worker {w.index} (queue {self.queue_of(w)}) did not get ready "
                                   f"within {READY_TIMEOUT:.0f} s")
             if select.select([w.channel], [], [], min(left, 0.2))[0]:
                 if not self._read_channel(w):
                     code = w.proc.wait(timeout=5)
-                    raise WorkerError(f"worker {w.index} (queue {self.cfg.queue.num + 1 + w.index}) exited with "
+                    raise WorkerError(f"worker {w.index} (queue {self.queue_of(w)}) exited with "
                                       f"code {code} while starting (its log above says why)")
 
     def stop(self) -> None:
@@ -254,7 +261,7 @@ class Controller:
         w.backoff = min(RESTART_BACKOFF[1], w.backoff * 2) if young and w.restarts else RESTART_BACKOFF[0]
         w.restart_at = time.monotonic() + w.backoff
         log.error("worker %d (queue %d) exited with code %s; %d tokens forgotten; its queue is %s until it is "
-                  "restarted in %.0f s", w.index, self.cfg.queue.num + 1 + w.index, code, forgot,
+                  "restarted in %.0f s", w.index, self.queue_of(w), code, forgot,
                   "passed (fail open)" if self.cfg.queue.fail == "open" else "dropped (fail closed)", w.backoff)
 
     def _restart_due(self) -> None:
@@ -357,7 +364,7 @@ class Controller:
         return {"steering": self.steering.stats.as_dict(), "tokens": len(self.steering.tokens),
                 "control": dataclasses.asdict(self.stats), "queue": q.stats.as_dict() if q else None,
                 "kernel_queue": kernel_queue_state(self.cfg.queue.num),
-                "workers_up": sum(1 for w in self.workers if w.channel is not None and w.ready)}
+                "workers_up": self.workers_up()}
 
 
 def _control_registry(ctl: Controller) -> Any:
@@ -381,7 +388,7 @@ def _control_registry(ctl: Controller) -> Any:
                                     "table", value=len(ctl.steering.tokens))
             yield GaugeMetricFamily("mproxy_workers", "Worker processes configured", value=len(ctl.workers))
             yield GaugeMetricFamily("mproxy_workers_up", "Worker processes running with their queue bound",
-                                    value=sum(1 for w in ctl.workers if w.channel is not None and w.ready))
+                                    value=ctl.workers_up())
             yield CounterMetricFamily("mproxy_worker_restarts", "Workers restarted after they ended",
                                       value=ctl.stats.worker_restarts)
             q = ctl.queue.stats if ctl.queue is not None else None

@@ -278,6 +278,15 @@ def read_captures(paths: list[str], readers: list[CaptureReader] | None = None) 
         yield fr
 
 
+def _sec_usec(ts: float) -> tuple[int, int]:
+    """A record's timestamp: whole seconds and rounded microseconds (never 1,000,000)."""
+    sec = int(ts)
+    usec = int(round((ts - sec) * 1e6))
+    if usec >= 1_000_000:
+        sec, usec = sec + 1, usec - 1_000_000
+    return sec, usec
+
+
 class PcapWriter:
     """Writes classic pcap (µs) records; Ethernet by default (what IDS readers want)."""
 
@@ -288,10 +297,7 @@ class PcapWriter:
         f.write(Struct("<IHHiIII").pack(PCAP_MAGIC_US, 2, 4, 0, 0, snaplen, linktype))
 
     def write(self, ts: float, frame: bytes) -> None:
-        sec = int(ts)
-        usec = int(round((ts - sec) * 1e6))
-        if usec >= 1_000_000:
-            sec, usec = sec + 1, usec - 1_000_000
+        sec, usec = _sec_usec(ts)
         self._f.write(self._rec.pack(sec, usec, len(frame), len(frame)) + frame)
 
     def write_frames(self, frames: list[tuple[float, bytes]]) -> None:
@@ -305,10 +311,7 @@ class PcapWriter:
         for ts, frame in frames:
             if ts != last:
                 last = ts
-                sec = int(ts)
-                usec = int(round((ts - sec) * 1e6))
-                if usec >= 1_000_000:
-                    sec, usec = sec + 1, usec - 1_000_000
+                sec, usec = _sec_usec(ts)
             n = len(frame)
             append(pack(sec, usec, n, n))
             append(frame)

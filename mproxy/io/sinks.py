@@ -319,16 +319,16 @@ class EventLog:
     def flush(self) -> None:
         if not self._pending:
             return
-        data = "".join(self._pending).encode()
+        text = "".join(self._pending)
         self._pending, self._size = [], 0
         try:
             if self._stdout:
-                sys.stdout.write(data.decode())
+                sys.stdout.write(text)
                 sys.stdout.flush()
                 return
             if self._fd < 0:
                 return
-            view = memoryview(data)
+            view = memoryview(text.encode())
             while view:  # a regular file takes it all in one write unless the disk is full
                 view = view[os.write(self._fd, view):]
         except (OSError, ValueError) as e:

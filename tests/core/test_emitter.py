@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -522,11 +523,8 @@ def test_compiled_segment_loop_equals_the_python_loop(ipver: int, isns: tuple[in
         return fr + e.close(99.0)
 
     compiled = run()
-    saved, emitter_module._emit_data = emitter_module._emit_data, None
-    try:
+    with mock.patch.object(emitter_module, "_emit_data", None):
         reference = run()
-    finally:
-        emitter_module._emit_data = saved
     assert compiled == reference
     for _, f in compiled[:40]:
         check_frame(f, ipver, slow=True)

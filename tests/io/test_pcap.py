@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -324,11 +325,8 @@ def _read_both(path: str) -> tuple[object, object]:
         return frames, r.problems, r.position
 
     got = one()
-    saved, pcap_module._pcap_records = pcap_module._pcap_records, None
-    try:
+    with mock.patch.object(pcap_module, "_pcap_records", None):
         want = one()
-    finally:
-        pcap_module._pcap_records = saved
     return got, want
 
 
