@@ -316,12 +316,18 @@ def kernel_queue_state(queue_num: int) -> dict[str, int] | None:
         text = Path("/proc/net/netfilter/nfnetlink_queue").read_text()
     except OSError:
         return None
+    return queue_table(text).get(queue_num)
+
+
+def queue_table(text: str) -> dict[int, dict[str, int]]:
+    """``/proc/net/netfilter/nfnetlink_queue`` read (this namespace's, or one a test ``cat``-ed): queue -> counters."""
+    out = {}
     for line in text.splitlines():
         f = line.split()
-        if len(f) >= 8 and f[0] == str(queue_num):
-            return {"portid": int(f[1]), "waiting": int(f[2]), "dropped": int(f[5]),
-                    "user_dropped": int(f[6]), "id_sequence": int(f[7])}
-    return None
+        if len(f) >= 8 and f[0].isdigit():
+            out[int(f[0])] = {"portid": int(f[1]), "waiting": int(f[2]), "dropped": int(f[5]),
+                              "user_dropped": int(f[6]), "id_sequence": int(f[7])}
+    return out
 
 
 def oversize_interfaces(names: list[str] | None = None) -> list[tuple[str, int]]:

@@ -30,6 +30,7 @@ from mproxy.io.nfqueue import (
     config_message,
     packet_message,
     parse_packet,
+    queue_table,
     verdict_message,
 )
 from mproxy.wire.build import build_tcp
@@ -325,3 +326,13 @@ def test_latency_summary() -> None:
         lat.add(i * 1000)
     s = lat.summary()
     assert s["count"] == 1000 and s["max"] == 1000.0 and 900 <= s["p50"] <= 1000  # ring keeps the last 100
+
+
+def test_queue_table_reads_the_kernels_counters() -> None:
+    # /proc/net/netfilter/nfnetlink_queue: queue portid waiting copy_mode copy_range dropped user_dropped id_seq 1
+    text = "    0  41235     3 2 65535     0     0     1207  1\n    7  41236     0 2 65535    12     1       99  1\n\n"
+    assert queue_table(text) == {
+        0: {"portid": 41235, "waiting": 3, "dropped": 0, "user_dropped": 0, "id_sequence": 1207},
+        7: {"portid": 41236, "waiting": 0, "dropped": 12, "user_dropped": 1, "id_sequence": 99},
+    }
+    assert queue_table("") == {} and queue_table("garbage line\n") == {}

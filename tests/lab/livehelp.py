@@ -183,13 +183,15 @@ def rules_left(lab: Any) -> str:
     return "".join(lab.run(lab.ns_gw, t, "-w", "-t", "mangle", "-S").stdout for t in ("iptables", "ip6tables"))
 
 
+def kernel_queues(lab: Any) -> dict[int, dict[str, int]]:
+    """The gateway namespace's NFQUEUE counters, by queue number."""
+    from mproxy.io.nfqueue import queue_table
+
+    return queue_table(lab.run(lab.ns_gw, "cat", "/proc/net/netfilter/nfnetlink_queue").stdout)
+
+
 def kernel_queue(lab: Any) -> dict[str, int] | None:
-    text = lab.run(lab.ns_gw, "cat", "/proc/net/netfilter/nfnetlink_queue").stdout
-    for line in text.splitlines():
-        f = line.split()
-        if f and f[0] == str(QUEUE):
-            return {"waiting": int(f[2]), "dropped": int(f[5]), "user_dropped": int(f[6])}
-    return None
+    return kernel_queues(lab).get(QUEUE)
 
 
 def counter(lab: Any, spec: list[str]) -> int:

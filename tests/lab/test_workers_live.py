@@ -26,7 +26,7 @@ from mproxy.lab.topology import lab_available  # noqa: E402
 LAB_REASON = lab_available()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
 
-from tests.lab.livehelp import IDS_IF, QUEUE, Mproxy, open_lab, rules_left, sha, transfer  # noqa: E402
+from tests.lab.livehelp import IDS_IF, QUEUE, Mproxy, kernel_queues, open_lab, rules_left, sha, transfer  # noqa: E402
 
 METRICS = "127.0.0.1:9466"
 
@@ -34,16 +34,6 @@ METRICS = "127.0.0.1:9466"
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Any]:
     yield from open_lab(rate="30mbit")
-
-
-def queue_state(lab: Any) -> dict[int, dict[str, int]]:
-    text = lab.run(lab.ns_gw, "cat", "/proc/net/netfilter/nfnetlink_queue").stdout
-    out = {}
-    for line in text.splitlines():
-        f = line.split()
-        if len(f) >= 8:
-            out[int(f[0])] = {"waiting": int(f[2]), "dropped": int(f[5]), "id_sequence": int(f[7])}
-    return out
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -57,7 +47,7 @@ def test_two_workers_keep_every_subflow_of_a_connection_together(lab: Any, tmp_p
         try:
             res = transfer(lab, tmp_path, "workers", connections=6, c2s_bytes=400_000, s2c_bytes=300_000,
                            family=family)
-            queues = queue_state(lab)
+            queues = kernel_queues(lab)
             scrape = mp.scrape()
         finally:
             assert mp.stop() == 0, mp.err
