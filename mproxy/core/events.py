@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
 from enum import Enum, IntEnum
+from typing import final
 
 
 class Direction(IntEnum):
@@ -78,6 +79,7 @@ class SubflowRefused:
     ts: float
 
 
+@final  # Pipeline.handle dispatches on its exact type
 @dataclass(frozen=True, slots=True)
 class DataReleased:
     conn_id: int
