@@ -75,7 +75,7 @@ def test_two_workers_keep_every_subflow_of_a_connection_together(lab: Any, tmp_p
     by_port = {c.four_tuple[1]: c for c in res.connections}
     for rec in conns:
         app = by_port[rec["client_port"]]
-        assert len(rec["subflows"]) == len(app.subflows), rec
+        _same_subflows(rec, app)
         assert not rec.get("picked_up"), rec
         assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (app.c2s_sent_bytes, app.c2s_sent_sha256)
         assert (rec["s2c"]["bytes"], rec["s2c"]["sha256"]) == (app.s2c_sent_bytes, app.s2c_sent_sha256)
@@ -125,6 +125,18 @@ def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(lab: Any, tmp_pa
     assert rules_left(lab).count("MPROXY") == 0
 
 
+def _same_subflows(rec: dict[str, Any], app: Any) -> None:
+    """Every subflow the client's kernel still lists at the end is in the connection's one record.
+
+    The kernel's list is a snapshot taken after the transfer: a join it opened and closed again
+    (seen once in CI: 12 subflows on the wire, 11 listed) is gone from it but was on the wire, so
+    mproxy rightly records it too — extras are allowed, missing ones are not.
+    """
+    seen = {(sf["src"], sf["sport"], sf["dst"], sf["dport"]) for sf in rec["subflows"]}
+    listed = {tuple(sf) for sf in app.subflows}
+    assert listed and listed <= seen, (listed - seen, rec)
+
+
 def test_joins_to_an_announced_server_address_reach_the_same_worker(tmp_path: Path) -> None:
     """The server announces a second address (ADD_ADDR) and the clients join to it: a 4-tuple hash
     (``--queue-balance``) could not know these subflows belong together; the token does."""
@@ -149,10 +161,10 @@ def test_joins_to_an_announced_server_address_reach_the_same_worker(tmp_path: Pa
     assert scrape[("mproxy_steering_syns_total", (("kind", "join_unknown"),))] == 0
     conns = mp.connections()
     assert len(conns) == len(res.connections)
-    assert sum(len(r["subflows"]) for r in conns) == sum(len(c.subflows) for c in res.connections)
     by_port = {c.four_tuple[1]: c for c in res.connections}
     for rec in conns:
         app = by_port[rec["client_port"]]
+        _same_subflows(rec, app)
         assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (app.c2s_sent_bytes, app.c2s_sent_sha256)
         assert (rec["s2c"]["bytes"], rec["s2c"]["sha256"]) == (app.s2c_sent_bytes, app.s2c_sent_sha256)
 
