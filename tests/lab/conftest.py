@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:  # `tests.oracles` importable however pytest is launched
-    sys.path.insert(0, str(_ROOT))
-
-from mproxy.lab import lab_available  # noqa: E402
-from mproxy.lab.scenarios import SCENARIOS, ScenarioResult  # noqa: E402
+from mproxy.lab import lab_available
+from mproxy.lab.scenarios import SCENARIOS, ScenarioResult
 
 LAB_REASON = lab_available()
 

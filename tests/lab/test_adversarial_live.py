@@ -18,15 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from mproxy.lab.topology import lab_available
+from tests.lab.livehelp import Mproxy, env, open_lab, sha, transfer
+
 _ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-import pytest  # noqa: E402
-
-from mproxy.lab.topology import lab_available  # noqa: E402
-from tests.lab.livehelp import Mproxy, env, open_lab, sha, transfer  # noqa: E402
-
 LAB_REASON = lab_available()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
 

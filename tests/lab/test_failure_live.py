@@ -11,20 +11,15 @@ down, and MPTCP recovers after the restart; queue overflow shows in mproxy's met
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+import pytest
 
-import pytest  # noqa: E402
-
-from mproxy.lab.topology import lab_available  # noqa: E402
-from tests.lab.livehelp import Mproxy, counter, open_lab, plain_transfer, rules_left, sha, transfer  # noqa: E402
+from mproxy.lab.topology import lab_available
+from tests.lab.livehelp import Mproxy, counter, open_lab, plain_transfer, rules_left, sha, transfer
 
 LAB_REASON = lab_available()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
