@@ -224,7 +224,6 @@ def test_link_flap_and_loss_knobs(tmp_path: Path) -> None:
     with Lab() as lb:
         lb.link(1, up=False)
         lb.link(1, up=True)
-        lb.shape(1, lb.rate)  # the flap's restore re-applies addresses and routes; shaping made explicit
         lb.loss(0, 0.5)
         rules = lb.run(lb.ns_gw, "iptables", "-S", "FORWARD").stdout
         assert rules.count("statistic") == 2
