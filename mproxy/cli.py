@@ -38,6 +38,16 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .replay import CaptureError, EmitProcessError, open_output, replay, summary_lines
 
+    tracker, log_keys = None, False
+    if args.config:
+        from .config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            print(f"mproxy replay: config error: {e}", file=sys.stderr)
+            return 2
+        tracker, log_keys = cfg.tracker, cfg.log.log_keys
     try:
         out = open_output(args.out)
     except OSError as e:
@@ -51,8 +61,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(f"mproxy replay: cannot write {args.log}: {e.strerror or e}", file=sys.stderr)
         return 2
     try:
-        res = replay(args.inputs, out, log, progress=sys.stderr.isatty() and not args.quiet,
-                     emit_process=args.emit_process)
+        res = replay(args.inputs, out, log, tracker, progress=sys.stderr.isatty() and not args.quiet,
+                     log_keys=log_keys, emit_process=args.emit_process)
         out.close()
     except CaptureError as e:
         print(f"mproxy replay: {e}", file=sys.stderr)
@@ -158,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
     r.add_argument("--emit-process", action=argparse.BooleanOptionalAction, default=None,
                    help="emit and write the pcap in a second process (default: when 2+ CPUs are available)")
+    r.add_argument("-c", "--config", metavar="FILE",
+                   help="take the [tracker] limits and [log] log_keys from this configuration")
     r.set_defaults(func=_cmd_replay)
 
     g = sub.add_parser("run", help="run the inline gateway on NFQUEUE until SIGINT/SIGTERM")

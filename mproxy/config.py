@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .core.policy import Action, Policy, Rule, UntrustedJoin
+from .core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
 from .core.marks import mask_capacity
 from .core.tracker import TrackerConfig
 
@@ -205,7 +205,7 @@ def _action(value: Any, name: str) -> Action:
 def _policy(table: Any) -> Policy:
     if not isinstance(table, dict):
         raise ConfigError("[policy] must be a table")
-    allowed = {"default", "trusted_networks", "untrusted_join", "rule"}
+    allowed = {"default", "trusted_networks", "untrusted_join", "on_memcap", "rule"}
     for key in table:
         if key not in allowed:
             raise ConfigError(f"[policy] unknown key {key!r} (known: {', '.join(sorted(allowed))})")
@@ -216,6 +216,10 @@ def _policy(table: Any) -> Policy:
         untrusted = UntrustedJoin(table.get("untrusted_join", "refuse"))
     except ValueError:
         raise ConfigError("[policy] untrusted_join: expected \"refuse\" or \"downgrade\"") from None
+    try:
+        on_memcap = OnMemcap(table.get("on_memcap", "drop"))
+    except (ValueError, TypeError):
+        raise ConfigError("[policy] on_memcap: expected \"drop\" or \"pass\"") from None
     rules = []
     raw_rules = table.get("rule", [])
     if not isinstance(raw_rules, list):
@@ -236,7 +240,7 @@ def _policy(table: Any) -> Policy:
             ports=_ports(r.get("ports"), f"{where} ports"),
             name=str(r.get("name", f"rule{i}")),
         ))
-    return Policy(tuple(rules), default, trusted, untrusted)
+    return Policy(tuple(rules), default, trusted, untrusted, on_memcap)
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
@@ -322,6 +326,8 @@ def _check(cfg: Config) -> None:
     t = cfg.tracker
     if t.max_connections < 1 or t.max_subflows < 1 or t.max_subflows_per_connection < 1:
         raise ConfigError("[tracker] limits must be at least 1")
+    if t.memcap < 65536:
+        raise ConfigError(f"[tracker] memcap: at least 65536 bytes, got {t.memcap}")
     if cfg.sink.pcap_rotate_mb < 1 or cfg.sink.pcap_keep < 1:
         raise ConfigError("[sink] pcap_rotate_mb and pcap_keep must be at least 1")
     if cfg.inspector.mode not in ("auto", "on", "off"):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mproxy.config import ConfigError, load_config, parse_config
-from mproxy.core.policy import Action
+from mproxy.core.policy import Action, OnMemcap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     cfg = load_config(str(ROOT / "config" / "mproxy.toml"))
     assert cfg.queue.fail == "open" and cfg.policy.default == Action.INSPECT
+    assert cfg.policy.on_memcap == OnMemcap.DROP and cfg.tracker.memcap == 256 * 1024 * 1024
+    assert "\non_memcap = " in (ROOT / "config" / "mproxy.toml").read_text()
+    assert parse_config("[policy]\non_memcap = 'pass'").policy.on_memcap == OnMemcap.PASS
     text = (ROOT / "config" / "mproxy.toml").read_text()
     from dataclasses import fields
 
@@ -41,6 +44,9 @@ def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     ("[queue]\nnum = 65535\nworkers = 2", "[queue] num/workers"),
     ("[rules]\nworker_mask = 0x10100", "[rules] worker_mask: 0x10100 must be one run"),
     ("[rules]\nworker_mask = 0x4000", "overlaps [rules] connmark"),
+    ("[tracker]\nmemcap = 1000", "[tracker] memcap: at least 65536"),
+    ("[policy]\non_memcap = 'ignore'", "[policy] on_memcap"),
+    ("[policy]\non_memcap = ['drop']", "[policy] on_memcap"),
 ])
 def test_bad_config_names_the_key(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:

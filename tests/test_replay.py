@@ -122,3 +122,29 @@ def test_truncated_capture_is_reported_not_fatal(tmp_path: Path, capsys: pytest.
     cut.write_bytes(data[: len(data) - 100])
     assert main(["replay", str(cut), "--out", str(tmp_path / "o.pcap")]) == 0
     assert "truncated" in capsys.readouterr().err
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "mproxy" / "samples" / "split-attack.pcap"
+
+
+def test_replay_takes_tracker_limits_and_log_keys_from_a_config(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``replay -c FILE``: the [tracker] table (limits, gap_grace for merged sensors, memcap) and
+    [log] log_keys of the gateway's configuration apply offline too."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text("[tracker]\nmemcap = 70000\n[log]\nlog_keys = true\n")
+    runs = {}
+    for tag, extra in (("default", []), ("config", ["-c", str(cfg)])):
+        out, log, met = (tmp_path / f"{tag}.{x}" for x in ("pcap", "jsonl", "prom"))
+        assert main(["replay", str(SAMPLE), "--out", str(out), "--log", str(log), "--metrics", str(met), "-q",
+                     *extra]) == 0
+        (rec,) = [json.loads(x) for x in log.read_text().splitlines() if '"mptcp_connection"' in x]
+        runs[tag] = (rec, met.read_text(), out.read_bytes())
+    (d, dm, dout), (c, cm, cout) = runs["default"], runs["config"]
+    assert "client_key" not in d and isinstance(c["client_key"], int)
+    assert "mproxy_buffer_limit_bytes 2.68435456e+08" in dm and "mproxy_buffer_limit_bytes 70000.0" in cm
+    assert dout == cout and d["c2s"] == c["c2s"]
+    cfg.write_text("[tracker]\nmemcap = 10\n")
+    assert main(["replay", str(SAMPLE), "--out", str(tmp_path / "x.pcap"), "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "config error: [tracker] memcap" in err and "Traceback" not in err

@@ -23,7 +23,7 @@ from .emitter import passthrough_frames
 from .events import Event, Notice, NoticeType
 from .inspector import Inspector
 from .pipeline import Frames, Pipeline
-from .policy import Action, Policy, UntrustedJoin
+from .policy import Action, OnMemcap, Policy, UntrustedJoin
 from .reactions import Reactions, Responder
 from .tracker import TrackerConfig
 
@@ -99,14 +99,23 @@ class Gateway:
             if isinstance(d, Decision):
                 return self._count(d)
             chosen = d
-        events = self.tracker.process(seg)
+        tracker = self.tracker
+        shed = tracker.shed_bytes
+        events = tracker.process(seg)
         if chosen is not None:
             self._remember(seg, chosen)
         verdict = Verdict.ACCEPT
         reason = ""
         inject: list[bytes] = []
+        if tracker.shed_bytes != shed and self.policy.on_memcap == OnMemcap.DROP:
+            # a buffer limit kept bytes of this packet out: dropped, so the sender resends them once
+            # there is room and the server never holds bytes the IDS did not see. Counted, not logged
+            # per packet (a flood would drown the log; one memcap notice per connection says it happened)
+            verdict, reason = Verdict.DROP, "memcap"
+            self.stats.actions["memcap_drop"] += 1
         if events:
-            verdict, reason = self._judge(seg, events)
+            if verdict == Verdict.ACCEPT:
+                verdict, reason = self._judge(seg, events)
             # inline verdict: bytes this packet made in-order pass the inspector before it is accepted
             r = self.responder.judge(seg, events)
             if r is not None:

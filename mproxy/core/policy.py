@@ -28,6 +28,13 @@ class UntrustedJoin(str, Enum):
     DOWNGRADE = "downgrade"  # downgrade connections opened from outside the trusted networks
 
 
+class OnMemcap(str, Enum):
+    """What the gateway does with a packet whose bytes a buffer limit kept out of the tracker."""
+
+    DROP = "drop"  # drop it: the sender resends it once there is room, the IDS misses nothing
+    PASS = "pass"  # let it through: the server gets bytes the IDS never sees (reported as a gap)
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     action: Action
@@ -57,6 +64,7 @@ class Policy:
     default: Action = Action.INSPECT
     trusted: tuple[Network, ...] | None = None  # None = every address is trusted
     untrusted_join: UntrustedJoin = UntrustedJoin.REFUSE
+    on_memcap: OnMemcap = OnMemcap.DROP
     _cache: dict[tuple[bytes, bytes, int], tuple[Action, str]] = field(default_factory=dict, compare=False,
                                                                        repr=False)
 

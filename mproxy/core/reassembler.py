@@ -5,7 +5,8 @@ any order, duplicated or reinjected. :class:`DataStream` releases them in DSN
 order exactly once, with Linux receiver semantics: bytes already accepted win
 over later copies, and a later copy whose bytes *differ* is reported, because
 that is how an attacker would try to show the IDS one thing and the server
-another. Out-of-order memory is capped; the cap is counted when it bites.
+another. Out-of-order memory is capped per stream and, through a shared
+:class:`MemBudget`, across all streams; a cap is counted when it bites.
 """
 
 from __future__ import annotations
@@ -31,6 +32,33 @@ def expand32(value: int, ref: int) -> int:
     elif diff < -0x80000000:
         cand += 0x100000000
     return cand & MASK64
+
+
+@dataclass(slots=True)
+class MemBudget:
+    """Bytes buffered across every connection of one tracker, under one cap.
+
+    Per-connection limits alone bound memory only by ``max_connections`` times
+    those limits -- terabytes with the defaults, so a few hundred connections
+    that each keep a hole open could exhaust a gateway. Every buffer that waits
+    for other bytes (out-of-order data, unmapped subflow bytes, checksummed
+    mappings being assembled) takes its bytes from here and gives them back
+    when it releases or drops them.
+    """
+
+    limit: int
+    used: int = 0
+    refused: int = 0  # takes refused (how often the cap bit)
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            self.refused += 1
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
 
 
 @dataclass(slots=True)
@@ -66,8 +94,10 @@ class DataStream:
     history_limit: int = 64 * 1024
     released: int = 0
     ooo_bytes: int = 0
-    memcap_drops: int = 0
+    memcap_drops: int = 0  # chunks not buffered because a cap bit (this stream's or the budget's)
     memcap_bytes: int = 0
+    budget_drops: int = 0  # of memcap_drops, those refused by the shared budget
+    budget: MemBudget | None = None
     duplicate_bytes: int = 0
     fin_dsn: int | None = None  # DSN carrying DATA_FIN (one past the last data byte)
     finished: bool = False
@@ -154,17 +184,24 @@ class DataStream:
         while self._starts and self._starts[0] < dsn:
             s = self._starts.pop(0)
             c = self._chunks.pop(s)
-            self.ooo_bytes -= len(c)
             if s + len(c) > dsn:
                 rest = c[dsn - s :]
                 self._chunks[dsn] = rest
-                self.ooo_bytes += len(rest)
                 self._starts.insert(0, dsn)
+                self._unbuffer(len(c) - len(rest))
                 break
+            self._unbuffer(len(c))
         self.base = dsn
         out = self._drain() if self._starts and self._starts[0] == dsn else b""
         self._check_fin()
         return out
+
+    def release(self) -> None:
+        """Drop every buffered byte and give it back to the budget (the connection ended)."""
+        if self.ooo_bytes:
+            self._unbuffer(self.ooo_bytes)
+        self._starts.clear()
+        self._chunks.clear()
 
     def missing(self) -> int | None:
         """DSN of the first hole when bytes are buffered beyond it, else None."""
@@ -196,7 +233,7 @@ class DataStream:
         while starts and starts[0] <= self.base:  # type: ignore[operator]
             s = starts.pop(0)
             c = chunks.pop(s)
-            self.ooo_bytes -= len(c)
+            self._unbuffer(len(c))
             skip = self.base - s  # type: ignore[operator]
             if skip >= len(c):
                 continue
@@ -204,6 +241,11 @@ class DataStream:
             parts.append(c)
             self._advance(c)
         return b"".join(parts)
+
+    def _unbuffer(self, n: int) -> None:
+        self.ooo_bytes -= n
+        if self.budget is not None:
+            self.budget.give(n)
 
     def _store(self, dsn: int, data: bytes) -> None:
         """Buffer out-of-order bytes; existing bytes win, differing copies are reported."""
@@ -248,12 +290,15 @@ class DataStream:
             i += 1
         if dsn < end and data:
             pieces.append((dsn, data))
+        budget = self.budget
         for s, c in pieces:
             if not c:
                 continue
-            if self.ooo_bytes + len(c) > self.ooo_limit:
+            if self.ooo_bytes + len(c) > self.ooo_limit or (budget is not None and not budget.take(len(c))):
                 self.memcap_drops += 1
                 self.memcap_bytes += len(c)
+                if self.ooo_bytes + len(c) <= self.ooo_limit:
+                    self.budget_drops += 1
                 continue
             chunks[s] = c
             insort(starts, s)

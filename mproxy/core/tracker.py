@@ -43,7 +43,7 @@ from .events import (
     SubflowJoined,
     SubflowRefused,
 )
-from .reassembler import MASK32, MASK64, DataStream, expand32
+from .reassembler import MASK32, MASK64, DataStream, MemBudget, expand32
 
 _NO_EVENTS: list[Event] = []
 _DIRS = (Direction.C2S, Direction.S2C)
@@ -70,6 +70,8 @@ class TrackerConfig:
     closed_linger: float = 30.0
     ooo_limit: int = 4 * 1024 * 1024  # out-of-order bytes per connection direction
     pending_limit: int = 256 * 1024  # unmapped bytes per subflow direction
+    # all buffered bytes together (out-of-order, unmapped, checksummed mappings being assembled)
+    memcap: int = 256 * 1024 * 1024
     history: int = 64 * 1024  # released bytes kept to compare late copies against
     gap_grace: float = 0.0  # seconds a DATA_ACKed hole may stay open before it is a gap
     window_check: bool = True
@@ -283,6 +285,10 @@ class Tracker:
         self._half_open: OrderedDict[int, Connection] = OrderedDict()
         self._orphans: OrderedDict[int, Subflow] = OrderedDict()
         self.now = 0.0
+        self.budget = MemBudget(self.config.memcap)
+        # bytes kept out of the buffers by a limit, ever: a gateway compares it around process() to
+        # drop the packet that carried them, so the sender sends them again once there is room
+        self.shed_bytes = 0
         # (token, indexed?) as tokens come and go, when someone reads them (the worker of a
         # multi-worker gateway announces them to the control queue); None: not recorded
         self.token_log: list[tuple[int, bool]] | None = None
@@ -298,14 +304,20 @@ class Tracker:
         return sum(1 for sf, d in self._sf.values()
                    if d == 0 and sf.closed_ts is None and not sf.plain and not sf.refused)
 
-    def buffered_bytes(self) -> tuple[int, int]:
-        """(out-of-order bytes, unmapped bytes) held right now, over all connections."""
-        ooo = unmapped = 0
+    def buffered_bytes(self) -> tuple[int, int, int]:
+        """(out-of-order, unmapped, checksummed-mapping) bytes held right now, over all connections.
+
+        Their sum is what ``budget.used`` tracks incrementally; this walk is the slow truth."""
+        ooo = unmapped = assembling = 0
         for conn in self.connections.values():
             ooo += conn.streams[0].ooo_bytes + conn.streams[1].ooo_bytes
             for sf in conn.subflows:
-                unmapped += sf.dirs[0].pending_bytes + sf.dirs[1].pending_bytes
-        return ooo, unmapped
+                for sd in sf.dirs:
+                    unmapped += sd.pending_bytes
+                    for mp in sd.mappings:
+                        if mp.acc is not None:
+                            assembling += mp.length
+        return ooo, unmapped, assembling
 
     def process(self, seg: TcpSegment) -> list[Event]:
         """Feed one segment; returns the events it caused (often none)."""
@@ -668,9 +680,11 @@ class Tracker:
         conn = Connection(self._next_conn, ts, a if client_is_src else b, b if client_is_src else a,
                           pickup=pickup, last_ts=ts,
                           streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
-                                              sha=hashlib.sha256() if self.stream_hash else None),
+                                              sha=hashlib.sha256() if self.stream_hash else None,
+                                              budget=self.budget),
                                    DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
-                                              sha=hashlib.sha256() if self.stream_hash else None)))
+                                              sha=hashlib.sha256() if self.stream_hash else None,
+                                              budget=self.budget)))
         self._next_conn += self.conn_id_step
         self.connections[conn.id] = conn
         self._half_open[conn.id] = conn
@@ -1056,6 +1070,7 @@ class Tracker:
         """Detach a subflow that failed verification: the endpoint will reset it, and its bytes must
         never reach the rebuilt stream (a forged join is an injection attempt)."""
         sf.refused = True
+        self._release_subflow(sf)
         if sf.conn is not None and sf in sf.conn.subflows:
             sf.conn.subflows.remove(sf)
         sf.conn = None
@@ -1106,6 +1121,7 @@ class Tracker:
         conn.held.clear()
         ev.append(PassThrough(bytes(seg.ip), seg.ipver, seg.ts))
         sf.plain = True
+        self._release(conn)
         conn.subflows.remove(sf)
         sf.conn = None
         conn.closed = Outcome.FALLBACK
@@ -1153,7 +1169,7 @@ class Tracker:
                 mp = Mapping(ssn, dsn, length, False, cs, dll)
                 sfd.mappings.append(mp)
                 if len(sfd.mappings) > _MAX_MAPPINGS:
-                    del sfd.mappings[0]
+                    self._evict_mapping(sfd)
             if sfd.isn is None:
                 self._sync_pickup(sfd, seg, mp)
         if mp.infinite:
@@ -1266,7 +1282,7 @@ class Tracker:
             if not maps or maps[-1].ssn != ssn or maps[-1].dsn != dsn:
                 maps.append(Mapping(ssn, dsn, dll, False, None, dll))
                 if len(maps) > _MAX_MAPPINGS:
-                    del maps[0]
+                    self._evict_mapping(sfd)
             dsn = (dsn + ((seg.seq - (sfd.isn or 0) - ssn) & MASK32)) & MASK64
         self._seen(sfd, seg)
         payload = seg.payload
@@ -1335,6 +1351,10 @@ class Tracker:
             self._deliver(conn, cdir, (mp.dsn + off) & MASK64, piece, ts, ev)  # a late copy: compare only
             return
         if mp.acc is None:
+            if not self.budget.take(mp.length):
+                self._shed(conn, "global", len(piece), f"buffered bytes over the memcap ({self.budget.limit})",
+                           ts, ev)
+                return
             mp.acc = bytearray(mp.length)
             mp.filled = []
         mp.acc[off : off + len(piece)] = piece
@@ -1353,6 +1373,7 @@ class Tracker:
             mp.done = True
             data = bytes(mp.acc)
             mp.acc = None
+            self.budget.give(mp.length)
             if crypto.dss_checksum_ok(mp.dsn, mp.ssn, mp.dll, mp.checksum or 0, data):
                 self._deliver(conn, cdir, mp.dsn, data, ts, ev)
             else:
@@ -1364,20 +1385,62 @@ class Tracker:
         if seq in sfd.pending and len(sfd.pending[seq]) >= len(data):
             return
         if sfd.pending_bytes + len(data) > self.config.pending_limit:
-            self.stats.memcap["pending"] += 1
-            self._notice(ev, NoticeType.MEMCAP, conn, f"unmapped bytes over {self.config.pending_limit}", seg,
-                         ts)
+            self._shed(conn, "pending", len(data), f"unmapped bytes over {self.config.pending_limit}", ts, ev, seg)
             return
         old = sfd.pending.get(seq)
-        if old is not None:
-            sfd.pending_bytes -= len(old)
+        grow = len(data) - (len(old) if old is not None else 0)
+        if grow > 0 and not self.budget.take(grow):
+            self._shed(conn, "global", len(data), f"buffered bytes over the memcap ({self.budget.limit})", ts, ev,
+                       seg)
+            return
         sfd.pending[seq] = bytes(data)
-        sfd.pending_bytes += len(data)
+        sfd.pending_bytes += grow
+
+    def _shed(self, conn: Connection, limit: str, n: int, detail: str, ts: float | None, ev: list[Event],
+              seg: TcpSegment | None = None) -> None:
+        """Bytes a limit kept out of a buffer: counted by limit, added to ``shed_bytes``, noticed."""
+        self.stats.memcap[limit] += 1
+        self.shed_bytes += n
+        self._memcap_notice(conn, detail, seg, ts, ev)
+
+    def _memcap_notice(self, conn: Connection, detail: str, seg: TcpSegment | None, ts: float | None,
+                       ev: list[Event]) -> None:
+        """One memcap notice per connection: a limit that bites usually bites on every following
+        packet, and the log must not grow at packet rate (the metrics and the connection record
+        count every hit)."""
+        if not conn.notices[NoticeType.MEMCAP.value]:
+            self._notice(ev, NoticeType.MEMCAP, conn, detail, seg, ts)
+
+    def _evict_mapping(self, sfd: SubflowDir) -> None:
+        mp = sfd.mappings.pop(0)
+        if mp.acc is not None:
+            mp.acc = None
+            self.budget.give(mp.length)
+
+    def _release_subflow(self, sf: Subflow) -> None:
+        """Give back what a subflow holds (unmapped bytes, mappings being assembled)."""
+        for sd in sf.dirs:
+            if sd.pending_bytes:
+                self.budget.give(sd.pending_bytes)
+                sd.pending.clear()
+                sd.pending_bytes = 0
+            for mp in sd.mappings:
+                if mp.acc is not None:
+                    mp.acc = None
+                    self.budget.give(mp.length)
+
+    def _release(self, conn: Connection) -> None:
+        """A connection ends: every byte it still buffers goes back to the budget."""
+        for st in conn.streams:
+            st.release()
+        for sf in conn.subflows:
+            self._release_subflow(sf)
 
     def _resolve_pending(self, conn: Connection, sfd: SubflowDir, cdir: Direction, ts: float,
                          ev: list[Event]) -> None:
         items = sorted(sfd.pending.items(), key=lambda kv: (kv[0] - (sfd.isn or 0)) & MASK32)
         sfd.pending.clear()
+        self.budget.give(sfd.pending_bytes)
         sfd.pending_bytes = 0
         sf = next((s for s in conn.subflows if sfd in s.dirs), None)
         if sf is None:
@@ -1389,7 +1452,7 @@ class Tracker:
     def _deliver(self, conn: Connection, cdir: Direction, dsn: int, data: memoryview | bytes, ts: float,
                  ev: list[Event]) -> None:
         st = conn.streams[cdir]
-        before = len(st.overlaps), st.memcap_drops
+        before = len(st.overlaps), st.memcap_drops, st.budget_drops, st.memcap_bytes
         out = st.insert(st.unwrap(dsn), data)
         if len(st.overlaps) != before[0]:
             for ov in st.overlaps[before[0]:]:
@@ -1398,8 +1461,12 @@ class Tracker:
                              + (" (already released)" if ov.released else ""), None, ts)
             del st.overlaps[:]
         if st.memcap_drops != before[1]:
-            self.stats.memcap["out_of_order"] += st.memcap_drops - before[1]
-            self._notice(ev, NoticeType.MEMCAP, conn, f"out-of-order bytes over {st.ooo_limit}", None, ts)
+            by_budget = st.budget_drops - before[2]
+            self.stats.memcap["out_of_order"] += st.memcap_drops - before[1] - by_budget
+            self.stats.memcap["global"] += by_budget
+            self.shed_bytes += st.memcap_bytes - before[3]
+            self._memcap_notice(conn, f"buffered bytes over the memcap ({self.budget.limit})" if by_budget
+                                else f"out-of-order bytes over {st.ooo_limit}", None, ts, ev)
         if out:
             if not conn.opened:
                 self._open(conn, ts, ev)
@@ -1486,6 +1553,7 @@ class Tracker:
         if conn.held and not conn.opened:
             ev.extend(conn.held)
             conn.held.clear()
+        self._release(conn)
         self.connections.pop(conn.id, None)
         self._half_open.pop(conn.id, None)
         for sf in conn.subflows:
@@ -1495,6 +1563,7 @@ class Tracker:
         self._forget_tokens(conn)
 
     def _forget(self, conn: Connection) -> None:
+        self._release(conn)
         self.connections.pop(conn.id, None)
         self._half_open.pop(conn.id, None)
         self._forget_tokens(conn)

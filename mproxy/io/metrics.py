@@ -37,9 +37,9 @@ LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e
 
 # label values known in advance (exported as 0 until they happen)
 VERDICTS = ("accept", "drop", "accept_modified")
-ACTIONS = ("downgrade", "join_refused", "allow", "fastclose", "downgrade-host", "log")
+ACTIONS = ("downgrade", "join_refused", "allow", "fastclose", "downgrade-host", "log", "memcap_drop")
 REFUSE_REASONS = ("join_hmac", "subflow_limit", "connection_limit", "per_connection_limit", "orphan_data")
-MEMCAP_LIMITS = ("connections", "subflows", "out_of_order", "pending")
+MEMCAP_LIMITS = ("connections", "subflows", "out_of_order", "pending", "global")
 
 
 @dataclass(slots=True)
@@ -225,11 +225,19 @@ class MproxyCollector(Collector):
         c.add_metric(["client_to_server"], st.rebuilt_bytes[0])
         c.add_metric(["server_to_client"], st.rebuilt_bytes[1])
         yield c
-        ooo, unmapped = t.buffered_bytes()
+        ooo, unmapped, checksummed = t.buffered_bytes()
         g = GaugeMetricFamily("mproxy_buffered_bytes", "Bytes held now, by buffer", labels=["buffer"])
         g.add_metric(["out_of_order"], ooo)
         g.add_metric(["unmapped"], unmapped)
+        g.add_metric(["checksummed"], checksummed)
         yield g
+        g = GaugeMetricFamily("mproxy_buffer_limit_bytes", "Cap on all buffered bytes together ([tracker] memcap)")
+        g.add_metric([], t.budget.limit)
+        yield g
+        c = _counter("mproxy_shed_bytes", "Bytes a buffer limit kept out (inline with on_memcap = drop, their "
+                     "packets were dropped for the sender to resend)")
+        c.add_metric([], t.shed_bytes)
+        yield c
         c = _counter("mproxy_gap_bytes", "Bytes skipped in rebuilt streams because they never crossed the "
                      "gateway, by kind (side_channel: the peer acknowledged them)", ["kind"])
         c.add_metric(["side_channel"], st.gap_bytes.get("side_channel", 0))

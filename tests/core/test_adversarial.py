@@ -16,10 +16,12 @@ import struct
 import subprocess
 import sys
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from mproxy import crypto
 from mproxy.core.events import DataReleased, Direction, Notice, NoticeType
 from mproxy.core.pipeline import Pipeline
 from mproxy.core.tracker import ConnectionClosedSummary, Tracker, TrackerConfig
@@ -206,6 +208,79 @@ def test_out_of_order_flood_stays_under_the_memcaps() -> None:
     ev = feed([s.data(0, True, 0, data[:1000])])
     out = b"".join(e.data for e in ev if isinstance(e, DataReleased))
     assert len(out) >= 1000 + cfg.ooo_limit - 1400 and out == data[: len(out)]
+
+
+def test_global_memcap_holds_all_connections_together() -> None:
+    """Each connection keeps a hole open and fills its own out-of-order allowance: the per-connection
+    limit alone would let N connections hold N x ooo_limit. The shared cap holds them to memcap,
+    counts the hits (one notice per connection), and what was buffered is still exact."""
+    cfg = TrackerConfig(ooo_limit=64 * 1024, memcap=100 * 1024)
+    tr = Tracker(cfg)
+    feed = Feeder(tr)
+    sessions = [Session(1, sport=41000 + 100 * k, client_key=0x1000 + k, server_key=0x9000 + k) for k in range(4)]
+    data = [os.urandom(60 * 1024) for _ in sessions]
+    for s in sessions:
+        feed(s.handshake())
+    for s, d in zip(sessions, data):
+        for off in range(1000, len(d), 1400):  # DSN offsets 0..1000 never sent: a hole
+            feed([s.data(0, True, off, d[off : off + 1400])])
+        check_bounded(tr)
+    assert len(tr.connections) == 4
+    held = [c.streams[C2S].ooo_bytes for c in tr.connections.values()]
+    assert tr.budget.used == sum(held) <= cfg.memcap and held[0] > held[-1]
+    assert tr.stats.memcap["global"] > 0 and tr.stats.memcap["out_of_order"] == 0
+    assert tr.shed_bytes == sum(len(d) - 1000 for d in data) - sum(held)
+    per_conn = Counter(e.conn_id for e in feed.events if isinstance(e, Notice) and e.type == NoticeType.MEMCAP)
+    assert per_conn and max(per_conn.values()) == 1
+    # the first connection's hole fills: its bytes come out whole and its share goes back
+    out = b"".join(e.data for e in feed([sessions[0].data(0, True, 0, data[0][:1000])])
+                   if isinstance(e, DataReleased))
+    assert out == data[0][: len(out)] and len(out) == 1000 + held[0]
+    assert tr.budget.used == sum(held[1:])
+    # room again: the last connection can now buffer what it was refused (the sender resends)
+    last = sessions[-1]
+    before = tr.connections[max(tr.connections)].streams[C2S].ooo_bytes
+    feed([last.data(0, True, off, data[-1][off : off + 1400]) for off in range(1000, len(data[-1]), 1400)])
+    assert tr.connections[max(tr.connections)].streams[C2S].ooo_bytes > before
+    check_bounded(tr)
+    # closing gives everything back
+    feed([s.rst(0, True) for s in sessions])
+    assert not tr.connections and tr.budget.used == 0
+    check_bounded(tr)
+
+
+def test_memcap_covers_unmapped_and_checksummed_bytes() -> None:
+    """Unmapped bytes and a checksummed mapping being assembled are buffers too: counted in the
+    budget, refused beyond it, given back when resolved, evicted or closed."""
+    cfg = TrackerConfig(memcap=3000)
+    tr = Tracker(cfg)
+    feed = Feeder(tr)
+    s = Session(0, csum=True, dsn64=False)
+    feed(s.handshake())
+    # a checksummed mapping of 2000 bytes of which only the first 500 arrived: 2000 reserved
+    full = os.urandom(2000)
+    dss = m.dss(s.idsn[1], s.idsn[0] & 0xFFFFFFFF, 1, 2000, checksum=crypto.dss_checksum(s.idsn[0], 1, 2000, full),
+                dsn64=False).encode()
+    feed([s._pkt(s.subs[0], True, ACK, [dss], full[:500], rel=1)])
+    assert tr.buffered_bytes() == (0, 0, 2000) and tr.budget.used == 2000
+    # unmapped bytes on the subflow (no DSS mapping yet): 800 more
+    feed([s.data(0, True, 0, b"u" * 800, mapping=False, rel=3001)])
+    assert tr.buffered_bytes() == (0, 800, 2000) and tr.budget.used == 2800
+    # a second checksummed mapping does not fit
+    feed([s.data(0, True, 5000, b"c" * 100, map_len=1000, rel=6001)])
+    assert tr.stats.memcap["global"] == 1 and tr.budget.used == 2800
+    # the first mapping completes: verified, released, its reservation given back
+    ev = feed([s._pkt(s.subs[0], True, ACK, [dss], full[500:], rel=501)])
+    assert b"".join(e.data for e in ev if isinstance(e, DataReleased)) == full
+    assert tr.budget.used == 800
+    check_bounded(tr)
+    # mappings evicted (a subflow direction keeps the newest 32) give their reservation back
+    feed([s.data(0, True, 10000 + 100 * k, b"z" * 10, map_len=50, rel=20001 + 100 * k) for k in range(40)])
+    assert tr.budget.used == 800 + 32 * 50
+    check_bounded(tr)
+    feed([s.rst(0, True)])
+    assert tr.budget.used == 0
+    check_bounded(tr)
 
 
 def test_overlapping_segments_with_conflicting_bytes_first_accepted_wins() -> None:

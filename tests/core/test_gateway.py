@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 from mproxy.core.gateway import Gateway, Verdict
-from mproxy.core.policy import Action, Policy, Rule, UntrustedJoin
+from mproxy.core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
+from mproxy.core.tracker import TrackerConfig
 from mproxy.wire import mptcp as m
 from mproxy.wire.packet import TcpSegment, mptcp_spans, parse_ip
 from mproxy.wire.checksum import tcp_checksum
@@ -92,3 +96,47 @@ def test_core_survives_garbage() -> None:
         assert gw.packet(junk, 1.0).verdict == Verdict.ACCEPT
     cap = m.MpCapable(1, 1).encode()
     assert cap
+
+
+def _memcap_run(policy: Policy, resend: bool) -> tuple[Gateway, list[str], bytes, dict]:
+    """One connection whose first 1000 bytes come last, through a gateway that buffers 4000
+    out-of-order bytes: what is shed, and what the emitted stream ends up holding."""
+    s = Session(1)
+    gw = Gateway(policy, TrackerConfig(ooo_limit=4000))
+    data = os.urandom(12000)
+    verdicts(gw, s.handshake())
+    pkts = {off: s.data(0, True, off, data[off : off + 1000], rel=1 + off) for off in range(0, len(data), 1000)}
+    reasons = []
+    for off in range(1000, len(data), 1000):
+        d = gw.packet(pkts[off], 1001.0 + off / 1e6)
+        reasons.append(d.reason if d.verdict == Verdict.DROP else d.verdict.value)
+    assert gw.packet(pkts[0], 1002.0).verdict == Verdict.ACCEPT
+    if resend:  # what the sender does with dropped packets: send them again
+        for off, why in zip(range(1000, len(data), 1000), reasons):
+            if why == "memcap":
+                assert gw.packet(pkts[off], 1003.0 + off / 1e6).verdict == Verdict.ACCEPT
+    gw.packet(s.data_fin(0, True, len(data)), 1004.0)
+    gw.flush(1005.0)
+    (rec,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
+    return gw, reasons, data, rec
+
+
+def test_memcap_drops_the_packet_and_the_resent_copy_completes_the_stream() -> None:
+    """on_memcap = drop (default): a packet whose bytes the out-of-order cap kept out is dropped, so
+    the server never holds bytes the IDS missed; once the hole fills the resent copies go through
+    and the emitted stream is whole."""
+    gw, reasons, data, rec = _memcap_run(Policy(), resend=True)
+    assert reasons == ["accept"] * 4 + ["memcap"] * 7
+    assert gw.stats.actions["memcap_drop"] == 7 and gw.stats.verdicts["drop"] == 7
+    assert gw.tracker.stats.memcap["out_of_order"] == 7 and gw.tracker.shed_bytes == 7000
+    assert rec["c2s"]["bytes"] == len(data) and rec["c2s"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert not rec["c2s"]["gaps"] and rec["c2s"]["data_fin"]
+    assert gw.tracker.budget.used == 0
+
+
+def test_memcap_pass_lets_the_packet_through_and_the_stream_has_a_gap() -> None:
+    gw, reasons, data, rec = _memcap_run(Policy(on_memcap=OnMemcap.PASS), resend=False)
+    assert reasons == ["accept"] * 11
+    assert gw.stats.actions["memcap_drop"] == 0 and gw.tracker.shed_bytes == 7000
+    # the shed bytes never reach the IDS: the stream stops before them (nothing after them was buffered)
+    assert rec["c2s"]["bytes"] == len(data) - 7000 and rec["c2s"]["memcap_drops"] == 7

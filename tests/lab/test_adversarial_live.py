@@ -86,3 +86,41 @@ def test_syn_and_join_floods_are_bounded_and_legit_connections_rebuilt(lab: Any,
         (f,) = tshark_follow_raw(sink[-1], ids)
         assert (len(f.client_data), sha(f.client_data)) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
         assert (len(f.server_data), sha(f.server_data)) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
+
+
+def test_memcap_drops_packets_and_the_kernel_resends_them(lab: Any, tmp_path: Path) -> None:
+    """Real kernel MPTCP over two paths of very different speed: the fast path runs ahead, so the
+    gateway has to buffer data out of DSN order, and with a 64 KiB memcap it cannot buffer it all.
+    Packets it cannot buffer are dropped (on_memcap = "drop"); the kernels resend them, the transfer
+    completes, and the stream the IDS gets is byte for byte what the applications sent."""
+    from tests.oracles import tcp_streams, tshark_follow_raw
+
+    extra = "[tracker]\nmemcap = 65536\n"
+    mp = Mproxy(lab, tmp_path / "mproxy", metrics="127.0.0.1:9464", extra=extra).start()
+    lab.shape(1, "3mbit")
+    try:
+        res = transfer(lab, tmp_path, "memcap", c2s_bytes=1_500_000, s2c_bytes=300_000, timeout=60.0)
+        m = mp.scrape()
+    finally:
+        lab.shape(1, lab.rate)
+        rc = mp.stop()
+    assert rc == 0 and "Traceback" not in mp.err, mp.err
+    hits = {dict(k[1])["limit"]: v for k, v in m.items() if k[0] == "mproxy_memcap_hits_total"}
+    actions = {dict(k[1])["action"]: v for k, v in m.items() if k[0] == "mproxy_actions_total"}
+    assert hits["global"] > 0 and actions["memcap_drop"] > 0, (hits, actions)
+    assert m[("mproxy_shed_bytes_total", ())] > 0 and m[("mproxy_buffer_limit_bytes", ())] == 65536
+    assert sum(v for k, v in m.items() if k[0] == "mproxy_buffered_bytes") == 0  # all given back
+    (c,) = res.connections
+    recs = mp.connections()
+    (rec,) = [r for r in recs if r["client_port"] == c.client_port and r["server_port"] == 5201]
+    assert len(rec["subflows"]) >= 2 and rec["outcome"] == "data_fin", rec
+    assert not rec["c2s"]["gaps"] and not rec["s2c"]["gaps"]
+    assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
+    assert (rec["s2c"]["bytes"], rec["s2c"]["sha256"]) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
+    assert sum(rec[d]["memcap_drops"] for d in ("c2s", "s2c")) > 0
+    notices = [r for r in mp.records() if r["event"] == "notice" and r["type"] == "memcap"]
+    assert len(notices) == 1 and notices[0]["conn_id"] == rec["conn_id"], notices
+    sink = sorted((tmp_path / "mproxy").glob("sink.*.pcap"))
+    (f,) = tshark_follow_raw(sink[-1], tcp_streams(sink[-1], f"tcp.port == {c.client_port} && tcp.port == 5201"))
+    assert (len(f.client_data), sha(f.client_data)) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
+    assert (len(f.server_data), sha(f.server_data)) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
