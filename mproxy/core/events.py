@@ -34,6 +34,7 @@ class NoticeType(str, Enum):
     JOIN_UNKNOWN_ADDRESS = "join_unknown_address"
     JOIN_HMAC_FAILURE = "join_hmac_failure"
     JOIN_FLOOD = "join_flood"
+    SYN_FLOOD = "syn_flood"
     OVERLAP_MISMATCH = "overlap_mismatch"
     SIDE_CHANNEL = "side_channel"
     CAPTURE_GAP = "capture_gap"

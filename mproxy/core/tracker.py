@@ -80,6 +80,12 @@ class TrackerConfig:
     # one ``join_flood`` notice per window. 0 disables. A connection joins at most a few subflows.
     join_flood_threshold: int = 32
     join_flood_window: float = 10.0
+    # SYN flood: at the connection limit half-open handshakes are evicted. More than
+    # ``syn_flood_threshold`` evictions within ``syn_flood_window`` seconds raise one ``syn_flood``
+    # notice, and the window's further evicted handshakes get no record (counted only), so the
+    # event log does not grow at the flood's rate. 0: every eviction is recorded, no notice.
+    syn_flood_threshold: int = 32
+    syn_flood_window: float = 10.0
 
 
 @dataclass(slots=True)
@@ -280,6 +286,7 @@ class Tracker:
         self._lingering: deque[tuple[float, Subflow]] = deque()  # (closed at, subflow)
         # join-flood windows, oldest first: (receiver address, token or None) -> [start, joins, noticed]
         self._join_windows: OrderedDict[tuple[bytes, int | None], list[Any]] = OrderedDict()
+        self._evictions = [0.0, 0]  # SYN flood window: [start, evictions of half-open handshakes]
         # O(1) victims when a limit bites (a flood must not cost a scan of the tables per packet):
         # connections still in their handshake (LRU first) and subflows attached to no connection
         self._half_open: OrderedDict[int, Connection] = OrderedDict()
@@ -674,7 +681,7 @@ class Tracker:
                     ev.append(SubflowRefused("connection_limit", ts))
                     return None
                 self.stats.memcap["connections"] += 1
-                self._close(victim, Outcome.EVICTED, True, ts, ev)
+                self._close(victim, Outcome.EVICTED, True, ts, ev, record=self._eviction_recorded(seg, ev))
         a, b = (seg.src, seg.sport), (seg.dst, seg.dport)
         cfg = self.config
         conn = Connection(self._next_conn, ts, a if client_is_src else b, b if client_is_src else a,
@@ -774,6 +781,31 @@ class Tracker:
                          f"more than {cfg.join_flood_threshold} MP_JOIN SYNs to {seg.dst_text} ({tok}) "
                          f"within {cfg.join_flood_window:g} s", seg)
         return True
+
+    def _eviction_recorded(self, seg: TcpSegment, ev: list[Event]) -> bool:
+        """SYN flood detection at the connection limit; returns whether this eviction gets a record.
+
+        Each eviction of a half-open handshake would otherwise write one ``mptcp_connection`` record,
+        so a flood would grow the event log at its own packet rate. The first
+        ``syn_flood_threshold`` evictions of a window are recorded (the flood's first sources stay
+        visible), the next one raises the notice, the rest are only counted (outcome ``evicted``).
+        """
+        cfg = self.config
+        if not cfg.syn_flood_threshold:
+            return True
+        ts = seg.ts
+        w = self._evictions
+        if w[1] == 0 or ts - w[0] >= cfg.syn_flood_window:
+            w[0], w[1] = ts, 0
+        w[1] += 1
+        if w[1] <= cfg.syn_flood_threshold:
+            return True
+        if w[1] == cfg.syn_flood_threshold + 1:
+            self._notice(ev, NoticeType.SYN_FLOOD, None,
+                         f"more than {cfg.syn_flood_threshold} half-open MPTCP handshakes evicted at the connection "
+                         f"limit ({cfg.max_connections}) within {cfg.syn_flood_window:g} s; further evictions in "
+                         "this window are counted, not recorded (the 4-tuple is the SYN that caused this eviction)", seg)
+        return False
 
     def _find_by_token(self, token: int, dst: bytes) -> tuple[Connection | None, bool]:
         cands = self._tokens.get(token)
@@ -1533,7 +1565,8 @@ class Tracker:
                 self._close(conn, Outcome.FIN, False, ts, ev)
 
     # -- closing and expiry ---------------------------------------------------
-    def _close(self, conn: Connection, outcome: Outcome, reset: bool, ts: float, ev: list[Event]) -> None:
+    def _close(self, conn: Connection, outcome: Outcome, reset: bool, ts: float, ev: list[Event], *,
+               record: bool = True) -> None:
         if conn.closed is not None:
             return
         if outcome not in (Outcome.FASTCLOSE, Outcome.RESET, Outcome.EVICTED):
@@ -1548,7 +1581,9 @@ class Tracker:
         conn.closed = outcome
         conn.last_ts = max(conn.last_ts, ts)
         self.stats.outcomes[outcome.value] += 1
-        if conn.opened or conn.subflows:
+        if not record:
+            ev.append(ConnectionClosed(conn.id, outcome, reset, ts))
+        elif conn.opened or conn.subflows:
             ev.append(ConnectionClosedSummary(conn.id, outcome, reset, ts, conn.summary()))
         if conn.held and not conn.opened:
             ev.extend(conn.held)

@@ -47,16 +47,22 @@ class Replayed:
         return self.metrics[("mproxy_notices_total", (("type", t),))]
 
 
-def replay(tmp_path: Path, packets: list[bytes], *, step: float = 0.001, name: str = "crafted") -> Replayed:
-    """Write ``packets`` (raw IP) as a pcap, 1 ms apart, and run ``mproxy replay`` on it."""
+def replay(tmp_path: Path, packets: list[bytes], *, step: float = 0.001, name: str = "crafted",
+           tracker: str = "") -> Replayed:
+    """Write ``packets`` (raw IP) as a pcap, 1 ms apart, and run ``mproxy replay`` on it (with a
+    ``[tracker]`` table of ``tracker`` settings, if any)."""
     cap = tmp_path / f"{name}.pcap"
     with open(cap, "wb") as f:
         w = PcapWriter(f, linktype=LinkType.RAW)
         for i, p in enumerate(packets):
             w.write(1_700_000_000.0 + i * step, p)
     log, prom = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.prom"
+    cfg = []
+    if tracker:
+        (tmp_path / f"{name}.toml").write_text(f"[tracker]\n{tracker}\n")
+        cfg = ["-c", str(tmp_path / f"{name}.toml")]
     assert main(["replay", str(cap), "--out", str(tmp_path / f"{name}.out.pcap"), "--log", str(log),
-                 "--metrics", str(prom), "-q"]) == 0
+                 "--metrics", str(prom), "-q", *cfg]) == 0
     res = Replayed([json.loads(x) for x in log.read_text().splitlines()], prom.read_text())
     for n in res.notices:  # every notice record is complete: time, type, connection, 4-tuple
         assert set(n) == NOTICE_FIELDS, n
@@ -192,6 +198,30 @@ def test_join_flood_against_one_receiver(tmp_path: Path) -> None:
     for i in range(1, 8):
         pk += s2.join(i, addr_id=i)
     assert not replay(tmp_path, pk + clean(s2), name="eight").notices
+
+
+def test_syn_flood_at_the_connection_limit_is_one_notice_not_a_record_per_syn(tmp_path: Path) -> None:
+    """100 MP_CAPABLE SYNs nobody answers against max_connections = 5: 95 evictions. The first 32
+    of the window are recorded, the 33rd raises syn_flood, the rest are only counted; a legitimate
+    connection after the flood is still tracked and rebuilt."""
+    pk = [Session(1, sport=20000 + i).handshake()[0] for i in range(100)]
+    s = Session(1, sport=40000)
+    pk += s.handshake() + clean(s)
+    res = replay(tmp_path, pk, tracker="max_connections = 5")
+    (n,) = only(res, "syn_flood")
+    assert n["conn_id"] is None and "more than 32 half-open" in n["detail"] and "limit (5)" in n["detail"]
+    evicted = [c for c in res.conns if c["outcome"] == "evicted"]
+    assert len(evicted) == 32 and {c["client_port"] for c in evicted} == set(range(20000, 20032))
+    assert res.metrics[("mproxy_connections_closed_total", (("outcome", "evicted"),))] == 96  # + 1 for s
+    (legit,) = [c for c in res.conns if c["client_port"] == 40000]
+    assert legit["outcome"] == "data_fin" and legit["c2s"]["bytes"] == 18
+    # benign twins: a limit that bites now and then records every eviction and raises nothing;
+    # syn_flood_threshold = 0 records a flood's every eviction
+    few = [Session(1, sport=20000 + i).handshake()[0] for i in range(30)]
+    res = replay(tmp_path, few + s.handshake() + clean(s), tracker="max_connections = 5", name="few")
+    assert not res.notices and sum(c["outcome"] == "evicted" for c in res.conns) == 26
+    res = replay(tmp_path, pk, tracker="max_connections = 5\nsyn_flood_threshold = 0", name="off")
+    assert not res.notices and sum(c["outcome"] == "evicted" for c in res.conns) == 96
 
 
 def test_join_flood_with_random_tokens_folds_the_unknown_token_notices(tmp_path: Path) -> None:

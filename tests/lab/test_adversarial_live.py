@@ -72,6 +72,10 @@ def test_syn_and_join_floods_are_bounded_and_legit_connections_rebuilt(lab: Any,
     assert st["queue"]["core_errors"] == 0
     recs = mp.records()
     assert any(r["event"] == "notice" and r["type"] == "join_flood" for r in recs)
+    # the SYN flood is one notice per window, and only the window's first evictions get a record
+    assert any(r["event"] == "notice" and r["type"] == "syn_flood" for r in recs)
+    evicted = sum(r["event"] == "mptcp_connection" and r["outcome"] == "evicted" for r in recs)
+    assert 0 < evicted <= 2 * 32 < st["tracker"]["outcomes"]["evicted"], (evicted, st["tracker"]["outcomes"])
     # the legitimate connections: tracked from their handshake and rebuilt byte for byte
     sink = sorted((tmp_path / "mproxy").glob("sink.*.pcap"))
     for res in (during, after):
