@@ -142,7 +142,8 @@ def test_replay_takes_tracker_limits_and_log_keys_from_a_config(tmp_path: Path,
         runs[tag] = (rec, met.read_text(), out.read_bytes())
     (d, dm, dout), (c, cm, cout) = runs["default"], runs["config"]
     assert "client_key" not in d and isinstance(c["client_key"], int)
-    assert "mproxy_buffer_limit_bytes 2.68435456e+08" in dm and "mproxy_buffer_limit_bytes 70000.0" in cm
+    assert 'mproxy_buffer_limit_bytes{limit="memcap"} 2.68435456e+08' in dm
+    assert 'mproxy_buffer_limit_bytes{limit="memcap"} 70000.0' in cm
     assert dout == cout and d["c2s"] == c["c2s"]
     cfg.write_text("[tracker]\nmemcap = 10\n")
     assert main(["replay", str(SAMPLE), "--out", str(tmp_path / "x.pcap"), "-c", str(cfg)]) == 2

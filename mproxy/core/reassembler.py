@@ -98,6 +98,9 @@ class DataStream:
     memcap_bytes: int = 0
     budget_drops: int = 0  # of memcap_drops, those refused by the shared budget
     budget: MemBudget | None = None
+    # the released history's bytes, counted across streams; the owner empties the histories of
+    # the least recently active streams when it is over its limit (see Tracker._shrink_histories)
+    history_budget: MemBudget | None = None
     duplicate_bytes: int = 0
     fin_dsn: int | None = None  # DSN carrying DATA_FIN (one past the last data byte)
     finished: bool = False
@@ -197,7 +200,8 @@ class DataStream:
         return out
 
     def release(self) -> None:
-        """Drop every buffered byte and give it back to the budget (the connection ended)."""
+        """Drop every buffered byte and give it back to the budget (the connection ended; its
+        history goes separately, :meth:`drop_history`)."""
         if self.ooo_bytes:
             self._unbuffer(self.ooo_bytes)
         self._starts.clear()
@@ -219,9 +223,21 @@ class DataStream:
         if self.history_limit:
             h = self._history
             h += out
+            grown = len(out)
             if len(h) > 2 * self.history_limit:
-                del h[: len(h) - self.history_limit]
+                cut = len(h) - self.history_limit
+                del h[:cut]
+                grown -= cut
+            if self.history_budget is not None:
+                self.history_budget.used += grown
         self._check_fin()
+
+    def drop_history(self) -> None:
+        """Forget the released history (memory pressure, or the connection ended): later copies of
+        those bytes can no longer be compared, only counted as duplicates."""
+        if self.history_budget is not None:
+            self.history_budget.give(len(self._history))
+        self._history = bytearray()
 
     def _check_fin(self) -> None:
         if self.fin_dsn is not None and self.base == self.fin_dsn and not self.finished:

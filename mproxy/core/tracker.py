@@ -73,6 +73,8 @@ class TrackerConfig:
     # all buffered bytes together (out-of-order, unmapped, checksummed mappings being assembled)
     memcap: int = 256 * 1024 * 1024
     history: int = 64 * 1024  # released bytes kept to compare late copies against
+    # all histories together; over it, the least recently active connections' histories go first
+    history_memcap: int = 256 * 1024 * 1024
     gap_grace: float = 0.0  # seconds a DATA_ACKed hole may stay open before it is a gap
     window_check: bool = True
     # MP_JOIN flood: more than ``join_flood_threshold`` join SYNs to one receiver (address + token;
@@ -293,6 +295,7 @@ class Tracker:
         self._orphans: OrderedDict[int, Subflow] = OrderedDict()
         self.now = 0.0
         self.budget = MemBudget(self.config.memcap)
+        self.history_budget = MemBudget(self.config.history_memcap)
         # bytes kept out of the buffers by a limit, ever: a gateway compares it around process() to
         # drop the packet that carried them, so the sender sends them again once there is room
         self.shed_bytes = 0
@@ -337,6 +340,8 @@ class Tracker:
         if ts - self._last_expire > 1.0:
             self._last_expire = ts
             self._expire(ts, ev)
+        if self.history_budget.used > self.history_budget.limit:
+            self._shrink_histories()
         hit = self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
         if hit is not None and self.fast_path and self._fast(hit[0], hit[1], seg, ev):
             return ev
@@ -503,7 +508,11 @@ class Tracker:
                     h = st._history
                     h += out
                     if len(h) > 2 * st.history_limit:
-                        del h[: len(h) - st.history_limit]
+                        cut = len(h) - st.history_limit
+                        del h[:cut]
+                        self.history_budget.used += n - cut
+                    else:
+                        self.history_budget.used += n
                 self.stats.rebuilt_bytes[cdir] += n
                 ev.append(DataReleased(conn.id, cdir, out, ts))
             else:
@@ -688,10 +697,10 @@ class Tracker:
                           pickup=pickup, last_ts=ts,
                           streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
                                               sha=hashlib.sha256() if self.stream_hash else None,
-                                              budget=self.budget),
+                                              budget=self.budget, history_budget=self.history_budget),
                                    DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
                                               sha=hashlib.sha256() if self.stream_hash else None,
-                                              budget=self.budget)))
+                                              budget=self.budget, history_budget=self.history_budget)))
         self._next_conn += self.conn_id_step
         self.connections[conn.id] = conn
         self._half_open[conn.id] = conn
@@ -1465,8 +1474,23 @@ class Tracker:
         """A connection ends: every byte it still buffers goes back to the budget."""
         for st in conn.streams:
             st.release()
+            st.drop_history()
         for sf in conn.subflows:
             self._release_subflow(sf)
+
+    def _shrink_histories(self) -> None:
+        """All histories together are over ``history_memcap``: empty those of the least recently
+        active connections (late copies of their old bytes are the least likely) until a quarter
+        of the limit is free again, so this walk happens once per that much released data."""
+        hb = self.history_budget
+        target = hb.limit - hb.limit // 4
+        for conn in self.connections.values():
+            for st in conn.streams:
+                if st._history:
+                    st.drop_history()
+                    self.stats.memcap["history"] += 1
+            if hb.used <= target:
+                break
 
     def _resolve_pending(self, conn: Connection, sfd: SubflowDir, cdir: Direction, ts: float,
                          ev: list[Event]) -> None:

@@ -39,7 +39,7 @@ LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e
 VERDICTS = ("accept", "drop", "accept_modified")
 ACTIONS = ("downgrade", "join_refused", "allow", "fastclose", "downgrade-host", "log", "memcap_drop")
 REFUSE_REASONS = ("join_hmac", "subflow_limit", "connection_limit", "per_connection_limit", "orphan_data")
-MEMCAP_LIMITS = ("connections", "subflows", "out_of_order", "pending", "global")
+MEMCAP_LIMITS = ("connections", "subflows", "out_of_order", "pending", "global", "history")
 
 
 @dataclass(slots=True)
@@ -230,9 +230,12 @@ class MproxyCollector(Collector):
         g.add_metric(["out_of_order"], ooo)
         g.add_metric(["unmapped"], unmapped)
         g.add_metric(["checksummed"], checksummed)
+        g.add_metric(["history"], t.history_budget.used)
         yield g
-        g = GaugeMetricFamily("mproxy_buffer_limit_bytes", "Cap on all buffered bytes together ([tracker] memcap)")
-        g.add_metric([], t.budget.limit)
+        g = GaugeMetricFamily("mproxy_buffer_limit_bytes", "Caps on buffered bytes ([tracker] memcap: out_of_order + "
+                              "unmapped + checksummed; history_memcap: history)", labels=["limit"])
+        g.add_metric(["memcap"], t.budget.limit)
+        g.add_metric(["history_memcap"], t.history_budget.limit)
         yield g
         c = _counter("mproxy_shed_bytes", "Bytes a buffer limit kept out (inline with on_memcap = drop, their "
                      "packets were dropped for the sender to resend)")

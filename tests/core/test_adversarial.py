@@ -249,6 +249,33 @@ def test_global_memcap_holds_all_connections_together() -> None:
     check_bounded(tr)
 
 
+def test_history_memcap_drops_the_least_recently_active_histories_first() -> None:
+    """Released bytes kept for overlap checks are capped all together: each connection would keep
+    up to 2 x history per direction, max_connections times over. Over history_memcap the least
+    recently active connections lose theirs first; the busiest keeps comparing."""
+    cfg = TrackerConfig(history=4096, history_memcap=4 * 8192)
+    tr = Tracker(cfg)
+    feed = Feeder(tr)
+    sessions = [Session(1, sport=42000 + 100 * k, client_key=0x2000 + k, server_key=0xA000 + k) for k in range(8)]
+    for s in sessions:
+        feed(s.handshake())
+    for s in sessions:  # 8 KiB each, in order: each C2S history holds 8 KiB (trimmed at 2 x 4096)
+        feed([s.data(0, True, off, bytes([off // 1000]) * 1000) for off in range(0, 8000, 1000)])
+        check_bounded(tr)
+    feed([sessions[-1].ack(0, True, 0)])  # one more packet: the cap is enforced before each packet
+    hist = [len(c.streams[C2S]._history) for c in tr.connections.values()]
+    assert tr.history_budget.used == sum(hist) <= cfg.history_memcap and tr.stats.memcap["history"] > 0
+    assert hist[0] == 0 and hist[-1] == 8000, hist  # the oldest went, the newest stayed
+    check_bounded(tr)
+    # a differing late copy: compared (and noticed) where the history is kept, counted where not
+    ev = feed([sessions[-1].data(0, True, 0, b"X" * 1000, rel=1), sessions[0].data(0, True, 0, b"X" * 1000, rel=1)])
+    assert [e.conn_id for e in ev if isinstance(e, Notice) and e.type == NoticeType.OVERLAP_MISMATCH] \
+        == [max(tr.connections)]
+    assert tr.connections[min(tr.connections)].streams[C2S].duplicate_bytes == 1000
+    feed([s.rst(0, True) for s in sessions])
+    assert tr.history_budget.used == 0
+
+
 def test_memcap_covers_unmapped_and_checksummed_bytes() -> None:
     """Unmapped bytes and a checksummed mapping being assembled are buffers too: counted in the
     budget, refused beyond it, given back when resolved, evicted or closed."""

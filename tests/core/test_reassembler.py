@@ -66,6 +66,20 @@ def test_shared_budget_caps_streams_together_and_gets_every_byte_back() -> None:
     assert budget.used == 0 and a.ooo_bytes == b.ooo_bytes == 0 and a.next_buffered() is None
 
 
+def test_history_budget_counts_what_the_histories_hold() -> None:
+    hb = MemBudget(1 << 20)
+    a, b = DataStream(base=0, history_limit=100, history_budget=hb), DataStream(base=0, history_budget=hb)
+    a.insert(0, b"x" * 150)
+    b.insert(0, b"y" * 50)
+    assert hb.used == 200 == len(a._history) + len(b._history)
+    a.insert(150, b"x" * 60)  # 210 > 2 x 100: trimmed to the last 100
+    assert len(a._history) == 100 and hb.used == 150
+    a.drop_history()
+    assert hb.used == 50 and not a._history
+    assert a.insert(100, b"z" * 10) == b"" and not a.overlaps  # no history left: not compared
+    assert a.duplicate_bytes == 10
+
+
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(min_size=1, max_size=2000), cuts=st.lists(st.integers(0, 2000), max_size=30),
        order=st.randoms(use_true_random=False), limit=st.integers(0, 2500), skips=st.integers(0, 3))

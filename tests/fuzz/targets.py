@@ -457,7 +457,8 @@ def _small_config() -> TrackerConfig:
     """Tiny limits so a short input can reach every one of them."""
     return TrackerConfig(max_connections=4, max_subflows=10, max_subflows_per_connection=3, idle_timeout=20.0,
                          handshake_timeout=5.0, closed_linger=3.0, ooo_limit=4096, pending_limit=2048,
-                         memcap=6000, history=512, join_flood_threshold=4, join_flood_window=2.0)
+                         memcap=6000, history=512, history_memcap=2000, join_flood_threshold=4,
+                         join_flood_window=2.0, syn_flood_threshold=2, syn_flood_window=2.0)
 
 
 from mproxy.core.tracker import _MAX_HELD as MAX_HELD  # noqa: E402
@@ -503,11 +504,16 @@ def check_bounded(tr: Tracker) -> None:
     # the shared budget counts exactly what the live connections buffer (a drift either way would
     # starve reassembly or lift the cap), and only they buffer anything
     assert tr.budget.used == sum(tr.buffered_bytes()) <= cfg.memcap, (tr.budget.used, tr.buffered_bytes())
+    # histories: counted exactly, over their cap by at most what one packet released (the cap is
+    # enforced before the next packet)
+    hist = sum(len(st._history) for c in tr.connections.values() for st in c.streams)
+    assert tr.history_budget.used == hist <= cfg.history_memcap + 4 * cfg.history, (tr.history_budget.used, hist)
     for sf in {id(sf): sf for sf, _d in tr._sf.values()}.values():
         if sf.conn is None or sf.conn.closed is not None:
             assert all(not sd.pending and all(mp.acc is None for mp in sd.mappings) for sd in sf.dirs), sf.key
             if sf.conn is not None:
-                assert all(st.ooo_bytes == 0 and not st._chunks for st in sf.conn.streams), sf.conn.id
+                assert all(st.ooo_bytes == 0 and not st._chunks and not st._history for st in sf.conn.streams), \
+                    sf.conn.id
 
 
 def check_frame(ts: float, frame: bytes) -> None:
