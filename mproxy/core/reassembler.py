@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
+GAPS_LISTED = 32  # gaps kept per stream for the log; all are counted (a hole per packet must not grow memory)
+_SHED_RANGES = 64  # ranges of bytes a buffer limit kept out, remembered per stream to label later gaps
 
 
 def expand32(value: int, ref: int) -> int:
@@ -77,6 +79,7 @@ class Gap:
     dsn: int
     length: int
     acked: bool
+    shed: int = 0  # of ``length``, bytes that did arrive but a buffer limit kept out
 
 
 @dataclass(slots=True)
@@ -110,7 +113,11 @@ class DataStream:
     _history: bytearray = field(default_factory=bytearray)
     sha: "hashlib._Hash | None" = field(default_factory=hashlib.sha256)  # None: the consumer of the releases hashes
     overlaps: list[Overlap] = field(default_factory=list)
-    gaps: list[Gap] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)  # the first GAPS_LISTED
+    gap_count: int = 0
+    gap_bytes: int = 0
+    skipped_shed: int = 0  # shed bytes inside the gap the last skip_to made
+    _shed: list[list[int]] = field(default_factory=list)  # [start, end) positions kept out, sorted
 
     # -- input ----------------------------------------------------------
     def insert(self, dsn: int, data: bytes | memoryview) -> bytes:
@@ -182,7 +189,11 @@ class DataStream:
             return b""
         if self.fin_dsn is not None and dsn > self.fin_dsn:
             dsn = self.fin_dsn
-        self.gaps.append(Gap(self.base, dsn - self.base, acked))
+        self.skipped_shed = shed = self._shed_in(self.base, dsn) if self._shed else 0
+        self.gap_count += 1
+        self.gap_bytes += dsn - self.base
+        if len(self.gaps) < GAPS_LISTED:
+            self.gaps.append(Gap(self.base, dsn - self.base, acked, shed))
         # drop buffered chunks wholly before the new base, trim a straddler
         while self._starts and self._starts[0] < dsn:
             s = self._starts.pop(0)
@@ -258,6 +269,31 @@ class DataStream:
             self._advance(c)
         return b"".join(parts)
 
+    def note_shed(self, start: int, end: int) -> None:
+        """Remember that ``[start, end)`` arrived but a buffer limit kept it out, so a gap there is
+        reported as such rather than as bytes that never crossed (side channel, capture loss)."""
+        rs = self._shed
+        base = self.base or 0
+        while rs and rs[0][1] <= base:  # ranges the stream has moved past
+            rs.pop(0)
+        if rs and rs[-1][1] >= start and rs[-1][0] <= end:  # the usual case: right after the last one
+            rs[-1][0] = min(rs[-1][0], start)
+            rs[-1][1] = max(rs[-1][1], end)
+            return
+        insort(rs, [start, end])
+        if len(rs) > _SHED_RANGES:
+            rs.pop(0)
+
+    def _shed_in(self, start: int, end: int) -> int:
+        """Shed bytes in ``[start, end)`` (ranges may overlap: counted once)."""
+        total, upto = 0, start
+        for s, e in self._shed:
+            s, e = max(s, upto), min(e, end)
+            if e > s:
+                total += e - s
+                upto = e
+        return total
+
     def _unbuffer(self, n: int) -> None:
         self.ooo_bytes -= n
         if self.budget is not None:
@@ -313,6 +349,7 @@ class DataStream:
             if self.ooo_bytes + len(c) > self.ooo_limit or (budget is not None and not budget.take(len(c))):
                 self.memcap_drops += 1
                 self.memcap_bytes += len(c)
+                self.note_shed(s, s + len(c))
                 if self.ooo_bytes + len(c) <= self.ooo_limit:
                     self.budget_drops += 1
                 continue

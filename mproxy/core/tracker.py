@@ -194,11 +194,13 @@ class Connection:
             dirs[d] = {
                 "bytes": st.released,
                 "sha256": None if st.sha is None else st.sha.hexdigest(),
-                "gaps": [{"dsn": g.dsn & MASK64, "length": g.length, "acked": g.acked} for g in st.gaps],
-                "gap_bytes": sum(g.length for g in st.gaps),
+                "gaps": [{"dsn": g.dsn & MASK64, "length": g.length, "acked": g.acked, "shed": g.shed}
+                         for g in st.gaps],
+                "gap_count": st.gap_count,
+                "gap_bytes": st.gap_bytes,
                 "data_fin": st.finished,
                 "acked_bytes": None if st.acked is None or st.start is None else max(0, min(
-                    st.acked - st.start, st.released + sum(g.length for g in st.gaps))),
+                    st.acked - st.start, st.released + st.gap_bytes)),
                 "duplicate_bytes": st.duplicate_bytes,
                 "memcap_drops": st.memcap_drops,
             }
@@ -1395,6 +1397,9 @@ class Tracker:
             if not self.budget.take(mp.length):
                 self._shed(conn, "global", len(piece), f"buffered bytes over the memcap ({self.budget.limit})",
                            ts, ev)
+                st = conn.streams[cdir]
+                pos = st.unwrap((mp.dsn + off) & MASK64)
+                st.note_shed(pos, pos + len(piece))
                 return
             mp.acc = bytearray(mp.length)
             mp.filled = []
@@ -1564,11 +1569,19 @@ class Tracker:
             start = st.base
             out = st.skip_to(target, acked)
             if target > start:
-                self.stats.gap_bytes["side_channel" if acked else "capture"] += target - start
+                # bytes mproxy saw but a buffer limit kept out are its own doing, not a side channel
+                # or a capture loss: counted apart, and only the rest raises the notice
+                shed = st.skipped_shed
+                unseen = target - start - shed
+                if shed:
+                    self.stats.gap_bytes["memcap"] += shed
                 ev.append(GapSkipped(conn.id, cdir, start, target - start, acked, ts))
-                t = NoticeType.SIDE_CHANNEL if acked else NoticeType.CAPTURE_GAP
-                self._notice(ev, t, conn, f"{target - start} bytes at dsn {start} "
-                             + ("acknowledged by the peer but never seen" if acked else "never seen"), None, ts)
+                if unseen:
+                    self.stats.gap_bytes["side_channel" if acked else "capture"] += unseen
+                    t = NoticeType.SIDE_CHANNEL if acked else NoticeType.CAPTURE_GAP
+                    self._notice(ev, t, conn, (f"{unseen} of " if shed else "") + f"{target - start} bytes at dsn "
+                                 f"{start} " + ("acknowledged by the peer but never seen" if acked else "never seen")
+                                 + (f" ({shed} were seen but kept out by a buffer limit)" if shed else ""), None, ts)
             if out:
                 self.stats.rebuilt_bytes[cdir] += len(out)
                 ev.append(DataReleased(conn.id, cdir, out, ts))

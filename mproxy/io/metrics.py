@@ -241,10 +241,12 @@ class MproxyCollector(Collector):
                      "packets were dropped for the sender to resend)")
         c.add_metric([], t.shed_bytes)
         yield c
-        c = _counter("mproxy_gap_bytes", "Bytes skipped in rebuilt streams because they never crossed the "
-                     "gateway, by kind (side_channel: the peer acknowledged them)", ["kind"])
+        c = _counter("mproxy_gap_bytes", "Bytes skipped in rebuilt streams, by kind (side_channel: never crossed "
+                     "the gateway, the peer acknowledged them; capture: never seen; memcap: seen, but a buffer "
+                     "limit kept them out)", ["kind"])
         c.add_metric(["side_channel"], st.gap_bytes.get("side_channel", 0))
         c.add_metric(["capture"], st.gap_bytes.get("capture", 0))
+        c.add_metric(["memcap"], st.gap_bytes.get("memcap", 0))
         yield c
         yield _by_label("mproxy_notices", "Anomaly notices, by type", "type", (n.value for n in NoticeType),
                         st.notices)

@@ -4,7 +4,7 @@ import hashlib
 
 from hypothesis import given, settings, strategies as st
 
-from mproxy.core.reassembler import DataStream, MemBudget, expand32
+from mproxy.core.reassembler import GAPS_LISTED, DataStream, MemBudget, expand32
 
 
 def test_expand32_nearest_and_wrap() -> None:
@@ -64,6 +64,25 @@ def test_shared_budget_caps_streams_together_and_gets_every_byte_back() -> None:
     a.release()
     b.release()
     assert budget.used == 0 and a.ooo_bytes == b.ooo_bytes == 0 and a.next_buffered() is None
+
+
+def test_gaps_are_counted_all_and_listed_first_32_with_their_shed_bytes() -> None:
+    """One gap per packet must not grow memory (or the log record) without bound; a gap over bytes
+    a buffer limit kept out says so (it is not a side channel)."""
+    s = DataStream(base=0, ooo_limit=100)
+    for i in range(40):  # a 10-byte hole, then 10 bytes, 40 times: every hole is skipped
+        s.insert(20 * i + 10, b"d" * 10)
+        s.skip_to(20 * i + 10, acked=True)
+    assert (s.gap_count, s.gap_bytes, len(s.gaps)) == (40, 400, GAPS_LISTED) and s.released == 400
+    t = DataStream(base=0, ooo_limit=100)
+    t.insert(50, b"a" * 100)  # buffered
+    t.insert(150, b"b" * 60)  # over the limit: shed
+    t.insert(250, b"c" * 10)  # shed too
+    assert t.memcap_drops == 2 and t._shed == [[150, 210], [250, 260]]
+    assert t.skip_to(50, acked=True) == b"a" * 100 and t.gaps[-1].shed == 0
+    t.skip_to(300, acked=True)  # [150, 300): 70 bytes of it were seen and shed
+    assert (t.gaps[-1].length, t.gaps[-1].shed, t.skipped_shed) == (150, 70, 70)
+    assert t.note_shed(400, 410) is None and t._shed == [[400, 410]]  # ranges passed by are forgotten
 
 
 def test_history_budget_counts_what_the_histories_hold() -> None:
