@@ -43,7 +43,7 @@ from .events import (
     SubflowJoined,
     SubflowRefused,
 )
-from .reassembler import MASK32, MASK64, DataStream, MemBudget, expand32
+from .reassembler import MASK32, MASK64, PIECE_COST, DataStream, MemBudget, expand32
 
 _NO_EVENTS: list[Event] = []
 _DIRS = (Direction.C2S, Direction.S2C)
@@ -319,7 +319,8 @@ class Tracker:
     def buffered_bytes(self) -> tuple[int, int, int]:
         """(out-of-order, unmapped, checksummed-mapping) bytes held right now, over all connections.
 
-        Their sum is what ``budget.used`` tracks incrementally; this walk is the slow truth."""
+        Their sum, plus ``PIECE_COST`` per out-of-order chunk and unmapped piece, is what
+        ``budget.used`` tracks incrementally; this walk is the slow truth."""
         ooo = unmapped = assembling = 0
         for conn in self.connections.values():
             ooo += conn.streams[0].ooo_bytes + conn.streams[1].ooo_bytes
@@ -1435,7 +1436,7 @@ class Tracker:
             return
         old = sfd.pending.get(seq)
         grow = len(data) - (len(old) if old is not None else 0)
-        if grow > 0 and not self.budget.take(grow):
+        if not self.budget.take(grow + (PIECE_COST if old is None else 0)):
             self._shed(conn, "global", len(data), f"buffered bytes over the memcap ({self.budget.limit})", ts, ev,
                        seg)
             return
@@ -1466,8 +1467,8 @@ class Tracker:
     def _release_subflow(self, sf: Subflow) -> None:
         """Give back what a subflow holds (unmapped bytes, mappings being assembled)."""
         for sd in sf.dirs:
-            if sd.pending_bytes:
-                self.budget.give(sd.pending_bytes)
+            if sd.pending:
+                self.budget.give(sd.pending_bytes + PIECE_COST * len(sd.pending))
                 sd.pending.clear()
                 sd.pending_bytes = 0
             for mp in sd.mappings:
@@ -1501,7 +1502,7 @@ class Tracker:
                          ev: list[Event]) -> None:
         items = sorted(sfd.pending.items(), key=lambda kv: (kv[0] - (sfd.isn or 0)) & MASK32)
         sfd.pending.clear()
-        self.budget.give(sfd.pending_bytes)
+        self.budget.give(sfd.pending_bytes + PIECE_COST * len(items))
         sfd.pending_bytes = 0
         sf = next((s for s in conn.subflows if sfd in s.dirs), None)
         if sf is None:

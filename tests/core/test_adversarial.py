@@ -24,13 +24,14 @@ import pytest
 from mproxy import crypto
 from mproxy.core.events import DataReleased, Direction, Notice, NoticeType
 from mproxy.core.pipeline import Pipeline
+from mproxy.core.reassembler import PIECE_COST
 from mproxy.core.tracker import ConnectionClosedSummary, Tracker, TrackerConfig
 from mproxy.io.pcap import PcapWriter
 from mproxy.replay import replay
 from mproxy.wire import mptcp as m
 from mproxy.wire.build import build_tcp, tcp_options
 from mproxy.wire.packet import ACK, SYN
-from tests.fuzz.targets import check_bounded, check_frame
+from tests.fuzz.targets import buffered_pieces, check_bounded, check_frame
 
 from .session import MASK64, Session, run, seg, streams
 
@@ -227,7 +228,7 @@ def test_global_memcap_holds_all_connections_together() -> None:
         check_bounded(tr)
     assert len(tr.connections) == 4
     held = [c.streams[C2S].ooo_bytes for c in tr.connections.values()]
-    assert tr.budget.used == sum(held) <= cfg.memcap and held[0] > held[-1]
+    assert tr.budget.used == sum(held) + PIECE_COST * buffered_pieces(tr) <= cfg.memcap and held[0] > held[-1]
     assert tr.stats.memcap["global"] > 0 and tr.stats.memcap["out_of_order"] == 0
     assert tr.shed_bytes == sum(len(d) - 1000 for d in data) - sum(held)
     per_conn = Counter(e.conn_id for e in feed.events if isinstance(e, Notice) and e.type == NoticeType.MEMCAP)
@@ -236,7 +237,7 @@ def test_global_memcap_holds_all_connections_together() -> None:
     out = b"".join(e.data for e in feed([sessions[0].data(0, True, 0, data[0][:1000])])
                    if isinstance(e, DataReleased))
     assert out == data[0][: len(out)] and len(out) == 1000 + held[0]
-    assert tr.budget.used == sum(held[1:])
+    assert tr.budget.used == sum(held[1:]) + PIECE_COST * buffered_pieces(tr)
     # room again: the last connection can now buffer what it was refused (the sender resends)
     last = sessions[-1]
     before = tr.connections[max(tr.connections)].streams[C2S].ooo_bytes
@@ -246,6 +247,29 @@ def test_global_memcap_holds_all_connections_together() -> None:
     # closing gives everything back
     feed([s.rst(0, True) for s in sessions])
     assert not tr.connections and tr.budget.used == 0
+    check_bounded(tr)
+
+
+def test_one_byte_segments_cannot_hold_many_times_the_memcap() -> None:
+    """Each buffered piece costs ~100 bytes of bookkeeping beyond its payload: counted against the
+    memcap, so 1-byte out-of-order segments stop at the cap in real memory, not at 100x it."""
+    cfg = TrackerConfig(ooo_limit=64 * 1024 * 1024, memcap=1024 * 1024)
+    tr = Tracker(cfg)
+    feed = Feeder(tr)
+    s = Session(1)
+    feed(s.handshake())
+    pk = [s.data(0, True, 2 + 2 * i, b"x", rel=3 + 2 * i) for i in range(20_000)]  # every other byte
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        feed(pk)
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    (conn,) = tr.connections.values()
+    st = conn.streams[C2S]
+    assert tr.stats.memcap["global"] > 0 and len(st._chunks) < cfg.memcap // PIECE_COST
+    assert held < 1.5 * cfg.memcap, held  # payload + bookkeeping, as charged (uncharged: 2.2 MB here, and growing)
     check_bounded(tr)
 
 
@@ -292,18 +316,18 @@ def test_memcap_covers_unmapped_and_checksummed_bytes() -> None:
     assert tr.buffered_bytes() == (0, 0, 2000) and tr.budget.used == 2000
     # unmapped bytes on the subflow (no DSS mapping yet): 800 more
     feed([s.data(0, True, 0, b"u" * 800, mapping=False, rel=3001)])
-    assert tr.buffered_bytes() == (0, 800, 2000) and tr.budget.used == 2800
+    assert tr.buffered_bytes() == (0, 800, 2000) and tr.budget.used == 2800 + PIECE_COST  # one unmapped piece
     # a second checksummed mapping does not fit
     feed([s.data(0, True, 5000, b"c" * 100, map_len=1000, rel=6001)])
-    assert tr.stats.memcap["global"] == 1 and tr.budget.used == 2800
+    assert tr.stats.memcap["global"] == 1 and tr.budget.used == 2800 + PIECE_COST
     # the first mapping completes: verified, released, its reservation given back
     ev = feed([s._pkt(s.subs[0], True, ACK, [dss], full[500:], rel=501)])
     assert b"".join(e.data for e in ev if isinstance(e, DataReleased)) == full
-    assert tr.budget.used == 800
+    assert tr.budget.used == 800 + PIECE_COST
     check_bounded(tr)
     # mappings evicted (a subflow direction keeps the newest 32) give their reservation back
     feed([s.data(0, True, 10000 + 100 * k, b"z" * 10, map_len=50, rel=20001 + 100 * k) for k in range(40)])
-    assert tr.budget.used == 800 + 32 * 50
+    assert tr.budget.used == 800 + PIECE_COST + 32 * 50
     check_bounded(tr)
     feed([s.rst(0, True)])
     assert tr.budget.used == 0

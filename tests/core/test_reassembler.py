@@ -4,7 +4,7 @@ import hashlib
 
 from hypothesis import given, settings, strategies as st
 
-from mproxy.core.reassembler import GAPS_LISTED, DataStream, MemBudget, expand32
+from mproxy.core.reassembler import GAPS_LISTED, PIECE_COST, DataStream, MemBudget, expand32
 
 
 def test_expand32_nearest_and_wrap() -> None:
@@ -44,23 +44,24 @@ def test_memcap_counts_and_bounds() -> None:
 
 
 def test_shared_budget_caps_streams_together_and_gets_every_byte_back() -> None:
-    budget = MemBudget(120)
+    c = PIECE_COST  # every chunk also pays for its bookkeeping
+    budget = MemBudget(3 * c + 120)
     a, b = DataStream(base=0, budget=budget), DataStream(base=0, budget=budget)
     assert a.insert(100, b"a" * 50) == b"" and a.insert(200, b"a" * 50) == b""
-    assert budget.used == 100
-    assert b.insert(100, b"b" * 50) == b""  # 150 > 120: refused by the budget, not by b's own limit
+    assert budget.used == 2 * c + 100
+    assert b.insert(100, b"b" * 50) == b""  # 3c + 150 > 3c + 120: refused by the budget, not by b's own limit
     assert (b.ooo_bytes, b.memcap_drops, b.budget_drops, b.memcap_bytes) == (0, 1, 1, 50)
     assert budget.refused == 1
-    assert b.insert(300, b"b" * 20) == b"" and budget.used == 120  # what fits is taken
+    assert b.insert(300, b"b" * 20) == b"" and budget.used == 3 * c + 120  # what fits is taken
     # draining gives back: a's first chunk is released when its hole fills
     assert a.insert(0, b"0" * 100) == b"0" * 100 + b"a" * 50
-    assert budget.used == 70 and a.ooo_bytes == 50
-    assert b.insert(100, b"b" * 50) == b"" and budget.used == 120  # room again
-    assert b.insert(160, b"c" * 30) == b""  # 30 bytes over the budget: refused whole
+    assert budget.used == 2 * c + 70 and a.ooo_bytes == 50
+    assert b.insert(100, b"b" * 50) == b"" and budget.used == 3 * c + 120  # room again
+    assert b.insert(160, b"c" * 30) == b""  # over the budget: refused whole
     assert b.budget_drops == 2
     # skipping a hole into a chunk: its skipped head is dropped, its tail released, all given back
     assert b.skip_to(120, acked=True) == b"b" * 30
-    assert budget.used == 70 and b.ooo_bytes == 20
+    assert budget.used == 2 * c + 70 and b.ooo_bytes == 20
     a.release()
     b.release()
     assert budget.used == 0 and a.ooo_bytes == b.ooo_bytes == 0 and a.next_buffered() is None
@@ -116,7 +117,7 @@ def test_budget_matches_what_the_streams_hold(data: bytes, cuts: list[int], orde
         if skips and order.random() < 0.1:
             s.skip_to((s.base or 0) + order.randrange(1, 200), acked=False)
             skips -= 1
-        assert budget.used == sum(x.ooo_bytes for x in streams) <= limit
+        assert budget.used == sum(x.ooo_bytes + PIECE_COST * len(x._chunks) for x in streams) <= limit
         assert all(x.ooo_bytes == sum(len(c) for c in x._chunks.values()) for x in streams)
     for s in streams:
         s.release()

@@ -461,8 +461,14 @@ def _small_config() -> TrackerConfig:
                          join_flood_window=2.0, syn_flood_threshold=2, syn_flood_window=2.0)
 
 
-from mproxy.core.reassembler import GAPS_LISTED  # noqa: E402
+from mproxy.core.reassembler import GAPS_LISTED, PIECE_COST  # noqa: E402
 from mproxy.core.tracker import _MAX_HELD as MAX_HELD  # noqa: E402
+
+
+def buffered_pieces(tr: Tracker) -> int:
+    """Out-of-order chunks and unmapped pieces the live connections hold (each pays PIECE_COST)."""
+    return sum(len(st._chunks) for c in tr.connections.values() for st in c.streams) + sum(
+        len(sd.pending) for c in tr.connections.values() for sf in c.subflows for sd in sf.dirs)
 
 
 def check_bounded(tr: Tracker) -> None:
@@ -505,7 +511,8 @@ def check_bounded(tr: Tracker) -> None:
                 assert mp.acc is None or len(mp.acc) <= 0xFFFF
     # the shared budget counts exactly what the live connections buffer (a drift either way would
     # starve reassembly or lift the cap), and only they buffer anything
-    assert tr.budget.used == sum(tr.buffered_bytes()) <= cfg.memcap, (tr.budget.used, tr.buffered_bytes())
+    assert tr.budget.used == sum(tr.buffered_bytes()) + PIECE_COST * buffered_pieces(tr) <= cfg.memcap, \
+        (tr.budget.used, tr.buffered_bytes(), buffered_pieces(tr))
     # histories: counted exactly, over their cap by at most what one packet released (the cap is
     # enforced before the next packet)
     hist = sum(len(st._history) for c in tr.connections.values() for st in c.streams)
@@ -691,4 +698,5 @@ TARGETS: dict[str, tuple[Target, Callable[[Reader], bytes]]] = {
     "alert": (target_alert, alert_input),
 }
 
-__all__ = ["TARGETS", "Reader", "mutate", "check_bounded", "check_frame", "alerts_available", "Event"]
+__all__ = ["TARGETS", "Reader", "mutate", "check_bounded", "buffered_pieces", "check_frame", "alerts_available",
+           "Event"]
