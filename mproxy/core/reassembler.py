@@ -121,7 +121,8 @@ class DataStream:
     gap_count: int = 0
     gap_bytes: int = 0
     skipped_shed: int = 0  # shed bytes inside the gap the last skip_to made
-    _shed: list[list[int]] = field(default_factory=list)  # [start, end) positions kept out, sorted
+    # [start, end) positions kept out, sorted; None until the first (most streams never shed)
+    _shed: list[list[int]] | None = None
 
     # -- input ----------------------------------------------------------
     def insert(self, dsn: int, data: bytes | memoryview) -> bytes:
@@ -279,6 +280,8 @@ class DataStream:
         """Remember that ``[start, end)`` arrived but a buffer limit kept it out, so a gap there is
         reported as such rather than as bytes that never crossed (side channel, capture loss)."""
         rs = self._shed
+        if rs is None:
+            rs = self._shed = []
         base = self.base or 0
         while rs and rs[0][1] <= base:  # ranges the stream has moved past
             rs.pop(0)
@@ -293,7 +296,7 @@ class DataStream:
     def _shed_in(self, start: int, end: int) -> int:
         """Shed bytes in ``[start, end)`` (ranges may overlap: counted once)."""
         total, upto = 0, start
-        for s, e in self._shed:
+        for s, e in self._shed or ():
             s, e = max(s, upto), min(e, end)
             if e > s:
                 total += e - s

@@ -494,7 +494,7 @@ def check_bounded(tr: Tracker) -> None:
             assert st.ooo_bytes == sum(len(c) for c in st._chunks.values())
             assert sorted(st._starts) == st._starts and set(st._starts) == set(st._chunks)
             assert len(st._history) <= 2 * max(st.history_limit, 1)
-            assert len(st.gaps) <= GAPS_LISTED and len(st._shed) <= 64 and st.gap_bytes >= sum(g.length for g in st.gaps)
+            assert len(st.gaps) <= GAPS_LISTED and len(st._shed or ()) <= 64 and st.gap_bytes >= sum(g.length for g in st.gaps)
             if st.base is not None:
                 assert st.base >= 0  # a position: starts at a 64-bit DSN, only grows (wraps are unwrapped)
     seen: set[int] = set()
