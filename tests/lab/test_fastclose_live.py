@@ -125,7 +125,7 @@ def check_killed(lab: Any, tmp: Path, family: int, cli_pcap: Path, srv_pcap: Pat
     assert server_end["t"] - t0 < 1.0, (server_end, t0)
     # every subflow got its RST carrying MP_FASTCLOSE, at both ends
     tuples = subflow_tuples(lab, family, records)
-    assert len(tuples) == 2, tuples
+    assert len(tuples) >= 2, tuples
     paths = {lab.addresses().path_of(t[0]) for t in tuples}
     assert paths == {0, 1}, tuples  # the subflows really used both client paths
     at_server, at_client = resets(srv_pcap), resets(cli_pcap)
@@ -133,7 +133,7 @@ def check_killed(lab: Any, tmp: Path, family: int, cli_pcap: Path, srv_pcap: Pat
         assert "mp_fastclose" in at_server.get((src, sport, dst, dport), set()), (at_server, tuples)
         assert "mp_fastclose" in at_client.get((dst, dport, src, sport), set()), (at_client, tuples)
     (act,) = [r for r in records if r["event"] == "action" and r["action"] == "fastclose"]
-    assert act["mode"] == "mp_fastclose" and act["version"] == 1 and len(act["subflows"]) == 2, act
+    assert act["mode"] == "mp_fastclose" and act["version"] == 1 and len(act["subflows"]) == len(tuples), act
     assert all(sf["to_responder"] == sf["to_initiator"] == "rst+mp_fastclose" for sf in act["subflows"])
 
 
@@ -231,7 +231,7 @@ def test_benign_transfer_untouched(lab: Any, server: Any, tmp_path: Path) -> Non
     recs = mp["records"]
     assert not [r for r in recs if r["event"] == "action"], recs
     (conn,) = [r for r in recs if r["event"] == "mptcp_connection"]
-    assert conn["outcome"] in ("data_fin", "fin") and len(conn["subflows"]) == 2
+    assert conn["outcome"] in ("data_fin", "fin") and len(conn["subflows"]) >= 2
     st = next(r for r in recs if r["event"] == "stats")
     assert st["verdicts"].get("drop", 0) == 0
     assert st["reactions"]["inspector"]["bytes"]["c2s"] == 2 * len(BENIGN)

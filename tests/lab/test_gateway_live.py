@@ -164,8 +164,11 @@ def test_inspect_emits_what_the_applications_sent(lab: Any, tmp_path: Path, fami
     # the connection really used both paths (tshark on the gateway capture, MPTCP packets only)
     assert len(data_streams(res.capture)) >= 2, "data did not cross both client paths"
     conns = [r for r in mp.records if r["event"] == "mptcp_connection"]
-    assert len(conns) == 1 and len(conns[0]["subflows"]) == 2
-    assert all(sf["bytes_c2s"] > 0 for sf in conns[0]["subflows"])
+    # subflows that carried data, on both client paths (a join the path manager opened and closed
+    # again may add a subflow without data: the 4-tuples matter, not the count)
+    assert len(conns) == 1
+    used = [sf for sf in conns[0]["subflows"] if sf["bytes_c2s"] > 0]
+    assert len(used) >= 2 and {lab.addresses().path_of(sf["src"]) for sf in used} == {0, 1}, conns[0]["subflows"]
     # what the IDS received on the sink interface, and the pcap sink, both read back by tshark
     pcaps = sorted((tmp_path / "mproxy").glob("sink.*.pcap"))
     assert len(pcaps) == 1
@@ -261,7 +264,7 @@ def test_verify_joins_drops_forged_joins(lab: Any, tmp_path: Path, workers: int)
     finally:
         lab.run(lab.ns_cli, "iptables", "-w", "-D", "OUTPUT", *rst, check=False)
     (c,) = res.connections
-    assert c.mptcp is True and len(c.subflows) == 2, "the legitimate join must pass verify-joins"
+    assert c.mptcp is True and len(c.subflows) >= 2, "the legitimate join must pass verify-joins"
     assert forged.get("token"), "no server token found"
     # unknown token: the SYN itself never reaches the server
     assert tshark_count(srv, f"tcp.srcport == {unknown_port}") == 0

@@ -145,9 +145,11 @@ def test_prometheus_sees_the_two_path_transfer(lab: Any, tmp_path: Path) -> None
         prom.stop()
     elapsed = time.monotonic() - t0
     conns = [r for r in mp.records if r["event"] == "mptcp_connection"]
-    assert len(conns) == 1 and len(conns[0]["subflows"]) == 2, "the transfer must have used both paths"
+    subflows = conns[0]["subflows"] if len(conns) == 1 else []
+    assert len(subflows) >= 2, "the transfer must have used both paths"
     # the counters moved as the traffic implies
-    assert joined == {(): 1.0}, joined  # two paths: the initial subflow + one MP_JOIN
+    joins = sum(1 for sf in subflows if sf["role"] == "join" and sf["established"])
+    assert joins >= 1 and joined == {(): float(joins)}, (joined, subflows)  # the MP_JOINs that completed
     assert opened == {(): 1.0} and active == {(): 0.0}
     assert closed[(("outcome", "data_fin"),)] == 1 and sum(closed.values()) == 1, closed
     assert rebuilt == {(("direction", "client_to_server"),): c.c2s_sent_bytes,
