@@ -107,15 +107,8 @@ class Gateway:
         verdict = Verdict.ACCEPT
         reason = ""
         inject: list[bytes] = []
-        if tracker.shed_bytes != shed and self.policy.on_memcap == OnMemcap.DROP:
-            # a buffer limit kept bytes of this packet out: dropped, so the sender resends them once
-            # there is room and the server never holds bytes the IDS did not see. Counted, not logged
-            # per packet (a flood would drown the log; one memcap notice per connection says it happened)
-            verdict, reason = Verdict.DROP, "memcap"
-            self.stats.actions["memcap_drop"] += 1
         if events:
-            if verdict == Verdict.ACCEPT:
-                verdict, reason = self._judge(seg, events)
+            verdict, reason = self._judge(seg, events)
             # inline verdict: bytes this packet made in-order pass the inspector before it is accepted
             r = self.responder.judge(seg, events)
             if r is not None:
@@ -123,6 +116,12 @@ class Gateway:
                 inject = r.inject
                 if r.drop:
                     verdict, reason = Verdict.DROP, r.reason
+        if verdict == Verdict.ACCEPT and tracker.shed_bytes != shed and self.policy.on_memcap == OnMemcap.DROP:
+            # a buffer limit kept bytes of this packet out: dropped, so the sender resends them once
+            # there is room and the server never holds bytes the IDS did not see. Counted, not logged
+            # per packet (a flood would drown the log; one memcap notice per connection says it happened)
+            verdict, reason = Verdict.DROP, "memcap"
+            self.stats.actions["memcap_drop"] += 1
         frames = self.pipeline.handle(events)
         self.records.extend(self.pipeline.drain_records())
         return self._count(Decision(verdict, None, frames, reason, inject))

@@ -218,10 +218,8 @@ class DataStream:
     def release(self) -> None:
         """Drop every buffered byte and give it back to the budget (the connection ended; its
         history goes separately, :meth:`drop_history`)."""
-        if self.ooo_bytes:
-            self.ooo_bytes = 0
-            if self.budget is not None:
-                self.budget.give(sum(len(c) + PIECE_COST for c in self._chunks.values()))
+        if self._chunks:
+            self._unbuffer(self.ooo_bytes, len(self._chunks))
         self._starts.clear()
         self._chunks.clear()
 
@@ -355,12 +353,12 @@ class DataStream:
         for s, c in pieces:
             if not c:
                 continue
-            if self.ooo_bytes + len(c) > self.ooo_limit or (budget is not None
-                                                            and not budget.take(len(c) + PIECE_COST)):
+            over = self.ooo_bytes + len(c) > self.ooo_limit
+            if over or (budget is not None and not budget.take(len(c) + PIECE_COST)):
                 self.memcap_drops += 1
                 self.memcap_bytes += len(c)
                 self.note_shed(s, s + len(c))
-                if self.ooo_bytes + len(c) <= self.ooo_limit:
+                if not over:
                     self.budget_drops += 1
                 continue
             chunks[s] = c

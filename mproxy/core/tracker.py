@@ -1419,8 +1419,7 @@ class Tracker:
         if len(merged) == 1 and merged[0] == (0, mp.length):
             mp.done = True
             data = bytes(mp.acc)
-            mp.acc = None
-            self.budget.give(mp.length)
+            self._drop_acc(mp)
             if crypto.dss_checksum_ok(mp.dsn, mp.ssn, mp.dll, mp.checksum or 0, data):
                 self._deliver(conn, cdir, mp.dsn, data, ts, ev)
             else:
@@ -1458,23 +1457,28 @@ class Tracker:
         if not conn.notices[NoticeType.MEMCAP.value]:
             self._notice(ev, NoticeType.MEMCAP, conn, detail, seg, ts)
 
-    def _evict_mapping(self, sfd: SubflowDir) -> None:
-        mp = sfd.mappings.pop(0)
+    def _drop_acc(self, mp: Mapping) -> None:
+        """A checksummed mapping's accumulator goes (completed, evicted, released): its bytes go back."""
         if mp.acc is not None:
             mp.acc = None
             self.budget.give(mp.length)
+
+    def _drop_pending(self, sfd: SubflowDir) -> None:
+        """Unmapped bytes go (mapped now, or released): their bytes and pieces go back."""
+        self.budget.give(sfd.pending_bytes + PIECE_COST * len(sfd.pending))
+        sfd.pending.clear()
+        sfd.pending_bytes = 0
+
+    def _evict_mapping(self, sfd: SubflowDir) -> None:
+        self._drop_acc(sfd.mappings.pop(0))
 
     def _release_subflow(self, sf: Subflow) -> None:
         """Give back what a subflow holds (unmapped bytes, mappings being assembled)."""
         for sd in sf.dirs:
             if sd.pending:
-                self.budget.give(sd.pending_bytes + PIECE_COST * len(sd.pending))
-                sd.pending.clear()
-                sd.pending_bytes = 0
+                self._drop_pending(sd)
             for mp in sd.mappings:
-                if mp.acc is not None:
-                    mp.acc = None
-                    self.budget.give(mp.length)
+                self._drop_acc(mp)
 
     def _release(self, conn: Connection) -> None:
         """A connection ends: every byte it still buffers goes back to the budget."""
@@ -1501,9 +1505,7 @@ class Tracker:
     def _resolve_pending(self, conn: Connection, sfd: SubflowDir, cdir: Direction, ts: float,
                          ev: list[Event]) -> None:
         items = sorted(sfd.pending.items(), key=lambda kv: (kv[0] - (sfd.isn or 0)) & MASK32)
-        sfd.pending.clear()
-        self.budget.give(sfd.pending_bytes + PIECE_COST * len(items))
-        sfd.pending_bytes = 0
+        self._drop_pending(sfd)
         sf = next((s for s in conn.subflows if sfd in s.dirs), None)
         if sf is None:
             return
