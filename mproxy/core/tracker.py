@@ -49,6 +49,7 @@ _NO_EVENTS: list[Event] = []
 _DIRS = (Direction.C2S, Direction.S2C)
 _PICKUP_DSN_WINDOW = 1 << 26  # a subflow's DSNs within 64 MiB of a stream belong to it
 _MAX_MAPPINGS = 32
+_UNMAPPED_SHED_RANGES = 8  # runs of shed unmapped bytes remembered per subflow direction
 _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flood must not grow it
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TCPOPT_WSCALE = 3
@@ -114,6 +115,8 @@ class SubflowDir:
     mappings: list[Mapping] = field(default_factory=list)
     pending: dict[int, bytes] = field(default_factory=dict)  # abs seq -> bytes with no mapping yet
     pending_bytes: int = 0
+    # unmapped bytes a limit kept out, [abs seq, length], until a mapping says which DSNs they had
+    shed: list[list[int]] | None = None
     fin: bool = False
     last_map_ssn: int | None = None
     last_end: int | None = None  # abs seq after the last segment seen
@@ -1221,6 +1224,8 @@ class Tracker:
         sfd.last_map_ssn = ssn
         if sfd.pending and sfd.isn is not None:
             self._resolve_pending(conn, sfd, cdir, seg.ts, ev)
+        if sfd.shed:
+            self._place_shed(conn, sfd, cdir, mp.ssn, mp.dsn, None if mp.infinite else mp.length)
         return True
 
     def _sync_pickup(self, sfd: SubflowDir, seg: TcpSegment, mp: Mapping) -> None:
@@ -1320,6 +1325,8 @@ class Tracker:
             return
         conn.mapped[cdir] = True
         sfd.last_map_ssn = ssn
+        if sfd.shed:
+            self._place_shed(conn, sfd, cdir, ssn, dsn, dll)
         if seg.payload_len != dll:
             # the mapping reaches beyond this packet: keep it for segments that do not repeat it
             maps = sfd.mappings
@@ -1432,15 +1439,55 @@ class Tracker:
             return
         if sfd.pending_bytes + len(data) > self.config.pending_limit:
             self._shed(conn, "pending", len(data), f"unmapped bytes over {self.config.pending_limit}", ts, ev, seg)
+            self._note_unmapped_shed(sfd, seq, len(data))
             return
         old = sfd.pending.get(seq)
         grow = len(data) - (len(old) if old is not None else 0)
         if not self.budget.take(grow + (PIECE_COST if old is None else 0)):
             self._shed(conn, "global", len(data), f"buffered bytes over the memcap ({self.budget.limit})", ts, ev,
                        seg)
+            self._note_unmapped_shed(sfd, seq, len(data))
             return
         sfd.pending[seq] = bytes(data)
         sfd.pending_bytes += grow
+
+    @staticmethod
+    def _note_unmapped_shed(sfd: SubflowDir, seq: int, n: int) -> None:
+        """Remember subflow bytes a limit kept out before their mapping was known (their DSNs are not
+        known yet): the newest ``_UNMAPPED_SHED_RANGES`` runs, contiguous ones merged."""
+        rs = sfd.shed
+        if rs is None:
+            rs = sfd.shed = []
+        if rs and (rs[-1][0] + rs[-1][1]) & MASK32 == seq:
+            rs[-1][1] += n
+            return
+        rs.append([seq, n])
+        if len(rs) > _UNMAPPED_SHED_RANGES:
+            del rs[0]
+
+    def _place_shed(self, conn: Connection, sfd: SubflowDir, cdir: Direction, ssn: int, dsn: int,
+                    length: int | None) -> None:
+        """A mapping (``length`` None: infinite) says where unmapped bytes that were shed belonged:
+        their DSNs are noted as shed, so a gap over them reads as mproxy's own shedding, not as
+        bytes that travelled on a path the gateway does not see (side_channel). Runs the mapping
+        covers whole are forgotten."""
+        rs, isn = sfd.shed, sfd.isn
+        if not rs or isn is None:
+            return
+        st = conn.streams[cdir]
+        keep = []
+        for r in rs:
+            a = (r[0] - isn - ssn) & MASK32  # the run's offset in the mapping, signed
+            if a >= 0x80000000:
+                a -= 0x100000000
+            b = a + r[1]
+            lo, hi = max(a, 0), b if length is None else min(b, length)
+            if hi > lo:
+                pos = st.unwrap((dsn + lo) & MASK64)
+                st.note_shed(pos, pos + hi - lo)
+            if lo != a or hi != b:
+                keep.append(r)
+        sfd.shed = keep or None
 
     def _shed(self, conn: Connection, limit: str, n: int, detail: str, ts: float | None, ev: list[Event],
               seg: TcpSegment | None = None) -> None:

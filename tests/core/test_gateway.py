@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
+
 from mproxy.core.gateway import Gateway, Verdict
 from mproxy.core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
 from mproxy.core.tracker import TrackerConfig
@@ -148,4 +150,43 @@ def test_memcap_pass_lets_the_packet_through_and_the_stream_has_a_gap() -> None:
     assert (gap["length"], gap["acked"], gap["shed"]) == (7000, True, 7000)
     assert c2s["gap_count"] == 1 and c2s["gap_bytes"] == 7000
     assert gw.tracker.stats.gap_bytes == {"memcap": 7000}
+    assert gw.tracker.stats.notices == {"memcap": 1}
+
+
+@pytest.mark.parametrize("limit", ["pending", "global"])
+def test_unmapped_bytes_shed_before_their_mapping_read_as_shed_not_side_channel(limit: str) -> None:
+    """Subflow bytes that arrive before their DSS mapping wait (up to pending_limit); those over it
+    are shed with no DSN yet. When the mapping comes it tells where they belonged, so the gap the
+    server acknowledges over them is mproxy's own shedding -- not a side channel, which
+    on_side_channel could react to (e.g. fast-close a connection that did nothing wrong)."""
+    s = Session(1)
+    # pending: two segments held, the third over pending_limit; global: a memcap that holds none of
+    # them, so the mapping arrives with nothing pending (the one-packet mapping path places the run)
+    cfg = TrackerConfig(pending_limit=2000) if limit == "pending" else TrackerConfig(memcap=1000)
+    shed = 1000 if limit == "pending" else 3000
+    gw = Gateway(Policy(on_memcap=OnMemcap.PASS), cfg)
+    data = os.urandom(4500)
+    verdicts(gw, s.handshake())
+    gw.packet(s.data(0, True, 0, data[:1000]), 1001.0)
+    for off in range(1000, 4000, 1000):  # no mapping yet
+        assert gw.packet(s.data(0, True, off, data[off : off + 1000], mapping=False), 1001.0).verdict \
+            == Verdict.ACCEPT
+    assert gw.tracker.shed_bytes == shed and sum(gw.tracker.stats.memcap.values()) == shed // 1000
+    (conn,) = gw.tracker.connections.values()
+    assert conn.subflows[0].dirs[0].shed == [[(s.subs[0].isn[0] + 4001 - shed) & 0xFFFFFFFF, shed]]
+    # the last segment carries the mapping of the 3500 bytes after the first 1000: the held ones are
+    # placed, the shed run gets its DSNs (stream positions 4000 - shed .. 4000)
+    gw.packet(s.data(0, True, 4000, data[4000:], map_rel=1001, map_len=3500), 1002.0)
+    assert conn.subflows[0].dirs[0].shed is None
+    st = conn.streams[0]
+    assert st.released == 4000 - shed and st._shed == [[st.base, st.base + shed]]
+    gw.packet(s.data_fin(0, True, len(data)), 1003.0)
+    gw.packet(s.ack(0, False, s.idsn[0] + len(data) + 1), 1004.0)  # the server got every byte
+    gw.flush(1005.0)
+    (rec,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
+    c2s = rec["c2s"]
+    assert c2s["bytes"] == len(data) - shed and c2s["gap_bytes"] == shed
+    (gap,) = c2s["gaps"]
+    assert (gap["length"], gap["acked"], gap["shed"]) == (shed, True, shed)
+    assert gw.tracker.stats.gap_bytes == {"memcap": shed}
     assert gw.tracker.stats.notices == {"memcap": 1}

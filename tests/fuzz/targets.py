@@ -28,7 +28,7 @@ from mproxy.core.events import Event
 from mproxy.core.gateway import Gateway
 from mproxy.core.pipeline import Pipeline
 from mproxy.core.policy import Action, Policy
-from mproxy.core.tracker import _JOIN_FLOOD_KEYS, _MAX_MAPPINGS, Tracker, TrackerConfig
+from mproxy.core.tracker import _JOIN_FLOOD_KEYS, _MAX_MAPPINGS, _UNMAPPED_SHED_RANGES, Tracker, TrackerConfig
 from mproxy.io.pcap import CaptureError, CaptureReader, PcapWriter, read_captures
 from mproxy.wire import mptcp as m
 from mproxy.wire.build import build_tcp, tcp_options
@@ -506,6 +506,7 @@ def check_bounded(tr: Tracker) -> None:
             assert 0 <= sd.pending_bytes <= cfg.pending_limit, (sd.pending_bytes, cfg.pending_limit)
             assert sd.pending_bytes == sum(len(v) for v in sd.pending.values())
             assert len(sd.mappings) <= _MAX_MAPPINGS + 1, len(sd.mappings)
+            assert sd.shed is None or 0 < len(sd.shed) <= _UNMAPPED_SHED_RANGES, sd.shed
             assert len(sd.placed) <= 17
             for mp in sd.mappings:
                 assert mp.acc is None or len(mp.acc) <= 0xFFFF
