@@ -42,7 +42,7 @@ class _Progress:
             return
         self.last = now
         total = sum(r.size for r in self.readers) or 1
-        done = sum(r.position for r in self.readers)
+        done = sum(r.progress() for r in self.readers)
         pct = min(100.0, 100.0 * done / total)
         bar = "#" * int(pct / 4)
         sys.stderr.write(f"\r[{bar:<25}] {pct:5.1f}% {frames} frames")

@@ -149,3 +149,21 @@ def test_replay_takes_tracker_limits_and_log_keys_from_a_config(tmp_path: Path,
     assert main(["replay", str(SAMPLE), "--out", str(tmp_path / "x.pcap"), "-c", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "config error: [tracker] memcap" in err and "Traceback" not in err
+
+
+def test_replay_reads_compressed_captures(tmp_path: Path) -> None:
+    """A gzip-compressed capture (and an xz one, merged with it) replays as the plain file does."""
+    import gzip
+    import lzma
+
+    gz, xz = tmp_path / "sample.pcap.gz", tmp_path / "sample.pcap.xz"
+    gz.write_bytes(gzip.compress(SAMPLE.read_bytes()))
+    xz.write_bytes(lzma.compress(SAMPLE.read_bytes()))
+    outs = {}
+    for tag, inputs in (("plain", [SAMPLE]), ("gz", [gz]), ("both", [SAMPLE, xz])):
+        out, log = tmp_path / f"{tag}.pcap", tmp_path / f"{tag}.jsonl"
+        assert main(["replay", *map(str, inputs), "--out", str(out), "--log", str(log), "-q"]) == 0
+        outs[tag] = (out.read_bytes(), [r["c2s"]["sha256"] for r in map(json.loads, log.read_text().splitlines())
+                                        if r["event"] == "mptcp_connection"])
+    assert outs["gz"] == outs["plain"] and outs["plain"][1]
+    assert outs["both"][1] == outs["plain"][1]  # the same packets twice: duplicates, the same stream

@@ -4,17 +4,25 @@ File-level problems (not a capture, unsupported version) raise
 :class:`CaptureError` before the first frame; damage later in a file (a
 truncated last packet, a block with a lying length) ends that file's frames
 and is recorded in :attr:`CaptureReader.problems` so callers can report it.
+
+Captures compressed with gzip, bzip2 or xz (``tcpdump -z gzip`` rotations,
+archived evidence) are read as they are, streamed through the standard
+library's decompressors, as Wireshark reads them; damaged compressed data ends
+the file's frames like any other damage.
 """
 
 from __future__ import annotations
 
+import bz2
 import heapq
 import itertools
+import lzma
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from struct import Struct, error as StructError
-from typing import IO, BinaryIO, Iterator
+from typing import IO, Any, BinaryIO, Iterator, Protocol
 
 from ..compiled import accelerator
 
@@ -30,6 +38,94 @@ _CHUNK = 256 * 1024  # classic pcap read size when records are sliced in C
 
 class CaptureError(Exception):
     """A capture file that cannot be read at all (message names the file)."""
+
+
+# compressed inputs, by their first bytes: the standard library's decoders read these
+_DECODERS: tuple[tuple[bytes, str, Callable[[], Any]], ...] = (
+    (b"\x1f\x8b", "gzip", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)),
+    (b"BZh", "bzip2", bz2.BZ2Decompressor),
+    (b"\xfd7zX", "xz", lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)),
+)
+# an xz file says how large a dictionary it needs (xz -9: 64 MiB); a file that claims more is refused
+_XZ_MEMLIMIT = 128 * 1024 * 1024
+_RAW_CHUNK = 64 * 1024
+# and these it does not (the error says how to get a capture out of them)
+_UNSUPPORTED = ((b"\x28\xb5\x2f\xfd", "zstd-compressed", "zstd -d"), (b"\x04\x22\x4d\x18", "lz4-compressed", "lz4 -d"),
+                (b"PK\x03\x04", "a zip archive", "unzip"))
+_DECODE_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
+
+
+class _Source(Protocol):
+    """What the record loops read from: a file, or a compressed file's decoded content."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
+class _Decoded:
+    """A compressed file's content, streamed for the record loops: full reads as from a file, at
+    most what was asked decoded at a time (a small file that expands to gigabytes costs time, not
+    memory); concatenated members (gzip, bzip2, xz streams; zero padding between them) read on.
+    Damaged or cut compressed data ends the content, recorded once as a problem, with every byte
+    decoded before the damage kept."""
+
+    __slots__ = ("raw", "make", "dec", "feed", "reader", "kind", "consumed", "out", "failed")
+
+    def __init__(self, raw: BinaryIO, head: bytes, make: Callable[[], Any], reader: CaptureReader,
+                 kind: str) -> None:
+        self.raw, self.make, self.dec, self.feed = raw, make, make(), head
+        self.reader, self.kind = reader, kind
+        self.consumed = len(head)  # compressed bytes taken from the file
+        self.out = 0  # decoded bytes handed out
+        self.failed = False
+
+    def _more(self) -> bytes:
+        data = self.raw.read(_RAW_CHUNK)
+        self.consumed += len(data)
+        return data
+
+    def _read1(self, n: int) -> bytes:
+        """Up to ``n`` decoded bytes, b"" at the end; the decoders' errors, or EOFError when the
+        compressed data stops before its end marker."""
+        while True:
+            d = self.dec
+            if d.eof:
+                rest = d.unused_data or self._more()
+                while rest and not rest.strip(b"\0"):  # padding after a member
+                    rest = self._more()
+                if not rest:
+                    return b""
+                self.dec = d = self.make()
+                self.feed = rest.lstrip(b"\0")
+            out = d.decompress(self.feed, n)
+            self.feed = getattr(d, "unconsumed_tail", b"")  # zlib hands back what it did not take
+            if out:
+                return out  # type: ignore[no-any-return]
+            if d.eof:
+                continue
+            more = self._more()
+            if not more:
+                raise EOFError("the compressed data ends before its end-of-stream marker")
+            self.feed += more
+
+    def read(self, n: int) -> bytes:
+        if self.failed:
+            return b""
+        parts = []
+        want = n
+        try:
+            while want > 0:
+                b = self._read1(want)
+                if not b:
+                    break
+                parts.append(b)
+                want -= len(b)
+        except _DECODE_ERRORS as e:
+            self.failed = True
+            self.reader.problems.append(f"{self.reader.path}: {self.kind} data damaged after "
+                                        f"{self.out + n - want} decompressed bytes: {e}")
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.out += len(data)
+        return data
 
 
 @dataclass(slots=True)
@@ -50,7 +146,13 @@ class CaptureReader:
     source: int = 0
     problems: list[str] = field(default_factory=list)
     size: int = 0
-    position: int = 0
+    position: int = 0  # offset in the capture (decompressed, for a compressed file)
+    compression: str | None = None  # "gzip", "bzip2", "xz"
+    _decoded: _Decoded | None = field(default=None, init=False, repr=False)
+
+    def progress(self) -> int:
+        """How far into the file (of ``size`` bytes, as stored) reading has come."""
+        return self.position if self._decoded is None else self._decoded.consumed
 
     def __iter__(self) -> Iterator[Frame]:
         try:
@@ -65,17 +167,45 @@ class CaptureReader:
             head = f.read(4)
             if len(head) < 4:
                 raise CaptureError(f"{self.path}: not a capture file (too short)")
-            le = int.from_bytes(head, "little")
-            be = int.from_bytes(head, "big")
-            if le in (PCAP_MAGIC_US, PCAP_MAGIC_NS) or be in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
-                yield from self._pcap(f, head)
-            elif le == PCAPNG_SHB:
-                yield from self._pcapng(f, head)
-            else:
-                raise CaptureError(f"{self.path}: not a pcap or pcapng file (magic {head.hex()})")
+            for magic, kind, make in _DECODERS:
+                if head.startswith(magic):
+                    yield from self._decompress(f, head, kind, make)
+                    return
+            yield from self._capture(f, head)
+
+    def _capture(self, f: _Source, head: bytes) -> Iterator[Frame]:
+        le = int.from_bytes(head, "little")
+        be = int.from_bytes(head, "big")
+        if le in (PCAP_MAGIC_US, PCAP_MAGIC_NS) or be in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            yield from self._pcap(f, head)
+        elif le == PCAPNG_SHB:
+            yield from self._pcapng(f, head)
+        else:
+            for magic, what, how in _UNSUPPORTED:
+                if head.startswith(magic):
+                    raise CaptureError(f"{self.path}: {what}, not a capture: unpack it first ({how})")
+            inner = f" ({self.compression}-compressed)" if self.compression else ""
+            raise CaptureError(f"{self.path}: not a pcap or pcapng file{inner} (magic {head.hex()})")
+
+    def _decompress(self, f: BinaryIO, head: bytes, kind: str, make: Callable[[], Any]) -> Iterator[Frame]:
+        self.compression = kind
+        self._decoded = src = _Decoded(f, head, make, self, kind)
+        try:
+            inner = src._read1(4)
+            while 0 < len(inner) < 4:
+                more = src._read1(4 - len(inner))
+                if not more:
+                    break
+                inner += more
+        except _DECODE_ERRORS as e:
+            raise CaptureError(f"{self.path}: not a readable {kind} file: {e}") from None
+        if len(inner) < 4:
+            raise CaptureError(f"{self.path}: {kind}-compressed, but not a capture file (too short)")
+        src.out = 4
+        yield from self._capture(src, inner)
 
     # -- classic pcap ---------------------------------------------------
-    def _pcap(self, f: BinaryIO, head: bytes) -> Iterator[Frame]:
+    def _pcap(self, f: _Source, head: bytes) -> Iterator[Frame]:
         rest = f.read(20)
         if len(rest) < 20:
             raise CaptureError(f"{self.path}: truncated pcap header")
@@ -110,7 +240,7 @@ class CaptureReader:
             self.position = pos
             yield Frame(sec + frac / div, linktype, data, orig, self.source)
 
-    def _pcap_compiled(self, f: BinaryIO, little: bool, div: float, linktype: int) -> Iterator[Frame]:
+    def _pcap_compiled(self, f: _Source, little: bool, div: float, linktype: int) -> Iterator[Frame]:
         """_pcap's record loop with the records of each 256 KiB read sliced into Frames in C
         (``mproxy/_accel.c``); the same frames and the same problems, at the same offsets."""
         assert _pcap_records is not None
@@ -139,7 +269,7 @@ class CaptureReader:
             i = 0
 
     # -- pcapng -------------------------------------------------------
-    def _pcapng(self, f: BinaryIO, head: bytes) -> Iterator[Frame]:
+    def _pcapng(self, f: _Source, head: bytes) -> Iterator[Frame]:
         endian = "<"
         ifaces: list[tuple[int, float]] = []  # (linktype, seconds per tick)
         pos = 0

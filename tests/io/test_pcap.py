@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
+import random
 import struct
+import tracemalloc
 from pathlib import Path
 from unittest import mock
 
@@ -195,6 +200,96 @@ def test_pcapng_short_block_body(tmp_path: Path) -> None:
     data = ng_shb() + ng_idb(1) + ng_block(6, bytes(8)) + ng_epb(0, 1, PKT_A)
     frames, r = frames_of(write(tmp_path, "sb.pcapng", data))
     assert [f.data for f in frames] == [PKT_A] and "short block" in r.problems[0]
+
+
+# ------------------------------------------------------------------ compressed captures
+
+COMPRESS = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}
+
+
+def _described(frames) -> list[tuple]:
+    return [(f.ts, f.linktype, f.data, f.orig_len) for f in frames]
+
+
+def _two_formats() -> dict[str, bytes]:
+    return {"pcap": pcap_bytes([(1, 0, PKT_A), (2, 5, PKT_B), (3, 7, PKT_C)] * 50),
+            "pcapng": ng_shb() + ng_idb(113, 9) + b"".join(ng_epb(0, 10**9 * i, p)
+                                                           for i, p in enumerate([PKT_A, PKT_C] * 50))}
+
+
+@pytest.mark.parametrize("kind", sorted(COMPRESS))
+def test_compressed_captures_read_as_the_plain_file(tmp_path: Path, kind: str) -> None:
+    """gzip/bzip2/xz captures (tcpdump -z rotations, archived evidence) give the plain file's frames;
+    concatenated members with zero padding between them read on; progress is in stored bytes."""
+    for fmt, data in _two_formats().items():
+        plain, _ = frames_of(write(tmp_path, f"p.{fmt}", data))
+        packed = COMPRESS[kind](data)
+        frames, r = frames_of(write(tmp_path, f"c.{fmt}", packed))
+        assert _described(frames) == _described(plain) and r.problems == []
+        assert r.compression == kind and r.progress() == r.size == len(packed)
+        third = len(data) // 3
+        members = COMPRESS[kind](data[:third]) + bytes(8) + COMPRESS[kind](data[third : 2 * third]) \
+            + COMPRESS[kind](data[2 * third :]) + bytes(4)
+        frames, r = frames_of(write(tmp_path, f"m.{fmt}", members))
+        assert _described(frames) == _described(plain) and r.problems == []
+
+
+@pytest.mark.parametrize("kind", sorted(COMPRESS))
+def test_cut_or_damaged_compressed_data_ends_the_frames_with_a_problem(tmp_path: Path, kind: str) -> None:
+    rnd = random.Random(7)
+    data = pcap_bytes([(i, 0, rnd.randbytes(1000)) for i in range(400)])
+    plain, _ = frames_of(write(tmp_path, "p.pcap", data))
+    packed = bz2.compress(data, 1) if kind == "bzip2" else COMPRESS[kind](data)  # bzip2: 100 kB blocks
+    frames, r = frames_of(write(tmp_path, "cut", packed[: len(packed) * 2 // 3]))
+    assert _described(frames) == _described(plain[: len(frames)]) and len(frames) < len(plain)
+    assert "data damaged" in r.problems[0] and "ends before its end-of-stream marker" in r.problems[0]
+    bad = bytearray(packed)
+    for i in range(len(bad) // 2, len(bad) // 2 + 16):
+        bad[i] ^= 0x5A
+    frames, r = frames_of(write(tmp_path, "bad", bytes(bad)))  # garbage frames maybe, never an exception
+    assert r.problems
+
+
+def test_compressed_files_that_are_no_captures_are_clear_errors(tmp_path: Path) -> None:
+    cases = {
+        b"\x1f\x8b" + bytes(range(40)): "not a readable gzip file",
+        lzma.compress(b"hello, world"): "not a pcap or pcapng file (xz-compressed)",
+        gzip.compress(b"ab"): "gzip-compressed, but not a capture file (too short)",
+        b"\x28\xb5\x2f\xfd" + bytes(20): "zstd-compressed, not a capture: unpack it first (zstd -d)",
+        b"\x04\x22\x4d\x18" + bytes(20): "lz4-compressed",
+        b"PK\x03\x04" + bytes(20): "a zip archive",
+    }
+    for i, (data, msg) in enumerate(cases.items()):
+        path = write(tmp_path, f"x{i}", data)
+        with pytest.raises(CaptureError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
+            list(CaptureReader(path))
+        assert path in str(e.value)
+
+
+def test_a_small_file_that_expands_to_much_more_is_streamed(tmp_path: Path) -> None:
+    """Decoding goes as far as the record loop asks: 40 MB of content from a 40 kB gzip file is read
+    in bounded memory, not decoded whole."""
+    big = 200_000
+    content = pcap_bytes([]) + b"".join(struct.pack("<IIII", i, 0, big, big) + bytes(big) for i in range(200))
+    path = write(tmp_path, "bomb.pcap.gz", gzip.compress(content, 9))
+    assert len(content) > 500 * (tmp_path / "bomb.pcap.gz").stat().st_size
+    tracemalloc.start()
+    try:
+        n = sum(len(f.data) for f in CaptureReader(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == 200 * big and peak < 4 * 1024 * 1024, peak
+
+
+def test_xz_dictionary_claims_over_the_limit_are_refused(tmp_path: Path) -> None:
+    import mproxy.io.pcap as pcap
+
+    path = write(tmp_path, "big-dict.pcap.xz", lzma.compress(_two_formats()["pcap"], preset=0))  # 256 KiB
+    with mock.patch.object(pcap, "_XZ_MEMLIMIT", 64 * 1024):
+        with pytest.raises(CaptureError, match="not a readable xz file"):
+            list(CaptureReader(path))
+    assert len(list(CaptureReader(path))) == 150
 
 
 # ------------------------------------------------------------------ merging
