@@ -149,19 +149,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+_INPUTS_HELP = "captures (pcap/pcapng, or gzip/bzip2/xz-compressed; - reads standard input), merged by timestamp"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mproxy", description=__doc__)
     p.add_argument("--version", action="version", version=f"mproxy {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("decode", help="print every MPTCP option of pcap/pcapng files")
-    d.add_argument("files", nargs="+", metavar="FILE", help="captures (pcap/pcapng, or gzip/bzip2/xz-compressed), merged by timestamp")
+    d.add_argument("files", nargs="+", metavar="FILE", help=_INPUTS_HELP)
     d.add_argument("--json", action="store_true", help="one JSON object per option")
     d.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
     d.set_defaults(func=_cmd_decode)
 
     r = sub.add_parser("replay", help="rebuild MPTCP connections of captures as plain TCP (pcap out)")
-    r.add_argument("inputs", nargs="+", metavar="IN", help="captures (pcap/pcapng, or gzip/bzip2/xz-compressed), merged by timestamp")
+    r.add_argument("inputs", nargs="+", metavar="IN", help=_INPUTS_HELP)
     r.add_argument("--out", "-o", required=True, metavar="OUT.pcap", help="emitted stream (Ethernet pcap)")
     r.add_argument("--log", metavar="LOG.jsonl", help="JSON-lines event log ('-' for stdout)")
     r.add_argument("--metrics", metavar="FILE", help="write a final Prometheus text-format snapshot here")

@@ -41,11 +41,13 @@ class _Progress:
         if not self.enabled or now - self.last < 0.25:
             return
         self.last = now
-        total = sum(r.size for r in self.readers) or 1
-        done = sum(r.progress() for r in self.readers)
-        pct = min(100.0, 100.0 * done / total)
-        bar = "#" * int(pct / 4)
-        sys.stderr.write(f"\r[{bar:<25}] {pct:5.1f}% {frames} frames")
+        if not all(r.size for r in self.readers):  # a pipe: how much is to come is unknown
+            sys.stderr.write(f"\r{frames} frames")
+        else:
+            total = sum(r.size for r in self.readers)
+            pct = min(100.0, 100.0 * sum(r.progress() for r in self.readers) / total)
+            bar = "#" * int(pct / 4)
+            sys.stderr.write(f"\r[{bar:<25}] {pct:5.1f}% {frames} frames")
         sys.stderr.flush()
 
     def done(self) -> None:

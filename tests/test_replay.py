@@ -167,3 +167,35 @@ def test_replay_reads_compressed_captures(tmp_path: Path) -> None:
                                         if r["event"] == "mptcp_connection"])
     assert outs["gz"] == outs["plain"] and outs["plain"][1]
     assert outs["both"][1] == outs["plain"][1]  # the same packets twice: duplicates, the same stream
+
+
+def test_replay_reads_standard_input(tmp_path: Path) -> None:
+    """``-`` reads a capture (plain or compressed) from a pipe, e.g. ``zstd -dc F | mproxy replay -``."""
+    import gzip
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    plain = tmp_path / "plain.pcap"
+    assert main(["replay", str(SAMPLE), "--out", str(plain), "-q"]) == 0
+    for tag, data in (("raw", SAMPLE.read_bytes()), ("gz", gzip.compress(SAMPLE.read_bytes()))):
+        out = tmp_path / f"{tag}.pcap"
+        cp = subprocess.run([sys.executable, "-m", "mproxy", "replay", "-", "--out", str(out), "-q"], input=data,
+                            capture_output=True, cwd=root, timeout=60)
+        assert cp.returncode == 0 and not cp.stderr, cp.stderr
+        assert out.read_bytes() == plain.read_bytes()
+    cp = subprocess.run([sys.executable, "-m", "mproxy", "replay", "-", "-", "--out", str(tmp_path / "x.pcap")],
+                        input=b"", capture_output=True, cwd=root, timeout=60)
+    assert cp.returncode == 2 and b"can be read only once" in cp.stderr and b"Traceback" not in cp.stderr
+
+
+def test_progress_without_a_known_size_counts_frames(capsys: pytest.CaptureFixture[str]) -> None:
+    from mproxy.io.pcap import CaptureReader
+    from mproxy.replay import _Progress
+
+    sized, piped = CaptureReader("a.pcap", size=1000, position=250), CaptureReader("-")
+    _Progress([sized], True).tick(7)
+    assert "25.0% 7 frames" in capsys.readouterr().err
+    _Progress([sized, piped], True).tick(9)
+    err = capsys.readouterr().err
+    assert err == "\r9 frames"

@@ -18,6 +18,8 @@ import heapq
 import itertools
 import lzma
 import os
+import stat
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -50,8 +52,8 @@ _DECODERS: tuple[tuple[bytes, str, Callable[[], Any]], ...] = (
 _XZ_MEMLIMIT = 128 * 1024 * 1024
 _RAW_CHUNK = 64 * 1024
 # and these it does not (the error says how to get a capture out of them)
-_UNSUPPORTED = ((b"\x28\xb5\x2f\xfd", "zstd-compressed", "zstd -d"), (b"\x04\x22\x4d\x18", "lz4-compressed", "lz4 -d"),
-                (b"PK\x03\x04", "a zip archive", "unzip"))
+_UNSUPPORTED = ((b"\x28\xb5\x2f\xfd", "zstd-compressed", "zstd -dc"), (b"\x04\x22\x4d\x18", "lz4-compressed", "lz4 -dc"),
+                (b"PK\x03\x04", "a zip archive", "unzip -p"))
 _DECODE_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
 
@@ -121,7 +123,7 @@ class _Decoded:
                 want -= len(b)
         except _DECODE_ERRORS as e:
             self.failed = True
-            self.reader.problems.append(f"{self.reader.path}: {self.kind} data damaged after "
+            self.reader.problems.append(f"{self.reader.name}: {self.kind} data damaged after "
                                         f"{self.out + n - want} decompressed bytes: {e}")
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.out += len(data)
@@ -154,24 +156,39 @@ class CaptureReader:
         """How far into the file (of ``size`` bytes, as stored) reading has come."""
         return self.position if self._decoded is None else self._decoded.consumed
 
+    @property
+    def name(self) -> str:
+        """The file as messages name it."""
+        return "standard input" if self.path == "-" else self.path
+
     def __iter__(self) -> Iterator[Frame]:
+        if self.path == "-":  # a pipe (zstd -dc x.zst | mproxy replay -), not closed after
+            stdin = getattr(sys.stdin, "buffer", None)
+            if stdin is None:
+                raise CaptureError("standard input: not available")
+            yield from self._read(stdin)
+            return
         try:
             f = open(self.path, "rb")
         except OSError as e:
-            raise CaptureError(f"{self.path}: cannot open: {e.strerror or e}") from None
+            raise CaptureError(f"{self.name}: cannot open: {e.strerror or e}") from None
         with f:
-            try:
-                self.size = os.fstat(f.fileno()).st_size
-            except OSError:
-                self.size = 0
-            head = f.read(4)
-            if len(head) < 4:
-                raise CaptureError(f"{self.path}: not a capture file (too short)")
-            for magic, kind, make in _DECODERS:
-                if head.startswith(magic):
-                    yield from self._decompress(f, head, kind, make)
-                    return
-            yield from self._capture(f, head)
+            yield from self._read(f)
+
+    def _read(self, f: BinaryIO) -> Iterator[Frame]:
+        try:
+            st = os.fstat(f.fileno())
+            self.size = st.st_size if stat.S_ISREG(st.st_mode) else 0  # 0: a pipe, size unknown
+        except (OSError, ValueError):
+            self.size = 0
+        head = f.read(4)
+        if len(head) < 4:
+            raise CaptureError(f"{self.name}: not a capture file (too short)")
+        for magic, kind, make in _DECODERS:
+            if head.startswith(magic):
+                yield from self._decompress(f, head, kind, make)
+                return
+        yield from self._capture(f, head)
 
     def _capture(self, f: _Source, head: bytes) -> Iterator[Frame]:
         le = int.from_bytes(head, "little")
@@ -183,9 +200,10 @@ class CaptureReader:
         else:
             for magic, what, how in _UNSUPPORTED:
                 if head.startswith(magic):
-                    raise CaptureError(f"{self.path}: {what}, not a capture: unpack it first ({how})")
+                    raise CaptureError(f"{self.name}: {what}, not a capture: unpack it, or pipe it in as '-' "
+                                       f"({how} FILE | mproxy replay - ...)")
             inner = f" ({self.compression}-compressed)" if self.compression else ""
-            raise CaptureError(f"{self.path}: not a pcap or pcapng file{inner} (magic {head.hex()})")
+            raise CaptureError(f"{self.name}: not a pcap or pcapng file{inner} (magic {head.hex()})")
 
     def _decompress(self, f: BinaryIO, head: bytes, kind: str, make: Callable[[], Any]) -> Iterator[Frame]:
         self.compression = kind
@@ -198,9 +216,9 @@ class CaptureReader:
                     break
                 inner += more
         except _DECODE_ERRORS as e:
-            raise CaptureError(f"{self.path}: not a readable {kind} file: {e}") from None
+            raise CaptureError(f"{self.name}: not a readable {kind} file: {e}") from None
         if len(inner) < 4:
-            raise CaptureError(f"{self.path}: {kind}-compressed, but not a capture file (too short)")
+            raise CaptureError(f"{self.name}: {kind}-compressed, but not a capture file (too short)")
         src.out = 4
         yield from self._capture(src, inner)
 
@@ -208,13 +226,13 @@ class CaptureReader:
     def _pcap(self, f: _Source, head: bytes) -> Iterator[Frame]:
         rest = f.read(20)
         if len(rest) < 20:
-            raise CaptureError(f"{self.path}: truncated pcap header")
+            raise CaptureError(f"{self.name}: truncated pcap header")
         endian = "<" if int.from_bytes(head, "little") in (PCAP_MAGIC_US, PCAP_MAGIC_NS) else ">"
         magic = Struct(endian + "I").unpack(head)[0]
         div = 1e9 if magic == PCAP_MAGIC_NS else 1e6
         major, _minor, _tz, _sig, snaplen, network = Struct(endian + "HHiIII").unpack(rest)
         if major != 2:
-            raise CaptureError(f"{self.path}: unsupported pcap version {major}")
+            raise CaptureError(f"{self.name}: unsupported pcap version {major}")
         linktype = network & 0x0FFFFFFF
         if _pcap_records is not None:
             yield from self._pcap_compiled(f, endian == "<", div, linktype)
@@ -226,15 +244,15 @@ class CaptureReader:
             if not hdr:
                 return
             if len(hdr) < 16:
-                self.problems.append(f"{self.path}: truncated record header at offset {pos}")
+                self.problems.append(f"{self.name}: truncated record header at offset {pos}")
                 return
             sec, frac, incl, orig = rec.unpack(hdr)
             if incl > MAX_FRAME:
-                self.problems.append(f"{self.path}: record at offset {pos} claims {incl} bytes")
+                self.problems.append(f"{self.name}: record at offset {pos} claims {incl} bytes")
                 return
             data = f.read(incl)
             if len(data) < incl:
-                self.problems.append(f"{self.path}: truncated last packet at offset {pos}")
+                self.problems.append(f"{self.name}: truncated last packet at offset {pos}")
                 return
             pos += 16 + incl
             self.position = pos
@@ -255,15 +273,15 @@ class CaptureReader:
                 yield from frames
             i = j
             if claim:
-                self.problems.append(f"{self.path}: record at offset {pos} claims {claim} bytes")
+                self.problems.append(f"{self.name}: record at offset {pos} claims {claim} bytes")
                 return
             more = f.read(_CHUNK)
             if not more:
                 rest = len(buf) - i
                 if 0 < rest < 16:
-                    self.problems.append(f"{self.path}: truncated record header at offset {pos}")
+                    self.problems.append(f"{self.name}: truncated record header at offset {pos}")
                 elif rest:
-                    self.problems.append(f"{self.path}: truncated last packet at offset {pos}")
+                    self.problems.append(f"{self.name}: truncated last packet at offset {pos}")
                 return
             buf = buf[i:] + more
             i = 0
@@ -280,17 +298,17 @@ class CaptureReader:
             if not bh:
                 return
             if len(bh) < 4:
-                self.problems.append(f"{self.path}: truncated block at offset {pos}")
+                self.problems.append(f"{self.name}: truncated block at offset {pos}")
                 return
             lenb = f.read(4)
             if len(lenb) < 4:
-                self.problems.append(f"{self.path}: truncated block at offset {pos}")
+                self.problems.append(f"{self.name}: truncated block at offset {pos}")
                 return
             btype_le = int.from_bytes(bh, "little")
             if btype_le == PCAPNG_SHB:
                 bom = f.read(4)
                 if len(bom) < 4:
-                    self.problems.append(f"{self.path}: truncated section header at offset {pos}")
+                    self.problems.append(f"{self.name}: truncated section header at offset {pos}")
                     return
                 if int.from_bytes(bom, "little") == PCAPNG_BOM:
                     endian = "<"
@@ -298,18 +316,18 @@ class CaptureReader:
                     endian = ">"
                 else:
                     if pos == 0:
-                        raise CaptureError(f"{self.path}: bad pcapng byte-order magic")
-                    self.problems.append(f"{self.path}: bad section header at offset {pos}")
+                        raise CaptureError(f"{self.name}: bad pcapng byte-order magic")
+                    self.problems.append(f"{self.name}: bad section header at offset {pos}")
                     return
                 blen = Struct(endian + "I").unpack(lenb)[0]
                 if blen < 28 or blen % 4 or blen > MAX_FRAME:
                     if pos == 0:
-                        raise CaptureError(f"{self.path}: bad pcapng section header length {blen}")
-                    self.problems.append(f"{self.path}: bad section header length at offset {pos}")
+                        raise CaptureError(f"{self.name}: bad pcapng section header length {blen}")
+                    self.problems.append(f"{self.name}: bad section header length at offset {pos}")
                     return
                 body = f.read(blen - 12)
                 if len(body) < blen - 12:
-                    self.problems.append(f"{self.path}: truncated section header at offset {pos}")
+                    self.problems.append(f"{self.name}: truncated section header at offset {pos}")
                     return
                 ifaces = []
                 pos += blen
@@ -318,11 +336,11 @@ class CaptureReader:
             btype = u32.unpack(bh)[0]
             blen = u32.unpack(lenb)[0]
             if blen < 12 or blen % 4 or blen > MAX_FRAME + 64:
-                self.problems.append(f"{self.path}: block at offset {pos} has bad length {blen}")
+                self.problems.append(f"{self.name}: block at offset {pos} has bad length {blen}")
                 return
             body = f.read(blen - 8)
             if len(body) < blen - 8:
-                self.problems.append(f"{self.path}: truncated last block at offset {pos}")
+                self.problems.append(f"{self.name}: truncated last block at offset {pos}")
                 return
             pos += blen
             self.position = pos
@@ -334,7 +352,7 @@ class CaptureReader:
                 elif btype == 6:  # Enhanced Packet Block
                     ifid, tsh, tsl, cap, orig = Struct(endian + "IIIII").unpack_from(body, 0)
                     if ifid >= len(ifaces) or 20 + cap > len(body):
-                        self.problems.append(f"{self.path}: bad packet block at offset {pos - blen}")
+                        self.problems.append(f"{self.name}: bad packet block at offset {pos - blen}")
                         continue
                     lt, tick = ifaces[ifid]
                     yield Frame(((tsh << 32) | tsl) * tick, lt, body[20 : 20 + cap], orig, self.source)
@@ -351,7 +369,7 @@ class CaptureReader:
                     lt, tick = ifaces[ifid]
                     yield Frame(((tsh << 32) | tsl) * tick, lt, body[20 : 20 + cap], orig, self.source)
             except StructError:
-                self.problems.append(f"{self.path}: short block type {btype} at offset {pos - blen}")
+                self.problems.append(f"{self.name}: short block type {btype} at offset {pos - blen}")
 
 
 def _accelerated() -> Callable[..., tuple[list[Frame], int, int]] | None:
@@ -391,6 +409,8 @@ def read_captures(paths: list[str], readers: list[CaptureReader] | None = None) 
     report their ``problems`` after iteration. Every file is opened (and its
     header checked) before the first frame is yielded, so a bad file fails early.
     """
+    if paths.count("-") > 1:
+        raise CaptureError("standard input ('-') can be read only once")
     rs = [CaptureReader(p, i) for i, p in enumerate(paths)]
     if readers is not None:
         readers.extend(rs)

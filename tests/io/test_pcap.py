@@ -255,7 +255,8 @@ def test_compressed_files_that_are_no_captures_are_clear_errors(tmp_path: Path) 
         b"\x1f\x8b" + bytes(range(40)): "not a readable gzip file",
         lzma.compress(b"hello, world"): "not a pcap or pcapng file (xz-compressed)",
         gzip.compress(b"ab"): "gzip-compressed, but not a capture file (too short)",
-        b"\x28\xb5\x2f\xfd" + bytes(20): "zstd-compressed, not a capture: unpack it first (zstd -d)",
+        b"\x28\xb5\x2f\xfd" + bytes(20): "zstd-compressed, not a capture: unpack it, or pipe it in as '-' "
+                                       "(zstd -dc FILE | mproxy replay - ...)",
         b"\x04\x22\x4d\x18" + bytes(20): "lz4-compressed",
         b"PK\x03\x04" + bytes(20): "a zip archive",
     }
