@@ -184,6 +184,13 @@ def test_replay_reads_standard_input(tmp_path: Path) -> None:
                             capture_output=True, cwd=root, timeout=60)
         assert cp.returncode == 0 and not cp.stderr, cp.stderr
         assert out.read_bytes() == plain.read_bytes()
+    # merged with a file: the pipe stays open, the file is read from its first frame's time on
+    log = tmp_path / "merged.jsonl"
+    cp = subprocess.run([sys.executable, "-m", "mproxy", "replay", str(SAMPLE), "-", "--out", str(tmp_path / "m.pcap"),
+                         "--log", str(log), "-q"], input=SAMPLE.read_bytes(), capture_output=True, cwd=root, timeout=60)
+    assert cp.returncode == 0 and not cp.stderr, cp.stderr
+    (rec,) = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "mptcp_connection"]
+    assert rec["c2s"]["duplicate_bytes"] == rec["c2s"]["bytes"] > 0  # every packet twice, every byte once
     cp = subprocess.run([sys.executable, "-m", "mproxy", "replay", "-", "-", "--out", str(tmp_path / "x.pcap")],
                         input=b"", capture_output=True, cwd=root, timeout=60)
     assert cp.returncode == 2 and b"can be read only once" in cp.stderr and b"Traceback" not in cp.stderr

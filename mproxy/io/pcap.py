@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bz2
 import heapq
-import itertools
 import lzma
 import os
 import stat
@@ -24,7 +23,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from struct import Struct, error as StructError
-from typing import IO, Any, BinaryIO, Iterator, Protocol
+from typing import IO, Any, BinaryIO, Generator, Iterator, Protocol
 
 from ..compiled import accelerator
 
@@ -161,7 +160,7 @@ class CaptureReader:
         """The file as messages name it."""
         return "standard input" if self.path == "-" else self.path
 
-    def __iter__(self) -> Iterator[Frame]:
+    def __iter__(self) -> Generator[Frame, None, None]:
         if self.path == "-":  # a pipe (zstd -dc x.zst | mproxy replay -), not closed after
             stdin = getattr(sys.stdin, "buffer", None)
             if stdin is None:
@@ -403,29 +402,62 @@ def _if_tsresol(opts: bytes, endian: str) -> float:
 
 
 def read_captures(paths: list[str], readers: list[CaptureReader] | None = None) -> Iterator[Frame]:
-    """Frames of several captures merged by timestamp, numbered from 1.
+    """Frames of several captures merged by timestamp (ties: the earlier file first), numbered
+    from 1.
 
     Pass ``readers`` (an empty list) to get the per-file readers back, e.g. to
     report their ``problems`` after iteration. Every file is opened (and its
     header checked) before the first frame is yielded, so a bad file fails early.
+    A file is then held open only from its first frame's time on: rotated
+    captures (``tcpdump -C``/``-G``, ring buffers: hundreds of files, one after
+    the other) cost one or two open files and read buffers, not one per file.
     """
     if paths.count("-") > 1:
         raise CaptureError("standard input ('-') can be read only once")
     rs = [CaptureReader(p, i) for i, p in enumerate(paths)]
     if readers is not None:
         readers.extend(rs)
-    its = []
-    for r in rs:
-        it = iter(r)
-        try:
-            first = next(it)
-        except StopIteration:
-            continue
-        its.append(itertools.chain((first,), it))
-    merged = its[0] if len(its) == 1 else heapq.merge(*its, key=lambda fr: fr.ts)
+    if len(rs) == 1:
+        merged: Iterator[Frame] = iter(rs[0])
+    else:
+        merged = _merge(rs)
     for n, fr in enumerate(merged, 1):
         fr.number = n
         yield fr
+
+
+def _merge(rs: list[CaptureReader]) -> Iterator[Frame]:
+    heap: list[tuple[float, int, Frame, Iterator[Frame]]] = []  # (ts, source) is unique: one entry a file
+    waiting: list[tuple[float, int, CaptureReader]] = []  # files read again from their first frame's time
+    for r in rs:
+        probe = r.__iter__()
+        first = next(probe, None)  # opens the file and checks it (CaptureError now, not mid-merge)
+        if first is None:
+            continue
+        if r.path == "-":  # a pipe cannot be read twice: it stays open
+            heap.append((first.ts, r.source, first, probe))
+        else:
+            probe.close()  # closes the file; its frames start again when their time comes
+            waiting.append((first.ts, r.source, r))
+    heapq.heapify(heap)
+    waiting.sort(key=lambda w: (w[0], w[1]), reverse=True)  # the next to open last
+    while heap or waiting:
+        while waiting and (not heap or waiting[-1][:2] < heap[0][:2]):
+            r = waiting.pop()[2]
+            r.problems.clear()  # what the first look recorded is recorded again
+            frames = iter(r)
+            first = next(frames, None)
+            if first is not None:
+                heapq.heappush(heap, (first.ts, r.source, first, frames))
+        if not heap:
+            break  # (files that came up empty the second time)
+        _ts, src, fr, it = heap[0]
+        yield fr
+        nxt = next(it, None)
+        if nxt is None:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (nxt.ts, src, nxt, it))
 
 
 def _sec_usec(ts: float) -> tuple[int, int]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import heapq
 import lzma
+import os
 import random
 import struct
 import tracemalloc
@@ -12,6 +14,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mproxy.io.pcap import CaptureError, CaptureReader, PcapWriter, read_captures
 from mproxy.wire.packet import LinkType
@@ -328,6 +331,32 @@ def test_merge_fails_early_on_a_bad_file(tmp_path: Path) -> None:
         next(it)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.lists(st.integers(0, 12), max_size=6), min_size=2, max_size=5))
+def test_merge_is_the_merge_of_all_files_held_open(tmp_path: Path, files: list[list[int]]) -> None:
+    """Each file opened only when its first frame's time comes: the same order as a merge of all files
+    held open (heapq.merge: by time, ties to the earlier file), timestamps out of order in a file too."""
+    paths = [write(tmp_path, f"f{i}.pcap", pcap_bytes([(t, 0, bytes([i, k])) for k, t in enumerate(tss)]))
+             for i, tss in enumerate(files)]
+    held = heapq.merge(*[list(CaptureReader(p, i)) for i, p in enumerate(paths)], key=lambda f: f.ts)
+    assert [f.data for f in read_captures(paths)] == [f.data for f in held]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_rotated_captures_are_read_one_after_the_other(tmp_path: Path) -> None:
+    """300 rotated files (tcpdump -C/-G, ring buffers): one open at a time (two where they overlap),
+    not 300 files and 300 read buffers."""
+    paths = [write(tmp_path, f"r{i:03}.pcap", pcap_bytes([(100 + 10 * i + k, 0, bytes([i % 256, k])) for k in range(5)]))
+             for i in range(300)]
+    base = len(os.listdir("/proc/self/fd"))
+    most, frames = 0, []
+    for fr in read_captures(paths):
+        most = max(most, len(os.listdir("/proc/self/fd")) - base)
+        frames.append((fr.number, fr.source, fr.data))
+    assert frames == [(5 * i + k + 1, i, bytes([i % 256, k])) for i in range(300) for k in range(5)]
+    assert most <= 2, most
+
+
 # ------------------------------------------------------------------ writer
 
 
@@ -405,7 +434,6 @@ def test_reference_pcapng_merge() -> None:
 
 # ------------------------------------------------------------------ the compiled record slicer
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from mproxy.io import pcap as pcap_module  # noqa: E402
 
