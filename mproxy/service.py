@@ -316,9 +316,48 @@ class Service:
         self._kernel_waiting = st["waiting"]
 
     def _reopen(self) -> None:
+        """SIGHUP: the event log is opened again (logrotate) and the inspector's rules file read again."""
         if self.events is not None:
             self.events.reopen()
         log.info("event log reopened")
+        self.reload_rules()
+
+    def reload_rules(self) -> dict[str, Any] | None:
+        """Read the embedded inspector's rules file again and put it in force for every connection,
+        live ones included (they go on where they stand: a restart would leave them uninspected, as
+        connections opened before ``run`` are not queued). A file that does not load leaves the rules
+        in force. Returns the ``rules_reload`` record (also written to the event log); None when the
+        inspector is off."""
+        rsp = self.gateway.responder
+        old = rsp.inspector
+        if old is None:
+            return None
+        path = self.cfg.inspector.rules
+        rec: dict[str, Any] = {"event": "rules_reload", "ts": round(time.time(), 6), "file": path,
+                               "previous": len(old.rules)}
+        try:
+            new = build_inspector(self.cfg)
+            if new is None:
+                raise ConfigError("[inspector] is off now")
+        except ConfigError as e:
+            err = str(e)
+        except Exception as e:  # noqa: BLE001 - the pattern compiler (C) may refuse what the parser took
+            err = f"{path}: {e}"
+        else:
+            rsp.replace_inspector(new)
+            rec.update(ok=True, rules=len(new.rules))
+            log.info("inspector: %d rules from %s in force (were %d)", len(new.rules), path, len(old.rules))
+            self._write_record(rec)
+            return rec
+        old.stats.reload_errors += 1
+        rec.update(ok=False, rules=len(old.rules), error=err)
+        log.error("inspector: rules not reloaded, the %d in force stay: %s", len(old.rules), err)
+        self._write_record(rec)
+        return rec
+
+    def _write_record(self, rec: dict[str, Any]) -> None:
+        if self.events is not None:
+            self.events.write([rec])
 
     def _dump_stats(self) -> None:
         import json

@@ -62,6 +62,8 @@ class InspectorStats:
     matches: int = 0
     pcre_runs: int = 0
     flows: int = 0  # connection directions inspected since start
+    reloads: int = 0  # rules files read again (SIGHUP) and in force
+    reload_errors: int = 0  # ... refused (the rules in force stayed)
 
 
 @dataclass(slots=True)
@@ -71,10 +73,12 @@ class _Dir:
     rules: tuple[int, ...]  # indices of the rules that apply to this direction
     applies: frozenset[int]
     pcre_only: tuple[int, ...]  # rules with a pcre and no content: run on every chunk
+    peers: tuple[Any, Any, bool]  # sender, receiver (address, port), to the server: what rules apply to
     offset: int = 0  # bytes inspected so far
     tail: bytes = b""
     seen: dict[int, list[int]] = field(default_factory=dict)  # rule -> last end offset per content (-1: none)
     fired: set[int] = field(default_factory=set)
+    recheck: tuple[int, ...] = ()  # rules to evaluate with the next chunk (contents found in a reload's tail)
 
 
 def _span(tail: bytes, data: bytes, a: int, b: int) -> bytes:
@@ -166,6 +170,9 @@ class Inspector:
                     if base + end > ends[ci]:
                         ends[ci] = base + end
                     touched.add(ri)
+        if st.recheck:
+            touched.update(st.recheck)
+            st.recheck = ()
         chunk_start = st.offset - len(data)
         cands = touched.union(st.pcre_only)
         cands.update(ri for ri in st.seen if self.rules[ri].pcre is not None)
@@ -228,16 +235,70 @@ class Inspector:
         for key in [k for k in self._flows if k[0] not in live]:
             del self._flows[key]
 
+    def adopt(self, old: Inspector) -> None:
+        """Take over the connections of the inspector this one replaces (rules reloaded).
+
+        Each direction goes on from where it is: its stream offset, and the tail a content split
+        across chunks or a pcre needs (as much as the old rules kept). A rule that already fired on
+        a direction (same sid) does not fire again; a rule kept with the same contents keeps the
+        contents it has seen; a new or changed rule sees that direction's bytes from the reload on,
+        and its contents already in the carried tail count as seen; what lies before that tail it
+        cannot see, so it can miss a match that began there. The counters carry on."""
+        self.stats = old.stats
+        new_sids = {r.sid: i for i, r in enumerate(self.rules)}
+        keep = self._keep
+        for key, od in old._flows.items():
+            nd = self._dir(*od.peers)
+            nd.offset = od.offset
+            nd.tail = od.tail[-keep:] if keep else b""
+            for ri in od.fired:
+                ni = new_sids.get(old.rules[ri].sid)
+                if ni is not None and ni in nd.applies:
+                    nd.fired.add(ni)
+            kept = set()
+            for ri in od.applies:
+                ni = new_sids.get(old.rules[ri].sid)
+                if ni is not None and ni in nd.applies and self.rules[ni].contents == old.rules[ri].contents:
+                    kept.add(ni)
+                    if ri in od.seen and ni not in nd.fired:
+                        nd.seen[ni] = list(od.seen[ri])
+            self._seed(nd, kept, od.tail)
+            self._flows[key] = nd
+
+    def _seed(self, st: _Dir, kept: set[int], tail: bytes) -> None:
+        """Contents of the new and changed rules in the old inspector's tail of a direction (before
+        it is cut to this one's length) count as seen (the old rules found theirs already); those
+        rules are evaluated with the next chunk."""
+        if self._db is None or not tail:
+            return
+        base = st.offset - len(tail)
+        self._db.scan(tail, match_event_handler=self._on_hit)
+        hits = list(self._hits)
+        self._hits.clear()
+        again = set()
+        for eid, stop in hits:
+            for ri, ci in self._targets[eid][1]:
+                if ri not in st.applies or ri in st.fired or ri in kept:
+                    continue
+                ends = st.seen.get(ri)
+                if ends is None:
+                    ends = st.seen[ri] = [-1] * len(self.rules[ri].contents)
+                ends[ci] = max(ends[ci], base + stop)
+                again.add(ri)
+        st.recheck = tuple(sorted(again))
+
     # ------------------------------------------------------------------
     def _open(self, key: tuple[int, int], direction: Direction, client: tuple[bytes, int],
               server: tuple[bytes, int]) -> _Dir:
         c = (ipaddress.ip_address(client[0]), client[1])
         s = (ipaddress.ip_address(server[0]), server[1])
         to_server = direction == Direction.C2S
-        sender, receiver = (c, s) if to_server else (s, c)
-        idx = tuple(i for i, r in enumerate(self.rules) if r.applies(to_server, sender, receiver))
-        pcre_only = tuple(i for i in idx if not self.rules[i].contents)
-        st = _Dir(idx, frozenset(idx), pcre_only)
+        st = self._dir(*((c, s) if to_server else (s, c)), to_server)
         self._flows[key] = st
         self.stats.flows += 1
         return st
+
+    def _dir(self, sender: Any, receiver: Any, to_server: bool) -> _Dir:
+        idx = tuple(i for i, r in enumerate(self.rules) if r.applies(to_server, sender, receiver))
+        pcre_only = tuple(i for i in idx if not self.rules[i].contents)
+        return _Dir(idx, frozenset(idx), pcre_only, (sender, receiver, to_server))

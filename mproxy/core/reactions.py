@@ -92,6 +92,14 @@ class Responder:
         self.hosts: dict[bytes, float] = {}  # client address -> downgraded until
         self._last_sweep = 0.0
 
+    def replace_inspector(self, new: Inspector) -> None:
+        """Rules reloaded: ``new`` takes over every live connection where the old one stood
+        (:meth:`Inspector.adopt`), from the next released byte on."""
+        if self.inspector is not None:
+            new.adopt(self.inspector)
+        new.stats.reloads += 1
+        self.inspector = new
+
     # ------------------------------------------------------------------ per packet
     def killed_packet(self, seg: TcpSegment) -> Response | None:
         """A packet of a connection mproxy killed: drop it and answer with an exact RST; None if not one."""

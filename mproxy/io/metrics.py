@@ -340,6 +340,9 @@ def reaction_families(inspector: Any = None, responder: Any = None, injector: An
     c = _counter("mproxy_signature_matches", "Embedded inspector signature matches")
     c.add_metric([], ins.matches if ins else 0)
     yield c
+    yield _by_label("mproxy_rule_reloads", "Inspector rules files read again on SIGHUP, by result (error: the "
+                    "rules in force stayed)", "result", ("ok", "error"),
+                    {"ok": ins.reloads, "error": ins.reload_errors} if ins else {})
     yield _by_label("mproxy_killed_packets", "Packets of fast-closed connections, by what was done", "action",
                     ("dropped", "answered"),
                     {"dropped": rsp.late_dropped, "answered": rsp.answered} if rsp else {})

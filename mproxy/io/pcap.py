@@ -438,6 +438,7 @@ def _merge(rs: list[CaptureReader]) -> Iterator[Frame]:
             heap.append((first.ts, r.source, first, probe))
         else:
             probe.close()  # closes the file; its frames start again when their time comes
+            r.position, r._decoded = 0, None  # (progress: nothing of it read yet)
             waiting.append((first.ts, r.source, r))
     heapq.heapify(heap)
     waiting.sort(key=lambda w: (w[0], w[1]), reverse=True)  # the next to open last

@@ -91,3 +91,74 @@ def test_state_is_per_connection_and_released() -> None:
     ins.close(1)
     ins.retain(set())
     assert len(ins) == 0
+
+
+def test_reloaded_rules_take_over_live_connections_where_they_stand() -> None:
+    """A rules reload (SIGHUP) replaces the inspector; live connections go on with the new rules from
+    their current offset: a kept rule still finds a content split across the reload, a rule that
+    fired does not fire again, a new rule catches what comes next, a removed one is gone."""
+    old = Inspector(RULES)
+    assert feed_all(old, [b"xx Secret yy", b"... alp"]) == [2]  # sid 2 fired; sid 3 half seen
+    assert feed_all(old, [b"UNION+SEL"], conn=2) == []  # sid 1 split across the reload
+    new_rules = parse_rules(r'''
+alert tcp any any -> any 80 (msg:"plain"; content:"UNION+SELECT"; nocase; flow:to_server; sid:1;)
+alert tcp any any -> any any (msg:"exact"; content:"Secret"; sid:2;)
+alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"omega"; sid:3;)
+alert tcp any any -> any any (msg:"new"; content:"xp_cmdshell"; sid:7;)
+''')
+    new = Inspector(new_rules)
+    new.adopt(old)
+    assert new.stats is old.stats and len(new) == 2
+    assert new._flows[(1, 0)].offset == old._flows[(1, 0)].offset
+    # conn 1: "alpha" completes across the reload (its tail carried), omega then fires sid 3; Secret
+    # does not fire again; the new rule fires; sid 4's pcre (removed) never runs
+    assert feed_all(new, [b"ha ... Secret ... omega", b" xp_cmdshell; drop table t;"]) == [3, 7]
+    assert feed_all(new, [b"ECT"], conn=2) == [1]
+    assert feed_all(new, [b"evil123x"], conn=3) == []  # sid 5 removed: a new connection gets the new rules
+    assert old.stats.matches == 4
+
+
+def test_a_changed_rule_starts_afresh_after_a_reload() -> None:
+    """What the old rule saw does not count for a changed rule (only what the carried tail holds)."""
+    old = Inspector(RULES)
+    feed_all(old, [b"alpha ...", b"." * 2000])  # "alpha" seen by sid 3, and beyond the 1024-byte tail
+    assert old._flows[(1, 0)].seen[2] == [5, -1]
+    new = Inspector(parse_rules('alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"OMEGA"; '
+                                'sid:3; rev:2;)'))
+    new.adopt(old)
+    assert new._flows[(1, 0)].seen == {}
+    assert feed_all(new, [b"OMEGA"]) == [] and feed_all(new, [b" alpha"]) == [3]
+
+
+def test_a_new_rule_sees_its_contents_in_the_tail_carried_over_a_reload() -> None:
+    """The attack split around the reload: "UNION+SELE" before it (matched by no rule then), "CT" after.
+    The new rule finds "union" in the carried tail and "select" across the boundary; its pcre runs."""
+    old = Inspector(parse_rules('alert tcp any any -> any any (msg:"x"; content:"no-such-bytes-here"; sid:9;)'))
+    assert feed_all(old, [b"GET /search?q=1%27+UNION+SELE"]) == []
+    new = Inspector(parse_rules(r'alert tcp any any -> any any (msg:"sqli"; content:"union"; nocase; '
+                                r'content:"select"; nocase; pcre:"/union(\+|%20)+select/i"; sid:1000002;)'))
+    new.adopt(old)
+    assert list(new._flows[(1, 0)].seen) == [0] and new._flows[(1, 0)].recheck == (0,)
+    assert feed_all(new, [b"CT+password+FROM+users--"]) == [1000002]
+    # a content-only rule whose contents all lay in the tail fires with the next chunk
+    old = Inspector(parse_rules('alert tcp any any -> any any (msg:"x"; content:"no-such-bytes-here"; sid:9;)'))
+    feed_all(old, [b"..xp_cmdshell.."])
+    new = Inspector(parse_rules('alert tcp any any -> any any (msg:"shell"; content:"xp_cmdshell"; sid:7;)'))
+    new.adopt(old)
+    assert feed_all(new, [b"next"]) == [7]
+
+
+@settings(max_examples=200, deadline=None)
+@given(prefix=st.binary(max_size=300), suffix=st.binary(max_size=300),
+       cuts=st.lists(st.integers(min_value=0, max_value=700), max_size=10), at=st.integers(0, 12))
+def test_reloading_the_same_rules_anywhere_changes_nothing(prefix: bytes, suffix: bytes, cuts: list[int],
+                                                           at: int) -> None:
+    data = prefix + b"alpha UNION+SELECT Secret omega ; DROP TABLE t; evil123x" + suffix
+    chunks = splits(data, cuts)
+    want = feed_all(Inspector(RULES), chunks)
+    ins = Inspector(RULES)
+    got = feed_all(ins, chunks[:at])
+    again = Inspector(RULES)
+    again.adopt(ins)
+    got += feed_all(again, chunks[at:])
+    assert got == want

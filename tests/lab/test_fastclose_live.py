@@ -235,3 +235,45 @@ def test_benign_transfer_untouched(lab: Any, server: Any, tmp_path: Path) -> Non
     st = next(r for r in recs if r["event"] == "stats")
     assert st["verdicts"].get("drop", 0) == 0
     assert st["reactions"]["inspector"]["bytes"]["c2s"] == 2 * len(BENIGN)
+
+
+def test_rules_reloaded_on_sighup_catch_the_attack_on_an_open_connection(lab: Any, server: Any,
+                                                                         tmp_path: Path) -> None:
+    """Signatures are updated with SIGHUP while a connection is open: the rest of that connection is
+    inspected with the new rules (a restart would leave it uninspected: it is no longer queued)."""
+    from mproxy.lab.http_attack import ATTACK_PART1, ATTACK_PART2, BENIGN, NEEDLE, Client, steer, wait_subflows
+
+    rules = tmp_path / "live.rules"
+    rules.write_text('alert tcp any any -> any any (msg:"placeholder"; content:"no-such-bytes-here"; sid:1;)\n')
+    shipped = (_ROOT / "config" / "mproxy.rules").read_text()
+    extra = f'[inspector]\nmode = "on"\nrules = "{rules}"\n[actions]\non_match = "fastclose"\n'
+    err = tmp_path / "mproxy" / "mproxy.err"
+    with mproxy(lab, tmp_path / "mproxy", extra) as mp:
+        client = Client(lab, server, 4)
+        try:
+            steer(lab, 0)
+            client.send(BENIGN)
+            client.response()
+            wait_subflows(lab, PORT, 2)
+            client.send(ATTACK_PART1)
+            rules.write_text(shipped)
+            mp["proc"].send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "rules from" not in err.read_text(errors="replace").split("event log reopened", 1)[-1]:
+                assert time.monotonic() < deadline, err.read_text(errors="replace")
+                time.sleep(0.05)
+            steer(lab, 1)
+            time.sleep(0.2)
+            r = client.send(ATTACK_PART2, until_received=False)
+            cend = r if r.get("ev") == "ended" else client.wait_end(3.0)
+            send = server.wait_for(lambda e: e.get("ev") == "end" and e.get("conn") == client.conn, 5)
+        finally:
+            client.close()
+    got = server.received(client.conn)
+    assert ATTACK_PART1 in got and NEEDLE not in got and b"CT+password" not in got, got
+    assert cend.get("how") == "reset" and send.get("how") == "reset", (cend, send)
+    recs = mp["records"]
+    (rel,) = [r for r in recs if r["event"] == "rules_reload"]
+    assert rel["ok"] is True and rel["previous"] == 1 and rel["rules"] > 1, rel
+    (act,) = [r for r in recs if r["event"] == "action"]
+    assert act["action"] == "fastclose" and act["trigger"] == "inspector" and act["sid"] == 1000002, act
