@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import hyperscan
@@ -73,7 +74,6 @@ class _Dir:
     rules: tuple[int, ...]  # indices of the rules that apply to this direction
     applies: frozenset[int]
     pcre_only: tuple[int, ...]  # rules with a pcre and no content: run on every chunk
-    peers: tuple[Any, Any, bool]  # sender, receiver (address, port), to the server: what rules apply to
     offset: int = 0  # bytes inspected so far
     tail: bytes = b""
     seen: dict[int, list[int]] = field(default_factory=dict)  # rule -> last end offset per content (-1: none)
@@ -235,8 +235,10 @@ class Inspector:
         for key in [k for k in self._flows if k[0] not in live]:
             del self._flows[key]
 
-    def adopt(self, old: Inspector) -> None:
-        """Take over the connections of the inspector this one replaces (rules reloaded).
+    def adopt(self, old: Inspector, endpoints: Callable[[int], tuple[tuple[bytes, int], tuple[bytes, int]] | None]
+              ) -> None:
+        """Take over the connections of the inspector this one replaces (rules reloaded);
+        ``endpoints`` gives a live connection's client and server (None: gone, forgotten).
 
         Each direction goes on from where it is: its stream offset, and the tail a content split
         across chunks or a pcre needs (as much as the old rules kept). A rule that already fired on
@@ -248,7 +250,10 @@ class Inspector:
         new_sids = {r.sid: i for i, r in enumerate(self.rules)}
         keep = self._keep
         for key, od in old._flows.items():
-            nd = self._dir(*od.peers)
+            ends_of = endpoints(key[0])
+            if ends_of is None:
+                continue
+            nd = self._dir(key[1], *ends_of)
             nd.offset = od.offset
             nd.tail = od.tail[-keep:] if keep else b""
             for ri in od.fired:
@@ -290,15 +295,17 @@ class Inspector:
     # ------------------------------------------------------------------
     def _open(self, key: tuple[int, int], direction: Direction, client: tuple[bytes, int],
               server: tuple[bytes, int]) -> _Dir:
-        c = (ipaddress.ip_address(client[0]), client[1])
-        s = (ipaddress.ip_address(server[0]), server[1])
-        to_server = direction == Direction.C2S
-        st = self._dir(*((c, s) if to_server else (s, c)), to_server)
+        st = self._dir(int(direction), client, server)
         self._flows[key] = st
         self.stats.flows += 1
         return st
 
-    def _dir(self, sender: Any, receiver: Any, to_server: bool) -> _Dir:
+    def _dir(self, direction: int, client: tuple[bytes, int], server: tuple[bytes, int]) -> _Dir:
+        """A direction's state, with the rules that apply to its addresses and ports."""
+        c = (ipaddress.ip_address(client[0]), client[1])
+        s = (ipaddress.ip_address(server[0]), server[1])
+        to_server = direction == Direction.C2S
+        sender, receiver = (c, s) if to_server else (s, c)
         idx = tuple(i for i, r in enumerate(self.rules) if r.applies(to_server, sender, receiver))
         pcre_only = tuple(i for i in idx if not self.rules[i].contents)
-        return _Dir(idx, frozenset(idx), pcre_only, (sender, receiver, to_server))
+        return _Dir(idx, frozenset(idx), pcre_only)

@@ -107,7 +107,7 @@ alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"omega"; sid:3
 alert tcp any any -> any any (msg:"new"; content:"xp_cmdshell"; sid:7;)
 ''')
     new = Inspector(new_rules)
-    new.adopt(old)
+    new.adopt(old, lambda _cid: (CLI, SRV))
     assert new.stats is old.stats and len(new) == 2
     assert new._flows[(1, 0)].offset == old._flows[(1, 0)].offset
     # conn 1: "alpha" completes across the reload (its tail carried), omega then fires sid 3; Secret
@@ -125,7 +125,7 @@ def test_a_changed_rule_starts_afresh_after_a_reload() -> None:
     assert old._flows[(1, 0)].seen[2] == [5, -1]
     new = Inspector(parse_rules('alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"OMEGA"; '
                                 'sid:3; rev:2;)'))
-    new.adopt(old)
+    new.adopt(old, lambda _cid: (CLI, SRV))
     assert new._flows[(1, 0)].seen == {}
     assert feed_all(new, [b"OMEGA"]) == [] and feed_all(new, [b" alpha"]) == [3]
 
@@ -137,14 +137,14 @@ def test_a_new_rule_sees_its_contents_in_the_tail_carried_over_a_reload() -> Non
     assert feed_all(old, [b"GET /search?q=1%27+UNION+SELE"]) == []
     new = Inspector(parse_rules(r'alert tcp any any -> any any (msg:"sqli"; content:"union"; nocase; '
                                 r'content:"select"; nocase; pcre:"/union(\+|%20)+select/i"; sid:1000002;)'))
-    new.adopt(old)
+    new.adopt(old, lambda _cid: (CLI, SRV))
     assert list(new._flows[(1, 0)].seen) == [0] and new._flows[(1, 0)].recheck == (0,)
     assert feed_all(new, [b"CT+password+FROM+users--"]) == [1000002]
     # a content-only rule whose contents all lay in the tail fires with the next chunk
     old = Inspector(parse_rules('alert tcp any any -> any any (msg:"x"; content:"no-such-bytes-here"; sid:9;)'))
     feed_all(old, [b"..xp_cmdshell.."])
     new = Inspector(parse_rules('alert tcp any any -> any any (msg:"shell"; content:"xp_cmdshell"; sid:7;)'))
-    new.adopt(old)
+    new.adopt(old, lambda _cid: (CLI, SRV))
     assert feed_all(new, [b"next"]) == [7]
 
 
@@ -159,6 +159,15 @@ def test_reloading_the_same_rules_anywhere_changes_nothing(prefix: bytes, suffix
     ins = Inspector(RULES)
     got = feed_all(ins, chunks[:at])
     again = Inspector(RULES)
-    again.adopt(ins)
+    again.adopt(ins, lambda _cid: (CLI, SRV))
     got += feed_all(again, chunks[at:])
     assert got == want
+
+
+def test_a_reload_forgets_connections_that_are_gone() -> None:
+    old = Inspector(RULES)
+    feed_all(old, [b"abc"], conn=1)
+    feed_all(old, [b"abc"], conn=2)
+    new = Inspector(RULES)
+    new.adopt(old, lambda cid: (CLI, SRV) if cid == 2 else None)
+    assert list(new._flows) == [(2, 0)]
