@@ -23,6 +23,7 @@ from typing import Any
 
 from .config import Config, ConfigError, load_config
 from .core.gateway import Gateway
+from .core.inspector import Inspector
 from .io import netfilter
 from .io.metrics import LatencyHistogram, Sources, make_registry
 from .io.metrics import QueueStats as MetricQueueStats
@@ -74,6 +75,8 @@ class Service:
     channel: socket.socket | None = None
     workers_total: int = 1
     announce_lost: int = field(init=False, default=0)
+    _reloading: bool = field(init=False, default=False)  # a rules file being read in a thread
+    _reload_again: bool = field(init=False, default=False)
     _registry: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -316,11 +319,33 @@ class Service:
         self._kernel_waiting = st["waiting"]
 
     def _reopen(self) -> None:
-        """SIGHUP: the event log is opened again (logrotate) and the inspector's rules file read again."""
+        """SIGHUP: the event log is opened again (logrotate) and the inspector's rules file read again,
+        in a thread: packets go on through the rules in force while the new ones are parsed and
+        compiled (5,000 rules: ~0.2 s), then the loop puts them in force between two packets."""
         if self.events is not None:
             self.events.reopen()
         log.info("event log reopened")
-        self.reload_rules()
+        self._start_reload()
+
+    def _start_reload(self) -> None:
+        if self.gateway.responder.inspector is None:
+            return
+        if self._reloading:
+            self._reload_again = True  # after the one under way: the file may have changed since it read it
+            return
+        self._reloading = True
+        fut = asyncio.get_running_loop().run_in_executor(None, self._load_rules)
+        fut.add_done_callback(self._loaded)
+
+    def _loaded(self, fut: asyncio.Future[tuple[Inspector | None, str]]) -> None:
+        self._reloading = False
+        try:
+            self._apply_rules(*fut.result())
+        except Exception:  # noqa: BLE001 - a reload must never stop the gateway
+            log.exception("rules reload failed")
+        if self._reload_again:
+            self._reload_again = False
+            self._start_reload()
 
     def reload_rules(self) -> dict[str, Any] | None:
         """Read the embedded inspector's rules file again and put it in force for every connection,
@@ -328,6 +353,23 @@ class Service:
         connections opened before ``run`` are not queued). A file that does not load leaves the rules
         in force. Returns the ``rules_reload`` record (also written to the event log); None when the
         inspector is off."""
+        if self.gateway.responder.inspector is None:
+            return None
+        return self._apply_rules(*self._load_rules())
+
+    def _load_rules(self) -> tuple[Inspector | None, str]:
+        """The new inspector, or the reason there is none (runs in a thread: touches no live state)."""
+        try:
+            new = build_inspector(self.cfg)
+            if new is None:
+                raise ConfigError("[inspector] is off now")
+        except ConfigError as e:
+            return None, str(e)
+        except Exception as e:  # noqa: BLE001 - the pattern compiler (C) may refuse what the parser took
+            return None, f"{self.cfg.inspector.rules}: {e}"
+        return new, ""
+
+    def _apply_rules(self, new: Inspector | None, err: str) -> dict[str, Any] | None:
         rsp = self.gateway.responder
         old = rsp.inspector
         if old is None:
@@ -335,23 +377,14 @@ class Service:
         path = self.cfg.inspector.rules
         rec: dict[str, Any] = {"event": "rules_reload", "ts": round(time.time(), 6), "file": path,
                                "previous": len(old.rules)}
-        try:
-            new = build_inspector(self.cfg)
-            if new is None:
-                raise ConfigError("[inspector] is off now")
-        except ConfigError as e:
-            err = str(e)
-        except Exception as e:  # noqa: BLE001 - the pattern compiler (C) may refuse what the parser took
-            err = f"{path}: {e}"
-        else:
+        if new is not None:
             rsp.replace_inspector(new)
             rec.update(ok=True, rules=len(new.rules))
             log.info("inspector: %d rules from %s in force (were %d)", len(new.rules), path, len(old.rules))
-            self._write_record(rec)
-            return rec
-        old.stats.reload_errors += 1
-        rec.update(ok=False, rules=len(old.rules), error=err)
-        log.error("inspector: rules not reloaded, the %d in force stay: %s", len(old.rules), err)
+        else:
+            old.stats.reload_errors += 1
+            rec.update(ok=False, rules=len(old.rules), error=err)
+            log.error("inspector: rules not reloaded, the %d in force stay: %s", len(old.rules), err)
         self._write_record(rec)
         return rec
 

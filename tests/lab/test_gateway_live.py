@@ -207,6 +207,8 @@ def test_downgrade_server_sees_plain_tcp(lab: Any, tmp_path: Path) -> None:
         deadline = time.monotonic() + 5
         while not (d / "events.jsonl").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+        while "in force" not in mp.err and time.monotonic() < deadline:  # the rules reload SIGHUP also made
+            time.sleep(0.05)
     (c,) = res.connections
     assert c.mptcp is False, "the client must have fallen back to TCP"
     assert tshark_count(srv, "tcp") > 0
