@@ -96,13 +96,7 @@ class Responder:
         """Rules reloaded: ``new`` takes over every live connection where the old one stood
         (:meth:`Inspector.adopt`), from the next released byte on."""
         if self.inspector is not None:
-            conns = self.tracker.connections
-
-            def endpoints(conn_id: int) -> tuple[tuple[bytes, int], tuple[bytes, int]] | None:
-                c = conns.get(conn_id)
-                return None if c is None else (c.client, c.server)
-
-            new.adopt(self.inspector, endpoints)
+            new.adopt(self.inspector)
         new.stats.reloads += 1
         self.inspector = new
 

@@ -107,9 +107,10 @@ alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"omega"; sid:3
 alert tcp any any -> any any (msg:"new"; content:"xp_cmdshell"; sid:7;)
 ''')
     new = Inspector(new_rules)
-    new.adopt(old, lambda _cid: (CLI, SRV))
-    assert new.stats is old.stats and len(new) == 2
-    assert new._flows[(1, 0)].offset == old._flows[(1, 0)].offset
+    offset = old._flows[(1, 0)].offset
+    new.adopt(old)
+    assert new.stats is old.stats and len(new) == 2 and not old._flows
+    assert feed_all(new, [b""]) == [] and new._carried[0][1][(1, 0)].offset == offset  # taken on the next bytes
     # conn 1: "alpha" completes across the reload (its tail carried), omega then fires sid 3; Secret
     # does not fire again; the new rule fires; sid 4's pcre (removed) never runs
     assert feed_all(new, [b"ha ... Secret ... omega", b" xp_cmdshell; drop table t;"]) == [3, 7]
@@ -125,9 +126,9 @@ def test_a_changed_rule_starts_afresh_after_a_reload() -> None:
     assert old._flows[(1, 0)].seen[2] == [5, -1]
     new = Inspector(parse_rules('alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"OMEGA"; '
                                 'sid:3; rev:2;)'))
-    new.adopt(old, lambda _cid: (CLI, SRV))
-    assert new._flows[(1, 0)].seen == {}
-    assert feed_all(new, [b"OMEGA"]) == [] and feed_all(new, [b" alpha"]) == [3]
+    new.adopt(old)
+    assert feed_all(new, [b"OMEGA"]) == [] and new._flows[(1, 0)].seen == {0: [-1, 2014]}
+    assert feed_all(new, [b" alpha"]) == [3]
 
 
 def test_a_new_rule_sees_its_contents_in_the_tail_carried_over_a_reload() -> None:
@@ -137,31 +138,40 @@ def test_a_new_rule_sees_its_contents_in_the_tail_carried_over_a_reload() -> Non
     assert feed_all(old, [b"GET /search?q=1%27+UNION+SELE"]) == []
     new = Inspector(parse_rules(r'alert tcp any any -> any any (msg:"sqli"; content:"union"; nocase; '
                                 r'content:"select"; nocase; pcre:"/union(\+|%20)+select/i"; sid:1000002;)'))
-    new.adopt(old, lambda _cid: (CLI, SRV))
-    assert list(new._flows[(1, 0)].seen) == [0] and new._flows[(1, 0)].recheck == (0,)
+    new.adopt(old)
     assert feed_all(new, [b"CT+password+FROM+users--"]) == [1000002]
     # a content-only rule whose contents all lay in the tail fires with the next chunk
     old = Inspector(parse_rules('alert tcp any any -> any any (msg:"x"; content:"no-such-bytes-here"; sid:9;)'))
     feed_all(old, [b"..xp_cmdshell.."])
     new = Inspector(parse_rules('alert tcp any any -> any any (msg:"shell"; content:"xp_cmdshell"; sid:7;)'))
-    new.adopt(old, lambda _cid: (CLI, SRV))
+    new.adopt(old)
     assert feed_all(new, [b"next"]) == [7]
 
 
 @settings(max_examples=200, deadline=None)
 @given(prefix=st.binary(max_size=300), suffix=st.binary(max_size=300),
-       cuts=st.lists(st.integers(min_value=0, max_value=700), max_size=10), at=st.integers(0, 12))
+       cuts=st.lists(st.integers(min_value=0, max_value=700), max_size=10),
+       reloads=st.lists(st.integers(0, 12), min_size=1, max_size=3))
 def test_reloading_the_same_rules_anywhere_changes_nothing(prefix: bytes, suffix: bytes, cuts: list[int],
-                                                           at: int) -> None:
+                                                           reloads: list[int]) -> None:
+    """Reloads (one or several, back to back or apart) of unchanged rules, on two connections of
+    which the second is only fed at the end: the same matches as without."""
     data = prefix + b"alpha UNION+SELECT Secret omega ; DROP TABLE t; evil123x" + suffix
     chunks = splits(data, cuts)
     want = feed_all(Inspector(RULES), chunks)
     ins = Inspector(RULES)
-    got = feed_all(ins, chunks[:at])
-    again = Inspector(RULES)
-    again.adopt(ins, lambda _cid: (CLI, SRV))
-    got += feed_all(again, chunks[at:])
-    assert got == want
+    got: list[int] = []
+    late = feed_all(ins, chunks[:1], conn=2)
+    done = 0
+    for at in sorted(reloads):
+        got += feed_all(ins, chunks[done:at])
+        done = max(done, at)
+        again = Inspector(RULES)
+        again.adopt(ins)
+        ins = again
+    got += feed_all(ins, chunks[done:])
+    late += feed_all(ins, chunks[1:], conn=2)
+    assert got == want and late == want
 
 
 def test_a_reload_forgets_connections_that_are_gone() -> None:
@@ -169,5 +179,8 @@ def test_a_reload_forgets_connections_that_are_gone() -> None:
     feed_all(old, [b"abc"], conn=1)
     feed_all(old, [b"abc"], conn=2)
     new = Inspector(RULES)
-    new.adopt(old, lambda cid: (CLI, SRV) if cid == 2 else None)
-    assert list(new._flows) == [(2, 0)]
+    new.adopt(old)
+    new.retain({2})  # what the responder does with the tracker's live connections
+    assert list(new._carried[0][1]) == [(2, 0)] and len(new) == 1
+    new.close(2)
+    assert len(new) == 0
