@@ -70,8 +70,7 @@ class InspectorStats:
 class _Dir:
     """Per connection direction: the tail, the position, partial rule state."""
 
-    rules: tuple[int, ...]  # indices of the rules that apply to this direction
-    applies: frozenset[int]
+    groups: frozenset[int]  # the header groups (see Inspector) whose rules apply to this direction
     pcre_only: tuple[int, ...]  # rules with a pcre and no content: run on every chunk
     offset: int = 0  # bytes inspected so far
     tail: bytes = b""
@@ -119,10 +118,25 @@ class Inspector:
         self._on_hit = self._collect
         self._ac_keep = max(rules.longest_content - 1, 0)
         self._keep = max(rules.longest_content - 1, pcre_window if any(r.pcre for r in self.rules) else 0, 0)
+        # Rules with the same header (flow, addresses, ports, direction) apply to the same connection
+        # directions: a new direction tests each header once (a rule set of thousands has a few dozen)
+        heads: dict[tuple[Any, ...], int] = {}
+        self._heads: list[Rule] = []  # one rule of each header group
+        self._group_of: list[int] = []  # rule index -> its group
+        pcre_only: list[list[int]] = []
+        for ri, r in enumerate(self.rules):
+            g = heads.setdefault((r.flow, r.src, r.sport, r.dst, r.dport, r.bidirectional), len(self._heads))
+            if g == len(self._heads):
+                self._heads.append(r)
+                pcre_only.append([])
+            self._group_of.append(g)
+            if not r.contents:
+                pcre_only[g].append(ri)
+        self._pcre_only = [tuple(x) for x in pcre_only]
+        self._sids = {r.sid: i for i, r in enumerate(self.rules)}  # (unique: the parser checks)
         # directions of the inspectors this one replaced (rules reloaded), not fed since: per reload,
-        # the old rules and their states, taken over on their next bytes (see adopt)
-        self._carried: list[tuple[tuple[Rule, ...], dict[tuple[int, int], _Dir]]] = []
-        self._sids: dict[int, int] | None = None  # rule sid -> index, for taking over carried state
+        # the old inspector and those directions' states, taken over on their next bytes (see adopt)
+        self._carried: list[tuple[Inspector, dict[tuple[int, int], _Dir]]] = []
 
     def __len__(self) -> int:
         return len(self._flows) + sum(len(flows) for _rules, flows in self._carried)
@@ -137,7 +151,7 @@ class Inspector:
         st = self._flows.get(key)
         if st is None:
             st = self._open(key, direction, client, server)
-        if not st.rules:
+        if not st.groups:
             st.offset += len(data)
             return []
         self.stats.chunks += 1
@@ -163,9 +177,10 @@ class Inspector:
             db.scan(data, match_event_handler=self._on_hit)
             found += [(eid, lt + stop) for eid, stop in hits]
             hits.clear()
+            group_of, groups = self._group_of, st.groups
             for eid, end in found:
                 for ri, ci in targets_of[eid][1]:
-                    if ri not in st.applies or ri in st.fired:
+                    if group_of[ri] not in groups or ri in st.fired:
                         continue
                     ends = st.seen.get(ri)
                     if ends is None:
@@ -256,33 +271,35 @@ class Inspector:
         connection (10,000 connections x 500 rules at once took 6 s); here, the old states change
         hands whole."""
         self.stats = old.stats
-        self._carried = [(old.rules, old._flows), *old._carried]  # the newest first: a key is in one
+        self._carried = [(old, old._flows), *old._carried]  # the newest first: a key is in one of them
         old._flows, old._carried = {}, []
 
-    def _take(self, nd: _Dir, rules: tuple[Rule, ...], od: _Dir) -> None:
-        """A carried direction's state into ``nd`` (this inspector's, for the same direction)."""
-        sids = {r.sid: i for i, r in enumerate(self.rules)} if self._sids is None else self._sids
-        self._sids = sids
+    def _applies(self, st: _Dir, ri: int) -> bool:
+        return self._group_of[ri] in st.groups
+
+    def _take(self, nd: _Dir, old: Inspector, od: _Dir) -> None:
+        """A carried direction's state (``od``, of the ``old`` inspector) into ``nd``, this
+        inspector's state of the same direction."""
         nd.offset = od.offset
-        keep = self._keep
+        sids = self._sids
         for ri in od.fired:
-            ni = sids.get(rules[ri].sid)
-            if ni is not None and ni in nd.applies:
+            ni = sids.get(old.rules[ri].sid)
+            if ni is not None and self._applies(nd, ni):
                 nd.fired.add(ni)
-        kept = set()
-        for ri in od.applies:
-            ni = sids.get(rules[ri].sid)
-            if ni is not None and ni in nd.applies and self.rules[ni].contents == rules[ri].contents:
-                kept.add(ni)
-                if ri in od.seen and ni not in nd.fired:
-                    nd.seen[ni] = list(od.seen[ri])
-        self._seed(nd, kept, od.tail)
+        for ri, ends in od.seen.items():
+            ni = sids.get(old.rules[ri].sid)
+            if ni is not None and ni not in nd.fired and self._applies(nd, ni) \
+                    and self.rules[ni].contents == old.rules[ri].contents:
+                nd.seen[ni] = list(ends)
+        self._seed(nd, old, od)
+        keep = self._keep
         nd.tail = od.tail[-keep:] if keep else b""
 
-    def _seed(self, st: _Dir, kept: set[int], tail: bytes) -> None:
+    def _seed(self, st: _Dir, old: Inspector, od: _Dir) -> None:
         """Contents of the new and changed rules in the old inspector's tail of a direction (before
-        it is cut to this one's length) count as seen (the old rules found theirs already); those
-        rules are evaluated with the next chunk."""
+        it is cut to this one's length) count as seen (for a rule kept unchanged the old inspector
+        found them already); those rules are evaluated with the next chunk."""
+        tail = od.tail
         if self._db is None or not tail:
             return
         base = st.offset - len(tail)
@@ -292,8 +309,11 @@ class Inspector:
         again = set()
         for eid, stop in hits:
             for ri, ci in self._targets[eid][1]:
-                if ri not in st.applies or ri in st.fired or ri in kept:
+                if not self._applies(st, ri) or ri in st.fired:
                     continue
+                oi = old._sids.get(self.rules[ri].sid)
+                if oi is not None and old._applies(od, oi) and old.rules[oi].contents == self.rules[ri].contents:
+                    continue  # kept unchanged: what it saw came over with it
                 ends = st.seen.get(ri)
                 if ends is None:
                     ends = st.seen[ri] = [-1] * len(self.rules[ri].contents)
@@ -306,10 +326,10 @@ class Inspector:
               server: tuple[bytes, int]) -> _Dir:
         st = self._dir(int(direction), client, server)
         self._flows[key] = st
-        for rules, flows in self._carried:
+        for old, flows in self._carried:
             od = flows.pop(key, None)
             if od is not None:
-                self._take(st, rules, od)
+                self._take(st, old, od)
                 if not flows:
                     self._carried = [c for c in self._carried if c[1]]
                 return st
@@ -322,6 +342,6 @@ class Inspector:
         s = (ipaddress.ip_address(server[0]), server[1])
         to_server = direction == Direction.C2S
         sender, receiver = (c, s) if to_server else (s, c)
-        idx = tuple(i for i, r in enumerate(self.rules) if r.applies(to_server, sender, receiver))
-        pcre_only = tuple(i for i in idx if not self.rules[i].contents)
-        return _Dir(idx, frozenset(idx), pcre_only)
+        groups = frozenset(g for g, r in enumerate(self._heads) if r.applies(to_server, sender, receiver))
+        pcre_only = tuple(ri for g in sorted(groups) for ri in self._pcre_only[g])
+        return _Dir(groups, pcre_only)

@@ -1,0 +1,86 @@
+"""The embedded inspector's per-connection costs as the rule set grows.
+
+What the gateway pays for the inspector beyond scanning bytes: setting up a new
+connection direction (which rules apply to its addresses and ports), and a rules
+reload (SIGHUP) with many connections open: the switch itself, then each
+carried direction's first bytes under the new rules.
+
+    .venv/bin/python benchmarks/inspector.py [--rules 50,500,5000] [--connections 10000]
+
+Rules are synthetic: one content each (6-14 random letters, nocase), every
+fifth with a pcre, spread over ten different port headers (rule sets have a few
+dozen distinct headers for thousands of rules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mproxy.core.events import Direction  # noqa: E402
+from mproxy.core.inspector import Inspector  # noqa: E402
+from mproxy.core.rules import RuleSet, parse_rules  # noqa: E402
+
+PORTS = ["80", "443", "[80,81,8000:8100]", "any", "[80,8080]", "1024:", "21", "25", "53", "445"]
+SERVER = (bytes((198, 18, 10, 2)), 80)
+REQUEST = b"GET /index.html HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+
+
+def ruleset(n: int) -> RuleSet:
+    rnd = random.Random(1)
+    lines = []
+    for i in range(n):
+        w = "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(6, 14)))
+        pcre = f' pcre:"/{w}[0-9]+x/i";' if i % 5 == 0 else ""
+        lines.append(f'alert tcp any any -> any {PORTS[i % len(PORTS)]} (msg:"r{i}"; content:"{w}"; nocase;{pcre} '
+                     f'sid:{i + 1};)')
+    return parse_rules("\n".join(lines))
+
+
+def client(c: int) -> tuple[bytes, int]:
+    return ipaddress.ip_address(0xC6120000 + c).packed, 40000 + c % 20000
+
+
+def feed_all(ins: Inspector, n: int, data: bytes) -> float:
+    """Seconds to feed one chunk to the client->server direction of connections 0..n-1."""
+    t = time.perf_counter()
+    for c in range(n):
+        ins.feed(c, Direction.C2S, data, client(c), SERVER)
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rules", default="50,500,5000", help="rule set sizes, comma-separated")
+    ap.add_argument("--connections", type=int, default=10000)
+    a = ap.parse_args()
+    n = a.connections
+    print(f"python {sys.version.split()[0]}; {n:,} connections; one {len(REQUEST)}-byte chunk per direction\n")
+    print("| rules | header groups | compile s | new direction µs | next chunk µs | reload switch ms "
+          "| first chunk after reload µs |")
+    print("|---|---|---|---|---|---|---|")
+    for size in (int(x) for x in a.rules.split(",")):
+        rs = ruleset(size)
+        t = time.perf_counter()
+        ins = Inspector(rs)
+        compile_s = time.perf_counter() - t
+        new_dir = feed_all(ins, n, REQUEST) / n
+        again = feed_all(ins, n, REQUEST) / n
+        fresh = Inspector(rs)
+        t = time.perf_counter()
+        fresh.adopt(ins)
+        switch = time.perf_counter() - t
+        after = feed_all(fresh, n, REQUEST) / n
+        print(f"| {size:,} | {len(fresh._heads)} | {compile_s:.3f} | {new_dir * 1e6:.1f} | {again * 1e6:.1f} "
+              f"| {switch * 1e3:.2f} | {after * 1e6:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
