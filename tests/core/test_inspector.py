@@ -184,3 +184,31 @@ def test_a_reload_forgets_connections_that_are_gone() -> None:
     assert list(new._carried[0][1]) == [(2, 0)] and len(new) == 1
     new.close(2)
     assert len(new) == 0
+
+
+_HEADERS = ["any any -> any any", "any any -> any 80", "198.18.1.0/24 any -> any any", "any any <> any 80",
+            "!198.18.1.2 any -> any [80,443]", "any 80 -> any any", "any any -> 198.18.10.0/24 1024:",
+            "[198.18.1.0/24,!198.18.1.7] any -> any any"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(heads=st.lists(st.tuples(st.sampled_from(_HEADERS), st.sampled_from(["", "flow:to_server;", "flow:to_client;"])),
+                      min_size=1, max_size=12),
+       host=st.integers(1, 9), sport=st.sampled_from([80, 443, 40000, 1024]),
+       dport=st.sampled_from([80, 443, 40000, 1024]), to_server=st.booleans())
+def test_header_groups_apply_exactly_the_rules_that_apply(heads: list[tuple[str, str]], host: int, sport: int,
+                                                          dport: int, to_server: bool) -> None:
+    """A new direction tests each distinct header once: the rules it then inspects with are exactly
+    those whose own header applies."""
+    rules = parse_rules("\n".join(f'alert tcp {h} (msg:"r"; content:"x{i}"; {flow} sid:{i + 1};)'
+                                  for i, (h, flow) in enumerate(heads)))
+    ins = Inspector(rules)
+    cli = (ipaddress.ip_address(f"198.18.1.{host}").packed, sport)
+    srv = (ipaddress.ip_address("198.18.10.2").packed, dport)
+    d = Direction.C2S if to_server else Direction.S2C
+    st_ = ins._dir(int(d), cli, srv)
+    c = (ipaddress.ip_address(cli[0]), cli[1])
+    s = (ipaddress.ip_address(srv[0]), srv[1])
+    sender, receiver = (c, s) if to_server else (s, c)
+    want = {i for i, r in enumerate(rules.rules) if r.applies(to_server, sender, receiver)}
+    assert {i for i in range(len(rules.rules)) if ins._applies(st_, i)} == want
