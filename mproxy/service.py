@@ -18,6 +18,8 @@ import socket
 import struct
 import sys
 import time
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +50,19 @@ def load(path: str) -> Config:
     return cfg
 
 
+# configuration sections that only a restart puts in force (a reload names them when they changed)
+_RESTART_SECTIONS = ("queue", "rules", "tracker", "sink", "log", "metrics", "alerts")
+
+
+@dataclass(slots=True)
+class _Reloaded:
+    """What a reload read (in a thread): the configuration and its inspector, or why not."""
+
+    cfg: Config | None
+    inspector: Inspector | None
+    error: str = ""
+
+
 @dataclass(slots=True)
 class Service:
     cfg: Config
@@ -75,7 +90,8 @@ class Service:
     channel: socket.socket | None = None
     workers_total: int = 1
     announce_lost: int = field(init=False, default=0)
-    _reloading: bool = field(init=False, default=False)  # a rules file being read in a thread
+    _reloading: bool = field(init=False, default=False)  # configuration and rules being read in a thread
+    reloads: Counter[str] = field(init=False, default_factory=Counter)  # ok / error
     _reload_again: bool = field(init=False, default=False)
     _registry: Any = field(init=False, default=None)
 
@@ -280,12 +296,13 @@ class Service:
                 log.warning("worker %s: metrics reply failed: %s", self.worker, e)
 
     def _reaction_metrics(self) -> Any:
-        from .io.metrics import reaction_families
+        from .io.metrics import reaction_families, reload_family
 
         r = self.gateway.responder
-        return reaction_families(r.inspector.stats if r.inspector is not None else None, r.stats,
-                                 self.injector.stats if self.injector is not None else None,
-                                 self.alert_feed.stats if self.alert_feed is not None else None)
+        yield from reaction_families(r.inspector.stats if r.inspector is not None else None, r.stats,
+                                     self.injector.stats if self.injector is not None else None,
+                                     self.alert_feed.stats if self.alert_feed is not None else None)
+        yield reload_family(self.reloads)
 
     def _update_queue_metrics(self) -> None:
         if self.queue is None:
@@ -319,72 +336,92 @@ class Service:
         self._kernel_waiting = st["waiting"]
 
     def _reopen(self) -> None:
-        """SIGHUP: the event log is opened again (logrotate) and the inspector's rules file read again,
-        in a thread: packets go on through the rules in force while the new ones are parsed and
-        compiled (5,000 rules: ~0.2 s), then the loop puts them in force between two packets."""
+        """SIGHUP: the event log is opened again (logrotate), and the configuration and the
+        inspector's rules are read again (see :meth:`reload`)."""
         if self.events is not None:
             self.events.reopen()
         log.info("event log reopened")
         self._start_reload()
 
     def _start_reload(self) -> None:
-        if self.gateway.responder.inspector is None:
-            return
+        """The files are read, parsed and compiled in a thread (5,000 rules: ~0.2 s) while packets go
+        on through the configuration in force; the loop then applies the result between two packets."""
         if self._reloading:
-            self._reload_again = True  # after the one under way: the file may have changed since it read it
+            self._reload_again = True  # after the one under way: the files may have changed since it read them
             return
         self._reloading = True
-        fut = asyncio.get_running_loop().run_in_executor(None, self._load_rules)
+        fut = asyncio.get_running_loop().run_in_executor(None, self._read_reload)
         fut.add_done_callback(self._loaded)
 
-    def _loaded(self, fut: asyncio.Future[tuple[Inspector | None, str]]) -> None:
+    def _loaded(self, fut: asyncio.Future[_Reloaded]) -> None:
         self._reloading = False
         try:
-            self._apply_rules(*fut.result())
+            self._apply_reload(fut.result())
         except Exception:  # noqa: BLE001 - a reload must never stop the gateway
-            log.exception("rules reload failed")
+            log.exception("reload failed")
         if self._reload_again:
             self._reload_again = False
             self._start_reload()
 
-    def reload_rules(self) -> dict[str, Any] | None:
-        """Read the embedded inspector's rules file again and put it in force for every connection,
-        live ones included (they go on where they stand: a restart would leave them uninspected, as
-        connections opened before ``run`` are not queued). A file that does not load leaves the rules
-        in force. Returns the ``rules_reload`` record (also written to the event log); None when the
-        inspector is off."""
-        if self.gateway.responder.inspector is None:
-            return None
-        return self._apply_rules(*self._load_rules())
+    def reload(self) -> dict[str, Any]:
+        """Read the configuration file and the inspector's rules again and put what can change
+        while running in force: ``[policy]`` (connections opened from now on), ``[actions]`` and the
+        inspector (``[inspector]`` and its rules file) for every connection, live ones included —
+        each goes on where its stream stands; a restart would leave them uninspected, as connections
+        opened before ``run`` are not queued. Other sections need a restart (named in the record and
+        the log). A file that does not load changes nothing. Returns the ``reload`` record (also
+        written to the event log)."""
+        return self._apply_reload(self._read_reload())
 
-    def _load_rules(self) -> tuple[Inspector | None, str]:
-        """The new inspector, or the reason there is none (runs in a thread: touches no live state)."""
+    def _read_reload(self) -> _Reloaded:
+        """The configuration and rules read again, or why not (runs in a thread: no live state)."""
+        cfg = self.cfg
         try:
-            new = build_inspector(self.cfg)
-            if new is None:
-                raise ConfigError("[inspector] is off now")
-        except ConfigError as e:
-            return None, str(e)
-        except Exception as e:  # noqa: BLE001 - the pattern compiler (C) may refuse what the parser took
-            return None, f"{self.cfg.inspector.rules}: {e}"
-        return new, ""
+            if self.source:
+                cfg = load(self.source)
+                if self.worker is not None:
+                    from .workers import worker_config
 
-    def _apply_rules(self, new: Inspector | None, err: str) -> dict[str, Any] | None:
+                    cfg = worker_config(cfg, self.worker)
+            return _Reloaded(cfg, build_inspector(cfg))
+        except ConfigError as e:
+            return _Reloaded(None, None, str(e))
+        except Exception as e:  # noqa: BLE001 - the pattern compiler (C) may refuse what the parser took
+            return _Reloaded(None, None, f"{cfg.inspector.rules}: {e}")
+
+    def _apply_reload(self, r: _Reloaded) -> dict[str, Any]:
         rsp = self.gateway.responder
         old = rsp.inspector
-        if old is None:
-            return None
-        path = self.cfg.inspector.rules
-        rec: dict[str, Any] = {"event": "rules_reload", "ts": round(time.time(), 6), "file": path,
-                               "previous": len(old.rules)}
-        if new is not None:
+        rec: dict[str, Any] = {"event": "reload", "ts": round(time.time(), 6), "config": self.source or None,
+                               "previous_rules": len(old.rules) if old is not None else None}
+        cfg = r.cfg
+        if cfg is None:
+            self.reloads["error"] += 1
+            rec.update(ok=False, rules=rec["previous_rules"], error=r.error)
+            log.error("reload refused, the configuration and rules in force stay: %s", r.error)
+            self._write_record(rec)
+            return rec
+        restart = [name for name in _RESTART_SECTIONS if getattr(cfg, name) != getattr(self.cfg, name)]
+        actions = cfg.actions
+        if needs_injection(cfg) and self.injector is None:
+            restart.append("actions")  # fastclose needs the raw socket opened at start
+            actions = self.cfg.actions
+        self.gateway.policy = cfg.policy
+        rsp.reactions = build_reactions(dataclasses.replace(cfg, actions=actions))
+        new = r.inspector
+        if new is not None and old is not None:
             rsp.replace_inspector(new)
-            rec.update(ok=True, rules=len(new.rules))
-            log.info("inspector: %d rules from %s in force (were %d)", len(new.rules), path, len(old.rules))
         else:
-            old.stats.reload_errors += 1
-            rec.update(ok=False, rules=len(old.rules), error=err)
-            log.error("inspector: rules not reloaded, the %d in force stay: %s", len(old.rules), err)
+            rsp.inspector = new
+        self.cfg = dataclasses.replace(self.cfg, policy=cfg.policy, actions=actions, inspector=cfg.inspector)
+        self.reloads["ok"] += 1
+        rec.update(ok=True, rules=len(new.rules) if new is not None else None, restart_needed=restart)
+        log.info("reloaded: policy %s, %d policy rules, inspector %s%s", cfg.policy.default.value,
+                 len(cfg.policy.rules), f"{len(new.rules)} rules from {cfg.inspector.rules} in force"
+                 if new is not None else "off", f"; changed but in force only after a restart: "
+                 f"{', '.join(f'[{n}]' for n in restart)}" if restart else "")
+        if restart:
+            log.warning("reload: [%s] changed: those take effect after a restart", "], [".join(restart))
         self._write_record(rec)
         return rec
 

@@ -1,4 +1,4 @@
-"""The ``run`` service's parts that need no queue: rules reload on SIGHUP."""
+"""The ``run`` service's parts that need no queue: the SIGHUP reload of configuration and rules."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from mproxy.config import load_config
+from mproxy.core.gateway import Verdict
 from mproxy.io.sinks import EventLog
 from mproxy.service import Service
 
@@ -14,6 +15,7 @@ from .core.session import Session
 
 OLD = 'alert tcp any any -> any any (msg:"union"; content:"UNION SELECT"; nocase; sid:1;)\n'
 NEW = OLD + 'alert tcp any any -> any any (msg:"shell"; content:"xp_cmdshell"; sid:2;)\n'
+CONFIG = '[inspector]\nmode = "on"\nrules = "{rules}"\n[actions]\non_match = "log"\n'
 
 
 def _matches(svc: Service) -> list[str]:
@@ -28,19 +30,25 @@ async def _settle(svc: Service) -> None:
     raise AssertionError("the reload did not finish")
 
 
-def _service(tmp_path: Path) -> tuple[Service, Path]:
-    """A gateway service (no queue) with the inspector on OLD's rules, matches only logged."""
+def _service(tmp_path: Path) -> tuple[Service, Path, Path]:
+    """``run``'s service (no queue) from a config file: the inspector on OLD's rules, matches logged."""
     rules = tmp_path / "mproxy.rules"
     rules.write_text(OLD)
     cfg = tmp_path / "mproxy.toml"
-    cfg.write_text(f'[inspector]\nmode = "on"\nrules = "{rules}"\n[actions]\non_match = "log"\n')
-    svc = Service(load_config(str(cfg)))
+    cfg.write_text(CONFIG.format(rules=rules))
+    svc = Service(load_config(str(cfg)), str(cfg))
     svc.events = EventLog(str(tmp_path / "events.jsonl"))
-    return svc, rules
+    return svc, rules, cfg
+
+
+def _records(svc: Service, tmp_path: Path) -> list[dict]:
+    assert svc.events is not None
+    svc.events.flush()
+    return [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
 
 
 async def test_sighup_reloads_the_rules_for_live_connections_and_a_bad_file_keeps_them(tmp_path: Path) -> None:
-    svc, rules = _service(tmp_path)
+    svc, rules, _cfg = _service(tmp_path)
     s = Session(1)
     gw = svc.gateway
     for p in s.handshake():
@@ -51,39 +59,61 @@ async def test_sighup_reloads_the_rules_for_live_connections_and_a_bad_file_keep
     assert _matches(svc) == []
     # the operator adds a rule and sends SIGHUP (logrotate's reload does the same)
     rules.write_text(NEW)
-    svc._reopen()  # what SIGHUP calls: the file is read in a thread, put in force by the loop
+    svc._reopen()  # what SIGHUP calls: the files are read in a thread, put in force by the loop
     assert svc._reloading
     await _settle(svc)
     gw.packet(s.data(0, True, at[1], reqs[1]), 1002.0)
     assert _matches(svc) == ["sid 2: shell"]  # the connection opened before the reload is inspected with it
     # a broken file: refused with the reason, the rules in force stay
     rules.write_text(NEW + "alert tcp any any -> (broken\n")
-    rec = svc.reload_rules()
-    assert rec is not None and rec["ok"] is False and "mproxy.rules" in rec["error"] and rec["rules"] == 2
+    rec = svc.reload()
+    assert rec["ok"] is False and "mproxy.rules" in rec["error"] and rec["rules"] == 2
     gw.packet(s.data(0, True, at[2], reqs[2]), 1003.0)
     assert _matches(svc) == ["sid 1: union"]
     ins = gw.responder.inspector
-    assert ins is not None and (ins.stats.reloads, ins.stats.reload_errors) == (1, 1) and len(ins.rules) == 2
-    svc.events.close()
-    recs = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert [(r["event"], r["ok"], r["rules"], r["previous"]) for r in recs] == [
-        ("rules_reload", True, 2, 1), ("rules_reload", False, 2, 2)]
+    assert ins is not None and len(ins.rules) == 2 and svc.reloads == {"ok": 1, "error": 1}
+    assert [(r["event"], r["ok"], r["rules"], r["previous_rules"]) for r in _records(svc, tmp_path)] == [
+        ("reload", True, 2, 1), ("reload", False, 2, 2)]
+    text = svc.exposition().decode()
+    assert 'mproxy_reloads_total{result="ok"} 1.0' in text and 'mproxy_reloads_total{result="error"} 1.0' in text
 
 
 async def test_sighups_during_a_reload_make_one_more_reload(tmp_path: Path) -> None:
-    svc, rules = _service(tmp_path)
+    svc, rules, _cfg = _service(tmp_path)
     svc._reopen()
     rules.write_text(NEW)  # changed while the first reload may already have read it
     svc._reopen()
     svc._reopen()
     await _settle(svc)
-    await _settle(svc)  # (the second starts from the first one's completion)
     ins = svc.gateway.responder.inspector
-    assert ins is not None and len(ins.rules) == 2 and ins.stats.reloads == 2
+    assert ins is not None and len(ins.rules) == 2 and svc.reloads["ok"] == 2
 
 
-def test_reload_without_the_inspector_does_nothing(tmp_path: Path) -> None:
+def test_reload_puts_a_new_policy_in_force_for_new_connections(tmp_path: Path) -> None:
+    """[policy] and [actions] change on reload (new connections get the new policy; open ones keep
+    theirs); the inspector can be turned off; sections that need a restart are named, not applied."""
+    svc, _rules, cfg = _service(tmp_path)
+    gw = svc.gateway
+    s1 = Session(1)
+    assert [gw.packet(p, 1000.0).verdict for p in s1.handshake()] == [Verdict.ACCEPT] * 3
+    cfg.write_text('[policy]\ndefault = "downgrade"\n[inspector]\nmode = "off"\n[queue]\nmax_len = 999\n')
+    rec = svc.reload()  # ([actions] back to the default fastclose: no raw socket was opened, so not now)
+    assert rec["ok"] is True and rec["restart_needed"] == ["queue", "actions"] and rec["rules"] is None
+    assert svc.cfg.actions.on_match == ["log"]
+    assert gw.responder.inspector is None and svc.cfg.queue.max_len != 999
+    s2 = Session(1, sport=41000, client_key=0x77, server_key=0x88)
+    assert gw.packet(s2.handshake()[0], 1001.0).verdict == Verdict.ACCEPT_MODIFIED  # MP_CAPABLE removed
+    assert gw.packet(s1.data(0, True, 0, b"still tracked"), 1002.0).verdict == Verdict.ACCEPT
+    assert len(gw.tracker.connections) == 1  # the first connection, still rebuilt; the second is plain TCP
+    # an invalid configuration changes nothing
+    cfg.write_text('[policy]\ndefault = "no-such-action"\n')
+    rec = svc.reload()
+    assert rec["ok"] is False and "[policy]" in rec["error"] and svc.cfg.policy.default.value == "downgrade"
+
+
+def test_reload_without_a_config_file_reads_the_rules_again(tmp_path: Path) -> None:
     cfg = tmp_path / "mproxy.toml"
     cfg.write_text('[inspector]\nmode = "off"\n')
-    svc = Service(load_config(str(cfg)))
-    assert svc.reload_rules() is None
+    svc = Service(load_config(str(cfg)))  # no source path: the configuration in force is kept
+    rec = svc.reload()
+    assert rec["ok"] is True and rec["config"] is None and rec["rules"] is None

@@ -62,8 +62,6 @@ class InspectorStats:
     matches: int = 0
     pcre_runs: int = 0
     flows: int = 0  # connection directions inspected since start
-    reloads: int = 0  # rules files read again (SIGHUP) and in force
-    reload_errors: int = 0  # ... refused (the rules in force stayed)
 
 
 @dataclass(slots=True)

@@ -97,7 +97,6 @@ class Responder:
         (:meth:`Inspector.adopt`), from the next released byte on."""
         if self.inspector is not None:
             new.adopt(self.inspector)
-        new.stats.reloads += 1
         self.inspector = new
 
     # ------------------------------------------------------------------ per packet

@@ -326,6 +326,12 @@ def snapshot(sources: Sources) -> bytes:
     return generate_latest(make_registry(sources, process=False))
 
 
+def reload_family(counts: Mapping[str, int]) -> CounterMetricFamily:
+    """``mproxy_reloads_total{result}``: SIGHUP reloads of the configuration and rules of ``run``."""
+    return _by_label("mproxy_reloads", "Reloads of the configuration and inspector rules (SIGHUP), by result "
+                     "(error: refused, what was in force stayed)", "result", ("ok", "error"), counts)
+
+
 def reaction_families(inspector: Any = None, responder: Any = None, injector: Any = None,
                       alerts: Any = None) -> Iterator[Any]:
     """Inspector, reaction, injection and alert-feed counters (``Sources.extra`` of the gateway).
@@ -340,9 +346,6 @@ def reaction_families(inspector: Any = None, responder: Any = None, injector: An
     c = _counter("mproxy_signature_matches", "Embedded inspector signature matches")
     c.add_metric([], ins.matches if ins else 0)
     yield c
-    yield _by_label("mproxy_rule_reloads", "Inspector rules files read again on SIGHUP, by result (error: the "
-                    "rules in force stayed)", "result", ("ok", "error"),
-                    {"ok": ins.reloads, "error": ins.reload_errors} if ins else {})
     yield _by_label("mproxy_killed_packets", "Packets of fast-closed connections, by what was done", "action",
                     ("dropped", "answered"),
                     {"dropped": rsp.late_dropped, "answered": rsp.answered} if rsp else {})

@@ -70,7 +70,7 @@ def full_exposition() -> str:
     from prometheus_client import generate_latest
 
     from mproxy.core.gateway import Gateway
-    from mproxy.io.metrics import QueueStats, make_registry, reaction_families
+    from mproxy.io.metrics import QueueStats, make_registry, reaction_families, reload_family
     from mproxy.io.sinks import EventLog
 
     gw = Gateway()
@@ -80,7 +80,7 @@ def full_exposition() -> str:
              {"pcap": "/tmp/x.1.pcap", "frames": 3, "files": 1, "errors": 0}]
     src = Sources(tracker=gw.tracker, pipeline=gw.pipeline.stats, gateway=gw.stats,
                   queue=QueueStats(accepted=5, kernel=True, max_len=4096), latency=h, mode="gateway",
-                  sinks=lambda: sinks, events=EventLog(""), extra=[reaction_families])
+                  sinks=lambda: sinks, events=EventLog(""), extra=[reaction_families, lambda: [reload_family({})]])
     return generate_latest(make_registry(src)).decode()
 
 

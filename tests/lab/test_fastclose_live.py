@@ -273,7 +273,7 @@ def test_rules_reloaded_on_sighup_catch_the_attack_on_an_open_connection(lab: An
     assert ATTACK_PART1 in got and NEEDLE not in got and b"CT+password" not in got, got
     assert cend.get("how") == "reset" and send.get("how") == "reset", (cend, send)
     recs = mp["records"]
-    (rel,) = [r for r in recs if r["event"] == "rules_reload"]
-    assert rel["ok"] is True and rel["previous"] == 1 and rel["rules"] > 1, rel
+    (rel,) = [r for r in recs if r["event"] == "reload"]
+    assert rel["ok"] is True and rel["previous_rules"] == 1 and rel["rules"] > 1 and not rel["restart_needed"], rel
     (act,) = [r for r in recs if r["event"] == "action"]
     assert act["action"] == "fastclose" and act["trigger"] == "inspector" and act["sid"] == 1000002, act

@@ -215,8 +215,9 @@ def test_downgrade_server_sees_plain_tcp(lab: Any, tmp_path: Path) -> None:
     assert tshark_count(srv, "mptcp") == 0, "an MPTCP option reached the server"
     rotated = [json.loads(line) for line in (d / "events.1.jsonl").read_text().splitlines()]
     assert [r["action"] for r in rotated if r["event"] == "action"] == ["downgrade"]
-    # written after the SIGHUP, to the new file: the rules reload it also triggered, then the stats
-    assert [(r["event"], r.get("ok")) for r in mp.records] == [("rules_reload", True), ("stats", None)]
+    # written after the SIGHUP, to the new file: the reload it also triggered (nothing changed), then the stats
+    assert [(r["event"], r.get("ok"), r.get("restart_needed")) for r in mp.records] == [
+        ("reload", True, []), ("stats", None, None)]
     assert mp.stats()["queue"]["modified"] == 1
 
 
