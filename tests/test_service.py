@@ -15,7 +15,7 @@ from .core.session import Session
 
 OLD = 'alert tcp any any -> any any (msg:"union"; content:"UNION SELECT"; nocase; sid:1;)\n'
 NEW = OLD + 'alert tcp any any -> any any (msg:"shell"; content:"xp_cmdshell"; sid:2;)\n'
-CONFIG = '[inspector]\nmode = "on"\nrules = "{rules}"\n[actions]\non_match = "log"\n'
+CONFIG = '[inspector]\nmode = "on"\nrules = "{rules}"\n[actions]\non_match = "log"\non_alert = "log"\n'
 
 
 def _matches(svc: Service) -> list[str]:
@@ -117,3 +117,21 @@ def test_reload_without_a_config_file_reads_the_rules_again(tmp_path: Path) -> N
     svc = Service(load_config(str(cfg)))  # no source path: the configuration in force is kept
     rec = svc.reload()
     assert rec["ok"] is True and rec["config"] is None and rec["rules"] is None
+
+
+def test_a_worker_reloads_its_own_share_of_the_configuration(tmp_path: Path) -> None:
+    """With [queue] workers > 1 the control process passes SIGHUP on; each worker reads the file again
+    as its own worker configuration, so an unchanged file changes nothing and needs no restart."""
+    from mproxy.service import load
+    from mproxy.workers import worker_config
+
+    cfg = tmp_path / "mproxy.toml"
+    base = '[queue]\nworkers = 2\n[sink]\npcap = "/tmp/x"\n[inspector]\nmode = "off"\n[actions]\non_match = "log"\non_alert = "log"\n'
+    cfg.write_text(base)
+    svc = Service(worker_config(load(str(cfg)), 1), str(cfg), worker=1, workers_total=2)
+    rec = svc.reload()
+    assert rec["ok"] is True and rec["restart_needed"] == []
+    cfg.write_text(base.replace("workers = 2", "workers = 2\nmax_len = 999") + '[policy]\ndefault = "block-joins"\n')
+    rec = svc.reload()
+    assert rec["restart_needed"] == ["queue"] and svc.gateway.policy.default.value == "block-joins"
+    assert svc.cfg.queue.max_len != 999 and svc.cfg.sink.pcap == "/tmp/x.w1"  # (the worker's own file)
