@@ -12,13 +12,13 @@ gateway (open connections are reported), close the sinks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
 import struct
 import sys
 import time
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -391,43 +391,35 @@ class Service:
 
     def _apply_reload(self, r: _Reloaded) -> dict[str, Any]:
         rsp = self.gateway.responder
-        old = rsp.inspector
+        previous = len(rsp.inspector.rules) if rsp.inspector is not None else None
         rec: dict[str, Any] = {"event": "reload", "ts": round(time.time(), 6), "config": self.source or None,
-                               "previous_rules": len(old.rules) if old is not None else None}
+                               "previous_rules": previous}
         cfg = r.cfg
         if cfg is None:
             self.reloads["error"] += 1
-            rec.update(ok=False, rules=rec["previous_rules"], error=r.error)
+            rec.update(ok=False, rules=previous, error=r.error)
             log.error("reload refused, the configuration and rules in force stay: %s", r.error)
-            self._write_record(rec)
-            return rec
-        restart = [name for name in _RESTART_SECTIONS if getattr(cfg, name) != getattr(self.cfg, name)]
-        actions = cfg.actions
-        if needs_injection(cfg) and self.injector is None:
-            restart.append("actions")  # fastclose needs the raw socket opened at start
-            actions = self.cfg.actions
-        self.gateway.policy = cfg.policy
-        rsp.reactions = build_reactions(dataclasses.replace(cfg, actions=actions))
-        new = r.inspector
-        if new is not None and old is not None:
-            rsp.replace_inspector(new)
         else:
-            rsp.inspector = new
-        self.cfg = dataclasses.replace(self.cfg, policy=cfg.policy, actions=actions, inspector=cfg.inspector)
-        self.reloads["ok"] += 1
-        rec.update(ok=True, rules=len(new.rules) if new is not None else None, restart_needed=restart)
-        log.info("reloaded: policy %s, %d policy rules, inspector %s%s", cfg.policy.default.value,
-                 len(cfg.policy.rules), f"{len(new.rules)} rules from {cfg.inspector.rules} in force"
-                 if new is not None else "off", f"; changed but in force only after a restart: "
-                 f"{', '.join(f'[{n}]' for n in restart)}" if restart else "")
-        if restart:
-            log.warning("reload: [%s] changed: those take effect after a restart", "], [".join(restart))
-        self._write_record(rec)
-        return rec
-
-    def _write_record(self, rec: dict[str, Any]) -> None:
+            restart = [name for name in _RESTART_SECTIONS if getattr(cfg, name) != getattr(self.cfg, name)]
+            actions = cfg.actions
+            if needs_injection(cfg) and self.injector is None:
+                restart.append("actions")  # fastclose needs the raw socket opened at start
+                actions = self.cfg.actions
+            self.cfg = dataclasses.replace(self.cfg, policy=cfg.policy, actions=actions, inspector=cfg.inspector)
+            self.gateway.policy = cfg.policy
+            rsp.reactions = build_reactions(self.cfg)
+            rsp.replace_inspector(r.inspector)
+            self.reloads["ok"] += 1
+            rules = len(r.inspector.rules) if r.inspector is not None else None
+            rec.update(ok=True, rules=rules, restart_needed=restart)
+            log.info("reloaded: policy %s, %d policy rules, inspector %s", cfg.policy.default.value,
+                     len(cfg.policy.rules), f"{rules} rules from {cfg.inspector.rules} in force"
+                     if rules is not None else "off")
+            if restart:
+                log.warning("reload: [%s] changed: those take effect after a restart", "], [".join(restart))
         if self.events is not None:
             self.events.write([rec])
+        return rec
 
     def _dump_stats(self) -> None:
         import json

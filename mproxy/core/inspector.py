@@ -137,7 +137,7 @@ class Inspector:
         self._carried: list[tuple[Inspector, dict[tuple[int, int], _Dir]]] = []
 
     def __len__(self) -> int:
-        return len(self._flows) + sum(len(flows) for _rules, flows in self._carried)
+        return len(self._flows) + sum(len(flows) for _old, flows in self._carried)
 
     # ------------------------------------------------------------------
     def feed(self, conn_id: int, direction: Direction, data: bytes, client: tuple[bytes, int],
@@ -243,13 +243,13 @@ class Inspector:
         self._hits.append((eid, stop))
 
     def close(self, conn_id: int) -> None:
-        for table in (self._flows, *(flows for _rules, flows in self._carried)):
+        for table in (self._flows, *(flows for _old, flows in self._carried)):
             table.pop((conn_id, 0), None)
             table.pop((conn_id, 1), None)
 
     def retain(self, live: Any) -> None:
         """Forget the state of connections not in ``live`` (a container of connection ids)."""
-        for table in (self._flows, *(flows for _rules, flows in self._carried)):
+        for table in (self._flows, *(flows for _old, flows in self._carried)):
             for key in [k for k in table if k[0] not in live]:
                 del table[key]
         self._carried = [c for c in self._carried if c[1]]

@@ -92,10 +92,10 @@ class Responder:
         self.hosts: dict[bytes, float] = {}  # client address -> downgraded until
         self._last_sweep = 0.0
 
-    def replace_inspector(self, new: Inspector) -> None:
+    def replace_inspector(self, new: Inspector | None) -> None:
         """Rules reloaded: ``new`` takes over every live connection where the old one stood
-        (:meth:`Inspector.adopt`), from the next released byte on."""
-        if self.inspector is not None:
+        (:meth:`Inspector.adopt`), from the next released byte on; None turns inspection off."""
+        if new is not None and self.inspector is not None:
             new.adopt(self.inspector)
         self.inspector = new
 

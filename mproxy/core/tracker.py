@@ -1168,7 +1168,7 @@ class Tracker:
         conn.held.clear()
         ev.append(PassThrough(bytes(seg.ip), seg.ipver, seg.ts))
         sf.plain = True
-        self._release(conn)
+        self._release_subflow(sf)  # it leaves the connection's list; _forget gives back the rest
         conn.subflows.remove(sf)
         sf.conn = None
         conn.closed = Outcome.FALLBACK
@@ -1438,18 +1438,17 @@ class Tracker:
         if seq in sfd.pending and len(sfd.pending[seq]) >= len(data):
             return
         if sfd.pending_bytes + len(data) > self.config.pending_limit:
-            self._shed(conn, "pending", len(data), f"unmapped bytes over {self.config.pending_limit}", ts, ev, seg)
-            self._note_unmapped_shed(sfd, seq, len(data))
-            return
-        old = sfd.pending.get(seq)
-        grow = len(data) - (len(old) if old is not None else 0)
-        if not self.budget.take(grow + (PIECE_COST if old is None else 0)):
-            self._shed(conn, "global", len(data), f"buffered bytes over the memcap ({self.budget.limit})", ts, ev,
-                       seg)
-            self._note_unmapped_shed(sfd, seq, len(data))
-            return
-        sfd.pending[seq] = bytes(data)
-        sfd.pending_bytes += grow
+            limit, detail = "pending", f"unmapped bytes over {self.config.pending_limit}"
+        else:
+            old = sfd.pending.get(seq)
+            grow = len(data) - (len(old) if old is not None else 0)
+            if self.budget.take(grow + (PIECE_COST if old is None else 0)):
+                sfd.pending[seq] = bytes(data)
+                sfd.pending_bytes += grow
+                return
+            limit, detail = "global", f"buffered bytes over the memcap ({self.budget.limit})"
+        self._shed(conn, limit, len(data), detail, ts, ev, seg)
+        self._note_unmapped_shed(sfd, seq, len(data))
 
     @staticmethod
     def _note_unmapped_shed(sfd: SubflowDir, seq: int, n: int) -> None:

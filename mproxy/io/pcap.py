@@ -108,23 +108,27 @@ class _Decoded:
                 raise EOFError("the compressed data ends before its end-of-stream marker")
             self.feed += more
 
+    def fill(self, n: int, parts: list[bytes]) -> None:
+        """Decoded bytes into ``parts`` until there are ``n`` or the content ends; the decoders'
+        errors propagate, and what was decoded before them stays in ``parts``."""
+        while n > 0:
+            b = self._read1(n)
+            if not b:
+                return
+            parts.append(b)
+            n -= len(b)
+
     def read(self, n: int) -> bytes:
         if self.failed:
             return b""
-        parts = []
-        want = n
+        parts: list[bytes] = []
         try:
-            while want > 0:
-                b = self._read1(want)
-                if not b:
-                    break
-                parts.append(b)
-                want -= len(b)
+            self.fill(n, parts)
         except _DECODE_ERRORS as e:
             self.failed = True
             self.reader.problems.append(f"{self.reader.name}: {self.kind} data damaged after "
-                                        f"{self.out + n - want} decompressed bytes: {e}")
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+                                        f"{self.out + sum(map(len, parts))} decompressed bytes: {e}")
+        data = b"".join(parts)
         self.out += len(data)
         return data
 
@@ -207,18 +211,15 @@ class CaptureReader:
     def _decompress(self, f: BinaryIO, head: bytes, kind: str, make: Callable[[], Any]) -> Iterator[Frame]:
         self.compression = kind
         self._decoded = src = _Decoded(f, head, make, self, kind)
+        parts: list[bytes] = []
         try:
-            inner = src._read1(4)
-            while 0 < len(inner) < 4:
-                more = src._read1(4 - len(inner))
-                if not more:
-                    break
-                inner += more
+            src.fill(4, parts)  # (damage this early means it is no capture: an error, not a problem)
         except _DECODE_ERRORS as e:
             raise CaptureError(f"{self.name}: not a readable {kind} file: {e}") from None
+        inner = b"".join(parts)
         if len(inner) < 4:
             raise CaptureError(f"{self.name}: {kind}-compressed, but not a capture file (too short)")
-        src.out = 4
+        src.out = len(inner)
         yield from self._capture(src, inner)
 
     # -- classic pcap ---------------------------------------------------
