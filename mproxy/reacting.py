@@ -15,7 +15,7 @@ from typing import Any
 from .config import Config, ConfigError, inspector_enabled
 from .core.alerts import AlertStats, parse_alert_line
 from .core.gateway import Gateway
-from .core.inspector import Inspector
+from .core.inspector import Inspector, check_window
 from .core.reactions import Reaction, Reactions
 from .core.rules import RuleError, RuleSet, load_rules
 from .io.alerts import AlertFollower
@@ -35,9 +35,11 @@ def load_ruleset(cfg: Config) -> RuleSet | None:
         raise ConfigError("[inspector] rules: no rules file found (none set, no mproxy.rules beside the "
                           "config file); set [inspector] rules, or mode = \"off\"")
     try:
-        return load_rules(path)
+        rs = load_rules(path)
+        check_window(rs, cfg.inspector.window)
     except RuleError as e:
         raise ConfigError(f"[inspector] rules: {e}") from None
+    return rs
 
 
 def build_inspector(cfg: Config, rules: RuleSet | None = None) -> Inspector | None:

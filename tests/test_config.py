@@ -69,10 +69,14 @@ def test_rules_path_and_bad_rules_file(tmp_path: Path) -> None:
     cfg = load_config(str(ROOT / "config" / "mproxy.toml"))
     assert cfg.inspector.rules == str(ROOT / "config" / "mproxy.rules") and inspector_enabled(cfg)
     assert cfg.actions.on_match == ["fastclose"]
-    (tmp_path / "bad.rules").write_text('# x\nalert tcp any any -> any any (content:"a"; depth:3; sid:1;)\n')
+    (tmp_path / "bad.rules").write_text('# x\nalert tcp any any -> any any (content:"a"; isdataat:3; sid:1;)\n')
     conf = tmp_path / "m.toml"
     conf.write_text('[inspector]\nrules = "bad.rules"\n[actions]\non_match = "log"\n')
-    with pytest.raises(ConfigError, match=r"\[inspector\] rules: .*bad.rules:2: option 'depth'"):
+    with pytest.raises(ConfigError, match=r"\[inspector\] rules: .*bad.rules:2: option 'isdataat'"):
+        load(str(conf))
+    (tmp_path / "far.rules").write_text('alert tcp any any -> any any (content:"a"; content:"b"; distance:90; sid:7;)\n')
+    conf.write_text('[inspector]\nrules = "far.rules"\nwindow = 64\n[actions]\non_match = "log"\n')
+    with pytest.raises(ConfigError, match=r"far.rules:1: sid 7: .*window \(64 bytes\)"):
         load(str(conf))
     conf.write_text('[inspector]\nrules = "bad.rules"\n[alerts]\nfiles = ["eve.json"]\n')
     assert not inspector_enabled(load(str(conf)))  # auto: an external IDS is followed, rules not needed

@@ -6,7 +6,8 @@ The gateway calls it before it gives the packet that released those bytes
 its verdict, so a match can still drop that packet.
 
 Engine: one Hyperscan block-mode database (C, SIMD: several GB/s) holds every
-``content`` of every rule as a literal, caseless for ``nocase`` ones, so one
+``content`` of every rule (as a fully escaped expression: binary contents
+included), caseless for ``nocase`` ones, so one
 pass per chunk finds all contents of all rules; Python only sees the hits.
 
 Streaming: a content split across two chunks must be found, so each
@@ -22,22 +23,39 @@ each chunk plus those ``pcre_window`` bytes. A rule fires at most once per
 connection direction.
 
 Semantics on the stream (the subset documented in :mod:`mproxy.core.rules`):
-a rule matches when every content occurs (in any order) and its pcre
-matches, all within ``window`` bytes of stream.
+a rule matches when there is one match of each of its contents (in any order,
+unless ``distance``/``within`` tie a content to the one before it;
+``offset``/``depth`` count from the start of the stream) and of its pcre, all
+within ``window`` bytes of stream. Each direction keeps, per partly matched
+rule, the ends of its contents' recent matches (within ``window`` bytes,
+at most ``_OCCURRENCES`` each), not only the last: a rule whose contents lie
+close together must match even when the same chunk repeats one of them
+further on.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import hyperscan
 
 from .events import Direction
-from .rules import Rule, RuleSet
+from .rules import Rule, RuleError, RuleSet
 
-__all__ = ["Match", "Inspector", "InspectorStats"]
+__all__ = ["Match", "Inspector", "InspectorStats", "check_window"]
+
+_OCCURRENCES = 256  # match ends kept per content of a partly matched rule, per direction (the latest)
+_NO_END = 1 << 62
+_HEX = [b"\\x%02x" % b for b in range(256)]
+
+# A chain: a content and the contents tied to it by distance/within, in rule order; each link is
+# (content index, length, distance, within or None) (the first link's distance and within unused)
+_Link = tuple[int, int, int, "int | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +80,7 @@ class InspectorStats:
     matches: int = 0
     pcre_runs: int = 0
     flows: int = 0  # connection directions inspected since start
+    shed: int = 0  # content match ends dropped over _OCCURRENCES (a rule with distance/within can miss)
 
 
 @dataclass(slots=True)
@@ -72,9 +91,89 @@ class _Dir:
     pcre_only: tuple[int, ...]  # rules with a pcre and no content: run on every chunk
     offset: int = 0  # bytes inspected so far
     tail: bytes = b""
-    seen: dict[int, list[int]] = field(default_factory=dict)  # rule -> last end offset per content (-1: none)
+    # rule -> per content, the stream offsets where its recent matches end (sorted after each chunk)
+    occ: dict[int, list[list[int]]] = field(default_factory=dict)
     fired: set[int] = field(default_factory=set)
     recheck: tuple[int, ...] = ()  # rules to evaluate with the next chunk (contents found in a reload's tail)
+    swept: int = 0  # offset of the last sweep of ``occ`` (stale match ends dropped)
+
+
+def _chains(rule: Rule) -> tuple[tuple[_Link, ...], ...]:
+    links: list[list[_Link]] = []
+    for ci, c in enumerate(rule.contents):
+        link = (ci, len(c.pattern), c.distance or 0, c.within)
+        if c.relative and links:
+            links[-1].append(link)
+        else:
+            links.append([link])
+    return tuple(tuple(x) for x in links)
+
+
+def check_window(rules: RuleSet, window: int) -> None:
+    """RuleError (naming the line) for a rule whose distances put its contents further apart than
+    ``window``: it could never match, and a rule that silently never fires is worse than none."""
+    for r in rules.rules:
+        for links in _chains(r):
+            reach = 0
+            for _ci, ln, dist, _w in links[1:]:
+                reach += dist + ln
+                if reach > window:
+                    raise RuleError(f"{rules.source}:{r.line}: sid {r.sid}: its distance/within put contents "
+                                    f"more than the inspector window ({window} bytes) apart; it could never match")
+
+
+def _sets(chains: tuple[tuple[_Link, ...], ...], occ: list[list[int]], window: int,
+          first: bool) -> list[tuple[int, int]]:
+    """Where all of a rule's contents match: ``(lo, hi)``, the earliest and latest match end of one
+    choice of a match per content that satisfies the relative modifiers, with ``hi - lo <= window``;
+    one per distinct ``hi`` (with the latest ``lo`` for it), in stream order (only the first if
+    ``first``). ``occ`` holds each content's match ends, sorted.
+
+    A chain is solved by dynamic programming over those ends: a match of a tied content links to the
+    latest match of the content before it that leaves it room, which is also the link whose chain
+    starts latest (the tightest), so one pass per content suffices."""
+    if len(chains) == 1 and len(chains[0]) == 1:  # one content: each of its matches
+        ends = occ[chains[0][0][0]]
+        return [(ends[0], ends[0])] if first else [(e, e) for e in ends]
+    his: list[list[int]] = []
+    los: list[list[int]] = []
+    for links in chains:
+        comp = [(e, e, e) for e in occ[links[0][0]]]  # (end of the chain so far, lo, hi)
+        for ci, ln, dist, within in links[1:]:
+            ends = [c[0] for c in comp]
+            nxt = []
+            for e in occ[ci]:
+                j = bisect_right(ends, e - ln - dist) - 1  # starts at least `dist` after the previous end
+                if j < 0:
+                    continue
+                p, lo, hi = comp[j]
+                if within is not None and e > p + dist + within:
+                    continue
+                nxt.append((e, lo if lo < e else e, hi if hi > e else e))
+            comp = nxt
+        if not comp:
+            return []
+        pairs = sorted((hi, lo) for _e, lo, hi in comp)
+        best, bests = -_NO_END, []
+        for _hi, lo in pairs:
+            best = lo if lo > best else best
+            bests.append(best)
+        his.append([hi for hi, _lo in pairs])
+        los.append(bests)
+    out: list[tuple[int, int]] = []
+    for top in sorted(set(chain.from_iterable(his))):
+        low = top
+        for h, b in zip(his, los):
+            k = bisect_right(h, top) - 1
+            if k < 0:
+                break
+            low = min(low, b[k])
+        else:
+            if top - low <= window:
+                out.append((low, top))
+                if first:
+                    break
+    return out
 
 
 def _span(tail: bytes, data: bytes, a: int, b: int) -> bytes:
@@ -97,19 +196,26 @@ class Inspector:
         self.pcre_window = pcre_window
         self.stats = InspectorStats()
         self._flows: dict[tuple[int, int], _Dir] = {}
-        # Hyperscan expression id -> (pattern length, ((rule index, content index), ...))
+        # Hyperscan expression id -> (pattern length, ((rule index, content index, first start, last
+        # end), ...)): the stream offsets offset/depth allow a match in
         self._db: Any = None
-        self._targets: list[tuple[int, tuple[tuple[int, int], ...]]] = []
-        exprs: dict[tuple[bytes, bool], list[tuple[int, int]]] = {}
+        self._targets: list[tuple[int, tuple[tuple[int, int, int, int], ...]]] = []
+        check_window(rules, window)
+        self._chains = [_chains(r) for r in self.rules]
+        exprs: dict[tuple[bytes, bool], list[tuple[int, int, int, int]]] = {}
         for ri, r in enumerate(self.rules):
             for ci, c in enumerate(r.contents):
                 key = (c.pattern.lower(), True) if c.nocase else (c.pattern, False)
-                exprs.setdefault(key, []).append((ri, ci))
+                lo = c.offset or 0
+                hi = _NO_END if c.depth is None else lo + c.depth
+                exprs.setdefault(key, []).append((ri, ci, lo, hi))
         if exprs:
             keys = list(exprs)
             db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-            db.compile(expressions=[k[0] for k in keys], ids=list(range(len(keys))), elements=len(keys),
-                       flags=[hyperscan.HS_FLAG_CASELESS if k[1] else 0 for k in keys], literal=True)
+            # every byte escaped, in regex mode: the binding's pure-literal mode measures patterns with
+            # strlen(), so "a|00 01|" would be compiled as "a" (and "|00|..." refused); as fast here
+            db.compile(expressions=[b"".join(_HEX[b] for b in k[0]) for k in keys], ids=list(range(len(keys))),
+                       elements=len(keys), flags=[hyperscan.HS_FLAG_CASELESS if k[1] else 0 for k in keys])
             self._db = db
             self._targets = [(len(k[0]), tuple(exprs[k])) for k in keys]
         self._hits: list[tuple[int, int]] = []
@@ -175,61 +281,41 @@ class Inspector:
             db.scan(data, match_event_handler=self._on_hit)
             found += [(eid, lt + stop) for eid, stop in hits]
             hits.clear()
-            group_of, groups = self._group_of, st.groups
-            for eid, end in found:
-                for ri, ci in targets_of[eid][1]:
-                    if group_of[ri] not in groups or ri in st.fired:
-                        continue
-                    ends = st.seen.get(ri)
-                    if ends is None:
-                        ends = st.seen[ri] = [-1] * len(self.rules[ri].contents)
-                    if base + end > ends[ci]:
-                        ends[ci] = base + end
-                    touched.add(ri)
+            touched = self._record(st, found, base, st.fired)
         if st.recheck:
             touched.update(st.recheck)
             st.recheck = ()
         chunk_start = st.offset - len(data)
+        window, occ = self.window, st.occ
         cands = touched.union(st.pcre_only)
-        cands.update(ri for ri in st.seen if self.rules[ri].pcre is not None)
+        cands.update(ri for ri in occ if self.rules[ri].pcre is not None)
         for ri in sorted(cands):
             if ri in st.fired:
                 continue
             r = self.rules[ri]
+            sets: list[tuple[int, int]] = []
             if r.contents:
-                ends = st.seen.get(ri)
-                if ends is None or min(ends) < 0 or max(ends) - min(ends) > self.window:
-                    continue  # not every content seen yet, or too far apart
-                if r.pcre is None and ri not in touched:
-                    continue  # unchanged since it was last found incomplete
-                if r.pcre is not None and ri not in touched and max(ends) < chunk_start - self.pcre_window:
-                    continue  # no content of the rule near this chunk: a pcre match here would not be near them
+                lists = occ.get(ri)
+                if lists is None or not all(lists):
+                    continue  # not every content seen yet
+                if ri not in touched and (r.pcre is None or max(x[-1] for x in lists) < chunk_start - self.pcre_window):
+                    continue  # unchanged since it was last found incomplete, or no content near this chunk
+                sets = _sets(self._chains[ri], lists, window, r.pcre is None)
+                if not sets:
+                    continue  # not close enough together, or not in the order distance/within ask
             if r.pcre is not None:
                 self.stats.pcre_runs += 1
-                start = max(0, lt - self.pcre_window)
-                stop = lt + len(data)
-                if r.contents:  # the match must lie within `window` of every content
-                    ends = st.seen[ri]
-                    start = max(start, max(ends) - self.window - base)
-                    stop = min(stop, min(ends) + self.window - base)
-                    if stop <= lt or start >= stop:
-                        continue
-                region = _span(tail, data, start, stop)
-                new_from = lt - start
-                hit = None
-                for m in r.pcre.regex.finditer(region):
-                    if m.end() > new_from:
-                        hit = m
-                        break
-                if hit is None:
+                found_at = self._pcre(r.pcre.regex, tail, data, base, sets)
+                if found_at is None:
                     continue
-                end_off = base + start + hit.end()
+                end_off = found_at
             else:
-                end_off = max(st.seen[ri])
+                end_off = sets[0][1]
             st.fired.add(ri)
-            st.seen.pop(ri, None)
+            occ.pop(ri, None)
             self.stats.matches += 1
             out.append(Match(conn_id, direction, r.sid, r.rev, r.msg, end_off))
+        self._forget_old(st, touched)
         keep = self._keep
         if not keep:
             st.tail = b""
@@ -238,6 +324,81 @@ class Inspector:
         else:
             st.tail = (tail + data)[-keep:]
         return out
+
+    def _pcre(self, regex: re.Pattern[bytes], tail: bytes, data: bytes, base: int,
+              sets: list[tuple[int, int]]) -> int | None:
+        """Stream offset where a match of ``regex`` ends that takes new bytes (``data``) and lies
+        within ``window`` of each content of one of ``sets`` (any match, for a rule without
+        contents); None if there is none. Searches only where such a match can be: each set's
+        stretch, the overlapping ones merged, and no further back than ``pcre_window``."""
+        lt = len(tail)
+        first, last, window = max(0, lt - self.pcre_window), lt + len(data), self.window
+        spans: list[list[int]] = []
+        if len(sets) > 8:  # many: their stretches overlap into (nearly) one, the hull costs less to find
+            sets_ = [(sets[-1][0], sets[0][1])]
+        else:
+            sets_ = sets
+        if not sets:
+            spans.append([first, last])
+        for lo, hi in sets_:  # both grow along `sets`, so merging in order suffices
+            a, b = max(first, hi - window - base), min(last, lo + window - base)
+            if b <= lt or a >= b:
+                continue
+            if spans and a <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], b)
+            else:
+                spans.append([a, b])
+        for a, b in spans:
+            at = base + a
+            for m in regex.finditer(_span(tail, data, a, b)):
+                if a + m.end() > lt and (not sets or any(
+                        at + m.start() >= hi - window and at + m.end() <= lo + window for lo, hi in sets)):
+                    return at + m.end()
+        return None
+
+    def _record(self, st: _Dir, found: list[tuple[int, int]], base: int, skip: set[int]) -> set[int]:
+        """Note the content matches ``found`` (expression, end in the buffer starting at stream offset
+        ``base``) for the rules of ``st`` not in ``skip``; returns the rules that got one. Their lists
+        come out sorted."""
+        touched: set[int] = set()
+        targets_of, group_of, groups, occ = self._targets, self._group_of, st.groups, st.occ
+        for eid, end in found:
+            ln, targets = targets_of[eid]
+            e = base + end
+            for ri, ci, first, last in targets:
+                if group_of[ri] not in groups or ri in skip or e - ln < first or e > last:
+                    continue
+                lists = occ.get(ri)
+                if lists is None:
+                    lists = occ[ri] = [[] for _ in self.rules[ri].contents]
+                lists[ci].append(e)
+                touched.add(ri)
+        for ri in touched:
+            for lst in occ[ri]:
+                lst.sort()
+        return touched
+
+    def _forget_old(self, st: _Dir, touched: set[int]) -> None:
+        """Drop match ends no later match can be within ``window`` of: those of the rules matched in
+        this chunk, and every ``window`` bytes those of all rules; at most ``_OCCURRENCES`` per content."""
+        occ, horizon = st.occ, st.offset - self.window
+        if st.offset - st.swept >= self.window:
+            st.swept = st.offset
+            rules: Any = list(occ)
+        else:
+            rules = touched
+        for ri in rules:
+            lists = occ.get(ri)
+            if lists is None:
+                continue
+            for lst in lists:
+                if lst and lst[0] < horizon:
+                    del lst[: bisect_right(lst, horizon - 1)]
+                if len(lst) > _OCCURRENCES:
+                    self.stats.shed += len(lst) - _OCCURRENCES
+                    del lst[:-_OCCURRENCES]
+            if not any(lists):
+                del occ[ri]
 
     def _collect(self, eid: int, _start: int, stop: int, _flags: int, _ctx: object) -> None:
         self._hits.append((eid, stop))
@@ -284,40 +445,28 @@ class Inspector:
             ni = sids.get(old.rules[ri].sid)
             if ni is not None and self._applies(nd, ni):
                 nd.fired.add(ni)
-        for ri, ends in od.seen.items():
+        # contents of the new and changed rules in the old tail (before it is cut to this one's
+        # length) count as seen; those rules are evaluated with the next chunk. A rule kept unchanged
+        # found them already: it takes over what it had seen instead
+        again: set[int] = set()
+        if self._db is not None and od.tail:
+            self._db.scan(od.tail, match_event_handler=self._on_hit)
+            found = list(self._hits)
+            self._hits.clear()
+            again = self._record(nd, found, nd.offset - len(od.tail), nd.fired)
+        for ri in list(again):
+            oi = old._sids.get(self.rules[ri].sid)
+            if oi is not None and old._applies(od, oi) and old.rules[oi].contents == self.rules[ri].contents:
+                del nd.occ[ri]
+                again.discard(ri)
+        nd.recheck = tuple(sorted(again))
+        for ri, lists in od.occ.items():
             ni = sids.get(old.rules[ri].sid)
             if ni is not None and ni not in nd.fired and self._applies(nd, ni) \
                     and self.rules[ni].contents == old.rules[ri].contents:
-                nd.seen[ni] = list(ends)
-        self._seed(nd, old, od)
+                nd.occ[ni] = [list(x) for x in lists]
         keep = self._keep
         nd.tail = od.tail[-keep:] if keep else b""
-
-    def _seed(self, st: _Dir, old: Inspector, od: _Dir) -> None:
-        """Contents of the new and changed rules in the old inspector's tail of a direction (before
-        it is cut to this one's length) count as seen (for a rule kept unchanged the old inspector
-        found them already); those rules are evaluated with the next chunk."""
-        tail = od.tail
-        if self._db is None or not tail:
-            return
-        base = st.offset - len(tail)
-        self._db.scan(tail, match_event_handler=self._on_hit)
-        hits = list(self._hits)
-        self._hits.clear()
-        again = set()
-        for eid, stop in hits:
-            for ri, ci in self._targets[eid][1]:
-                if not self._applies(st, ri) or ri in st.fired:
-                    continue
-                oi = old._sids.get(self.rules[ri].sid)
-                if oi is not None and old._applies(od, oi) and old.rules[oi].contents == self.rules[ri].contents:
-                    continue  # kept unchanged: what it saw came over with it
-                ends = st.seen.get(ri)
-                if ends is None:
-                    ends = st.seen[ri] = [-1] * len(self.rules[ri].contents)
-                ends[ci] = max(ends[ci], base + stop)
-                again.add(ri)
-        st.recheck = tuple(sorted(again))
 
     # ------------------------------------------------------------------
     def _open(self, key: tuple[int, int], direction: Direction, client: tuple[bytes, int],

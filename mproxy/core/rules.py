@@ -20,7 +20,12 @@ Grammar (one rule per line; a trailing ``\\`` continues it)::
   Ports: ``any``, ``N``, ``LO:HI``, ``:HI``, ``LO:``, ``$VAR``, ``!X``, ``[X, ...]``.
 * Options: ``msg:"..."``; ``content:"..."`` (``|41 42|`` hex, ``\\"`` ``\\;``
   ``\\\\`` escapes; several per rule) followed by ``nocase`` (and the no-op
-  ``fast_pattern``, ``rawbytes``); ``pcre:"/re/FLAGS"`` (flags ``i s m x``);
+  ``fast_pattern``, ``rawbytes``) and the position modifiers ``offset``/``depth``
+  (absolute: counted from the start of the direction's stream, as Suricata
+  does for its raw stream) or ``distance``/``within`` (relative to the
+  previous content's match, Suricata's arithmetic: this content must lie in
+  ``[prev_end + distance, prev_end + distance + within]``);
+  ``pcre:"/re/FLAGS"`` (flags ``i s m x``);
   ``flow:to_server|to_client|from_client|from_server[,established]``;
   ``sid:N`` (required, unique); ``rev:N``; metadata kept or ignored:
   ``classtype``, ``reference``, ``metadata``, ``priority``, ``gid``.
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -55,6 +60,14 @@ class Flow(str, Enum):
 class Content:
     pattern: bytes
     nocase: bool = False
+    offset: int | None = None  # absolute: the match starts at or after this stream offset
+    depth: int | None = None  # absolute: ... and ends within this many bytes of ``offset``
+    distance: int | None = None  # relative: starts at least this far after the previous content's end
+    within: int | None = None  # relative: ends at most this far after (previous end + distance)
+
+    @property
+    def relative(self) -> bool:
+        return self.distance is not None or self.within is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +171,11 @@ _VAR = re.compile(r"^\s*(var|ipvar|portvar)\s+([A-Za-z_][A-Za-z0-9_]*)\s+(.+?)\s
 _ACTIONS = frozenset({"alert", "drop", "reject"})
 _IGNORED = frozenset({"classtype", "reference", "metadata", "priority", "gid"})
 _NOOP_MODIFIERS = frozenset({"fast_pattern", "rawbytes"})
+_POSITIONS = ("offset", "depth", "distance", "within")
 _PCRE_FLAGS = {"i": re.IGNORECASE, "s": re.DOTALL, "m": re.MULTILINE, "x": re.VERBOSE}
-_SUPPORTED = ("msg, content, nocase, fast_pattern, rawbytes, pcre, flow, sid, rev, classtype, reference, "
-              "metadata, priority, gid")
+_SUPPORTED = ("msg, content, nocase, fast_pattern, rawbytes, offset, depth, distance, within, pcre, flow, sid, "
+              "rev, classtype, reference, metadata, priority, gid")
+_MAX_POSITION = 1 << 30
 
 
 class _LineError(Exception):
@@ -265,6 +280,34 @@ def _pcre(value: str | None) -> Pcre:
     except (re.error, UnicodeEncodeError) as e:
         raise _LineError(f"pcre does not compile: {e}") from None
     return Pcre(text, rx)
+
+
+def _position(c: Content, name: str, value: str | None, first: bool) -> Content:
+    """``c`` with one position modifier set; the combinations Snort and Suricata refuse are refused."""
+    try:
+        v = int((value or "").strip())
+    except ValueError:
+        raise _LineError(f"{name} must be an integer, got {value!r}") from None
+    if abs(v) > _MAX_POSITION:
+        raise _LineError(f"{name}:{v} is out of range")
+    if getattr(c, name) is not None:
+        raise _LineError(f"{name} is given twice for one content")
+    if name in ("offset", "depth"):
+        if c.relative:
+            raise _LineError(f"{name} cannot be mixed with distance/within on one content")
+        if v < 0:
+            raise _LineError(f"{name} must not be negative")
+        if name == "depth" and v < len(c.pattern):
+            raise _LineError(f"depth:{v} must be at least the content length ({len(c.pattern)} bytes)")
+        return replace(c, offset=v) if name == "offset" else replace(c, depth=v)
+    if c.offset is not None or c.depth is not None:
+        raise _LineError(f"{name} cannot be mixed with offset/depth on one content")
+    if first:
+        raise _LineError(f"{name} is relative to a previous content, and this is the rule's first "
+                         "(use offset/depth)")
+    if name == "within" and v < len(c.pattern):
+        raise _LineError(f"within:{v} must be at least the content length ({len(c.pattern)} bytes)")
+    return replace(c, distance=v) if name == "distance" else replace(c, within=v)
 
 
 def _flow(value: str | None) -> Flow:
@@ -409,10 +452,14 @@ def _rule(text: str, variables: dict[str, str], line: int) -> Rule:
         elif name == "nocase":
             if not contents:
                 raise _LineError("nocase must follow a content")
-            contents[-1] = Content(contents[-1].pattern, True)
+            contents[-1] = replace(contents[-1], nocase=True)
         elif name in _NOOP_MODIFIERS:
             if not contents:
                 raise _LineError(f"{name} must follow a content")
+        elif name in _POSITIONS:
+            if not contents:
+                raise _LineError(f"{name} must follow a content")
+            contents[-1] = _position(contents[-1], name, value, first=len(contents) == 1)
         elif name == "pcre":
             if pcre is not None:
                 raise _LineError("only one pcre per rule is supported")

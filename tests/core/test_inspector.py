@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from mproxy.core.events import Direction
-from mproxy.core.inspector import Inspector
-from mproxy.core.rules import parse_rules
+from mproxy.core.inspector import _OCCURRENCES, Inspector
+from mproxy.core.rules import RuleError, parse_rules
 
 CLI = (ipaddress.ip_address("198.18.1.2").packed, 40000)
 SRV = (ipaddress.ip_address("198.18.10.2").packed, 80)
@@ -123,11 +125,11 @@ def test_a_changed_rule_starts_afresh_after_a_reload() -> None:
     """What the old rule saw does not count for a changed rule (only what the carried tail holds)."""
     old = Inspector(RULES)
     feed_all(old, [b"alpha ...", b"." * 2000])  # "alpha" seen by sid 3, and beyond the 1024-byte tail
-    assert old._flows[(1, 0)].seen[2] == [5, -1]
+    assert old._flows[(1, 0)].occ[2] == [[5], []]
     new = Inspector(parse_rules('alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"OMEGA"; '
                                 'sid:3; rev:2;)'))
     new.adopt(old)
-    assert feed_all(new, [b"OMEGA"]) == [] and new._flows[(1, 0)].seen == {0: [-1, 2014]}
+    assert feed_all(new, [b"OMEGA"]) == [] and new._flows[(1, 0)].occ == {0: [[], [2014]]}
     assert feed_all(new, [b" alpha"]) == [3]
 
 
@@ -212,3 +214,158 @@ def test_header_groups_apply_exactly_the_rules_that_apply(heads: list[tuple[str,
     sender, receiver = (c, s) if to_server else (s, c)
     want = {i for i, r in enumerate(rules.rules) if r.applies(to_server, sender, receiver)}
     assert {i for i in range(len(rules.rules)) if ins._applies(st_, i)} == want
+
+
+def test_a_content_repeated_further_on_in_the_same_chunk_does_not_hide_a_match() -> None:
+    """An evasion the last-match-only state allowed: the attack, then padding past the window and one
+    more copy of a content, all in one chunk (a big write released at once). The copy must not
+    replace the match that lies close to the others."""
+    pad = b"." * 5000
+    assert feed_all(Inspector(RULES), [b"alpha omega" + pad + b"alpha"]) == [3]
+    assert feed_all(Inspector(RULES), [b"omega alpha" + pad + b"omega" + pad + b"alpha"]) == [3]
+    assert feed_all(Inspector(RULES), [b"; drop table users;" + pad + b"drop"]) == [4]
+    # and far apart they still do not match, however the chunks fall
+    assert feed_all(Inspector(RULES), [b"alpha" + pad + b"omega"]) == []
+    assert feed_all(Inspector(RULES), [b"alpha", pad, b"omega", pad, b"alpha"]) == []
+
+
+POS = parse_rules(r'''
+alert tcp any any -> any any (msg:"start"; content:"GET "; depth:4; sid:10;)
+alert tcp any any -> any any (msg:"at 4"; content:"ZZ"; offset:4; depth:2; sid:11;)
+alert tcp any any -> any any (msg:"uri"; content:"GET "; content:"/admin"; distance:0; within:10; sid:12;)
+alert tcp any any -> any any (msg:"gap"; content:"key="; content:"|00 00|"; distance:4; within:2; sid:13;)
+alert tcp any any -> any any (msg:"back"; content:"END"; content:"BE"; distance:-5; within:2; sid:14;)
+''')
+
+
+def pos_sids(chunks: list[bytes]) -> list[tuple[int, int]]:
+    ins = Inspector(POS)
+    return [(m.sid, m.offset) for c in chunks for m in ins.feed(1, Direction.C2S, c, CLI, SRV)]
+
+
+def test_offset_and_depth_count_from_the_start_of_the_stream() -> None:
+    assert pos_sids([b"GE", b"T /"]) == [(10, 4)]
+    assert pos_sids([b"xGET /"]) == []  # starts at 1: beyond depth 4
+    assert pos_sids([b"POST / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1"]) == []  # a later request is not the start
+    assert pos_sids([b"abcdZZ"]) == [(11, 6)]
+    assert pos_sids([b"abcZZx", b"ZZ"]) == []  # at 3: starts too early; at 6: ends too late
+    assert pos_sids([b"abcZZZ"]) == [(11, 6)]  # the overlapping match at 4 counts
+    assert pos_sids([b"abc", b"dZ", b"Z"]) == [(11, 6)]
+
+
+def test_distance_and_within_tie_a_content_to_the_one_before() -> None:
+    assert pos_sids([b"GET /admin"]) == [(10, 4), (12, 10)]
+    assert pos_sids([b"xGET /x/y/z/admin"]) == []  # "/admin" ends 17 bytes after "GET ": within 10
+    # the first "GET " is too far; a later one is close enough (the match is not tied to the first)
+    assert pos_sids([b"xGET ........ GET /admin"]) == [(12, 24)]
+    assert pos_sids([b"/admin GET "]) == []  # distance:0: after, not before
+    assert pos_sids([b"key=abcd\x00\x00"]) == [(13, 10)]
+    assert pos_sids([b"key=abc\x00\x00"]) == []  # starts 3 after "key=": distance 4
+    assert pos_sids([b"key=abcde\x00\x00"]) == []  # ends 5+... beyond within
+    assert pos_sids([b"key=ab", b"cd\x00", b"\x00"]) == [(13, 10)]
+    # negative distance: "BE" lies in [end of "END" - 5, end of "END" - 3]; the match ends with "END"
+    assert pos_sids([b"xxxBEEND"]) == [(14, 8)]
+    assert pos_sids([b"xxBExEND"]) == []
+    assert pos_sids([b"BExxEND"]) == []
+
+
+def test_a_rule_that_cannot_fit_the_window_is_refused() -> None:
+    rs = parse_rules('alert tcp any any -> any any (content:"a"; content:"b"; distance:5000; sid:1;)', "w.rules")
+    with pytest.raises(RuleError, match=r"w.rules:1: sid 1: .* inspector window \(4096 bytes\)"):
+        Inspector(rs)
+    Inspector(rs, window=8192)
+
+
+_ATOMS = [b"a", b"b", b"ab", b"ba", b"aab"]
+
+
+@st.composite
+def _position_rules(draw: st.DrawFn) -> tuple[str, list[tuple[bytes, dict[str, int]]]]:
+    """A rule of 1-3 contents over a two-letter alphabet with random position modifiers (distance
+    never negative: there the dynamic programme picks one match of several, see the inspector)."""
+    contents = []
+    for i in range(draw(st.integers(1, 3))):
+        pat = draw(st.sampled_from(_ATOMS))
+        mods: dict[str, int] = {}
+        if i and draw(st.booleans()):
+            if draw(st.booleans()):
+                mods["distance"] = draw(st.integers(0, 6))
+            if draw(st.booleans()):
+                mods["within"] = draw(st.integers(len(pat), len(pat) + 8))
+        elif draw(st.integers(0, 3)) == 0:
+            if draw(st.booleans()):
+                mods["offset"] = draw(st.integers(0, 10))
+            if draw(st.booleans()):
+                mods["depth"] = draw(st.integers(len(pat), len(pat) + 12))
+        contents.append((pat, mods))
+    text = " ".join(f'content:"{p.decode()}"; ' + "".join(f"{k}:{v}; " for k, v in m.items()) for p, m in contents)
+    return f'alert tcp any any -> any any (msg:"p"; {text}sid:1;)', contents
+
+
+def _earliest(data: bytes, contents: list[tuple[bytes, dict[str, int]]], window: int) -> int | None:
+    """By brute force: the smallest stream offset at which one match per content exists that obeys
+    every modifier (Suricata's arithmetic) with all match ends within ``window``."""
+    occ = []
+    for pat, mods in contents:
+        ends = []
+        for s in range(len(data) - len(pat) + 1):
+            e = s + len(pat)
+            if data[s:e] != pat or s < mods.get("offset", 0):
+                continue
+            if "depth" in mods and e > mods.get("offset", 0) + mods["depth"]:
+                continue
+            ends.append(e)
+        occ.append(ends)
+    best = None
+    for pick in itertools.product(*occ):
+        ok = True
+        for i in range(1, len(contents)):
+            pat, mods = contents[i]
+            if "distance" in mods or "within" in mods:
+                d = mods.get("distance", 0)
+                if pick[i] - len(pat) < pick[i - 1] + d or "within" in mods and pick[i] > pick[i - 1] + d + mods["within"]:
+                    ok = False
+                    break
+        if ok and max(pick) - min(pick) <= window and (best is None or max(pick) < best):
+            best = max(pick)
+    return best
+
+
+@settings(max_examples=300, deadline=None)
+@given(rule=_position_rules(), data=st.binary(max_size=28).map(lambda b: bytes(b"ab"[x & 1] for x in b)),
+       window=st.integers(2, 30), cuts=st.lists(st.integers(0, 28), max_size=6))
+def test_position_modifiers_match_where_brute_force_says(rule: tuple[str, list[tuple[bytes, dict[str, int]]]],
+                                                         data: bytes, window: int, cuts: list[int]) -> None:
+    """Any chunking of the stream: the rule fires once, at the offset where a brute-force search over
+    every choice of matches first finds one that satisfies it, or never if there is none."""
+    text, contents = rule
+    try:
+        ins = Inspector(parse_rules(text), window=window)
+    except RuleError:
+        assume(False)
+    got = [m.offset for c in splits(data, cuts) for m in ins.feed(1, Direction.C2S, c, CLI, SRV)]
+    want = _earliest(data, contents, window)
+    assert got == ([] if want is None else [want])
+
+
+def test_binary_contents_match_whole() -> None:
+    """NUL bytes are part of a content (the Hyperscan binding's literal mode would cut it there)."""
+    rs = parse_rules('alert tcp any any -> any any (msg:"a"; content:"a|00 01|"; sid:1;)\n'
+                     'alert tcp any any -> any any (msg:"z"; content:"|00 00|"; content:"|ff|"; distance:0; sid:2;)')
+    ins = Inspector(rs)
+    assert [m.sid for m in ins.feed(1, Direction.C2S, b"a a\x00 a\x01", CLI, SRV)] == []
+    assert [m.sid for m in ins.feed(1, Direction.C2S, b"a\x00\x01", CLI, SRV)] == [1]
+    assert [m.sid for m in ins.feed(2, Direction.C2S, b"\xff\x00\x00", CLI, SRV)] == []
+    assert [m.sid for m in ins.feed(2, Direction.C2S, b"\xff", CLI, SRV)] == [2]
+
+
+def test_a_flood_of_one_content_is_bounded_and_counted() -> None:
+    """Partly matched rules keep at most _OCCURRENCES recent matches per content; the rest are
+    counted (mproxy_inspector_shed_matches_total). The latest are kept, so an untied rule still
+    matches, and memory stays bounded however many times the content repeats."""
+    ins = Inspector(RULES)
+    assert feed_all(ins, [b"alpha" * 600]) == []  # 3000 bytes: all within the window
+    st_ = ins._flows[(1, 0)]
+    assert len(st_.occ[2][0]) == _OCCURRENCES and ins.stats.shed == 600 - _OCCURRENCES
+    assert feed_all(ins, [b"alpha" * 600]) == [] and len(st_.occ[2][0]) == _OCCURRENCES
+    assert feed_all(ins, [b"omega"]) == [3] and 2 not in st_.occ

@@ -41,6 +41,16 @@ alert tcp any any -> $HOME_NET $WEB (msg:"a \"quoted\" msg\; here"; content:"UNI
     assert not r.applies(True, cli, (A("198.18.10.2"), 443))  # port not in $WEB
 
 
+def test_position_modifiers() -> None:
+    (r,) = parse_rules('alert tcp any any -> any any (content:"GET "; depth:4; content:"/admin"; nocase; '
+                       'distance:0; within:64; content:"x"; offset:10; content:"y"; distance:-3; sid:1;)').rules
+    get, admin, x, y = r.contents
+    assert (get.offset, get.depth, get.relative) == (None, 4, False)
+    assert (admin.nocase, admin.distance, admin.within, admin.relative) == (True, 0, 64, True)
+    assert (x.offset, x.depth, x.relative) == (10, None, False)
+    assert (y.distance, y.within) == (-3, None)
+
+
 def test_bidirectional_and_ports() -> None:
     (r,) = parse_rules('alert tcp 10.0.0.0/8 [1:1023,!22] <> any any (content:"x"; sid:1;)').rules
     assert r.applies(True, (A("10.1.1.1"), 80), (A("192.0.2.1"), 40000))
@@ -54,7 +64,19 @@ def test_bidirectional_and_ports() -> None:
     ('pass tcp any any -> any any (content:"x"; sid:1;)', "action 'pass'"),
     ('alert tcp any any -> any any (content:"x";)', "sid is required"),
     ('alert tcp any any -> any any (msg:"only msg"; sid:1;)', "at least one content"),
-    ('alert tcp any any -> any any (content:"x"; depth:4; sid:1;)', "option 'depth' is not supported"),
+    ('alert tcp any any -> any any (content:"x"; isdataat:4; sid:1;)', "option 'isdataat' is not supported"),
+    ('alert tcp any any -> any any (depth:4; content:"x"; sid:1;)', "depth must follow a content"),
+    ('alert tcp any any -> any any (content:"xyz"; depth:2; sid:1;)', "depth:2 must be at least the content length"),
+    ('alert tcp any any -> any any (content:"x"; offset:-1; sid:1;)', "offset must not be negative"),
+    ('alert tcp any any -> any any (content:"x"; offset:1; offset:2; sid:1;)', "offset is given twice"),
+    ('alert tcp any any -> any any (content:"x"; depth:four; sid:1;)', "depth must be an integer"),
+    ('alert tcp any any -> any any (content:"x"; distance:0; sid:1;)', "this is the rule's first"),
+    ('alert tcp any any -> any any (content:"x"; content:"yz"; within:1; sid:1;)', "within:1 must be at least"),
+    ('alert tcp any any -> any any (content:"x"; content:"y"; depth:3; distance:1; sid:1;)',
+     "distance cannot be mixed with offset/depth"),
+    ('alert tcp any any -> any any (content:"x"; content:"y"; within:3; offset:1; sid:1;)',
+     "offset cannot be mixed with distance/within"),
+    ('alert tcp any any -> any any (content:"x"; content:"y"; distance:99999999999; sid:1;)', "out of range"),
     ('alert tcp any any -> any any (content:"x"; http_uri; sid:1;)', "option 'http_uri'"),
     ('alert tcp any any -> any any (content:!"x"; sid:1;)', "negated content"),
     ('alert tcp any any -> any any (content:"x|4|"; sid:1;)', "bad hex"),
