@@ -315,8 +315,8 @@ def wait_subflows(lab: Lab, port: int, n: int, timeout: float = 5.0) -> None:
     raise ExchangeError(f"fewer than {n} subflows came up")
 
 
-def split_attack(lab: Lab, client: Client, port: int = 80) -> dict[str, Any]:
-    """Benign request/response, then the attack: part 1 on path 0, part 2 on path 1; then wait for the end.
+def split_attack(lab: Lab, client: Client, port: int = 80, part2: bytes = ATTACK_PART2) -> dict[str, Any]:
+    """Benign request/response, then the attack: part 1 on path 0, ``part2`` on path 1; then wait for the end.
 
     Returns ``{"part2_sent": t, "client": {...how it ended...}}``.
     """
@@ -327,7 +327,7 @@ def split_attack(lab: Lab, client: Client, port: int = 80) -> dict[str, Any]:
     client.send(ATTACK_PART1)
     steer(lab, 1)
     time.sleep(0.2)  # MP_PRIO reaches the server and the scheduler
-    r = client.send(ATTACK_PART2, until_received=False)
+    r = client.send(part2, until_received=False)
     t_sent = float(r.get("t", time.time()))
     end = r if r.get("ev") == "ended" else client.wait_end(3.0)
     return {"part2_sent": t_sent, "client": end}

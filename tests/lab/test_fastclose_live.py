@@ -159,6 +159,30 @@ def test_inspector_blocks_split_attack_and_fastcloses(lab: Any, server: Any, tmp
     assert act["dropped"]["len"] > 0
 
 
+def test_a_later_copy_of_a_content_does_not_hide_the_split_attack(lab: Any, server: Any, tmp_path: Path) -> None:
+    """Evasion regression: part 2 carries, after the end of the attack, padding beyond the inspector
+    window and one more "union", in one segment. An inspector that kept only each content's last
+    match saw "union" and "select" too far apart and let the attack through."""
+    from mproxy.lab.http_attack import ATTACK_PART1, ATTACK_PART2, NEEDLE, Client, split_attack
+
+    part2 = ATTACK_PART2.replace(b" HTTP/1.1", b"&pad=" + b"x" * 700 + b"&again=union HTTP/1.1", 1)
+    assert len(part2) < 1400  # one segment: one chunk for the inspector
+    cli_pcap, srv_pcap = tmp_path / "client.pcap", tmp_path / "server.pcap"
+    with mproxy(lab, tmp_path / "mproxy", '[inspector]\nmode = "on"\nwindow = 512\n') as mp:
+        with lab.capture(cli_pcap, ns=lab.ns_cli), lab.capture(srv_pcap, ns=lab.ns_srv):
+            client = Client(lab, server, 4)
+            try:
+                res = split_attack(lab, client, PORT, part2)
+                end = server.wait_for(lambda e: e.get("ev") == "end" and e.get("conn") == client.conn, 5)
+            finally:
+                client.close()
+    got = server.received(client.conn)
+    assert ATTACK_PART1 in got and NEEDLE not in got and b"&again=union" not in got, got
+    check_killed(lab, tmp_path, 4, cli_pcap, srv_pcap, mp["records"], res["part2_sent"], res["client"], end)
+    (act,) = [r for r in mp["records"] if r["event"] == "action"]
+    assert act["trigger"] == "inspector" and act["sid"] == 1000002, act
+
+
 def test_ids_alert_fastcloses_every_subflow(lab: Any, server: Any, tmp_path: Path) -> None:
     from mproxy.lab.http_attack import NEEDLE, Client
 
