@@ -38,7 +38,9 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .replay import CaptureError, EmitProcessError, open_output, replay, summary_lines
 
-    tracker, log_keys = None, False
+    from .config import InspectorConfig
+
+    tracker, log_keys, icfg = None, False, InspectorConfig()
     if args.config:
         from .config import ConfigError, load_config
 
@@ -47,7 +49,17 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         except ConfigError as e:
             print(f"mproxy replay: config error: {e}", file=sys.stderr)
             return 2
-        tracker, log_keys = cfg.tracker, cfg.log.log_keys
+        tracker, log_keys, icfg = cfg.tracker, cfg.log.log_keys, cfg.inspector
+    inspector = None
+    if args.rules:
+        from .core.inspector import Inspector
+        from .core.rules import RuleError, load_rules
+
+        try:
+            inspector = Inspector(load_rules(args.rules), window=icfg.window, pcre_window=icfg.pcre_window)
+        except RuleError as e:
+            print(f"mproxy replay: rules error: {e}", file=sys.stderr)
+            return 2
     try:
         out = open_output(args.out)
     except OSError as e:
@@ -62,7 +74,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         return 2
     try:
         res = replay(args.inputs, out, log, tracker, progress=sys.stderr.isatty() and not args.quiet,
-                     log_keys=log_keys, emit_process=args.emit_process)
+                     log_keys=log_keys, emit_process=args.emit_process, inspector=inspector)
         out.close()
     except CaptureError as e:
         print(f"mproxy replay: {e}", file=sys.stderr)
@@ -171,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
     r.add_argument("--emit-process", action=argparse.BooleanOptionalAction, default=None,
                    help="emit and write the pcap in a second process (default: when 2+ CPUs are available)")
+    r.add_argument("--rules", metavar="FILE",
+                   help="match these signature rules on each rebuilt MPTCP stream (signature records in the log)")
     r.add_argument("-c", "--config", metavar="FILE",
-                   help="take the [tracker] limits and [log] log_keys from this configuration")
+                   help="take the [tracker] limits, [log] log_keys and [inspector] windows from this configuration")
     r.set_defaults(func=_cmd_replay)
 
     g = sub.add_parser("run", help="run the inline gateway on NFQUEUE until SIGINT/SIGTERM")

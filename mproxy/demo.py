@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from .core.inspector import Inspector
+from .core.rules import load_rules
 from .io.pcap import read_captures
 from .wire.packet import TcpSegment, parse_frame
 from .replay import replay, summary_lines
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "split-attack.pcap"
+RULES = Path(__file__).resolve().parents[1] / "config" / "mproxy.rules"
 NEEDLE = b"UNION+SELECT"
 
 
@@ -67,12 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     out_path = args.out or tempfile.mktemp(suffix=".pcap", prefix="mproxy-demo-")
     log = io.StringIO()
     with open(out_path, "wb") as out:
-        res = replay([cap], out, log)
-    print(f"\n== mproxy replay {cap} --out {out_path}")
+        res = replay([cap], out, log, inspector=Inspector(load_rules(RULES)) if RULES.is_file() else None)
+    print(f"\n== mproxy replay {cap} --out {out_path}" + (f" --rules {RULES}" if RULES.is_file() else ""))
     for line in summary_lines(res):
         print(f"   {line}")
     print("   what the IDS reads from the emitted stream (client -> server):")
     _report(_payload_by_flow(out_path), 400)
+    for rec in map(json.loads, log.getvalue().splitlines()):
+        if rec["event"] == "signature":
+            print(f"   the shipped rules on the rebuilt stream: sid {rec['sid']} \"{rec['msg']}\" "
+                  f"({rec['direction']}, ends at byte {rec['stream_offset']})")
     print(f"\n   Read the emitted stream with any IDS or: tshark -r {out_path} -q -z follow,tcp,ascii,0")
     return 0
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+from .core.inspector import Inspector
 from .core.pipeline import Pipeline
 from .core.tracker import TrackerConfig
 from .io.emitproc import EmitProcess, EmitProcessError, json_line
@@ -26,6 +27,7 @@ class ReplayResult:
     notices: int
     problems: list[str]
     pipeline: Pipeline
+    signatures: int = 0  # inspector matches (``inspector`` given)
 
 
 class _Progress:
@@ -57,7 +59,7 @@ class _Progress:
 
 def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
            config: TrackerConfig | None = None, progress: bool = False, *, log_keys: bool = False,
-           emit_process: bool | None = None) -> ReplayResult:
+           emit_process: bool | None = None, inspector: Inspector | None = None) -> ReplayResult:
     """Replay captures through the core; raises CaptureError for unreadable inputs.
 
     MPTCP keys (``*_key`` fields) are left out of the log unless ``log_keys``: with them anyone
@@ -66,13 +68,17 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
     ``emit_process``: emit and write the pcap (and the log) in a second process
     (:mod:`mproxy.io.emitproc`: the same bytes; raises EmitProcessError if it fails); default: when
     two CPUs are available, ``out`` and ``log`` are files (not in-memory buffers) and no other
-    thread runs."""
+    thread runs.
+
+    ``inspector``: match its rules on every MPTCP connection's rebuilt stream (as the live gateway
+    does), one ``signature`` record per match."""
     files = _has_fd(out) and (log is None or _has_fd(log))  # a forked child writes through descriptors
     if emit_process is None:
         emit_process = files and _cpus() > 1 and not _threads()
     elif emit_process and not files:
         raise ValueError("the emitter process writes to files: out and log need file descriptors")
     pipe = Pipeline(config)
+    pipe.inspector = inspector
     if emit_process and log is not None:  # the child hashes the streams for the log: not this process
         pipe.tracker.stream_hash = False
     pipe.remote = []  # ops gathered and emitted every _BATCH_MASK + 1 packets: runs of releases per emitter call
@@ -89,14 +95,17 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
     else:
         writer = PcapWriter(out)
     prog = _Progress(readers, progress)
-    n = conns = notices = 0
+    n = conns = notices = signatures = 0
     pending: list[dict[str, Any]] = []  # log records for the child, sent with their batch's ops
 
     def write_records() -> None:
-        nonlocal conns, notices
+        nonlocal conns, notices, signatures
         for rec in pipe.drain_records():
-            if rec["event"] == "mptcp_connection":
+            ev = rec["event"]
+            if ev == "mptcp_connection":
                 conns += 1
+            elif ev == "signature":
+                signatures += 1
             else:
                 notices += 1
             if log is not None:
@@ -142,7 +151,7 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
             child.abort()
         raise
     problems = [p for r in readers for p in r.problems]
-    return ReplayResult(n, conns, notices, problems, pipe)
+    return ReplayResult(n, conns, notices, problems, pipe, signatures)
 
 
 def _has_fd(f: IO[Any]) -> bool:
@@ -178,6 +187,10 @@ def summary_lines(res: ReplayResult) -> list[str]:
     ]
     if st.notices:
         lines.append("notices: " + ", ".join(f"{k} {v}" for k, v in sorted(st.notices.items())))
+    if res.pipeline.inspector is not None:
+        sigs = ps.signatures
+        lines.append(f"signature matches: {res.signatures}" + (" (" + ", ".join(
+            f"sid {sid} x{k}" for sid, k in sorted(sigs.items())) + ")" if sigs else ""))
     if st.decode_errors or ps.parse_errors:
         errs: dict[str, Any] = dict(st.decode_errors)
         errs.update(ps.parse_errors)

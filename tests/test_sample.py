@@ -77,3 +77,57 @@ def test_make_sample_regenerates(tmp_path: Path) -> None:
     out = tmp_path / "split.pcap"
     make(out, attempts=3)
     assert not check(out) and out.stat().st_size < 200_000
+
+
+@pytest.mark.parametrize("emit", ["--emit-process", "--no-emit-process"])
+def test_replay_rules_find_the_split_attack_where_tshark_reads_it(tmp_path: Path, emit: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``replay --rules``: the shipped rules, matched offline on the rebuilt stream, name the split
+    attack once, at the offset where its pcre ends in the conversation tshark reassembles from the
+    output (no single subflow holds it: test_input_hides_the_attack_from_per_subflow_reassembly)."""
+    import re
+
+    from mproxy.core.rules import load_rules
+
+    pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
+    rules = Path(__file__).resolve().parents[1] / "config" / "mproxy.rules"
+    assert main(["replay", str(SAMPLE), "--out", str(pcap), "--log", str(log), "--rules", str(rules), emit]) == 0
+    assert "signature matches: 1 (sid 1000002 x1)" in capsys.readouterr().err
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    (sig,) = [r for r in recs if r["event"] == "signature"]
+    (conn,) = [r for r in recs if r["event"] == "mptcp_connection"]
+    assert (sig["conn_id"], sig["src"], sig["sport"], sig["dst"], sig["dport"]) == \
+        (conn["conn_id"], conn["client"], conn["client_port"], conn["server"], conn["server_port"])
+    assert sig["direction"] == "c2s" and sig["msg"] == "SQL injection UNION SELECT (URL-encoded)"
+    (s,) = tshark_follow_raw(pcap)
+    rule = next(r for r in load_rules(rules).rules if r.sid == 1000002)
+    assert rule.pcre is not None
+    m = rule.pcre.regex.search(s.client_data)
+    assert m is not None and sig["stream_offset"] == m.end()
+    assert recs.index(sig) < recs.index(conn)  # written when it matched, before the connection ended
+    assert pcap.read_bytes() == _plain_replay(tmp_path)  # matching changes nothing in the emitted stream
+
+
+def _plain_replay(tmp_path: Path) -> bytes:
+    out = tmp_path / "plain.pcap"
+    assert main(["replay", str(SAMPLE), "--out", str(out), "-q"]) == 0
+    return out.read_bytes()
+
+
+def test_replay_rules_that_do_not_load_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.rules"
+    bad.write_text('alert tcp any any -> any any (content:"a"; isdataat:1; sid:1;)\n')
+    assert main(["replay", str(SAMPLE), "--out", str(tmp_path / "o.pcap"), "--rules", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"rules error: {bad}:1: option 'isdataat'" in err and "Traceback" not in err
+
+
+def test_replay_demo_tells_the_story(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``make replay-demo``: per subflow the attack is nowhere; rebuilt, it is whole and the shipped rules name it."""
+    from mproxy.demo import main as demo
+
+    assert demo(["--out", str(tmp_path / "demo.pcap")]) == 0
+    out = capsys.readouterr().out
+    before, after = out.split("== mproxy replay", 1)
+    assert "does NOT contain UNION+SELECT" in before and ", contains UNION+SELECT" not in before
+    assert ", contains UNION+SELECT" in after and 'sid 1000002 "SQL injection UNION SELECT (URL-encoded)"' in after

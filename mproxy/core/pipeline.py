@@ -3,8 +3,9 @@
 Runs the tracker and turns its events into (a) the emitted stream — one
 :class:`~mproxy.core.emitter.TcpEmitter` per MPTCP connection, plain TCP
 passed through re-framed as Ethernet — and (b) JSON-ready log records
-(``mptcp_connection`` and ``notice``). Sans-I/O: the replay command and the
-live gateway wrap the same object.
+(``mptcp_connection`` and ``notice``; ``signature`` when an inspector is set:
+the replay's offline signature matching). Sans-I/O: the replay command and
+the live gateway wrap the same object.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..wire.errors import WireError
-from ..wire.packet import TcpSegment, parse_frame
+from ..wire.packet import TcpSegment, addr_text, parse_frame
 from .emitter import TcpEmitter, passthrough_frames
 from .events import (
     ConnectionClosed,
@@ -28,7 +29,8 @@ from .events import (
     Outcome,
     PassThrough,
 )
-from .tracker import ConnectionClosedSummary, Tracker, TrackerConfig
+from .inspector import Inspector, Match
+from .tracker import Connection, ConnectionClosedSummary, Tracker, TrackerConfig
 
 Frames = list[tuple[float, bytes]]
 
@@ -41,6 +43,7 @@ class PipelineStats:
     emitted_frames: int = 0
     passthrough_frames: int = 0
     bytes_out: list[int] = field(default_factory=lambda: [0, 0])
+    signatures: Counter[int] = field(default_factory=Counter)  # inspector matches by sid (replay --rules)
 
 
 Op = tuple[Any, ...]  # one emission step; plain tuples so a second process can receive them pickled
@@ -130,6 +133,9 @@ class Pipeline:
         self.records: list[dict[str, Any]] = []
         self.emission = Emission(mss, self.passthrough_mss)
         self.remote: list[Op] | None = None
+        # matched on each connection's rebuilt stream as it is released (the live gateway inspects in
+        # its responder instead, before the verdict): one `signature` record per match
+        self.inspector: Inspector | None = None
 
     def feed(self, linktype: int, frame: bytes | memoryview, ts: float) -> Frames:
         """One captured frame; non-TCP frames are counted and not forwarded."""
@@ -156,11 +162,14 @@ class Pipeline:
             return []
         ops: list[Op] = []
         bytes_out = self.stats.bytes_out
+        ins = self.inspector
         for e in events:
             if type(e) is DataReleased:  # nearly every event, tested first (a @final class)
                 d = e.direction
                 ops.append(("data", e.conn_id, not d, e.data, e.ts))  # C2S is 0
                 bytes_out[d] += len(e.data)
+                if ins is not None:
+                    self._inspect(ins, e)
             elif isinstance(e, PassThrough):
                 if self.passthrough:
                     ops.append(("pass", e.ip, e.ipver, e.ts))
@@ -177,6 +186,8 @@ class Pipeline:
                 ops.append(("close", e.conn_id, e.ts, e.reset, e.outcome != Outcome.END_OF_INPUT))
                 if isinstance(e, ConnectionClosedSummary):
                     self.records.append(e.summary)
+                if ins is not None:
+                    ins.close(e.conn_id)
             elif isinstance(e, Notice):
                 self.records.append(notice_record(e))
         if not ops:
@@ -188,6 +199,14 @@ class Pipeline:
         out = em.apply(ops)
         self.stats.emitted_frames, self.stats.passthrough_frames = em.frames, em.passthrough
         return out
+
+    def _inspect(self, ins: Inspector, e: DataReleased) -> None:
+        conn = self.tracker.connections.get(e.conn_id)
+        if conn is None:
+            return
+        for m in ins.feed(e.conn_id, e.direction, e.data, conn.client, conn.server):
+            self.stats.signatures[m.sid] += 1
+            self.records.append(signature_record(conn, m, e.ts))
 
     def emit_pending(self) -> Frames:
         """Apply the ops gathered in remote mode here, in one batch (the replay does this every
@@ -212,6 +231,15 @@ class Pipeline:
         recs = self.records
         self.records = []
         return recs
+
+
+def signature_record(conn: Connection, m: Match, ts: float) -> dict[str, Any]:
+    """A rule that matched a connection's rebuilt stream (the live gateway's ``action`` record says the
+    same, with what it did)."""
+    return {"event": "signature", "ts": round(ts, 6), "conn_id": conn.id, "src": addr_text(conn.client[0]),
+            "sport": conn.client[1], "dst": addr_text(conn.server[0]), "dport": conn.server[1], "sid": m.sid,
+            "rev": m.rev, "msg": m.msg, "direction": "c2s" if m.direction == Direction.C2S else "s2c",
+            "stream_offset": m.offset}
 
 
 def notice_record(n: Notice) -> dict[str, Any]:
