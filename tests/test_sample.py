@@ -85,8 +85,6 @@ def test_replay_rules_find_the_split_attack_where_tshark_reads_it(tmp_path: Path
     """``replay --rules``: the shipped rules, matched offline on the rebuilt stream, name the split
     attack once, at the offset where its pcre ends in the conversation tshark reassembles from the
     output (no single subflow holds it: test_input_hides_the_attack_from_per_subflow_reassembly)."""
-    import re
-
     from mproxy.core.rules import load_rules
 
     pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"

@@ -26,11 +26,11 @@ Semantics on the stream (the subset documented in :mod:`mproxy.core.rules`):
 a rule matches when there is one match of each of its contents (in any order,
 unless ``distance``/``within`` tie a content to the one before it;
 ``offset``/``depth`` count from the start of the stream) and of its pcre, all
-within ``window`` bytes of stream. Each direction keeps, per partly matched
-rule, the ends of its contents' recent matches (within ``window`` bytes,
-at most ``_OCCURRENCES`` each), not only the last: a rule whose contents lie
-close together must match even when the same chunk repeats one of them
-further on.
+within ``window`` bytes of stream. Each direction keeps the ends of the
+recent matches of each content (within ``window`` bytes, at most
+``_OCCURRENCES`` each; one list per distinct content, shared by the rules that
+use it), not only the last: a rule whose contents lie close together must
+match even when the same chunk repeats one of them further on.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class InspectorStats:
     matches: int = 0
     pcre_runs: int = 0
     flows: int = 0  # connection directions inspected since start
-    shed: int = 0  # content match ends dropped over _OCCURRENCES (a rule with distance/within can miss)
+    shed: int = 0  # content match ends dropped over _OCCURRENCES (a rule can then miss)
 
 
 @dataclass(slots=True)
@@ -91,10 +91,11 @@ class _Dir:
     pcre_only: tuple[int, ...]  # rules with a pcre and no content: run on every chunk
     offset: int = 0  # bytes inspected so far
     tail: bytes = b""
-    # rule -> per content, the stream offsets where its recent matches end (sorted after each chunk)
-    occ: dict[int, list[list[int]]] = field(default_factory=dict)
+    # expression (distinct content) -> stream offsets where its recent matches end, sorted
+    occ: dict[int, list[int]] = field(default_factory=dict)
     fired: set[int] = field(default_factory=set)
-    recheck: tuple[int, ...] = ()  # rules to evaluate with the next chunk (contents found in a reload's tail)
+    partial: set[int] = field(default_factory=set)  # rules with a pcre and contents, some seen: pcre may run
+    recheck: tuple[int, ...] = ()  # rules to evaluate with the next chunk (after a reload)
     swept: int = 0  # offset of the last sweep of ``occ`` (stale match ends dropped)
 
 
@@ -176,6 +177,10 @@ def _sets(chains: tuple[tuple[_Link, ...], ...], occ: list[list[int]], window: i
     return out
 
 
+def _key(pattern: bytes, nocase: bool) -> tuple[bytes, bool]:
+    return (pattern.lower(), True) if nocase else (pattern, False)
+
+
 def _span(tail: bytes, data: bytes, a: int, b: int) -> bytes:
     """``(tail + data)[a:b]`` without building ``tail + data``."""
     lt = len(tail)
@@ -205,10 +210,18 @@ class Inspector:
         exprs: dict[tuple[bytes, bool], list[tuple[int, int, int, int]]] = {}
         for ri, r in enumerate(self.rules):
             for ci, c in enumerate(r.contents):
-                key = (c.pattern.lower(), True) if c.nocase else (c.pattern, False)
                 lo = c.offset or 0
                 hi = _NO_END if c.depth is None else lo + c.depth
-                exprs.setdefault(key, []).append((ri, ci, lo, hi))
+                exprs.setdefault(_key(c.pattern, c.nocase), []).append((ri, ci, lo, hi))
+        self._eids = {k: i for i, k in enumerate(exprs)}  # content (pattern, nocase) -> expression id
+        # rule -> the expression of each content; and, if any content has offset/depth, the match
+        # ends each allows (lowest, highest)
+        self._uses = [tuple(self._eids[_key(c.pattern, c.nocase)] for c in r.contents) for r in self.rules]
+        self._bounds: list[tuple[tuple[int, int], ...] | None] = [
+            tuple(((c.offset or 0) + len(c.pattern), _NO_END if c.depth is None else (c.offset or 0) + c.depth)
+                  for c in r.contents) if any(c.offset is not None or c.depth is not None for c in r.contents)
+            else None for r in self.rules]
+        self._emaps: dict[int, list[int | None]] = {}  # id(older inspector) -> its expression -> ours
         if exprs:
             keys = list(exprs)
             db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
@@ -281,23 +294,26 @@ class Inspector:
             db.scan(data, match_event_handler=self._on_hit)
             found += [(eid, lt + stop) for eid, stop in hits]
             hits.clear()
-            touched = self._record(st, found, base, st.fired)
+            touched, hit = self._record(st, found, base, st.fired)
+        else:
+            hit = set()
         if st.recheck:
             touched.update(st.recheck)
             st.recheck = ()
         chunk_start = st.offset - len(data)
-        window, occ = self.window, st.occ
-        cands = touched.union(st.pcre_only)
-        cands.update(ri for ri in occ if self.rules[ri].pcre is not None)
+        window = self.window
+        cands = touched.union(st.pcre_only, st.partial)
         for ri in sorted(cands):
             if ri in st.fired:
                 continue
             r = self.rules[ri]
             sets: list[tuple[int, int]] = []
             if r.contents:
-                lists = occ.get(ri)
-                if lists is None or not all(lists):
-                    continue  # not every content seen yet
+                lists = self._lists(st, ri)
+                if lists is None:
+                    continue  # not every content seen yet (or seen, and left behind)
+                if r.pcre is not None:
+                    st.partial.add(ri)
                 if ri not in touched and (r.pcre is None or max(x[-1] for x in lists) < chunk_start - self.pcre_window):
                     continue  # unchanged since it was last found incomplete, or no content near this chunk
                 sets = _sets(self._chains[ri], lists, window, r.pcre is None)
@@ -312,10 +328,10 @@ class Inspector:
             else:
                 end_off = sets[0][1]
             st.fired.add(ri)
-            occ.pop(ri, None)
+            st.partial.discard(ri)
             self.stats.matches += 1
             out.append(Match(conn_id, direction, r.sid, r.rev, r.msg, end_off))
-        self._forget_old(st, touched)
+        self._forget_old(st, hit)
         keep = self._keep
         if not keep:
             st.tail = b""
@@ -356,49 +372,71 @@ class Inspector:
                     return at + m.end()
         return None
 
-    def _record(self, st: _Dir, found: list[tuple[int, int]], base: int, skip: set[int]) -> set[int]:
+    def _record(self, st: _Dir, found: list[tuple[int, int]], base: int,
+                skip: set[int]) -> tuple[set[int], set[int]]:
         """Note the content matches ``found`` (expression, end in the buffer starting at stream offset
-        ``base``) for the rules of ``st`` not in ``skip``; returns the rules that got one. Their lists
-        come out sorted."""
+        ``base``) that a rule of ``st`` not in ``skip`` can use; returns those rules and the
+        expressions noted (their lists come out sorted)."""
         touched: set[int] = set()
+        hit: set[int] = set()
         targets_of, group_of, groups, occ = self._targets, self._group_of, st.groups, st.occ
         for eid, end in found:
             ln, targets = targets_of[eid]
             e = base + end
-            for ri, ci, first, last in targets:
+            used = False
+            for ri, _ci, first, last in targets:
                 if group_of[ri] not in groups or ri in skip or e - ln < first or e > last:
                     continue
-                lists = occ.get(ri)
-                if lists is None:
-                    lists = occ[ri] = [[] for _ in self.rules[ri].contents]
-                lists[ci].append(e)
                 touched.add(ri)
-        for ri in touched:
-            for lst in occ[ri]:
-                lst.sort()
-        return touched
+                used = True
+            if used:
+                lst = occ.get(eid)
+                if lst is None:
+                    lst = occ[eid] = []
+                lst.append(e)
+                hit.add(eid)
+        for eid in hit:
+            occ[eid].sort()
+        return touched, hit
 
-    def _forget_old(self, st: _Dir, touched: set[int]) -> None:
-        """Drop match ends no later match can be within ``window`` of: those of the rules matched in
-        this chunk, and every ``window`` bytes those of all rules; at most ``_OCCURRENCES`` per content."""
+    def _lists(self, st: _Dir, ri: int) -> list[list[int]] | None:
+        """The match ends of each of rule ``ri``'s contents (within its offset/depth), or None if a
+        content has none."""
+        occ = st.occ
+        lists = []
+        for eid in self._uses[ri]:
+            lst = occ.get(eid)
+            if not lst:
+                return None
+            lists.append(lst)
+        bounds = self._bounds[ri]
+        if bounds is not None:
+            for ci, (lo, hi) in enumerate(bounds):
+                lst = lists[ci]
+                lst = lst[bisect_right(lst, lo - 1) : bisect_right(lst, hi)]
+                if not lst:
+                    return None
+                lists[ci] = lst
+        return lists
+
+    def _forget_old(self, st: _Dir, hit: set[int]) -> None:
+        """Drop match ends no later match can be within ``window`` of: those of the contents matched
+        in this chunk, and every ``window`` bytes all of them (and the pcre rules they leave without
+        a content); at most ``_OCCURRENCES`` per content."""
         occ, horizon = st.occ, st.offset - self.window
-        if st.offset - st.swept >= self.window:
+        sweep = st.offset - st.swept >= self.window
+        for eid in list(occ) if sweep else hit:
+            lst = occ[eid]
+            if lst[0] < horizon:
+                del lst[: bisect_right(lst, horizon - 1)]
+            if len(lst) > _OCCURRENCES:
+                self.stats.shed += len(lst) - _OCCURRENCES
+                del lst[:-_OCCURRENCES]
+            if not lst:
+                del occ[eid]
+        if sweep:
             st.swept = st.offset
-            rules: Any = list(occ)
-        else:
-            rules = touched
-        for ri in rules:
-            lists = occ.get(ri)
-            if lists is None:
-                continue
-            for lst in lists:
-                if lst and lst[0] < horizon:
-                    del lst[: bisect_right(lst, horizon - 1)]
-                if len(lst) > _OCCURRENCES:
-                    self.stats.shed += len(lst) - _OCCURRENCES
-                    del lst[:-_OCCURRENCES]
-            if not any(lists):
-                del occ[ri]
+            st.partial = {ri for ri in st.partial if all(eid in occ for eid in self._uses[ri])}
 
     def _collect(self, eid: int, _start: int, stop: int, _flags: int, _ctx: object) -> None:
         self._hits.append((eid, stop))
@@ -420,10 +458,10 @@ class Inspector:
 
         Each direction goes on from where it is: its stream offset, and the tail a content split
         across chunks or a pcre needs (as much as the old rules kept). A rule that already fired on
-        a direction (same sid) does not fire again; a rule kept with the same contents keeps the
-        contents it has seen; a new or changed rule sees that direction's bytes from the reload on,
-        and its contents already in the carried tail count as seen; what lies before that tail it
-        cannot see, so it can miss a match that began there. The counters carry on.
+        a direction (same sid) does not fire again. Every rule, kept, changed or new, sees the
+        matches (within the window) of the contents the old rules had, and its contents in the
+        carried tail; what lies before that tail, of a content no old rule had, it cannot see, so it
+        can miss a match that began there. The counters carry on.
 
         Constant work per connection here (the loop puts the new rules in force between two
         packets): which rules apply to a direction is worked out on its next bytes, as for a new
@@ -445,26 +483,28 @@ class Inspector:
             ni = sids.get(old.rules[ri].sid)
             if ni is not None and self._applies(nd, ni):
                 nd.fired.add(ni)
-        # contents of the new and changed rules in the old tail (before it is cut to this one's
-        # length) count as seen; those rules are evaluated with the next chunk. A rule kept unchanged
-        # found them already: it takes over what it had seen instead
+        # the content matches the old rules noted, for the same contents here; and those of the new
+        # contents in the old tail (before it is cut to this one's length). Every rule that has one
+        # is evaluated with the next chunk
+        emap = self._emaps.get(id(old))
+        if emap is None:
+            emap = self._emaps[id(old)] = [self._eids.get(k) for k in old._eids]
         again: set[int] = set()
+        for oeid, lst in od.occ.items():
+            ne = emap[oeid]
+            if ne is not None:
+                nd.occ[ne] = list(lst)
+                again.update(ri for ri, _ci, _lo, _hi in self._targets[ne][1]
+                             if self._applies(nd, ri) and ri not in nd.fired)
         if self._db is not None and od.tail:
             self._db.scan(od.tail, match_event_handler=self._on_hit)
             found = list(self._hits)
             self._hits.clear()
-            again = self._record(nd, found, nd.offset - len(od.tail), nd.fired)
-        for ri in list(again):
-            oi = old._sids.get(self.rules[ri].sid)
-            if oi is not None and old._applies(od, oi) and old.rules[oi].contents == self.rules[ri].contents:
-                del nd.occ[ri]
-                again.discard(ri)
+            touched, hit = self._record(nd, found, nd.offset - len(od.tail), nd.fired)
+            again |= touched
+            for eid in hit:  # the old rules may have noted some of these already
+                nd.occ[eid] = sorted(set(nd.occ[eid]))
         nd.recheck = tuple(sorted(again))
-        for ri, lists in od.occ.items():
-            ni = sids.get(old.rules[ri].sid)
-            if ni is not None and ni not in nd.fired and self._applies(nd, ni) \
-                    and self.rules[ni].contents == old.rules[ri].contents:
-                nd.occ[ni] = [list(x) for x in lists]
         keep = self._keep
         nd.tail = od.tail[-keep:] if keep else b""
 

@@ -346,8 +346,8 @@ def reaction_families(inspector: Any = None, responder: Any = None, injector: An
     c = _counter("mproxy_signature_matches", "Embedded inspector signature matches")
     c.add_metric([], ins.matches if ins else 0)
     yield c
-    c = _counter("mproxy_inspector_shed_matches", "Content matches the embedded inspector forgot over its limit "
-                 "per partly matched rule (256 per content within the window): a rule can then miss")
+    c = _counter("mproxy_inspector_shed_matches", "Content matches the embedded inspector forgot over the 256 it "
+                 "keeps per content and connection direction: a rule needing an older one can then miss")
     c.add_metric([], ins.shed if ins else 0)
     yield c
     yield _by_label("mproxy_killed_packets", "Packets of fast-closed connections, by what was done", "action",

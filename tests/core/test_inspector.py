@@ -121,16 +121,20 @@ alert tcp any any -> any any (msg:"new"; content:"xp_cmdshell"; sid:7;)
     assert old.stats.matches == 4
 
 
-def test_a_changed_rule_starts_afresh_after_a_reload() -> None:
-    """What the old rule saw does not count for a changed rule (only what the carried tail holds)."""
+def test_after_a_reload_rules_see_what_the_old_rules_noted_and_the_tail() -> None:
+    """A changed or new rule counts its contents where the old rules had noted them (within the
+    window); a content no old rule had counts only from the carried tail on."""
     old = Inspector(RULES)
-    feed_all(old, [b"alpha ...", b"." * 2000])  # "alpha" seen by sid 3, and beyond the 1024-byte tail
-    assert old._flows[(1, 0)].occ[2] == [[5], []]
+    feed_all(old, [b"alpha ... beta", b"." * 2000])  # both beyond the 1024-byte tail; only "alpha" is a content
+    alpha = old._eids[(b"alpha", False)]
+    assert old._flows[(1, 0)].occ == {alpha: [5]}
     new = Inspector(parse_rules('alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"OMEGA"; '
-                                'sid:3; rev:2;)'))
+                                'sid:3; rev:2;)\n'
+                                'alert tcp any any -> any any (msg:"new"; content:"beta"; content:"OMEGA"; sid:8;)'))
     new.adopt(old)
-    assert feed_all(new, [b"OMEGA"]) == [] and new._flows[(1, 0)].occ == {0: [[], [2014]]}
-    assert feed_all(new, [b" alpha"]) == [3]
+    assert feed_all(new, [b"OMEGA"]) == [3]
+    assert new._flows[(1, 0)].occ == {new._eids[(b"alpha", False)]: [5], new._eids[(b"OMEGA", False)]: [2019]}
+    assert feed_all(new, [b" beta"]) == [8]
 
 
 def test_a_new_rule_sees_its_contents_in_the_tail_carried_over_a_reload() -> None:
@@ -365,7 +369,19 @@ def test_a_flood_of_one_content_is_bounded_and_counted() -> None:
     matches, and memory stays bounded however many times the content repeats."""
     ins = Inspector(RULES)
     assert feed_all(ins, [b"alpha" * 600]) == []  # 3000 bytes: all within the window
+    st_, alpha = ins._flows[(1, 0)], ins._eids[(b"alpha", False)]
+    assert len(st_.occ[alpha]) == _OCCURRENCES and ins.stats.shed == 600 - _OCCURRENCES
+    assert feed_all(ins, [b"alpha" * 600]) == [] and len(st_.occ[alpha]) == _OCCURRENCES
+    assert feed_all(ins, [b"omega"]) == [3]
+
+
+def test_rules_sharing_a_content_share_its_match_list() -> None:
+    """A thousand rules waiting on a common content ("|0d 0a|") in a stream full of it: one list of its
+    match ends per direction, not one per rule (memory does not grow with the rule set)."""
+    rs = parse_rules("\n".join(f'alert tcp any any -> any any (msg:"r"; content:"|0d 0a|"; content:"k{i}x"; sid:{i + 1};)'
+                               for i in range(1000)))
+    ins = Inspector(rs)
+    assert feed_all(ins, [b"line\r\n" * 600]) == []
     st_ = ins._flows[(1, 0)]
-    assert len(st_.occ[2][0]) == _OCCURRENCES and ins.stats.shed == 600 - _OCCURRENCES
-    assert feed_all(ins, [b"alpha" * 600]) == [] and len(st_.occ[2][0]) == _OCCURRENCES
-    assert feed_all(ins, [b"omega"]) == [3] and 2 not in st_.occ
+    assert list(st_.occ) == [ins._eids[(b"\r\n", False)]] and len(st_.occ[ins._eids[(b"\r\n", False)]]) <= _OCCURRENCES
+    assert feed_all(ins, [b"k777x"]) == [778]
