@@ -1,11 +1,13 @@
-"""The embedded inspector's per-connection costs as the rule set grows.
+"""The embedded inspector's per-connection costs as the rule set grows, and its throughput.
 
 What the gateway pays for the inspector beyond scanning bytes: setting up a new
 connection direction (which rules apply to its addresses and ports), and a rules
 reload (SIGHUP) with many connections open: the switch itself, then each
-carried direction's first bytes under the new rules.
+carried direction's first bytes under the new rules. Then the bytes per second
+one direction is inspected at with the shipped rules (config/mproxy.rules), on
+HTTP requests and on random bytes, in MSS-sized and 64 KiB (GSO) chunks.
 
-    .venv/bin/python benchmarks/inspector.py [--rules 50,500,5000] [--connections 10000]
+    .venv/bin/python benchmarks/inspector.py [--rules 50,500,5000] [--connections 10000] [--mbytes 4]
 
 Rules are synthetic: one content each (6-14 random letters, nocase), every
 fifth with a pcre, spread over ten different port headers (rule sets have a few
@@ -55,10 +57,35 @@ def feed_all(ins: Inspector, n: int, data: bytes) -> float:
     return time.perf_counter() - t
 
 
+def throughput(mbytes: int) -> None:
+    from mproxy.core.rules import load_rules
+
+    rs = load_rules(Path(__file__).resolve().parents[1] / "config" / "mproxy.rules")
+    req = b"GET /search?q=hello+world&page=2 HTTP/1.1\r\nHost: example\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n"
+    size = mbytes << 20
+    streams = {"HTTP requests": (req * (size // len(req) + 1))[:size], "random bytes": random.Random(2).randbytes(size)}
+    print(f"\nshipped rules ({len(rs)}), one direction, {mbytes} MiB, best of 3:\n")
+    print("| stream | chunk bytes | Mbit/s | pcre runs |")
+    print("|---|---|---|---|")
+    for name, data in streams.items():
+        for chunk in (1448, 65536):
+            pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+            best, runs = float("inf"), 0
+            for _ in range(3):
+                ins = Inspector(rs)
+                t = time.perf_counter()
+                for piece in pieces:
+                    ins.feed(1, Direction.C2S, piece, client(1), SERVER)
+                best = min(best, time.perf_counter() - t)
+                runs = ins.stats.pcre_runs
+            print(f"| {name} | {chunk} | {len(data) * 8 / best / 1e6:,.0f} | {runs} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rules", default="50,500,5000", help="rule set sizes, comma-separated")
     ap.add_argument("--connections", type=int, default=10000)
+    ap.add_argument("--mbytes", type=int, default=4, help="stream size of the throughput part (0: skip it)")
     a = ap.parse_args()
     n = a.connections
     print(f"python {sys.version.split()[0]}; {n:,} connections; one {len(REQUEST)}-byte chunk per direction\n")
@@ -79,6 +106,8 @@ def main() -> int:
         after = feed_all(fresh, n, REQUEST) / n
         print(f"| {size:,} | {len(fresh._heads)} | {compile_s:.3f} | {new_dir * 1e6:.1f} | {again * 1e6:.1f} "
               f"| {switch * 1e3:.2f} | {after * 1e6:.1f} |")
+    if a.mbytes:
+        throughput(a.mbytes)
     return 0
 
 

@@ -492,10 +492,12 @@ class Inspector:
         again: set[int] = set()
         for oeid, lst in od.occ.items():
             ne = emap[oeid]
-            if ne is not None:
+            if ne is None:
+                continue
+            users = [ri for ri, _ci, _lo, _hi in self._targets[ne][1] if self._applies(nd, ri) and ri not in nd.fired]
+            if users:  # (a content no rule here uses on this direction is not kept)
                 nd.occ[ne] = list(lst)
-                again.update(ri for ri, _ci, _lo, _hi in self._targets[ne][1]
-                             if self._applies(nd, ri) and ri not in nd.fired)
+                again.update(users)
         if self._db is not None and od.tail:
             self._db.scan(od.tail, match_event_handler=self._on_hit)
             found = list(self._hits)

@@ -652,6 +652,12 @@ def target_pipeline(data: bytes) -> None:
     else:
         pipe = Pipeline(cfg, passthrough=False)
         tracker = pipe.tracker
+        if (hdr ^ (hdr >> 5)) & 1:  # replay --rules: the inspector on every rebuilt stream
+            from mproxy.core.inspector import Inspector
+            from mproxy.core.rules import parse_rules
+
+            pipe.inspector = Inspector(parse_rules("\n".join(
+                ln.replace("sid:", f"sid:{i}0") for i, ln in enumerate(INSPECT_RULES))), window=512)
     wrap = (hdr >> 7) & 1
     records: list[dict[str, Any]] = []
     for ts, p in packets:
@@ -676,6 +682,92 @@ def target_pipeline(data: bytes) -> None:
 
 
 def pipeline_input(r: Reader) -> bytes:
+    return r.take(r.left)
+
+
+# --------------------------------------------------------------------------- inspector
+INSPECT_RULES = (
+    r'alert tcp any any -> any any (msg:"a"; content:"union"; nocase; content:"select"; nocase; '
+    r'pcre:"/union\s+select/i"; sid:1;)',
+    r'alert tcp any any -> any 80 (msg:"b"; content:"GET "; depth:4; content:"/adm"; distance:0; within:20; sid:2;)',
+    r'alert tcp any any -> any any (msg:"c"; content:"ab"; content:"ba"; distance:-3; within:4; sid:3;)',
+    r'alert tcp any any -> any any (msg:"d"; content:"|00 00|"; offset:2; depth:6; sid:4;)',
+    r'alert tcp any any <> any any (msg:"e"; pcre:"/x{3,}y/"; flow:to_client; sid:5;)',
+    r'alert tcp any any -> any any (msg:"f"; content:"a"; content:"a"; distance:1; content:"b"; within:3; sid:6;)',
+    r'alert tcp any any -> any any (msg:"g"; content:"|0d 0a|"; content:"key="; content:"x"; distance:2; sid:7;)',
+)
+_INSPECT_ALPHABET = (b"a", b"b", b"ab", b"union ", b"SELECT", b"GET ", b"/adm", b"\x00\x00", b"xxx", b"y",
+                     b"\r\n", b"key=", b".")
+
+
+def _inspect_rules(r: Reader) -> str:
+    lines = [r.pick(INSPECT_RULES) for _ in range(r.u8() % 4 + 1)]
+    lines = [ln.replace("sid:", f"sid:{i}0") for i, ln in enumerate(lines)]  # unique sids
+    text = "\n".join(lines)
+    return mutate(text.encode(), r).decode("latin-1") if r.chance(64) else text
+
+
+def target_inspect(data: bytes) -> None:
+    """The embedded inspector over a program of chunks on a few connection directions, with rules
+    (mutated ones too) reloaded at random points: only RuleError from the rules, never an
+    exception from feeding, each rule fires at most once per direction (across reloads), and the
+    kept match ends stay within the window and the per-content cap."""
+    from mproxy.core.events import Direction
+    from mproxy.core.inspector import _OCCURRENCES, Inspector
+    from mproxy.core.rules import RuleError, parse_rules
+
+    r = Reader(data)
+    window = r.pick((8, 64, 512, 4096))
+
+    def build() -> Inspector | None:
+        try:
+            return Inspector(parse_rules(_inspect_rules(r)), window=window, pcre_window=r.pick((4, 64, 1024)))
+        except RuleError:
+            return None
+
+    ins = build()
+    if ins is None:
+        return
+    ends = ((bytes((198, 18, 1, 2)), 40000), (bytes((198, 18, 10, 2)), 80))
+    fired: set[tuple[int, int, int]] = set()
+    for _ in range(r.u8() % 40 + 1):
+        op = r.u8() % 16
+        if op < 12:
+            chunk = b"".join(r.pick(_INSPECT_ALPHABET) if r.chance(200) else r.take(r.u8() % 8)
+                             for _ in range(r.u8() % 24))
+            if r.chance(16):
+                chunk = chunk * (r.u8() % 64 + 1)  # floods of one content, chunks past the window
+            conn, d = r.u8() % 3, Direction(r.u8() & 1)
+            for hit in ins.feed(conn, d, chunk, *ends):
+                key = (conn, int(d), hit.sid)
+                assert key not in fired, key  # once per direction, reloads included
+                fired.add(key)
+        elif op < 14:
+            new = build()
+            if new is not None:  # a reload with rules that do not load changes nothing
+                new.adopt(ins)
+                ins = new
+                # a fired rule stays fired where the new rules have its sid for that direction (a rule
+                # removed, then added back, is a new rule)
+                applying = {d: {ins.rules[i].sid for i in range(len(ins.rules))
+                                if ins._applies(ins._dir(d, *ends), i)} for d in (0, 1)}
+                fired = {k for k in fired if k[2] in applying[k[1]]}
+        elif op == 14:
+            gone = r.u8() % 3
+            ins.close(gone)
+            fired = {k for k in fired if k[0] != gone}  # a connection id used again starts afresh
+        else:
+            live = r.u8() % 3
+            ins.retain({live})
+            fired = {k for k in fired if k[0] == live}
+        for st_ in ins._flows.values():
+            for eid, lst in st_.occ.items():
+                assert 0 < len(lst) <= _OCCURRENCES and lst == sorted(lst), (eid, lst)
+                assert lst[-1] <= st_.offset and lst[0] >= st_.offset - 2 * window - 64, (lst, st_.offset)
+            assert st_.partial <= {i for i, rule in enumerate(ins.rules) if rule.pcre is not None}
+
+
+def inspect_input(r: Reader) -> bytes:
     return r.take(r.left)
 
 
@@ -707,6 +799,7 @@ TARGETS: dict[str, tuple[Target, Callable[[Reader], bytes]]] = {
     "config": (target_config, config_input),
     "pipeline": (target_pipeline, pipeline_input),
     "alert": (target_alert, alert_input),
+    "inspect": (target_inspect, inspect_input),
 }
 
 __all__ = ["TARGETS", "Reader", "mutate", "check_bounded", "buffered_pieces", "check_frame", "alerts_available",

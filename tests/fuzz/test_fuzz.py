@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from tests.fuzz.targets import TARGETS, Reader, alerts_available
 
 # examples per target: sized so the file takes ~25 s on a 2-core VM
-BUDGET = {"frame": 5000, "option": 6000, "capture": 1500, "config": 2500, "pipeline": 2500, "alert": 3000}
+BUDGET = {"frame": 5000, "option": 6000, "capture": 1500, "config": 2500, "pipeline": 2500, "alert": 3000,
+          "inspect": 4000}
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                  print_blob=True)
 
@@ -66,3 +67,7 @@ def test_fuzz_tracker_pipeline_gateway() -> None:
                                                    "written by the inspector/alerts work) is not there yet")
 def test_fuzz_alert_line_parser() -> None:
     _fuzz("alert", 1024)()
+
+
+def test_fuzz_inspector_and_rules() -> None:
+    _fuzz("inspect", 1024)()
