@@ -38,9 +38,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .replay import CaptureError, EmitProcessError, open_output, replay, summary_lines
 
-    from .config import InspectorConfig
-
-    tracker, log_keys, icfg = None, False, InspectorConfig()
+    tracker, log_keys, icfg = None, False, None
     if args.config:
         from .config import ConfigError, load_config
 
@@ -52,9 +50,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         tracker, log_keys, icfg = cfg.tracker, cfg.log.log_keys, cfg.inspector
     inspector = None
     if args.rules:
+        from .config import InspectorConfig
         from .core.inspector import Inspector
         from .core.rules import RuleError, load_rules
 
+        icfg = icfg or InspectorConfig()
         try:
             inspector = Inspector(load_rules(args.rules), window=icfg.window, pcre_window=icfg.pcre_window)
         except RuleError as e:

@@ -8,13 +8,15 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from .core.inspector import Inspector
 from .core.pipeline import Pipeline
 from .core.tracker import TrackerConfig
 from .io.emitproc import EmitProcess, EmitProcessError, json_line
 from .io.pcap import CaptureError, CaptureReader, Frame, PcapWriter, read_captures
+
+if TYPE_CHECKING:
+    from .core.inspector import Inspector
 
 
 _BATCH_MASK = 0xFF  # emit every 256 input packets

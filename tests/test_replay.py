@@ -206,3 +206,16 @@ def test_progress_without_a_known_size_counts_frames(capsys: pytest.CaptureFixtu
     _Progress([sized, piped], True).tick(9)
     err = capsys.readouterr().err
     assert err == "\r9 frames"
+
+
+def test_replay_without_rules_does_not_load_the_inspector(tmp_path: Path) -> None:
+    """Start-up is part of every replay's time: the inspector (Hyperscan, the rules parser, ~20 ms of
+    imports) loads only with --rules."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mproxy.cli import main; "
+            f"rc = main(['replay', {str(SAMPLE)!r}, '--out', {str(tmp_path / 'o.pcap')!r}, '-q']); "
+            "print(rc, sorted(m for m in sys.modules if m in ('hyperscan', 'mproxy.core.inspector', 'mproxy.config')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0 []", out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..wire.errors import WireError
 from ..wire.packet import TcpSegment, addr_text, parse_frame
@@ -29,8 +29,10 @@ from .events import (
     Outcome,
     PassThrough,
 )
-from .inspector import Inspector, Match
 from .tracker import Connection, ConnectionClosedSummary, Tracker, TrackerConfig
+
+if TYPE_CHECKING:  # (the inspector and Hyperscan cost ~20 ms of start-up; a replay without rules skips them)
+    from .inspector import Inspector, Match
 
 Frames = list[tuple[float, bytes]]
 
