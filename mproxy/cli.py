@@ -51,15 +51,19 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     inspector = None
     if args.rules:
         from .config import InspectorConfig
-        from .core.inspector import Inspector
+        from .core.inspector import Inspector, fit_window
         from .core.rules import RuleError, load_rules
 
         icfg = icfg or InspectorConfig()
         try:
-            inspector = Inspector(load_rules(args.rules), window=icfg.window, pcre_window=icfg.pcre_window)
+            rs = fit_window(load_rules(args.rules, icfg.skip_bad_rules), icfg.window, icfg.skip_bad_rules)
+            inspector = Inspector(rs, window=icfg.window, pcre_window=icfg.pcre_window)
         except RuleError as e:
             print(f"mproxy replay: rules error: {e}", file=sys.stderr)
             return 2
+        if not args.quiet:
+            for why in rs.skipped:
+                print(f"mproxy replay: rule skipped: {why}", file=sys.stderr)
     try:
         out = open_output(args.out)
     except OSError as e:
@@ -156,8 +160,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
                   f"{cfg.queue.num + cfg.queue.workers}")
         print(f"{args.config}: OK ({queues}, fail {cfg.queue.fail}, policy {cfg.policy.default.value}"
               f" + {len(cfg.policy.rules)} rules, sinks: {', '.join(sinks) or 'none'}, inspector: "
-              f"{f'{len(rs)} signatures from {rs.source}' if rs is not None else 'off'}, alerts followed: "
+              f"{f'{len(rs)} signatures from {rs.source}' if rs is not None else 'off'}"
+              f"{f', {len(rs.skipped)} skipped' if rs is not None and rs.skipped else ''}, alerts followed: "
               f"{len(cfg.alerts.files)})")
+        for why in rs.skipped if rs is not None else ():
+            print(f"{args.config}: rule skipped: {why}", file=sys.stderr)
     return 0
 
 

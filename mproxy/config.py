@@ -73,6 +73,7 @@ class InspectorConfig:
     rules: str = ""  # rules file (relative: to the config file); "": see resolve_rules_path
     window: int = 4096  # a rule's contents and pcre must all occur within this many stream bytes
     pcre_window: int = 1024  # bytes before a chunk that pcre also scans (matches spanning chunks)
+    skip_bad_rules: bool = False  # a rule that does not parse is skipped with a warning (Suricata's way), not fatal
 
 
 @dataclass(slots=True)

@@ -15,13 +15,13 @@ from typing import Any
 from .config import Config, ConfigError, inspector_enabled
 from .core.alerts import AlertStats, parse_alert_line
 from .core.gateway import Gateway
-from .core.inspector import Inspector, check_window
+from .core.inspector import Inspector, fit_window
 from .core.reactions import Reaction, Reactions
 from .core.rules import RuleError, RuleSet, load_rules
 from .io.alerts import AlertFollower
 from .io.inject import Injector
 
-__all__ = ["load_ruleset", "build_inspector", "build_reactions", "AlertFeed", "needs_injection"]
+__all__ = ["load_ruleset", "build_inspector", "build_reactions", "AlertFeed", "needs_injection", "warn_skipped"]
 
 log = logging.getLogger("mproxy")
 
@@ -34,18 +34,31 @@ def load_ruleset(cfg: Config) -> RuleSet | None:
     if not path:
         raise ConfigError("[inspector] rules: no rules file found (none set, no mproxy.rules beside the "
                           "config file); set [inspector] rules, or mode = \"off\"")
+    skip = cfg.inspector.skip_bad_rules
     try:
-        rs = load_rules(path)
-        check_window(rs, cfg.inspector.window)
+        rs = fit_window(load_rules(path, skip), cfg.inspector.window, skip)
     except RuleError as e:
         raise ConfigError(f"[inspector] rules: {e}") from None
+    if not rs.rules and rs.skipped:
+        raise ConfigError(f"[inspector] rules: no rule of {path} loads ({len(rs.skipped)} skipped; the first: "
+                          f"{rs.skipped[0]})")
     return rs
+
+
+def warn_skipped(rs: RuleSet, limit: int = 20) -> None:
+    """Log the rules ``skip_bad_rules`` left out: the first ``limit`` as warnings, all at debug."""
+    for i, why in enumerate(rs.skipped):
+        log.log(logging.WARNING if i < limit else logging.DEBUG, "rule skipped: %s", why)
+    if len(rs.skipped) > limit:
+        log.warning("rules skipped: %d in all (the rest at debug level; `mproxy check` lists them)",
+                    len(rs.skipped))
 
 
 def build_inspector(cfg: Config, rules: RuleSet | None = None) -> Inspector | None:
     rs = rules if rules is not None else load_ruleset(cfg)
     if rs is None:
         return None
+    warn_skipped(rs)
     return Inspector(rs, window=cfg.inspector.window, pcre_window=cfg.inspector.pcre_window)
 
 

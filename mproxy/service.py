@@ -156,7 +156,9 @@ class Service:
             self.injector.open()
         ins = self.gateway.responder.inspector
         log.info("inspector: %s; reactions: on_match %s, on_alert %s, on_side_channel %s; alerts: %s",
-                 f"{len(ins.rules)} rules from {c.inspector.rules}" if ins is not None else "off",
+                 f"{len(ins.rules)} rules from {c.inspector.rules}"
+                 + (f" ({ins.stats.skipped_rules} skipped)" if ins.stats.skipped_rules else "")
+                 if ins is not None else "off",
                  "+".join(c.actions.on_match), "+".join(c.actions.on_alert), "+".join(c.actions.on_side_channel),
                  ", ".join(c.alerts.files) or "none")
         self.queue = QueueAdapter(
@@ -412,6 +414,8 @@ class Service:
             self.reloads["ok"] += 1
             rules = len(r.inspector.rules) if r.inspector is not None else None
             rec.update(ok=True, rules=rules, restart_needed=restart)
+            if r.inspector is not None and r.inspector.ruleset.skipped:
+                rec["skipped_rules"] = len(r.inspector.ruleset.skipped)
             log.info("reloaded: policy %s, %d policy rules, inspector %s", cfg.policy.default.value,
                      len(cfg.policy.rules), f"{rules} rules from {cfg.inspector.rules} in force"
                      if rules is not None else "off")

@@ -80,3 +80,37 @@ def test_rules_path_and_bad_rules_file(tmp_path: Path) -> None:
         load(str(conf))
     conf.write_text('[inspector]\nrules = "bad.rules"\n[alerts]\nfiles = ["eve.json"]\n')
     assert not inspector_enabled(load(str(conf)))  # auto: an external IDS is followed, rules not needed
+
+
+def test_skip_bad_rules_loads_the_rest_and_says_what_it_left_out(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """[inspector] skip_bad_rules: bad rules are named (check lists them, the metric counts them)
+    instead of refusing the file; a file of which nothing loads is still refused."""
+    from mproxy.cli import main
+    from mproxy.io.metrics import reaction_families
+    from mproxy.reacting import build_inspector
+    from mproxy.service import load
+
+    (tmp_path / "mixed.rules").write_text(
+        'alert tcp any any -> any any (msg:"ok"; content:"a"; sid:1;)\n'
+        'alert tcp any any -> any any (msg:"uri"; content:"b"; http_uri; sid:2;)\n'
+        'alert tcp any any -> any any (msg:"far"; content:"a"; content:"b"; distance:100; sid:3;)\n')
+    conf = tmp_path / "m.toml"
+    conf.write_text('[inspector]\nrules = "mixed.rules"\nwindow = 64\n[actions]\non_match = "log"\n')
+    with pytest.raises(ConfigError, match=r"mixed.rules:2: option 'http_uri'"):
+        load(str(conf))
+    conf.write_text('[inspector]\nrules = "mixed.rules"\nwindow = 64\nskip_bad_rules = true\n'
+                    '[actions]\non_match = "log"\n')
+    cfg = load(str(conf))
+    ins = build_inspector(cfg)
+    assert ins is not None and [r.sid for r in ins.rules] == [1]
+    assert len(ins.ruleset.skipped) == 2 and "mixed.rules:3: sid 3: " in ins.ruleset.skipped[1]
+    (fam,) = [f for f in reaction_families(ins.stats) if f.name == "mproxy_inspector_rules"]
+    assert {s.labels["state"]: s.value for s in fam.samples} == {"loaded": 1, "skipped": 2}
+    assert main(["check", "-c", str(conf)]) == 0
+    cap = capsys.readouterr()
+    assert "1 signatures from" in cap.out and "2 skipped" in cap.out
+    assert cap.err.count("rule skipped: ") == 2 and "mixed.rules:2: option 'http_uri'" in cap.err
+    (tmp_path / "mixed.rules").write_text('alert tcp any any -> any any (content:"b"; http_uri; sid:2;)\n')
+    with pytest.raises(ConfigError, match=r"no rule of .*mixed.rules loads \(1 skipped"):
+        load(str(conf))

@@ -129,3 +129,18 @@ def test_replay_demo_tells_the_story(tmp_path: Path, capsys: pytest.CaptureFixtu
     before, after = out.split("== mproxy replay", 1)
     assert "does NOT contain UNION+SELECT" in before and ", contains UNION+SELECT" not in before
     assert ", contains UNION+SELECT" in after and 'sid 1000002 "SQL injection UNION SELECT (URL-encoded)"' in after
+
+
+def test_replay_rules_skip_bad_ones_when_the_config_says_so(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    rules = Path(__file__).resolve().parents[1] / "config" / "mproxy.rules"
+    mixed = tmp_path / "mixed.rules"
+    mixed.write_text(rules.read_text() + 'alert tcp any any -> any any (msg:"uri"; content:"x"; http_uri; sid:9;)\n')
+    conf = tmp_path / "m.toml"
+    conf.write_text("[inspector]\nskip_bad_rules = true\n")
+    out = str(tmp_path / "o.pcap")
+    assert main(["replay", str(SAMPLE), "--out", out, "--rules", str(mixed)]) == 2
+    assert "option 'http_uri'" in capsys.readouterr().err
+    assert main(["replay", str(SAMPLE), "--out", out, "--rules", str(mixed), "-c", str(conf)]) == 0
+    err = capsys.readouterr().err
+    assert f"rule skipped: {mixed}:" in err and "signature matches: 1 (sid 1000002 x1)" in err

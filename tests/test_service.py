@@ -135,3 +135,16 @@ def test_a_worker_reloads_its_own_share_of_the_configuration(tmp_path: Path) -> 
     rec = svc.reload()
     assert rec["restart_needed"] == ["queue"] and svc.gateway.policy.default.value == "block-joins"
     assert svc.cfg.queue.max_len != 999 and svc.cfg.sink.pcap == "/tmp/x.w1"  # (the worker's own file)
+
+
+def test_a_reload_with_skip_bad_rules_counts_what_it_left_out(tmp_path: Path) -> None:
+    svc, rules, cfg = _service(tmp_path)
+    cfg.write_text(CONFIG.format(rules=rules).replace('mode = "on"\n', 'mode = "on"\nskip_bad_rules = true\n'))
+    rules.write_text(NEW + 'alert tcp any any -> any any (msg:"uri"; content:"x"; http_uri; sid:3;)\n')
+    rec = svc.reload()
+    assert rec["ok"] is True and rec["rules"] == 2 and rec["skipped_rules"] == 1 and rec["previous_rules"] == 1
+    ins = svc.gateway.responder.inspector
+    assert ins is not None and (ins.stats.rules, ins.stats.skipped_rules) == (2, 1)
+    rules.write_text(NEW)
+    rec = svc.reload()
+    assert "skipped_rules" not in rec and (ins.stats.rules, ins.stats.skipped_rules) == (2, 0)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import Any
 
@@ -47,7 +47,7 @@ import hyperscan
 from .events import Direction
 from .rules import Rule, RuleError, RuleSet
 
-__all__ = ["Match", "Inspector", "InspectorStats", "check_window"]
+__all__ = ["Match", "Inspector", "InspectorStats", "fit_window"]
 
 _OCCURRENCES = 256  # match ends kept per content of a partly matched rule, per direction (the latest)
 _NO_END = 1 << 62
@@ -81,6 +81,8 @@ class InspectorStats:
     pcre_runs: int = 0
     flows: int = 0  # connection directions inspected since start
     shed: int = 0  # content match ends dropped over _OCCURRENCES (a rule can then miss)
+    rules: int = 0  # rules in force
+    skipped_rules: int = 0  # rules of the file left out ([inspector] skip_bad_rules)
 
 
 @dataclass(slots=True)
@@ -110,17 +112,25 @@ def _chains(rule: Rule) -> tuple[tuple[_Link, ...], ...]:
     return tuple(tuple(x) for x in links)
 
 
-def check_window(rules: RuleSet, window: int) -> None:
+def fit_window(rules: RuleSet, window: int, skip: bool = False) -> RuleSet:
     """RuleError (naming the line) for a rule whose distances put its contents further apart than
-    ``window``: it could never match, and a rule that silently never fires is worse than none."""
+    ``window``: it could never match, and a rule that silently never fires is worse than none.
+    With ``skip``, such rules are left out instead (named in ``skipped``)."""
+    bad: dict[int, str] = {}
     for r in rules.rules:
         for links in _chains(r):
             reach = 0
             for _ci, ln, dist, _w in links[1:]:
                 reach += dist + ln
-                if reach > window:
-                    raise RuleError(f"{rules.source}:{r.line}: sid {r.sid}: its distance/within put contents "
-                                    f"more than the inspector window ({window} bytes) apart; it could never match")
+                if reach > window and r.sid not in bad:
+                    bad[r.sid] = (f"{rules.source}:{r.line}: sid {r.sid}: its distance/within put contents more "
+                                  f"than the inspector window ({window} bytes) apart; it could never match")
+    if bad and not skip:
+        raise RuleError(next(iter(bad.values())))
+    if not bad:
+        return rules
+    return replace(rules, rules=tuple(r for r in rules.rules if r.sid not in bad),
+                   skipped=rules.skipped + tuple(bad.values()))
 
 
 def _sets(chains: tuple[tuple[_Link, ...], ...], occ: list[list[int]], window: int,
@@ -199,13 +209,13 @@ class Inspector:
         self.rules: tuple[Rule, ...] = rules.rules
         self.window = window
         self.pcre_window = pcre_window
-        self.stats = InspectorStats()
+        self.stats = InspectorStats(rules=len(rules.rules), skipped_rules=len(rules.skipped))
         self._flows: dict[tuple[int, int], _Dir] = {}
         # Hyperscan expression id -> (pattern length, ((rule index, content index, first start, last
         # end), ...)): the stream offsets offset/depth allow a match in
         self._db: Any = None
         self._targets: list[tuple[int, tuple[tuple[int, int, int, int], ...]]] = []
-        check_window(rules, window)
+        fit_window(rules, window)
         self._chains = [_chains(r) for r in self.rules]
         exprs: dict[tuple[bytes, bool], list[tuple[int, int, int, int]]] = {}
         for ri, r in enumerate(self.rules):
@@ -467,6 +477,7 @@ class Inspector:
         packets): which rules apply to a direction is worked out on its next bytes, as for a new
         connection (10,000 connections x 500 rules at once took 6 s); here, the old states change
         hands whole."""
+        old.stats.rules, old.stats.skipped_rules = self.stats.rules, self.stats.skipped_rules
         self.stats = old.stats
         self._carried = [(old, old._flows), *old._carried]  # the newest first: a key is in one of them
         old._flows, old._carried = {}, []

@@ -156,6 +156,7 @@ class RuleSet:
     rules: tuple[Rule, ...] = ()
     source: str = ""
     variables: dict[str, str] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()  # "file:line: why" of each rule left out (parse_rules(skip_bad=True))
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -486,10 +487,13 @@ def _rule(text: str, variables: dict[str, str], line: int) -> Rule:
                 bidirectional=arrow == "<>", flow=flow, classtype=classtype, line=line)
 
 
-def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
-    """Parse a rules file; raises :class:`RuleError` naming ``source:line``."""
+def parse_rules(text: str, source: str = "<rules>", skip_bad: bool = False) -> RuleSet:
+    """Parse a rules file; raises :class:`RuleError` naming ``source:line``. With ``skip_bad`` a
+    statement that does not parse (or reuses a sid) is left out and named in ``skipped`` instead;
+    a rule continued past the end of the file is still an error (the file is cut)."""
     variables: dict[str, str] = {}
     rules: list[Rule] = []
+    skipped: list[str] = []
     sids: dict[int, int] = {}
     pending: list[str] = []
     start = 0
@@ -513,18 +517,21 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
                 _expand(vm.group(3), variables)  # undefined references fail here, on this line
                 continue
             rule = _rule(stmt, variables, start)
+            if rule.sid in sids:
+                raise _LineError(f"sid {rule.sid} already used on line {sids[rule.sid]}")
         except _LineError as e:
-            raise RuleError(f"{source}:{start}: {e}") from None
-        if rule.sid in sids:
-            raise RuleError(f"{source}:{start}: sid {rule.sid} already used on line {sids[rule.sid]}")
+            if not skip_bad:
+                raise RuleError(f"{source}:{start}: {e}") from None
+            skipped.append(f"{source}:{start}: {e}")
+            continue
         sids[rule.sid] = start
         rules.append(rule)
     if pending:
         raise RuleError(f"{source}:{start}: rule continues past the end of the file")
-    return RuleSet(tuple(rules), source, variables)
+    return RuleSet(tuple(rules), source, variables, tuple(skipped))
 
 
-def load_rules(path: str | Path) -> RuleSet:
+def load_rules(path: str | Path, skip_bad: bool = False) -> RuleSet:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -532,4 +539,4 @@ def load_rules(path: str | Path) -> RuleSet:
         raise RuleError(f"{p}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise RuleError(f"{p}: not UTF-8 text") from None
-    return parse_rules(text, str(p))
+    return parse_rules(text, str(p), skip_bad)

@@ -346,6 +346,11 @@ def reaction_families(inspector: Any = None, responder: Any = None, injector: An
     c = _counter("mproxy_signature_matches", "Embedded inspector signature matches")
     c.add_metric([], ins.matches if ins else 0)
     yield c
+    g = GaugeMetricFamily("mproxy_inspector_rules", "Embedded inspector rules: in force, and left out of the file "
+                          "because they do not parse ([inspector] skip_bad_rules)", labels=["state"])
+    g.add_metric(["loaded"], ins.rules if ins else 0)
+    g.add_metric(["skipped"], ins.skipped_rules if ins else 0)
+    yield g
     c = _counter("mproxy_inspector_shed_matches", "Content matches the embedded inspector forgot over the 256 it "
                  "keeps per content and connection direction: a rule needing an older one can then miss")
     c.add_metric([], ins.shed if ins else 0)

@@ -110,3 +110,21 @@ def test_duplicate_sid_and_continuation_past_end() -> None:
 def test_unreadable_rules_file(tmp_path: Path) -> None:
     with pytest.raises(RuleError, match="cannot read"):
         load_rules(tmp_path / "missing.rules")
+
+
+def test_skip_bad_rules_keeps_the_good_ones_and_names_the_rest() -> None:
+    text = '''alert tcp any any -> any any (msg:"ok"; content:"a"; sid:1;)
+alert tcp any any -> any any (msg:"http"; content:"b"; http_uri; sid:2;)
+alert tcp any any -> any any (msg:"dup"; content:"c"; sid:1;)
+alert tcp $UNDEFINED any -> any any (content:"d"; sid:3;)
+alert tcp any any -> any any (msg:"ok too"; content:"e"; \\
+    depth:4; sid:4;)
+'''
+    with pytest.raises(RuleError, match=r"r:2: option 'http_uri'"):
+        parse_rules(text, "r")
+    rs = parse_rules(text, "r", skip_bad=True)
+    assert [r.sid for r in rs.rules] == [1, 4]
+    assert [s.split(": ", 1)[0] for s in rs.skipped] == ["r:2", "r:3", "r:4"]
+    assert "sid 1 already used on line 1" in rs.skipped[1] and "undefined variable $UNDEFINED" in rs.skipped[2]
+    with pytest.raises(RuleError, match="continues past the end"):
+        parse_rules(text + 'alert tcp any any -> any any (content:"f"; \\\n', "r", skip_bad=True)
