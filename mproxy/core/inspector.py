@@ -45,6 +45,7 @@ from typing import Any
 import hyperscan
 
 from .events import Direction
+from .pcre_gate import PcreGate
 from .rules import Rule, RuleError, RuleSet
 
 __all__ = ["Match", "Inspector", "InspectorStats", "fit_window"]
@@ -79,6 +80,7 @@ class InspectorStats:
     chunks: int = 0
     matches: int = 0
     pcre_runs: int = 0
+    pcre_gated: int = 0  # pcre searches skipped: the Hyperscan gate found no possible match in the bytes
     flows: int = 0  # connection directions inspected since start
     shed: int = 0  # content match ends dropped over _OCCURRENCES (a rule can then miss)
     rules: int = 0  # rules in force
@@ -243,6 +245,7 @@ class Inspector:
             self._targets = [(len(k[0]), tuple(exprs[k])) for k in keys]
         self._hits: list[tuple[int, int]] = []
         self._on_hit = self._collect
+        self._gate = PcreGate({ri: r.pcre.regex for ri, r in enumerate(self.rules) if r.pcre is not None})
         self._ac_keep = max(rules.longest_content - 1, 0)
         self._keep = max(rules.longest_content - 1, pcre_window if any(r.pcre for r in self.rules) else 0, 0)
         # Rules with the same header (flow, addresses, ports, direction) apply to the same connection
@@ -313,6 +316,7 @@ class Inspector:
         chunk_start = st.offset - len(data)
         window = self.window
         cands = touched.union(st.pcre_only, st.partial)
+        gate, maybe = self._gate, None
         for ri in sorted(cands):
             if ri in st.fired:
                 continue
@@ -330,6 +334,12 @@ class Inspector:
                 if not sets:
                     continue  # not close enough together, or not in the order distance/within ask
             if r.pcre is not None:
+                if ri in gate.gated:
+                    if maybe is None:  # one Hyperscan pass for every gated pcre: where re cannot match, skip it
+                        maybe = gate.matching(_span(tail, data, max(0, lt - self.pcre_window), lt + len(data)))
+                    if ri not in maybe:
+                        self.stats.pcre_gated += 1
+                        continue
                 self.stats.pcre_runs += 1
                 found_at = self._pcre(r.pcre.regex, tail, data, base, sets)
                 if found_at is None:
