@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rules", metavar="FILE",
                    help="match these signature rules on each rebuilt MPTCP stream (signature records in the log)")
     r.add_argument("-c", "--config", metavar="FILE",
-                   help="take the [tracker] limits, [log] log_keys and [inspector] windows from this configuration")
+                   help="take the [tracker] limits, [log] log_keys and [inspector] windows and skip_bad_rules from "
+                        "this configuration")
     r.set_defaults(func=_cmd_replay)
 
     g = sub.add_parser("run", help="run the inline gateway on NFQUEUE until SIGINT/SIGTERM")
