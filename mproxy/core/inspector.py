@@ -233,7 +233,8 @@ class Inspector:
             tuple(((c.offset or 0) + len(c.pattern), _NO_END if c.depth is None else (c.offset or 0) + c.depth)
                   for c in r.contents) if any(c.offset is not None or c.depth is not None for c in r.contents)
             else None for r in self.rules]
-        self._emaps: dict[int, list[int | None]] = {}  # id(older inspector) -> its expression -> ours
+        # id(replaced inspector, in _carried) -> its expression id -> ours (None: a content we lack)
+        self._emaps: dict[int, list[int | None]] = {}
         if exprs:
             keys = list(exprs)
             db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
@@ -471,7 +472,7 @@ class Inspector:
         for table in (self._flows, *(flows for _old, flows in self._carried)):
             for key in [k for k in table if k[0] not in live]:
                 del table[key]
-        self._carried = [c for c in self._carried if c[1]]
+        self._drop_taken()
 
     def adopt(self, old: Inspector) -> None:
         """Take over the connections of the inspector this one replaces (rules reloaded).
@@ -491,6 +492,12 @@ class Inspector:
         self.stats = old.stats
         self._carried = [(old, old._flows), *old._carried]  # the newest first: a key is in one of them
         old._flows, old._carried = {}, []
+
+    def _drop_taken(self) -> None:
+        """Forget the replaced inspectors whose directions were all taken over (or closed)."""
+        self._carried = [c for c in self._carried if c[1]]
+        live = {id(old) for old, _flows in self._carried}
+        self._emaps = {k: v for k, v in self._emaps.items() if k in live}
 
     def _applies(self, st: _Dir, ri: int) -> bool:
         return self._group_of[ri] in st.groups
@@ -541,7 +548,7 @@ class Inspector:
             if od is not None:
                 self._take(st, old, od)
                 if not flows:
-                    self._carried = [c for c in self._carried if c[1]]
+                    self._drop_taken()
                 return st
         self.stats.flows += 1
         return st

@@ -117,6 +117,7 @@ alert tcp any any -> any any (msg:"new"; content:"xp_cmdshell"; sid:7;)
     # does not fire again; the new rule fires; sid 4's pcre (removed) never runs
     assert feed_all(new, [b"ha ... Secret ... omega", b" xp_cmdshell; drop table t;"]) == [3, 7]
     assert feed_all(new, [b"ECT"], conn=2) == [1]
+    assert not new._carried and not new._emaps  # every carried direction taken over: the old one is let go
     assert feed_all(new, [b"evil123x"], conn=3) == []  # sid 5 removed: a new connection gets the new rules
     assert old.stats.matches == 4
 
