@@ -51,12 +51,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     inspector = None
     if args.rules:
         from .config import InspectorConfig
-        from .core.inspector import Inspector, fit_window
-        from .core.rules import RuleError, load_rules
+        from .core.inspector import Inspector, load_checked
+        from .core.rules import RuleError
 
         icfg = icfg or InspectorConfig()
         try:
-            rs = fit_window(load_rules(args.rules, icfg.skip_bad_rules), icfg.window, icfg.skip_bad_rules)
+            rs = load_checked(args.rules, icfg.window, icfg.skip_bad_rules)
             inspector = Inspector(rs, window=icfg.window, pcre_window=icfg.pcre_window)
         except RuleError as e:
             print(f"mproxy replay: rules error: {e}", file=sys.stderr)

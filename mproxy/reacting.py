@@ -15,9 +15,9 @@ from typing import Any
 from .config import Config, ConfigError, inspector_enabled
 from .core.alerts import AlertStats, parse_alert_line
 from .core.gateway import Gateway
-from .core.inspector import Inspector, fit_window
+from .core.inspector import Inspector, load_checked
 from .core.reactions import Reaction, Reactions
-from .core.rules import RuleError, RuleSet, load_rules
+from .core.rules import RuleError, RuleSet
 from .io.alerts import AlertFollower
 from .io.inject import Injector
 
@@ -34,15 +34,10 @@ def load_ruleset(cfg: Config) -> RuleSet | None:
     if not path:
         raise ConfigError("[inspector] rules: no rules file found (none set, no mproxy.rules beside the "
                           "config file); set [inspector] rules, or mode = \"off\"")
-    skip = cfg.inspector.skip_bad_rules
     try:
-        rs = fit_window(load_rules(path, skip), cfg.inspector.window, skip)
+        return load_checked(path, cfg.inspector.window, cfg.inspector.skip_bad_rules)
     except RuleError as e:
         raise ConfigError(f"[inspector] rules: {e}") from None
-    if not rs.rules and rs.skipped:
-        raise ConfigError(f"[inspector] rules: no rule of {path} loads ({len(rs.skipped)} skipped; the first: "
-                          f"{rs.skipped[0]})")
-    return rs
 
 
 def warn_skipped(rs: RuleSet, limit: int = 20) -> None:

@@ -42,11 +42,13 @@ log = logging.getLogger("mproxy")
 EXPIRE_INTERVAL = 1.0
 
 
-def load(path: str) -> Config:
-    """Load and validate a config for the live gateway; raises ConfigError naming the key."""
+def load(path: str, rules: bool = True) -> Config:
+    """Load and validate a config for the live gateway; raises ConfigError naming the key. ``rules``:
+    the inspector's rules file too (not when build_inspector parses it next anyway)."""
     cfg = load_config(path)
     netfilter.validate(cfg)
-    load_ruleset(cfg)  # a bad rules file is a config error naming its line
+    if rules:
+        load_ruleset(cfg)  # a bad rules file is a config error naming its line
     return cfg
 
 
@@ -380,7 +382,7 @@ class Service:
         cfg = self.cfg
         try:
             if self.source:
-                cfg = load(self.source)
+                cfg = load(self.source, rules=False)  # build_inspector below reads them (once)
                 if self.worker is not None:
                     from .workers import worker_config
 

@@ -46,11 +46,11 @@ import hyperscan
 
 from .events import Direction
 from .pcre_gate import PcreGate
-from .rules import Rule, RuleError, RuleSet
+from .rules import Content, Rule, RuleError, RuleSet, load_rules
 
-__all__ = ["Match", "Inspector", "InspectorStats", "fit_window"]
+__all__ = ["Match", "Inspector", "InspectorStats", "fit_window", "load_checked"]
 
-_OCCURRENCES = 256  # match ends kept per content of a partly matched rule, per direction (the latest)
+_OCCURRENCES = 256  # match ends kept per distinct content and direction (the latest)
 _NO_END = 1 << 62
 _HEX = [b"\\x%02x" % b for b in range(256)]
 
@@ -135,6 +135,15 @@ def fit_window(rules: RuleSet, window: int, skip: bool = False) -> RuleSet:
                    skipped=rules.skipped + tuple(bad.values()))
 
 
+def load_checked(path: str, window: int, skip: bool = False) -> RuleSet:
+    """A rules file for an inspector with this ``window``: parsed (``skip``: bad rules left out and
+    named) and fitted to the window; RuleError names the file and line, or says that no rule loads."""
+    rs = fit_window(load_rules(path, skip), window, skip)
+    if not rs.rules and rs.skipped:
+        raise RuleError(f"no rule of {path} loads ({len(rs.skipped)} skipped; the first: {rs.skipped[0]})")
+    return rs
+
+
 def _sets(chains: tuple[tuple[_Link, ...], ...], occ: list[list[int]], window: int,
           first: bool) -> list[tuple[int, int]]:
     """Where all of a rule's contents match: ``(lo, hi)``, the earliest and latest match end of one
@@ -189,6 +198,12 @@ def _sets(chains: tuple[tuple[_Link, ...], ...], occ: list[list[int]], window: i
     return out
 
 
+def _ends_allowed(c: Content) -> tuple[int, int]:
+    """The lowest and highest stream offset a match of ``c`` may end at (its offset and depth)."""
+    lo = c.offset or 0
+    return lo + len(c.pattern), _NO_END if c.depth is None else lo + c.depth
+
+
 def _key(pattern: bytes, nocase: bool) -> tuple[bytes, bool]:
     return (pattern.lower(), True) if nocase else (pattern, False)
 
@@ -213,26 +228,24 @@ class Inspector:
         self.pcre_window = pcre_window
         self.stats = InspectorStats(rules=len(rules.rules), skipped_rules=len(rules.skipped))
         self._flows: dict[tuple[int, int], _Dir] = {}
-        # Hyperscan expression id -> (pattern length, ((rule index, content index, first start, last
-        # end), ...)): the stream offsets offset/depth allow a match in
+        # Hyperscan expression id -> (pattern length, ((rule index, content index, lowest end, highest
+        # end), ...)): the match ends offset/depth allow
         self._db: Any = None
         self._targets: list[tuple[int, tuple[tuple[int, int, int, int], ...]]] = []
         fit_window(rules, window)
         self._chains = [_chains(r) for r in self.rules]
         exprs: dict[tuple[bytes, bool], list[tuple[int, int, int, int]]] = {}
+        # rule -> if any content has offset/depth, the match ends each allows (lowest, highest)
+        self._bounds: list[tuple[tuple[int, int], ...] | None] = []
         for ri, r in enumerate(self.rules):
+            bounds = tuple(_ends_allowed(c) for c in r.contents)
             for ci, c in enumerate(r.contents):
-                lo = c.offset or 0
-                hi = _NO_END if c.depth is None else lo + c.depth
-                exprs.setdefault(_key(c.pattern, c.nocase), []).append((ri, ci, lo, hi))
+                exprs.setdefault(_key(c.pattern, c.nocase), []).append((ri, ci, *bounds[ci]))
+            self._bounds.append(bounds if any(c.offset is not None or c.depth is not None for c in r.contents)
+                                else None)
         self._eids = {k: i for i, k in enumerate(exprs)}  # content (pattern, nocase) -> expression id
-        # rule -> the expression of each content; and, if any content has offset/depth, the match
-        # ends each allows (lowest, highest)
+        # rule -> the expression of each content
         self._uses = [tuple(self._eids[_key(c.pattern, c.nocase)] for c in r.contents) for r in self.rules]
-        self._bounds: list[tuple[tuple[int, int], ...] | None] = [
-            tuple(((c.offset or 0) + len(c.pattern), _NO_END if c.depth is None else (c.offset or 0) + c.depth)
-                  for c in r.contents) if any(c.offset is not None or c.depth is not None for c in r.contents)
-            else None for r in self.rules]
         # id(replaced inspector, in _carried) -> its expression id -> ours (None: a content we lack)
         self._emaps: dict[int, list[int | None]] = {}
         if exprs:
@@ -402,11 +415,11 @@ class Inspector:
         hit: set[int] = set()
         targets_of, group_of, groups, occ = self._targets, self._group_of, st.groups, st.occ
         for eid, end in found:
-            ln, targets = targets_of[eid]
+            targets = targets_of[eid][1]
             e = base + end
             used = False
-            for ri, _ci, first, last in targets:
-                if group_of[ri] not in groups or ri in skip or e - ln < first or e > last:
+            for ri, _ci, lowest, highest in targets:
+                if group_of[ri] not in groups or ri in skip or e < lowest or e > highest:
                     continue
                 touched.add(ri)
                 used = True
