@@ -56,8 +56,11 @@ class MemBudget:
     used: int = 0
     refused: int = 0  # takes refused (how often the cap bit)
 
-    def take(self, n: int) -> bool:
-        if self.used + n > self.limit:
+    def take(self, n: int, over: int = 0) -> bool:
+        """Take ``n`` bytes if they fit; ``over`` lets a taker that unblocks the others (the
+        mapping a stream waits for) go that far past the limit, so a full budget cannot stall
+        every stream for good while the overshoot stays bounded."""
+        if self.used + n > self.limit + over:
             self.refused += 1
             return False
         self.used += n
@@ -307,9 +310,15 @@ class DataStream:
             self.budget.give(n + pieces * PIECE_COST)
 
     def _store(self, dsn: int, data: bytes) -> None:
-        """Buffer out-of-order bytes; existing bytes win, differing copies are reported."""
+        """Buffer out-of-order bytes; existing bytes win, differing copies are reported.
+
+        Bytes from ``base`` on (a segment that fills the hole and runs over buffered chunks) are
+        never refused: the caller drains them at once, and refusing them would drop the one
+        packet that frees the buffer, again on every resend -- a stall, not a cap.
+        """
         starts, chunks = self._starts, self._chunks
         end = dsn + len(data)
+        fills = dsn == self.base  # every piece below becomes in order with the chunks between them
         i = bisect_left(starts, dsn)
         # neighbour that starts before and may cover the beginning
         if i > 0:
@@ -352,6 +361,13 @@ class DataStream:
         budget = self.budget
         for s, c in pieces:
             if not c:
+                continue
+            if fills:
+                if budget is not None:
+                    budget.used += len(c) + PIECE_COST  # given back by the drain that follows
+                chunks[s] = c
+                insort(starts, s)
+                self.ooo_bytes += len(c)
                 continue
             over = self.ooo_bytes + len(c) > self.ooo_limit
             if over or (budget is not None and not budget.take(len(c) + PIECE_COST)):

@@ -49,6 +49,7 @@ _NO_EVENTS: list[Event] = []
 _DIRS = (Direction.C2S, Direction.S2C)
 _PICKUP_DSN_WINDOW = 1 << 26  # a subflow's DSNs within 64 MiB of a stream belong to it
 _MAX_MAPPINGS = 32
+MAX_MAPPING = 0xFFFF  # a DSS data-level length is 16 bits
 _UNMAPPED_SHED_RANGES = 8  # runs of shed unmapped bytes remembered per subflow direction
 _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flood must not grow it
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
@@ -1402,10 +1403,15 @@ class Tracker:
             self._deliver(conn, cdir, (mp.dsn + off) & MASK64, piece, ts, ev)  # a late copy: compare only
             return
         if mp.acc is None:
-            if not self.budget.take(mp.length):
+            st = conn.streams[cdir]
+            lo = st.unwrap(mp.dsn)
+            # the mapping the stream waits for may go past the memcap by one mapping: the bytes
+            # buffered behind it can keep the budget full, and refusing it would refuse every resend
+            # (a stall under on_memcap = "drop"). The overshoot is shared by all: at most one more
+            waits = st.base is not None and lo <= st.base < lo + mp.length
+            if not self.budget.take(mp.length, MAX_MAPPING if waits else 0):
                 self._shed(conn, "global", len(piece), f"buffered bytes over the memcap ({self.budget.limit})",
                            ts, ev)
-                st = conn.streams[cdir]
                 pos = st.unwrap((mp.dsn + off) & MASK64)
                 st.note_shed(pos, pos + len(piece))
                 return

@@ -334,6 +334,31 @@ def test_memcap_covers_unmapped_and_checksummed_bytes() -> None:
     check_bounded(tr)
 
 
+def test_the_checksummed_mapping_a_stream_waits_for_gets_past_a_full_memcap() -> None:
+    """Out-of-order bytes fill the memcap; the mapping at the hole must still be taken, or each
+    resend of it is refused (dropped, with on_memcap = "drop") and the connection stalls for good.
+    It may go past the cap by one mapping; nothing else may while it is there."""
+    cfg = TrackerConfig(memcap=3000)
+    tr = Tracker(cfg)
+    feed = Feeder(tr)
+    s = Session(0, csum=True, dsn64=False)
+    feed(s.handshake())
+    later = os.urandom(2400)
+    feed([s.data(0, True, 2000, later[:1200], rel=2001), s.data(0, True, 3200, later[1200:], rel=3201)])
+    assert tr.buffered_bytes()[0] == 2400 and tr.budget.used == 2400 + 2 * PIECE_COST
+    head = os.urandom(2000)
+    dss = m.dss(s.idsn[1], s.idsn[0] & 0xFFFFFFFF, 1, 2000, checksum=crypto.dss_checksum(s.idsn[0], 1, 2000, head),
+                dsn64=False).encode()
+    feed([s._pkt(s.subs[0], True, ACK, [dss], head[:500], rel=1)])
+    assert tr.stats.memcap["global"] == 0 and tr.budget.used == 4400 + 2 * PIECE_COST  # past the cap
+    feed([s.data(0, True, 9000, b"c" * 100, rel=9001)])  # anything else is refused meanwhile
+    assert tr.stats.memcap["global"] == 1
+    ev = feed([s._pkt(s.subs[0], True, ACK, [dss], head[500:], rel=501)])
+    assert b"".join(e.data for e in ev if isinstance(e, DataReleased)) == head + later
+    assert tr.budget.used == 0
+    check_bounded(tr)
+
+
 def test_overlapping_segments_with_conflicting_bytes_first_accepted_wins() -> None:
     """Policy (README, Semantics): bytes accepted first win, in order or out of order, released or
     still buffered; every later copy that differs raises overlap_mismatch."""

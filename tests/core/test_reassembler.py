@@ -43,6 +43,25 @@ def test_memcap_counts_and_bounds() -> None:
     assert s.memcap_drops == 8
 
 
+def test_a_segment_that_fills_the_hole_is_never_refused_even_with_the_buffer_full() -> None:
+    """Seen live: a fast path fills the buffer, and the slow path's resend (one GSO packet from
+    the hole over the buffered bytes and past them) was refused for its pieces past the first
+    buffered chunk -- dropped under on_memcap = "drop", and so on every resend: the transfer
+    stalled. Bytes from the stream's base on drain at once, so they are always taken."""
+    budget = MemBudget(PIECE_COST + 100)
+    s = DataStream(base=0, ooo_limit=100, budget=budget)
+    assert s.insert(100, b"b" * 100) == b""  # the buffer and the budget are full
+    assert s.insert(300, b"x") == b"" and s.memcap_drops == 1  # out of order: refused
+    data = b"a" * 100 + b"b" * 100 + b"c" * 500
+    assert s.insert(0, data) == data
+    assert (s.base, s.memcap_drops, s.ooo_bytes, budget.used) == (700, 1, 0, 0)
+    t = DataStream(base=0, ooo_limit=10)  # several buffered chunks under the new segment
+    assert t.insert(20, b"B" * 10) == b"" and t.insert(40, b"D" * 10) == b""
+    assert t.memcap_drops == 1 and t.ooo_bytes == 10
+    assert t.insert(0, b"A" * 20 + b"X" * 10 + b"C" * 30) == b"A" * 20 + b"B" * 10 + b"C" * 30
+    assert t.overlaps and t.ooo_bytes == 0
+
+
 def test_shared_budget_caps_streams_together_and_gets_every_byte_back() -> None:
     c = PIECE_COST  # every chunk also pays for its bookkeeping
     budget = MemBudget(3 * c + 120)
@@ -113,7 +132,10 @@ def test_budget_matches_what_the_streams_hold(data: bytes, cuts: list[int], orde
     order.shuffle(pieces)
     for i, (a, p) in enumerate(pieces):
         s = streams[i % 2]
+        before = s.base
         s.insert(a, p)
+        if before is not None and a <= before < a + len(p):
+            assert s.base is not None and s.base >= a + len(p)  # in-order bytes are never refused
         if skips and order.random() < 0.1:
             s.skip_to((s.base or 0) + order.randrange(1, 200), acked=False)
             skips -= 1
