@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mproxy demo: the namespace lab cannot run here: {why}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C tears the lab down even when started where SIGINT is inherited as ignored (a
+    # background job of a script): Python then keeps it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mproxy-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
