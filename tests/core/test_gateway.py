@@ -6,6 +6,7 @@ import hashlib
 import os
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mproxy.core.gateway import Gateway, Verdict
 from mproxy.core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
@@ -136,6 +137,71 @@ def test_memcap_drops_the_packet_and_the_resent_copy_completes_the_stream() -> N
     assert rec["c2s"]["bytes"] == len(data) and rec["c2s"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert not rec["c2s"]["gaps"] and rec["c2s"]["data_fin"]
     assert gw.tracker.budget.used == 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 12000), cuts=st.lists(st.integers(0, 12000), max_size=24),
+       paths=st.lists(st.integers(0, 1), min_size=25, max_size=25), ooo=st.integers(0, 6000),
+       memcap=st.integers(0, 9000), csum=st.booleans(), burst=st.integers(1, 4), reinject=st.integers(1, 12000),
+       rnd=st.randoms(use_true_random=False))
+def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int], paths: list[int], ooo: int,
+                                                        memcap: int, csum: bool, burst: int, reinject: int,
+                                                        rnd) -> None:
+    """Liveness of on_memcap = "drop" under any buffer limits, with a sender that behaves as TCP
+    and MPTCP do. The data is split over two subflows; each round every subflow sends ``burst``
+    new segments, unless the gateway dropped one of its segments: then it resends the first one it
+    is missing, the same segment, and nothing new (a retransmission timeout). Now and then the
+    sender also reinjects ``reinject`` bytes from its first unacknowledged byte on either subflow
+    (as the kernel resends a whole write: bytes the gateway buffers included). Packets of a round
+    arrive in any order. The stream must reach its end and the emitted stream must be the data.
+    Caught the stall of stop 15's CI: such a reinjection, over buffered bytes and past them, was
+    refused, and so was every resend of it, while the subflow behind it carried the next bytes."""
+    s = Session(1, csum=csum, dsn64=not csum)
+    gw = Gateway(Policy(), TrackerConfig(ooo_limit=ooo, memcap=memcap))
+    data = os.urandom(n)
+    assert all(v == Verdict.ACCEPT for v in verdicts(gw, s.handshake() + s.join(1)))
+    pts = sorted({0, n, *(c % (n + 1) for c in cuts)})
+    new: list[list[tuple[int, int]]] = [[], []]  # per subflow, (data offset, length) not sent yet
+    for i, (a, b) in enumerate(zip(pts, pts[1:])):
+        new[paths[i % len(paths)]].append((a, b - a))
+    next_rel = [1, 1]
+    missing: list[list[tuple[int, int, int]]] = [[], []]  # per subflow, dropped (rel, offset, length)
+    have = bytearray(n)  # what the server got (accepted packets)
+
+    def send(sf: int, off: int, ln: int) -> tuple[int, int, int, int]:
+        next_rel[sf] += ln
+        return sf, next_rel[sf] - ln, off, ln
+
+    t = 1001.0
+    una, since = 0, 0
+    while (first := have.find(0)) >= 0:
+        # rounds without progress (a reinjection, p = 0.3 a round, always makes some)
+        since = since + 1 if first == una else 1
+        una = first
+        assert since < 60, f"stalled at {una} of {n}; dropped, to resend: {missing}"
+        flight = []
+        if rnd.random() < 0.3:  # an MPTCP-level reinjection, ahead of new data
+            flight.append(send(rnd.randrange(2), una, min(reinject, n - una)))
+        for sf in (0, 1):
+            if missing[sf]:
+                missing[sf].sort()
+                flight.append((sf, *missing[sf].pop(0)))
+            else:
+                flight += [send(sf, *new[sf].pop(0)) for _ in range(min(burst, len(new[sf])))]
+        rnd.shuffle(flight)
+        for sf, rel, off, ln in flight:
+            t += 0.001
+            d = gw.packet(s.data(sf, True, off, data[off : off + ln], rel=rel), t)
+            if d.verdict == Verdict.DROP:
+                assert d.reason == "memcap"
+                missing[sf].append((rel, off, ln))
+            else:
+                have[off : off + ln] = b"\x01" * ln
+    gw.packet(s.data_fin(0, True, n), t + 1)
+    gw.flush(t + 2)
+    (rec,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
+    assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (n, hashlib.sha256(data).hexdigest())
+    assert not rec["c2s"]["gaps"] and gw.tracker.budget.used == 0
 
 
 def test_memcap_pass_lets_the_packet_through_and_the_stream_has_a_gap() -> None:
