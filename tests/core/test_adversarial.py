@@ -300,18 +300,28 @@ def test_history_memcap_drops_the_least_recently_active_histories_first() -> Non
     assert tr.history_budget.used == 0
 
 
-def test_memcap_covers_unmapped_and_checksummed_bytes() -> None:
-    """Unmapped bytes and a checksummed mapping being assembled are buffers too: counted in the
-    budget, refused beyond it, given back when resolved, evicted or closed."""
-    cfg = TrackerConfig(memcap=3000)
-    tr = Tracker(cfg)
+def _checksummed(memcap: int) -> tuple[Tracker, Feeder, Session]:
+    """A tracker with that memcap, fed the handshake of a v0 connection with DSS checksums."""
+    tr = Tracker(TrackerConfig(memcap=memcap))
     feed = Feeder(tr)
     s = Session(0, csum=True, dsn64=False)
     feed(s.handshake())
+    return tr, feed, s
+
+
+def _first_mapping(s: Session, data: bytes) -> bytes:
+    """The DSS option of one checksummed mapping of ``data`` from the stream's first byte."""
+    return m.dss(s.idsn[1], s.idsn[0] & 0xFFFFFFFF, 1, len(data),
+                 checksum=crypto.dss_checksum(s.idsn[0], 1, len(data), data), dsn64=False).encode()
+
+
+def test_memcap_covers_unmapped_and_checksummed_bytes() -> None:
+    """Unmapped bytes and a checksummed mapping being assembled are buffers too: counted in the
+    budget, refused beyond it, given back when resolved, evicted or closed."""
+    tr, feed, s = _checksummed(memcap=3000)
     # a checksummed mapping of 2000 bytes of which only the first 500 arrived: 2000 reserved
     full = os.urandom(2000)
-    dss = m.dss(s.idsn[1], s.idsn[0] & 0xFFFFFFFF, 1, 2000, checksum=crypto.dss_checksum(s.idsn[0], 1, 2000, full),
-                dsn64=False).encode()
+    dss = _first_mapping(s, full)
     feed([s._pkt(s.subs[0], True, ACK, [dss], full[:500], rel=1)])
     assert tr.buffered_bytes() == (0, 0, 2000) and tr.budget.used == 2000
     # unmapped bytes on the subflow (no DSS mapping yet): 800 more
@@ -338,17 +348,12 @@ def test_the_checksummed_mapping_a_stream_waits_for_gets_past_a_full_memcap() ->
     """Out-of-order bytes fill the memcap; the mapping at the hole must still be taken, or each
     resend of it is refused (dropped, with on_memcap = "drop") and the connection stalls for good.
     It may go past the cap by one mapping; nothing else may while it is there."""
-    cfg = TrackerConfig(memcap=3000)
-    tr = Tracker(cfg)
-    feed = Feeder(tr)
-    s = Session(0, csum=True, dsn64=False)
-    feed(s.handshake())
+    tr, feed, s = _checksummed(memcap=3000)
     later = os.urandom(2400)
     feed([s.data(0, True, 2000, later[:1200], rel=2001), s.data(0, True, 3200, later[1200:], rel=3201)])
     assert tr.buffered_bytes()[0] == 2400 and tr.budget.used == 2400 + 2 * PIECE_COST
     head = os.urandom(2000)
-    dss = m.dss(s.idsn[1], s.idsn[0] & 0xFFFFFFFF, 1, 2000, checksum=crypto.dss_checksum(s.idsn[0], 1, 2000, head),
-                dsn64=False).encode()
+    dss = _first_mapping(s, head)
     feed([s._pkt(s.subs[0], True, ACK, [dss], head[:500], rel=1)])
     assert tr.stats.memcap["global"] == 0 and tr.budget.used == 4400 + 2 * PIECE_COST  # past the cap
     feed([s.data(0, True, 9000, b"c" * 100, rel=9001)])  # anything else is refused meanwhile
