@@ -26,6 +26,7 @@ from typing import Any
 from .config import Config, ConfigError, load_config
 from .core.gateway import Gateway
 from .core.inspector import Inspector
+from .core.rules import RuleSet
 from .io import netfilter
 from .io.metrics import LatencyHistogram, Sources, make_registry
 from .io.metrics import QueueStats as MetricQueueStats
@@ -45,11 +46,15 @@ EXPIRE_INTERVAL = 1.0
 def load(path: str, rules: bool = True) -> Config:
     """Load and validate a config for the live gateway; raises ConfigError naming the key. ``rules``:
     the inspector's rules file too (not when build_inspector parses it next anyway)."""
+    return load_with_rules(path, rules)[0]
+
+
+def load_with_rules(path: str, rules: bool = True) -> tuple[Config, RuleSet | None]:
+    """:func:`load`, and the rules it parsed (None: inspector off, or ``rules`` false), so the
+    Service that follows builds its inspector from them instead of parsing the file again."""
     cfg = load_config(path)
     netfilter.validate(cfg)
-    if rules:
-        load_ruleset(cfg)  # a bad rules file is a config error naming its line
-    return cfg
+    return cfg, load_ruleset(cfg) if rules else None  # a bad rules file is a config error naming its line
 
 
 # configuration sections that only a restart puts in force (a reload names them when they changed)
@@ -69,6 +74,7 @@ class _Reloaded:
 class Service:
     cfg: Config
     source: str = ""
+    ruleset: RuleSet | None = None  # the inspector's rules, when the caller parsed them already
     gateway: Gateway = field(init=False)
     sinks: FrameSinks = field(init=False, default_factory=FrameSinks)
     events: EventLog | None = field(init=False, default=None)
@@ -99,7 +105,7 @@ class Service:
 
     def __post_init__(self) -> None:
         c = self.cfg
-        self.gateway = Gateway(c.policy, c.tracker, passthrough=c.sink.passthrough, inspector=build_inspector(c),
+        self.gateway = Gateway(c.policy, c.tracker, passthrough=c.sink.passthrough, inspector=build_inspector(c, self.ruleset),
                                reactions=build_reactions(c), split_passthrough=c.queue.gso)
         if self.channel is not None:
             t = self.gateway.tracker
@@ -557,7 +563,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def run(config_path: str) -> int:
     """Run until SIGINT/SIGTERM. Exit codes: 0 clean stop, 1 start failure, 2 bad config."""
     try:
-        cfg = load(config_path)
+        cfg, ruleset = load_with_rules(config_path)
     except ConfigError as e:
         print(f"mproxy: config error: {e}", file=sys.stderr)
         return 2
@@ -566,7 +572,7 @@ def run(config_path: str) -> int:
         from .workers import run_controller
 
         return run_controller(cfg, config_path)
-    return _run_service(Service(cfg, config_path))
+    return _run_service(Service(cfg, config_path, ruleset))
 
 
 def _run_service(svc: Any, start_errors: tuple[type[Exception], ...] = ()) -> int:

@@ -44,8 +44,8 @@ from .config import Config
 from .core.steering import Steering
 from .io import netfilter
 from .io.nfqueue import FailMode, QueueAdapter, kernel_queue_state
-from .service import (_TOKEN, Service, _run_service, _setup_logging, install_rules, load, remove_rules_and_unbind,
-                      serve_metrics)
+from .service import (_TOKEN, Service, _run_service, _setup_logging, install_rules, load_with_rules,
+                      remove_rules_and_unbind, serve_metrics)
 
 __all__ = ["Controller", "ControlStats", "WorkerError", "worker_config", "run_controller", "run_worker",
            "merge_expositions"]
@@ -453,7 +453,7 @@ def run_worker(config_path: str, index: int, channel_fd: int) -> int:
     from .config import ConfigError
 
     try:
-        cfg = load(config_path)
+        cfg, ruleset = load_with_rules(config_path)
     except ConfigError as e:
         print(f"mproxy worker {index}: config error: {e}", file=sys.stderr)
         return 2
@@ -467,6 +467,6 @@ def run_worker(config_path: str, index: int, channel_fd: int) -> int:
         return 2
     channel.setblocking(False)
     _setup_logging(cfg.log.level)
-    return _run_service(Service(worker_config(cfg, index), config_path, worker=index, channel=channel,
+    return _run_service(Service(worker_config(cfg, index), config_path, ruleset, worker=index, channel=channel,
                                 workers_total=cfg.queue.workers))
 

@@ -148,3 +148,24 @@ def test_a_reload_with_skip_bad_rules_counts_what_it_left_out(tmp_path: Path) ->
     rules.write_text(NEW)
     rec = svc.reload()
     assert "skipped_rules" not in rec and (ins.stats.rules, ins.stats.skipped_rules) == (2, 0)
+
+
+def test_start_up_parses_the_rules_file_once(tmp_path: Path, monkeypatch) -> None:
+    """``run`` and each worker validate the configuration, rules included, before opening anything;
+    the Service then builds its inspector from those rules instead of parsing the file again
+    (with a large third-party rule set that is a noticeable part of start-up)."""
+    import mproxy.core.inspector as inspector
+    from mproxy.service import load_with_rules
+
+    rules = tmp_path / "mproxy.rules"
+    rules.write_text(NEW)
+    cfg = tmp_path / "mproxy.toml"
+    cfg.write_text(CONFIG.format(rules=rules))
+    parsed = []
+    real = inspector.load_rules
+    monkeypatch.setattr(inspector, "load_rules", lambda *a: parsed.append(a) or real(*a))
+    conf, rs = load_with_rules(str(cfg))
+    svc = Service(conf, str(cfg), rs)
+    ins = svc.gateway.responder.inspector
+    assert len(parsed) == 1 and ins is not None and ins.ruleset is rs
+    assert [r.sid for r in ins.rules] == [1, 2]
