@@ -88,6 +88,9 @@ class Mproxy:
     metrics: str = ""
     workers: int = 1
     extra: str = ""  # more TOML (e.g. a [tracker] table)
+    inspector: str | None = 'mode = "off"'  # the [inspector] table's lines; None: no table (extra may have one)
+    sink: bool = True  # the sink interface (the lab must have it: open_lab) and its pcap
+    queue: int = QUEUE
     log_extra: str = ""  # more lines in the [log] table (e.g. log_keys = true)
     launcher: list[str] = field(default_factory=list)  # argv prefix *outside* the namespace (unshare ...)
     inside: list[str] = field(default_factory=list)  # argv prefix inside the namespace (setpriv ...)
@@ -97,26 +100,23 @@ class Mproxy:
     def config(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg = self.dir / "mproxy.toml"
+        sink = f'[sink]\ninterface = "{SINK_IF}"\npcap = "{self.dir / "sink"}"\n' if self.sink else ""
+        inspector = f"[inspector]\n{self.inspector}\n" if self.inspector is not None else ""
         cfg.write_text(f"""
 [queue]
-num = {QUEUE}
+num = {self.queue}
 workers = {self.workers}
 max_len = {self.max_len}
 fail = "{self.fail}"
 [policy]
 default = "{self.policy}"
-[sink]
-interface = "{SINK_IF}"
-pcap = "{self.dir / 'sink'}"
-[log]
+{sink}[log]
 events = "{self.dir / 'events.jsonl'}"
 level = "debug"
 {self.log_extra}
 [metrics]
 listen = "{self.metrics}"
-[inspector]
-mode = "off"
-{self.extra}
+{inspector}{self.extra}
 """)
         return cfg
 
@@ -151,6 +151,13 @@ mode = "off"
             self.proc.kill()
             self.rc = self.proc.wait(5)
         return self.rc
+
+    def check_clean_stop(self) -> None:
+        """Stopped with exit 0, no traceback, and no MPROXY rule left in the gateway's firewall."""
+        assert self.rc == 0 and "Traceback" not in self.err, (self.rc, self.err)
+        for tool in ("iptables", "ip6tables"):
+            left = self.lab.run(self.lab.ns_gw, tool, "-w", "-t", "mangle", "-S").stdout
+            assert "MPROXY" not in left, f"{tool} rules left after stop:\n{left}"
 
     def kill(self) -> None:
         assert self.proc is not None

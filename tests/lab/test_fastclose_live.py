@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,39 +35,16 @@ PORT = 80
 @contextlib.contextmanager
 def mproxy(lab: Any, d: Path, extra: str = "") -> Iterator[dict[str, Any]]:
     """``mproxy run`` in the gateway namespace; yields a dict that gets ``records`` after the stop."""
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = d / "mproxy.toml"
-    cfg.write_text(f"""
-[queue]
-num = {QUEUE}
-[log]
-events = "{d / 'events.jsonl'}"
-level = "debug"
-[metrics]
-listen = ""
-{extra}
-""")
-    err_path = d / "mproxy.err"
-    with open(err_path, "wb") as err:
-        proc = lab.popen(lab.ns_gw, sys.executable, "-m", "mproxy", "run", "-c", str(cfg),
-                         env=dict(os.environ, PYTHONPATH=str(_ROOT)), stderr=err)
-    out: dict[str, Any] = {"proc": proc, "records": []}
-    deadline = time.monotonic() + 20
-    while "ready:" not in err_path.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"mproxy did not start: {err_path.read_text(errors='replace')}")
-        time.sleep(0.05)
+    from tests.lab.livehelp import Mproxy
+
+    mp = Mproxy(lab, d, queue=QUEUE, inspector=None, sink=False, extra=extra).start()
+    out: dict[str, Any] = {"proc": mp.proc, "records": []}
     try:
         yield out
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(30)
-        ev = d / "events.jsonl"
-        out["records"] = [json.loads(x) for x in ev.read_text().splitlines() if x.strip()] if ev.exists() else []
-        text = err_path.read_text(errors="replace")
-        assert rc == 0 and "Traceback" not in text, text
-        assert "MPROXY" not in lab.run(lab.ns_gw, "iptables", "-w", "-t", "mangle", "-S").stdout
+        mp.stop()
+        out["records"] = mp.records()
+        mp.check_clean_stop()
 
 
 @pytest.fixture(scope="module")

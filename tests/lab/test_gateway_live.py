@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -39,7 +38,7 @@ LAB_REASON = lab_available()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
 
 # mproxy writes to sink0; "the IDS" (tcpdump) listens on its veth peer
-from tests.lab.livehelp import IDS_IF, QUEUE, SINK_IF, kernel_queue, open_lab, sha  # noqa: E402
+from tests.lab.livehelp import IDS_IF, QUEUE, Mproxy, kernel_queue, open_lab, sha  # noqa: E402
 
 
 # --------------------------------------------------------------------------- mproxy in the gateway
@@ -61,61 +60,22 @@ class Running:
         return [r for r in self.records if r["event"] == "action" and r["action"] == name]
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(_ROOT), PYTHONUNBUFFERED="1")
-
-
 @contextlib.contextmanager
 def mproxy(lab: Any, d: Path, *, policy: str = "inspect", fail: str = "open", max_len: int = 4096,
            metrics: str = "", expect_clean_stop: bool = True, workers: int = 1) -> Iterator[Running]:
-    """``mproxy run`` in the gateway namespace for the duration of the block."""
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = d / "mproxy.toml"
-    cfg.write_text(f"""
-[queue]
-num = {QUEUE}
-workers = {workers}
-max_len = {max_len}
-fail = "{fail}"
-[policy]
-default = "{policy}"
-[sink]
-interface = "{SINK_IF}"
-pcap = "{d / 'sink'}"
-[log]
-events = "{d / 'events.jsonl'}"
-level = "debug"
-[metrics]
-listen = "{metrics}"
-""")
-    err = open(d / "mproxy.err", "wb")
-    proc = lab.popen(lab.ns_gw, sys.executable, "-m", "mproxy", "run", "-c", str(cfg), env=_env(), stderr=err)
-    err.close()
-    run = Running(proc, d)
-    deadline = time.monotonic() + 20
-    while "ready:" not in run.err:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"mproxy did not start (exit {proc.poll()}): {run.err}")
-        time.sleep(0.05)
+    """``mproxy run`` in the gateway namespace for the duration of the block (the inspector as the
+    configuration's default leaves it)."""
+    mp = Mproxy(lab, d, fail=fail, policy=policy, max_len=max_len, metrics=metrics, workers=workers,
+                inspector=None).start()
+    assert mp.proc is not None
+    run = Running(mp.proc, d)
     try:
         yield run
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            run.rc = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            run.rc = proc.wait(5)
-        ev = d / "events.jsonl"
-        if ev.exists():
-            run.records = [json.loads(line) for line in ev.read_text().splitlines() if line.strip()]
+        run.rc = mp.stop()
+        run.records = mp.records()
     if expect_clean_stop:
-        assert run.rc == 0, run.err
-        assert "Traceback" not in run.err, run.err
-        for tool in ("iptables", "ip6tables"):
-            left = lab.run(lab.ns_gw, tool, "-w", "-t", "mangle", "-S").stdout
-            assert "MPROXY" not in left, f"{tool} rules left after stop:\n{left}"
+        mp.check_clean_stop()
 
 
 def rule_counters(lab: Any, tool: str = "iptables") -> dict[str, int]:
