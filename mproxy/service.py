@@ -58,7 +58,7 @@ def load_with_rules(path: str, rules: bool = True) -> tuple[Config, RuleSet | No
 
 
 # configuration sections that only a restart puts in force (a reload names them when they changed)
-_RESTART_SECTIONS = ("queue", "rules", "tracker", "sink", "log", "metrics", "alerts")
+_RESTART_SECTIONS = ("queue", "rules", "tracker", "sink", "log", "metrics")
 
 
 @dataclass(slots=True)
@@ -92,6 +92,7 @@ class Service:
     injector: Injector | None = field(init=False, default=None)  # MP_FASTCLOSE/RST out
     alert_feed: AlertFeed | None = field(init=False, default=None)  # IDS alerts in
     follower: AlertFollower | None = field(init=False, default=None)
+    _follow: asyncio.Task[None] | None = field(init=False, default=None)  # the follower's polling
     # a worker of a multi-worker gateway (mproxy/workers.py): its number and the channel to the control
     # process, which receives the tokens this worker's tracker learns and asks for its metrics
     worker: int | None = None
@@ -215,11 +216,8 @@ class Service:
             loop.add_reader(self.channel.fileno(), self._on_channel)
             self.channel.send(b"R")  # ready: the queue is bound
         ticker = loop.create_task(self._tick())
-        follow = None
         if c.alerts.files:
-            self.alert_feed = AlertFeed(self.gateway, self.injector, self.sinks.write, self._after_batch)
-            self.follower = self.alert_feed.follower(c)
-            follow = loop.create_task(self.follower.run())
+            self._start_follower(c)
         # a worker says "up", not "ready:": that word is the whole gateway's (the control process's)
         log.info("%s: NFQUEUE %d (fail %s%s), rules %s, policy %s, sinks %s, metrics %s",
                  "ready" if self.worker is None else f"worker {self.worker} up", c.queue.num,
@@ -231,8 +229,8 @@ class Service:
             await self._stop.wait()
         finally:
             ticker.cancel()
-            if follow is not None:
-                follow.cancel()
+            if self._follow is not None:
+                self._follow.cancel()
             if metrics is not None:
                 metrics.close()
             if self.channel is not None:
@@ -242,6 +240,13 @@ class Service:
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the cleanup short
         log.info("stopping")
+
+    def _start_follower(self, c: Config) -> None:
+        """Follow the IDS alert files of ``c`` (at start, or when a reload names the first ones)."""
+        self.alert_feed = AlertFeed(self.gateway, self.injector, self.sinks.write, self._after_batch)
+        self.follower = self.alert_feed.follower(c)
+        self.follower.poll_once()  # the files' places are taken now: an alert written next is read
+        self._follow = asyncio.get_running_loop().create_task(self.follower.run())
 
     async def _tick(self) -> None:
         while True:
@@ -415,7 +420,10 @@ class Service:
             if needs_injection(cfg) and self.injector is None:
                 restart.append("actions")  # fastclose needs the raw socket opened at start
                 actions = self.cfg.actions
-            self.cfg = dataclasses.replace(self.cfg, policy=cfg.policy, actions=actions, inspector=cfg.inspector)
+            if cfg.alerts != self.cfg.alerts:
+                self._retarget_alerts(cfg)
+            self.cfg = dataclasses.replace(self.cfg, policy=cfg.policy, actions=actions, inspector=cfg.inspector,
+                                           alerts=cfg.alerts)
             self.gateway.policy = cfg.policy
             rsp.reactions = build_reactions(self.cfg)
             rsp.replace_inspector(r.inspector)
@@ -432,6 +440,15 @@ class Service:
         if self.events is not None:
             self.events.write([rec])
         return rec
+
+    def _retarget_alerts(self, cfg: Config) -> None:
+        """A reload changed ``[alerts]``: files still named keep their place, new ones are taken up."""
+        a = cfg.alerts
+        if self.follower is not None:
+            self.follower.retarget(list(a.files), a.poll_interval, a.from_start)
+        elif a.files and self._stop is not None:  # serving, and no file was followed until now
+            self._start_follower(cfg)
+        log.info("reload: following %s", ", ".join(a.files) if a.files else "no IDS alert file")
 
     def _dump_stats(self) -> None:
         import json

@@ -169,3 +169,38 @@ def test_start_up_parses_the_rules_file_once(tmp_path: Path, monkeypatch) -> Non
     ins = svc.gateway.responder.inspector
     assert len(parsed) == 1 and ins is not None and ins.ruleset is rs
     assert [r.sid for r in ins.rules] == [1, 2]
+
+
+async def test_a_reload_takes_up_ids_alert_files_without_a_restart(tmp_path: Path) -> None:
+    """[alerts] is put in force by a reload (a restart would leave every open connection
+    untracked): the first file named starts the follower, alerts in it act on live connections,
+    and a file no longer named is let go."""
+    import json as _json
+
+    svc, rules, cfg = _service(tmp_path)
+    svc._stop = asyncio.Event()  # serving (the queue itself plays no part here)
+    s = Session(1)
+    for p in s.handshake():
+        svc.gateway.packet(p, 1000.0)
+    eve = tmp_path / "eve.json"
+    alert = {"event_type": "alert", "proto": "TCP", "src_ip": "198.18.1.2", "src_port": 40000,
+             "dest_ip": "198.18.9.2", "dest_port": 80, "alert": {"signature_id": 7, "signature": "seen by the IDS"}}
+    eve.write_text(_json.dumps(alert) + "\n")  # written before the reload: history, not acted on
+    cfg.write_text(CONFIG.format(rules=rules) + f'[alerts]\nfiles = ["{eve}"]\npoll_interval = 0.02\n')
+    try:
+        rec = svc.reload()
+        assert rec["ok"] is True and rec["restart_needed"] == [] and svc.follower is not None
+        assert svc.cfg.alerts.files == [str(eve)]
+        with eve.open("a") as f:
+            f.write(_json.dumps(alert) + "\n")
+        for _ in range(100):
+            if svc.alert_feed is not None and svc.alert_feed.stats.acted:
+                break
+            await asyncio.sleep(0.02)
+        logged = [r for r in _records(svc, tmp_path) if r.get("trigger") == "alert"]
+        assert [r["reason"] for r in logged] == ["sid 7: seen by the IDS"]
+        cfg.write_text(CONFIG.format(rules=rules))
+        assert svc.reload()["restart_needed"] == [] and svc.follower.tails == []
+    finally:
+        assert svc._follow is not None
+        svc._follow.cancel()

@@ -152,6 +152,17 @@ class AlertFollower:
             self.poll_once()
             await asyncio.sleep(self.interval)
 
+    def retarget(self, paths: list[str], interval: float, from_start: bool) -> None:
+        """Follow these files from now on (a reload). A file followed already keeps its place, so no
+        alert is read twice or skipped; a file added is taken up as at start (its end, or its start
+        with ``from_start``) at once, not at the next poll; a file no longer named is closed."""
+        kept = {t.path: t for t in self.tails}
+        self.tails = [kept.pop(p) if p in kept else FileTail(p, from_start) for p in paths]
+        for t in kept.values():
+            t.close()
+        self.paths, self.interval, self.from_start = list(paths), interval, from_start
+        self.poll_once()
+
     def stats(self) -> dict[str, object]:
         return {"files": [{"path": t.path, "rotations": t.rotations, "truncations": t.truncations,
                            "too_long": t.too_long} for t in self.tails], "errors": self.errors}

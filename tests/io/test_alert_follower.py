@@ -82,3 +82,29 @@ async def test_follower_task_polls_without_busy_looping(tmp_path: Path) -> None:
     fol.close()
     assert got == [b"first"] and fol.errors == 1
     assert fol.stats()["files"][0]["path"] == str(p)
+
+
+def test_retarget_keeps_the_place_of_kept_files_and_takes_up_new_ones_at_once(tmp_path: Path) -> None:
+    """A reload that changes [alerts]: no alert of a file still followed is read twice or lost, a
+    file added is read from its end as at start (from the moment of the reload), a file dropped is
+    closed."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_bytes(b"a1\n")
+    b.write_bytes(b"b-old\n")
+    got: list[bytes] = []
+    f = AlertFollower([str(a)], got.append)
+    f.poll_once()
+    with a.open("ab") as w:
+        w.write(b"a2\n")  # written between the last poll and the reload
+    kept = f.tails[0]
+    f.retarget([str(a), str(b)], 0.5, False)
+    assert got == [b"a2"] and f.tails[0] is kept and f.interval == 0.5
+    with b.open("ab") as w:
+        w.write(b"b1\n")
+    with a.open("ab") as w:
+        w.write(b"a3\n")
+    f.poll_once()
+    assert got == [b"a2", b"a3", b"b1"]
+    f.retarget([str(b)], 0.5, False)
+    assert kept._f is None and [t.path for t in f.tails] == [str(b)]
+    f.close()
