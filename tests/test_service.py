@@ -188,7 +188,9 @@ async def test_a_reload_takes_up_ids_alert_files_without_a_restart(tmp_path: Pat
     eve.write_text(_json.dumps(alert) + "\n")  # written before the reload: history, not acted on
     cfg.write_text(CONFIG.format(rules=rules) + f'[alerts]\nfiles = ["{eve}"]\npoll_interval = 0.02\n')
     try:
-        rec = svc.reload()
+        svc._reopen()  # what SIGHUP calls: read in a thread, put in force by the loop
+        await _settle(svc)
+        (rec,) = [r for r in _records(svc, tmp_path) if r["event"] == "reload"]
         assert rec["ok"] is True and rec["restart_needed"] == [] and svc.follower is not None
         assert svc.cfg.alerts.files == [str(eve)]
         with eve.open("a") as f:

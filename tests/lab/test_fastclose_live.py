@@ -158,20 +158,33 @@ def test_a_later_copy_of_a_content_does_not_hide_the_split_attack(lab: Any, serv
     assert act["trigger"] == "inspector" and act["sid"] == 1000002, act
 
 
-def test_ids_alert_fastcloses_every_subflow(lab: Any, server: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("by_reload", [False, True], ids=["at-start", "added-by-sighup"])
+def test_ids_alert_fastcloses_every_subflow(lab: Any, server: Any, tmp_path: Path, by_reload: bool) -> None:
+    """An external IDS alert on the emitted stream kills the connection on every subflow; the alert
+    file may be named at start or added later by a reload (a restart would leave the connection
+    unqueued)."""
     from mproxy.lab.http_attack import NEEDLE, Client
 
     eve = tmp_path / "eve.json"
     eve.write_text('{"event_type":"stats","stats":{}}\n')
     cli_pcap, srv_pcap = tmp_path / "client.pcap", tmp_path / "server.pcap"
-    extra = f'[inspector]\nmode = "off"\n[alerts]\nfiles = ["{eve}"]\npoll_interval = 0.1\n'
-    with mproxy(lab, tmp_path / "mproxy", extra) as mp:
+    alerts = f'[alerts]\nfiles = ["{eve}"]\npoll_interval = 0.1\n'
+    d = tmp_path / "mproxy"
+    with mproxy(lab, d, '[inspector]\nmode = "off"\n' + ("" if by_reload else alerts)) as mp:
         with lab.capture(cli_pcap, ns=lab.ns_cli), lab.capture(srv_pcap, ns=lab.ns_srv):
             client = Client(lab, server, 4)
             try:
                 res = split_attack_no_wait(lab, client)
                 # the attack went through (no embedded inspector): the IDS alerts on the emitted stream
                 assert NEEDLE in server.received(client.conn)
+                if by_reload:
+                    cfg = d / "mproxy.toml"
+                    cfg.write_text(cfg.read_text() + alerts)
+                    mp["proc"].send_signal(signal.SIGHUP)
+                    deadline = time.monotonic() + 10
+                    while f"reload: following {eve}" not in (d / "mproxy.err").read_text(errors="replace"):
+                        assert time.monotonic() < deadline, (d / "mproxy.err").read_text(errors="replace")
+                        time.sleep(0.05)
                 alert = {"timestamp": "2025-01-01T00:00:00.000000+0000", "event_type": "alert", "proto": "TCP",
                          "src_ip": lab.client_addr[0][4], "src_port": client.sport, "dest_ip": lab.server_addr[4],
                          "dest_port": PORT, "alert": {"signature_id": 2006446, "signature": "ET WEB_SERVER "
@@ -191,6 +204,8 @@ def test_ids_alert_fastcloses_every_subflow(lab: Any, server: Any, tmp_path: Pat
     st = next(r for r in mp["records"] if r["event"] == "stats")["reactions"]
     assert st["alerts"]["acted"] == 1 and st["alerts"]["malformed"] == {"not_json": 1}, st
     assert st["alerts"]["ignored"] == 0  # the stats line was before the start (followed from the end)
+    reloads = [r for r in mp["records"] if r["event"] == "reload"]
+    assert [(r["ok"], r["restart_needed"]) for r in reloads] == ([(True, [])] if by_reload else [])
 
 
 def split_attack_no_wait(lab: Any, client: Any) -> bool:
