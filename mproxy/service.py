@@ -106,8 +106,9 @@ class Service:
 
     def __post_init__(self) -> None:
         c = self.cfg
-        self.gateway = Gateway(c.policy, c.tracker, passthrough=c.sink.passthrough, inspector=build_inspector(c, self.ruleset),
-                               reactions=build_reactions(c), split_passthrough=c.queue.gso)
+        self.gateway = Gateway(c.policy, c.tracker, passthrough=c.sink.passthrough,
+                               inspector=build_inspector(c, self.ruleset), reactions=build_reactions(c),
+                               split_passthrough=c.queue.gso)
         if self.channel is not None:
             t = self.gateway.tracker
             t.token_log = []
