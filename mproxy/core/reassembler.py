@@ -23,6 +23,10 @@ _SHED_RANGES = 64  # ranges of bytes a buffer limit kept out, remembered per str
 # bytes measured on CPython 3.11): charged to the shared budget with every piece, so 1-byte segments
 # cannot make the memcap hold a hundred times its size in bookkeeping
 PIECE_COST = 128
+# How far past its limit the shared budget may go for bytes that must not be refused: the mapping a
+# stream waits for (a stall otherwise), bytes the tracker held and let through before their mapping
+# came (the IDS would miss bytes the receiver has). Bounded: each such take checks limit + SLACK.
+SLACK = 1 << 16
 
 
 def expand32(value: int, ref: int) -> int:
@@ -57,9 +61,8 @@ class MemBudget:
     refused: int = 0  # takes refused (how often the cap bit)
 
     def take(self, n: int, over: int = 0) -> bool:
-        """Take ``n`` bytes if they fit; ``over`` lets a taker that unblocks the others (the
-        mapping a stream waits for) go that far past the limit, so a full budget cannot stall
-        every stream for good while the overshoot stays bounded."""
+        """Take ``n`` bytes if they fit; ``over`` (at most SLACK) lets bytes that must not be
+        refused go that far past the limit, and no further: the overshoot stays bounded."""
         if self.used + n > self.limit + over:
             self.refused += 1
             return False
@@ -128,8 +131,11 @@ class DataStream:
     _shed: list[list[int]] | None = None
 
     # -- input ----------------------------------------------------------
-    def insert(self, dsn: int, data: bytes | memoryview) -> bytes:
-        """Accept ``data`` at ``dsn``; return the bytes that became in order."""
+    def insert(self, dsn: int, data: bytes | memoryview, held: bool = False) -> bytes:
+        """Accept ``data`` at ``dsn``; return the bytes that became in order. ``held``: bytes
+        already let through to the receiver while the tracker held them (no mapping yet), whose
+        buffer space was just given back: buffered past ``ooo_limit``, and past the shared budget
+        by up to ``SLACK``, or the IDS would miss bytes the receiver has."""
         n = len(data)
         if n == 0:
             return b""
@@ -157,7 +163,7 @@ class DataStream:
             if self._starts:
                 out += self._drain()
             return out
-        self._store(dsn, bytes(data))
+        self._store(dsn, bytes(data), held)
         if self._starts and self._starts[0] == self.base:
             return self._drain()
         return b""
@@ -309,7 +315,7 @@ class DataStream:
         if self.budget is not None:
             self.budget.give(n + pieces * PIECE_COST)
 
-    def _store(self, dsn: int, data: bytes) -> None:
+    def _store(self, dsn: int, data: bytes, held: bool = False) -> None:
         """Buffer out-of-order bytes; existing bytes win, differing copies are reported.
 
         Bytes from ``base`` on (a segment that fills the hole and runs over buffered chunks) are
@@ -369,8 +375,10 @@ class DataStream:
                 insort(starts, s)
                 self.ooo_bytes += len(c)
                 continue
-            over = self.ooo_bytes + len(c) > self.ooo_limit
-            if over or (budget is not None and not budget.take(len(c) + PIECE_COST)):
+            # held bytes: their own space was just given back (only a split around buffered chunks
+            # costs more), so only the shared budget, with its slack, may refuse them
+            over = not held and self.ooo_bytes + len(c) > self.ooo_limit
+            if over or (budget is not None and not budget.take(len(c) + PIECE_COST, SLACK if held else 0)):
                 self.memcap_drops += 1
                 self.memcap_bytes += len(c)
                 self.note_shed(s, s + len(c))

@@ -43,13 +43,12 @@ from .events import (
     SubflowJoined,
     SubflowRefused,
 )
-from .reassembler import MASK32, MASK64, PIECE_COST, DataStream, MemBudget, expand32
+from .reassembler import MASK32, MASK64, PIECE_COST, SLACK, DataStream, MemBudget, expand32
 
 _NO_EVENTS: list[Event] = []
 _DIRS = (Direction.C2S, Direction.S2C)
 _PICKUP_DSN_WINDOW = 1 << 26  # a subflow's DSNs within 64 MiB of a stream belong to it
 _MAX_MAPPINGS = 32
-MAX_MAPPING = 0xFFFF  # a DSS data-level length is 16 bits
 _UNMAPPED_SHED_RANGES = 8  # runs of shed unmapped bytes remembered per subflow direction
 _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flood must not grow it
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
@@ -305,6 +304,9 @@ class Tracker:
         # bytes kept out of the buffers by a limit, ever: a gateway compares it around process() to
         # drop the packet that carried them, so the sender sends them again once there is room
         self.shed_bytes = 0
+        # placing unmapped bytes held earlier: they were let through to the receiver when they
+        # arrived, so no limit may refuse them now (the IDS would never see bytes the server has)
+        self._placing_held = False
         # (token, indexed?) as tokens come and go, when someone reads them (the worker of a
         # multi-worker gateway announces them to the control queue); None: not recorded
         self.token_log: list[tuple[int, bool]] | None = None
@@ -1405,11 +1407,11 @@ class Tracker:
         if mp.acc is None:
             st = conn.streams[cdir]
             lo = st.unwrap(mp.dsn)
-            # the mapping the stream waits for may go past the memcap by one mapping: the bytes
-            # buffered behind it can keep the budget full, and refusing it would refuse every resend
-            # (a stall under on_memcap = "drop"). The overshoot is shared by all: at most one more
-            waits = st.base is not None and lo <= st.base < lo + mp.length
-            if not self.budget.take(mp.length, MAX_MAPPING if waits else 0):
+            # the mapping the stream waits for may go past the memcap (by SLACK >= one mapping): the
+            # bytes buffered behind it can keep the budget full, and refusing it would refuse every
+            # resend (a stall under on_memcap = "drop"); so may held bytes, already let through
+            waits = self._placing_held or (st.base is not None and lo <= st.base < lo + mp.length)
+            if not self.budget.take(mp.length, SLACK if waits else 0):
                 self._shed(conn, "global", len(piece), f"buffered bytes over the memcap ({self.budget.limit})",
                            ts, ev)
                 pos = st.unwrap((mp.dsn + off) & MASK64)
@@ -1561,15 +1563,19 @@ class Tracker:
         sf = next((s for s in conn.subflows if sfd in s.dirs), None)
         if sf is None:
             return
-        for seq, data in items:
-            rel = (seq - (sfd.isn or 0)) & MASK32
-            self._map_bytes(conn, sf, sfd, cdir, rel, data, ts, ev, None)
+        self._placing_held = True  # their budget was just given back: taking it again is no growth
+        try:
+            for seq, data in items:
+                rel = (seq - (sfd.isn or 0)) & MASK32
+                self._map_bytes(conn, sf, sfd, cdir, rel, data, ts, ev, None)
+        finally:
+            self._placing_held = False
 
     def _deliver(self, conn: Connection, cdir: Direction, dsn: int, data: memoryview | bytes, ts: float,
                  ev: list[Event]) -> None:
         st = conn.streams[cdir]
         before = len(st.overlaps), st.memcap_drops, st.budget_drops, st.memcap_bytes
-        out = st.insert(st.unwrap(dsn), data)
+        out = st.insert(st.unwrap(dsn), data, self._placing_held)
         if len(st.overlaps) != before[0]:
             for ov in st.overlaps[before[0]:]:
                 self._notice(ev, NoticeType.OVERLAP_MISMATCH, conn,

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mproxy.core.gateway import Gateway, Verdict
 from mproxy.core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
+from mproxy.core.reassembler import PIECE_COST
 from mproxy.core.tracker import TrackerConfig
 from mproxy.wire import mptcp as m
 from mproxy.wire.packet import TcpSegment, mptcp_spans, parse_ip
@@ -142,22 +143,26 @@ def test_memcap_drops_the_packet_and_the_resent_copy_completes_the_stream() -> N
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 12000), cuts=st.lists(st.integers(0, 12000), max_size=24),
        paths=st.lists(st.integers(0, 1), min_size=25, max_size=25), ooo=st.integers(0, 6000),
-       memcap=st.integers(0, 9000), csum=st.booleans(), burst=st.integers(1, 4), reinject=st.integers(1, 12000),
-       rnd=st.randoms(use_true_random=False))
+       memcap=st.integers(0, 9000), pending=st.integers(0, 6000), csum=st.booleans(), burst=st.integers(1, 4),
+       reinject=st.integers(1, 12000), once=st.booleans(), rnd=st.randoms(use_true_random=False))
 def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int], paths: list[int], ooo: int,
-                                                        memcap: int, csum: bool, burst: int, reinject: int,
-                                                        rnd) -> None:
+                                                        memcap: int, pending: int, csum: bool, burst: int,
+                                                        reinject: int, once: bool, rnd) -> None:
     """Liveness of on_memcap = "drop" under any buffer limits, with a sender that behaves as TCP
     and MPTCP do. The data is split over two subflows; each round every subflow sends ``burst``
     new segments, unless the gateway dropped one of its segments: then it resends the first one it
     is missing, the same segment, and nothing new (a retransmission timeout). Now and then the
     sender also reinjects ``reinject`` bytes from its first unacknowledged byte on either subflow
     (as the kernel resends a whole write: bytes the gateway buffers included). Packets of a round
-    arrive in any order. The stream must reach its end and the emitted stream must be the data.
-    Caught the stall of stop 15's CI: such a reinjection, over buffered bytes and past them, was
-    refused, and so was every resend of it, while the subflow behind it carried the next bytes."""
+    arrive in any order. With ``once`` (no DSS checksum), a segment of two or more bytes goes out
+    as two packets and only the first carries the mapping (RFC 8684 allows it; Linux repeats it):
+    the second may come first and wait unmapped, or be shed over ``pending_limit``. The stream
+    must reach its end and the emitted stream must be the data. Caught the stall of stop 15's CI
+    (such a reinjection, over buffered bytes and past them, was refused, and so was every resend
+    of it, while the subflow behind it carried the next bytes), then held bytes lost when their
+    mapping came (test_bytes_let_through_before_their_mapping_are_never_lost_when_it_comes)."""
     s = Session(1, csum=csum, dsn64=not csum)
-    gw = Gateway(Policy(), TrackerConfig(ooo_limit=ooo, memcap=memcap))
+    gw = Gateway(Policy(), TrackerConfig(ooo_limit=ooo, memcap=memcap, pending_limit=pending))
     data = os.urandom(n)
     assert all(v == Verdict.ACCEPT for v in verdicts(gw, s.handshake() + s.join(1)))
     pts = sorted({0, n, *(c % (n + 1) for c in cuts)})
@@ -165,12 +170,18 @@ def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int],
     for i, (a, b) in enumerate(zip(pts, pts[1:])):
         new[paths[i % len(paths)]].append((a, b - a))
     next_rel = [1, 1]
-    missing: list[list[tuple[int, int, int]]] = [[], []]  # per subflow, dropped (rel, offset, length)
+    # a packet: (subflow, rel seq, data offset, length, mapping as (rel seq, length) or None)
+    Pkt = tuple[int, int, int, int, "tuple[int, int] | None"]
+    missing: list[list[Pkt]] = [[], []]  # per subflow, the packets dropped
     have = bytearray(n)  # what the server got (accepted packets)
 
-    def send(sf: int, off: int, ln: int) -> tuple[int, int, int, int]:
+    def send(sf: int, off: int, ln: int) -> list[Pkt]:
+        r = next_rel[sf]
         next_rel[sf] += ln
-        return sf, next_rel[sf] - ln, off, ln
+        if once and not csum and ln > 1:
+            k = rnd.randint(1, ln - 1)
+            return [(sf, r, off, k, (r, ln)), (sf, r + k, off + k, ln - k, None)]
+        return [(sf, r, off, ln, (r, ln))]
 
     t = 1001.0
     una, since = 0, 0
@@ -181,20 +192,25 @@ def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int],
         assert since < 60, f"stalled at {una} of {n}; dropped, to resend: {missing}"
         flight = []
         if rnd.random() < 0.3:  # an MPTCP-level reinjection, ahead of new data
-            flight.append(send(rnd.randrange(2), una, min(reinject, n - una)))
+            flight += send(rnd.randrange(2), una, min(reinject, n - una))
         for sf in (0, 1):
             if missing[sf]:
-                missing[sf].sort()
-                flight.append((sf, *missing[sf].pop(0)))
+                missing[sf].sort(key=lambda p: p[1])
+                flight.append(missing[sf].pop(0))
             else:
-                flight += [send(sf, *new[sf].pop(0)) for _ in range(min(burst, len(new[sf])))]
+                for _ in range(min(burst, len(new[sf]))):
+                    flight += send(sf, *new[sf].pop(0))
         rnd.shuffle(flight)
-        for sf, rel, off, ln in flight:
+        for p in flight:
+            sf, rel, off, ln, mp = p
             t += 0.001
-            d = gw.packet(s.data(sf, True, off, data[off : off + ln], rel=rel), t)
+            payload = data[off : off + ln]
+            pkt = s.data(sf, True, off, payload, rel=rel, mapping=False) if mp is None else \
+                s.data(sf, True, off, payload, rel=rel, map_rel=mp[0], map_len=mp[1])
+            d = gw.packet(pkt, t)
             if d.verdict == Verdict.DROP:
                 assert d.reason == "memcap"
-                missing[sf].append((rel, off, ln))
+                missing[sf].append(p)
             else:
                 have[off : off + ln] = b"\x01" * ln
     gw.packet(s.data_fin(0, True, n), t + 1)
@@ -202,6 +218,28 @@ def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int],
     (rec,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
     assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (n, hashlib.sha256(data).hexdigest())
     assert not rec["c2s"]["gaps"] and gw.tracker.budget.used == 0
+
+
+@pytest.mark.parametrize("ooo", [0, 4000])
+def test_bytes_let_through_before_their_mapping_are_never_lost_when_it_comes(ooo: int) -> None:
+    """Found by the liveness test: a segment whose mapping was announced on an earlier segment
+    that has not arrived yet is held unmapped and let through. When the mapping came, the held
+    bytes were placed before the packet's own: out of order, over ooo_limit, refused -- the server
+    had bytes the IDS never got, and the packet bringing the mapping was dropped for it. Held
+    bytes are placed whatever ooo_limit says (under the shared budget and its slack)."""
+    s = Session(1)
+    gw = Gateway(Policy(), TrackerConfig(ooo_limit=ooo, memcap=PIECE_COST + 1000, pending_limit=1000))
+    verdicts(gw, s.handshake())
+    data = os.urandom(2000)
+    first = s.data(0, True, 0, data[:1000], map_rel=1, map_len=2000, rel=1)
+    second = s.data(0, True, 1000, data[1000:], mapping=False, rel=1001)
+    assert gw.packet(second, 1001.0).verdict == Verdict.ACCEPT  # held, unmapped: the budget is full
+    assert gw.packet(first, 1002.0).verdict == Verdict.ACCEPT
+    gw.packet(s.data_fin(0, True, 2000), 1003.0)
+    gw.flush(1004.0)
+    (rec,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
+    assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (2000, hashlib.sha256(data).hexdigest())
+    assert gw.tracker.shed_bytes == 0 and gw.tracker.budget.used == 0
 
 
 def test_memcap_pass_lets_the_packet_through_and_the_stream_has_a_gap() -> None:

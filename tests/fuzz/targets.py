@@ -28,7 +28,7 @@ from mproxy.core.events import Event
 from mproxy.core.gateway import Gateway
 from mproxy.core.pipeline import Pipeline
 from mproxy.core.policy import Action, Policy
-from mproxy.core.tracker import _JOIN_FLOOD_KEYS, _MAX_MAPPINGS, _UNMAPPED_SHED_RANGES, MAX_MAPPING, Tracker, TrackerConfig
+from mproxy.core.tracker import _JOIN_FLOOD_KEYS, _MAX_MAPPINGS, _UNMAPPED_SHED_RANGES, Tracker, TrackerConfig
 from mproxy.io.pcap import _XZ_MEMLIMIT, CaptureError, CaptureReader, PcapWriter, read_captures
 from mproxy.wire import mptcp as m
 from mproxy.wire.build import build_tcp, tcp_options
@@ -471,7 +471,7 @@ def _small_config() -> TrackerConfig:
                          join_flood_window=2.0, syn_flood_threshold=2, syn_flood_window=2.0)
 
 
-from mproxy.core.reassembler import GAPS_LISTED, PIECE_COST  # noqa: E402
+from mproxy.core.reassembler import GAPS_LISTED, PIECE_COST, SLACK  # noqa: E402
 from mproxy.core.tracker import _MAX_HELD as MAX_HELD  # noqa: E402
 
 
@@ -500,7 +500,8 @@ def check_bounded(tr: Tracker) -> None:
         assert len(conn.subflows) <= cfg.max_subflows_per_connection, (conn.id, len(conn.subflows))
         assert len(conn.held) <= MAX_HELD, len(conn.held)
         for st in conn.streams:
-            assert 0 <= st.ooo_bytes <= st.ooo_limit, (st.ooo_bytes, st.ooo_limit)
+            # held bytes (let through before their mapping) are placed past ooo_limit, under the budget
+            assert 0 <= st.ooo_bytes <= max(st.ooo_limit, cfg.memcap + SLACK), (st.ooo_bytes, st.ooo_limit)
             assert st.ooo_bytes == sum(len(c) for c in st._chunks.values())
             assert sorted(st._starts) == st._starts and set(st._starts) == set(st._chunks)
             assert len(st._history) <= 2 * max(st.history_limit, 1)
@@ -522,8 +523,9 @@ def check_bounded(tr: Tracker) -> None:
                 assert mp.acc is None or len(mp.acc) <= 0xFFFF
     # the shared budget counts exactly what the live connections buffer (a drift either way would
     # starve reassembly or lift the cap), and only they buffer anything
-    # (the mapping a stream waits for may take it past the cap by one mapping)
-    assert tr.budget.used == sum(tr.buffered_bytes()) + PIECE_COST * buffered_pieces(tr) <= cfg.memcap + MAX_MAPPING, \
+    # (what must not be refused -- the mapping a stream waits for, held bytes let through -- may take
+    # it past the cap by SLACK)
+    assert tr.budget.used == sum(tr.buffered_bytes()) + PIECE_COST * buffered_pieces(tr) <= cfg.memcap + SLACK, \
         (tr.budget.used, tr.buffered_bytes(), buffered_pieces(tr))
     # histories: counted exactly, over their cap by at most what one packet released (the cap is
     # enforced before the next packet)
