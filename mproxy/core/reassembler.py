@@ -371,20 +371,17 @@ class DataStream:
             if fills:
                 if budget is not None:
                     budget.used += len(c) + PIECE_COST  # given back by the drain that follows
-                chunks[s] = c
-                insort(starts, s)
-                self.ooo_bytes += len(c)
-                continue
-            # held bytes: their own space was just given back (only a split around buffered chunks
-            # costs more), so only the shared budget, with its slack, may refuse them
-            over = not held and self.ooo_bytes + len(c) > self.ooo_limit
-            if over or (budget is not None and not budget.take(len(c) + PIECE_COST, SLACK if held else 0)):
-                self.memcap_drops += 1
-                self.memcap_bytes += len(c)
-                self.note_shed(s, s + len(c))
-                if not over:
-                    self.budget_drops += 1
-                continue
+            else:
+                # held bytes: their own space was just given back (only a split around buffered
+                # chunks costs more), so only the shared budget, with its slack, may refuse them
+                over = not held and self.ooo_bytes + len(c) > self.ooo_limit
+                if over or (budget is not None and not budget.take(len(c) + PIECE_COST, SLACK if held else 0)):
+                    self.memcap_drops += 1
+                    self.memcap_bytes += len(c)
+                    self.note_shed(s, s + len(c))
+                    if not over:
+                        self.budget_drops += 1
+                    continue
             chunks[s] = c
             insort(starts, s)
             self.ooo_bytes += len(c)
