@@ -8,6 +8,11 @@ one direction is inspected at with the shipped rules (config/mproxy.rules), on
 HTTP requests and on random bytes, in MSS-sized and 64 KiB (GSO) chunks.
 
     .venv/bin/python benchmarks/inspector.py [--rules 50,500,5000] [--connections 10000] [--mbytes 4]
+                                             [--startup 5000]
+
+--startup N: the gateway's start-up with N rules (configuration, rules file,
+Service with its inspector), the file parsed once (load_with_rules, as `mproxy
+run` does) next to parsed twice (load, then Service: as it did before).
 
 Rules are synthetic: one content each (6-14 random letters, nocase), every
 fifth with a pcre, spread over ten different port headers (rule sets have a few
@@ -35,6 +40,10 @@ REQUEST = b"GET /index.html HTTP/1.1\r\nHost: shop.example\r\n\r\n"
 
 
 def ruleset(n: int) -> RuleSet:
+    return parse_rules(rule_lines(n))
+
+
+def rule_lines(n: int) -> str:
     rnd = random.Random(1)
     lines = []
     for i in range(n):
@@ -42,7 +51,7 @@ def ruleset(n: int) -> RuleSet:
         pcre = f' pcre:"/{w}[0-9]+x/i";' if i % 5 == 0 else ""
         lines.append(f'alert tcp any any -> any {PORTS[i % len(PORTS)]} (msg:"r{i}"; content:"{w}"; nocase;{pcre} '
                      f'sid:{i + 1};)')
-    return parse_rules("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 def client(c: int) -> tuple[bytes, int]:
@@ -81,11 +90,41 @@ def throughput(mbytes: int) -> None:
             print(f"| {name} | {chunk} | {len(data) * 8 / best / 1e6:,.0f} | {runs} |")
 
 
+def startup(n: int, reps: int = 5) -> None:
+    """Best of ``reps``: seconds to build the gateway's Service from a config naming ``n`` rules."""
+    import tempfile
+
+    from mproxy.service import Service, load, load_with_rules
+
+    def twice(path: str) -> Service:
+        return Service(load(path), path)
+
+    def once(path: str) -> Service:
+        cfg, rs = load_with_rules(path)
+        return Service(cfg, path, rs)
+
+    with tempfile.TemporaryDirectory() as d:
+        rules, cfg = Path(d) / "bench.rules", Path(d) / "mproxy.toml"
+        rules.write_text(rule_lines(n))
+        cfg.write_text(f'[inspector]\nmode = "on"\nrules = "{rules}"\n[actions]\non_match = "log"\n'
+                       'on_alert = "log"\n')
+        print(f"\n| start-up, {n:,} rules | s (best of {reps}) |\n|---|---|")
+        for name, build in (("rules parsed twice (load, then Service)", twice),
+                            ("rules parsed once (load_with_rules)", once)):
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                build(str(cfg))
+                best = min(best, time.perf_counter() - t)
+            print(f"| {name} | {best:.3f} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rules", default="50,500,5000", help="rule set sizes, comma-separated")
     ap.add_argument("--connections", type=int, default=10000)
     ap.add_argument("--mbytes", type=int, default=4, help="stream size of the throughput part (0: skip it)")
+    ap.add_argument("--startup", type=int, default=0, metavar="N", help="also time start-up with N rules")
     a = ap.parse_args()
     n = a.connections
     print(f"python {sys.version.split()[0]}; {n:,} connections; one {len(REQUEST)}-byte chunk per direction\n")
@@ -108,6 +147,8 @@ def main() -> int:
               f"| {switch * 1e3:.2f} | {after * 1e6:.1f} |")
     if a.mbytes:
         throughput(a.mbytes)
+    if a.startup:
+        startup(a.startup)
     return 0
 
 
