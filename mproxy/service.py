@@ -30,7 +30,9 @@ from .core.rules import RuleSet
 from .io import netfilter
 from .io.metrics import LatencyHistogram, Sources, make_registry
 from .io.metrics import QueueStats as MetricQueueStats
-from .io.nfqueue import COPY_RANGE, FailMode, QueueAdapter, QueueError, kernel_queue_state, oversize_interfaces
+from .io.bypass import Bypass
+from .io.nfqueue import (COPY_RANGE, FailMode, QueueAdapter, QueueError, kernel_queue_state, kernel_queue_table,
+                         oversize_interfaces)
 from .io.emitworker import RemoteSinks
 from .io.sinks import EventLog, FrameSinks, SinkError, open_sinks
 from .io.alerts import AlertFollower
@@ -41,6 +43,7 @@ __all__ = ["Service", "run", "load"]
 
 log = logging.getLogger("mproxy")
 EXPIRE_INTERVAL = 1.0
+BYPASS_INTERVAL = 10.0  # rule hits are read at every scrape, and at least this often (s) for the log
 
 
 def load(path: str, rules: bool = True) -> Config:
@@ -80,6 +83,7 @@ class Service:
     events: EventLog | None = field(init=False, default=None)
     queue: QueueAdapter | None = field(init=False, default=None)
     rules: netfilter.Rules | None = field(init=False, default=None)
+    bypass: Bypass | None = field(init=False, default=None)  # packets the rules sent that the queue never took
     started: float = field(init=False, default=0.0)
     _stop: asyncio.Event | None = field(init=False, default=None)
     _kernel_waiting: int = field(init=False, default=0)
@@ -103,6 +107,8 @@ class Service:
     reloads: Counter[str] = field(init=False, default_factory=Counter)  # ok / error
     _reload_again: bool = field(init=False, default=False)
     _registry: Any = field(init=False, default=None)
+    _bypass_read: float = field(init=False, default=0.0)  # monotonic time of the last rule-hit reading
+    _bypass_warned: int = field(init=False, default=0)  # bypassed packets already named in a warning
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -178,12 +184,16 @@ class Service:
         self.queue.open()
         if self.queue.fail_open_confirmed is None:
             log.warning("could not confirm the queue's fail-%s setting (a packet arrived first)", c.queue.fail)
+        self.bypass = bypass_baseline(c, [c.queue.num])
         self.rules = install_rules(c, self.queue)
 
     def stop(self) -> None:
         """Reverse of start; safe to call on a partly started service."""
         if self.queue is not None:
             self._final_kernel_state = kernel_queue_state(self.cfg.queue.num)
+        if self.bypass is not None:
+            apply_bypass(self.bypass, rule_and_queue_counters(self.rules))  # the rules' hits go with them
+            self._bypass_warned = warn_bypass(self.bypass, self._bypass_warned, self.cfg.queue.fail)
         remove_rules_and_unbind(self.rules, self.queue)
         self.rules = None
         now = time.time()
@@ -260,6 +270,8 @@ class Service:
                 self._after_batch()
                 self.sinks.flush()
                 self._watch_kernel_queue()
+                if self.bypass is not None and time.monotonic() - self._bypass_read >= BYPASS_INTERVAL:
+                    await self._refresh_bypass()
             except Exception:  # noqa: BLE001 - the ticker must survive
                 self._tick_errors += 1
                 if self._tick_errors == 1:
@@ -286,6 +298,7 @@ class Service:
         """
 
         async def body() -> bytes:
+            await self._refresh_bypass()
             return self.exposition()
 
         return await serve_metrics(self.cfg.metrics.listen, body)
@@ -327,10 +340,21 @@ class Service:
         m.accepted, m.dropped, m.modified = q.accepted, q.dropped, q.modified
         m.core_errors, m.truncated, m.verdict_errors = q.core_errors, q.truncated, q.verdict_errors
         m.socket_overruns, m.max_len = q.enobufs, self.cfg.queue.max_len
+        m.undelivered, m.fail = q.undelivered, self.cfg.queue.fail
+        m.bypassed = self.bypass.counts() if self.bypass is not None else None
         st = kernel_queue_state(self.cfg.queue.num)
         m.kernel = st is not None
         if st is not None:
             m.kernel_dropped, m.user_dropped, m.waiting = st["dropped"], st["user_dropped"], st["waiting"]
+
+    async def _refresh_bypass(self) -> None:
+        """Read the rule hits (iptables, in a thread: the loop keeps giving verdicts) and warn when
+        packets bypassed the queue since the last warning."""
+        if self.bypass is None:
+            return
+        self._bypass_read = time.monotonic()
+        apply_bypass(self.bypass, await asyncio.to_thread(rule_and_queue_counters, self.rules))
+        self._bypass_warned = warn_bypass(self.bypass, self._bypass_warned, self.cfg.queue.fail)
 
     def _after_batch(self) -> None:
         if self.gateway.records and self.events is not None:
@@ -340,7 +364,10 @@ class Service:
     def _watch_kernel_queue(self) -> None:
         """Warn when the kernel holds packets we are not reading (a stuck reader would be a bug)."""
         assert self.queue is not None
-        st = kernel_queue_state(self.cfg.queue.num)
+        table = kernel_queue_table()
+        if table is not None and self.bypass is not None:
+            self.bypass.kernel(table)
+        st = table.get(self.cfg.queue.num) if table is not None else None
         if st is None:
             return
         idle = self.queue.stats.packets == self._last_packets
@@ -468,6 +495,7 @@ class Service:
                if self.worker is not None else {}),
             "queue": q.stats.as_dict() if q else None,
             "kernel_queue": kernel_queue_state(self.cfg.queue.num) or self._final_kernel_state,
+            "bypassed": {str(k): v for k, v in self.bypass.counts().items()} if self.bypass is not None else None,
             "fail": self.cfg.queue.fail, "fail_flag_confirmed": q.fail_open_confirmed if q else None,
             "verdict_latency_us": q.latency.summary() if q else None,
             "wait_latency_us": q.wait_latency.summary() if q else None,
@@ -508,6 +536,41 @@ def install_rules(cfg: Config, queue: QueueAdapter) -> netfilter.Rules | None:
         queue.close()
         raise
     return rules
+
+
+def bypass_baseline(cfg: Config, queues: list[int]) -> Bypass | None:
+    """Counting what the managed rules send to ``queues`` but they never take: the queue table read
+    before the rules exist (see :mod:`mproxy.io.bypass`); None when the rules are not ours."""
+    table = kernel_queue_table() if cfg.rules.manage else None
+    if table is None:
+        return None
+    b = Bypass(queues)
+    b.baseline(table)
+    return b
+
+
+def rule_and_queue_counters(rules: netfilter.Rules | None) -> tuple[dict[int, int], dict[int, dict[str, int]]] | None:
+    """The rules' hits, then the queue table, in that order (blocking: runs iptables)."""
+    hits = rules.queue_hits() if rules is not None else None
+    table = kernel_queue_table() if hits is not None else None
+    return (hits, table) if hits is not None and table is not None else None
+
+
+def apply_bypass(bypass: Bypass, counters: tuple[dict[int, int], dict[int, dict[str, int]]] | None) -> None:
+    if counters is not None:
+        bypass.update(*counters)
+
+
+def warn_bypass(bypass: Bypass, warned: int, fail: str) -> int:
+    """Log the packets that bypassed the queues since ``warned`` were counted; returns the new total."""
+    counts = bypass.counts()
+    total = sum(counts.values())
+    if total > warned:
+        log.warning("%d MPTCP packets bypassed mproxy since the last reading (a queue was full, or had no "
+                    "mproxy bound) and were %s; %d in all (by queue: %s)", total - warned,
+                    "accepted uninspected (fail open)" if fail == "open" else "dropped (fail closed)", total,
+                    ", ".join(f"{q}: {n}" for q, n in sorted(counts.items()) if n))
+    return total
 
 
 def remove_rules_and_unbind(rules: netfilter.Rules | None, queue: QueueAdapter | None) -> None:

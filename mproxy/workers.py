@@ -43,9 +43,12 @@ from typing import Any
 from .config import Config
 from .core.steering import Steering
 from .io import netfilter
-from .io.nfqueue import FailMode, QueueAdapter, kernel_queue_state
-from .service import (_TOKEN, Service, _run_service, _setup_logging, install_rules, load_with_rules,
-                      remove_rules_and_unbind, serve_metrics)
+from .io.bypass import Bypass
+from .io.metrics import bypass_family
+from .io.nfqueue import FailMode, QueueAdapter, kernel_queue_state, kernel_queue_table
+from .service import (_TOKEN, BYPASS_INTERVAL, Service, _run_service, _setup_logging, apply_bypass, bypass_baseline,
+                      install_rules, load_with_rules, remove_rules_and_unbind, rule_and_queue_counters,
+                      serve_metrics, warn_bypass)
 
 __all__ = ["Controller", "ControlStats", "WorkerError", "worker_config", "run_controller", "run_worker",
            "merge_expositions"]
@@ -102,12 +105,15 @@ class Controller:
     workers: list[_Worker] = field(init=False)
     queue: QueueAdapter | None = field(init=False, default=None)
     rules: netfilter.Rules | None = field(init=False, default=None)
+    bypass: Bypass | None = field(init=False, default=None)  # packets the rules sent that a queue never took
     stats: ControlStats = field(init=False, default_factory=ControlStats)
     started: float = field(init=False, default=0.0)
     _stop: asyncio.Event | None = field(init=False, default=None)
     _loop: asyncio.AbstractEventLoop | None = field(init=False, default=None)
     _request: int = field(init=False, default=0)
     _stopping: bool = field(init=False, default=False)
+    _bypass_read: float = field(init=False, default=0.0)
+    _bypass_warned: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -129,6 +135,7 @@ class Controller:
                                   sock_rcvbuf=c.queue.sock_rcvbuf, gso=c.queue.gso,
                                   mark_mask=c.rules.worker_mask)
         self.queue.open()
+        self.bypass = bypass_baseline(c, [c.queue.num + i for i in range(c.queue.workers + 1)])
         self.rules = install_rules(c, self.queue)
 
     def queue_of(self, w: _Worker) -> int:
@@ -171,6 +178,9 @@ class Controller:
     def stop(self) -> None:
         """Rules out, control queue drained, then each worker stopped (it drains its own queue)."""
         self._stopping = True
+        if self.bypass is not None:
+            apply_bypass(self.bypass, rule_and_queue_counters(self.rules))  # the rules' hits go with them
+            self._bypass_warned = warn_bypass(self.bypass, self._bypass_warned, self.cfg.queue.fail)
         remove_rules_and_unbind(self.rules, self.queue)
         self.rules = None
         for w in self.workers:
@@ -326,8 +336,20 @@ class Controller:
                     if w.channel is not None and w.proc is not None and w.proc.poll() is not None:
                         self._read_channel(w)
                         self._lost(w)
+                table = kernel_queue_table()
+                if self.bypass is not None and table is not None:
+                    self.bypass.kernel(table)  # a restarted worker's queue numbers anew: seen before much
+                    if time.monotonic() - self._bypass_read >= BYPASS_INTERVAL:
+                        await self._refresh_bypass()
             except Exception:  # noqa: BLE001 - the ticker must survive
                 log.exception("worker supervision failed")
+
+    async def _refresh_bypass(self) -> None:
+        if self.bypass is None:
+            return
+        self._bypass_read = time.monotonic()
+        apply_bypass(self.bypass, await asyncio.to_thread(rule_and_queue_counters, self.rules))
+        self._bypass_warned = warn_bypass(self.bypass, self._bypass_warned, self.cfg.queue.fail)
 
     def _forward(self, sig: int) -> None:
         for w in self.workers:
@@ -339,7 +361,7 @@ class Controller:
         """The control's own families, then every worker's, each sample labelled with its worker."""
         from prometheus_client import generate_latest
 
-        texts = await asyncio.gather(*(self._worker_metrics(w) for w in self.workers))
+        *texts, _ = await asyncio.gather(*(self._worker_metrics(w) for w in self.workers), self._refresh_bypass())
         own = generate_latest(_control_registry(self))
         return own + merge_expositions({w.index: t for w, t in zip(self.workers, texts) if t})
 
@@ -364,6 +386,7 @@ class Controller:
         return {"steering": self.steering.stats.as_dict(), "tokens": len(self.steering.tokens),
                 "control": dataclasses.asdict(self.stats), "queue": q.stats.as_dict() if q else None,
                 "kernel_queue": kernel_queue_state(self.cfg.queue.num),
+                "bypassed": {str(k): v for k, v in self.bypass.counts().items()} if self.bypass else None,
                 "workers_up": self.workers_up()}
 
 
@@ -398,7 +421,10 @@ def _control_registry(ctl: Controller) -> Any:
             cq.add_metric(["repeated"], q.repeated if q else 0)
             cq.add_metric(["accepted"], q.accepted if q else 0)
             cq.add_metric(["dropped"], q.dropped if q else 0)
+            cq.add_metric(["undelivered"], q.undelivered if q else 0)
             yield cq
+            if ctl.bypass is not None:
+                yield bypass_family(ctl.bypass.counts(), ctl.cfg.queue.fail)
 
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Collector())  # type: ignore[arg-type]

@@ -77,6 +77,9 @@ class QueueStats:
     truncated: int = 0  # verdict by fail mode: the kernel copied less than the packet
     verdict_errors: int = 0  # issuing the verdict itself failed
     socket_overruns: int = 0  # ENOBUFS: the kernel could not hand packets over (passed or dropped by fail mode)
+    undelivered: int = 0  # those packets, counted by the ids mproxy never read
+    fail: str = "open"  # [queue] fail: what became of the packets below
+    bypassed: dict[int, int] | None = None  # queue -> packets its rules matched that it never took (managed rules)
     kernel: bool = False  # the fields below were read from /proc/net/netfilter/nfnetlink_queue
     kernel_dropped: int = 0  # queue full, fail closed: dropped by the kernel
     user_dropped: int = 0  # netlink delivery failed, fail closed: dropped by the kernel
@@ -274,6 +277,12 @@ class MproxyCollector(Collector):
                      "passed (fail open) or dropped (fail closed) packets mproxy never saw")
         c.add_metric([], q.socket_overruns)
         yield c
+        c = _counter("mproxy_queue_undelivered_packets", "Packets the queue took but could not hand to mproxy "
+                     "(netlink socket full): accepted uninspected (fail open) or dropped (fail closed)")
+        c.add_metric([], q.undelivered)
+        yield c
+        if q.bypassed is not None:
+            yield bypass_family(q.bypassed, q.fail)
         g = GaugeMetricFamily("mproxy_queue_capacity_packets",
                               "Packets the kernel may hold for mproxy ([queue] max_len)")
         g.add_metric([], q.max_len)
@@ -324,6 +333,17 @@ def make_registry(sources: Sources, process: bool = True) -> CollectorRegistry:
 def snapshot(sources: Sources) -> bytes:
     """Prometheus text format of the current values (``replay --metrics FILE``)."""
     return generate_latest(make_registry(sources, process=False))
+
+
+def bypass_family(counts: Mapping[int, int], fail: str) -> CounterMetricFamily:
+    """``mproxy_queue_bypassed_packets_total{queue,verdict}`` (see :mod:`mproxy.io.bypass`)."""
+    c = _counter("mproxy_queue_bypassed_packets", "Packets mproxy's rules sent to a queue that never reached it "
+                 "(queue full, or no mproxy bound): accepted uninspected under fail open, dropped under fail "
+                 "closed (a full queue's drops are in mproxy_queue_dropped_packets_total)", ["queue", "verdict"])
+    verdict = "accepted" if fail == "open" else "dropped"
+    for q in sorted(counts):
+        c.add_metric([str(q), verdict], counts[q])
+    return c
 
 
 def reload_family(counts: Mapping[str, int]) -> CounterMetricFamily:

@@ -170,6 +170,26 @@ def render(cfg: Config, *, delete: bool = False, source: str = "") -> str:
     return "\n".join(head + [c.shell() + (" 2>/dev/null || true" if c.optional else "") for c in cmds]) + "\n"
 
 
+def queue_hits_of(listing: str) -> dict[int, int]:
+    """``iptables -S CHAIN -v`` read: queue number -> packets its NFQUEUE rules matched.
+
+    ``-S -v`` prints each rule as ``-A CHAIN ... -c PACKETS BYTES -j NFQUEUE --queue-num N``; one
+    form for every iptables backend, unlike ``-L``'s columns.
+    """
+    hits: dict[int, int] = {}
+    for line in listing.splitlines():
+        f = line.split()
+        if "NFQUEUE" not in f or "--queue-num" not in f or "-c" not in f:
+            continue
+        try:
+            q = int(f[f.index("--queue-num") + 1])
+            n = int(f[f.index("-c") + 1])
+        except (ValueError, IndexError):
+            continue
+        hits[q] = hits.get(q, 0) + n
+    return hits
+
+
 Runner = Callable[[tuple[str, ...]], "subprocess.CompletedProcess[str]"]
 
 
@@ -235,6 +255,21 @@ class Rules:
             raise RulesError(f"`{cmd.shell()}` failed: {e}") from None
         if cp.returncode != 0 and not cmd.optional:
             raise RulesError(f"`{cmd.shell()}` exited {cp.returncode}: {cp.stderr.strip()}")
+
+    def queue_hits(self) -> dict[int, int] | None:
+        """Packets each queue's NFQUEUE rules sent to it (IPv4 and IPv6 rules summed), or None when
+        a tool could not list the chain (the caller then keeps its last figures)."""
+        hits: dict[int, int] = {}
+        for tool in _tools(self.cfg):
+            try:
+                cp = self._runner((tool, "-w", "-t", self.cfg.rules.table, "-S", self.cfg.rules.chain, "-v"))
+            except (OSError, subprocess.SubprocessError):
+                return None
+            if cp.returncode != 0:
+                return None
+            for q, n in queue_hits_of(cp.stdout).items():
+                hits[q] = hits.get(q, 0) + n
+        return hits
 
     def counters(self, tool: str = "iptables") -> list[tuple[int, int, str]]:
         """(packets, bytes, rule text) of the chain's rules, for diagnostics and tests."""

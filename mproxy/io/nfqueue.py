@@ -117,6 +117,7 @@ class QueueStats:
     verdict_errors: int = 0  # issuing the verdict itself failed (or the kernel refused it)
     sink_errors: int = 0
     enobufs: int = 0  # the socket overflowed (kernel accepted/dropped those by fail mode)
+    undelivered: int = 0  # packets the queue took but could not hand over (ids we never read: same fate)
     malformed: int = 0  # netlink messages we could not read (no verdict possible without an id)
     gso: int = 0  # packets queued whole as GSO (several TCP segments' worth)
     queued_bytes: int = 0  # IP bytes of the queued packets
@@ -310,13 +311,20 @@ def kernel_queue_state(queue_num: int) -> dict[str, int] | None:
     """The kernel's counters for the queue (``/proc/net/netfilter/nfnetlink_queue``), or None.
 
     ``waiting``: packets handed to us without a verdict yet; ``dropped``: dropped because the
-    queue was full (fail closed); ``user_dropped``: could not be sent to the socket.
+    queue was full (fail closed); ``user_dropped``: could not be sent to the socket;
+    ``id_sequence``: the id of the last packet the queue took.
     """
+    table = kernel_queue_table()
+    return table.get(queue_num) if table is not None else None
+
+
+def kernel_queue_table() -> dict[int, dict[str, int]] | None:
+    """Every bound queue of this network namespace (see :func:`kernel_queue_state`), or None."""
     try:
         text = Path("/proc/net/netfilter/nfnetlink_queue").read_text()
     except OSError:
         return None
-    return queue_table(text).get(queue_num)
+    return queue_table(text)
 
 
 def queue_table(text: str) -> dict[int, dict[str, int]]:
@@ -387,6 +395,7 @@ class QueueAdapter:
     _wake: int = 0
     _logged: set[str] = field(default_factory=set)
     _fd: int = -1
+    _next_id: int = 0  # id the kernel gives the next packet it queues (0: none read yet)
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -408,6 +417,7 @@ class QueueAdapter:
                 raise QueueError(f"cannot bind NFQUEUE {self.num}: {e} (another process bound to it? "
                                  "root or CAP_NET_ADMIN?)") from None
         self._nfq = nfq
+        self._next_id = 1  # our bind created the queue (a bound one is refused): it numbers from 1
         self._fd = nfq.get_fd()
         sock = socket.fromfd(self._fd, socket.AF_NETLINK, socket.SOCK_RAW)  # a dup: same socket, same port id
         try:  # SO_RCVBUFFORCE ignores net.core.rmem_max (we hold CAP_NET_ADMIN)
@@ -519,6 +529,9 @@ class QueueAdapter:
             self._once("noid", logging.ERROR, "a queued packet's message has no packet id: no verdict possible")
             return
         st.packets += 1
+        if pid != self._next_id and self._next_id:  # ids are given in order, under the lock that sends them
+            st.undelivered += (pid - self._next_id) & 0xFFFFFFFF
+        self._next_id = (pid + 1) & 0xFFFFFFFF  # 0 after a wrap: that one is not checked
         decision: Decision | None = None
         data = b""
         try:

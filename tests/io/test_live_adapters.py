@@ -74,6 +74,25 @@ def test_rules_install_clears_leftovers_and_rolls_back() -> None:
     assert calls[-1][-2:] == ("-X", "MPROXY") and not r.installed  # and everything rolled back
 
 
+def test_rule_hits_are_read_per_queue_from_both_tools() -> None:
+    # the form `iptables -S CHAIN -v` prints (nft and legacy backends alike)
+    v4 = ("-N MPROXY\n"
+          "-A MPROXY -p tcp -m tcp --tcp-flags SYN,ACK SYN --tcp-option 30 -c 7 420 -j CONNMARK --set-xmark 0x1/0x1\n"
+          "-A MPROXY -m connmark --mark 0x1/0x1 -c 1200 900000 -j NFQUEUE --queue-num 3 --queue-bypass\n"
+          "-A MPROXY -m connmark --mark 0x2/0x6 -c 5 300 -j NFQUEUE --queue-num 4\n")
+    v6 = "-N MPROXY\n-A MPROXY -m connmark --mark 0x1/0x1 -c 30 4000 -j NFQUEUE --queue-num 3 --queue-bypass\n"
+    assert netfilter.queue_hits_of(v4) == {3: 1200, 4: 5}
+    assert netfilter.queue_hits_of("-A MPROXY -c x y -j NFQUEUE --queue-num 3\n-A MPROXY -j NFQUEUE\n") == {}
+
+    def runner(argv: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+        assert argv[1:] == ("-w", "-t", "mangle", "-S", "MPROXY", "-v")
+        return subprocess.CompletedProcess(argv, 0, v4 if argv[0] == "iptables" else v6, "")
+
+    assert netfilter.Rules(parse_config(""), runner).queue_hits() == {3: 1230, 4: 5}
+    gone = netfilter.Rules(parse_config(""), lambda argv: subprocess.CompletedProcess(argv, 1, "", "No chain"))
+    assert gone.queue_hits() is None  # no figure rather than a wrong one
+
+
 # --------------------------------------------------------------------------- sinks
 def test_rotating_pcap(tmp_path: Path) -> None:
     prefix = str(tmp_path / "out")

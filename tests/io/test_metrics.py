@@ -79,7 +79,7 @@ def full_exposition() -> str:
     sinks = [{"interface": "sink0", "frames": 3, "bytes": 180, "dropped": 1, "too_big": 0, "errors": 0},
              {"pcap": "/tmp/x.1.pcap", "frames": 3, "files": 1, "errors": 0}]
     src = Sources(tracker=gw.tracker, pipeline=gw.pipeline.stats, gateway=gw.stats,
-                  queue=QueueStats(accepted=5, kernel=True, max_len=4096), latency=h, mode="gateway",
+                  queue=QueueStats(accepted=5, kernel=True, max_len=4096, bypassed={0: 3}), latency=h, mode="gateway",
                   sinks=lambda: sinks, events=EventLog(""), extra=[reaction_families, lambda: [reload_family({})]])
     return generate_latest(make_registry(src)).decode()
 

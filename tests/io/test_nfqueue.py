@@ -186,6 +186,25 @@ def test_flush_every_bounds_the_wait() -> None:
     k.close()
 
 
+def test_ids_the_kernel_never_delivered_are_counted() -> None:
+    """The queue numbers what it takes, in the order it sends them: a skipped id is a packet that the
+    socket could not take (accepted uninspected with fail open), counted across the 32-bit wrap."""
+    qa = QueueAdapter(0, lambda d, t: Decision(Verdict.ACCEPT))
+    k = Kernel(qa)
+    k.queue(tcp4(), tcp4())  # 1, 2
+    k.next_id = 6  # 3..5 lost
+    k.queue(tcp4())
+    qa._on_readable()
+    assert qa.stats.undelivered == 3 and qa.stats.accepted == 3
+    k.next_id = 0xFFFFFFFE  # 7..0xFFFFFFFD lost, then the counter wraps: ..., 0xFFFFFFFF, 0, 1
+    k.queue(tcp4(), tcp4())
+    k.next_id = 0
+    k.queue(tcp4(), tcp4())
+    qa._on_readable()
+    assert qa.stats.undelivered == 3 + (0xFFFFFFFE - 7) and qa.stats.packets == 7
+    k.close()
+
+
 def test_batch_budget_yields_to_the_loop() -> None:
     qa = QueueAdapter(0, lambda d, t: Decision(Verdict.DROP), batch=3)
     k = Kernel(qa)

@@ -90,6 +90,20 @@ def rule_counters(lab: Any, tool: str = "iptables") -> dict[str, int]:
     return out
 
 
+def quiet_rule_hits(lab: Any, mp: Any, timeout: float = 15.0) -> int:
+    """The NFQUEUE rule's packet count once the traffic has stopped and mproxy has answered every
+    queued packet (the same reading twice, 1 s apart, with nothing waiting in the queue)."""
+    last, deadline = -1, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        q = kernel_queue(lab)
+        hits = rule_counters(lab)["NFQUEUE"]
+        if hits == last and q is not None and q["waiting"] == 0:
+            return hits
+        last = hits
+        time.sleep(1.0)
+    raise AssertionError(f"traffic through the queue did not stop within {timeout} s")
+
+
 # --------------------------------------------------------------------------- the lab
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Any]:
@@ -152,6 +166,10 @@ def test_inspect_emits_what_the_applications_sent(lab: Any, tmp_path: Path, fami
     accepted = m[("mproxy_verdicts_total", (("verdict", "accept"),))]
     assert 0 < accepted <= st["queue"]["accepted"]  # scraped before the last packets, if any
     assert m[("mproxy_verdict_latency_seconds_count", ())] == accepted
+    # every packet the rules matched reached the queue: nothing counted as bypassed, nothing undelivered
+    assert m[("mproxy_queue_bypassed_packets_total", (("queue", str(QUEUE)), ("verdict", "accepted")))] == 0
+    assert m[("mproxy_queue_undelivered_packets_total", ())] == 0
+    assert st["bypassed"] == {str(QUEUE): 0} and st["queue"]["undelivered"] == 0
 
 
 def test_downgrade_server_sees_plain_tcp(lab: Any, tmp_path: Path) -> None:
@@ -302,15 +320,23 @@ def test_full_queue_follows_fail_mode(lab: Any, tmp_path: Path, fail: str) -> No
             state.setdefault("queue", kernel_queue(lab))
         finally:
             mp.proc.send_signal(signal.SIGCONT)
+        state["hits"] = quiet_rule_hits(lab, mp)
     assert res.connections[0].mptcp is True
     q = state["queue"]
     assert q is not None and q["waiting"] == 8, q  # the stalled reader holds exactly max_len packets
+    st = mp.stats()
     if fail == "open":
         # the whole transfer finished while mproxy was still stopped: overflow was accepted
         assert q["dropped"] == 0, q
+        # ... and counted: every packet the rule matched either reached mproxy (a verdict) or bypassed
+        # it; the test's own reading of the rule counter, taken once the traffic had stopped
+        verdicts = st["queue"]["accepted"] + st["queue"]["dropped"] + st["queue"]["modified"]
+        assert st["bypassed"][str(QUEUE)] > 0
+        assert st["bypassed"][str(QUEUE)] + verdicts + st["queue"]["undelivered"] == state["hits"], (st, state)
     else:
         assert q["dropped"] > 0, q  # overflow dropped; TCP recovered once the reader resumed
-    assert mp.stats()["queue"]["core_errors"] == 0
+        assert st["bypassed"] == {str(QUEUE): 0}  # the kernel counted its drops itself
+    assert st["queue"]["core_errors"] == 0
 
 
 def test_start_failures_exit_1_and_leave_nothing(lab: Any, tmp_path: Path) -> None:

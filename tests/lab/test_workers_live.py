@@ -60,6 +60,8 @@ def test_two_workers_keep_every_subflow_of_a_connection_together(lab: Any, tmp_p
     assert scrape[("mproxy_steering_syns_total", (("kind", "join"),))] >= joins
     assert scrape[("mproxy_steering_syns_total", (("kind", "join_unknown"),))] == 0
     assert scrape[("mproxy_workers_up", ())] == 2
+    for q in ("0", "1", "2"):  # every packet the rules matched reached its queue (control, then workers)
+        assert scrape[("mproxy_queue_bypassed_packets_total", (("queue", q), ("verdict", "accepted")))] == 0
     per_worker = {w: scrape[("mproxy_connections_opened_total", (("worker", w),))] for w in ("0", "1")}
     assert sorted(per_worker.values()) == [3, 3], per_worker  # one in turn each
     # one record per connection (shared event log), each with all its subflows and the exact bytes
@@ -119,6 +121,12 @@ def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(lab: Any, tmp_pa
     assert res.ok and after.ok  # fail open: the dead worker's queue passed its packets meanwhile
     assert scrape[("mproxy_worker_restarts_total", ())] == 1
     assert scrape[("mproxy_workers_up", ())] == 2
+    # the dead worker's queue passed packets uninspected until the new worker bound it: counted; the
+    # control queue and the other worker's never bypassed
+    bypassed = {q: scrape[("mproxy_queue_bypassed_packets_total", (("queue", q), ("verdict", "accepted")))]
+                for q in ("0", "1", "2")}
+    assert bypassed["1"] > 0 and bypassed["0"] == bypassed["2"] == 0, bypassed
+    assert "bypassed mproxy" in mp.err, mp.err
     assert rules_left(lab).count("MPROXY") == 0
 
 
