@@ -83,6 +83,7 @@ class AlertsConfig:
     from_start: bool = False  # at start, read existing files from the beginning (default: new lines only)
 
 
+MIN_SOCK_RCVBUF = 1 << 17  # [queue] sock_rcvbuf floor: the kernel doubles it, room for a few 64 KiB GSO packets
 REACTIONS = ("fastclose", "log", "downgrade-host")
 
 
@@ -300,6 +301,9 @@ def _check(cfg: Config) -> None:
                           "(with workers > 1 mproxy uses queues num .. num+workers)")
     if q.max_len < 1:
         raise ConfigError("[queue] max_len: must be at least 1")
+    if q.sock_rcvbuf < MIN_SOCK_RCVBUF:
+        raise ConfigError(f"[queue] sock_rcvbuf: {q.sock_rcvbuf} bytes is too small for queued GSO packets "
+                          f"(up to 64 KiB each); use at least {MIN_SOCK_RCVBUF}")
     if cfg.rules.hook not in ("FORWARD", "INPUT", "OUTPUT", "PREROUTING", "POSTROUTING"):
         raise ConfigError(f"[rules] hook: {cfg.rules.hook!r} is not a netfilter hook")
     if cfg.rules.table not in ("mangle", "filter", "raw"):

@@ -4,9 +4,10 @@ Thin wiring around :class:`~mproxy.core.gateway.Gateway` (the same core the
 ``replay`` command runs). Start order makes sure a rule never points at a
 queue nobody reads: bind the queue (and set its fail mode), then install the
 rules. Stop order is the reverse, and drains what was already queued before
-unbinding, so a clean stop loses no packet: rules out (new packets stay in
-the kernel), verdicts for what is still in the socket, unbind, flush the
-gateway (open connections are reported), close the sinks.
+unbinding, so a clean stop loses no packet: the jumps into the chain out (new
+packets pass as plain traffic), verdicts for what is still queued, then the
+chain deleted (deleting an NFQUEUE rule drops what its queue still holds),
+unbind, flush the gateway (open connections are reported), close the sinks.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ __all__ = ["Service", "run", "load"]
 log = logging.getLogger("mproxy")
 EXPIRE_INTERVAL = 1.0
 BYPASS_INTERVAL = 10.0  # rule hits are read at every scrape, and at least this often (s) for the log
+BYPASSED = "bypassed the queue (it was full, or no mproxy was bound to it)"
+UNDELIVERED = "were queued but could not be handed to mproxy (netlink socket full)"
+WARN_INTERVAL = 60.0  # packets that went past mproxy: warned about at once, then at most this often (s)
 
 
 def load(path: str, rules: bool = True) -> Config:
@@ -108,7 +112,8 @@ class Service:
     _reload_again: bool = field(init=False, default=False)
     _registry: Any = field(init=False, default=None)
     _bypass_read: float = field(init=False, default=0.0)  # monotonic time of the last rule-hit reading
-    _bypass_warned: int = field(init=False, default=0)  # bypassed packets already named in a warning
+    _bypass_warning: LossWarning = field(init=False, default_factory=lambda: LossWarning(BYPASSED))
+    _undelivered_warning: LossWarning = field(init=False, default_factory=lambda: LossWarning(UNDELIVERED))
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -189,12 +194,15 @@ class Service:
 
     def stop(self) -> None:
         """Reverse of start; safe to call on a partly started service."""
+        detach_and_drain(self.rules, self.queue)
         if self.queue is not None:
             self._final_kernel_state = kernel_queue_state(self.cfg.queue.num)
         if self.bypass is not None:
             apply_bypass(self.bypass, rule_and_queue_counters(self.rules))  # the rules' hits go with them
-            self._bypass_warned = warn_bypass(self.bypass, self._bypass_warned, self.cfg.queue.fail)
-        remove_rules_and_unbind(self.rules, self.queue)
+            self._warn_bypass(final=True)
+        if self.queue is not None:
+            self._undelivered_warning.update(self.queue.stats.undelivered, self.cfg.queue.fail, final=True)
+        remove_and_unbind(self.rules, self.queue)
         self.rules = None
         now = time.time()
         try:
@@ -354,7 +362,12 @@ class Service:
             return
         self._bypass_read = time.monotonic()
         apply_bypass(self.bypass, await asyncio.to_thread(rule_and_queue_counters, self.rules))
-        self._bypass_warned = warn_bypass(self.bypass, self._bypass_warned, self.cfg.queue.fail)
+        self._warn_bypass()
+
+    def _warn_bypass(self, final: bool = False) -> None:
+        if self.bypass is not None:
+            self._bypass_warning.update(sum(self.bypass.counts().values()), self.cfg.queue.fail,
+                                        bypass_detail(self.bypass), final)
 
     def _after_batch(self) -> None:
         if self.gateway.records and self.events is not None:
@@ -364,6 +377,9 @@ class Service:
     def _watch_kernel_queue(self) -> None:
         """Warn when the kernel holds packets we are not reading (a stuck reader would be a bug)."""
         assert self.queue is not None
+        self._undelivered_warning.update(self.queue.stats.undelivered, self.cfg.queue.fail,
+                                         f" (raise [queue] sock_rcvbuf, now {self.cfg.queue.sock_rcvbuf}, "
+                                         "or lower the load)")
         table = kernel_queue_table()
         if table is not None and self.bypass is not None:
             self.bypass.kernel(table)
@@ -561,25 +577,46 @@ def apply_bypass(bypass: Bypass, counters: tuple[dict[int, int], dict[int, dict[
         bypass.update(*counters)
 
 
-def warn_bypass(bypass: Bypass, warned: int, fail: str) -> int:
-    """Log the packets that bypassed the queues since ``warned`` were counted; returns the new total."""
-    counts = bypass.counts()
-    total = sum(counts.values())
-    if total > warned:
-        log.warning("%d MPTCP packets bypassed mproxy since the last reading (a queue was full, or had no "
-                    "mproxy bound) and were %s; %d in all (by queue: %s)", total - warned,
-                    "accepted uninspected (fail open)" if fail == "open" else "dropped (fail closed)", total,
-                    ", ".join(f"{q}: {n}" for q, n in sorted(counts.items()) if n))
-    return total
+@dataclass(slots=True)
+class LossWarning:
+    """A warning about packets that went past mproxy (or were dropped) without a verdict from it:
+    at once, then at most once a minute under a sustained overload, and at stop."""
+
+    what: str  # what happened to them, e.g. "bypassed the queue (full, or no mproxy bound)"
+    warned: int = 0  # packets already named
+    at: float = field(default=-WARN_INTERVAL)
+
+    def update(self, total: int, fail: str, detail: str = "", final: bool = False) -> None:
+        now = time.monotonic()
+        if total > self.warned and (final or now - self.at >= WARN_INTERVAL):
+            log.warning("%d MPTCP packets %s since the last warning and were %s; %d in all%s", total - self.warned,
+                        self.what, "accepted uninspected (fail open)" if fail == "open" else
+                        "dropped (fail closed)", total, detail)
+            self.warned, self.at = total, now
 
 
-def remove_rules_and_unbind(rules: netfilter.Rules | None, queue: QueueAdapter | None) -> None:
-    """Stop order: rules out (new packets stay in the kernel), verdicts for what is queued, unbind."""
+def bypass_detail(bypass: Bypass) -> str:
+    return " (by queue: " + ", ".join(f"{q}: {n}" for q, n in sorted(bypass.counts().items()) if n) + ")"
+
+
+def detach_and_drain(rules: netfilter.Rules | None, queue: QueueAdapter | None) -> None:
+    """Stop, first half: the jumps out (nothing new is queued; the packets that no longer jump pass
+    as plain traffic), then verdicts for everything queued. The chain stays until
+    :func:`remove_and_unbind`: deleting its NFQUEUE rules drops what a queue still holds
+    (nf_tables backend), and a packet lost at stop waits for a TCP retransmission timeout."""
+    if rules is not None:
+        for p in rules.detach():
+            log.error("removing rules: %s", p)
+    if queue is not None:
+        queue.drain()
+
+
+def remove_and_unbind(rules: netfilter.Rules | None, queue: QueueAdapter | None) -> None:
+    """Stop, second half: the chain deleted (the queues are empty now), the queue unbound."""
     if rules is not None:
         for p in rules.remove():
             log.error("removing rules: %s", p)
     if queue is not None:
-        queue.drain()
         queue.close()
 
 

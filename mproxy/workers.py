@@ -46,9 +46,9 @@ from .io import netfilter
 from .io.bypass import Bypass
 from .io.metrics import bypass_family
 from .io.nfqueue import FailMode, QueueAdapter, kernel_queue_state, kernel_queue_table
-from .service import (_TOKEN, BYPASS_INTERVAL, Service, _run_service, _setup_logging, apply_bypass, bypass_baseline,
-                      install_rules, load_with_rules, remove_rules_and_unbind, rule_and_queue_counters,
-                      serve_metrics, warn_bypass)
+from .service import (BYPASSED, BYPASS_INTERVAL, LossWarning, Service, _TOKEN, _run_service, _setup_logging,
+                      apply_bypass, bypass_baseline, bypass_detail, detach_and_drain, install_rules, load_with_rules,
+                      remove_and_unbind, rule_and_queue_counters, serve_metrics)
 
 __all__ = ["Controller", "ControlStats", "WorkerError", "worker_config", "run_controller", "run_worker",
            "merge_expositions"]
@@ -113,7 +113,7 @@ class Controller:
     _request: int = field(init=False, default=0)
     _stopping: bool = field(init=False, default=False)
     _bypass_read: float = field(init=False, default=0.0)
-    _bypass_warned: int = field(init=False, default=0)
+    _bypass_warning: LossWarning = field(init=False, default_factory=lambda: LossWarning(BYPASSED))
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -176,13 +176,21 @@ class Controller:
                                       f"code {code} while starting (its log above says why)")
 
     def stop(self) -> None:
-        """Rules out, control queue drained, then each worker stopped (it drains its own queue)."""
+        """Jumps out, control queue drained, each worker stopped (it drains its own queue), then the
+        chain deleted (with packets still queued, that would drop them: see detach_and_drain)."""
         self._stopping = True
-        if self.bypass is not None:
-            apply_bypass(self.bypass, rule_and_queue_counters(self.rules))  # the rules' hits go with them
-            self._bypass_warned = warn_bypass(self.bypass, self._bypass_warned, self.cfg.queue.fail)
-        remove_rules_and_unbind(self.rules, self.queue)
-        self.rules = None
+        detach_and_drain(self.rules, self.queue)
+        try:
+            self._stop_workers()
+        finally:
+            if self.bypass is not None:
+                apply_bypass(self.bypass, rule_and_queue_counters(self.rules))  # the rules' hits go with them
+                self._bypass_warning.update(sum(self.bypass.counts().values()), self.cfg.queue.fail,
+                                            bypass_detail(self.bypass), final=True)
+            remove_and_unbind(self.rules, self.queue)
+            self.rules = None
+
+    def _stop_workers(self) -> None:
         for w in self.workers:
             if w.proc is not None and w.proc.poll() is None:
                 w.proc.send_signal(signal.SIGTERM)
@@ -349,7 +357,7 @@ class Controller:
             return
         self._bypass_read = time.monotonic()
         apply_bypass(self.bypass, await asyncio.to_thread(rule_and_queue_counters, self.rules))
-        self._bypass_warned = warn_bypass(self.bypass, self._bypass_warned, self.cfg.queue.fail)
+        self._bypass_warning.update(sum(self.bypass.counts().values()), self.cfg.queue.fail, bypass_detail(self.bypass))
 
     def _forward(self, sig: int) -> None:
         for w in self.workers:

@@ -42,6 +42,7 @@ def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     ("[alerts]\npoll_interval = 0", "[alerts] poll_interval"),
     ("[queue]\nworkers = 256", "[queue] workers: 256 do not fit"),
     ("[queue]\nnum = 65535\nworkers = 2", "[queue] num/workers"),
+    ("[queue]\nsock_rcvbuf = 4096", "[queue] sock_rcvbuf: 4096 bytes is too small"),
     ("[rules]\nworker_mask = 0x10100", "[rules] worker_mask: 0x10100 must be one run"),
     ("[rules]\nworker_mask = 0x4000", "overlaps [rules] connmark"),
     ("[tracker]\nmemcap = 1000", "[tracker] memcap: at least 65536"),

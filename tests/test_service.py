@@ -1,15 +1,20 @@
-"""The ``run`` service's parts that need no queue: the SIGHUP reload of configuration and rules."""
+"""The ``run`` service's parts that need no queue: the SIGHUP reload of configuration and rules, and
+the warnings about packets that went past mproxy."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
+
+import pytest
 
 from mproxy.config import load_config
 from mproxy.core.gateway import Verdict
 from mproxy.io.sinks import EventLog
-from mproxy.service import Service
+from mproxy import service
+from mproxy.service import LossWarning, Service
 
 from .core.session import Session
 
@@ -206,3 +211,28 @@ async def test_a_reload_takes_up_ids_alert_files_without_a_restart(tmp_path: Pat
     finally:
         assert svc._follow is not None
         svc._follow.cancel()
+
+
+def test_packets_past_mproxy_are_warned_about_at_once_then_once_a_minute(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: now[0])
+    w = LossWarning(service.BYPASSED)
+    with caplog.at_level(logging.WARNING, "mproxy"):
+        w.update(0, "open")  # nothing yet: quiet
+        w.update(40, "open", " (by queue: 0: 40)")
+        now[0] += 30
+        w.update(90, "open")  # within the minute: counted, not logged
+        now[0] += 31
+        w.update(95, "open")
+        w.update(96, "closed", final=True)  # at stop: whatever is left, whenever
+        w.update(96, "closed", final=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "40 MPTCP packets bypassed the queue (it was full, or no mproxy was bound to it) since the last warning "
+        "and were accepted uninspected (fail open); 40 in all (by queue: 0: 40)",
+        "55 MPTCP packets bypassed the queue (it was full, or no mproxy was bound to it) since the last warning "
+        "and were accepted uninspected (fail open); 95 in all",
+        "1 MPTCP packets bypassed the queue (it was full, or no mproxy was bound to it) since the last warning "
+        "and were dropped (fail closed); 96 in all",
+    ]

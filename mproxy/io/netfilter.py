@@ -219,10 +219,24 @@ class Rules:
             raise
         self.installed = True
 
+    def detach(self) -> list[str]:
+        """Delete only the jump(s) into the chain: no new packet is queued, and what the queues hold
+        stays there for its verdict. Flushing the chain (``remove``) would not wait: with the nf_tables
+        backend, deleting the NFQUEUE rules drops every packet still queued (our verdicts then get
+        ENOENT). Returns problems (never raises)."""
+        return self._delete([c for c in delete_commands(self.cfg) if "-D" in c.argv])
+
     def remove(self, *, quiet: bool = False) -> list[str]:
         """Delete the jump(s), flush and delete the chain; returns problems (never raises)."""
+        problems = self._delete(delete_commands(self.cfg))
+        if not quiet:
+            problems += self._leftovers()
+        self.installed = False
+        return problems
+
+    def _delete(self, cmds: list[Command]) -> list[str]:
         problems: list[str] = []
-        for cmd in delete_commands(self.cfg):
+        for cmd in cmds:
             repeat = 8 if "-D" in cmd.argv else 1  # the jump may have been added more than once
             for _ in range(repeat):
                 try:
@@ -232,9 +246,6 @@ class Rules:
                     break
                 if cp.returncode != 0:
                     break
-        if not quiet:
-            problems += self._leftovers()
-        self.installed = False
         return problems
 
     def _leftovers(self) -> list[str]:

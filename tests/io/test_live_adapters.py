@@ -74,6 +74,19 @@ def test_rules_install_clears_leftovers_and_rolls_back() -> None:
     assert calls[-1][-2:] == ("-X", "MPROXY") and not r.installed  # and everything rolled back
 
 
+def test_detach_deletes_only_the_jumps() -> None:
+    calls: list[tuple[str, ...]] = []
+
+    def runner(argv: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 1 if len(calls) % 2 == 0 else 0, "", "")
+
+    assert netfilter.Rules(parse_config(""), runner).detach() == []
+    # per tool: the jump deleted until none is left; the chain and its NFQUEUE rules stay for the drain
+    assert [c[0] for c in calls] == ["iptables", "iptables", "ip6tables", "ip6tables"]
+    assert all(c[3:] == ("mangle", "-D", "FORWARD", "-p", "tcp", "-j", "MPROXY") for c in calls)
+
+
 def test_rule_hits_are_read_per_queue_from_both_tools() -> None:
     # the form `iptables -S CHAIN -v` prints (nft and legacy backends alike)
     v4 = ("-N MPROXY\n"

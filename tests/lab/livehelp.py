@@ -85,6 +85,7 @@ class Mproxy:
     fail: str = "open"
     policy: str = "inspect"
     max_len: int = 4096
+    sock_rcvbuf: int = 8 << 20
     metrics: str = ""
     workers: int = 1
     extra: str = ""  # more TOML (e.g. a [tracker] table)
@@ -107,6 +108,7 @@ class Mproxy:
 num = {self.queue}
 workers = {self.workers}
 max_len = {self.max_len}
+sock_rcvbuf = {self.sock_rcvbuf}
 fail = "{self.fail}"
 [policy]
 default = "{self.policy}"

@@ -62,11 +62,12 @@ class Running:
 
 @contextlib.contextmanager
 def mproxy(lab: Any, d: Path, *, policy: str = "inspect", fail: str = "open", max_len: int = 4096,
-           metrics: str = "", expect_clean_stop: bool = True, workers: int = 1) -> Iterator[Running]:
+           metrics: str = "", expect_clean_stop: bool = True, workers: int = 1,
+           sock_rcvbuf: int = 8 << 20) -> Iterator[Running]:
     """``mproxy run`` in the gateway namespace for the duration of the block (the inspector as the
     configuration's default leaves it)."""
     mp = Mproxy(lab, d, fail=fail, policy=policy, max_len=max_len, metrics=metrics, workers=workers,
-                inspector=None).start()
+                inspector=None, sock_rcvbuf=sock_rcvbuf).start()
     assert mp.proc is not None
     run = Running(mp.proc, d)
     try:
@@ -333,10 +334,68 @@ def test_full_queue_follows_fail_mode(lab: Any, tmp_path: Path, fail: str) -> No
         verdicts = st["queue"]["accepted"] + st["queue"]["dropped"] + st["queue"]["modified"]
         assert st["bypassed"][str(QUEUE)] > 0
         assert st["bypassed"][str(QUEUE)] + verdicts + st["queue"]["undelivered"] == state["hits"], (st, state)
+        assert "bypassed the queue" in mp.err
     else:
         assert q["dropped"] > 0, q  # overflow dropped; TCP recovered once the reader resumed
         assert st["bypassed"] == {str(QUEUE): 0}  # the kernel counted its drops itself
     assert st["queue"]["core_errors"] == 0
+
+
+def test_a_full_socket_passes_packets_counted_as_undelivered(lab: Any, tmp_path: Path) -> None:
+    """A stalled reader with a long queue and the smallest socket buffer: the socket fills first, the
+    kernel numbers the packets it cannot hand over and passes them (fail open); mproxy counts them
+    from the ids it never read, and every packet the rule matched is accounted for."""
+    state: dict[str, Any] = {}
+    with mproxy(lab, tmp_path / "mproxy", fail="open", max_len=4096, sock_rcvbuf=1 << 17) as mp:
+        def stall(pct: int) -> None:
+            if pct >= 20 and "stopped" not in state:
+                mp.proc.send_signal(signal.SIGSTOP)
+                state["stopped"] = True
+
+        try:
+            # four connections' windows, queued at once, are more than the socket holds
+            res = transfer(lab, tmp_path, "stall-socket", connections=4, c2s_bytes=3_000_000, s2c_bytes=100_000,
+                           on_progress=stall)
+            state["queue"] = kernel_queue(lab)
+        finally:
+            mp.proc.send_signal(signal.SIGCONT)
+        state["hits"] = quiet_rule_hits(lab, mp)
+    assert all(c.mptcp for c in res.connections)
+    q = state["queue"]
+    assert q is not None and 0 < q["waiting"] < 4096 and q["dropped"] == q["user_dropped"] == 0, q
+    st = mp.stats()
+    verdicts = st["queue"]["accepted"] + st["queue"]["dropped"] + st["queue"]["modified"]
+    assert st["queue"]["undelivered"] > 0 and st["queue"]["enobufs"] > 0, st["queue"]
+    assert st["bypassed"] == {str(QUEUE): 0}  # the queue itself never filled
+    assert verdicts + st["queue"]["undelivered"] == state["hits"], (st["queue"], state)
+    assert "could not be handed to mproxy (netlink socket full)" in mp.err
+
+
+def test_a_stop_under_load_gives_every_queued_packet_its_verdict(lab: Any, tmp_path: Path) -> None:
+    """SIGTERM in the middle of bulk transfers, five times: packets are queued at that moment. The
+    jumps go first and the chain only once the queue is drained (deleting the NFQUEUE rule with
+    packets still queued drops them, and the verdicts then sent are refused: ENOENT)."""
+    errors = []
+    for i in range(5):
+        d = tmp_path / f"stop{i}"
+        mp = Mproxy(lab, d, inspector=None).start()
+        assert mp.proc is not None
+
+        def stop_now(pct: int) -> None:
+            if pct == 50 and mp.proc is not None and mp.proc.poll() is None:
+                mp.proc.send_signal(signal.SIGTERM)
+
+        try:
+            transfer(lab, tmp_path, f"stop{i}", connections=2, c2s_bytes=2_000_000, s2c_bytes=2_000_000,
+                     on_progress=stop_now)
+        finally:
+            mp.stop()
+        mp.check_clean_stop()
+        st = mp.stats()
+        errors.append((st["queue"]["verdict_errors"], st["queue"]["packets"], st["kernel_queue"]))
+        assert "refused a queue message" not in mp.err, mp.err
+    assert all(e == 0 for e, _, _ in errors), errors
+    assert all(k is not None and k["waiting"] == 0 for _, _, k in errors), errors  # drained before the unbind
 
 
 def test_start_failures_exit_1_and_leave_nothing(lab: Any, tmp_path: Path) -> None:
