@@ -347,7 +347,7 @@ class Service:
         q, m = self.queue.stats, self.metric_queue
         m.accepted, m.dropped, m.modified = q.accepted, q.dropped, q.modified
         m.core_errors, m.truncated, m.verdict_errors = q.core_errors, q.truncated, q.verdict_errors
-        m.socket_overruns, m.max_len = q.enobufs, self.cfg.queue.max_len
+        m.socket_overruns, m.max_len = q.overflows, self.cfg.queue.max_len
         m.undelivered, m.fail = q.undelivered, self.cfg.queue.fail
         m.bypassed = self.bypass.counts() if self.bypass is not None else None
         st = kernel_queue_state(self.cfg.queue.num)
@@ -387,12 +387,29 @@ class Service:
         if st is None:
             return
         idle = self.queue.stats.packets == self._last_packets
+        if idle and st["waiting"] and st["waiting"] == self._kernel_waiting:
+            self._watch_again(st["waiting"])
         self._last_packets = self.queue.stats.packets
-        if idle and st["waiting"] and st["waiting"] == self._kernel_waiting and not self._stuck_warned:
-            self._stuck_warned = True
-            log.warning("%d queued packets have no verdict and none is being read (lost netlink messages?); "
-                        "they count against max_len until mproxy stops", st["waiting"])
         self._kernel_waiting = st["waiting"]
+
+    def _watch_again(self, waiting: int) -> None:
+        """Packets wait in the kernel and none was read for a tick: the event loop may have stopped
+        watching the socket (libuv does so for good on an error event). Watch it again and read."""
+        assert self.queue is not None
+        loop = asyncio.get_running_loop()
+        before = self.queue.stats.packets
+        self.queue.detach(loop)
+        self.queue.attach(loop)
+        self.queue._on_readable()
+        read = self.queue.stats.packets - before
+        if read:
+            self.queue.stats.rewatched += 1
+            log.warning("%d queued packets waited for a verdict while the socket was not watched; watching it "
+                        "again read %d", waiting, read)
+        elif not self._stuck_warned:
+            self._stuck_warned = True
+            log.warning("%d queued packets have no verdict and none can be read (lost netlink messages?); "
+                        "they count against max_len until mproxy stops", waiting)
 
     def _reopen(self) -> None:
         """SIGHUP: the event log is opened again (logrotate), and the configuration and the

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from mproxy.config import load_config
-from mproxy.core.gateway import Verdict
+from mproxy.config import load_config, parse_config
+from mproxy.core.gateway import Decision, Verdict
+from mproxy.io.nfqueue import QueueAdapter
 from mproxy.io.sinks import EventLog
 from mproxy import service
 from mproxy.service import LossWarning, Service
 
 from .core.session import Session
+from .io.test_nfqueue import Kernel, tcp4
 
 OLD = 'alert tcp any any -> any any (msg:"union"; content:"UNION SELECT"; nocase; sid:1;)\n'
 NEW = OLD + 'alert tcp any any -> any any (msg:"shell"; content:"xp_cmdshell"; sid:2;)\n'
@@ -236,3 +238,37 @@ def test_packets_past_mproxy_are_warned_about_at_once_then_once_a_minute(
         "1 MPTCP packets bypassed the queue (it was full, or no mproxy was bound to it) since the last warning "
         "and were dropped (fail closed); 96 in all",
     ]
+
+
+def test_a_socket_the_loop_stopped_watching_is_watched_again(monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """libuv stops watching a descriptor for good after an error event on it: packets then wait in
+    the kernel unread. A tick that finds packets waiting and none read watches the socket again."""
+    svc = Service(parse_config('[inspector]\nmode = "off"\n'))
+    qa = QueueAdapter(0, lambda d, t: Decision(Verdict.ACCEPT))
+    k = Kernel(qa)
+    qa._fd = qa.sock.fileno()
+    svc.queue = qa
+    row = {"portid": 1, "waiting": 2, "dropped": 0, "user_dropped": 0, "id_sequence": 2}
+    monkeypatch.setattr(service, "kernel_queue_table", lambda: {0: row})
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        qa.attach(loop)
+        loop.remove_reader(qa.fd)  # what libuv does after EPOLLERR
+        k.queue(tcp4(), tcp4())
+        await asyncio.sleep(0.05)
+        assert qa.stats.packets == 0  # nobody reads them
+        svc._watch_kernel_queue()  # a tick: 2 waiting
+        svc._watch_kernel_queue()  # the next: still 2 waiting, nothing read -> watched again
+        assert qa.stats.packets == 2 and qa.stats.rewatched == 1
+        k.queue(tcp4())
+        await asyncio.sleep(0.05)
+        assert qa.stats.packets == 3  # the loop reads by itself again
+        qa.detach(loop)
+
+    with caplog.at_level(logging.WARNING, "mproxy"):
+        asyncio.run(main())
+    assert "watching it again read 2" in caplog.text
+    assert [v for a in k.answers() for _, v, _ in a] == [1, 1, 1]
+    k.close()

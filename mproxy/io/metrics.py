@@ -76,7 +76,7 @@ class QueueStats:
     core_errors: int = 0  # verdict by fail mode: the core raised
     truncated: int = 0  # verdict by fail mode: the kernel copied less than the packet
     verdict_errors: int = 0  # issuing the verdict itself failed
-    socket_overruns: int = 0  # ENOBUFS: the kernel could not hand packets over (passed or dropped by fail mode)
+    socket_overruns: int = 0  # the socket overflowed: the kernel could not hand packets over (passed or dropped by fail mode)
     undelivered: int = 0  # those packets, counted by the ids mproxy never read
     fail: str = "open"  # [queue] fail: what became of the packets below
     bypassed: dict[int, int] | None = None  # queue -> packets its rules matched that it never took (managed rules)
@@ -273,8 +273,8 @@ class MproxyCollector(Collector):
         c = _counter("mproxy_verdict_errors", "Verdicts that could not be issued (the kernel keeps the packet)")
         c.add_metric([], q.verdict_errors)
         yield c
-        c = _counter("mproxy_queue_socket_overruns", "Times the netlink socket overflowed (ENOBUFS): the kernel "
-                     "passed (fail open) or dropped (fail closed) packets mproxy never saw")
+        c = _counter("mproxy_queue_socket_overruns", "Times the netlink socket overflowed (runs of packet ids never "
+                     "read): the kernel passed (fail open) or dropped (fail closed) packets mproxy never saw")
         c.add_metric([], q.socket_overruns)
         yield c
         c = _counter("mproxy_queue_undelivered_packets", "Packets the queue took but could not hand to mproxy "

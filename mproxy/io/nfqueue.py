@@ -93,6 +93,10 @@ _VERDICT_HDR = struct.Struct("!II")
 _NLMSG_ERRNO = struct.Struct("=i")  # nlmsgerr.error, after the header
 _CONFIG_SEQ = 0x6D707278  # "mprx": tells our ACK from libnfnetlink's
 _SO_RCVBUFFORCE = 33  # not exported by Python's socket module
+# NETLINK_NO_ENOBUFS: when the socket overflows, the kernel sets no ENOBUFS error on it. The error
+# makes epoll report EPOLLERR, and libuv (uvloop) then stops watching the descriptor for good: the queue
+# was no longer read after an overflow. Overflows are counted from the packet ids mproxy never reads.
+_SOL_NETLINK, _NETLINK_NO_ENOBUFS = 270, 5
 _RECV_BUFFER = 0x10000 + 0x4000  # the largest packet message (64 KB payload + attributes) fits
 _FLUSH_BYTES = 32 * 1024  # send the verdicts gathered so far once they take this much
 
@@ -116,8 +120,8 @@ class QueueStats:
     truncated: int = 0  # the kernel copied less than the IP packet: verdict by fail mode
     verdict_errors: int = 0  # issuing the verdict itself failed (or the kernel refused it)
     sink_errors: int = 0
-    enobufs: int = 0  # the socket overflowed (kernel accepted/dropped those by fail mode)
-    undelivered: int = 0  # packets the queue took but could not hand over (ids we never read: same fate)
+    overflows: int = 0  # times the socket overflowed: runs of ids never read (the kernel accepted/dropped them)
+    undelivered: int = 0  # packets in those runs: the queue took them but could not hand them over
     malformed: int = 0  # netlink messages we could not read (no verdict possible without an id)
     gso: int = 0  # packets queued whole as GSO (several TCP segments' worth)
     queued_bytes: int = 0  # IP bytes of the queued packets
@@ -125,6 +129,7 @@ class QueueStats:
     repeated: int = 0  # sent back through the hook with a mark (control queue: steered to a worker)
     wakeups: int = 0
     full_batches: int = 0  # batches cut at the budget (sustained load)
+    rewatched: int = 0  # times the service found the socket unwatched with packets waiting, and watched it again
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
@@ -424,6 +429,11 @@ class QueueAdapter:
             sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.sock_rcvbuf)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.sock_rcvbuf)
+        try:  # an overflow must not set an error on the socket: see _SOL_NETLINK
+            sock.setsockopt(_SOL_NETLINK, _NETLINK_NO_ENOBUFS, 1)
+        except OSError as e:
+            log.warning("cannot set NETLINK_NO_ENOBUFS on the queue's socket (%s): an overflow may stop the "
+                        "reading until mproxy notices", e)
         self.sock = sock
         try:
             self.fail_open_confirmed = configure_queue(sock, self.num, fail_open=self.fail == FailMode.OPEN,
@@ -486,8 +496,7 @@ class QueueAdapter:
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:
-                    if e.errno == errno.ENOBUFS:  # the kernel could not deliver some; go on reading
-                        st.enobufs += 1
+                    if e.errno == errno.ENOBUFS:  # (without NETLINK_NO_ENOBUFS) the gap in the ids counts it
                         continue
                     self._once("recv", logging.ERROR, f"reading the queue failed: {e}")
                     break
@@ -531,6 +540,7 @@ class QueueAdapter:
         st.packets += 1
         if pid != self._next_id and self._next_id:  # ids are given in order, under the lock that sends them
             st.undelivered += (pid - self._next_id) & 0xFFFFFFFF
+            st.overflows += 1
         self._next_id = (pid + 1) & 0xFFFFFFFF  # 0 after a wrap: that one is not checked
         decision: Decision | None = None
         data = b""
