@@ -87,7 +87,7 @@ class Service:
     events: EventLog | None = field(init=False, default=None)
     queue: QueueAdapter | None = field(init=False, default=None)
     rules: netfilter.Rules | None = field(init=False, default=None)
-    bypass: Bypass | None = field(init=False, default=None)  # packets the rules sent that the queue never took
+    bypass: BypassWatch | None = field(init=False, default=None)  # packets the rules sent that the queue never took
     started: float = field(init=False, default=0.0)
     _stop: asyncio.Event | None = field(init=False, default=None)
     _kernel_waiting: int = field(init=False, default=0)
@@ -111,8 +111,6 @@ class Service:
     reloads: Counter[str] = field(init=False, default_factory=Counter)  # ok / error
     _reload_again: bool = field(init=False, default=False)
     _registry: Any = field(init=False, default=None)
-    _bypass_read: float = field(init=False, default=0.0)  # monotonic time of the last rule-hit reading
-    _bypass_warning: LossWarning = field(init=False, default_factory=lambda: LossWarning(BYPASSED))
     _undelivered_warning: LossWarning = field(init=False, default_factory=lambda: LossWarning(UNDELIVERED))
 
     def __post_init__(self) -> None:
@@ -189,8 +187,10 @@ class Service:
         self.queue.open()
         if self.queue.fail_open_confirmed is None:
             log.warning("could not confirm the queue's fail-%s setting (a packet arrived first)", c.queue.fail)
-        self.bypass = bypass_baseline(c, [c.queue.num])
+        self.bypass = BypassWatch.start(c, [c.queue.num])
         self.rules = install_rules(c, self.queue)
+        if self.bypass is not None:
+            self.bypass.rules = self.rules
 
     def stop(self) -> None:
         """Reverse of start; safe to call on a partly started service."""
@@ -198,8 +198,7 @@ class Service:
         if self.queue is not None:
             self._final_kernel_state = kernel_queue_state(self.cfg.queue.num)
         if self.bypass is not None:
-            apply_bypass(self.bypass, rule_and_queue_counters(self.rules))  # the rules' hits go with them
-            self._warn_bypass(final=True)
+            self.bypass.final()  # the rules' hits go with them
         if self.queue is not None:
             self._undelivered_warning.update(self.queue.stats.undelivered, self.cfg.queue.fail, final=True)
         remove_and_unbind(self.rules, self.queue)
@@ -278,8 +277,8 @@ class Service:
                 self._after_batch()
                 self.sinks.flush()
                 self._watch_kernel_queue()
-                if self.bypass is not None and time.monotonic() - self._bypass_read >= BYPASS_INTERVAL:
-                    await self._refresh_bypass()
+                if self.bypass is not None and self.bypass.due():
+                    await self.bypass.refresh()
             except Exception:  # noqa: BLE001 - the ticker must survive
                 self._tick_errors += 1
                 if self._tick_errors == 1:
@@ -306,7 +305,8 @@ class Service:
         """
 
         async def body() -> bytes:
-            await self._refresh_bypass()
+            if self.bypass is not None:
+                await self.bypass.refresh()
             return self.exposition()
 
         return await serve_metrics(self.cfg.metrics.listen, body)
@@ -354,20 +354,6 @@ class Service:
         m.kernel = st is not None
         if st is not None:
             m.kernel_dropped, m.user_dropped, m.waiting = st["dropped"], st["user_dropped"], st["waiting"]
-
-    async def _refresh_bypass(self) -> None:
-        """Read the rule hits (iptables, in a thread: the loop keeps giving verdicts) and warn when
-        packets bypassed the queue since the last warning."""
-        if self.bypass is None:
-            return
-        self._bypass_read = time.monotonic()
-        apply_bypass(self.bypass, await asyncio.to_thread(rule_and_queue_counters, self.rules))
-        self._warn_bypass()
-
-    def _warn_bypass(self, final: bool = False) -> None:
-        if self.bypass is not None:
-            self._bypass_warning.update(sum(self.bypass.counts().values()), self.cfg.queue.fail,
-                                        bypass_detail(self.bypass), final)
 
     def _after_batch(self) -> None:
         if self.gateway.records and self.events is not None:
@@ -528,7 +514,7 @@ class Service:
                if self.worker is not None else {}),
             "queue": q.stats.as_dict() if q else None,
             "kernel_queue": kernel_queue_state(self.cfg.queue.num) or self._final_kernel_state,
-            "bypassed": {str(k): v for k, v in self.bypass.counts().items()} if self.bypass is not None else None,
+            "bypassed": self.bypass.record() if self.bypass is not None else None,
             "fail": self.cfg.queue.fail, "fail_flag_confirmed": q.fail_open_confirmed if q else None,
             "verdict_latency_us": q.latency.summary() if q else None,
             "wait_latency_us": q.wait_latency.summary() if q else None,
@@ -571,29 +557,6 @@ def install_rules(cfg: Config, queue: QueueAdapter) -> netfilter.Rules | None:
     return rules
 
 
-def bypass_baseline(cfg: Config, queues: list[int]) -> Bypass | None:
-    """Counting what the managed rules send to ``queues`` but they never take: the queue table read
-    before the rules exist (see :mod:`mproxy.io.bypass`); None when the rules are not ours."""
-    table = kernel_queue_table() if cfg.rules.manage else None
-    if table is None:
-        return None
-    b = Bypass(queues)
-    b.baseline(table)
-    return b
-
-
-def rule_and_queue_counters(rules: netfilter.Rules | None) -> tuple[dict[int, int], dict[int, dict[str, int]]] | None:
-    """The rules' hits, then the queue table, in that order (blocking: runs iptables)."""
-    hits = rules.queue_hits() if rules is not None else None
-    table = kernel_queue_table() if hits is not None else None
-    return (hits, table) if hits is not None and table is not None else None
-
-
-def apply_bypass(bypass: Bypass, counters: tuple[dict[int, int], dict[int, dict[str, int]]] | None) -> None:
-    if counters is not None:
-        bypass.update(*counters)
-
-
 @dataclass(slots=True)
 class LossWarning:
     """A warning about packets that went past mproxy (or were dropped) without a verdict from it:
@@ -612,8 +575,60 @@ class LossWarning:
             self.warned, self.at = total, now
 
 
-def bypass_detail(bypass: Bypass) -> str:
-    return " (by queue: " + ", ".join(f"{q}: {n}" for q, n in sorted(bypass.counts().items()) if n) + ")"
+@dataclass(slots=True)
+class BypassWatch:
+    """The running count of :mod:`mproxy.io.bypass`: the queue table every tick (``kernel``), the rule
+    hits at every scrape and every BYPASS_INTERVAL (``refresh``: iptables runs in a thread, the loop
+    keeps giving verdicts) and at stop (``final``), a warning when the count grew."""
+
+    bypass: Bypass
+    fail: str  # [queue] fail: what became of them
+    rules: netfilter.Rules | None = None  # set once installed
+    read_at: float = 0.0  # monotonic time of the last rule-hit reading
+    warning: LossWarning = field(default_factory=lambda: LossWarning(BYPASSED))
+
+    @classmethod
+    def start(cls, cfg: Config, queues: list[int]) -> BypassWatch | None:
+        """Before the rules exist (their hits start at 0): the queue table as the baseline; None when
+        the rules are not mproxy's or the table cannot be read."""
+        table = kernel_queue_table() if cfg.rules.manage else None
+        if table is None:
+            return None
+        b = Bypass(queues)
+        b.baseline(table)
+        return cls(b, cfg.queue.fail)
+
+    def kernel(self, table: dict[int, dict[str, int]]) -> None:
+        self.bypass.kernel(table)
+
+    def due(self) -> bool:
+        return time.monotonic() - self.read_at >= BYPASS_INTERVAL
+
+    async def refresh(self) -> None:
+        self.read_at = time.monotonic()
+        self._apply(await asyncio.to_thread(self._read))
+
+    def final(self) -> None:
+        self._apply(self._read(), final=True)
+
+    def counts(self) -> dict[int, int]:
+        return self.bypass.counts()
+
+    def record(self) -> dict[str, int]:
+        return {str(q): n for q, n in self.bypass.counts().items()}
+
+    def _read(self) -> tuple[dict[int, int], dict[int, dict[str, int]]] | None:
+        """The rules' hits, then the queue table, in that order (see mproxy.io.bypass); blocking."""
+        hits = self.rules.queue_hits() if self.rules is not None else None
+        table = kernel_queue_table() if hits is not None else None
+        return (hits, table) if hits is not None and table is not None else None
+
+    def _apply(self, counters: tuple[dict[int, int], dict[int, dict[str, int]]] | None, final: bool = False) -> None:
+        if counters is not None:
+            self.bypass.update(*counters)
+        counts = self.bypass.counts()
+        self.warning.update(sum(counts.values()), self.fail, " (by queue: " + ", ".join(
+            f"{q}: {n}" for q, n in sorted(counts.items()) if n) + ")", final)
 
 
 def detach_and_drain(rules: netfilter.Rules | None, queue: QueueAdapter | None) -> None:

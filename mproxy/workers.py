@@ -43,12 +43,10 @@ from typing import Any
 from .config import Config
 from .core.steering import Steering
 from .io import netfilter
-from .io.bypass import Bypass
 from .io.metrics import bypass_family
 from .io.nfqueue import FailMode, QueueAdapter, kernel_queue_state, kernel_queue_table
-from .service import (BYPASSED, BYPASS_INTERVAL, LossWarning, Service, _TOKEN, _run_service, _setup_logging,
-                      apply_bypass, bypass_baseline, bypass_detail, detach_and_drain, install_rules, load_with_rules,
-                      remove_and_unbind, rule_and_queue_counters, serve_metrics)
+from .service import (_TOKEN, BypassWatch, Service, _run_service, _setup_logging, detach_and_drain, install_rules,
+                      load_with_rules, remove_and_unbind, serve_metrics)
 
 __all__ = ["Controller", "ControlStats", "WorkerError", "worker_config", "run_controller", "run_worker",
            "merge_expositions"]
@@ -105,15 +103,13 @@ class Controller:
     workers: list[_Worker] = field(init=False)
     queue: QueueAdapter | None = field(init=False, default=None)
     rules: netfilter.Rules | None = field(init=False, default=None)
-    bypass: Bypass | None = field(init=False, default=None)  # packets the rules sent that a queue never took
+    bypass: BypassWatch | None = field(init=False, default=None)  # packets the rules sent that a queue never took
     stats: ControlStats = field(init=False, default_factory=ControlStats)
     started: float = field(init=False, default=0.0)
     _stop: asyncio.Event | None = field(init=False, default=None)
     _loop: asyncio.AbstractEventLoop | None = field(init=False, default=None)
     _request: int = field(init=False, default=0)
     _stopping: bool = field(init=False, default=False)
-    _bypass_read: float = field(init=False, default=0.0)
-    _bypass_warning: LossWarning = field(init=False, default_factory=lambda: LossWarning(BYPASSED))
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -135,8 +131,10 @@ class Controller:
                                   sock_rcvbuf=c.queue.sock_rcvbuf, gso=c.queue.gso,
                                   mark_mask=c.rules.worker_mask)
         self.queue.open()
-        self.bypass = bypass_baseline(c, [c.queue.num + i for i in range(c.queue.workers + 1)])
+        self.bypass = BypassWatch.start(c, [c.queue.num + i for i in range(c.queue.workers + 1)])
         self.rules = install_rules(c, self.queue)
+        if self.bypass is not None:
+            self.bypass.rules = self.rules
 
     def queue_of(self, w: _Worker) -> int:
         return self.cfg.queue.num + 1 + w.index  # worker_config's queue
@@ -184,9 +182,7 @@ class Controller:
             self._stop_workers()
         finally:
             if self.bypass is not None:
-                apply_bypass(self.bypass, rule_and_queue_counters(self.rules))  # the rules' hits go with them
-                self._bypass_warning.update(sum(self.bypass.counts().values()), self.cfg.queue.fail,
-                                            bypass_detail(self.bypass), final=True)
+                self.bypass.final()  # the rules' hits go with them
             remove_and_unbind(self.rules, self.queue)
             self.rules = None
 
@@ -347,17 +343,10 @@ class Controller:
                 table = kernel_queue_table()
                 if self.bypass is not None and table is not None:
                     self.bypass.kernel(table)  # a restarted worker's queue numbers anew: seen before much
-                    if time.monotonic() - self._bypass_read >= BYPASS_INTERVAL:
-                        await self._refresh_bypass()
+                    if self.bypass.due():
+                        await self.bypass.refresh()
             except Exception:  # noqa: BLE001 - the ticker must survive
                 log.exception("worker supervision failed")
-
-    async def _refresh_bypass(self) -> None:
-        if self.bypass is None:
-            return
-        self._bypass_read = time.monotonic()
-        apply_bypass(self.bypass, await asyncio.to_thread(rule_and_queue_counters, self.rules))
-        self._bypass_warning.update(sum(self.bypass.counts().values()), self.cfg.queue.fail, bypass_detail(self.bypass))
 
     def _forward(self, sig: int) -> None:
         for w in self.workers:
@@ -369,7 +358,9 @@ class Controller:
         """The control's own families, then every worker's, each sample labelled with its worker."""
         from prometheus_client import generate_latest
 
-        *texts, _ = await asyncio.gather(*(self._worker_metrics(w) for w in self.workers), self._refresh_bypass())
+        if self.bypass is not None:
+            await self.bypass.refresh()  # iptables in a thread; the workers answer meanwhile
+        texts = await asyncio.gather(*(self._worker_metrics(w) for w in self.workers))
         own = generate_latest(_control_registry(self))
         return own + merge_expositions({w.index: t for w, t in zip(self.workers, texts) if t})
 
@@ -394,7 +385,7 @@ class Controller:
         return {"steering": self.steering.stats.as_dict(), "tokens": len(self.steering.tokens),
                 "control": dataclasses.asdict(self.stats), "queue": q.stats.as_dict() if q else None,
                 "kernel_queue": kernel_queue_state(self.cfg.queue.num),
-                "bypassed": {str(k): v for k, v in self.bypass.counts().items()} if self.bypass else None,
+                "bypassed": self.bypass.record() if self.bypass else None,
                 "workers_up": self.workers_up()}
 
 
