@@ -23,10 +23,20 @@ _SHED_RANGES = 64  # ranges of bytes a buffer limit kept out, remembered per str
 # bytes measured on CPython 3.11): charged to the shared budget with every piece, so 1-byte segments
 # cannot make the memcap hold a hundred times its size in bookkeeping
 PIECE_COST = 128
+# Pieces a per-stream limit of N bytes may hold: N / PIECE_SHARE (MIN_PIECES at least), so their
+# bookkeeping stays within a quarter of N -- 1-byte segments cannot make one connection's share hold
+# a hundred times its size (and exhaust the memcap every other connection uses). Segments of 512
+# bytes or more never reach it before the byte limit.
+PIECE_SHARE = 512
+MIN_PIECES = 64
 # How far past its limit the shared budget may go for bytes that must not be refused: the mapping a
 # stream waits for (a stall otherwise), bytes the tracker held and let through before their mapping
 # came (the IDS would miss bytes the receiver has). Bounded: each such take checks limit + SLACK.
 SLACK = 1 << 16
+
+
+def max_pieces(limit: int) -> int:
+    return max(MIN_PIECES, limit // PIECE_SHARE)
 
 
 def expand32(value: int, ref: int) -> int:
@@ -374,7 +384,8 @@ class DataStream:
             else:
                 # held bytes: their own space was just given back (only a split around buffered
                 # chunks costs more), so only the shared budget, with its slack, may refuse them
-                over = not held and self.ooo_bytes + len(c) > self.ooo_limit
+                over = not held and (self.ooo_bytes + len(c) > self.ooo_limit
+                                     or len(chunks) >= max_pieces(self.ooo_limit))
                 if over or (budget is not None and not budget.take(len(c) + PIECE_COST, SLACK if held else 0)):
                     self.memcap_drops += 1
                     self.memcap_bytes += len(c)

@@ -43,7 +43,7 @@ from .events import (
     SubflowJoined,
     SubflowRefused,
 )
-from .reassembler import MASK32, MASK64, PIECE_COST, SLACK, DataStream, MemBudget, expand32
+from .reassembler import MASK32, MASK64, PIECE_COST, SLACK, DataStream, MemBudget, expand32, max_pieces
 
 _NO_EVENTS: list[Event] = []
 _DIRS = (Direction.C2S, Direction.S2C)
@@ -1445,8 +1445,10 @@ class Tracker:
               seg: TcpSegment | None, ev: list[Event], ts: float | None = None) -> None:
         if seq in sfd.pending and len(sfd.pending[seq]) >= len(data):
             return
-        if sfd.pending_bytes + len(data) > self.config.pending_limit:
-            limit, detail = "pending", f"unmapped bytes over {self.config.pending_limit}"
+        if sfd.pending_bytes + len(data) > self.config.pending_limit or (
+                seq not in sfd.pending and len(sfd.pending) >= max_pieces(self.config.pending_limit)):
+            limit, detail = "pending", (f"unmapped bytes over {self.config.pending_limit} (or pieces over "
+                                        f"{max_pieces(self.config.pending_limit)})")
         else:
             old = sfd.pending.get(seq)
             grow = len(data) - (len(old) if old is not None else 0)
@@ -1588,7 +1590,8 @@ class Tracker:
             self.stats.memcap["global"] += by_budget
             self.shed_bytes += st.memcap_bytes - before[3]
             self._memcap_notice(conn, f"buffered bytes over the memcap ({self.budget.limit})" if by_budget
-                                else f"out-of-order bytes over {st.ooo_limit}", None, ts, ev)
+                                else f"out-of-order bytes over {st.ooo_limit} (or pieces over "
+                                f"{max_pieces(st.ooo_limit)})", None, ts, ev)
         if out:
             if not conn.opened:
                 self._open(conn, ts, ev)

@@ -24,7 +24,7 @@ import pytest
 from mproxy import crypto
 from mproxy.core.events import DataReleased, Direction, Notice, NoticeType
 from mproxy.core.pipeline import Pipeline
-from mproxy.core.reassembler import PIECE_COST
+from mproxy.core.reassembler import PIECE_COST, max_pieces
 from mproxy.core.tracker import ConnectionClosedSummary, Tracker, TrackerConfig
 from mproxy.io.pcap import PcapWriter
 from mproxy.replay import replay
@@ -209,6 +209,29 @@ def test_out_of_order_flood_stays_under_the_memcaps() -> None:
     ev = feed([s.data(0, True, 0, data[:1000])])
     out = b"".join(e.data for e in ev if isinstance(e, DataReleased))
     assert len(out) >= 1000 + cfg.ooo_limit - 1400 and out == data[: len(out)]
+
+
+def test_tiny_segments_cannot_make_one_connection_hold_the_memcap() -> None:
+    """1-byte segments, every other byte (nothing adjacent): each buffered piece costs PIECE_COST of
+    bookkeeping, so byte limits alone let one connection hold ~129 x ooo_limit (and pending_limit per
+    subflow) of the memcap every other connection shares. The pieces are capped as well."""
+    cfg = TrackerConfig(ooo_limit=64 * 1024, pending_limit=32 * 1024)
+    tr = Tracker(cfg)
+    feed = Feeder(tr)
+    s = Session(1)
+    feed(s.handshake() + s.join(1))
+    for off in range(1000, 1000 + 2 * 5000, 2):  # out of order at the data level, in order per subflow
+        feed([s.data(0, True, off, b"x")])
+    for _ in range(1000):  # unmapped: their mapping never comes
+        feed([s.data(1, True, 0, b"u", mapping=False)])
+    (conn,) = tr.connections.values()
+    st = conn.streams[C2S]
+    assert len(st._chunks) == max_pieces(cfg.ooo_limit) == 128 and st.memcap_drops == 5000 - 128
+    assert sum(len(sf.dirs[0].pending) for sf in conn.subflows) == max_pieces(cfg.pending_limit) == 64
+    # 5,000 + 1,000 pieces would cost 774 KB of the budget; capped, 24.8 KB
+    assert tr.budget.used == (128 + 64) * (1 + PIECE_COST) <= (cfg.ooo_limit + cfg.pending_limit) // 2
+    assert tr.stats.memcap["out_of_order"] == 5000 - 128 and tr.stats.memcap["pending"] == 1000 - 64
+    check_bounded(tr)
 
 
 def test_global_memcap_holds_all_connections_together() -> None:
