@@ -32,8 +32,8 @@ from .io import netfilter
 from .io.metrics import LatencyHistogram, Sources, make_registry
 from .io.metrics import QueueStats as MetricQueueStats
 from .io.bypass import Bypass
-from .io.nfqueue import (COPY_RANGE, FailMode, QueueAdapter, QueueError, kernel_queue_state, kernel_queue_table,
-                         oversize_interfaces)
+from .io.nfqueue import (COPY_RANGE, FailMode, QueueAdapter, QueueError, StallWatch, kernel_queue_state,
+                         kernel_queue_table, oversize_interfaces)
 from .io.emitworker import RemoteSinks
 from .io.sinks import EventLog, FrameSinks, SinkError, open_sinks
 from .io.alerts import AlertFollower
@@ -90,9 +90,7 @@ class Service:
     bypass: BypassWatch | None = field(init=False, default=None)  # packets the rules sent that the queue never took
     started: float = field(init=False, default=0.0)
     _stop: asyncio.Event | None = field(init=False, default=None)
-    _kernel_waiting: int = field(init=False, default=0)
-    _stuck_warned: bool = field(init=False, default=False)
-    _last_packets: int = field(init=False, default=-1)
+    _stall: StallWatch = field(init=False, default_factory=StallWatch)
     _final_kernel_state: dict[str, int] | None = field(init=False, default=None)
     _tick_errors: int = field(init=False, default=0)
     metric_queue: MetricQueueStats = field(init=False, default_factory=MetricQueueStats)
@@ -372,30 +370,7 @@ class Service:
         st = table.get(self.cfg.queue.num) if table is not None else None
         if st is None:
             return
-        idle = self.queue.stats.packets == self._last_packets
-        if idle and st["waiting"] and st["waiting"] == self._kernel_waiting:
-            self._watch_again(st["waiting"])
-        self._last_packets = self.queue.stats.packets
-        self._kernel_waiting = st["waiting"]
-
-    def _watch_again(self, waiting: int) -> None:
-        """Packets wait in the kernel and none was read for a tick: the event loop may have stopped
-        watching the socket (libuv does so for good on an error event). Watch it again and read."""
-        assert self.queue is not None
-        loop = asyncio.get_running_loop()
-        before = self.queue.stats.packets
-        self.queue.detach(loop)
-        self.queue.attach(loop)
-        self.queue._on_readable()
-        read = self.queue.stats.packets - before
-        if read:
-            self.queue.stats.rewatched += 1
-            log.warning("%d queued packets waited for a verdict while the socket was not watched; watching it "
-                        "again read %d", waiting, read)
-        elif not self._stuck_warned:
-            self._stuck_warned = True
-            log.warning("%d queued packets have no verdict and none can be read (lost netlink messages?); "
-                        "they count against max_len until mproxy stops", waiting)
+        self._stall.check(self.queue, st["waiting"], asyncio.get_running_loop())
 
     def _reopen(self) -> None:
         """SIGHUP: the event log is opened again (logrotate), and the configuration and the

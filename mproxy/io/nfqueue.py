@@ -366,6 +366,30 @@ def oversize_interfaces(names: list[str] | None = None) -> list[tuple[str, int]]
     return found
 
 
+@dataclass(slots=True)
+class StallWatch:
+    """Packets waiting in the kernel and none read for a whole tick: the event loop may have stopped
+    watching the socket (libuv does so for good after an error event on it). Fed the kernel's
+    ``waiting`` every tick; watches the socket again when it stalls, and says so."""
+
+    last_packets: int = -1
+    last_waiting: int = 0
+    warned: bool = False
+
+    def check(self, qa: QueueAdapter, waiting: int, loop: Any) -> None:
+        if qa.stats.packets == self.last_packets and waiting and waiting == self.last_waiting:
+            read = qa.watch_again(loop)
+            if read:
+                qa.stats.rewatched += 1
+                log.warning("queue %d: %d packets waited for a verdict while the socket was not watched; "
+                            "watching it again read %d", qa.num, waiting, read)
+            elif not self.warned:
+                self.warned = True
+                log.warning("queue %d: %d packets have no verdict and none can be read (lost netlink "
+                            "messages?); they count against max_len until mproxy stops", qa.num, waiting)
+        self.last_packets, self.last_waiting = qa.stats.packets, waiting
+
+
 Handler = Callable[[bytes, float], Decision]
 FrameSink = Callable[[Frames], None]
 
@@ -644,6 +668,14 @@ class QueueAdapter:
             except Exception:  # noqa: BLE001
                 self.stats.sink_errors += 1
                 self._once("sink", logging.ERROR, "writing to the sink failed", exc=True)
+
+    def watch_again(self, loop: Any) -> int:
+        """Register the socket with the loop again and read what waits; returns the packets read."""
+        before = self.stats.packets
+        self.detach(loop)
+        self.attach(loop)
+        self._on_readable()
+        return self.stats.packets - before
 
     # ------------------------------------------------------------------ reporting
     def _fail_word(self) -> str:

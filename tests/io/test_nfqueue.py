@@ -205,6 +205,29 @@ def test_ids_the_kernel_never_delivered_are_counted() -> None:
     k.close()
 
 
+def test_a_stall_with_nothing_to_read_is_named_once(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from mproxy.io.nfqueue import StallWatch
+
+    qa = QueueAdapter(3, lambda d, t: Decision(Verdict.ACCEPT))
+    k = Kernel(qa)
+    qa._fd = qa.sock.fileno()
+    w = StallWatch()
+
+    async def ticks() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(4):  # the kernel says 5 wait; the socket has nothing: lost messages
+            w.check(qa, 5, loop)
+        qa.detach(loop)
+
+    with caplog.at_level(logging.WARNING, "mproxy"):
+        asyncio.run(ticks())
+    assert caplog.text.count("queue 3: 5 packets have no verdict and none can be read") == 1
+    assert qa.stats.rewatched == 0
+    k.close()
+
+
 def test_batch_budget_yields_to_the_loop() -> None:
     qa = QueueAdapter(0, lambda d, t: Decision(Verdict.DROP), batch=3)
     k = Kernel(qa)
