@@ -28,8 +28,10 @@ run and prints where the time goes (self time per function).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -257,6 +259,16 @@ class Mproxy:
         """Every ``stats`` record (one per worker process with ``workers`` > 1)."""
         return [r for r in map(json.loads, self.events.read_text().splitlines()) if r["event"] == "stats"]
 
+    def missed(self) -> int:
+        """Packets that went past mproxy uninspected: bypassed a queue (counted by the process that
+        manages the rules: the ``stats`` record, or the control process's last log line) or were
+        queued but never handed over (every process's ``stats``)."""
+        bypassed = [r["bypassed"] for r in self.all_stats() if r.get("bypassed")]
+        found = re.search(r"'bypassed': (\{[^}]*\})", self.err.read_text(errors="replace"))
+        if found:
+            bypassed.append(ast.literal_eval(found.group(1)))
+        return sum(sum(b.values()) for b in bypassed) + sum(r["queue"]["undelivered"] for r in self.all_stats())
+
     def stats(self) -> dict:  # type: ignore[type-arg]
         for line in reversed(self.events.read_text().splitlines()):
             rec = json.loads(line)
@@ -374,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         with Mproxy(lab, work, "bulk-mptcp", args.profile) as mp:
             m_mptcp = best(True)
         s_bulk = mp.stats()
+        mp_bulk_missed = mp.missed()
         with Mproxy(lab, work, "bulk-tcp") as mp:
             m_tcp = best(False)
         s_tcp = mp.stats()
@@ -386,14 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         null.send_signal(signal.SIGTERM)
         null_out, _ = null.communicate(timeout=30)
         null_stats = json.loads(null_out.decode().strip().splitlines()[-1])
-        multi: list[tuple[str, Bulk, int]] = []  # (label, result, packets queued)
+        missed = {"MPTCP bulk": mp_bulk_missed}
+        multi: list[tuple[str, Bulk, int, int]] = []  # (label, result, packets queued, passed uninspected)
         if args.workers:
-            multi.append(("kernel forwarding", best(True, args.conns), 0))
+            multi.append(("kernel forwarding", best(True, args.conns), 0, 0))
             for n in sorted({1, args.workers}):
                 with Mproxy(lab, work, f"multi-w{n}", workers=n) as mp:
                     res = best(True, args.conns)
                 queued = sum(r["queue"]["packets"] for r in mp.all_stats())
-                multi.append((f"mproxy, {n} worker{'s' if n > 1 else ''}", res, queued))
+                multi.append((f"mproxy, {n} worker{'s' if n > 1 else ''}", res, queued, mp.missed()))
 
     def tp(k: Bulk, m: Bulk) -> str:
         return f"{k.mbit:,.0f} | {m.mbit:,.0f} | {100 * m.mbit / k.mbit:.1f} %"
@@ -412,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     q = s_bulk["queue"]
     print(f"\nMPTCP run through mproxy: {q['packets']:,} packets queued, {q['wakeups']:,} reader wake-ups, "
           f"{q['full_batches']} full batches, truncated {q['truncated']}, core errors {q['core_errors']}; "
-          f"kernel queue {s_bulk['kernel_queue']}; plain-TCP run queued {s_tcp['queue']['packets']} packets.")
+          f"kernel queue {s_bulk['kernel_queue']}; passed uninspected (bypassed the queue or never handed "
+          f"over) {missed['MPTCP bulk']:,}; plain-TCP run queued {s_tcp['queue']['packets']} packets.")
     print("\n| latency (µs) | p50 | p90 | p99 | max |")
     print("|---|---|---|---|---|")
     print(f"| RTT 64 B over MPTCP, kernel forwarding | {_pct(k_rtt, .5):.0f} | {_pct(k_rtt, .9):.0f} | "
@@ -433,10 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     if multi:
         base = multi[0][1].mbit
         print(f"\n{args.conns} parallel MPTCP transfers (2 paths each), inspect, sink interface:\n")
-        print("| gateway | Mbit/s (all connections) | of kernel forwarding | packets queued |")
-        print("|---|---|---|---|")
-        for label, b, queued in multi:
-            print(f"| {label} | {b.mbit:,.0f} | {100 * b.mbit / base:.1f} % | {queued:,} |")
+        print("| gateway | Mbit/s (all connections) | of kernel forwarding | packets queued | passed uninspected |")
+        print("|---|---|---|---|---|")
+        for label, b, queued, lost in multi:
+            print(f"| {label} | {b.mbit:,.0f} | {100 * b.mbit / base:.1f} % | {queued:,} | {lost:,} |")
     if args.profile:
         prof = work / "bulk-mptcp.pyspy.txt"
         if prof.exists():

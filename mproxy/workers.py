@@ -179,11 +179,11 @@ class Controller:
         chain deleted (with packets still queued, that would drop them: see detach_and_drain)."""
         self._stopping = True
         detach_and_drain(self.rules, self.queue)
+        if self.bypass is not None:  # nothing new is queued: the last reading, while the workers' queues
+            self.bypass.final()  # are bound (a queue gone takes its numbering along)
         try:
             self._stop_workers()
         finally:
-            if self.bypass is not None:
-                self.bypass.final()  # the rules' hits go with them
             remove_and_unbind(self.rules, self.queue)
             self.rules = None
 

@@ -130,6 +130,29 @@ def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(lab: Any, tmp_pa
     assert rules_left(lab).count("MPROXY") == 0
 
 
+def test_a_stop_under_load_counts_nothing_as_bypassed(lab: Any, tmp_path: Path) -> None:
+    """SIGTERM while four transfers run: every packet the rules matched reached a queue. The control
+    process takes its last reading of the counters before its workers unbind their queues (a queue
+    gone takes its numbering along: read after, its last packets would count as bypassed)."""
+    import signal
+
+    mp = Mproxy(lab, tmp_path / "mproxy", workers=2)
+    mp.start()
+    assert mp.proc is not None
+
+    def stop_now(pct: int) -> None:
+        if pct == 50 and mp.proc is not None and mp.proc.poll() is None:
+            mp.proc.send_signal(signal.SIGTERM)
+
+    try:
+        transfer(lab, tmp_path, "stop", connections=4, c2s_bytes=1_500_000, s2c_bytes=100_000,
+                 on_progress=stop_now)
+    finally:
+        assert mp.stop() == 0, mp.err
+    assert "'bypassed': {'0': 0, '1': 0, '2': 0}" in mp.err and "bypassed the queue" not in mp.err, mp.err
+    assert "refused a queue message" not in mp.err, mp.err  # every queued packet got its verdict
+
+
 def _same_subflows(rec: dict[str, Any], app: Any) -> None:
     """Every subflow the client's kernel still lists at the end is in the connection's one record.
 
