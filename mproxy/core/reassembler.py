@@ -230,6 +230,10 @@ class DataStream:
                 break
             self._unbuffer(len(c))
         self.base = dsn
+        # the history is the released tail ending at base: across a gap it is not, and a late copy
+        # of the skipped bytes would be compared with bytes from before the gap
+        if self._history:
+            self.drop_history()
         out = self._drain() if self._starts and self._starts[0] == dsn else b""
         self._check_fin()
         return out

@@ -157,6 +157,24 @@ def test_fin_and_skip() -> None:
     assert s.insert(8, b"zz") == b""  # nothing after DATA_FIN
 
 
+def test_late_copies_after_a_gap_are_compared_with_the_right_bytes() -> None:
+    """Seen live: a stalled reader let packets past under fail open, the peer's DATA_ACK made their
+    bytes a gap, then the packets mproxy had held arrived late. The released history was taken as the
+    tail ending at the stream's position, across the gap: late copies of skipped bytes were compared
+    with bytes from before it, and reported as an overlap mismatch (the split-path evasion alarm)."""
+    data = bytes(range(256)) * 2
+    s = DataStream(base=0)
+    assert s.insert(0, data[:100]) == data[:100]
+    s.skip_to(200, acked=True)  # [100, 200) never seen
+    assert s.insert(200, data[200:300]) == data[200:300]
+    s.insert(120, data[120:140])  # a late copy of skipped bytes: nothing to compare it with
+    s.insert(250, data[250:260])  # a late copy of released bytes, identical
+    s.insert(40, data[40:60])  # from before the gap: not in the history any more
+    assert s.overlaps == []
+    s.insert(210, b"X" * 10)  # a late copy that differs is still reported
+    assert [(o.dsn, o.length, o.released) for o in s.overlaps] == [(210, 10, True)]
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(min_size=1, max_size=3000), cuts=st.lists(st.integers(0, 3000), max_size=40),
        order=st.randoms(use_true_random=False), dups=st.integers(0, 10))
