@@ -545,8 +545,11 @@ class Inspector:
             self._hits.clear()
             touched, hit = self._record(nd, found, nd.offset - len(od.tail), nd.fired)
             again |= touched
-            for eid in hit:  # the old rules may have noted some of these already
-                nd.occ[eid] = sorted(set(nd.occ[eid]))
+            for eid in hit:  # the old rules may have noted some of these already; the cap holds here too
+                lst = nd.occ[eid] = sorted(set(nd.occ[eid]))
+                if len(lst) > _OCCURRENCES:
+                    self.stats.shed += len(lst) - _OCCURRENCES
+                    del lst[:-_OCCURRENCES]
         nd.recheck = tuple(sorted(again))
         keep = self._keep
         nd.tail = od.tail[-keep:] if keep else b""

@@ -88,3 +88,15 @@ def test_alert_with_infinite_numbers_is_malformed_not_a_crash() -> None:
     assert st.malformed["port"] == 1
     a = parse_alert_line(line % ("40000", "-Infinity"), st)
     assert a is not None and a.sid is None
+
+
+def test_a_reload_keeps_the_per_content_cap_on_kept_matches() -> None:
+    """Found by the ``inspect`` target: a reload (``Inspector.adopt``) merged the matches the old
+    rules kept with those the new rules find in the carried-over tail, and the merged list was not
+    cut to ``_OCCURRENCES`` (258 of 256) until that content matched again. Fix: ``adopt`` cuts it
+    and counts the excess as shed. The fuzzer's input, replayed."""
+    from tests.fuzz.targets import target_inspect
+
+    target_inspect(
+        b'\x02\x02\x00\x00\x00@\x02\x0e\x00\xdd\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x00\x00'
+        b'\xac\x00\x00\x00}\x00\x97\x00\x00\x00*\x00\x00\x0c\x03\x00\x00\x00\x14@' + bytes(68) + b"\x01")
