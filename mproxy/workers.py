@@ -45,8 +45,8 @@ from .core.steering import Steering
 from .io import netfilter
 from .io.metrics import bypass_family
 from .io.nfqueue import FailMode, QueueAdapter, StallWatch, kernel_queue_state, kernel_queue_table
-from .service import (_TOKEN, BypassWatch, Service, _run_service, _setup_logging, detach_and_drain, install_rules,
-                      load_with_rules, remove_and_unbind, serve_metrics)
+from .service import (_TOKEN, UNDELIVERED, BypassWatch, LossWarning, Service, _run_service, _setup_logging,
+                      detach_and_drain, install_rules, load_with_rules, remove_and_unbind, serve_metrics)
 
 __all__ = ["Controller", "ControlStats", "WorkerError", "worker_config", "run_controller", "run_worker",
            "merge_expositions"]
@@ -105,6 +105,7 @@ class Controller:
     rules: netfilter.Rules | None = field(init=False, default=None)
     bypass: BypassWatch | None = field(init=False, default=None)  # packets the rules sent that a queue never took
     _stall: StallWatch = field(init=False, default_factory=StallWatch)
+    _undelivered: LossWarning = field(init=False, default_factory=lambda: LossWarning(UNDELIVERED))
     stats: ControlStats = field(init=False, default_factory=ControlStats)
     started: float = field(init=False, default=0.0)
     _stop: asyncio.Event | None = field(init=False, default=None)
@@ -343,8 +344,11 @@ class Controller:
                         self._lost(w)
                 table = kernel_queue_table()
                 row = table.get(self.cfg.queue.num) if table is not None else None
-                if row is not None and self.queue is not None:  # the control queue: same guard as a worker's
+                if row is not None and self.queue is not None:  # the control queue: same guards as a worker's
                     self._stall.check(self.queue, row["waiting"], asyncio.get_running_loop())
+                if self.queue is not None:
+                    self._undelivered.update(self.queue.stats.undelivered, self.cfg.queue.fail,
+                                             " (the control queue: first SYNs)")
                 if self.bypass is not None and table is not None:
                     self.bypass.kernel(table)  # a restarted worker's queue numbers anew: seen before much
                     if self.bypass.due():
