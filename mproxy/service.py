@@ -45,6 +45,7 @@ __all__ = ["Service", "run", "load"]
 log = logging.getLogger("mproxy")
 EXPIRE_INTERVAL = 1.0
 BYPASS_INTERVAL = 10.0  # rule hits are read at every scrape, and at least this often (s) for the log
+REFRESH_WAIT = 2.0  # a scrape waits at most this long (s) for the rule hits; a slower reading lands later
 BYPASSED = "bypassed the queue (it was full, or no mproxy was bound to it)"
 UNDELIVERED = "were queued but could not be handed to mproxy (netlink socket full)"
 WARN_INTERVAL = 60.0  # packets that went past mproxy: warned about at once, then at most this often (s)
@@ -561,6 +562,7 @@ class BypassWatch:
     rules: netfilter.Rules | None = None  # set once installed
     read_at: float = 0.0  # monotonic time of the last rule-hit reading
     warning: LossWarning = field(default_factory=lambda: LossWarning(BYPASSED))
+    _reading: asyncio.Future[Any] | None = None  # the reading in its thread, while it runs
 
     @classmethod
     def start(cls, cfg: Config, queues: list[int]) -> BypassWatch | None:
@@ -579,9 +581,23 @@ class BypassWatch:
     def due(self) -> bool:
         return time.monotonic() - self.read_at >= BYPASS_INTERVAL
 
-    async def refresh(self) -> None:
-        self.read_at = time.monotonic()
-        self._apply(await asyncio.to_thread(self._read))
+    async def refresh(self, wait: float = REFRESH_WAIT) -> None:
+        """Start a reading (unless one runs) and wait for it at most ``wait`` seconds: iptables waits
+        for the xtables lock, which a firewall manager may hold for long, and a scrape must not. A
+        reading that takes longer is applied when it ends."""
+        if self._reading is None:
+            self.read_at = time.monotonic()
+            self._reading = asyncio.ensure_future(asyncio.to_thread(self._read))
+            self._reading.add_done_callback(self._read_done)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reading), wait)
+        except asyncio.TimeoutError:
+            pass
+
+    def _read_done(self, fut: asyncio.Future[Any]) -> None:
+        self._reading = None
+        if not fut.cancelled() and fut.exception() is None:
+            self._apply(fut.result())
 
     def final(self) -> None:
         self._apply(self._read(), final=True)

@@ -272,3 +272,39 @@ def test_a_socket_the_loop_stopped_watching_is_watched_again(monkeypatch: pytest
     assert "watching it again read 2" in caplog.text
     assert [v for a in k.answers() for _, v, _ in a] == [1, 1, 1]
     k.close()
+
+
+def test_a_slow_rule_reading_does_not_hold_the_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """iptables waits for the xtables lock, which a firewall manager may hold for long: a scrape waits
+    for the reading a bounded time, and a slower one is applied when it ends (never twice at once)."""
+    import threading
+    import time as _time
+
+    from mproxy.io.bypass import Bypass
+
+    watch = service.BypassWatch(Bypass([0]), "open")
+    watch.bypass.baseline({0: {"portid": 1, "waiting": 0, "dropped": 0, "user_dropped": 0, "id_sequence": 0}})
+    release, calls = threading.Event(), []
+
+    def slow_read() -> tuple[dict[int, int], dict[int, dict[str, int]]]:
+        calls.append(1)
+        release.wait(5)
+        return {0: 7}, {0: {"portid": 1, "waiting": 0, "dropped": 0, "user_dropped": 0, "id_sequence": 4}}
+
+    monkeypatch.setattr(service.BypassWatch, "_read", lambda self: slow_read())
+
+    async def main() -> None:
+        t0 = _time.monotonic()
+        await watch.refresh(wait=0.1)
+        await watch.refresh(wait=0.1)  # the first reading still runs: no second one
+        assert _time.monotonic() - t0 < 1.0 and watch.counts() == {0: 0} and len(calls) == 1
+        release.set()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if watch.counts()[0]:
+                break
+        assert watch.counts() == {0: 3}  # 7 hits, 4 numbered: applied when the reading ended
+        await watch.refresh(wait=1.0)  # and the next scrape starts a new one
+        assert len(calls) == 2
+
+    asyncio.run(main())
