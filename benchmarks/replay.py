@@ -20,6 +20,11 @@ later runs.  In one run it measures:
   (``-q -z conv,tcp``) and a field pass that prints the analysis results
   (``-T fields -e mptcp.stream -e mptcp.dsn -e mptcp.reinjection_of``);
   best of ``--tshark-reps``, start-up likewise subtracted;
+* the floor: the parts of the replay no tracker can avoid, timed in this
+  process (best of ``--reps``): reading the frames in a Python loop, reading
+  and parsing them, SHA-256 over the capture's bytes; then reading, parsing
+  and tracking with emission left out. With the start-up, they bound how close
+  any replay built this way (Python driving the loop) can come to tshark.
 * memory flatness: peak RSS of replaying the first half of the capture, the
   whole, and the capture followed by a copy of itself 60 s later with the
   client ports renumbered (twice the packets and connections).
@@ -229,6 +234,50 @@ def profile(cap: Path, work: Path) -> str:
     return cp.stdout
 
 
+def floor(cap: Path, reps: int) -> list[tuple[str, float]]:
+    """What a replay costs before any MPTCP work (in this process, best of ``reps``): the frames read in
+    a Python loop, then also parsed; SHA-256 over as many bytes as the capture holds (the log's
+    digests hash about that much); and reading + parsing + tracking without emission."""
+    import hashlib
+
+    from mproxy.core.pipeline import Pipeline
+
+    def read() -> None:
+        for _f in read_captures([str(cap)]):
+            pass
+
+    def parse() -> None:
+        for f in read_captures([str(cap)]):
+            parse_frame(f.linktype, f.data, f.ts)
+
+    blob = cap.read_bytes()
+
+    def digest() -> None:
+        hashlib.sha256(blob).digest()
+
+    def track() -> None:
+        p = Pipeline()
+        p.remote = []  # ops gathered and dropped: no emission
+        for f in read_captures([str(cap)]):
+            p.feed(f.linktype, f.data, f.ts)
+            if len(p.remote) > 256:
+                p.remote = []
+        p.finish()
+
+    rows = []
+    for label, fn in (("read the frames (Python loop over the C record slicer)", read),
+                      ("read + parse (C parse_frame)", parse),
+                      ("SHA-256 over the capture's bytes", digest),
+                      ("read + parse + track, no emission", track)):
+        secs = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            secs = min(secs, time.perf_counter() - t0)
+        rows.append((label, secs))
+    return rows
+
+
 def fmt(n: float) -> str:
     return f"{n:,.0f}"
 
@@ -306,6 +355,17 @@ def main(argv: list[str] | None = None) -> int:
               f"tshark pass, {slowest / whole.seconds:.2f}x against the field pass; "
               f"targets: >= 100,000 packets/s ({'met' if rate >= 100_000 else 'MISSED'}), "
               f">= 5x tshark ({'met' if fastest / whole.seconds >= 5 else 'MISSED'})")
+    floor_rows = floor(cap, args.reps)
+    print("\n| floor (in-process, best of reps) | s |")
+    print("|---|---|")
+    print(f"| start-up (interpreter + imports, one-packet replay) | {startup:.3f} |")
+    for label, secs in floor_rows:
+        print(f"| {label} | {secs:.3f} |")
+    if ts_rows:
+        least = startup + floor_rows[1][1]
+        print(f"\nstart-up + read + parse = {least:.3f} s, before any MPTCP work: at most "
+              f"{fastest / least:.1f}x the fastest tshark pass for a replay whose loop runs in Python; "
+              f"5x needs {fastest / 5:.3f} s")
     print("\n| replay input | packets | MPTCP connections | peak RSS MB |")
     print("|---|---|---|---|")
     for label, n, kb, c in mem_rows:
