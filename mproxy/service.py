@@ -28,6 +28,7 @@ from .config import Config, ConfigError, load_config
 from .core.gateway import Gateway
 from .core.inspector import Inspector
 from .core.rules import RuleSet
+from .core.streamhash import AwaitingDigests
 from .io import netfilter
 from .io.metrics import LatencyHistogram, Sources, make_registry
 from .io.metrics import QueueStats as MetricQueueStats
@@ -94,6 +95,8 @@ class Service:
     _stall: StallWatch = field(init=False, default_factory=StallWatch)
     _final_kernel_state: dict[str, int] | None = field(init=False, default=None)
     _tick_errors: int = field(init=False, default=0)
+    # mptcp_connection records waiting for the emitter process's stream digests (it hashes, not us)
+    _awaiting: AwaitingDigests | None = field(init=False, default=None)
     metric_queue: MetricQueueStats = field(init=False, default_factory=MetricQueueStats)
     histogram: LatencyHistogram = field(init=False, default_factory=LatencyHistogram)
     injector: Injector | None = field(init=False, default=None)  # MP_FASTCLOSE/RST out
@@ -156,15 +159,7 @@ class Service:
         """Open sinks, bind the queue, install rules; raises SinkError/QueueError/RulesError."""
         c = self.cfg
         self.started = time.time()
-        if c.sink.worker and (c.sink.interface or c.sink.pcap):  # fork first: nothing else is open yet
-            remote = RemoteSinks(self.gateway.pipeline, c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb,
-                                 c.sink.pcap_keep, inherited=(self.channel,) if self.channel is not None else ())
-            remote.start()
-            self.sinks = remote  # type: ignore[assignment]
-        else:
-            self.sinks = open_sinks(c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb, c.sink.pcap_keep)
-        self.events = EventLog(c.log.events, drop_keys=not c.log.log_keys,
-                               tag={"worker": self.worker} if self.worker is not None else {})
+        self._open_outputs()
         for name, size in oversize_interfaces(c.rules.in_interfaces or None):
             log.warning("interface %s may pass packets of %d bytes (BIG TCP or MTU): a queued packet holds at "
                         "most %d; set gso_max_size/gro_max_size to 65536 on interfaces carrying MPTCP",
@@ -191,6 +186,24 @@ class Service:
         if self.bypass is not None:
             self.bypass.rules = self.rules
 
+    def _open_outputs(self) -> None:
+        """The sinks (in the emitter process when ``[sink] worker``), then the event log."""
+        c = self.cfg
+        if c.sink.worker and (c.sink.interface or c.sink.pcap):  # fork first: nothing else is open yet
+            remote = RemoteSinks(self.gateway.pipeline, c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb,
+                                 c.sink.pcap_keep, inherited=(self.channel,) if self.channel is not None else (),
+                                 hash_streams=True)
+            remote.start()
+            self.sinks = remote  # type: ignore[assignment]
+            # the emitter process hashes the rebuilt streams (~1 ns a byte off the verdict path); their
+            # records wait for its digests
+            self.gateway.pipeline.tracker.stream_hash = False
+            self._awaiting = AwaitingDigests()
+        else:
+            self.sinks = open_sinks(c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb, c.sink.pcap_keep)
+        self.events = EventLog(c.log.events, drop_keys=not c.log.log_keys,
+                               tag={"worker": self.worker} if self.worker is not None else {})
+
     def stop(self) -> None:
         """Reverse of start; safe to call on a partly started service."""
         detach_and_drain(self.rules, self.queue)
@@ -208,7 +221,8 @@ class Service:
         except Exception:  # noqa: BLE001 - still close everything
             log.exception("flushing the gateway failed")
         if self.events is not None:
-            self.events.write(self.gateway.drain_records())
+            self._write_records(self.gateway.drain_records())
+            self._settle_digests()
             self.events.write([self.stats_record(now)])
             self.events.close()
         self.sinks.close()
@@ -275,6 +289,7 @@ class Service:
                     self.sinks.write(frames)
                 self._after_batch()
                 self.sinks.flush()
+                self._settle_digests()
                 self._watch_kernel_queue()
                 if self.bypass is not None and self.bypass.due():
                     await self.bypass.refresh()
@@ -356,7 +371,33 @@ class Service:
 
     def _after_batch(self) -> None:
         if self.gateway.records and self.events is not None:
-            self.events.write(self.gateway.drain_records())
+            self._write_records(self.gateway.drain_records())
+            self.events.flush()
+
+    def _write_records(self, recs: list[dict[str, Any]]) -> None:
+        assert self.events is not None
+        if self._awaiting is not None:
+            recs = self._awaiting.hold(recs)
+        if recs:
+            self.events.write(recs)
+
+    def _settle_digests(self) -> None:
+        """Write the records held for their digests once the emitter process has answered (a round
+        trip: everything shipped before is hashed by then). If it died, they go out with ``sha256``
+        null and the tracker hashes the connections that open from then on."""
+        aw, remote = self._awaiting, self.sinks
+        if aw is None or not isinstance(remote, RemoteSinks):
+            return
+        if aw.held and remote.alive:
+            remote.stats()
+        tracker = self.gateway.pipeline.tracker
+        if not remote.alive and not tracker.stream_hash:
+            tracker.stream_hash = True
+            log.warning("the emitter process is gone: connections open now are logged without sha256; "
+                        "new ones are hashed here")
+        ready = aw.settle(remote.take_digests())
+        if ready and self.events is not None:
+            self.events.write(ready)
             self.events.flush()
 
     def _watch_kernel_queue(self) -> None:

@@ -308,3 +308,59 @@ def test_a_slow_rule_reading_does_not_hold_the_scrape(monkeypatch: pytest.Monkey
         assert len(calls) == 2
 
     asyncio.run(main())
+
+
+def test_the_emitter_process_hashes_and_the_records_wait_for_its_digests(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With the sinks in the emitter process, that process hashes the rebuilt streams: a connection's
+    record waits for the round trip that brings its digests, and says what the tracker would have. If
+    the process dies, held records go out with sha256 null and the tracker hashes new connections."""
+    from mproxy.core.gateway import Gateway
+
+    def conn(sport: int) -> list[bytes]:
+        s = Session(1, sport=sport)
+        return s.handshake() + [s.data(0, True, 0, b"GET / HTTP/1.1\r\n\r\n" * 50), s.data(0, False, 0, b"ok" * 900),
+                                s.data_fin(0, True, 900), s.data_fin(0, False, 1800), s.fin(0, True), s.fin(0, False)]
+
+    ref = Gateway()
+    for p in conn(41000) + conn(41001):
+        ref.packet(p, 1000.0)
+    want = {r["client_port"]: (r["c2s"]["sha256"], r["s2c"]["sha256"])
+            for r in ref.drain_records() if r["event"] == "mptcp_connection"}
+
+    events = tmp_path / "events.jsonl"
+    svc = Service(parse_config(f'[inspector]\nmode = "off"\n[sink]\npcap = "{tmp_path / "sink"}"\n'
+                               f'[log]\nevents = "{events}"\n'))
+    svc._open_outputs()
+    try:
+        assert svc.gateway.pipeline.tracker.stream_hash is False
+        for p in conn(41000):
+            svc.sinks.write(svc.gateway.packet(p, 1000.0).frames)
+            svc._after_batch()
+        assert not [line for line in events.read_text().splitlines() if "mptcp_connection" in line]  # held
+        svc._settle_digests()  # a tick
+        with caplog.at_level(logging.WARNING, "mproxy"):
+            svc.sinks._proc.kill()  # type: ignore[attr-defined]
+            svc.sinks._proc.join(5)  # type: ignore[attr-defined]
+            opened = conn(41001)
+            for p in opened[:3]:  # open while the process dies: its digests are lost
+                svc.gateway.packet(p, 1000.0)
+            svc._settle_digests()
+            for p in opened[3:]:
+                svc.sinks.write(svc.gateway.packet(p, 1000.0).frames)
+                svc._after_batch()
+            svc._settle_digests()
+            after = conn(41002)  # opened after: hashed by the tracker
+            for p in after:
+                svc.sinks.write(svc.gateway.packet(p, 1000.0).frames)
+                svc._after_batch()
+            svc._settle_digests()
+        assert "connections open now are logged without sha256" in caplog.text
+    finally:
+        svc.stop()
+    recs = [json.loads(line) for line in events.read_text().splitlines()]
+    got = {r["client_port"]: (r["c2s"]["sha256"], r["s2c"]["sha256"])
+           for r in recs if r["event"] == "mptcp_connection"}
+    assert got[41000] == want[41000] and want[41000][0] is not None
+    assert got[41001] == (None, None)
+    assert got[41002] == want[41000]  # the same bytes

@@ -19,7 +19,6 @@ each side holds only its own ends of the pipes.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import marshal
 import os
@@ -27,6 +26,7 @@ import signal
 from typing import IO, Any
 
 from ..core.pipeline import Emission, Op
+from ..core.streamhash import StreamHashes, fill_record
 from .pcap import PcapWriter
 
 __all__ = ["EmitProcess", "EmitProcessError"]
@@ -83,7 +83,7 @@ def _child(ops_fd: int, reply_fd: int, out: IO[bytes], log: IO[str] | None, mss:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; its exit closes the pipe
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     em = Emission(mss, passthrough_mss)
-    hashes: dict[tuple[int, bool], Any] = {}  # (connection, from client) -> SHA-256 of the released bytes
+    hashes = StreamHashes() if fill_hashes else None
     try:
         writer = PcapWriter(out)
         while True:
@@ -96,19 +96,13 @@ def _child(ops_fd: int, reply_fd: int, out: IO[bytes], log: IO[str] | None, mss:
                 break
             ops, records = msg
             writer.write_frames(em.apply(ops))
-            if fill_hashes:
-                for op in ops:
-                    if op[0] == "data":
-                        h = hashes.get((op[1], op[2]))
-                        if h is None:
-                            h = hashes[(op[1], op[2])] = hashlib.sha256()
-                        h.update(op[3])
+            if hashes is not None:
+                hashes.update(ops)
+                # a record is sent with the batch holding its connection's close op
+                done = hashes.take_done()
             for rec in records:
-                if fill_hashes and rec["event"] == "mptcp_connection":
-                    # every release of the connection came in this batch's ops or before
-                    for key, fc in (("c2s", True), ("s2c", False)):
-                        if rec[key]["sha256"] is None:
-                            rec[key]["sha256"] = hashes.pop((rec["conn_id"], fc), _EMPTY).hexdigest()
+                if hashes is not None and rec["event"] == "mptcp_connection":
+                    fill_record(rec, done)
                 if log is not None:
                     log.write(json_line(rec))
         writer.flush()
@@ -119,9 +113,6 @@ def _child(ops_fd: int, reply_fd: int, out: IO[bytes], log: IO[str] | None, mss:
         return 1
     _send(reply_fd, ("done", em.frames, em.passthrough))
     return 0
-
-
-_EMPTY = hashlib.sha256()
 
 
 class EmitProcess:

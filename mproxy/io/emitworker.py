@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..core.pipeline import Emission, Frames, Pipeline
+from ..core.streamhash import Digests, StreamHashes
 from .sinks import SinkError, open_sinks
 
 __all__ = ["RemoteSinks"]
@@ -35,8 +36,9 @@ log = logging.getLogger("mproxy.emitworker")
 
 
 def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, passthrough_mss: int | None,
-           inherited: tuple[Any, ...] = ()) -> None:
-    """The worker: ops in, frames out to the sinks; answers ``stats`` and ``close`` in order."""
+           inherited: tuple[Any, ...] = (), hash_streams: bool = False) -> None:
+    """The worker: ops in, frames out to the sinks; answers ``stats`` and ``close`` in order, with
+    the stream digests of the connections closed since the last answer (``hash_streams``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for obj in inherited:  # the parent's end of our pipe (else its death is no EOF here), its sockets
@@ -48,6 +50,7 @@ def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, pas
         return
     conn.send(("ready",))
     em = Emission(mss, passthrough_mss)
+    hashes = StreamHashes() if hash_streams else None
     try:
         while True:
             try:
@@ -57,13 +60,16 @@ def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, pas
             kind = msg[0]
             if kind == "b":
                 frames = em.apply(msg[1])
+                if hashes is not None:
+                    hashes.update(msg[1])
                 if msg[2]:
                     frames += msg[2]
                 if frames:
                     sinks.write(frames)
             elif kind in ("stats", "close"):
                 sinks.flush()
-                conn.send((sinks.stats(), em.frames, em.passthrough))
+                conn.send((sinks.stats(), em.frames, em.passthrough,
+                           hashes.take_done() if hashes is not None else {}))
                 if kind == "close":
                     break
     finally:
@@ -75,8 +81,12 @@ class RemoteSinks:
     """FrameSinks look-alike: ``write`` ships the pipeline's pending ops and the given frames to the child."""
 
     def __init__(self, pipeline: Pipeline, interface: str, pcap: str, rotate_mb: int, keep: int,
-                 inherited: tuple[Any, ...] = ()) -> None:
+                 inherited: tuple[Any, ...] = (), hash_streams: bool = False) -> None:
+        """``hash_streams``: the child hashes the released bytes (the tracker then keeps no hashes);
+        each answer brings the digests of the connections closed before it (:meth:`take_digests`)."""
         self.pipeline = pipeline
+        self.hash_streams = hash_streams
+        self.digests: Digests = {}
         self.inherited = inherited  # the parent's sockets the child must not hold open (closed there)
         self.sink_args = (interface, pcap, rotate_mb, keep)
         self.worker_errors = 0
@@ -91,7 +101,8 @@ class RemoteSinks:
         parent, child = ctx.Pipe(duplex=True)
         p = self.pipeline
         proc = ctx.Process(target=_child, args=(child, self.sink_args, p.mss, p.passthrough_mss,
-                                                (parent, *self.inherited)), name="mproxy-emit", daemon=True)
+                                                (parent, *self.inherited), self.hash_streams),
+                           name="mproxy-emit", daemon=True)
         proc.start()
         child.close()
         if not parent.poll(15):
@@ -125,6 +136,15 @@ class RemoteSinks:
         if self._send(("stats",)):
             self._receive_stats()
         return self._last
+
+    def take_digests(self) -> Digests:
+        """The digests the answers brought since the last call."""
+        d, self.digests = self.digests, {}
+        return d
+
+    @property
+    def alive(self) -> bool:
+        return self._conn is not None
 
     def close(self) -> None:
         if self._conn is None:
@@ -167,8 +187,10 @@ class RemoteSinks:
         except (OSError, EOFError) as e:
             self._failed(f"reading from it failed: {e}")
             return
-        sinks, frames, passthrough = reply
+        sinks, frames, passthrough, digests = reply
         self._last = sinks
+        if digests:
+            self.digests.update(digests)
         st = self.pipeline.stats
         st.emitted_frames, st.passthrough_frames = frames, passthrough
 

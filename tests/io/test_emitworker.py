@@ -106,3 +106,31 @@ def test_worker_ends_when_its_parent_is_gone_and_holds_no_parent_socket(tmp_path
     proc.join(5)
     assert not proc.is_alive()
     mine.close()
+
+
+def test_worker_hashes_the_streams_as_the_tracker_would(tmp_path: Path) -> None:
+    """``hash_streams``: the child hashes the data ops; an answer brings the digests of the connections
+    closed before it, which are the tracker's own."""
+    local = Gateway(split_passthrough=True)
+    for p in traffic():
+        local.packet(p, 1000.0)
+    local.flush(1001.0)
+    (want,) = [r for r in local.drain_records() if r["event"] == "mptcp_connection"]
+
+    gw = Gateway(split_passthrough=True)
+    gw.pipeline.tracker.stream_hash = False
+    sinks = RemoteSinks(gw.pipeline, "", str(tmp_path / "h"), 100, 3, hash_streams=True)
+    sinks.start()
+    try:
+        for p in traffic():
+            sinks.write(gw.packet(p, 1000.0).frames)
+        gw.flush(1001.0)
+        (got,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
+        assert got["c2s"]["sha256"] is None
+        assert sinks.take_digests() == {}
+        sinks.stats()
+        digests = sinks.take_digests()
+    finally:
+        sinks.close()
+    assert digests == {want["conn_id"]: (want["c2s"]["sha256"], want["s2c"]["sha256"])}
+    assert want["c2s"]["bytes"] > 0

@@ -1,0 +1,118 @@
+"""Stream digests taken from emission ops equal the tracker's own, and held records wait for them."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mproxy.core.pipeline import Pipeline
+from mproxy.core.streamhash import AwaitingDigests, StreamHashes, fill_record
+
+from .session import Session
+
+EMPTY = hashlib.sha256().hexdigest()
+
+
+def traffic() -> list[bytes]:
+    """Two connections, one with a join; data both ways; one ends, one stays open."""
+    pk: list[bytes] = []
+    for n, (sport, ends) in enumerate(((40001, True), (40002, False))):
+        s = Session(1, sport=sport)
+        pk += s.handshake() + (s.join(1) if n == 0 else [])
+        off = back = 0
+        for i in range(5):
+            chunk = bytes([65 + i + n]) * (700 + 3000 * i)
+            pk.append(s.data(i % (2 - n), True, off, chunk))
+            off += len(chunk)
+            if i % 2:
+                pk.append(s.data(0, False, back, b"ok" * (i + 1)))
+                back += 2 * (i + 1)
+        if ends:
+            pk += [s.data_fin(0, True, off), s.data_fin(0, False, back), s.fin(0, True), s.fin(0, False)]
+    return pk
+
+
+def records(pipe: Pipeline) -> list[dict[str, Any]]:
+    return [r for r in pipe.drain_records() if r["event"] == "mptcp_connection"]
+
+
+def test_digests_from_the_ops_are_the_trackers() -> None:
+    hashes = StreamHashes()
+    # fed as raw-IP frames (linktype 101); one pipeline hashes in the tracker, the other from its ops
+    ref, mine = Pipeline(), Pipeline()
+    mine.tracker.stream_hash = False
+    mine.remote = []
+    for i, p in enumerate(traffic()):
+        ref.feed(101, p, 1000.0 + i / 100)
+        mine.feed(101, p, 1000.0 + i / 100)
+        hashes.update(mine.take_ops())
+    ref.finish(1100.0)
+    mine.finish(1100.0)
+    hashes.update(mine.take_ops())
+    want, got = records(ref), records(mine)
+    assert len(want) == 2 and all(r["c2s"]["bytes"] and r["s2c"]["bytes"] for r in want)
+    assert all(r["c2s"]["sha256"] is None and r["s2c"]["sha256"] is None for r in got)
+    done = hashes.take_done()
+    for r in got:
+        fill_record(r, done)
+    assert got == want
+    assert len(hashes) == 0  # every connection closed: nothing held
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.booleans(), st.binary(max_size=40)), max_size=60),
+       st.sets(st.integers(0, 2)))
+def test_any_interleaving_of_releases_hashes_each_direction_whole(
+        releases: list[tuple[int, bool, bytes]], closed: set[int]) -> None:
+    hashes = StreamHashes()
+    ops: list[tuple[Any, ...]] = [("data", c, fc, data, 0.0) for c, fc, data in releases]
+    ops += [("close", c, 0.0, False, True) for c in sorted(closed)]
+    cut = len(ops) // 2
+    hashes.update(ops[:cut])
+    hashes.update(ops[cut:])
+    done = hashes.take_done()
+    assert set(done) == closed
+    for c in closed:
+        for i, fc in enumerate((True, False)):
+            whole = b"".join(d for cc, f, d in releases if cc == c and f == fc)
+            assert done[c][i] == hashlib.sha256(whole).hexdigest()
+    assert hashes.take_done() == {}
+
+
+def _conn_record(cid: int, sha: str | None = None) -> dict[str, Any]:
+    return {"event": "mptcp_connection", "conn_id": cid, "c2s": {"sha256": sha}, "s2c": {"sha256": sha}}
+
+
+def test_held_records_wait_for_their_digests_and_others_pass() -> None:
+    aw = AwaitingDigests()
+    notice = {"event": "notice", "type": "side_channel"}
+    hashed = _conn_record(9, "ab")  # the tracker hashed it (the emitter process had died): passes
+    assert aw.hold([notice, _conn_record(1), hashed, _conn_record(2)]) == [notice, hashed]
+    assert [r["conn_id"] for r in aw.held] == [1, 2]
+    out = aw.settle({1: ("c1", "s1"), 2: ("c2", "s2"), 3: ("c3", "s3")})
+    assert out == [{"event": "mptcp_connection", "conn_id": 1, "c2s": {"sha256": "c1"}, "s2c": {"sha256": "s1"}},
+                   {"event": "mptcp_connection", "conn_id": 2, "c2s": {"sha256": "c2"}, "s2c": {"sha256": "s2"}}]
+    assert aw.held == []
+    # a digest that came before its record is kept one round, then dropped
+    aw.hold([_conn_record(3)])
+    assert aw.settle({})[0]["c2s"]["sha256"] == "c3"
+    aw.settle({4: ("c4", "s4")})
+    aw.settle({})
+    aw.hold([_conn_record(4)])
+    assert aw.settle({})[0]["c2s"]["sha256"] is None
+
+
+def test_records_whose_digests_never_come_go_out_without_them() -> None:
+    aw = AwaitingDigests()
+    aw.hold([_conn_record(5)])
+    (rec,) = aw.settle({})
+    assert rec["c2s"]["sha256"] is None and rec["s2c"]["sha256"] is None
+
+
+def test_an_empty_direction_has_the_empty_digest() -> None:
+    hashes = StreamHashes()
+    hashes.update([("data", 7, True, b"abc", 0.0), ("close", 7, 0.0, False, True)])
+    assert hashes.take_done() == {7: (hashlib.sha256(b"abc").hexdigest(), EMPTY)}
