@@ -306,7 +306,9 @@ class Service:
             gw = self.gateway
             self._registry = make_registry(Sources(
                 tracker=gw.tracker, pipeline=gw.pipeline.stats, gateway=gw.stats, queue=self.metric_queue,
-                latency=self.histogram, mode="gateway", sinks=lambda: self.sinks.stats(), events=self.events,
+                latency=self.histogram, mode="gateway", sinks=lambda: self.sinks.stats(),
+                sink_process=self._sink_process_up if isinstance(self.sinks, RemoteSinks) else None,
+                events=self.events,
                 extra=[self._reaction_metrics]))
         self._update_queue_metrics()
         return generate_latest(self._registry)
@@ -374,6 +376,9 @@ class Service:
             self._write_records(self.gateway.drain_records())
             self.events.flush()
 
+    def _sink_process_up(self) -> bool:
+        return isinstance(self.sinks, RemoteSinks) and self.sinks.running()
+
     def _write_records(self, recs: list[dict[str, Any]]) -> None:
         assert self.events is not None
         if self._awaiting is not None:
@@ -388,10 +393,10 @@ class Service:
         aw, remote = self._awaiting, self.sinks
         if aw is None or not isinstance(remote, RemoteSinks):
             return
-        if aw.held and remote.alive:
+        if aw.held and remote.running():
             remote.stats()
         tracker = self.gateway.pipeline.tracker
-        if not remote.alive and not tracker.stream_hash:
+        if not remote.running() and not tracker.stream_hash:
             tracker.stream_hash = True
             log.warning("the emitter process is gone: connections open now are logged without sha256; "
                         "new ones are hashed here")

@@ -342,6 +342,7 @@ def test_the_emitter_process_hashes_and_the_records_wait_for_its_digests(
         with caplog.at_level(logging.WARNING, "mproxy"):
             svc.sinks._proc.kill()  # type: ignore[attr-defined]
             svc.sinks._proc.join(5)  # type: ignore[attr-defined]
+            assert svc._sink_process_up() is False  # noticed without anything sent (mproxy_sink_process_up 0)
             opened = conn(41001)
             for p in opened[:3]:  # open while the process dies: its digests are lost
                 svc.gateway.packet(p, 1000.0)

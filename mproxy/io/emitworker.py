@@ -77,6 +77,10 @@ def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, pas
         conn.close()
 
 
+def _exit_text(code: int | None) -> str:
+    return f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+
+
 class RemoteSinks:
     """FrameSinks look-alike: ``write`` ships the pipeline's pending ops and the given frames to the child."""
 
@@ -142,8 +146,11 @@ class RemoteSinks:
         d, self.digests = self.digests, {}
         return d
 
-    @property
-    def alive(self) -> bool:
+    def running(self) -> bool:
+        """Is the child still there? (A child that died is noticed here even when nothing is sent.)"""
+        proc = self._proc
+        if self._conn is not None and proc is not None and not proc.is_alive():
+            self._failed(f"it exited ({_exit_text(proc.exitcode)})")
         return self._conn is not None
 
     def close(self) -> None:

@@ -99,6 +99,7 @@ class Sources:
     mode: str = "replay"
     lock: threading.Lock | None = None  # held while reading if the core runs in another thread
     sinks: Callable[[], list[dict[str, Any]]] | None = None  # FrameSinks.stats
+    sink_process: Callable[[], bool] | None = None  # the emitter process ([sink] worker) is running
     events: Any = None  # the EventLog (records, errors)
     extra: list[Callable[[], Iterable[Any]]] = field(default_factory=list)  # more families (other adapters)
 
@@ -177,6 +178,11 @@ class MproxyCollector(Collector):
             yield hist
         if s.sinks is not None:
             yield from self._sinks(s.sinks())
+        if s.sink_process is not None:
+            g = GaugeMetricFamily("mproxy_sink_process_up", "1 while the emitter process ([sink] worker) writes the "
+                                  "IDS sinks; 0 once it died: the IDS gets nothing more from this worker")
+            g.add_metric([], 1 if s.sink_process() else 0)
+            yield g
         if s.events is not None:
             c = _counter("mproxy_event_log_records", "Records written to the JSON-lines event log")
             c.add_metric([], s.events.records)

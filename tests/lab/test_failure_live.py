@@ -140,3 +140,33 @@ def test_full_queue_fail_closed_is_counted_by_mproxy(lab: Any, tmp_path: Path) -
     st = mp.stats()
     assert st["kernel_queue"]["dropped"] > 0 and st["fail"] == "closed"
     assert st["queue"]["core_errors"] == 0
+
+
+def test_a_dead_emitter_process_is_reported_and_verdicts_and_hashes_go_on(lab: Any, tmp_path: Path) -> None:
+    """The process that writes the IDS sinks (and hashes the rebuilt streams) dies: traffic still
+    passes, ``mproxy_sink_process_up`` reads 0 within a tick, the log says so, and a connection that
+    opens afterwards is hashed in the worker: its record's sha256 is what the applications sent."""
+    import os
+
+    mp = Mproxy(lab, tmp_path / "mproxy", metrics="127.0.0.1:9464").start()
+    try:
+        assert mp.proc is not None
+        assert mp.scrape()[("mproxy_sink_process_up", ())] == 1.0
+        children = Path(f"/proc/{mp.proc.pid}/task/{mp.proc.pid}/children").read_text().split()
+        assert len(children) == 1, children  # one worker: its emitter process only
+        os.kill(int(children[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while mp.scrape()[("mproxy_sink_process_up", ())] != 0.0:
+            assert time.monotonic() < deadline, "the dead emitter process was not noticed"
+            time.sleep(0.2)
+        time.sleep(1.5)  # a tick: the tracker hashes new connections again
+        res = transfer(lab, tmp_path, "after", c2s_bytes=400_000, s2c_bytes=100_000)
+    finally:
+        rc = mp.stop()
+    assert rc == 0 and "Traceback" not in mp.err, mp.err
+    assert "the emitted stream stops (verdicts go on)" in mp.err
+    assert "the emitter process is gone" in mp.err
+    (c,) = res.connections
+    (rec,) = [r for r in mp.connections() if r["client_port"] == c.client_port]
+    assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
+    assert (rec["s2c"]["bytes"], rec["s2c"]["sha256"]) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
