@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
@@ -365,3 +366,25 @@ def test_the_emitter_process_hashes_and_the_records_wait_for_its_digests(
     assert got[41000] == want[41000] and want[41000][0] is not None
     assert got[41001] == (None, None)
     assert got[41002] == want[41000]  # the same bytes
+
+
+def test_a_burst_of_closes_is_settled_before_the_tick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records held for their digests are bounded: past HELD_RECORDS_MAX a round trip settles them."""
+    monkeypatch.setattr(service, "HELD_RECORDS_MAX", 3)
+    events = tmp_path / "events.jsonl"
+    svc = Service(parse_config(f'[inspector]\nmode = "off"\n[sink]\npcap = "{tmp_path / "sink"}"\n'
+                               f'[log]\nevents = "{events}"\n'))
+    svc._open_outputs()
+    try:
+        for n in range(7):
+            s = Session(1, sport=42000 + n, client_key=0x1000 + n, server_key=0x2000 + n)
+            for p in s.handshake() + [s.data(0, True, 0, b"x" * 100), s.data_fin(0, True, 100),
+                                      s.data_fin(0, False, 0), s.fin(0, True), s.fin(0, False)]:
+                svc.sinks.write(svc.gateway.packet(p, 1000.0 + n).frames)
+                svc._after_batch()
+            assert svc._awaiting is not None and len(svc._awaiting.held) < 3
+    finally:
+        svc.stop()
+    recs = [json.loads(line) for line in events.read_text().splitlines()]
+    conns = [r for r in recs if r["event"] == "mptcp_connection"]
+    assert len(conns) == 7 and all(r["c2s"]["sha256"] == sha256(b"x" * 100).hexdigest() for r in conns)
