@@ -1,5 +1,6 @@
-"""The ``run`` service's parts that need no queue: the SIGHUP reload of configuration and rules, and
-the warnings about packets that went past mproxy."""
+"""The ``run`` service's parts that need no queue: the SIGHUP reload of configuration and rules, the
+warnings about packets that went past mproxy, and the records that wait for the emitter process's
+stream digests."""
 
 from __future__ import annotations
 
