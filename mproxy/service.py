@@ -551,6 +551,7 @@ class Service:
                         "memcap": dict(ts.memcap), "outcomes": dict(ts.outcomes)},
             "reassembled_bytes": {"c2s": gw.pipeline.stats.bytes_out[0], "s2c": gw.pipeline.stats.bytes_out[1]},
             "sinks": self.sinks.stats(),
+            "sink_process": self._sink_process_up() if isinstance(self.sinks, RemoteSinks) else None,
             "reactions": {"inspector": _inspector_stats(gw), "responder": {
                 k: getattr(gw.responder.stats, k) for k in gw.responder.stats.__slots__},  # type: ignore[attr-defined]
                 "alerts": self.alert_feed.stats.as_dict() if self.alert_feed else None,

@@ -366,6 +366,7 @@ def test_the_emitter_process_hashes_and_the_records_wait_for_its_digests(
            for r in recs if r["event"] == "mptcp_connection"}
     assert got[41000] == want[41000] and want[41000][0] is not None
     assert got[41001] == (None, None)
+    assert [r["sink_process"] for r in recs if r["event"] == "stats"] == [False]
     assert got[41002] == want[41000]  # the same bytes
 
 
