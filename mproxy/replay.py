@@ -81,7 +81,7 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
         raise ValueError("the emitter process writes to files: out and log need file descriptors")
     pipe = Pipeline(config)
     pipe.inspector = inspector
-    if emit_process and log is not None:  # the child hashes the streams for the log: not this process
+    if emit_process or log is None:  # the child hashes the streams for the log; without a log nobody reads them
         pipe.tracker.stream_hash = False
     pipe.remote = []  # ops gathered and emitted every _BATCH_MASK + 1 packets: runs of releases per emitter call
     readers: list[CaptureReader] = []
@@ -92,7 +92,7 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
         first = next(frames, None)  # every input opened and checked: a bad one fails before the fork
         frames = itertools.chain(() if first is None else (first,), frames)
         child = EmitProcess(out, log, mss=pipe.mss, passthrough_mss=pipe.passthrough_mss,
-                            fill_hashes=not pipe.tracker.stream_hash)
+                            fill_hashes=log is not None)
         child.start()
     else:
         writer = PcapWriter(out)
