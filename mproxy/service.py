@@ -46,6 +46,7 @@ __all__ = ["Service", "run", "load"]
 log = logging.getLogger("mproxy")
 EXPIRE_INTERVAL = 1.0
 HELD_RECORDS_MAX = 1024  # records waiting for their digests beyond this are settled before the tick
+HELD_RECORDS_WAIT = 0.2  # ... and so are records held this long (s)
 BYPASS_INTERVAL = 10.0  # rule hits are read at every scrape, and at least this often (s) for the log
 REFRESH_WAIT = 2.0  # a scrape waits at most this long (s) for the rule hits; a slower reading lands later
 BYPASSED = "bypassed the queue (it was full, or no mproxy was bound to it)"
@@ -382,12 +383,15 @@ class Service:
 
     def _write_records(self, recs: list[dict[str, Any]]) -> None:
         assert self.events is not None
-        if self._awaiting is not None:
-            recs = self._awaiting.hold(recs)
+        aw = self._awaiting
+        if aw is not None:
+            now = time.monotonic()
+            recs = aw.hold(recs, now)
         if recs:
             self.events.write(recs)
-        if self._awaiting is not None and len(self._awaiting.held) >= HELD_RECORDS_MAX:
-            self._settle_digests()  # a burst of closes: a round trip now rather than at the tick
+        if aw is not None and aw.due(now, HELD_RECORDS_WAIT, HELD_RECORDS_MAX):
+            # a round trip now rather than at the tick: a crash loses at most this much of the log
+            self._settle_digests()
 
     def _settle_digests(self) -> None:
         """Write the records held for their digests once the emitter process has answered (a round

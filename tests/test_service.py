@@ -370,9 +370,15 @@ def test_the_emitter_process_hashes_and_the_records_wait_for_its_digests(
     assert got[41002] == want[41000]  # the same bytes
 
 
-def test_a_burst_of_closes_is_settled_before_the_tick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Records held for their digests are bounded: past HELD_RECORDS_MAX a round trip settles them."""
-    monkeypatch.setattr(service, "HELD_RECORDS_MAX", 3)
+@pytest.mark.parametrize("bound", ["number", "age"])
+def test_held_records_are_settled_before_the_tick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  bound: str) -> None:
+    """Records held for their digests are bounded in number (HELD_RECORDS_MAX) and in age
+    (HELD_RECORDS_WAIT: what a crash could lose of the log): past either, a round trip settles them."""
+    clock = [500.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
+    if bound == "number":
+        monkeypatch.setattr(service, "HELD_RECORDS_MAX", 3)
     events = tmp_path / "events.jsonl"
     svc = Service(parse_config(f'[inspector]\nmode = "off"\n[sink]\npcap = "{tmp_path / "sink"}"\n'
                                f'[log]\nevents = "{events}"\n'))
@@ -384,7 +390,13 @@ def test_a_burst_of_closes_is_settled_before_the_tick(tmp_path: Path, monkeypatc
                                       s.data_fin(0, False, 0), s.fin(0, True), s.fin(0, False)]:
                 svc.sinks.write(svc.gateway.packet(p, 1000.0 + n).frames)
                 svc._after_batch()
-            assert svc._awaiting is not None and len(svc._awaiting.held) < 3
+            assert svc._awaiting is not None
+            if bound == "number":
+                assert len(svc._awaiting.held) < 3
+            else:
+                # a close every 0.12 s: the third finds the first held 0.24 s and settles all three
+                assert len(svc._awaiting.held) == (n + 1) % 3
+                clock[0] += 0.12
     finally:
         svc.stop()
     recs = [json.loads(line) for line in events.read_text().splitlines()]

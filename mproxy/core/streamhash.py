@@ -76,20 +76,27 @@ class AwaitingDigests:
     for their connections (the round trip that also reads its sink counters; everything shipped
     before it is then hashed). Other records pass at once."""
 
-    __slots__ = ("held", "_spare")
+    __slots__ = ("held", "since", "_spare")
 
     def __init__(self) -> None:
         self.held: list[dict[str, Any]] = []
+        self.since = 0.0  # when the oldest held record came (the caller's clock)
         self._spare: Digests = {}  # digests that came before their record, kept one round
 
-    def hold(self, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def hold(self, recs: list[dict[str, Any]], now: float = 0.0) -> list[dict[str, Any]]:
         """The records that can be written now; the others are held."""
         if not any(awaits_digests(r) for r in recs):
             return recs
+        if not self.held:
+            self.since = now
         ready: list[dict[str, Any]] = []
         for r in recs:
             (self.held if awaits_digests(r) else ready).append(r)
         return ready
+
+    def due(self, now: float, wait: float, most: int) -> bool:
+        """Settle now? Records were held ``wait`` seconds, or ``most`` of them are."""
+        return bool(self.held) and (now - self.since >= wait or len(self.held) >= most)
 
     def settle(self, digests: Digests) -> list[dict[str, Any]]:
         """After a round trip: every held record, filled. A record whose digests did not come (the

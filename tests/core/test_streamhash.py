@@ -116,3 +116,16 @@ def test_an_empty_direction_has_the_empty_digest() -> None:
     hashes = StreamHashes()
     hashes.update([("data", 7, True, b"abc", 0.0), ("close", 7, 0.0, False, True)])
     assert hashes.take_done() == {7: (hashlib.sha256(b"abc").hexdigest(), EMPTY)}
+
+
+def test_held_records_fall_due_by_age_or_number() -> None:
+    aw = AwaitingDigests()
+    assert not aw.due(100.0, 0.2, 3)  # nothing held
+    aw.hold([_conn_record(1)], 10.0)
+    aw.hold([_conn_record(2)], 10.15)  # the oldest one's time counts
+    assert not aw.due(10.19, 0.2, 3) and aw.due(10.21, 0.2, 3)
+    aw.hold([_conn_record(3)], 10.19)
+    assert aw.due(10.19, 0.2, 3)
+    aw.settle({})
+    aw.hold([_conn_record(4)], 50.0)  # a new oldest
+    assert not aw.due(50.1, 0.2, 3)
