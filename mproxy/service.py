@@ -191,18 +191,20 @@ class Service:
     def _open_outputs(self) -> None:
         """The sinks (in the emitter process when ``[sink] worker``), then the event log."""
         c = self.cfg
+        logged = bool(c.log.events)  # without an event log nobody reads the streams' digests: none are made
         if c.sink.worker and (c.sink.interface or c.sink.pcap):  # fork first: nothing else is open yet
             remote = RemoteSinks(self.gateway.pipeline, c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb,
                                  c.sink.pcap_keep, inherited=(self.channel,) if self.channel is not None else (),
-                                 hash_streams=True)
+                                 hash_streams=logged)
             remote.start()
             self.sinks = remote  # type: ignore[assignment]
             # the emitter process hashes the rebuilt streams (~1 ns a byte off the verdict path); their
             # records wait for its digests
             self.gateway.pipeline.tracker.stream_hash = False
-            self._awaiting = AwaitingDigests()
+            self._awaiting = AwaitingDigests() if logged else None
         else:
             self.sinks = open_sinks(c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb, c.sink.pcap_keep)
+            self.gateway.pipeline.tracker.stream_hash = logged
         self.events = EventLog(c.log.events, drop_keys=not c.log.log_keys,
                                tag={"worker": self.worker} if self.worker is not None else {})
 

@@ -402,3 +402,20 @@ def test_held_records_are_settled_before_the_tick(tmp_path: Path, monkeypatch: p
     recs = [json.loads(line) for line in events.read_text().splitlines()]
     conns = [r for r in recs if r["event"] == "mptcp_connection"]
     assert len(conns) == 7 and all(r["c2s"]["sha256"] == sha256(b"x" * 100).hexdigest() for r in conns)
+
+
+@pytest.mark.parametrize("worker", [True, False])
+@pytest.mark.parametrize("logged", [True, False])
+def test_streams_are_hashed_once_and_only_for_an_event_log(tmp_path: Path, worker: bool, logged: bool) -> None:
+    """The digests are in the mptcp_connection records only: with no event log none are made; with one,
+    exactly one process makes them (the emitter process when there is one)."""
+    log = f'[log]\nevents = "{tmp_path / "events.jsonl"}"\n' if logged else ""
+    svc = Service(parse_config(f'[inspector]\nmode = "off"\n[sink]\npcap = "{tmp_path / "sink"}"\n'
+                               f'worker = {str(worker).lower()}\n{log}'))
+    svc._open_outputs()
+    try:
+        in_child = getattr(svc.sinks, "hash_streams", False)
+        assert (svc.gateway.pipeline.tracker.stream_hash, in_child) == (logged and not worker, logged and worker)
+        assert (svc._awaiting is not None) == (logged and worker)
+    finally:
+        svc.stop()
