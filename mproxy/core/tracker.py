@@ -124,6 +124,7 @@ class SubflowDir:
     # where mapped subflow bytes went: [start, end, dsn - ssn] (relative ssn, 32-bit), newest last
     placed: list[list[int]] = field(default_factory=list)
     placed_end: int | None = None  # relative ssn after the furthest mapped byte
+    placed_off: int = 0  # dsn - ssn (32-bit) of the furthest placement
     remap_noticed: bool = False
     bytes: int = 0
 
@@ -496,6 +497,7 @@ class Tracker:
                 if len(pl) > 16:
                     del pl[0]
             sfd.placed_end = end
+            sfd.placed_off = moff
             conn.mapped[cdir] = True
             sfd.last_map_ssn = ssn
             seq_end = (seg.seq + n) & MASK32  # _seen
@@ -990,7 +992,7 @@ class Tracker:
         else:
             n = seg.payload_len
         if n:
-            self._on_payload(conn, sf, sfd, cdir, seg, ev)
+            self._on_payload(conn, sf, sfd, cdir, seg, ev, dss is None or dss.dsn is None)
         if o.fastclose is not None:
             self._close(conn, Outcome.FASTCLOSE, True, ts, ev)
             return
@@ -1293,6 +1295,7 @@ class Tracker:
                 if len(pl) > 16:
                     del pl[0]
             sfd.placed_end = end
+            sfd.placed_off = off
             return True
         for start, stop, o in reversed(pl):
             if (ssn - start) & MASK32 >= (stop - start) & MASK32 and (start - ssn) & MASK32 >= length:
@@ -1348,7 +1351,7 @@ class Tracker:
         self._deliver(conn, cdir, dsn, payload, seg.ts, ev)
 
     def _on_payload(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, seg: TcpSegment,
-                    ev: list[Event]) -> None:
+                    ev: list[Event], bare: bool = False) -> None:
         self._seen(sfd, seg)
         payload = seg.payload
         if sfd.isn is None:
@@ -1356,14 +1359,17 @@ class Tracker:
             self._hold(conn, sfd, seg.seq, payload, seg, ev)
             return
         rel = (seg.seq - sfd.isn) & MASK32
-        self._map_bytes(conn, sf, sfd, cdir, rel, payload, seg.ts, ev, seg)
+        self._map_bytes(conn, sf, sfd, cdir, rel, payload, seg.ts, ev, seg, bare)
 
     def _map_bytes(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, rel: int,
-                   data: memoryview | bytes, ts: float, ev: list[Event], seg: TcpSegment | None) -> None:
+                   data: memoryview | bytes, ts: float, ev: list[Event], seg: TcpSegment | None,
+                   bare: bool = False) -> None:
+        """Place subflow bytes by their mappings. ``bare``: the segment carried no DSS mapping."""
         st = conn.streams[cdir]
         pos = 0
         n = len(data)
         maps = sfd.mappings
+        fell_back = False
         while pos < n:
             r = (rel + pos) & MASK32
             found = None
@@ -1385,6 +1391,16 @@ class Tracker:
                     maps.append(Mapping(1, st.base, 0, True))
                     conn.mapped[cdir] = True
                     continue
+                if bare and (fb := self._bare_mapping(conn, sf, sfd, cdir, r)) is not None:
+                    if fb.infinite:
+                        self._notice(ev, NoticeType.INFINITE_MAPPING, conn,
+                                     f"data without DSS after the mapping ending at dsn {fb.dsn}: TCP fallback",
+                                     seg, ts)
+                        fell_back = True
+                    maps.append(fb)
+                    if len(maps) > _MAX_MAPPINGS:
+                        self._evict_mapping(sfd)
+                    continue
                 # bytes with no mapping yet: hold until one arrives
                 seq = (r + (sfd.isn or 0)) & MASK32
                 nxt = n
@@ -1397,6 +1413,44 @@ class Tracker:
             else:
                 self._deliver(conn, cdir, (found.dsn + off) & MASK64, piece, ts, ev)
             pos += take
+        if fell_back and sfd.pending:
+            self._resolve_pending(conn, sfd, cdir, ts, ev)  # bytes held beyond: the fallback maps them
+
+    @staticmethod
+    def _bare_mapping(conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, r: int) -> Mapping | None:
+        """A mapping for subflow byte ``r`` of a segment without DSS, as a Linux receiver sees it.
+
+        Bytes a mapping placed before (a retransmission without DSS, as after a fallback) are
+        copies: mapped as they were, compared, not taken twice. Otherwise Linux
+        (``subflow_check_data_avail``) takes in-order data with no mapping as a fallback to TCP,
+        mapped at its data-level ack (right after the last mapped byte when nothing is missing),
+        when fallback is still allowed: the initial subflow, no join ever established, no DSS
+        checksums; its peer then stops sending DSS too. "In order" is the byte right after the
+        furthest mapped one; anything beyond a hole still waits for a mapping (a lost segment's
+        retransmission brings one). With one subflow every byte has had the same DSN - SSN
+        offset, so copies whose placement was forgotten take the furthest one's.
+        """
+        st = conn.streams[cdir]
+        if st.base is None:
+            return None
+        for start, stop, off in reversed(sfd.placed):
+            n = (stop - start) & MASK32
+            if (r - start) & MASK32 < n:
+                return Mapping(start, expand32((start + off) & MASK32, st.base), n, False, None, n)
+        end = sfd.placed_end
+        if end is None or sf.role != Role.INITIAL or conn.csum:
+            return None
+        if any(o.role == Role.JOIN and o.established for o in conn.subflows):
+            return None
+        dsn = expand32((r + sfd.placed_off) & MASK32, st.base)
+        if st.fin_dsn is not None and st.unwrap(dsn) >= st.fin_dsn:
+            return None  # past the DATA_FIN: the stream has ended
+        if r == end:
+            return Mapping(r, dsn, 0, True)
+        behind = (end - r) & MASK32
+        if behind < 0x80000000:
+            return Mapping(r, dsn, behind, False, None, behind)
+        return None
 
     def _accumulate(self, conn: Connection, mp: Mapping, cdir: Direction, off: int, piece: memoryview | bytes,
                     ts: float, ev: list[Event]) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "add_addr",
     "concurrent",
     "bidirectional",
+    "dss_stripped",
     "bulk",
     "SCENARIOS",
 ]
@@ -115,6 +116,13 @@ class ScenarioResult:
     events: list[tuple[float, str]] = field(default_factory=list)
     unmatched: list[dict[str, Any]] = field(default_factory=list)
     capture_drops: int = 0  # packets tcpdump reported dropped by the kernel
+    # the kernels' own MPTCP counters after the run (non-zero ones), "client" and "server"
+    mib: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def kernel_fallbacks(self) -> dict[str, int]:
+        """Counters of both ends that say a connection left MPTCP (fallback, infinite mapping)."""
+        return {f"{end}.{k}": v for end, c in self.mib.items() for k, v in c.items()
+                if "Fallback" in k or "InfiniteMap" in k}
 
     @property
     def ok(self) -> bool:
@@ -130,7 +138,12 @@ class ScenarioResult:
             if not c.intact:
                 out.append(f"{c.four_tuple}: client_ok={c.client_ok} ({c.client_error}) "
                            f"server_ok={c.server_ok} ({c.server_error}) "
-                           f"c2s {c.c2s_sent_bytes}->{c.c2s_recv_bytes} s2c {c.s2c_sent_bytes}->{c.s2c_recv_bytes}")
+                           f"c2s {c.c2s_sent_bytes}->{c.c2s_recv_bytes} "
+                           f"sha256 {'same' if c.c2s_sent_sha256 == c.c2s_recv_sha256 else 'DIFFERS'} "
+                           f"s2c {c.s2c_sent_bytes}->{c.s2c_recv_bytes} "
+                           f"sha256 {'same' if c.s2c_sent_sha256 == c.s2c_recv_sha256 else 'DIFFERS'}")
+        if out and self.mib:
+            out.append(f"kernel MPTCP counters: {self.mib}")
         return out
 
 
@@ -285,6 +298,7 @@ def run_transfer(
         if hook_errors:
             raise hook_errors[0]
     duration = time.monotonic() - t0
+    mib = {"client": lab.mptcp_mib(lab.ns_cli), "server": lab.mptcp_mib(lab.ns_srv)}
     try:
         cdata = json.loads(cjson.read_text())["connections"]
         sdata = json.loads(sjson.read_text())["connections"]
@@ -294,7 +308,7 @@ def run_transfer(
     return ScenarioResult(name=name, capture=cap, connections=conns, addresses=lab.addresses(),
                           family=family, duration=duration, client_json=cjson, server_json=sjson,
                           expected_connections=connections, events=events, unmatched=unmatched,
-                          capture_drops=lab.capture_drops)
+                          capture_drops=lab.capture_drops, mib=mib)
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -372,6 +386,41 @@ def bidirectional(keep: str | os.PathLike[str], *, size: int = 2_000_000) -> Sce
                             concurrent_reply=True)
 
 
+def dss_stripped(keep: str | os.PathLike[str], *, after: int = 300_000, size: int = 1_000_000,
+                 attempts: int = 3) -> ScenarioResult:
+    """A middlebox on the client's path strips DSS options once *after* bytes went by: both
+    kernels fall back to TCP mid-connection (MIB ``DssFallback``), the rest is plain TCP.
+
+    One client path (Linux cannot fall back once a join is up); both ends send at once, so
+    the server's data after its fallback carries no DSS either (a client that never gets bare
+    data never falls back and stalls: such a run is tried again, up to *attempts* times).
+    The gateway captures what the middlebox let through, as an IDS behind it would see.
+    Seen on Linux 6.18: in most runs one receiver gets fewer bytes than its peer wrote, with
+    no error on either side -- the kernel loses data in this fallback; the ground truth for
+    what crossed is then what the receiving application read.
+    """
+    queue = 7
+    res: ScenarioResult | None = None
+    for attempt in range(1, attempts + 1):
+        with Lab(rate="30mbit", client_subflow=False, gso=False) as lab:
+            for tool in ("iptables", "ip6tables"):
+                lab.run(lab.ns_cli, tool, "-w", "-t", "mangle", "-A", "POSTROUTING", "-p", "tcp", "--dport",
+                        str(PORT), "-j", "NFQUEUE", "--queue-num", str(queue))
+            box = lab.popen(lab.ns_cli, sys.executable, "-m", "mproxy.lab.strip_dss", "--queue", str(queue),
+                            "--after", str(after), stdout=subprocess.PIPE, env=_app_env())
+            line = _readline(box, 15)
+            if line.strip() != "ready":
+                raise ScenarioError(f"the DSS-stripping middlebox said {line!r}")
+            res = run_transfer(lab, keep, "dss_stripped", c2s_bytes=size, s2c_bytes=size, concurrent_reply=True,
+                               timeout=20)
+        res.events.append((time.time(), f"attempt {attempt}"))
+        both = all(res.mib.get(end, {}).get("DssFallback", 0) for end in ("client", "server"))
+        if both and res.connections and all(c.client_ok and c.server_ok for c in res.connections):
+            return res
+    assert res is not None
+    return res
+
+
 def bulk(size_mb: float, shaped: bool = False, *, keep: str | os.PathLike[str] | None = None,
          connections: int = 2, gso: bool = True, rate: str = "400mbit") -> ScenarioResult:
     """A large multi-path capture for benchmarks (``size_mb`` MB client to server in total).
@@ -397,6 +446,7 @@ SCENARIOS: dict[str, Callable[[str | os.PathLike[str]], ScenarioResult]] = {
     "add_addr": add_addr,
     "concurrent": concurrent,
     "bidirectional": bidirectional,
+    "dss_stripped": dss_stripped,
 }
 
 

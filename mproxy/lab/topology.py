@@ -271,6 +271,15 @@ class Lab:
             gw_server_addr=dict(self.gw_server_addr), gw_server_addr2=dict(self.gw_server_addr2),
         )
 
+    def mptcp_mib(self, ns: str) -> dict[str, int]:
+        """The kernel's MPTCP counters (``MPTcpExt`` of /proc/net/netstat) in *ns* that are not 0:
+        how the kernel itself saw the connections (fallbacks, resets, DSS corruption)."""
+        text = self.run(ns, "cat", "/proc/net/netstat", check=False).stdout
+        rows = [line.split() for line in text.splitlines() if line.startswith("MPTcpExt:")]
+        if len(rows) != 2:
+            return {}
+        return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:]) if v.isdigit() and int(v)}
+
     # ------------------------------------------------------------------ commands
     def run(self, ns: str | None, *argv: str, check: bool = True, timeout: float = 30,
             input: bytes | None = None) -> subprocess.CompletedProcess[str]:

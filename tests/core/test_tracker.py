@@ -73,6 +73,71 @@ def test_plain_tcp_passes_through_and_fallback_in_handshake() -> None:
     assert isinstance(t.process(seg(other))[0], PassThrough)
 
 
+def _bare(s: Session, sf: int, from_client: bool, payload: bytes, rel: int | None = None) -> bytes:
+    """A data segment with no MPTCP option at all (what a fallen-back Linux end sends); ``rel``
+    resends earlier subflow bytes."""
+    sub = s.subs[sf]
+    d = 0 if from_client else 1
+    pkt = s._pkt(sub, from_client, ACK, [], payload, rel=rel)
+    if rel is None:
+        sub.next_rel[d] += len(payload)
+    return pkt
+
+
+def test_data_without_dss_after_mappings_is_a_fallback_both_ways() -> None:
+    """Linux falls back when in-order data has no mapping (no join yet): the bytes continue the
+    stream where the last mapping ended, in both directions, and nothing waits for a mapping."""
+    s = Session(1)
+    pk = s.handshake()
+    pk += [s.data(0, True, 0, b"GET /a HTTP/1.1\r\n"), s.data(0, False, 0, b"HTTP/1.1 200 OK\r\n")]
+    pk += [_bare(s, 0, True, b"X-Evil: "), _bare(s, 0, False, b"body "), _bare(s, 0, True, b"1\r\n\r\n")]
+    pk += [_bare(s, 0, False, b"more")]
+    ev = run(Tracker(), pk)
+    got = streams(ev)
+    assert got[(1, C2S)] == b"GET /a HTTP/1.1\r\nX-Evil: 1\r\n\r\n"
+    assert got[(1, S2C)] == b"HTTP/1.1 200 OK\r\nbody more"
+    assert notices(ev).count(NoticeType.INFINITE_MAPPING) == 2
+    sm = summary(ev)
+    assert sm["c2s"]["gap_bytes"] == 0 and sm["s2c"]["gap_bytes"] == 0
+
+
+def test_fallback_after_resent_copies_and_an_announced_data_fin() -> None:
+    """As captured from Linux 6.18 (lab scenario dss_stripped): the sender had announced its
+    DATA_FIN, fell back, resent bytes already mapped without DSS, then sent the rest without DSS,
+    and a bare segment overtook the bytes before it. Copies are compared, the rest continues
+    the stream up to the DATA_FIN."""
+    s = Session(1)
+    pk = s.handshake()
+    pk += [s.data(0, True, 0, b"abc"), s.data(0, True, 3, b"def"), s.data_fin(0, True, 15)]
+    pk.append(_bare(s, 0, True, b"def", rel=4))  # a copy, no DSS now
+    ghi, jkl, mno = _bare(s, 0, True, b"ghi"), _bare(s, 0, True, b"jkl"), _bare(s, 0, True, b"mno")
+    pk += [ghi, mno, jkl]  # the last two swapped: "mno" waits for "jkl"
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"abcdefghijklmno"
+    sm = summary(ev)
+    assert sm["c2s"]["data_fin"] and sm["c2s"]["gap_bytes"] == 0 and sm["c2s"]["duplicate_bytes"] == 3
+    assert notices(ev) == [NoticeType.INFINITE_MAPPING]
+
+
+def test_data_without_dss_is_no_fallback_once_a_join_is_up_or_out_of_order() -> None:
+    """After a join Linux cannot fall back (it resets the subflow): bare bytes are not taken.
+    A bare segment after a hole is not in order: it waits for a mapping, as before."""
+    s = Session(1)
+    pk = s.handshake() + s.join(1)
+    pk += [s.data(0, True, 0, b"abc"), _bare(s, 0, True, b"zzz")]
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"abc"
+    assert NoticeType.INFINITE_MAPPING not in notices(ev)
+
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"abc")]
+    s.subs[0].next_rel[0] += 5  # five bytes the capture missed
+    pk.append(_bare(s, 0, True, b"zzz"))
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"abc"
+    assert NoticeType.INFINITE_MAPPING not in notices(ev)
+
+
 def test_reinjection_with_differing_bytes_raises_notice_first_copy_wins() -> None:
     s = Session(1)
     pk = s.handshake() + s.join(1)

@@ -1,7 +1,8 @@
-"""Lab fixtures: each scenario runs once per session and is shared by its tests."""
+"""Lab fixtures: each scenario runs once per session (again if the kernels failed it) and is shared by its tests."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -10,11 +11,32 @@ from mproxy.lab import lab_available
 from mproxy.lab.scenarios import SCENARIOS, ScenarioResult
 
 LAB_REASON = lab_available()
+ATTEMPTS = 3
+# dss_stripped falls back on purpose, and the kernel often loses bytes there: it retries by its own test
+JUDGED_BY_THE_KERNEL = set(SCENARIOS) - {"dss_stripped"}
+
+
+def kernel_trouble(name: str, res: ScenarioResult) -> list[str]:
+    """Why a run cannot serve as ground truth: the kernels themselves did not carry every byte
+    intact over MPTCP (mproxy is not on the path in these scenarios: the gateway forwards)."""
+    if name not in JUDGED_BY_THE_KERNEL:
+        return []
+    out = res.problems()
+    out += [f"{c.four_tuple} fell back to TCP" for c in res.connections if c.mptcp is False]
+    if out and res.mib:
+        out.append(f"kernel MPTCP counters: {res.mib}")
+    return out
 
 
 @pytest.fixture(scope="session")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], ScenarioResult]:
-    """``scenario(name)`` runs the named scenario once (in a fresh lab) and caches its result."""
+    """``scenario(name)`` runs the named scenario (in a fresh lab) and caches its result.
+
+    A run in which the kernels lost or corrupted bytes, or fell back to TCP, is no ground truth
+    for mproxy: it is run again (up to ``ATTEMPTS`` times), with a warning that says why, so a
+    kernel hiccup on a loaded machine shows in the report without failing the suite; a
+    scenario that keeps failing fails its tests with the last run's problems.
+    """
     if LAB_REASON:
         pytest.skip(LAB_REASON)
     cache: dict[str, ScenarioResult | BaseException] = {}
@@ -22,7 +44,14 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Scenar
     def get(name: str) -> ScenarioResult:
         if name not in cache:
             try:
-                cache[name] = SCENARIOS[name](tmp_path_factory.mktemp(name))
+                for attempt in range(1, ATTEMPTS + 1):
+                    res = SCENARIOS[name](tmp_path_factory.mktemp(name))
+                    cache[name] = res
+                    trouble = kernel_trouble(name, res)
+                    if not trouble:
+                        break
+                    warnings.warn(f"lab scenario {name}, run {attempt} of {ATTEMPTS}: " + "; ".join(trouble),
+                                  stacklevel=1)
             except Exception as exc:  # a broken scenario fails each of its tests, runs once
                 cache[name] = exc
         res = cache[name]
