@@ -1018,7 +1018,7 @@ class Tracker:
                       seg: TcpSegment, ev: list[Event]) -> None:
         """Everything but DSS: seldom present, kept off the per-packet path."""
         if o.cap is not None and o.cap.data_len is not None and sf.role == Role.INITIAL:
-            self._on_cap_data(conn, sfd, cdir, o.cap)
+            self._on_cap_data(conn, sfd, cdir, o.cap, seg, ev)
         if o.add_addr is not None and not o.add_addr.echo:
             self._on_add_addr(conn, cdir, o.add_addr, seg, ev)
         if o.remove is not None:
@@ -1098,8 +1098,10 @@ class Tracker:
         if not conn.opened:
             self._open(conn, seg.ts, ev)
 
-    def _on_cap_data(self, conn: Connection, sfd: SubflowDir, cdir: Direction, cap: m.MpCapable) -> None:
-        """v1 MP_CAPABLE on the first data packet: an implicit mapping at IDSN+1, SSN 1 (RFC 8684 3.1)."""
+    def _on_cap_data(self, conn: Connection, sfd: SubflowDir, cdir: Direction, cap: m.MpCapable, seg: TcpSegment,
+                     ev: list[Event]) -> None:
+        """v1 MP_CAPABLE on the first data packet: an implicit mapping at IDSN+1, SSN 1 (RFC 8684 3.1).
+        Placed like any mapping, so data without DSS right after it reads as a fallback."""
         if cap.sender_key is None or not cap.data_len:
             return
         dsn = (crypto.key_idsn(cap.sender_key, conn.version or 1) + 1) & MASK64
@@ -1109,6 +1111,7 @@ class Tracker:
                 return
         cs = cap.checksum if conn.csum and cap.checksum is not None else None
         sfd.mappings.append(Mapping(1, dsn, cap.data_len, False, cs, cap.data_len))
+        self._place(conn, sfd, 1, dsn, cap.data_len, seg, ev)
 
     def _on_join_ack(self, conn: Connection, sf: Subflow, j: m.MpJoin, seg: TcpSegment, ev: list[Event]) -> None:
         ki, kr = self._join_keys(conn, sf)

@@ -119,6 +119,20 @@ def test_fallback_after_resent_copies_and_an_announced_data_fin() -> None:
     assert notices(ev) == [NoticeType.INFINITE_MAPPING]
 
 
+def test_fallback_right_after_mp_capable_with_data() -> None:
+    """The v1 first data packet maps itself (MP_CAPABLE with data); bare data right after it is
+    the fallback, not bytes waiting for a mapping."""
+    s = Session(1)
+    pk = s.handshake()
+    sub = s.subs[0]
+    pk.append(s._pkt(sub, True, ACK, [m.MpCapable(1, m.CAP_H_HMAC, s.ck, s.sk, 5).encode()], b"hello"))
+    sub.next_rel[0] += 5
+    pk.append(_bare(s, 0, True, b" world"))
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"hello world"
+    assert notices(ev) == [NoticeType.INFINITE_MAPPING]
+
+
 def test_data_without_dss_is_no_fallback_once_a_join_is_up_or_out_of_order() -> None:
     """After a join Linux cannot fall back (it resets the subflow): bare bytes are not taken.
     A bare segment after a hole is not in order: it waits for a mapping, as before."""
