@@ -1109,9 +1109,10 @@ class Tracker:
         for old in sfd.mappings:
             if old.ssn == 1 and old.dsn == dsn:
                 return
+        if not self._place(conn, sfd, 1, dsn, cap.data_len, seg, ev):
+            return  # contradicts an earlier mapping: the first placement stands, as for a DSS
         cs = cap.checksum if conn.csum and cap.checksum is not None else None
         sfd.mappings.append(Mapping(1, dsn, cap.data_len, False, cs, cap.data_len))
-        self._place(conn, sfd, 1, dsn, cap.data_len, seg, ev)
 
     def _on_join_ack(self, conn: Connection, sf: Subflow, j: m.MpJoin, seg: TcpSegment, ev: list[Event]) -> None:
         ki, kr = self._join_keys(conn, sf)

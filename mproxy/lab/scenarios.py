@@ -119,11 +119,6 @@ class ScenarioResult:
     # the kernels' own MPTCP counters after the run (non-zero ones), "client" and "server"
     mib: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def kernel_fallbacks(self) -> dict[str, int]:
-        """Counters of both ends that say a connection left MPTCP (fallback, infinite mapping)."""
-        return {f"{end}.{k}": v for end, c in self.mib.items() for k, v in c.items()
-                if "Fallback" in k or "InfiniteMap" in k}
-
     @property
     def ok(self) -> bool:
         return (not self.unmatched and len(self.connections) == self.expected_connections

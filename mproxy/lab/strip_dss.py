@@ -18,58 +18,27 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mproxy.wire.checksum import tcp_checksum
+from mproxy.wire.packet import TcpSegment, mptcp_spans, parse_ip
+from mproxy.wire.rewrite import fill_tcp_checksum
 
 EXPERIMENTAL_KIND = 253  # RFC 4727: experimental, ignored by receivers that do not know it
 
 
-def strip_dss(ip: bytearray) -> bool:
-    """Rewrite the DSS options of one IPv4/IPv6 TCP packet in place; True if any was found."""
-    if not ip:
-        return False
-    if ip[0] >> 4 == 4:
-        tcp_off, src, dst = (ip[0] & 15) * 4, bytes(ip[12:16]), bytes(ip[16:20])
-        if len(ip) < 20 or ip[9] != 6:
-            return False
-    elif ip[0] >> 4 == 6 and len(ip) >= 40 and ip[6] == 6:  # no extension headers in the lab
-        tcp_off, src, dst = 40, bytes(ip[8:24]), bytes(ip[24:40])
-    else:
-        return False
-    if len(ip) < tcp_off + 20:
-        return False
-    end = min(len(ip), tcp_off + (ip[tcp_off + 12] >> 4) * 4)
-    i, changed = tcp_off + 20, False
-    while i < end:
-        kind = ip[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= end or ip[i + 1] < 2:
-            break
-        if kind == 30 and i + 2 < end and ip[i + 2] >> 4 == 2:
-            ip[i] = EXPERIMENTAL_KIND
+def strip_dss(ip: bytearray, seg: TcpSegment) -> bool:
+    """Rewrite the DSS options of ``ip`` (parsed as ``seg``) in place; True if any was found.
+
+    The TCP checksum is computed in full, as the kernel would send it (packets leaving a
+    local socket may carry only the pseudo-header sum).
+    """
+    spans = mptcp_spans(seg)
+    if not isinstance(spans, list):
+        return False  # a damaged option area: left as it is
+    changed = False
+    for off, length in spans:
+        if length > 2 and ip[off + 2] >> 4 == 2:  # subtype 2: DSS
+            ip[off] = EXPERIMENTAL_KIND
             changed = True
-        i += ip[i + 1]
-    if changed:
-        ip[tcp_off + 16 : tcp_off + 18] = b"\0\0"
-        ip[tcp_off + 16 : tcp_off + 18] = tcp_checksum(src, dst, bytes(ip[tcp_off:])).to_bytes(2, "big")
-    return changed
-
-
-def payload_len(ip: bytes | bytearray) -> int:
-    if not ip:
-        return 0
-    if ip[0] >> 4 == 4 and len(ip) >= 20:
-        off = (ip[0] & 15) * 4
-    elif ip[0] >> 4 == 6 and len(ip) >= 40:
-        off = 40
-    else:
-        return 0
-    if len(ip) < off + 13:
-        return 0
-    return max(0, len(ip) - off - (ip[off + 12] >> 4) * 4)
+    return changed and fill_tcp_checksum(ip)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,10 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_packet(pkt: object) -> None:
         nonlocal seen
         ip = bytearray(pkt.get_payload())  # type: ignore[attr-defined]
-        n = payload_len(ip)
-        seen += n
-        if n and seen > args.after and strip_dss(ip):
-            pkt.set_payload(bytes(ip))  # type: ignore[attr-defined]
+        seg = parse_ip(memoryview(ip))
+        if isinstance(seg, TcpSegment) and seg.payload_len:
+            seen += seg.payload_len
+            if seen > args.after and strip_dss(ip, seg):
+                pkt.set_payload(bytes(ip))  # type: ignore[attr-defined]
         pkt.accept()  # type: ignore[attr-defined]
 
     q = NetfilterQueue()

@@ -12,7 +12,7 @@ from mproxy.lab.scenarios import SCENARIOS, ScenarioResult
 
 LAB_REASON = lab_available()
 ATTEMPTS = 3
-# dss_stripped falls back on purpose, and the kernel often loses bytes there: it retries by its own test
+# dss_stripped falls back on purpose, and the kernel often loses bytes there: the scenario retries itself
 JUDGED_BY_THE_KERNEL = set(SCENARIOS) - {"dss_stripped"}
 
 
@@ -21,11 +21,11 @@ def kernel_trouble(name: str, res: ScenarioResult) -> list[str]:
     intact over MPTCP (mproxy is not on the path in these scenarios: the gateway forwards)."""
     if name not in JUDGED_BY_THE_KERNEL:
         return []
-    out = res.problems()
-    out += [f"{c.four_tuple} fell back to TCP" for c in res.connections if c.mptcp is False]
-    if out and res.mib:
-        out.append(f"kernel MPTCP counters: {res.mib}")
-    return out
+    problems = res.problems()  # these name the kernel counters when there are any
+    fell_back = [f"{c.four_tuple} fell back to TCP" for c in res.connections if c.mptcp is False]
+    if fell_back and not problems and res.mib:
+        fell_back.append(f"kernel MPTCP counters: {res.mib}")
+    return problems + fell_back
 
 
 @pytest.fixture(scope="session")
