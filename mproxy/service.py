@@ -194,8 +194,7 @@ class Service:
         logged = bool(c.log.events)  # without an event log nobody reads the streams' digests: none are made
         if c.sink.worker and (c.sink.interface or c.sink.pcap):  # fork first: nothing else is open yet
             remote = RemoteSinks(self.gateway.pipeline, c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb,
-                                 c.sink.pcap_keep, inherited=(self.channel,) if self.channel is not None else (),
-                                 hash_streams=logged)
+                                 c.sink.pcap_keep, hash_streams=logged)
             remote.start()
             self.sinks = remote  # type: ignore[assignment]
             # the emitter process hashes the rebuilt streams (~1 ns a byte off the verdict path); their
@@ -293,6 +292,8 @@ class Service:
                     self.sinks.write(frames)
                 self._after_batch()
                 self.sinks.flush()
+                if isinstance(self.sinks, RemoteSinks):
+                    self.sinks.revive()  # a lost emitter process is replaced (after its back-off)
                 self._settle_digests()
                 self._watch_kernel_queue()
                 if self.bypass is not None and self.bypass.due():
@@ -312,6 +313,7 @@ class Service:
                 tracker=gw.tracker, pipeline=gw.pipeline.stats, gateway=gw.stats, queue=self.metric_queue,
                 latency=self.histogram, mode="gateway", sinks=lambda: self.sinks.stats(),
                 sink_process=self._sink_process_up if isinstance(self.sinks, RemoteSinks) else None,
+                sink_restarts=self._sink_restarts if isinstance(self.sinks, RemoteSinks) else None,
                 events=self.events,
                 extra=[self._reaction_metrics]))
         self._update_queue_metrics()
@@ -383,6 +385,9 @@ class Service:
     def _sink_process_up(self) -> bool:
         return isinstance(self.sinks, RemoteSinks) and self.sinks.running()
 
+    def _sink_restarts(self) -> int:
+        return self.sinks.restarts if isinstance(self.sinks, RemoteSinks) else 0
+
     def _write_records(self, recs: list[dict[str, Any]]) -> None:
         assert self.events is not None
         aw = self._awaiting
@@ -398,17 +403,20 @@ class Service:
     def _settle_digests(self) -> None:
         """Write the records held for their digests once the emitter process has answered (a round
         trip: everything shipped before is hashed by then). If it died, they go out with ``sha256``
-        null and the tracker hashes the connections that open from then on."""
+        null, and the tracker hashes the connections that open until another one runs."""
         aw, remote = self._awaiting, self.sinks
         if aw is None or not isinstance(remote, RemoteSinks):
             return
         if aw.held and remote.running():
             remote.stats()
         tracker = self.gateway.pipeline.tracker
-        if not remote.running() and not tracker.stream_hash:
+        running = remote.running()
+        if not running and not tracker.stream_hash:
             tracker.stream_hash = True
             log.warning("the emitter process is gone: connections open now are logged without sha256; "
-                        "new ones are hashed here")
+                        "new ones are hashed here until another one runs")
+        elif running and tracker.stream_hash:
+            tracker.stream_hash = False  # it hashes the connections that open from now on
         ready = aw.settle(remote.take_digests())
         if ready and self.events is not None:
             self.events.write(ready)
@@ -558,6 +566,7 @@ class Service:
             "reassembled_bytes": {"c2s": gw.pipeline.stats.bytes_out[0], "s2c": gw.pipeline.stats.bytes_out[1]},
             "sinks": self.sinks.stats(),
             "sink_process": self._sink_process_up() if isinstance(self.sinks, RemoteSinks) else None,
+            "sink_restarts": self._sink_restarts() if isinstance(self.sinks, RemoteSinks) else None,
             "reactions": {"inspector": _inspector_stats(gw), "responder": {
                 k: getattr(gw.responder.stats, k) for k in gw.responder.stats.__slots__},  # type: ignore[attr-defined]
                 "alerts": self.alert_feed.stats.as_dict() if self.alert_feed else None,

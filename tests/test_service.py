@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from hashlib import sha256
 from pathlib import Path
 
@@ -316,7 +317,8 @@ def test_the_emitter_process_hashes_and_the_records_wait_for_its_digests(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """With the sinks in the emitter process, that process hashes the rebuilt streams: a connection's
     record waits for the round trip that brings its digests, and says what the tracker would have. If
-    the process dies, held records go out with sha256 null and the tracker hashes new connections."""
+    the process dies, held records go out with sha256 null and the tracker hashes new connections until
+    another process is started; that one hashes the connections that open after it."""
     from mproxy.core.gateway import Gateway
 
     def conn(sport: int) -> list[bytes]:
@@ -343,7 +345,7 @@ def test_the_emitter_process_hashes_and_the_records_wait_for_its_digests(
         svc._settle_digests()  # a tick
         with caplog.at_level(logging.WARNING, "mproxy"):
             svc.sinks._proc.kill()  # type: ignore[attr-defined]
-            svc.sinks._proc.join(5)  # type: ignore[attr-defined]
+            svc.sinks._proc.wait(5)  # type: ignore[attr-defined]
             assert svc._sink_process_up() is False  # noticed without anything sent (mproxy_sink_process_up 0)
             opened = conn(41001)
             for p in opened[:3]:  # open while the process dies: its digests are lost
@@ -358,7 +360,15 @@ def test_the_emitter_process_hashes_and_the_records_wait_for_its_digests(
                 svc.sinks.write(svc.gateway.packet(p, 1000.0).frames)
                 svc._after_batch()
             svc._settle_digests()
+            assert svc.sinks.revive(time.monotonic() + 60)  # type: ignore[attr-defined]  # (the tick does this)
+            svc._settle_digests()
+            assert svc.gateway.pipeline.tracker.stream_hash is False  # the new process hashes again
+            for p in conn(41003):
+                svc.sinks.write(svc.gateway.packet(p, 1000.0).frames)
+                svc._after_batch()
+            svc._settle_digests()
         assert "connections open now are logged without sha256" in caplog.text
+        assert "started again (restart 1)" in caplog.text
     finally:
         svc.stop()
     recs = [json.loads(line) for line in events.read_text().splitlines()]
@@ -366,8 +376,9 @@ def test_the_emitter_process_hashes_and_the_records_wait_for_its_digests(
            for r in recs if r["event"] == "mptcp_connection"}
     assert got[41000] == want[41000] and want[41000][0] is not None
     assert got[41001] == (None, None)
-    assert [r["sink_process"] for r in recs if r["event"] == "stats"] == [False]
+    assert [(r["sink_process"], r["sink_restarts"]) for r in recs if r["event"] == "stats"] == [(True, 1)]
     assert got[41002] == want[41000]  # the same bytes
+    assert got[41003] == want[41000]  # hashed by the process started again
 
 
 @pytest.mark.parametrize("bound", ["number", "age"])

@@ -168,7 +168,9 @@ class TcpEmitter:
 
     Addressed as the connection's initial subflow. Every method returns a list
     of ``(ts, ethernet_frame)``. ISNs and IP IDs are derived from a hash of the
-    4-tuple unless given, so the same input always gives the same output.
+    4-tuple (and ``salt``) unless given, so the same input always gives the same
+    output; a conversation resumed after the emitter process was restarted
+    gets a salt, so an IDS does not take its SYN for a repeat of the first.
     """
 
     __slots__ = ("_v4", "_mss", "_c", "_s", "_opened", "_closed", "_reset", "_discarded")
@@ -183,6 +185,7 @@ class TcpEmitter:
         mss: int = 1460,
         client_isn: int | None = None,
         server_isn: int | None = None,
+        salt: bytes = b"",
     ) -> None:
         client_addr, server_addr = bytes(client_addr), bytes(server_addr)
         if len(client_addr) not in (4, 16) or len(server_addr) != len(client_addr):
@@ -194,7 +197,7 @@ class TcpEmitter:
             raise ValueError(f"mss must be in 1..{_MAX_MSS}, not {mss}")
         ipver = 4 if len(client_addr) == 4 else 6
         h = hashlib.sha256(
-            b"mproxy-emitter\0" + client_addr + _U16.pack(client_port) + server_addr + _U16.pack(server_port)
+            b"mproxy-emitter\0" + client_addr + _U16.pack(client_port) + server_addr + _U16.pack(server_port) + salt
         ).digest()
         c_isn = int.from_bytes(h[0:4], "big") if client_isn is None else client_isn & _MASK32
         s_isn = int.from_bytes(h[4:8], "big") if server_isn is None else server_isn & _MASK32

@@ -98,6 +98,11 @@ class Emission:
                 em = TcpEmitter(op[2], op[3], op[4], op[5], mss=self.mss)
                 emitters[op[1]] = em
                 out += em.open(op[6])
+            elif kind == "resume":  # a fresh emitter process takes over a conversation mid-stream
+                if op[1] not in emitters:
+                    em = TcpEmitter(op[2], op[3], op[4], op[5], mss=self.mss, salt=b"resume:%d" % op[7])
+                    emitters[op[1]] = em
+                    out += em.open(op[6])
             elif kind == "skip":
                 em = emitters.get(op[1])
                 if em is not None:
@@ -135,6 +140,9 @@ class Pipeline:
         self.records: list[dict[str, Any]] = []
         self.emission = Emission(mss, self.passthrough_mss)
         self.remote: list[Op] | None = None
+        # the conversations an emitter holds: connection id -> [open op, c2s finished, s2c finished];
+        # what a restarted emitter process needs to take them over (resume_ops)
+        self.conversations: dict[int, list[Any]] = {}
         # matched on each connection's rebuilt stream as it is released (the live gateway inspects in
         # its responder instead, before the verdict): one `signature` record per match
         self.inspector: Inspector | None = None
@@ -178,14 +186,20 @@ class Pipeline:
             elif isinstance(e, ConnectionOpened):
                 conn = self.tracker.connections.get(e.conn_id)
                 if conn is not None:
-                    ops.append(("open", e.conn_id, conn.client[0], conn.client[1], conn.server[0],
-                                conn.server[1], e.ts))
+                    op = ("open", e.conn_id, conn.client[0], conn.client[1], conn.server[0], conn.server[1], e.ts)
+                    ops.append(op)
+                    self.conversations[e.conn_id] = [op, False, False]
             elif isinstance(e, GapSkipped):
                 ops.append(("skip", e.conn_id, e.direction == Direction.C2S, e.length))
             elif isinstance(e, DataFinished):
-                ops.append(("fin", e.conn_id, e.direction == Direction.C2S, e.ts))
+                c2s = e.direction == Direction.C2S
+                ops.append(("fin", e.conn_id, c2s, e.ts))
+                conv = self.conversations.get(e.conn_id)
+                if conv is not None:
+                    conv[1 if c2s else 2] = True
             elif isinstance(e, ConnectionClosed):
                 ops.append(("close", e.conn_id, e.ts, e.reset, e.outcome != Outcome.END_OF_INPUT))
+                self.conversations.pop(e.conn_id, None)
                 if isinstance(e, ConnectionClosedSummary):
                     self.records.append(e.summary)
                 if ins is not None:
@@ -220,6 +234,19 @@ class Pipeline:
         out = em.apply(ops)
         self.stats.emitted_frames, self.stats.passthrough_frames = em.frames, em.passthrough
         return out
+
+    def resume_ops(self, generation: int, ts: float) -> list[Op]:
+        """Ops that open every conversation in progress again in a new emitter process (the
+        ``generation``-th): a new handshake (other ISNs) from which their data goes on, half-closed
+        where a DATA_FIN was already emitted. The bytes the dead process had not written are lost."""
+        ops: list[Op] = []
+        for cid, (op, c2s_fin, s2c_fin) in self.conversations.items():
+            ops.append(("resume", cid, op[2], op[3], op[4], op[5], ts, generation))
+            if c2s_fin:
+                ops.append(("fin", cid, True, ts))
+            if s2c_fin:
+                ops.append(("fin", cid, False, ts))
+        return ops
 
     def take_ops(self) -> list[Op]:
         """The emission ops gathered since the last call (remote mode)."""

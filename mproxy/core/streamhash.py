@@ -26,36 +26,47 @@ _EMPTY = hashlib.sha256().hexdigest()
 class StreamHashes:
     """Hashes per connection direction, fed with emission ops in order. A ``close`` op ends a
     connection: its digests move to :attr:`done`. Every connection the tracker closes gets a
-    ``close`` op, so nothing is held for longer than a connection lives."""
+    ``close`` op, so nothing is held for longer than a connection lives. A conversation taken over
+    mid-stream (``resume``: a restarted emitter process) is not hashed: its digests would be of a
+    part of the stream, so its record keeps ``sha256`` null."""
 
-    __slots__ = ("_h", "done")
+    __slots__ = ("_h", "_partial", "done")
 
     def __init__(self) -> None:
         self._h: dict[tuple[int, bool], Any] = {}  # (connection, from client) -> hash of its released bytes
+        self._partial: set[int] = set()  # resumed connections: their first bytes went to a dead process
         self.done: Digests = {}
 
     def update(self, ops: list[Op]) -> None:
         hs = self._h
+        partial = self._partial
         for op in ops:
             kind = op[0]
             if kind == "data":
                 h = hs.get((op[1], op[2]))
                 if h is None:
+                    if partial and op[1] in partial:
+                        continue
                     h = hs[(op[1], op[2])] = hashlib.sha256()
                 h.update(op[3])
             elif kind == "close":
                 cid = op[1]
+                if partial and cid in partial:
+                    partial.discard(cid)
+                    continue
                 c2s, s2c = hs.pop((cid, True), None), hs.pop((cid, False), None)
                 self.done[cid] = (_EMPTY if c2s is None else c2s.hexdigest(),
                                   _EMPTY if s2c is None else s2c.hexdigest())
+            elif kind == "resume":
+                partial.add(op[1])
 
     def take_done(self) -> Digests:
         done, self.done = self.done, {}
         return done
 
     def __len__(self) -> int:
-        """Connection directions being hashed."""
-        return len(self._h)
+        """Connection directions being hashed (or skipped, resumed)."""
+        return len(self._h) + len(self._partial)
 
 
 def fill_record(rec: dict[str, Any], digests: Digests) -> None:

@@ -100,6 +100,7 @@ class Sources:
     lock: threading.Lock | None = None  # held while reading if the core runs in another thread
     sinks: Callable[[], list[dict[str, Any]]] | None = None  # FrameSinks.stats
     sink_process: Callable[[], bool] | None = None  # the emitter process ([sink] worker) is running
+    sink_restarts: Callable[[], int] | None = None  # emitter processes started after one was lost
     events: Any = None  # the EventLog (records, errors)
     extra: list[Callable[[], Iterable[Any]]] = field(default_factory=list)  # more families (other adapters)
 
@@ -180,9 +181,15 @@ class MproxyCollector(Collector):
             yield from self._sinks(s.sinks())
         if s.sink_process is not None:
             g = GaugeMetricFamily("mproxy_sink_process_up", "1 while the emitter process ([sink] worker) writes the "
-                                  "IDS sinks; 0 once it died: the IDS gets nothing more from this worker")
+                                  "IDS sinks; 0 from its death until another one is started (after 1 s, doubling "
+                                  "to 30 s while they keep dying): the IDS gets nothing from this worker meanwhile")
             g.add_metric([], 1 if s.sink_process() else 0)
             yield g
+        if s.sink_restarts is not None:
+            c = _counter("mproxy_sink_process_restarts", "Emitter processes started after one was lost; the "
+                         "connections in progress then lost part of their emitted stream")
+            c.add_metric([], s.sink_restarts())
+            yield c
         if s.events is not None:
             c = _counter("mproxy_event_log_records", "Records written to the JSON-lines event log")
             c.add_metric([], s.events.records)

@@ -129,3 +129,45 @@ def test_held_records_fall_due_by_age_or_number() -> None:
     aw.settle({})
     aw.hold([_conn_record(4)], 50.0)  # a new oldest
     assert not aw.due(50.1, 0.2, 3)
+
+
+def test_a_conversation_taken_over_mid_stream_gets_no_digest() -> None:
+    """A restarted emitter process hashes only what it saw from the open: the conversations it takes
+    over (``resume``) get no digest (their records keep sha256 null), the others theirs, and nothing
+    is left held once they close."""
+    pipe = Pipeline()
+    pipe.remote = []
+    a, b = Session(1, sport=40001), Session(1, sport=40002)
+    for p in a.handshake() + b.handshake() + [a.data(0, True, 0, b"a" * 500), b.data(0, True, 0, b"b" * 500)]:
+        pipe.feed(101, p, 1000.0)
+    pipe.take_ops()  # went to the process that died
+    assert len(pipe.conversations) == 2
+    resume = pipe.resume_ops(1, 1001.0)
+    assert [op[0] for op in resume] == ["resume", "resume"]
+    hashes = StreamHashes()
+    hashes.update(resume)
+    late = Session(1, sport=40003)
+    rest = [a.data(0, True, 500, b"A" * 500), a.data_fin(0, True, 1000), a.data_fin(0, False, 0), a.fin(0, True),
+            a.fin(0, False), b.data(0, False, 0, b"B" * 300)]
+    for i, p in enumerate(rest + late.handshake() + [late.data(0, True, 0, b"late" * 100)]):
+        pipe.feed(101, p, 1002.0 + i / 100)
+        hashes.update(pipe.take_ops())
+    pipe.finish(1100.0)
+    hashes.update(pipe.take_ops())
+    by_port = {r["client_port"]: r["conn_id"] for r in records(pipe)}
+    assert set(by_port) == {40001, 40002, 40003}
+    done = hashes.take_done()
+    assert set(done) == {by_port[40003]}
+    assert done[by_port[40003]] == (hashlib.sha256(b"late" * 100).hexdigest(), EMPTY)
+    assert len(hashes) == 0 and pipe.conversations == {}
+
+
+def test_resume_ops_carry_the_half_closes_already_emitted() -> None:
+    pipe = Pipeline()
+    pipe.remote = []
+    s = Session(1)
+    for p in s.handshake() + [s.data(0, True, 0, b"x" * 100), s.data_fin(0, True, 100)]:
+        pipe.feed(101, p, 1000.0)
+    (cid,) = pipe.conversations
+    assert pipe.resume_ops(3, 5.0)[1:] == [("fin", cid, True, 5.0)]
+    assert pipe.resume_ops(3, 5.0)[0][7] == 3

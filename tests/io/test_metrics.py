@@ -80,7 +80,7 @@ def full_exposition() -> str:
              {"pcap": "/tmp/x.1.pcap", "frames": 3, "files": 1, "errors": 0}]
     src = Sources(tracker=gw.tracker, pipeline=gw.pipeline.stats, gateway=gw.stats,
                   queue=QueueStats(accepted=5, kernel=True, max_len=4096, bypassed={0: 3}), latency=h, mode="gateway",
-                  sinks=lambda: sinks, sink_process=lambda: True, events=EventLog(""), extra=[reaction_families, lambda: [reload_family({})]])
+                  sinks=lambda: sinks, sink_process=lambda: True, sink_restarts=lambda: 0, events=EventLog(""), extra=[reaction_families, lambda: [reload_family({})]])
     return generate_latest(make_registry(src)).decode()
 
 

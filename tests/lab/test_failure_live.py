@@ -142,31 +142,72 @@ def test_full_queue_fail_closed_is_counted_by_mproxy(lab: Any, tmp_path: Path) -
     assert st["queue"]["core_errors"] == 0
 
 
-def test_a_dead_emitter_process_is_reported_and_verdicts_and_hashes_go_on(lab: Any, tmp_path: Path) -> None:
-    """The process that writes the IDS sinks (and hashes the rebuilt streams) dies: traffic still
-    passes, ``mproxy_sink_process_up`` reads 0 within a tick, the log says so, and a connection that
-    opens afterwards is hashed in the worker: its record's sha256 is what the applications sent."""
+def test_a_dead_emitter_process_is_replaced_and_the_ids_keeps_seeing_the_connections(
+        lab: Any, tmp_path: Path) -> None:
+    """The process that writes the IDS sinks (and hashes the rebuilt streams) is killed mid-transfer.
+    Traffic passes; another one is started (``mproxy_sink_process_up`` 1 again,
+    ``mproxy_sink_process_restarts_total`` 1); the connection in progress goes on in the emitted
+    stream with a new handshake, which tshark reads as a TCP conversation of its own carrying the tail
+    of what the client sent and the whole reply; its record has sha256 null. A connection opened
+    afterwards is emitted and hashed whole."""
     import os
+    import subprocess
+
+    from mproxy.lab.apps import pattern_bytes
+    from tests.oracles import tshark_follow_raw
 
     mp = Mproxy(lab, tmp_path / "mproxy", metrics="127.0.0.1:9464").start()
-    try:
+    killed: list[int] = []
+
+    def emitter() -> list[str]:
         assert mp.proc is not None
+        return Path(f"/proc/{mp.proc.pid}/task/{mp.proc.pid}/children").read_text().split()
+
+    def kill(pct: int) -> None:
+        if pct >= 20 and not killed:
+            (child,) = emitter()  # one worker: its emitter process only
+            os.kill(int(child), signal.SIGKILL)
+            killed.append(int(child))
+
+    try:
         assert mp.scrape()[("mproxy_sink_process_up", ())] == 1.0
-        children = Path(f"/proc/{mp.proc.pid}/task/{mp.proc.pid}/children").read_text().split()
-        assert len(children) == 1, children  # one worker: its emitter process only
-        os.kill(int(children[0]), signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while mp.scrape()[("mproxy_sink_process_up", ())] != 0.0:
-            assert time.monotonic() < deadline, "the dead emitter process was not noticed"
+        during = transfer(lab, tmp_path, "during", c2s_bytes=4_000_000, s2c_bytes=200_000, rate=1_000_000,
+                          on_progress=kill)
+        deadline = time.monotonic() + 10
+        while True:
+            m = mp.scrape()
+            if m[("mproxy_sink_process_up", ())] == 1.0 and m[("mproxy_sink_process_restarts_total", ())] == 1.0:
+                break
+            assert time.monotonic() < deadline, "no emitter process was started again"
             time.sleep(0.2)
-        time.sleep(1.5)  # a tick: the tracker hashes new connections again
-        res = transfer(lab, tmp_path, "after", c2s_bytes=400_000, s2c_bytes=100_000)
+        assert killed and [int(c) for c in emitter()] != killed
+        after = transfer(lab, tmp_path, "after", c2s_bytes=400_000, s2c_bytes=100_000, seed=7)
     finally:
         rc = mp.stop()
     assert rc == 0 and "Traceback" not in mp.err, mp.err
-    assert "the emitted stream stops (verdicts go on)" in mp.err
-    assert "the emitter process is gone" in mp.err
-    (c,) = res.connections
-    (rec,) = [r for r in mp.connections() if r["client_port"] == c.client_port]
-    assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
-    assert (rec["s2c"]["bytes"], rec["s2c"]["sha256"]) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
+    assert "the emitted stream stops (verdicts go on) until another is started" in mp.err
+    assert "started again (restart 1): connections in progress (1)" in mp.err
+    (d,), (a,) = during.connections, after.connections
+    recs = {r["client_port"]: r for r in mp.connections()}
+    assert recs[d.client_port]["c2s"]["sha256"] is None and recs[d.client_port]["c2s"]["bytes"] == d.c2s_sent_bytes
+    assert (recs[a.client_port]["c2s"]["sha256"], recs[a.client_port]["s2c"]["sha256"]) == \
+        (a.c2s_sent_sha256, a.s2c_sent_sha256)
+    assert mp.stats()["sink_restarts"] == 1
+
+    files = sorted(mp.dir.glob("sink.*.pcap"), key=lambda f: int(f.name.split(".")[1]))
+    assert len(files) == 2, files  # the second process wrote a file of its own
+    joined = tmp_path / "sink.pcap"
+    subprocess.run(["mergecap", "-a", "-w", str(joined), *map(str, files)], check=True)
+    by_port: dict[int, list[Any]] = {}
+    for st in tshark_follow_raw(joined):
+        by_port.setdefault(st.client[1], []).append(st)
+    sent = pattern_bytes(d.seed, d.c2s_sent_bytes)
+    assert sha(sent) == d.c2s_sent_sha256
+    # what the killed process had written (its pcap buffer, up to 1 MiB, died with it), then the
+    # conversation taken over: tshark reads the new handshake as a conversation of its own
+    *before, resumed = by_port[d.client_port]
+    assert len(before) <= 1 and all(sent.startswith(b.client_data) for b in before)
+    assert sent.endswith(resumed.client_data) and 0 < len(resumed.client_data) < len(sent)
+    assert sha(resumed.server_data) == d.s2c_sent_sha256  # the reply came after the restart: whole
+    (whole,) = by_port[a.client_port]
+    assert (sha(whole.client_data), sha(whole.server_data)) == (a.c2s_sent_sha256, a.s2c_sent_sha256)
