@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from mproxy.lab.gateway import start_mproxy, stop_mproxy  # noqa: E402 - after the path is set
 
 IPPROTO_MPTCP = 262
 PORT = 5301
@@ -231,14 +232,8 @@ class Mproxy:
         cfg = self.work / f"{self.tag}.toml"
         cfg.write_text(f'[queue]\nnum = 7\nworkers = {self.workers}\n[sink]\ninterface = "sink0"\n'
                        f'[log]\nevents = "{self.events}"\n[metrics]\nlisten = ""\n')
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = self.lab.popen(self.lab.ns_gw, sys.executable, "-m", "mproxy", "run", "-c", str(cfg),
-                                   env=env, stderr=open(self.err, "wb"))
-        deadline = time.monotonic() + 15
-        while b"ready:" not in self.err.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mproxy did not start: {self.err.read_text()}")
-            time.sleep(0.05)
+        self.err.unlink(missing_ok=True)
+        self.proc = start_mproxy(self.lab, cfg, self.err)
         if self.profile:
             spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             self.spy = subprocess.Popen([spy, "record", "-p", str(self.proc.pid), "-r", "250", "--format",
@@ -252,8 +247,7 @@ class Mproxy:
             self.spy.send_signal(signal.SIGINT)
             self.spy.wait(30)
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
+        stop_mproxy(self.proc)
 
     def all_stats(self) -> list[dict]:  # type: ignore[type-arg]
         """Every ``stats`` record (one per worker process with ``workers`` > 1)."""

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from types import FrameType
 from typing import Any
 
 from .lab import http_attack as ha
+from .lab.gateway import start_mproxy, stop_mproxy
 
 QUEUE = 7
 METRICS = "127.0.0.1:9464"
@@ -85,25 +85,12 @@ events = "{d / 'events.jsonl'}"
 [metrics]
 listen = "{METRICS}"
 """)
-    err = open(d / "mproxy.err", "wb")
-    env = dict(os.environ, PYTHONPATH=str(_REPO))
-    proc = lab.popen(lab.ns_gw, sys.executable, "-m", "mproxy", "run", "-c", str(cfg), env=env, stderr=err,
-                     start_new_session=True)  # Ctrl-C reaches the demo, which stops mproxy itself
-    err.close()
-    deadline = time.monotonic() + 20
-    while "ready:" not in (d / "mproxy.err").read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"mproxy did not start:\n{(d / 'mproxy.err').read_text(errors='replace')}")
-        time.sleep(0.05)
+    # its own session: Ctrl-C reaches the demo, which stops mproxy itself
+    proc = start_mproxy(lab, cfg, d / "mproxy.err", start_new_session=True)
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_mproxy(proc, 20)
 
 
 def _records(d: Path) -> list[dict[str, Any]]:

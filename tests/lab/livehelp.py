@@ -26,6 +26,7 @@ from typing import Any
 _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
+from mproxy.lab.gateway import start_mproxy, stop_mproxy  # noqa: E402 - after the path is set
 
 SINK_IF, IDS_IF = "sink0", "sink1"
 QUEUE = 0
@@ -129,29 +130,13 @@ listen = "{self.metrics}"
 
     def start(self, timeout: float = 20.0) -> Mproxy:
         """Start (again: a restart appends to the same stderr file and event log) and wait for ready."""
-        cfg = self.config()
-        before = self.err.count("ready:")
-        argv = [*self.launcher, "ip", "netns", "exec", self.lab.ns_gw, *self.inside, sys.executable, "-m",
-                "mproxy", "run", "-c", str(cfg)]
-        with open(self.dir / "mproxy.err", "ab") as err:
-            self.proc = subprocess.Popen(argv, env=env(), stdin=subprocess.DEVNULL, stderr=err)
-        self.lab._procs.append(self.proc)  # the lab kills it at teardown if a test did not
-        deadline = time.monotonic() + timeout
-        while self.err.count("ready:") <= before:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mproxy did not start (exit {self.proc.poll()}): {self.err}")
-            time.sleep(0.05)
+        self.proc = start_mproxy(self.lab, self.config(), self.dir / "mproxy.err", timeout=timeout, env=env(),
+                                 launcher=self.launcher, inside=self.inside)
         return self
 
     def stop(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.rc = self.proc.wait(5)
+        self.rc = stop_mproxy(self.proc, timeout)
         return self.rc
 
     def check_clean_stop(self) -> None:
