@@ -130,6 +130,46 @@ def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(lab: Any, tmp_pa
     assert rules_left(lab).count("MPROXY") == 0
 
 
+def test_a_workers_dead_emitter_process_is_replaced(lab: Any, tmp_path: Path) -> None:
+    """With workers, each has its own emitter process: killing worker 1's gets it another one (its
+    metrics say so under its ``worker`` label) while worker 0's is untouched, and connections that
+    open afterwards on either worker are emitted and hashed whole."""
+    import os
+    import signal
+
+    mp = Mproxy(lab, tmp_path / "mproxy", workers=2, metrics=METRICS)
+    mp.start()
+    try:
+        (worker,) = lab.run(lab.ns_gw, "pgrep", "-f", "mproxy worker .*--index 1").stdout.split()
+        (child,) = Path(f"/proc/{worker}/task/{worker}/children").read_text().split()
+        os.kill(int(child), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            scrape = mp.scrape()
+            if scrape.get(("mproxy_sink_process_restarts_total", (("worker", "1"),))) == 1.0 and \
+                    scrape[("mproxy_sink_process_up", (("worker", "1"),))] == 1.0:
+                break
+            assert time.monotonic() < deadline, "worker 1's emitter process was not replaced"
+            time.sleep(0.2)
+        assert scrape[("mproxy_sink_process_restarts_total", (("worker", "0"),))] == 0.0
+        conns: list[Any] = []
+        for i in range(4):  # until worker 1 got a connection (steering hashes: 4 land on one worker in 1 of 8)
+            conns += transfer(lab, tmp_path, f"after{i}", connections=4, c2s_bytes=200_000, s2c_bytes=100_000,
+                              seed=10 * i + 1).connections
+            ports = {c.client_port for c in conns}
+            if any(r["worker"] == 1 for r in mp.records() if r.get("client_port") in ports and
+                   r["event"] == "mptcp_connection"):
+                break
+    finally:
+        assert mp.stop() == 0, mp.err
+    assert "started again (restart 1)" in mp.err and "Traceback" not in mp.err, mp.err
+    recs = {r["client_port"]: r for r in mp.connections()}
+    for c in conns:
+        r = recs[c.client_port]
+        assert (r["c2s"]["sha256"], r["s2c"]["sha256"]) == (c.c2s_sent_sha256, c.s2c_sent_sha256)
+    assert {recs[c.client_port]["worker"] for c in conns} == {0, 1}
+
+
 def test_a_stop_under_load_counts_nothing_as_bypassed(lab: Any, tmp_path: Path) -> None:
     """SIGTERM while four transfers run: every packet the rules matched reached a queue. The control
     process takes its last reading of the counters before its workers unbind their queues (a queue
