@@ -57,8 +57,9 @@ _SUMMED = ("frames", "bytes", "dropped", "too_big", "errors", "files")  # sink c
 
 def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, passthrough_mss: int | None,
            hash_streams: bool = False) -> None:
-    """The worker: ops in, frames out to the sinks; answers ``stats`` and ``close`` in order, with
-    the stream digests of the connections closed since the last answer (``hash_streams``)."""
+    """The worker: ops in, frames out to the sinks; ``flush`` flushes them; answers ``stats`` and
+    ``close`` in order, with the stream digests of the connections closed since the last answer
+    (``hash_streams``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -73,7 +74,7 @@ def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, pas
         while True:
             try:
                 msg = pickle.loads(conn.recv_bytes())
-            except EOFError:
+            except (EOFError, OSError):  # the gateway is gone (closed, or reset with our answer unread)
                 break
             kind = msg[0]
             if kind == "b":
@@ -84,10 +85,15 @@ def _child(conn: Connection, sink_args: tuple[str, str, int, int], mss: int, pas
                     frames += msg[2]
                 if frames:
                     sinks.write(frames)
+            elif kind == "flush":
+                sinks.flush()
             elif kind in ("stats", "close"):
                 sinks.flush()
-                conn.send((sinks.stats(), em.frames, em.passthrough,
-                           hashes.take_done() if hashes is not None else {}))
+                try:
+                    conn.send((sinks.stats(), em.frames, em.passthrough,
+                               hashes.take_done() if hashes is not None else {}))
+                except OSError:
+                    break
                 if kind == "close":
                     break
     finally:
@@ -189,7 +195,10 @@ class RemoteSinks:
         self.write([])
 
     def flush(self) -> None:
+        """Ship what is pending and have the child flush its sinks (the gateway's tick: a pcap sink
+        then holds at most about a second of frames in its buffer, as in one process)."""
         self.pump()
+        self._send(("flush",))
 
     def stats(self) -> list[dict[str, Any]]:
         """The sink counters, the dead children's included (a round trip: everything sent before

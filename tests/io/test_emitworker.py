@@ -267,3 +267,25 @@ def test_stats_of_a_worker_that_died_before_answering() -> None:
     assert _add_counts(base, []) == base
     assert _add_counts(base, [{"pcap": "a.1.pcap", "frames": 2, "files": 1, "errors": 1}]) == \
         [{"pcap": "a.1.pcap", "frames": 7, "files": 2, "errors": 1}]
+
+
+def test_flush_reaches_the_pcap_file_without_a_round_trip(tmp_path: Path) -> None:
+    """The gateway's tick flushes the child's sinks: the frames are in the pcap file within moments,
+    not only when the 1 MiB buffer fills or a stats round trip comes (a crash then loses at most
+    about a tick of them)."""
+    gw = Gateway(split_passthrough=True)
+    sinks = RemoteSinks(gw.pipeline, "", str(tmp_path / "f"), 100, 3)
+    sinks.start()
+    try:
+        for p in traffic()[:-4]:  # open, data: well under the buffer
+            sinks.write(gw.packet(p, 1000.0).frames)
+        path = tmp_path / "f.0.pcap"
+        assert path.stat().st_size == 0  # buffered in the child
+        sinks.flush()
+        deadline = time.monotonic() + 5
+        while path.stat().st_size < 20_000:
+            assert time.monotonic() < deadline, path.stat().st_size
+            time.sleep(0.02)
+        assert sinks.running()
+    finally:
+        sinks.close()

@@ -203,8 +203,8 @@ def test_a_dead_emitter_process_is_replaced_and_the_ids_keeps_seeing_the_connect
         by_port.setdefault(st.client[1], []).append(st)
     sent = pattern_bytes(d.seed, d.c2s_sent_bytes)
     assert sha(sent) == d.c2s_sent_sha256
-    # what the killed process had written (its pcap buffer, up to 1 MiB, died with it), then the
-    # conversation taken over: tshark reads the new handshake as a conversation of its own
+    # what the killed process had written (flushed at each tick; what it buffered since died with
+    # it), then the conversation taken over: tshark reads the new handshake as a conversation of its own
     *before, resumed = by_port[d.client_port]
     assert len(before) <= 1 and all(sent.startswith(b.client_data) for b in before)
     assert sent.endswith(resumed.client_data) and 0 < len(resumed.client_data) < len(sent)
