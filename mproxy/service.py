@@ -625,20 +625,39 @@ class BypassWatch:
     bypass: Bypass
     fail: str  # [queue] fail: what became of them
     rules: netfilter.Rules | None = None  # set once installed
+    saved: netfilter.SavedRuleHits | None = None  # the operator's rules ([rules] manage = false)
     read_at: float = 0.0  # monotonic time of the last rule-hit reading
     warning: LossWarning = field(default_factory=lambda: LossWarning(BYPASSED))
     _reading: asyncio.Future[Any] | None = None  # the reading in its thread, while it runs
 
     @classmethod
     def start(cls, cfg: Config, queues: list[int]) -> BypassWatch | None:
-        """Before the rules exist (their hits start at 0): the queue table as the baseline; None when
-        the rules are not mproxy's or the table cannot be read."""
-        table = kernel_queue_table() if cfg.rules.manage else None
+        """Once the queues are bound. Managed rules do not exist yet (their hits start at 0): the
+        queue table is the baseline. The operator's rules (``[rules] manage = false``) have been
+        counting: the table, then their hits from ``iptables-save -c``. None when the table or the
+        rules cannot be read."""
+        table = kernel_queue_table()
         if table is None:
             return None
         b = Bypass(queues)
-        b.baseline(table)
-        return cls(b, cfg.queue.fail)
+        if cfg.rules.manage:
+            b.baseline(table)
+            return cls(b, cfg.queue.fail)
+        saved = netfilter.SavedRuleHits(cfg)
+        hits = saved.read()
+        if hits is None:
+            log.warning("cannot read the NFQUEUE rules' counters (iptables-save -c): packets that pass the "
+                        "queue uninspected are not counted")
+            return None
+        if saved.spread & set(queues):
+            log.warning("queue(s) %s are fed by --queue-balance rules: packets that pass them uninspected "
+                        "are not counted", ", ".join(map(str, sorted(saved.spread & set(queues)))))
+        if not set(hits) & set(queues):
+            log.warning("no iptables NFQUEUE rule sends packets to queue(s) %s yet (rules made with nft itself "
+                        "are not read): packets that pass them uninspected are counted only once there is one",
+                        ", ".join(map(str, queues)))
+        b.baseline(table, hits)
+        return cls(b, cfg.queue.fail, saved=saved)
 
     def kernel(self, table: dict[int, dict[str, int]]) -> None:
         self.bypass.kernel(table)
@@ -675,7 +694,8 @@ class BypassWatch:
 
     def _read(self) -> tuple[dict[int, int], dict[int, dict[str, int]]] | None:
         """The rules' hits, then the queue table, in that order (see mproxy.io.bypass); blocking."""
-        hits = self.rules.queue_hits() if self.rules is not None else None
+        hits = (self.rules.queue_hits() if self.rules is not None
+                else self.saved.read() if self.saved is not None else None)
         table = kernel_queue_table() if hits is not None else None
         return (hits, table) if hits is not None and table is not None else None
 

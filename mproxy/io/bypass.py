@@ -19,8 +19,14 @@ bypassed. Readings are taken hits first, then the queue table: a packet
 between the two is numbered but not yet a hit, so a reading can only fall short,
 never count a packet that did reach mproxy; the count is kept monotonic.
 
-Sans-I/O: the owner reads the rule counters (:meth:`Rules.queue_hits`) and the
-queue table (:func:`kernel_queue_table`) and passes them in.
+Rules mproxy did not install (``[rules] manage = false``) were counting before
+it started: their hits are read once after the queue table at the start, and
+counted from there (:class:`~mproxy.io.netfilter.SavedRuleHits` follows them
+through resets).
+
+Sans-I/O: the owner reads the rule counters (:meth:`Rules.queue_hits`,
+:meth:`SavedRuleHits.read`) and the queue table (:func:`kernel_queue_table`)
+and passes them in.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class _Queue:
     dropped: int = 0  # its queue_dropped
     ids_before: int = 0  # packets numbered by earlier bindings (minus what was there at the baseline)
     dropped_before: int = 0
+    hits_before: int = 0  # rule hits at the baseline (rules that were there before mproxy)
     bypassed: int = 0
 
 
@@ -51,11 +58,14 @@ class Bypass:
     def __post_init__(self) -> None:
         self._q = {n: _Queue() for n in self.queues}
 
-    def baseline(self, table: Mapping[int, Mapping[str, int]]) -> None:
-        """The queue table just before mproxy's rules exist (their hits start at 0)."""
+    def baseline(self, table: Mapping[int, Mapping[str, int]], hits: Mapping[int, int] | None = None) -> None:
+        """The queue table just before mproxy's rules exist (their hits start at 0); or, for rules
+        that were there already, the table and then their ``hits`` (in that order: a packet between
+        the two readings is left out, so the count can only fall short)."""
         for n, q in self._q.items():
             self._see(q, table.get(n))
             q.ids_before, q.dropped_before = -q.ids, -q.dropped
+            q.hits_before = hits.get(n, 0) if hits else 0
 
     def kernel(self, table: Mapping[int, Mapping[str, int]]) -> None:
         """A reading of the queue table (every tick: a rebinding is noticed before it numbers much)."""
@@ -67,7 +77,7 @@ class Bypass:
         for n, q in self._q.items():
             self._see(q, table.get(n))
             if n in hits:
-                b = hits[n] - (q.ids_before + q.ids) - (q.dropped_before + q.dropped)
+                b = hits[n] - q.hits_before - (q.ids_before + q.ids) - (q.dropped_before + q.dropped)
                 if b > q.bypassed:
                     q.bypassed = b
 

@@ -43,7 +43,8 @@ from typing import Callable
 from ..config import Config, ConfigError
 from ..core.marks import worker_bits
 
-__all__ = ["Command", "RulesError", "Rules", "validate", "install_commands", "delete_commands", "render"]
+__all__ = ["Command", "RulesError", "Rules", "SavedRuleHits", "validate", "install_commands", "delete_commands",
+           "render"]
 
 _TABLE_HOOKS = {
     "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
@@ -190,6 +191,42 @@ def queue_hits_of(listing: str) -> dict[int, int]:
     return hits
 
 
+def saved_queue_rules(dump: str, family: str = "") -> tuple[list[tuple[tuple[str, ...], int, int]], set[int]]:
+    """``iptables-save -c`` read: ``(rule key, queue, packets)`` of every NFQUEUE rule, and the queues
+    that ``--queue-balance`` rules spread packets over (their hits cannot be told apart by queue).
+
+    The key (family, table, the rule without its counters, which of identical rules) follows a rule
+    from one reading to the next, so that a rule zeroed or re-made is noticed as such.
+    """
+    rules: list[tuple[tuple[str, ...], int, int]] = []
+    spread: set[int] = set()
+    table = ""
+    seen: dict[tuple[str, str], int] = {}
+    for line in dump.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            continue
+        if not line.startswith("[") or "NFQUEUE" not in line:
+            continue
+        counts, _, rule = line.partition("] ")
+        f = rule.split()
+        if "-j" not in f or f[f.index("-j") + 1:f.index("-j") + 2] != ["NFQUEUE"]:
+            continue
+        try:
+            packets = int(counts[1:].split(":")[0])
+            if "--queue-balance" in f:
+                lo, _, hi = f[f.index("--queue-balance") + 1].partition(":")
+                spread.update(range(int(lo), int(hi or lo) + 1))
+                continue
+            q = int(f[f.index("--queue-num") + 1]) if "--queue-num" in f else 0
+        except (ValueError, IndexError):
+            continue
+        n = seen.get((table, rule), 0)
+        seen[(table, rule)] = n + 1
+        rules.append(((family, table, rule, str(n)), q, packets))
+    return rules, spread
+
+
 Runner = Callable[[tuple[str, ...]], "subprocess.CompletedProcess[str]"]
 
 
@@ -292,3 +329,51 @@ class Rules:
             if len(parts) == 3 and parts[0].isdigit():
                 rows.append((int(parts[0]), int(parts[1]), parts[2]))
         return rows
+
+
+class SavedRuleHits:
+    """Packets each queue's NFQUEUE rules matched, for rules mproxy did not install (``[rules]
+    manage = false``): every table of ``iptables-save -c`` (and ``ip6tables-save -c``).
+
+    The operator's rules were counting before mproxy started and may be zeroed (``iptables -Z``),
+    deleted or made again while it runs. Each rule's counter is followed on its own: one that went
+    down was reset, and what it had counted is kept; a rule gone keeps its last count. Hits between
+    a reading and a reset are lost, so a figure can only fall short. Queues that a
+    ``--queue-balance`` rule feeds are left out (``spread``): no figure for them beats a wrong one.
+    Rules made with nft itself (not through iptables) are not read.
+    """
+
+    def __init__(self, cfg: Config, runner: Runner = _run) -> None:
+        self._tools = tuple(f"{t}-save" for t in _tools(cfg))
+        self._runner = runner
+        self._last: dict[tuple[str, ...], tuple[int, int]] = {}  # rule -> (queue, packets) last read
+        self._kept: dict[int, int] = {}  # queue -> counts of rules reset or gone
+        self.spread: set[int] = set()
+
+    def read(self) -> dict[int, int] | None:
+        """Queue -> packets matched since these rules exist (None when a tool failed: keep the last)."""
+        rules: list[tuple[tuple[str, ...], int, int]] = []
+        spread: set[int] = set()
+        for tool in self._tools:
+            try:
+                cp = self._runner((tool, "-c"))
+            except (OSError, subprocess.SubprocessError):
+                return None
+            if cp.returncode != 0:
+                return None
+            r, sp = saved_queue_rules(cp.stdout, tool)
+            rules += r
+            spread |= sp
+        now = {key: (q, n) for key, q, n in rules}
+        for key, (q, n) in self._last.items():
+            cur = now.get(key)
+            if cur is None or cur[1] < n:  # gone, or zeroed / made again: what it counted stays
+                self._kept[q] = self._kept.get(q, 0) + n
+        self._last = now
+        self.spread = spread
+        hits = dict(self._kept)
+        for q, n in now.values():
+            hits[q] = hits.get(q, 0) + n
+        for q in spread:
+            hits.pop(q, None)
+        return hits

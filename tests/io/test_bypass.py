@@ -92,13 +92,16 @@ Step = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(start_ids=st.integers(0, M32), steps=st.lists(Step, max_size=40))
-def test_counts_what_bypassed_whenever_it_is_read(start_ids: int, steps: list[tuple[str, str, int]]) -> None:
+@given(start_ids=st.integers(0, M32), steps=st.lists(Step, max_size=40),
+       earlier_hits=st.one_of(st.none(), st.integers(0, 10**9)))
+def test_counts_what_bypassed_whenever_it_is_read(start_ids: int, steps: list[tuple[str, str, int]],
+                                                  earlier_hits: int | None) -> None:
     """Read before every rebinding (the owner reads every tick), the count is exact at every update,
-    across wraps, rebindings and unbound spells; never decreasing."""
-    k = KernelModel(ids=start_ids)
+    across wraps, rebindings and unbound spells; never decreasing. ``earlier_hits``: the rules were
+    the operator's and had counted before mproxy started (their reading is part of the baseline)."""
+    k = KernelModel(ids=start_ids, hits=earlier_hits or 0)
     b = Bypass([7])
-    b.baseline(k.table())
+    b.baseline(k.table(), None if earlier_hits is None else {7: k.hits})
     last = 0
     for kind, how, n in steps:
         if kind == "packet":

@@ -38,7 +38,7 @@ LAB_REASON = lab_available()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
 
 # mproxy writes to sink0; "the IDS" (tcpdump) listens on its veth peer
-from tests.lab.livehelp import IDS_IF, QUEUE, Mproxy, kernel_queue, open_lab, sha  # noqa: E402
+from tests.lab.livehelp import IDS_IF, QUEUE, Mproxy, env, kernel_queue, open_lab, sha  # noqa: E402
 
 
 # --------------------------------------------------------------------------- mproxy in the gateway
@@ -91,7 +91,7 @@ def rule_counters(lab: Any, tool: str = "iptables") -> dict[str, int]:
     return out
 
 
-def quiet_rule_hits(lab: Any, mp: Any, timeout: float = 15.0) -> int:
+def quiet_rule_hits(lab: Any, mp: Any, timeout: float = 15.0, queue_bound: bool = True) -> int:
     """The NFQUEUE rule's packet count once the traffic has stopped and mproxy has answered every
     queued packet (the same reading twice, 1 s apart, with nothing waiting in the queue)."""
     last, deadline, seen = -1, time.monotonic() + timeout, []
@@ -99,7 +99,7 @@ def quiet_rule_hits(lab: Any, mp: Any, timeout: float = 15.0) -> int:
         q = kernel_queue(lab)
         hits = rule_counters(lab)["NFQUEUE"]
         seen.append((hits, q))
-        if hits == last and q is not None and q["waiting"] == 0:
+        if hits == last and (q is not None and q["waiting"] == 0 or not queue_bound and q is None):
             return hits
         last = hits
         time.sleep(1.0)
@@ -342,6 +342,64 @@ def test_full_queue_follows_fail_mode(lab: Any, tmp_path: Path, fail: str) -> No
         assert q["dropped"] > 0, q  # overflow dropped; TCP recovered once the reader resumed
         assert st["bypassed"] == {str(QUEUE): 0}  # the kernel counted its drops itself
     assert st["queue"]["core_errors"] == 0
+
+
+def test_packets_past_a_full_queue_are_counted_with_the_operators_own_rules(lab: Any, tmp_path: Path) -> None:
+    """``[rules] manage = false``: the operator installed what ``mproxy rules`` prints, and those rules
+    had already counted traffic (a transfer passed with no mproxy bound). A stalled reader then fills
+    an 8-packet queue (fail open): mproxy counts what bypassed it from the rules' counters in
+    ``iptables-save -c``, starting at its own start, and every packet the rule matched since is
+    accounted for."""
+    import shlex
+
+    d = tmp_path / "mproxy"
+    mp = Mproxy(lab, d, fail="open", max_len=8, inspector=None, extra="[rules]\nmanage = false\n",
+                metrics="127.0.0.1:9464")
+    cfg = mp.config()
+
+    def rules(*flag: str) -> None:
+        out = subprocess.run([sys.executable, "-m", "mproxy", "rules", "-c", str(cfg), *flag], check=True,
+                             capture_output=True, text=True, env=env()).stdout
+        for line in out.splitlines():
+            if line and not line.startswith("#"):
+                lab.run(lab.ns_gw, *shlex.split(line.split(" 2>/dev/null")[0]), check=not flag)
+
+    rules()
+    state: dict[str, Any] = {}
+    try:
+        before = transfer(lab, tmp_path, "before", c2s_bytes=300_000, s2c_bytes=50_000)  # nobody bound: passes
+        assert before.connections[0].mptcp is True
+        state["hits0"] = quiet_rule_hits(lab, mp, queue_bound=False)
+        assert state["hits0"] > 100
+        mp.start()
+
+        def stall(pct: int) -> None:
+            if pct >= 20 and "stopped" not in state:
+                assert mp.proc is not None
+                mp.proc.send_signal(signal.SIGSTOP)
+                state["stopped"] = True
+
+        try:
+            res = transfer(lab, tmp_path, "stall-unmanaged", c2s_bytes=1_500_000, s2c_bytes=100_000,
+                           rate=1_000_000, on_progress=stall)
+        finally:
+            assert mp.proc is not None
+            mp.proc.send_signal(signal.SIGCONT)
+        state["hits"] = quiet_rule_hits(lab, mp)
+        scraped = mp.scrape()[("mproxy_queue_bypassed_packets_total", (("queue", "0"), ("verdict", "accepted")))]
+        assert mp.stop() == 0, mp.err
+    finally:
+        if mp.proc is not None and mp.proc.poll() is None:
+            mp.stop()
+        rules("--delete")
+    assert res.connections[0].mptcp is True
+    st = mp.stats()
+    verdicts = st["queue"]["accepted"] + st["queue"]["dropped"] + st["queue"]["modified"]
+    bypassed = st["bypassed"][str(QUEUE)]
+    assert bypassed > 0 and scraped > 0
+    # the hits before mproxy started are not its business; every one since is a verdict or a bypass
+    assert bypassed + verdicts + st["queue"]["undelivered"] == state["hits"] - state["hits0"], (st, state)
+    assert "bypassed the queue" in mp.err and "Traceback" not in mp.err
 
 
 def test_a_full_socket_passes_packets_counted_as_undelivered(lab: Any, tmp_path: Path) -> None:
