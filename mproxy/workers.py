@@ -43,6 +43,7 @@ from typing import Any
 from .config import Config
 from .core.steering import Steering
 from .io import netfilter
+from .io.backoff import RestartBackoff
 from .io.metrics import bypass_family
 from .io.nfqueue import FailMode, QueueAdapter, StallWatch, kernel_queue_state, kernel_queue_table
 from .service import (_TOKEN, UNDELIVERED, BypassWatch, LossWarning, Service, _run_service, _setup_logging,
@@ -55,7 +56,6 @@ log = logging.getLogger("mproxy")
 READY_TIMEOUT = 30.0  # a worker binds its queue and opens its sinks well within this
 STOP_TIMEOUT = 20.0  # a worker drains its queue and flushes its connections within this
 METRICS_TIMEOUT = 3.0
-RESTART_BACKOFF = (1.0, 30.0)  # first delay, cap (doubles while a worker keeps dying young)
 _CHANNEL_BUF = 1 << 20
 
 
@@ -80,7 +80,7 @@ class _Worker:
     ready: bool = False
     started: float = 0.0
     restarts: int = 0
-    backoff: float = RESTART_BACKOFF[0]
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)  # doubles while it keeps dying young
     restart_at: float = 0.0  # monotonic time of the next start attempt (0: none scheduled)
     replies: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
 
@@ -273,12 +273,12 @@ class Controller:
             return
         self.stats.worker_exits += 1
         forgot = self.steering.forget_worker(w.index)
-        young = time.monotonic() - w.started < 60
-        w.backoff = min(RESTART_BACKOFF[1], w.backoff * 2) if young and w.restarts else RESTART_BACKOFF[0]
-        w.restart_at = time.monotonic() + w.backoff
+        now = time.monotonic()
+        delay = w.backoff.after_death(w.started, now)
+        w.restart_at = now + delay
         log.error("worker %d (queue %d) exited with code %s; %d tokens forgotten; its queue is %s until it is "
                   "restarted in %.0f s", w.index, self.queue_of(w), code, forgot,
-                  "passed (fail open)" if self.cfg.queue.fail == "open" else "dropped (fail closed)", w.backoff)
+                  "passed (fail open)" if self.cfg.queue.fail == "open" else "dropped (fail closed)", delay)
 
     def _restart_due(self) -> None:
         now = time.monotonic()
@@ -288,7 +288,7 @@ class Controller:
                     self._spawn(w)
                 except WorkerError as e:
                     log.error("%s", e)
-                    w.restart_at = now + w.backoff
+                    w.restart_at = now + w.backoff.delay
                     continue
                 w.restarts += 1
                 self.stats.worker_restarts += 1

@@ -43,13 +43,12 @@ from typing import Any
 
 from ..core.pipeline import Emission, Frames, Pipeline
 from ..core.streamhash import Digests, StreamHashes
+from .backoff import RestartBackoff
 from .sinks import SinkError, open_sinks
 
 __all__ = ["RemoteSinks"]
 
 log = logging.getLogger("mproxy.emitworker")
-RESTART_BACKOFF = (1.0, 30.0)  # first delay after a death, cap (doubles while children die young)
-YOUNG = 60.0  # a child that lived less than this died young
 START_TIMEOUT = 15.0
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SUMMED = ("frames", "bytes", "dropped", "too_big", "errors", "files")  # sink counters carried across children
@@ -143,7 +142,7 @@ class RemoteSinks:
         self._frames = (0, 0)  # the running child's emitted and passed-through frames
         self._frames_base = (0, 0)
         self._started = 0.0
-        self._backoff = RESTART_BACKOFF[0]
+        self._backoff = RestartBackoff()
         self._retry_at = 0.0
         self._wanted = False  # started and not closed: a dead child is replaced
         self._start_error = ""
@@ -338,12 +337,10 @@ class RemoteSinks:
 
     def _lost(self, why: str, now: float) -> None:
         self.worker_errors += 1
-        if now - self._started >= YOUNG:
-            self._backoff = RESTART_BACKOFF[0]
-        self._retry_at = now + self._backoff
+        delay = self._backoff.after_death(self._started, now)
+        self._retry_at = now + delay
         log.error("emitter process: %s; the emitted stream stops (verdicts go on)%s", why,
-                  f" until another is started in {self._backoff:.0f} s" if self._wanted else "")
-        self._backoff = min(RESTART_BACKOFF[1], self._backoff * 2)
+                  f" until another is started in {delay:.0f} s" if self._wanted else "")
 
     def _reap(self, wait: float) -> None:
         proc, self._proc = self._proc, None
