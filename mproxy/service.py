@@ -192,7 +192,7 @@ class Service:
         """The sinks (in the emitter process when ``[sink] worker``), then the event log."""
         c = self.cfg
         logged = bool(c.log.events)  # without an event log nobody reads the streams' digests: none are made
-        if c.sink.worker and (c.sink.interface or c.sink.pcap):  # fork first: nothing else is open yet
+        if c.sink.worker and (c.sink.interface or c.sink.pcap):
             remote = RemoteSinks(self.gateway.pipeline, c.sink.interface, c.sink.pcap, c.sink.pcap_rotate_mb,
                                  c.sink.pcap_keep, hash_streams=logged)
             remote.start()

@@ -94,15 +94,11 @@ class Emission:
                 frames = passthrough_frames(op[1], op[2], op[3], self.passthrough_mss)
                 out += frames
                 self.passthrough += len(frames)
-            elif kind == "open":
-                em = TcpEmitter(op[2], op[3], op[4], op[5], mss=self.mss)
+            elif kind == "open" or kind == "resume":  # resume: a new emitter process takes one over
+                em = TcpEmitter(op[2], op[3], op[4], op[5], mss=self.mss,
+                                salt=b"resume:%d" % op[7] if kind == "resume" else b"")
                 emitters[op[1]] = em
                 out += em.open(op[6])
-            elif kind == "resume":  # a fresh emitter process takes over a conversation mid-stream
-                if op[1] not in emitters:
-                    em = TcpEmitter(op[2], op[3], op[4], op[5], mss=self.mss, salt=b"resume:%d" % op[7])
-                    emitters[op[1]] = em
-                    out += em.open(op[6])
             elif kind == "skip":
                 em = emitters.get(op[1])
                 if em is not None:
@@ -140,9 +136,6 @@ class Pipeline:
         self.records: list[dict[str, Any]] = []
         self.emission = Emission(mss, self.passthrough_mss)
         self.remote: list[Op] | None = None
-        # the conversations an emitter holds: connection id -> [open op, c2s finished, s2c finished];
-        # what a restarted emitter process needs to take them over (resume_ops)
-        self.conversations: dict[int, list[Any]] = {}
         # matched on each connection's rebuilt stream as it is released (the live gateway inspects in
         # its responder instead, before the verdict): one `signature` record per match
         self.inspector: Inspector | None = None
@@ -186,20 +179,14 @@ class Pipeline:
             elif isinstance(e, ConnectionOpened):
                 conn = self.tracker.connections.get(e.conn_id)
                 if conn is not None:
-                    op = ("open", e.conn_id, conn.client[0], conn.client[1], conn.server[0], conn.server[1], e.ts)
-                    ops.append(op)
-                    self.conversations[e.conn_id] = [op, False, False]
+                    ops.append(("open", e.conn_id, conn.client[0], conn.client[1], conn.server[0],
+                                conn.server[1], e.ts))
             elif isinstance(e, GapSkipped):
                 ops.append(("skip", e.conn_id, e.direction == Direction.C2S, e.length))
             elif isinstance(e, DataFinished):
-                c2s = e.direction == Direction.C2S
-                ops.append(("fin", e.conn_id, c2s, e.ts))
-                conv = self.conversations.get(e.conn_id)
-                if conv is not None:
-                    conv[1 if c2s else 2] = True
+                ops.append(("fin", e.conn_id, e.direction == Direction.C2S, e.ts))
             elif isinstance(e, ConnectionClosed):
                 ops.append(("close", e.conn_id, e.ts, e.reset, e.outcome != Outcome.END_OF_INPUT))
-                self.conversations.pop(e.conn_id, None)
                 if isinstance(e, ConnectionClosedSummary):
                     self.records.append(e.summary)
                 if ins is not None:
@@ -238,14 +225,15 @@ class Pipeline:
     def resume_ops(self, generation: int, ts: float) -> list[Op]:
         """Ops that open every conversation in progress again in a new emitter process (the
         ``generation``-th): a new handshake (other ISNs) from which their data goes on, half-closed
-        where a DATA_FIN was already emitted. The bytes the dead process had not written are lost."""
+        where a DATA_FIN was already emitted. The bytes the dead process had not written are lost.
+        The conversations are the tracker's opened connections (each got an ``open`` op; a closed
+        one has left the table with its ``close`` op)."""
         ops: list[Op] = []
-        for cid, (op, c2s_fin, s2c_fin) in self.conversations.items():
-            ops.append(("resume", cid, op[2], op[3], op[4], op[5], ts, generation))
-            if c2s_fin:
-                ops.append(("fin", cid, True, ts))
-            if s2c_fin:
-                ops.append(("fin", cid, False, ts))
+        for conn in self.tracker.connections.values():
+            if conn.opened:
+                ops.append(("resume", conn.id, conn.client[0], conn.client[1], conn.server[0], conn.server[1], ts,
+                            generation))
+                ops += [("fin", conn.id, d == Direction.C2S, ts) for d in Direction if conn.fin_emitted[d]]
         return ops
 
     def take_ops(self) -> list[Op]:

@@ -172,10 +172,11 @@ class RemoteSinks:
             self._lost(str(e), now)
             return False
         self.restarts += 1
+        resume = self.pipeline.resume_ops(self.restarts, time.time())
         log.warning("emitter process %s started again (restart %d): connections in progress (%d) go on in "
                     "the emitted stream from here, each with a new handshake, and are logged with sha256 null",
-                    self.pid, self.restarts, len(self.pipeline.conversations))
-        self._send(("b", self.pipeline.resume_ops(self.restarts, time.time()), []))
+                    self.pid, self.restarts, sum(op[0] == "resume" for op in resume))
+        self._send(("b", resume, []))
         return True
 
     @property
