@@ -57,7 +57,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         icfg = icfg or InspectorConfig()
         try:
             rs = load_checked(args.rules, icfg.window, icfg.skip_bad_rules)
-            inspector = Inspector(rs, window=icfg.window, pcre_window=icfg.pcre_window)
+            inspector = Inspector(rs, window=icfg.window, pcre_window=icfg.pcre_window,
+                                  pcre_budget=icfg.pcre_budget_ms / 1000)
         except RuleError as e:
             print(f"mproxy replay: rules error: {e}", file=sys.stderr)
             return 2

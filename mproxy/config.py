@@ -73,6 +73,7 @@ class InspectorConfig:
     rules: str = ""  # rules file (relative: to the config file); "": see resolve_rules_path
     window: int = 4096  # a rule's contents and pcre must all occur within this many stream bytes
     pcre_window: int = 1024  # bytes before a chunk that pcre also scans (matches spanning chunks)
+    pcre_budget_ms: float = 20.0  # time the pcre searches of one chunk may take together ([actions] on_pcre_limit)
     skip_bad_rules: bool = False  # a rule that does not parse is skipped with a warning (Suricata's way), not fatal
 
 
@@ -92,6 +93,7 @@ class ActionsConfig:
     on_match: list[str] = field(default_factory=lambda: ["fastclose"])  # embedded inspector hit
     on_alert: list[str] = field(default_factory=lambda: ["fastclose"])  # external IDS alert
     on_side_channel: list[str] = field(default_factory=lambda: ["log"])  # acked bytes never seen
+    on_pcre_limit: list[str] = field(default_factory=lambda: ["log"])  # a pcre not decided in pcre_budget_ms
     downgrade_host_seconds: float = 600.0
     kill_linger: float = 30.0  # seconds a killed connection's late packets are dropped and answered
 
@@ -341,10 +343,13 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"[inspector] mode: expected \"auto\", \"on\" or \"off\", got {cfg.inspector.mode!r}")
     if cfg.inspector.window < 1 or cfg.inspector.pcre_window < 1:
         raise ConfigError("[inspector] window and pcre_window must be at least 1")
+    if not 0 < cfg.inspector.pcre_budget_ms <= 10_000:
+        raise ConfigError(f"[inspector] pcre_budget_ms: expected milliseconds in (0, 10000], "
+                          f"got {cfg.inspector.pcre_budget_ms!r}")
     if cfg.alerts.poll_interval <= 0 or cfg.alerts.poll_interval > 60:
         raise ConfigError("[alerts] poll_interval: expected seconds in (0, 60]")
     a = cfg.actions
-    for name in ("on_match", "on_alert", "on_side_channel"):
+    for name in ("on_match", "on_alert", "on_side_channel", "on_pcre_limit"):
         chosen = getattr(a, name)
         if not chosen:
             raise ConfigError(f"[actions] {name}: choose at least one of {', '.join(REACTIONS)}")

@@ -54,7 +54,8 @@ def build_inspector(cfg: Config, rules: RuleSet | None = None) -> Inspector | No
     if rs is None:
         return None
     warn_skipped(rs)
-    return Inspector(rs, window=cfg.inspector.window, pcre_window=cfg.inspector.pcre_window)
+    i = cfg.inspector
+    return Inspector(rs, window=i.window, pcre_window=i.pcre_window, pcre_budget=i.pcre_budget_ms / 1000)
 
 
 def build_reactions(cfg: Config) -> Reactions:
@@ -62,12 +63,13 @@ def build_reactions(cfg: Config) -> Reactions:
     return Reactions(on_match=tuple(Reaction(v) for v in a.on_match),
                      on_alert=tuple(Reaction(v) for v in a.on_alert),
                      on_side_channel=tuple(Reaction(v) for v in a.on_side_channel),
+                     on_pcre_limit=tuple(Reaction(v) for v in a.on_pcre_limit),
                      downgrade_host_seconds=a.downgrade_host_seconds, kill_linger=a.kill_linger)
 
 
 def needs_injection(cfg: Config) -> bool:
     a = cfg.actions
-    return any("fastclose" in v for v in (a.on_match, a.on_alert, a.on_side_channel))
+    return any("fastclose" in v for v in (a.on_match, a.on_alert, a.on_side_channel, a.on_pcre_limit))
 
 
 @dataclass(slots=True)

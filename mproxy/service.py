@@ -170,11 +170,13 @@ class Service:
             self.injector = Injector(ipv6=c.rules.ipv6)
             self.injector.open()
         ins = self.gateway.responder.inspector
-        log.info("inspector: %s; reactions: on_match %s, on_alert %s, on_side_channel %s; alerts: %s",
+        log.info("inspector: %s; reactions: on_match %s, on_alert %s, on_side_channel %s, on_pcre_limit %s; "
+                 "alerts: %s",
                  f"{len(ins.rules)} rules from {c.inspector.rules}"
                  + (f" ({ins.stats.skipped_rules} skipped)" if ins.stats.skipped_rules else "")
                  if ins is not None else "off",
                  "+".join(c.actions.on_match), "+".join(c.actions.on_alert), "+".join(c.actions.on_side_channel),
+                 "+".join(c.actions.on_pcre_limit),
                  ", ".join(c.alerts.files) or "none")
         self.queue = QueueAdapter(
             c.queue.num, self._handler(), emit=self.sinks.write if self.sinks else None,
@@ -581,7 +583,7 @@ def _inspector_stats(gw: Gateway) -> dict[str, Any] | None:
         return None
     st = ins.stats
     return {"rules": len(ins.rules), "bytes": {"c2s": st.bytes[0], "s2c": st.bytes[1]}, "chunks": st.chunks,
-            "matches": st.matches, "pcre_runs": st.pcre_runs, "flows": st.flows}
+            "matches": st.matches, "pcre_runs": st.pcre_runs, "pcre_limits": st.pcre_limits, "flows": st.flows}
 
 
 def install_rules(cfg: Config, queue: QueueAdapter) -> netfilter.Rules | None:

@@ -144,3 +144,24 @@ def test_replay_rules_skip_bad_ones_when_the_config_says_so(tmp_path: Path,
     assert main(["replay", str(SAMPLE), "--out", out, "--rules", str(mixed), "-c", str(conf)]) == 0
     err = capsys.readouterr().err
     assert f"rule skipped: {mixed}:" in err and "signature matches: 1 (sid 1000002 x1)" in err
+
+
+def test_replay_reports_a_pcre_that_runs_out_of_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A pcre with nested repeats backtracks for ages on the request's first line (62 characters, no
+    "Agent" in it) before it would match in the User-Agent line; the replay stops it at
+    [inspector] pcre_budget_ms, says so, and writes a pcre_limit notice naming rule and connection."""
+    rules = tmp_path / "evil.rules"
+    rules.write_text('alert tcp any any -> any any (msg:"slow"; content:"GET"; pcre:"/(?:.|.)+Agent/"; sid:7;)\n')
+    conf = tmp_path / "m.toml"
+    conf.write_text("[inspector]\npcre_budget_ms = 5\n")
+    log = tmp_path / "log.jsonl"
+    assert main(["replay", str(SAMPLE), "--out", str(tmp_path / "o.pcap"), "--log", str(log), "--rules", str(rules),
+                 "-c", str(conf)]) == 0
+    err = capsys.readouterr().err
+    assert "signature matches: 0" in err and "pcre searches out of time: " in err
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    (lim,) = [r for r in recs if r["event"] == "notice" and r["type"] == "pcre_limit"]
+    (conn,) = [r for r in recs if r["event"] == "mptcp_connection"]
+    assert (lim["sid"], lim["direction"], lim["conn_id"]) == (7, "c2s", conn["conn_id"])
+    assert "pcre not decided within the time budget" in lim["detail"]
+    assert (tmp_path / "o.pcap").read_bytes() == _plain_replay(tmp_path)

@@ -22,6 +22,14 @@ chunk boundary is still found); rules with a pcre and no content run it on
 each chunk plus those ``pcre_window`` bytes. A rule fires at most once per
 connection direction.
 
+Time bound: the pcre searches of one chunk share ``pcre_budget`` seconds
+(the ``regex`` engine stops at its timeout; see :class:`mproxy.core.rules.Pcre`).
+A rule whose pcre is not decided within it does not match there: it is
+reported as a :class:`PcreLimit` (once per rule and connection direction,
+counted every time) for the caller to react to, and is tried again with the
+next chunk. So a rule with nested repeats costs a packet's verdict at most the
+budget, not the hours Python's backtracking can take on chosen bytes.
+
 Semantics on the stream (the subset documented in :mod:`mproxy.core.rules`):
 a rule matches when there is one match of each of its contents (in any order,
 unless ``distance``/``within`` tie a content to the one before it;
@@ -36,19 +44,20 @@ match even when the same chunk repeats one of them further on.
 from __future__ import annotations
 
 import ipaddress
-import re
+import time
 from bisect import bisect_right
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import Any
 
 import hyperscan
+import regex
 
 from .events import Direction
 from .pcre_gate import PcreGate
 from .rules import Content, Rule, RuleError, RuleSet, load_rules
 
-__all__ = ["Match", "Inspector", "InspectorStats", "fit_window", "load_checked"]
+__all__ = ["Match", "PcreLimit", "Inspector", "InspectorStats", "fit_window", "load_checked"]
 
 _OCCURRENCES = 256  # match ends kept per distinct content and direction (the latest)
 _NO_END = 1 << 62
@@ -74,6 +83,23 @@ class Match:
         return f"sid {self.sid}: {self.msg}" if self.msg else f"sid {self.sid}"
 
 
+@dataclass(frozen=True, slots=True)
+class PcreLimit:
+    """A rule whose pcre could not be decided on a chunk within the inspector's ``pcre_budget``:
+    it did not match there, though it might have (the caller decides what that is worth)."""
+
+    conn_id: int
+    direction: Direction
+    sid: int
+    rev: int
+    msg: str
+    offset: int  # stream offset of the end of the chunk it was searched in
+
+    def reason(self) -> str:
+        what = f"sid {self.sid}: {self.msg}" if self.msg else f"sid {self.sid}"
+        return f"{what}: pcre not decided within the time budget"
+
+
 @dataclass(slots=True)
 class InspectorStats:
     bytes: list[int] = field(default_factory=lambda: [0, 0])  # inspected, by direction
@@ -81,6 +107,7 @@ class InspectorStats:
     matches: int = 0
     pcre_runs: int = 0
     pcre_gated: int = 0  # pcre searches skipped: the Hyperscan gate found no possible match in the bytes
+    pcre_limits: int = 0  # pcre searches not decided within the budget (stopped, or not started)
     flows: int = 0  # connection directions inspected since start
     shed: int = 0  # content match ends dropped over _OCCURRENCES (a rule can then miss)
     rules: int = 0  # rules in force
@@ -100,6 +127,7 @@ class _Dir:
     fired: set[int] = field(default_factory=set)
     partial: set[int] = field(default_factory=set)  # rules with a pcre and contents, some seen: pcre may run
     recheck: tuple[int, ...] = ()  # rules to evaluate with the next chunk (after a reload)
+    limited: set[int] = field(default_factory=set)  # rules whose pcre ran out of time here (reported once)
     swept: int = 0  # offset of the last sweep of ``occ`` (stale match ends dropped)
 
 
@@ -221,11 +249,13 @@ def _span(tail: bytes, data: bytes, a: int, b: int) -> bytes:
 class Inspector:
     """Matches a :class:`RuleSet` on rebuilt streams; state per live connection."""
 
-    def __init__(self, rules: RuleSet, *, window: int = 4096, pcre_window: int = 1024) -> None:
+    def __init__(self, rules: RuleSet, *, window: int = 4096, pcre_window: int = 1024,
+                 pcre_budget: float = 0.02) -> None:
         self.ruleset = rules
         self.rules: tuple[Rule, ...] = rules.rules
         self.window = window
         self.pcre_window = pcre_window
+        self.pcre_budget = pcre_budget  # seconds the pcre searches of one chunk may take together
         self.stats = InspectorStats(rules=len(rules.rules), skipped_rules=len(rules.skipped))
         self._flows: dict[tuple[int, int], _Dir] = {}
         # Hyperscan expression id -> (pattern length, ((rule index, content index, lowest end, highest
@@ -259,7 +289,8 @@ class Inspector:
             self._targets = [(len(k[0]), tuple(exprs[k])) for k in keys]
         self._hits: list[tuple[int, int]] = []
         self._on_hit = self._collect
-        self._gate = PcreGate({ri: r.pcre.regex for ri, r in enumerate(self.rules) if r.pcre is not None})
+        self._gate = PcreGate({ri: r.pcre.stdlib for ri, r in enumerate(self.rules)
+                               if r.pcre is not None and r.pcre.stdlib is not None})
         self._ac_keep = max(rules.longest_content - 1, 0)
         self._keep = max(rules.longest_content - 1, pcre_window if any(r.pcre for r in self.rules) else 0, 0)
         # Rules with the same header (flow, addresses, ports, direction) apply to the same connection
@@ -287,8 +318,9 @@ class Inspector:
 
     # ------------------------------------------------------------------
     def feed(self, conn_id: int, direction: Direction, data: bytes, client: tuple[bytes, int],
-             server: tuple[bytes, int]) -> list[Match]:
-        """Inspect the next in-order bytes of one direction; returns new matches."""
+             server: tuple[bytes, int]) -> list[Match | PcreLimit]:
+        """Inspect the next in-order bytes of one direction; returns new matches, and the rules
+        whose pcre ran out of time on them (the first time for each rule and direction)."""
         if not data or not self.rules:
             return []
         key = (conn_id, int(direction))
@@ -306,7 +338,7 @@ class Inspector:
             data = bytes(data)
         base = st.offset - lt  # stream offset of the tail's first byte ("buf" = tail + data, never built)
         st.offset += len(data)
-        out: list[Match] = []
+        out: list[Match | PcreLimit] = []
         touched: set[int] = set()
         db = self._db
         if db is not None:
@@ -331,6 +363,7 @@ class Inspector:
         window = self.window
         cands = touched.union(st.pcre_only, st.partial)
         gate, maybe = self._gate, None
+        deadline = 0.0  # of this chunk's pcre searches; set by the first
         for ri in sorted(cands):
             if ri in st.fired:
                 continue
@@ -354,8 +387,17 @@ class Inspector:
                     if ri not in maybe:
                         self.stats.pcre_gated += 1
                         continue
+                if not deadline:
+                    deadline = time.perf_counter() + self.pcre_budget
                 self.stats.pcre_runs += 1
-                found_at = self._pcre(r.pcre.regex, tail, data, base, sets)
+                try:
+                    found_at = self._pcre(r.pcre.regex, tail, data, base, sets, deadline)
+                except TimeoutError:
+                    self.stats.pcre_limits += 1
+                    if ri not in st.limited:
+                        st.limited.add(ri)
+                        out.append(PcreLimit(conn_id, direction, r.sid, r.rev, r.msg, st.offset))
+                    continue
                 if found_at is None:
                     continue
                 end_off = found_at
@@ -375,12 +417,13 @@ class Inspector:
             st.tail = (tail + data)[-keep:]
         return out
 
-    def _pcre(self, regex: re.Pattern[bytes], tail: bytes, data: bytes, base: int,
-              sets: list[tuple[int, int]]) -> int | None:
-        """Stream offset where a match of ``regex`` ends that takes new bytes (``data``) and lies
+    def _pcre(self, rx: regex.Pattern[bytes], tail: bytes, data: bytes, base: int,
+              sets: list[tuple[int, int]], deadline: float) -> int | None:
+        """Stream offset where a match of ``rx`` ends that takes new bytes (``data``) and lies
         within ``window`` of each content of one of ``sets`` (any match, for a rule without
         contents); None if there is none. Searches only where such a match can be: each set's
-        stretch, the overlapping ones merged, and no further back than ``pcre_window``."""
+        stretch, the overlapping ones merged, and no further back than ``pcre_window``.
+        TimeoutError if that is not decided by ``deadline`` (``time.perf_counter``)."""
         lt = len(tail)
         first, last, window = max(0, lt - self.pcre_window), lt + len(data), self.window
         spans: list[list[int]] = []
@@ -400,7 +443,10 @@ class Inspector:
                 spans.append([a, b])
         for a, b in spans:
             at = base + a
-            for m in regex.finditer(_span(tail, data, a, b)):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError
+            for m in rx.finditer(_span(tail, data, a, b), timeout=left):
                 if a + m.end() > lt and (not sets or any(
                         at + m.start() >= hi - window and at + m.end() <= lo + window for lo, hi in sets)):
                     return at + m.end()
@@ -524,6 +570,10 @@ class Inspector:
             ni = sids.get(old.rules[ri].sid)
             if ni is not None and self._applies(nd, ni):
                 nd.fired.add(ni)
+        for ri in od.limited:
+            ni = sids.get(old.rules[ri].sid)
+            if ni is not None and self._applies(nd, ni):
+                nd.limited.add(ni)
         # the content matches the old rules noted, for the same contents here; and those of the new
         # contents in the old tail (before it is cut to this one's length). Every rule that has one
         # is evaluated with the next chunk

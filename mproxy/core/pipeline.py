@@ -32,7 +32,7 @@ from .events import (
 from .tracker import Connection, ConnectionClosedSummary, Tracker, TrackerConfig
 
 if TYPE_CHECKING:  # (the inspector and Hyperscan cost ~20 ms of start-up; a replay without rules skips them)
-    from .inspector import Inspector, Match
+    from .inspector import Inspector, Match, PcreLimit
 
 Frames = list[tuple[float, bytes]]
 
@@ -207,8 +207,11 @@ class Pipeline:
         conn = self.tracker.connections.get(e.conn_id)
         if conn is None:
             return
+        from .inspector import Match  # (here: see the TYPE_CHECKING import)
+
         for m in ins.feed(e.conn_id, e.direction, e.data, conn.client, conn.server):
-            self.stats.signatures[m.sid] += 1
+            if isinstance(m, Match):
+                self.stats.signatures[m.sid] += 1
             self.records.append(signature_record(conn, m, e.ts))
 
     def emit_pending(self) -> Frames:
@@ -250,13 +253,20 @@ class Pipeline:
         return recs
 
 
-def signature_record(conn: Connection, m: Match, ts: float) -> dict[str, Any]:
-    """A rule that matched a connection's rebuilt stream (the live gateway's ``action`` record says the
-    same, with what it did)."""
-    return {"event": "signature", "ts": round(ts, 6), "conn_id": conn.id, "src": addr_text(conn.client[0]),
-            "sport": conn.client[1], "dst": addr_text(conn.server[0]), "dport": conn.server[1], "sid": m.sid,
-            "rev": m.rev, "msg": m.msg, "direction": "c2s" if m.direction == Direction.C2S else "s2c",
-            "stream_offset": m.offset}
+def signature_record(conn: Connection, m: Match | PcreLimit, ts: float) -> dict[str, Any]:
+    """A rule that matched a connection's rebuilt stream, or a ``pcre_limit`` notice: a rule whose
+    pcre was not decided within the time budget (the live gateway's ``action`` record says the same,
+    with what it did)."""
+    from .inspector import PcreLimit
+
+    rec: dict[str, Any] = {"event": "signature", "ts": round(ts, 6)}
+    if isinstance(m, PcreLimit):
+        rec = {"event": "notice", "ts": round(ts, 6), "type": "pcre_limit", "detail": m.reason()}
+    rec.update({"conn_id": conn.id, "src": addr_text(conn.client[0]), "sport": conn.client[1],
+                "dst": addr_text(conn.server[0]), "dport": conn.server[1], "sid": m.sid, "rev": m.rev,
+                "msg": m.msg, "direction": "c2s" if m.direction == Direction.C2S else "s2c",
+                "stream_offset": m.offset})
+    return rec
 
 
 def notice_record(n: Notice) -> dict[str, Any]:

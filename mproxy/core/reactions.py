@@ -29,7 +29,7 @@ from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, parse_ip
 from .alerts import Alert
 from .events import ConnectionClosed, DataReleased, Direction, Event, Notice, NoticeType
 from .fastclose import answer_rst, close_set, seq_at_or_after
-from .inspector import Inspector, Match
+from .inspector import Inspector, Match, PcreLimit
 from .reassembler import MASK32
 from .tracker import Connection, Tracker
 
@@ -50,6 +50,8 @@ class Reactions:
     on_match: tuple[Reaction, ...] = (Reaction.FASTCLOSE,)
     on_alert: tuple[Reaction, ...] = (Reaction.FASTCLOSE,)
     on_side_channel: tuple[Reaction, ...] = (Reaction.LOG,)
+    # a rule's pcre not decided within the inspector's time budget: it might have matched
+    on_pcre_limit: tuple[Reaction, ...] = (Reaction.LOG,)
     downgrade_host_seconds: float = 600.0
     kill_linger: float = 30.0
 
@@ -133,11 +135,18 @@ class Responder:
                 conn = self.tracker.connections.get(e.conn_id)
                 if conn is None:
                     continue
-                matches = ins.feed(e.conn_id, e.direction, e.data, conn.client, conn.server)
+                found = ins.feed(e.conn_id, e.direction, e.data, conn.client, conn.server)
+                if not found:
+                    continue
+                matches = [m for m in found if isinstance(m, Match)]
                 if matches:
                     r = self._react(conn, self.reactions.on_match, "inspector", matches[0].reason(), seg.ts,
                                     seg, _match_fields(matches))
                     resp = _merge(resp, r)
+                for lim in found:
+                    if isinstance(lim, PcreLimit) and not (resp and resp.drop):
+                        resp = _merge(resp, self._react(conn, self.reactions.on_pcre_limit, "pcre_limit",
+                                                        lim.reason(), seg.ts, seg, _match_fields([lim])))
             elif isinstance(e, Notice):
                 if e.type == NoticeType.SIDE_CHANNEL and e.conn_id is not None and not (resp and resp.drop):
                     conn = self.tracker.connections.get(e.conn_id)
@@ -284,7 +293,7 @@ class Responder:
             del self.killed[key]
 
 
-def _match_fields(matches: list[Match]) -> dict[str, Any]:
+def _match_fields(matches: list[Match] | list[PcreLimit]) -> dict[str, Any]:
     m0 = matches[0]
     out: dict[str, Any] = {"sid": m0.sid, "rev": m0.rev, "msg": m0.msg,
                            "direction": "c2s" if m0.direction == Direction.C2S else "s2c",

@@ -35,12 +35,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
+import regex
+
+try:  # Python 3.11+
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
 __all__ = ["Content", "Pcre", "Flow", "AddrSpec", "PortSpec", "Rule", "RuleSet", "RuleError", "parse_rules",
-           "load_rules"]
+           "load_rules", "compile_pcre"]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -72,8 +80,20 @@ class Content:
 
 @dataclass(frozen=True, slots=True)
 class Pcre:
+    """A rule's pcre, compiled twice.
+
+    ``regex`` is what runs: the ``regex`` module's engine (its V0 mode reads
+    patterns as Python ``re`` does), because it takes a ``timeout`` and
+    Python's ``re`` cannot be stopped: a pattern with nested repeats can
+    backtrack for years on bytes an attacker chose, with the packet's verdict
+    waiting. ``stdlib`` is Python ``re``'s reading of the same pattern, which
+    the Hyperscan gate translates; None where the two engines could read the
+    pattern differently (``re`` warns of a nested set, e.g. a POSIX class
+    ``[[:alpha:]]``), so that pattern gets no gate."""
+
     source: str  # as written, for the log
-    regex: re.Pattern[bytes]
+    regex: regex.Pattern[bytes]
+    stdlib: re.Pattern[bytes] | None = None
 
 
 # --------------------------------------------------------------------------- address and port specs
@@ -277,10 +297,78 @@ def _pcre(value: str | None) -> Pcre:
             raise _LineError(f"pcre flag {f!r} is not supported (supported: i s m x)")
         fl |= _PCRE_FLAGS[f]
     try:
-        rx = re.compile(pattern.replace('\\"', '"').encode("latin-1"), fl)
-    except (re.error, UnicodeEncodeError) as e:
+        raw = pattern.replace('\\"', '"').encode("latin-1")
+    except UnicodeEncodeError as e:
         raise _LineError(f"pcre does not compile: {e}") from None
-    return Pcre(text, rx)
+    try:
+        return compile_pcre(raw, fl, text)
+    except ValueError as e:
+        raise _LineError(str(e)) from None
+
+
+# a brace that Python re (and PCRE) read as a repeat count; any other "{" is a literal brace
+_COUNT = re.compile(rb"\{(?:\d+|\d*,\d*)\}")
+_ENGINE_FLAGS = ((re.IGNORECASE, regex.IGNORECASE), (re.DOTALL, regex.DOTALL), (re.MULTILINE, regex.MULTILINE),
+                 (re.VERBOSE, regex.VERBOSE))
+
+
+def compile_pcre(pattern: bytes, flags: int = 0, source: str = "") -> Pcre:
+    """``pattern`` (with Python ``re`` flags) for both engines; ValueError says why it cannot be used.
+
+    The ``regex`` module reads a few things ``re`` takes literally: fuzzy counts
+    (``a{e<=1}``) above all. Every brace that is not a repeat count is escaped
+    for it (what re and PCRE do anyway), and the escaping is checked against
+    re's own parse: if it changed re's reading, the pattern is refused."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tree = _sre_parse.parse(pattern, flags)  # (re.compile caches: its warnings come once)
+            std = re.compile(pattern, flags)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"pcre does not compile: {e}") from None
+    braced = _escape_braces(pattern)
+    if braced != pattern:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (said once above)
+                same = repr(_sre_parse.parse(braced, flags).data) == repr(tree.data)
+        except (re.error, RecursionError, OverflowError):
+            same = False
+        if not same:
+            raise ValueError("pcre: a '{' here is read differently by Python re and the pcre engine; "
+                             "write a literal brace as \\{")
+    efl = regex.V0
+    for std_flag, engine_flag in _ENGINE_FLAGS:
+        if flags & std_flag:
+            efl |= engine_flag
+    try:
+        engine = regex.compile(braced, efl)
+    except (regex.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"pcre does not compile: {e}") from None
+    # POSIX classes: regex reads "[:alpha:]" inside a set as PCRE does, re as its characters; a
+    # verbose comment ending in a backslash: re's comment goes on past the newline, regex's stops
+    ambiguous = any(issubclass(w.category, FutureWarning) for w in caught) or b"[:" in pattern \
+        or b"\\\n" in pattern
+    return Pcre(source or pattern.decode("latin-1"), engine, None if ambiguous else std)
+
+
+def _escape_braces(p: bytes) -> bytes:
+    """``p`` with every ``{`` that does not start a repeat count escaped (in a class or a verbose
+    comment too: ``\\{`` is a brace there in both engines, so classes need not be found)."""
+    out = bytearray()
+    i, n = 0, len(p)
+    while i < n:
+        c = p[i]
+        if c == 0x5C:  # an escape: copied whole
+            out += p[i : i + 2]
+            i += 2
+        elif c == 0x7B and not _COUNT.match(p, i):
+            out += b"\\{"
+            i += 1
+        else:
+            out.append(c)
+            i += 1
+    return bytes(out)
 
 
 def _position(c: Content, name: str, value: str | None, first: bool) -> Content:

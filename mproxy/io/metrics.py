@@ -388,6 +388,11 @@ def reaction_families(inspector: Any = None, responder: Any = None, injector: An
                  "keeps per content and connection direction: a rule needing an older one can then miss")
     c.add_metric([], ins.shed if ins else 0)
     yield c
+    c = _counter("mproxy_inspector_pcre_limits", "Rule pcre searches not decided within [inspector] pcre_budget_ms "
+                 "(stopped, or not started once the chunk's budget was spent): the rule did not match there, "
+                 "though it might have; [actions] on_pcre_limit says what was done")
+    c.add_metric([], ins.pcre_limits if ins else 0)
+    yield c
     yield _by_label("mproxy_killed_packets", "Packets of fast-closed connections, by what was done", "action",
                     ("dropped", "answered"),
                     {"dropped": rsp.late_dropped, "answered": rsp.answered} if rsp else {})

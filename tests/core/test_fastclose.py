@@ -271,3 +271,36 @@ def test_kill_events_close_the_connection_in_the_tracker() -> None:
     _pk, events, fields = gw.responder.kill(conn, 1001.0)
     assert any(isinstance(e, ConnectionClosed) and e.outcome == Outcome.FASTCLOSE for e in events)
     assert fields["packets"] == 4 and fields["mode"] == "mp_fastclose"
+
+
+# a pcre that backtracks for years on the attack's bytes (see tests/core/test_inspector.py)
+EVIL_RULES = parse_rules('alert tcp any any -> any any (msg:"evil"; content:"GET"; pcre:"/(?:a|a)+b/"; sid:11;)')
+SLOW1, SLOW2 = b"GET /?q=" + b"a" * 15, b"a" * 15 + b"c ab HTTP/1.1\r\n\r\n"
+
+
+def evil_packets(s: Session) -> list[bytes]:
+    return s.handshake() + s.join(1) + [s.data(0, True, 0, SLOW1), s.ack(0, False, s.idsn[0] + len(SLOW1))]
+
+
+def test_a_pcre_out_of_time_is_logged_and_the_packet_passes_by_default() -> None:
+    s = Session(1)
+    gw = Gateway(inspector=Inspector(EVIL_RULES, pcre_budget=0.02))
+    for p in evil_packets(s):
+        assert gw.packet(p, 1000.0).verdict == Verdict.ACCEPT
+    d = gw.packet(s.data(1, True, len(SLOW1), SLOW2), 1000.5)
+    assert d.verdict == Verdict.ACCEPT and not d.inject
+    (act,) = [r for r in gw.drain_records() if r["event"] == "action"]
+    assert (act["action"], act["trigger"], act["sid"], act["direction"]) == ("log", "pcre_limit", 11, "c2s")
+    assert "pcre not decided within the time budget" in act["reason"] and gw.tracker.connections
+
+
+def test_on_pcre_limit_fastclose_fails_closed() -> None:
+    s = Session(1)
+    gw = Gateway(inspector=Inspector(EVIL_RULES, pcre_budget=0.02),
+                 reactions=Reactions(on_pcre_limit=(Reaction.FASTCLOSE,)))
+    for p in evil_packets(s):
+        gw.packet(p, 1000.0)
+    d = gw.packet(s.data(1, True, len(SLOW1), SLOW2), 1000.5)
+    assert d.verdict == Verdict.DROP and len(d.inject) == 4 and "pcre_limit: sid 11" in d.reason
+    (act,) = [r for r in gw.drain_records() if r["event"] == "action"]
+    assert (act["action"], act["trigger"]) == ("fastclose", "pcre_limit") and not gw.tracker.connections

@@ -386,3 +386,49 @@ def test_rules_sharing_a_content_share_its_match_list() -> None:
     st_ = ins._flows[(1, 0)]
     assert list(st_.occ) == [ins._eids[(b"\r\n", False)]] and len(st_.occ[ins._eids[(b"\r\n", False)]]) <= _OCCURRENCES
     assert feed_all(ins, [b"k777x"]) == [778]
+
+
+# ---------------------------------------------------------------------------- pcre time bound
+# sid 11: nested repeats; on 30 a's not followed by b, backtracking tries 2^30 ways before it gives
+# up. The gate cannot help: "ab" later in the chunk is a real match. sid 12: an ordinary pcre.
+EVIL = parse_rules(r'''
+alert tcp any any -> any any (msg:"evil"; content:"GET"; pcre:"/(?:a|a)+b/"; sid:11;)
+alert tcp any any -> any any (msg:"fine"; content:"GET"; pcre:"/GET \/admin/"; sid:12;)
+''')
+SLOW = b"GET /admin?" + b"a" * 30 + b"c ab"
+
+
+def test_a_backtracking_pcre_is_stopped_at_the_budget_and_reported_once() -> None:
+    import time
+
+    ins = Inspector(EVIL, pcre_budget=0.05)
+    t0 = time.perf_counter()
+    found = ins.feed(1, Direction.C2S, SLOW, CLI, SRV)
+    spent = time.perf_counter() - t0
+    # Python re on these bytes would take years; 5 s only says "it did not hang"
+    assert spent < 5.0
+    # the budget went to sid 11; sid 12, next in line, was not started: both might have matched
+    assert [(type(m).__name__, m.sid) for m in found] == [("PcreLimit", 11), ("PcreLimit", 12)]
+    assert "pcre not decided within the time budget" in found[0].reason()
+    assert found[0].offset == len(SLOW) and ins.stats.pcre_limits == 2 and ins.stats.matches == 0
+    # the next chunk: tried again, counted again, not reported again
+    again = ins.feed(1, Direction.C2S, b" " + SLOW, CLI, SRV)
+    assert again == [] and ins.stats.pcre_limits == 4
+    # another connection direction reports on its own
+    assert [m.sid for m in ins.feed(2, Direction.C2S, SLOW, CLI, SRV)] == [11, 12]
+
+
+def test_with_a_budget_to_spare_pcre_rules_match_as_before() -> None:
+    ins = Inspector(EVIL, pcre_budget=0.05)
+    found = ins.feed(1, Direction.C2S, b"GET /admin HTTP/1.1\r\nx: aaab\r\n\r\n", CLI, SRV)
+    assert sorted((type(m).__name__, m.sid) for m in found) == [("Match", 11), ("Match", 12)]
+    assert ins.stats.pcre_limits == 0
+
+
+def test_a_reload_keeps_which_rules_were_reported_as_limited() -> None:
+    old = Inspector(EVIL, pcre_budget=0.05)
+    assert [m.sid for m in old.feed(1, Direction.C2S, SLOW, CLI, SRV)] == [11, 12]
+    new = Inspector(EVIL, pcre_budget=0.05)
+    new.adopt(old)
+    assert new.feed(1, Direction.C2S, b" " + SLOW, CLI, SRV) == []
+    assert new.stats.pcre_limits == 4  # the counters carry on

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, reject, settings
+from hypothesis import strategies as st
 
-from mproxy.core.rules import Flow, RuleError, load_rules, parse_rules
+from mproxy.core.rules import Flow, RuleError, compile_pcre, load_rules, parse_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 A = ipaddress.ip_address
@@ -128,3 +133,83 @@ alert tcp any any -> any any (msg:"ok too"; content:"e"; \\
     assert "sid 1 already used on line 1" in rs.skipped[1] and "undefined variable $UNDEFINED" in rs.skipped[2]
     with pytest.raises(RuleError, match="continues past the end"):
         parse_rules(text + 'alert tcp any any -> any any (content:"f"; \\\n', "r", skip_bad=True)
+
+
+# ---------------------------------------------------------------------------- pcre: two engines
+def _pcre_of(pattern: str) -> Any:
+    (r,) = parse_rules(f'alert tcp any any -> any any (pcre:"{pattern}"; sid:1;)').rules
+    return r.pcre
+
+
+def test_a_brace_that_is_not_a_repeat_count_is_a_brace_as_in_pcre() -> None:
+    """The engine (regex) would read ``a{e<=1}`` as "a, or one edit away"; PCRE and Python re read
+    the braces literally, and so does a rule."""
+    fuzzy = _pcre_of("/a{e<=1}/")
+    assert fuzzy.regex.search(b"x a{e<=1} y") and not fuzzy.regex.search(b"b")
+    assert _pcre_of("/x{2}y/").regex.search(b"xxy") and not _pcre_of("/x{2}y/").regex.search(b"xy")
+    assert _pcre_of("/[{]{2}/").regex.search(b"{{") and _pcre_of("/a{}/").regex.search(b"a{}")
+    assert _pcre_of(r"/\{1,2/").regex.search(b"{1,2") and _pcre_of("/a{1,2/").regex.search(b"a{1,2")
+    assert fuzzy.stdlib is not None  # gated as usual
+
+
+def test_posix_classes_read_as_pcre_does_and_get_no_gate() -> None:
+    p = _pcre_of("/id=[[:digit:]]+/")
+    assert p.regex.search(b"?id=42") and not p.regex.search(b"?id=:x")
+    assert p.stdlib is None  # re would read the class as its characters: its parse cannot build a gate
+
+
+def test_an_escaping_that_changed_res_reading_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net under the brace escaping: had it escaped a repeat count, re's parse of the
+    escaped pattern would differ, and the rule would be refused rather than read two ways."""
+    from mproxy.core import rules
+
+    monkeypatch.setattr(rules, "_COUNT", re.compile(rb"(?!)"))  # no brace is a count
+    with pytest.raises(RuleError, match=r"<rules>:1: pcre: a '\{' here is read differently"):
+        parse_rules('alert tcp any any -> any any (pcre:"/ab{2}/"; sid:1;)')
+    assert _pcre_of("/a{e<=1}/").regex.search(b"a{e<=1}")  # literal braces: the same reading
+
+
+_PIECES = st.sampled_from([*"ab{}[]()?*+|\\:^$-&~,<=>#.1 eidsx!0%\n", "{2}", "{1,3}", "{,2}", "{e<=1}", "(?:", "(?i)",
+                           "(?x)", "[[:alpha:]]", "[:", "\\{", "\\d", "\\s", "\\w", "\\b", "(?P<n>", "(?=", "(?<=a)",
+                           "(?!", "\\\n", "\\x7b"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(pattern=st.lists(_PIECES, min_size=1, max_size=12).map("".join),
+       flags=st.sampled_from([0, re.I, re.S, re.M, re.X]),
+       hay=st.lists(st.sampled_from(b"ab{}[]1 eid:,<=>-\n!0%AB_"), min_size=1, max_size=30).map(bytes))
+def test_the_engine_reads_a_pattern_as_python_re_does(pattern: str, flags: int, hay: bytes) -> None:
+    """Where a pcre has a re reading (``stdlib``, the gate's source), the engine that runs it finds
+    the same first match: rules keep the semantics they are written and tested with."""
+    try:
+        p = compile_pcre(pattern.encode("latin-1"), flags)
+    except ValueError:
+        reject()
+    if p.stdlib is None:
+        return
+    try:
+        got = p.regex.search(hay, timeout=2.0)
+    except TimeoutError:
+        reject()
+    want = _re_search(p.stdlib, hay)
+    assert (got.span() if got else None) == (want.span() if want else None), (pattern, flags, hay)
+
+
+class _Slow(Exception):
+    pass
+
+
+def _re_search(rx: re.Pattern[bytes], hay: bytes) -> re.Match[bytes] | None:
+    """Python re, which no timeout can stop: an alarm does (a backtracking example is rejected)."""
+    def slow(_sig: int, _frame: object) -> None:
+        raise _Slow
+
+    old = signal.signal(signal.SIGALRM, slow)
+    signal.setitimer(signal.ITIMER_REAL, 2.0)
+    try:
+        return rx.search(hay)
+    except _Slow:
+        reject()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

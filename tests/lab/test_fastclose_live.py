@@ -291,3 +291,49 @@ def test_rules_reloaded_on_sighup_catch_the_attack_on_an_open_connection(lab: An
     assert rel["ok"] is True and rel["previous_rules"] == 1 and rel["rules"] > 1 and not rel["restart_needed"], rel
     (act,) = [r for r in recs if r["event"] == "action"]
     assert act["action"] == "fastclose" and act["trigger"] == "inspector" and act["sid"] == 1000002, act
+
+
+@pytest.mark.parametrize("react", ["log", "fastclose"])
+def test_a_pcre_that_backtracks_costs_a_verdict_its_budget_not_a_stall(lab: Any, server: Any, tmp_path: Path,
+                                                                      react: str) -> None:
+    """A rule's pcre with nested repeats, and a request on which it backtracks for ages (60 characters
+    before the first line ends, no "Agent" in them): the verdict waits [inspector] pcre_budget_ms,
+    not years. on_pcre_limit = "log": the request reaches the server and the connection goes on;
+    "fastclose": the connection is killed on every subflow, the request never arrives."""
+    from mproxy.lab.http_attack import BENIGN, Client, steer, wait_subflows
+
+    rules = tmp_path / "slow.rules"
+    rules.write_text('alert tcp any any -> any any (msg:"slow"; content:"/slow"; pcre:"/(?:.|.)+Agent/"; sid:77;)\n')
+    slow = b"GET /slow?" + b"a" * 60 + b" HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: demo/1\r\n\r\n"
+    extra = (f'[inspector]\nmode = "on"\nrules = "{rules}"\npcre_budget_ms = 10\n'
+             f'[actions]\non_pcre_limit = "{react}"\n')
+    cli_pcap, srv_pcap = tmp_path / "client.pcap", tmp_path / "server.pcap"
+    with mproxy(lab, tmp_path / "mproxy", extra) as mp:
+        with lab.capture(cli_pcap, ns=lab.ns_cli), lab.capture(srv_pcap, ns=lab.ns_srv):
+            client = Client(lab, server, 4)
+            try:
+                steer(lab, 0)
+                client.send(BENIGN)
+                assert client.response()["status"] == "HTTP/1.1 200 OK"
+                wait_subflows(lab, PORT, 2)
+                if react == "log":
+                    client.send(slow)
+                    assert client.response()["status"] == "HTTP/1.1 200 OK"
+                    client.cmd("close")
+                else:
+                    r = client.send(slow, until_received=False)
+                    t_sent = float(r.get("t", time.time()))
+                    cend = r if r.get("ev") == "ended" else client.wait_end(3.0)
+                end = server.wait_for(lambda e: e.get("ev") == "end" and e.get("conn") == client.conn, 5)
+            finally:
+                client.close()
+    recs = mp["records"]
+    (act,) = [r for r in recs if r["event"] == "action"]
+    assert (act["trigger"], act["action"], act["sid"]) == ("pcre_limit", react, 77), act
+    st = next(r for r in recs if r["event"] == "stats")
+    assert st["reactions"]["inspector"]["pcre_limits"] >= 1, st
+    if react == "log":
+        assert end["how"] == "eof" and server.received(client.conn) == BENIGN + slow
+    else:
+        assert server.received(client.conn) == BENIGN
+        check_killed(lab, tmp_path, 4, cli_pcap, srv_pcap, recs, t_sent, cend, end)

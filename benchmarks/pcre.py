@@ -1,0 +1,129 @@
+"""What bounding pcre costs: the `regex` engine (with a timeout) next to Python `re`, per chunk.
+
+Rule pcres run on the `regex` module since it takes a ``timeout`` (Python ``re``
+cannot be stopped; see mproxy/core/rules.py, class Pcre). This measures, in one
+run:
+
+1. each shipped pcre (config/mproxy.rules) searched over whole chunks of HTTP
+   requests that keep it busy (1448 and 65536 bytes), by ``re`` and by ``regex``
+   with the timeout the inspector passes: µs per chunk, best of N;
+2. a stream on which the inspector really runs a pcre on every chunk (requests
+   carrying the SQL-injection rule's contents), through ``Inspector.feed``;
+3. a backtracking pcre, ``(?:a|a)+b`` on n ``a``s then ``c ab``: ``re``'s time
+   for growing n (it doubles per ``a``; 30 is extrapolated, not waited for)
+   next to the inspector's verdict time with the default 20 ms budget.
+
+    .venv/bin/python benchmarks/pcre.py [--reps 5] [--stream-only]
+
+--stream-only runs part 2 alone, with nothing but ``Inspector`` and ``load_rules``,
+so the same command can be run in a checkout from before the engine change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mproxy.core.events import Direction  # noqa: E402
+from mproxy.core.inspector import Inspector  # noqa: E402
+from mproxy.core.rules import load_rules, parse_rules  # noqa: E402
+
+RULES = Path(__file__).resolve().parents[1] / "config" / "mproxy.rules"
+CLI, SRV = (bytes((198, 18, 1, 2)), 40000), (bytes((198, 18, 10, 2)), 80)
+REQ = (b"GET /search?q=1%27+UNION+SELECT+name+FROM+t--&or=1 HTTP/1.1\r\nHost: shop.example\r\n"
+       b"User-Agent: curl/8 ../etc <script> select from where or 1=1\r\nAccept: */*\r\n\r\n")
+
+
+def best(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    b = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        b = min(b, time.perf_counter() - t)
+    return b
+
+
+def per_pattern(reps: int) -> None:
+    rs = load_rules(RULES)
+    print("| sid | pcre | chunk bytes | re µs | regex µs | regex / re |")
+    print("|---|---|---|---|---|---|")
+    tot = {1448: [0.0, 0.0], 65536: [0.0, 0.0]}
+    for r in rs.rules:
+        if r.pcre is None or r.pcre.stdlib is None:
+            continue
+        for size in (1448, 65536):
+            chunk = (REQ * (size // len(REQ) + 1))[:size]
+            std, eng = r.pcre.stdlib, r.pcre.regex
+            t_re = best(lambda: list(std.finditer(chunk)), reps)  # noqa: B023
+            t_rx = best(lambda: list(eng.finditer(chunk, timeout=0.02)), reps)  # noqa: B023
+            tot[size][0] += t_re
+            tot[size][1] += t_rx
+            print(f"| {r.sid} | `{r.pcre.source[:40]}` | {size} | {t_re * 1e6:,.1f} | {t_rx * 1e6:,.1f} | "
+                  f"{t_rx / t_re:.2f} |")
+    for size, (a, b) in tot.items():
+        print(f"| all | (sum) | {size} | {a * 1e6:,.1f} | {b * 1e6:,.1f} | {b / a:.2f} |")
+
+
+def stream(reps: int, mbytes: int = 2) -> None:
+    rs = load_rules(RULES)
+    size = mbytes << 20
+    data = (REQ * (size // len(REQ) + 1))[:size]
+    print(f"\n| shipped rules, pcre on every chunk ({mbytes} MiB of requests) | chunk bytes | Mbit/s | pcre runs |")
+    print("|---|---|---|---|")
+    for chunk in (1448, 65536):
+        pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+        runs = 0
+
+        def go() -> None:
+            nonlocal runs
+            ins = Inspector(rs)
+            for n, piece in enumerate(pieces):  # a new connection every 64 KiB: rules fire once per direction
+                ins.feed(n * chunk >> 16, Direction.C2S, piece, CLI, SRV)
+            runs = ins.stats.pcre_runs
+
+        t = best(go, reps)
+        print(f"| requests | {chunk} | {len(data) * 8 / t / 1e6:,.0f} | {runs} |")
+
+
+def backtracking() -> None:
+    rx = re.compile(rb"(?:a|a)+b")
+    print("\n| n (a's) | Python re s | inspector verdict s (budget 20 ms) |")
+    print("|---|---|---|")
+    ins = Inspector(parse_rules('alert tcp any any -> any any (content:"GET"; pcre:"/(?:a|a)+b/"; sid:1;)'))
+    last = 0.0
+    for n in (16, 18, 20, 22, 30):
+        data = b"GET /?" + b"a" * n + b"c ab"
+        if n <= 22:
+            t0 = time.perf_counter()
+            rx.search(data)
+            last = time.perf_counter() - t0
+            t_re = f"{last:.3f}"
+        else:
+            t_re = f"~{last * 2 ** (n - 22):,.0f} (extrapolated: x2 per a)"
+        t0 = time.perf_counter()
+        found = ins.feed(n, Direction.C2S, data, CLI, SRV)
+        t_ins = time.perf_counter() - t0
+        what = type(found[0]).__name__ if found else "nothing"
+        print(f"| {n} | {t_re} | {t_ins:.3f} ({what}) |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--stream-only", action="store_true")
+    a = ap.parse_args()
+    if not a.stream_only:
+        per_pattern(a.reps)
+    stream(a.reps)
+    if not a.stream_only:
+        backtracking()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
