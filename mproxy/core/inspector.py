@@ -369,24 +369,30 @@ class Inspector:
                 continue
             r = self.rules[ri]
             sets: list[tuple[int, int]] = []
+            lists: list[list[int]] = []
             if r.contents:
-                lists = self._lists(st, ri)
-                if lists is None:
+                got = self._lists(st, ri)
+                if got is None:
                     continue  # not every content seen yet (or seen, and left behind)
+                lists = got
                 if r.pcre is not None:
                     st.partial.add(ri)
                 if ri not in touched and (r.pcre is None or max(x[-1] for x in lists) < chunk_start - self.pcre_window):
                     continue  # unchanged since it was last found incomplete, or no content near this chunk
+            if r.pcre is not None and ri in gate.gated:
+                # one Hyperscan pass for every gated pcre, over all the bytes a search could look at: where
+                # the pcre cannot match, neither the search nor the content sets before it (which cost the
+                # most when contents are dense) are needed
+                if maybe is None:
+                    maybe = gate.matching(_span(tail, data, max(0, lt - self.pcre_window), lt + len(data)))
+                if ri not in maybe:
+                    self.stats.pcre_gated += 1
+                    continue
+            if r.contents:
                 sets = _sets(self._chains[ri], lists, window, r.pcre is None)
                 if not sets:
                     continue  # not close enough together, or not in the order distance/within ask
             if r.pcre is not None:
-                if ri in gate.gated:
-                    if maybe is None:  # one Hyperscan pass for every gated pcre: where re cannot match, skip it
-                        maybe = gate.matching(_span(tail, data, max(0, lt - self.pcre_window), lt + len(data)))
-                    if ri not in maybe:
-                        self.stats.pcre_gated += 1
-                        continue
                 if not deadline:
                     deadline = time.perf_counter() + self.pcre_budget
                 self.stats.pcre_runs += 1
