@@ -12,10 +12,12 @@ the pattern's text (Hyperscan's parser and Python's differ in corners): each
 pattern is parsed by Python's own regex parser and translated, construct by
 construct, into an explicit byte-level expression — classes as byte sets,
 case folding spelt out — and compiled in prefilter mode (a superset of the
-matches). Patterns using anything outside a small subset (anchors, word
-boundaries, look-arounds, back-references, inline flag groups, possessive or
-atomic groups), or that can match the empty string, get no gate: ``re`` runs
-as before. A gate reports only whether its pattern matches anywhere in the
+matches). Atomic groups and possessive repeats are translated as the plain
+group and greedy repeat: they match a subset of those strings, so the gate
+stays a superset (rules use them to stop backtracking). Patterns using
+anything outside that subset (anchors, word boundaries, look-arounds,
+back-references, inline flag groups), or that can match the empty string, get
+no gate: the engine runs as before. A gate reports only whether its pattern matches anywhere in the
 scanned bytes (one report per pattern per scan, so a permissive pattern cannot
 make a scan cost a callback per byte).
 """
@@ -110,11 +112,13 @@ def _emit(items: Any, flags: int) -> str:
             out.append("(?:" + _emit(sub, flags) + ")")
         elif op is _c.BRANCH:
             out.append("(?:" + "|".join(_emit(alt, flags) for alt in av[1]) + ")")
-        elif op is _c.MAX_REPEAT or op is _c.MIN_REPEAT:
+        elif op is _c.ATOMIC_GROUP:  # matches a subset of what the plain group matches: fine for a gate
+            out.append("(?:" + _emit(av, flags) + ")")
+        elif op is _c.MAX_REPEAT or op is _c.MIN_REPEAT or op is _c.POSSESSIVE_REPEAT:  # (possessive: a subset)
             lo, hi, sub = av  # large bounds loosened: {1000} -> {32,} (a superset, and Hyperscan compiles it fast)
             top = "" if hi is _c.MAXREPEAT or hi > _REPEAT_BOUND else str(hi)
             out.append("(?:" + _emit(sub, flags) + "){" + f"{min(lo, _REPEAT_BOUND)},{top}" + "}")
-        else:  # AT (anchors, \b), GROUPREF, ASSERT*, ATOMIC_GROUP, POSSESSIVE_REPEAT, ...
+        else:  # AT (anchors, \b), GROUPREF, ASSERT*, ...
             raise _Unsupported(str(op))
     return "".join(out)
 

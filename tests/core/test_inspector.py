@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
+from typing import Any
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from mproxy.core.events import Direction
-from mproxy.core.inspector import _OCCURRENCES, Inspector
+from mproxy.core.inspector import _OCCURRENCES, Inspector, PcreLimit
 from mproxy.core.rules import RuleError, parse_rules
 
 CLI = (ipaddress.ip_address("198.18.1.2").packed, 40000)
@@ -432,3 +434,48 @@ def test_a_reload_keeps_which_rules_were_reported_as_limited() -> None:
     new.adopt(old)
     assert new.feed(1, Direction.C2S, b" " + SLOW, CLI, SRV) == []
     assert new.stats.pcre_limits == 4  # the counters carry on
+
+
+@functools.cache
+def _shipped() -> tuple[Any, Inspector]:
+    """The shipped rules, and an inspector with a 2 s budget (what a linear search never needs)."""
+    from pathlib import Path
+
+    from mproxy.core.rules import load_rules
+
+    rs = load_rules(Path(__file__).resolve().parents[2] / "config" / "mproxy.rules")
+    return rs, Inspector(rs, pcre_budget=2.0)
+
+
+_SQL_TOKENS = st.sampled_from([b"union", b"UNION", b"select", b"all", b"/*", b"*/", b"/**/", b"%2f%2a", b"%2a%2f",
+                               b"%2F%2A", b"+", b"%20", b"%09", b"%2b", b"%a0", b" ", b"\t", b"'", b"%27", b"or", b"1",
+                               b"=", b"%3d", b";", b"%3b", b"drop", b"table", b"x", b"../", b"<script", b"() {"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(head=st.lists(_SQL_TOKENS, max_size=6), body=st.lists(_SQL_TOKENS, min_size=1, max_size=3),
+       times=st.integers(1, 60), tail=st.lists(_SQL_TOKENS, max_size=6))
+def test_the_shipped_pcres_never_backtrack_out_of_their_budget(head: list[bytes], body: list[bytes], times: int,
+                                                               tail: list[bytes]) -> None:
+    """Regression: the shipped UNION SELECT rules had (\\s|/\\*.*?\\*/)+: "union" and 30 comments were
+    2^30 ways to split, years for a backtracking engine. On any mix of the tokens their pcres look
+    for, runs of a few repeated many times included, each shipped pcre decides in far less than
+    2 s (linear: microseconds)."""
+    _decides(b"".join(head) + b"".join(body) * times + b"".join(tail))
+
+
+@pytest.mark.parametrize("comment", [b"/**/", b" /*a*/", b"/**/%20", b"%2f%2a%2a%2f", b"%2F%2A*/%2a%2f", b"/*/*/"])
+def test_the_shipped_union_select_pcres_are_linear_in_sql_comments(comment: bytes) -> None:
+    _decides(b"1%27+union" + comment * 200 + b"x")
+    _decides(b"UNION" + comment * 200 + b"ALL" + comment * 200 + b"x")
+
+
+def _decides(data: bytes) -> None:
+    rs, ins = _shipped()
+    before = ins.stats.pcre_limits
+    found = ins.feed(len(data), Direction.C2S, data, CLI, (SRV[0], 80))
+    ins.close(len(data))
+    assert not [m for m in found if isinstance(m, PcreLimit)] and ins.stats.pcre_limits == before
+    for r in rs.rules:  # and searched on their own, from every start, gate or not (TimeoutError fails)
+        if r.pcre is not None:
+            r.pcre.regex.search(data, timeout=2.0)

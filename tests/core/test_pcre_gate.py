@@ -26,6 +26,8 @@ def _combine(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
         st.tuples(children, children).map("".join),
         st.tuples(children, children).map(lambda t: f"(?:{t[0]}|{t[1]})"),
         children.map(lambda c: f"({c})"),
+        children.map(lambda c: f"(?>{c})"),  # atomic: gated as the plain group
+        st.tuples(children, st.sampled_from(["*+", "++", "?+", "{1,3}+"])).map(lambda t: f"(?:{t[0]}){t[1]}"),
         st.tuples(children, st.sampled_from(["*", "+", "?", "*?", "+?", "{2}", "{1,3}", "{0,2}?", "{2,}", "{33}", "{0,40}", "{34,}"]))
         .map(lambda t: f"(?:{t[0]}){t[1]}"),
     )
@@ -79,8 +81,7 @@ def _search(rx: regex.Pattern[bytes], hay: bytes) -> regex.Match[bytes] | None:
 
 
 def test_outside_the_subset_there_is_no_gate() -> None:
-    for p in (rb"^GET", rb"\bunion", rb"(a)\1", rb"a(?=b)", rb"(?<!x)y", rb"a*", rb"(?i:a)b", rb"x$", rb"\Aab",
-              rb"(?>ab)c", rb"a++"):
+    for p in (rb"^GET", rb"\bunion", rb"(a)\1", rb"a(?=b)", rb"(?<!x)y", rb"a*", rb"(?i:a)b", rb"x$", rb"\Aab"):
         rx = re.compile(p)
         assert translate(rx) is None and PcreGate({1: rx}).gated == frozenset(), p
 
