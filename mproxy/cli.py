@@ -63,8 +63,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             print(f"mproxy replay: rules error: {e}", file=sys.stderr)
             return 2
         if not args.quiet:
+            from .core.pcre_lint import backtracking_warnings
+
             for why in rs.skipped:
                 print(f"mproxy replay: rule skipped: {why}", file=sys.stderr)
+            for why in backtracking_warnings(rs):
+                print(f"mproxy replay: rule may backtrack: {why}", file=sys.stderr)
     try:
         out = open_output(args.out)
     except OSError as e:
@@ -164,8 +168,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
               f"{f'{len(rs)} signatures from {rs.source}' if rs is not None else 'off'}"
               f"{f', {len(rs.skipped)} skipped' if rs is not None and rs.skipped else ''}, alerts followed: "
               f"{len(cfg.alerts.files)})")
-        for why in rs.skipped if rs is not None else ():
-            print(f"{args.config}: rule skipped: {why}", file=sys.stderr)
+        if rs is not None:
+            from .core.pcre_lint import backtracking_warnings
+
+            for why in rs.skipped:
+                print(f"{args.config}: rule skipped: {why}", file=sys.stderr)
+            for why in backtracking_warnings(rs):
+                print(f"{args.config}: rule may backtrack: {why}", file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,7 @@ from .core.rules import RuleError, RuleSet
 from .io.alerts import AlertFollower
 from .io.inject import Injector
 
-__all__ = ["load_ruleset", "build_inspector", "build_reactions", "AlertFeed", "needs_injection", "warn_skipped"]
+__all__ = ["load_ruleset", "build_inspector", "build_reactions", "AlertFeed", "needs_injection", "warn_rules"]
 
 log = logging.getLogger("mproxy")
 
@@ -40,20 +40,23 @@ def load_ruleset(cfg: Config) -> RuleSet | None:
         raise ConfigError(f"[inspector] rules: {e}") from None
 
 
-def warn_skipped(rs: RuleSet, limit: int = 20) -> None:
-    """Log the rules ``skip_bad_rules`` left out: the first ``limit`` as warnings, all at debug."""
-    for i, why in enumerate(rs.skipped):
-        log.log(logging.WARNING if i < limit else logging.DEBUG, "rule skipped: %s", why)
-    if len(rs.skipped) > limit:
-        log.warning("rules skipped: %d in all (the rest at debug level; `mproxy check` lists them)",
-                    len(rs.skipped))
+def warn_rules(rs: RuleSet, limit: int = 20) -> None:
+    """Log the rules ``skip_bad_rules`` left out, and those whose pcre can backtrack
+    (:mod:`mproxy.core.pcre_lint`): the first ``limit`` of each as warnings, all at debug."""
+    from .core.pcre_lint import backtracking_warnings
+
+    for what, lines in (("rule skipped", rs.skipped), ("rule may backtrack", backtracking_warnings(rs))):
+        for i, why in enumerate(lines):
+            log.log(logging.WARNING if i < limit else logging.DEBUG, "%s: %s", what, why)
+        if len(lines) > limit:
+            log.warning("%s: %d in all (the rest at debug level; `mproxy check` lists them)", what, len(lines))
 
 
 def build_inspector(cfg: Config, rules: RuleSet | None = None) -> Inspector | None:
     rs = rules if rules is not None else load_ruleset(cfg)
     if rs is None:
         return None
-    warn_skipped(rs)
+    warn_rules(rs)
     i = cfg.inspector
     return Inspector(rs, window=i.window, pcre_window=i.pcre_window, pcre_budget=i.pcre_budget_ms / 1000)
 

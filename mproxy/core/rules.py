@@ -94,6 +94,7 @@ class Pcre:
     source: str  # as written, for the log
     regex: regex.Pattern[bytes]
     stdlib: re.Pattern[bytes] | None = None
+    flags: int = 0  # Python re's flags (re.I, re.S, re.M, re.X)
 
 
 # --------------------------------------------------------------------------- address and port specs
@@ -349,7 +350,7 @@ def compile_pcre(pattern: bytes, flags: int = 0, source: str = "") -> Pcre:
     # verbose comment ending in a backslash: re's comment goes on past the newline, regex's stops
     ambiguous = any(issubclass(w.category, FutureWarning) for w in caught) or b"[:" in pattern \
         or b"\\\n" in pattern
-    return Pcre(source or pattern.decode("latin-1"), engine, None if ambiguous else std)
+    return Pcre(source or pattern.decode("latin-1"), engine, None if ambiguous else std, flags)
 
 
 def _escape_braces(p: bytes) -> bytes:
