@@ -315,15 +315,22 @@ def wait_subflows(lab: Lab, port: int, n: int, timeout: float = 5.0) -> None:
     raise ExchangeError(f"fewer than {n} subflows came up")
 
 
+def benign_first(lab: Lab, client: Client, port: int = 80) -> dict[str, Any]:
+    """A benign request and its response on path 0, then wait until the connection has its second
+    subflow (on path 1): how every exchange of the lab tests begins. Returns the response."""
+    steer(lab, 0)
+    client.send(BENIGN)
+    resp = client.response()
+    wait_subflows(lab, port, 2)
+    return resp
+
+
 def split_attack(lab: Lab, client: Client, port: int = 80, part2: bytes = ATTACK_PART2) -> dict[str, Any]:
     """Benign request/response, then the attack: part 1 on path 0, ``part2`` on path 1; then wait for the end.
 
     Returns ``{"part2_sent": t, "client": {...how it ended...}}``.
     """
-    steer(lab, 0)
-    client.send(BENIGN)
-    client.response()
-    wait_subflows(lab, port, 2)
+    benign_first(lab, client, port)
     client.send(ATTACK_PART1)
     steer(lab, 1)
     time.sleep(0.2)  # MP_PRIO reaches the server and the scheduler

@@ -209,12 +209,9 @@ def test_ids_alert_fastcloses_every_subflow(lab: Any, server: Any, tmp_path: Pat
 
 
 def split_attack_no_wait(lab: Any, client: Any) -> bool:
-    from mproxy.lab.http_attack import ATTACK_PART1, ATTACK_PART2, BENIGN, steer, wait_subflows
+    from mproxy.lab.http_attack import ATTACK_PART1, ATTACK_PART2, benign_first, steer
 
-    steer(lab, 0)
-    client.send(BENIGN)
-    client.response()
-    wait_subflows(lab, PORT, 2)
+    benign_first(lab, client, PORT)
     client.send(ATTACK_PART1)
     steer(lab, 1)
     time.sleep(0.2)
@@ -224,15 +221,12 @@ def split_attack_no_wait(lab: Any, client: Any) -> bool:
 
 
 def test_benign_transfer_untouched(lab: Any, server: Any, tmp_path: Path) -> None:
-    from mproxy.lab.http_attack import BENIGN, Client, steer, wait_subflows
+    from mproxy.lab.http_attack import BENIGN, Client, benign_first, steer
 
     with mproxy(lab, tmp_path / "mproxy", '[inspector]\nmode = "on"\n') as mp:
         client = Client(lab, server, 4)
         try:
-            steer(lab, 0)
-            client.send(BENIGN)
-            assert client.response()["status"] == "HTTP/1.1 200 OK"
-            wait_subflows(lab, PORT, 2)
+            assert benign_first(lab, client, PORT)["status"] == "HTTP/1.1 200 OK"
             steer(lab, 1)
             time.sleep(0.2)
             client.send(BENIGN)
@@ -255,7 +249,7 @@ def test_rules_reloaded_on_sighup_catch_the_attack_on_an_open_connection(lab: An
                                                                          tmp_path: Path) -> None:
     """Signatures are updated with SIGHUP while a connection is open: the rest of that connection is
     inspected with the new rules (a restart would leave it uninspected: it is no longer queued)."""
-    from mproxy.lab.http_attack import ATTACK_PART1, ATTACK_PART2, BENIGN, NEEDLE, Client, steer, wait_subflows
+    from mproxy.lab.http_attack import ATTACK_PART1, ATTACK_PART2, NEEDLE, Client, benign_first, steer
 
     rules = tmp_path / "live.rules"
     rules.write_text('alert tcp any any -> any any (msg:"placeholder"; content:"no-such-bytes-here"; sid:1;)\n')
@@ -265,10 +259,7 @@ def test_rules_reloaded_on_sighup_catch_the_attack_on_an_open_connection(lab: An
     with mproxy(lab, tmp_path / "mproxy", extra) as mp:
         client = Client(lab, server, 4)
         try:
-            steer(lab, 0)
-            client.send(BENIGN)
-            client.response()
-            wait_subflows(lab, PORT, 2)
+            benign_first(lab, client, PORT)
             client.send(ATTACK_PART1)
             rules.write_text(shipped)
             mp["proc"].send_signal(signal.SIGHUP)
@@ -300,7 +291,7 @@ def test_a_pcre_that_backtracks_costs_a_verdict_its_budget_not_a_stall(lab: Any,
     before the first line ends, no "Agent" in them): the verdict waits [inspector] pcre_budget_ms,
     not years. on_pcre_limit = "log": the request reaches the server and the connection goes on;
     "fastclose": the connection is killed on every subflow, the request never arrives."""
-    from mproxy.lab.http_attack import BENIGN, Client, steer, wait_subflows
+    from mproxy.lab.http_attack import BENIGN, Client, benign_first
 
     rules = tmp_path / "slow.rules"
     rules.write_text('alert tcp any any -> any any (msg:"slow"; content:"/slow"; pcre:"/(?:.|.)+Agent/"; sid:77;)\n')
@@ -312,10 +303,7 @@ def test_a_pcre_that_backtracks_costs_a_verdict_its_budget_not_a_stall(lab: Any,
         with lab.capture(cli_pcap, ns=lab.ns_cli), lab.capture(srv_pcap, ns=lab.ns_srv):
             client = Client(lab, server, 4)
             try:
-                steer(lab, 0)
-                client.send(BENIGN)
-                assert client.response()["status"] == "HTTP/1.1 200 OK"
-                wait_subflows(lab, PORT, 2)
+                assert benign_first(lab, client, PORT)["status"] == "HTTP/1.1 200 OK"
                 if react == "log":
                     client.send(slow)
                     assert client.response()["status"] == "HTTP/1.1 200 OK"
