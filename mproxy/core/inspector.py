@@ -465,22 +465,38 @@ class Inspector:
         expressions noted (their lists come out sorted)."""
         touched: set[int] = set()
         hit: set[int] = set()
-        targets_of, group_of, groups, occ = self._targets, self._group_of, st.groups, st.occ
+        # by expression first: the rules' conditions are then tested once per expression and chunk, not
+        # once per match (a stream dense with contents has dozens of matches per packet)
+        by: dict[int, list[int]] = {}
         for eid, end in found:
-            targets = targets_of[eid][1]
-            e = base + end
-            used = False
-            for ri, _ci, lowest, highest in targets:
-                if group_of[ri] not in groups or ri in skip or e < lowest or e > highest:
+            ends = by.get(eid)
+            if ends is None:
+                by[eid] = [base + end]
+            else:
+                ends.append(base + end)
+        targets_of, group_of, groups, occ = self._targets, self._group_of, st.groups, st.occ
+        for eid, ends in by.items():
+            first, last = min(ends), max(ends)
+            every = False  # a rule can use every end
+            some: set[int] = set()  # else the ends some rule can use
+            for ri, _ci, lowest, highest in targets_of[eid][1]:
+                if group_of[ri] not in groups or ri in skip or last < lowest or first > highest:
                     continue
+                if lowest <= first and last <= highest:
+                    every = True
+                else:
+                    usable = [e for e in ends if lowest <= e <= highest]
+                    if not usable:
+                        continue
+                    some.update(usable)
                 touched.add(ri)
-                used = True
-            if used:
-                lst = occ.get(eid)
-                if lst is None:
-                    lst = occ[eid] = []
-                lst.append(e)
-                hit.add(eid)
+            if not every and not some:
+                continue
+            lst = occ.get(eid)
+            if lst is None:
+                lst = occ[eid] = []
+            lst.extend(ends if every else some)
+            hit.add(eid)
         for eid in hit:
             occ[eid].sort()
         return touched, hit
