@@ -36,12 +36,12 @@ except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as _c  # type: ignore[no-redef]
     import sre_parse as _p  # type: ignore[no-redef]
 
-__all__ = ["translate", "PcreGate"]
+__all__ = ["translate", "PcreGate", "class_bytes", "ALL_BYTES", "fold_case"]
 
 _DIGIT = frozenset(range(0x30, 0x3A))
 _SPACE = frozenset((0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20))  # Python's bytes \s
 _WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
-_ALL = frozenset(range(256))
+_ALL = ALL_BYTES = frozenset(range(256))
 _CATEGORIES = {
     _c.CATEGORY_DIGIT: _DIGIT, _c.CATEGORY_NOT_DIGIT: _ALL - _DIGIT,
     _c.CATEGORY_SPACE: _SPACE, _c.CATEGORY_NOT_SPACE: _ALL - _SPACE,
@@ -54,13 +54,33 @@ class _Unsupported(Exception):
     pass
 
 
-def _fold(s: frozenset[int]) -> frozenset[int]:
+def fold_case(s: frozenset[int]) -> frozenset[int]:
     """Add the other case of every ASCII letter (Python's IGNORECASE on bytes is ASCII only)."""
     out = set(s)
     for b in s:
         if 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A:
             out.add(b ^ 0x20)
     return frozenset(out)
+
+
+def class_bytes(items: Any, fold: bool) -> frozenset[int] | None:
+    """The bytes a parsed class (``[...]``: the items of an IN node) matches; None if it holds
+    something other than bytes, ranges and the \\d \\s \\w categories."""
+    s: set[int] = set()
+    negate = False
+    for iop, iav in items:
+        if iop is _c.NEGATE:
+            negate = True
+        elif iop is _c.LITERAL:
+            s.add(iav)
+        elif iop is _c.RANGE:
+            s.update(range(iav[0], iav[1] + 1))
+        elif iop is _c.CATEGORY and iav in _CATEGORIES:
+            s.update(_CATEGORIES[iav])
+        else:
+            return None
+    fs = fold_case(frozenset(s)) if fold else frozenset(s)
+    return _ALL - fs if negate else fs
 
 
 def _cls(s: frozenset[int]) -> str:
@@ -84,27 +104,16 @@ def _emit(items: Any, flags: int) -> str:
     out = []
     for op, av in items:
         if op is _c.LITERAL:
-            out.append(_cls(_fold(frozenset((av,))) if fold else frozenset((av,))))
+            out.append(_cls(fold_case(frozenset((av,))) if fold else frozenset((av,))))
         elif op is _c.NOT_LITERAL:
-            out.append(_cls(_ALL - (_fold(frozenset((av,))) if fold else frozenset((av,)))))
+            out.append(_cls(_ALL - (fold_case(frozenset((av,))) if fold else frozenset((av,)))))
         elif op is _c.ANY:
             out.append(_cls(_ALL if flags & re.DOTALL else _ALL - {0x0A}))
         elif op is _c.IN:
-            s: set[int] = set()
-            negate = False
-            for iop, iav in av:
-                if iop is _c.NEGATE:
-                    negate = True
-                elif iop is _c.LITERAL:
-                    s.add(iav)
-                elif iop is _c.RANGE:
-                    s.update(range(iav[0], iav[1] + 1))
-                elif iop is _c.CATEGORY and iav in _CATEGORIES:
-                    s.update(_CATEGORIES[iav])
-                else:
-                    raise _Unsupported(str(iop))
-            fs = _fold(frozenset(s)) if fold else frozenset(s)
-            out.append(_cls(_ALL - fs if negate else fs))
+            fs = class_bytes(av, fold)
+            if fs is None:
+                raise _Unsupported("class item")
+            out.append(_cls(fs))
         elif op is _c.SUBPATTERN:
             _group, add, rem, sub = av
             if add or rem:

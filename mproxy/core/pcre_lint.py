@@ -26,7 +26,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .pcre_gate import _ALL, _CATEGORIES, _fold
+from .pcre_gate import ALL_BYTES as _ALL
+from .pcre_gate import class_bytes, fold_case
 from .rules import RuleSet
 
 try:  # Python 3.11+
@@ -76,14 +77,15 @@ class _Lint:
         if op is _c.ANY:
             return (_ALL if self.dotall else _ALL - {0x0A}), False
         if op is _c.IN:
-            return self._class(av), False
+            cls = class_bytes(av, self.fold)
+            return (_ALL if cls is None else cls), False
         if op is _c.SUBPATTERN:
             return self.first(av[3])
         if op is _c.ATOMIC_GROUP:
             return self.first(av)
         if op is _c.BRANCH:
-            fs = [self.first(alt) for alt in av[1]]
-            return frozenset().union(*(f for f, _ in fs)), any(n for _, n in fs)
+            alts = [self.first(alt) for alt in av[1]]
+            return frozenset().union(*(f for f, _ in alts)), any(n for _, n in alts)
         if op in _REPEATS or op is _c.POSSESSIVE_REPEAT:
             lo, _hi, sub = av
             f, n = self.first(sub)
@@ -94,24 +96,7 @@ class _Lint:
 
     def _lit(self, b: int) -> frozenset[int]:
         s = frozenset((b,))
-        return _fold(s) if self.fold else s
-
-    def _class(self, av: Any) -> frozenset[int]:
-        s: set[int] = set()
-        negate = False
-        for iop, iav in av:
-            if iop is _c.NEGATE:
-                negate = True
-            elif iop is _c.LITERAL:
-                s.add(iav)
-            elif iop is _c.RANGE:
-                s.update(range(iav[0], iav[1] + 1))
-            elif iop is _c.CATEGORY and iav in _CATEGORIES:
-                s.update(_CATEGORIES[iav])
-            else:
-                return _ALL
-        fs = _fold(frozenset(s)) if self.fold else frozenset(s)
-        return _ALL - fs if negate else fs
+        return fold_case(s) if self.fold else s
 
     # ------------------------------------------------------------ the walk
     def outer(self, items: Any) -> str | None:
