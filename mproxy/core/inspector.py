@@ -292,7 +292,8 @@ class Inspector:
         self._gate = PcreGate({ri: r.pcre.stdlib for ri, r in enumerate(self.rules)
                                if r.pcre is not None and r.pcre.stdlib is not None})
         self._ac_keep = max(rules.longest_content - 1, 0)
-        self._keep = max(rules.longest_content - 1, pcre_window if any(r.pcre for r in self.rules) else 0, 0)
+        # a pcre looks pcre_window bytes back, and at one more byte before them (see _pcre)
+        self._keep = max(rules.longest_content - 1, pcre_window + 1 if any(r.pcre for r in self.rules) else 0, 0)
         # Rules with the same header (flow, addresses, ports, direction) apply to the same connection
         # directions: a new direction tests each header once (a rule set of thousands has a few dozen)
         heads: dict[tuple[Any, ...], int] = {}
@@ -429,9 +430,17 @@ class Inspector:
         within ``window`` of each content of one of ``sets`` (any match, for a rule without
         contents); None if there is none. Searches only where such a match can be: each set's
         stretch, the overlapping ones merged, and no further back than ``pcre_window``.
-        TimeoutError if that is not decided by ``deadline`` (``time.perf_counter``)."""
+        TimeoutError if that is not decided by ``deadline`` (``time.perf_counter``).
+
+        Each stretch is searched in place (``pos``/``endpos``), not cut out: ``^``, ``\\b`` and
+        look-behinds see the byte before it, so ``^`` matches at the start of the stream (or of a
+        line, with ``m``), never merely where a stretch begins. The tail keeps one byte more than
+        ``pcre_window`` for that; a tail that does not begin the stream is never searched from its
+        first byte (only right after a reload can there be no tail: then the new bytes are searched
+        from their first). ``$`` still matches where a stretch ends (the end of the bytes so far,
+        or of the window)."""
         lt = len(tail)
-        first, last, window = max(0, lt - self.pcre_window), lt + len(data), self.window
+        first, last, window = max(1 if base and lt else 0, lt - self.pcre_window), lt + len(data), self.window
         spans: list[list[int]] = []
         if len(sets) > 8:  # many: their stretches overlap into (nearly) one, the hull costs less to find
             sets_ = [(sets[-1][0], sets[0][1])]
@@ -447,15 +456,15 @@ class Inspector:
                 spans[-1][1] = max(spans[-1][1], b)
             else:
                 spans.append([a, b])
+        buf = tail + data if tail else data
         for a, b in spans:
-            at = base + a
             left = deadline - time.perf_counter()
             if left <= 0:
                 raise TimeoutError
-            for m in rx.finditer(_span(tail, data, a, b), timeout=left):
-                if a + m.end() > lt and (not sets or any(
-                        at + m.start() >= hi - window and at + m.end() <= lo + window for lo, hi in sets)):
-                    return at + m.end()
+            for m in rx.finditer(buf, a, b, timeout=left):
+                start, end = base + m.start(), base + m.end()
+                if m.end() > lt and (not sets or any(start >= hi - window and end <= lo + window for lo, hi in sets)):
+                    return end
         return None
 
     def _record(self, st: _Dir, found: list[tuple[int, int]], base: int,

@@ -8,7 +8,7 @@ import itertools
 from typing import Any
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from mproxy.core.events import Direction
@@ -479,3 +479,60 @@ def _decides(data: bytes) -> None:
     for r in rs.rules:  # and searched on their own, from every start, gate or not (TimeoutError fails)
         if r.pcre is not None:
             r.pcre.regex.search(data, timeout=2.0)
+
+
+# ---------------------------------------------------------------------------- pcre context at a stretch's start
+def test_a_word_boundary_at_the_start_of_a_searched_stretch_sees_the_byte_before_it() -> None:
+    """The stretch searched near a content starts ``window`` bytes before it; ``\\bunion`` must not
+    match "xunion" merely because the stretch begins at its "u" (it did when stretches were cut out)."""
+    rs = parse_rules(r'alert tcp any any -> any any (msg:"b"; content:"select"; pcre:"/\bunion /"; sid:1;)')
+    w = 64
+    stream = b"xunion " + b"." * (w - 12) + b"select"  # "select" ends w bytes after the "u"
+    assert len(stream) == w + 1
+    assert feed_all(Inspector(rs, window=w, pcre_window=16), [stream]) == []
+    assert feed_all(Inspector(rs, window=w, pcre_window=16), [b" " + stream[1:]]) == [1]
+
+
+def test_a_caret_matches_at_the_start_of_the_stream_or_of_a_line_not_of_a_stretch() -> None:
+    rs = parse_rules('alert tcp any any -> any any (msg:"a"; pcre:"/^GET \\/admin.{10}/"; sid:2;)\n'
+                     'alert tcp any any -> any any (msg:"m"; pcre:"/^POST \\/x.{10}/m"; sid:3;)')
+    # the tail kept for pcre (16 bytes here) begins exactly at "GET": not the stream's start
+    assert feed_all(Inspector(rs, pcre_window=16), [b"x" * 100 + b"GET /admin" + b"." * 6, b"....."]) == []
+    assert feed_all(Inspector(rs, pcre_window=16), [b"GET /admin" + b"." * 6, b"....."]) == [2]
+    # with m, after a newline that lies before the searched bytes
+    assert feed_all(Inspector(rs, pcre_window=16), [b"x" * 100 + b"\n", b"POST /x" + b"." * 9, b"...."]) == [3]
+    assert feed_all(Inspector(rs, pcre_window=16), [b"x" * 100 + b"!", b"POST /x" + b"." * 9, b"...."]) == []
+
+
+_LOOK_HEADS = st.sampled_from(["", "^", "\\b", "\\B", "(?<=a)", "(?<!a)", "(?m)^", "(?<=\\n)"])
+_LOOK_ATOMS = st.sampled_from(["a", "b", " ", "\\n", "\\w", "\\W", ".", "[ab]", ".{5}", "(?s:.{9})"])
+_LOOK_TAILS = st.sampled_from(["", "", "$", "\\b", "(?=a)", "(?m:$)"])
+
+
+@settings(max_examples=500, deadline=None)
+@example(head="^", body=["b", "(?s:.{9})"], tail="", stream=b"a" * 12 + b"b" + b"a" * 12, cuts=[20])
+@example(head="\\b", body=["b", "(?s:.{9})"], tail="", stream=b"a" * 12 + b"b" + b"a" * 12, cuts=[20])
+@given(head=_LOOK_HEADS, body=st.lists(_LOOK_ATOMS, min_size=1, max_size=4), tail=_LOOK_TAILS,
+       stream=st.lists(st.sampled_from(b"ab \n"), max_size=60).map(bytes),
+       cuts=st.lists(st.integers(0, 60), max_size=8))
+def test_a_pcre_only_rule_searches_the_stream_as_specified(head: str, body: list[str], tail: str, stream: bytes,
+                                                          cuts: list[int]) -> None:
+    """Any chunking, pcre_window 8, patterns that look before and after a match: the rule fires when,
+    for some chunk, a search of the *whole stream* from pcre_window bytes before the chunk to the
+    chunk's end finds a match that ends in the chunk. The kept tail and its extra byte of context
+    must make the inspector's search the same as that one (^, \\b and look-behinds at a stretch's
+    start see the byte before it; cutting the stretch out gave them none)."""
+    pattern = head + "".join(body) + tail
+    rs = parse_rules(f'alert tcp any any -> any any (msg:"p"; pcre:"/{pattern}/"; sid:9;)')
+    pcre = rs.rules[0].pcre
+    assert pcre is not None
+    chunks = splits(stream, cuts)
+    want, start = False, 0
+    for c in chunks:
+        end = start + len(c)
+        if any(m.end() > start for m in pcre.regex.finditer(stream, max(0, start - 8), end)):
+            want = True
+            break
+        start = end
+    got = feed_all(Inspector(rs, pcre_window=8), chunks)
+    assert got == ([9] if want else []), (pattern, stream, chunks)
