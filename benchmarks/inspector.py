@@ -88,6 +88,28 @@ def throughput(mbytes: int) -> None:
                 best = min(best, time.perf_counter() - t)
                 runs = ins.stats.pcre_runs
             print(f"| {name} | {chunk} | {len(data) * 8 / best / 1e6:,.0f} | {runs} |")
+    floods(rs, size)
+
+
+def floods(rs: RuleSet, size: int) -> None:
+    """One content repeated over the whole stream (a flood meant to slow the inspector down): of a
+    rule with that content alone ("../../", "<script": one report per scan), and of contents pcre
+    rules need ("union ", "or ": a report per match)."""
+    print(f"\nfloods of one content, shipped rules, one direction, {size >> 20} MiB, best of 3:\n")
+    print("| content repeated | chunk bytes | Mbit/s |")
+    print("|---|---|---|")
+    for unit in (b"../../", b"<script", b"union ", b"or "):
+        data = unit * (size // len(unit))
+        for chunk in (1448, 65536):
+            pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+            best = float("inf")
+            for _ in range(3):
+                ins = Inspector(rs)
+                t = time.perf_counter()
+                for piece in pieces:
+                    ins.feed(1, Direction.C2S, piece, client(1), SERVER)
+                best = min(best, time.perf_counter() - t)
+            print(f"| `{unit.decode()}` | {chunk} | {len(data) * 8 / best / 1e6:,.0f} |")
 
 
 def startup(n: int, reps: int = 5) -> None:

@@ -536,3 +536,29 @@ def test_a_pcre_only_rule_searches_the_stream_as_specified(head: str, body: list
         start = end
     got = feed_all(Inspector(rs, pcre_window=8), chunks)
     assert got == ([9] if want else []), (pattern, stream, chunks)
+
+
+def test_a_flood_of_a_content_that_only_fires_plain_rules_costs_one_report_per_scan() -> None:
+    """"../../" repeated: its rule (one content, no pcre, no offset/depth) fires at the first copy, so
+    Hyperscan reports only that copy in each scan; a content a pcre rule also needs is reported at
+    every match (the pcre is searched near each)."""
+    rs = parse_rules('alert tcp any any -> any any (msg:"t"; content:"../../"; sid:1;)\n'
+                     'alert tcp any any -> any any (msg:"u"; content:"union"; pcre:"/union\\s+select/"; sid:2;)')
+    ins = Inspector(rs)
+    reports: list[int] = []
+    plain = ins._collect
+
+    def counting(eid: int, start: int, stop: int, flags: int, ctx: object) -> None:
+        reports.append(eid)
+        plain(eid, start, stop, flags, ctx)
+
+    ins._on_hit = counting
+    got = ins.feed(1, Direction.C2S, b"GET /a/" + b"../" * 5000, CLI, SRV)
+    assert [(m.sid, m.offset) for m in got] == [(1, len(b"GET /a/../../"))]
+    assert len(reports) == 1
+    reports.clear()
+    # one per scan: the edge of the tail kept for split contents, then the chunk
+    assert ins.feed(1, Direction.C2S, b"../" * 5000, CLI, SRV) == [] and len(reports) == 2
+    reports.clear()
+    ins.feed(2, Direction.C2S, b"union " * 100, CLI, SRV)
+    assert len(reports) == 100
