@@ -236,6 +236,20 @@ def _key(pattern: bytes, nocase: bool) -> tuple[bytes, bool]:
     return (pattern.lower(), True) if nocase else (pattern, False)
 
 
+def _grouper(by: dict[int, list[int]]) -> Any:
+    """A Hyperscan match handler that files each match's end under its expression in ``by``."""
+    get = by.get
+
+    def on_match(eid: int, _start: int, stop: int, _flags: int, _ctx: object) -> None:
+        ends = get(eid)
+        if ends is None:
+            by[eid] = [stop]
+        else:
+            ends.append(stop)
+
+    return on_match
+
+
 def _span(tail: bytes, data: bytes, a: int, b: int) -> bytes:
     """``(tail + data)[a:b]`` without building ``tail + data``."""
     lt = len(tail)
@@ -296,6 +310,10 @@ class Inspector:
             self._targets = [(len(k[0]), tuple(exprs[k])) for k in keys]
         self._hits: list[tuple[int, int]] = []
         self._on_hit = self._collect
+        # the chunk's matches, grouped by expression as Hyperscan reports them (expression -> match ends,
+        # from the chunk's start): no tuple per match, no second pass to group them
+        self._by: dict[int, list[int]] = {}
+        self._on_data = _grouper(self._by)
         self._gate = PcreGate({ri: r.pcre.stdlib for ri, r in enumerate(self.rules)
                                if r.pcre is not None and r.pcre.stdlib is not None})
         self._ac_keep = max(rules.longest_content - 1, 0)
@@ -350,18 +368,17 @@ class Inspector:
         touched: set[int] = set()
         db = self._db
         if db is not None:
-            hits, targets_of = self._hits, self._targets
-            found: list[tuple[int, int]] = []  # (expression, end offset in buf)
+            hits, targets_of, by = self._hits, self._targets, self._by
             lead = min(lt, self._ac_keep)  # the part of the tail a split content can start in
             if lead:  # contents that start in the tail and end in this chunk
                 db.scan(tail[lt - lead :] + data[: self._ac_keep], match_event_handler=self._on_hit)
-                found += [(eid, lt - lead + stop) for eid, stop in hits
-                          if stop > lead and stop - targets_of[eid][0] < lead]
+                for eid, stop in hits:
+                    if stop > lead and stop - targets_of[eid][0] < lead:
+                        by.setdefault(eid, []).append(stop - lead)
                 hits.clear()
-            db.scan(data, match_event_handler=self._on_hit)
-            found += [(eid, lt + stop) for eid, stop in hits]
-            hits.clear()
-            touched, hit = self._record(st, found, base, st.fired)
+            db.scan(data, match_event_handler=self._on_data)
+            touched, hit = self._record(st, by, base + lt, st.fired)
+            by.clear()
         else:
             hit = set()
         if st.recheck:
@@ -474,24 +491,18 @@ class Inspector:
                     return end
         return None
 
-    def _record(self, st: _Dir, found: list[tuple[int, int]], base: int,
+    def _record(self, st: _Dir, by: dict[int, list[int]], base: int,
                 skip: set[int]) -> tuple[set[int], set[int]]:
-        """Note the content matches ``found`` (expression, end in the buffer starting at stream offset
-        ``base``) that a rule of ``st`` not in ``skip`` can use; returns those rules and the
-        expressions noted (their lists come out sorted)."""
+        """Note the content matches ``by`` (expression -> match ends in the bytes starting at stream
+        offset ``base``) that a rule of ``st`` not in ``skip`` can use; returns those rules and the
+        expressions noted (their lists come out sorted). Grouped by expression, the rules'
+        conditions are tested once per expression and chunk, not once per match (a stream dense
+        with contents has dozens of matches per packet)."""
         touched: set[int] = set()
         hit: set[int] = set()
-        # by expression first: the rules' conditions are then tested once per expression and chunk, not
-        # once per match (a stream dense with contents has dozens of matches per packet)
-        by: dict[int, list[int]] = {}
-        for eid, end in found:
-            ends = by.get(eid)
-            if ends is None:
-                by[eid] = [base + end]
-            else:
-                ends.append(base + end)
         targets_of, group_of, groups, occ = self._targets, self._group_of, st.groups, st.occ
-        for eid, ends in by.items():
+        for eid, stops in by.items():
+            ends = [base + x for x in stops]
             first, last = min(ends), max(ends)
             every = False  # a rule can use every end
             some: set[int] = set()  # else the ends some rule can use
@@ -629,7 +640,9 @@ class Inspector:
                 again.update(users)
         if self._db is not None and od.tail:
             self._db.scan(od.tail, match_event_handler=self._on_hit)
-            found = list(self._hits)
+            found: dict[int, list[int]] = {}
+            for eid, stop in self._hits:
+                found.setdefault(eid, []).append(stop)
             self._hits.clear()
             touched, hit = self._record(nd, found, nd.offset - len(od.tail), nd.fired)
             again |= touched

@@ -546,13 +546,14 @@ def test_a_flood_of_a_content_that_only_fires_plain_rules_costs_one_report_per_s
                      'alert tcp any any -> any any (msg:"u"; content:"union"; pcre:"/union\\s+select/"; sid:2;)')
     ins = Inspector(rs)
     reports: list[int] = []
-    plain = ins._collect
 
-    def counting(eid: int, start: int, stop: int, flags: int, ctx: object) -> None:
-        reports.append(eid)
-        plain(eid, start, stop, flags, ctx)
+    def counting(handler: Any) -> Any:
+        def count(eid: int, start: int, stop: int, flags: int, ctx: object) -> None:
+            reports.append(eid)
+            handler(eid, start, stop, flags, ctx)
+        return count
 
-    ins._on_hit = counting
+    ins._on_hit, ins._on_data = counting(ins._on_hit), counting(ins._on_data)
     got = ins.feed(1, Direction.C2S, b"GET /a/" + b"../" * 5000, CLI, SRV)
     assert [(m.sid, m.offset) for m in got] == [(1, len(b"GET /a/../../"))]
     assert len(reports) == 1
