@@ -80,7 +80,7 @@ class Match:
     offset: int  # stream offset (bytes from the direction's start) just after the match
 
     def reason(self) -> str:
-        return f"sid {self.sid}: {self.msg}" if self.msg else f"sid {self.sid}"
+        return _rule_text(self.sid, self.msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +96,11 @@ class PcreLimit:
     offset: int  # stream offset of the end of the chunk it was searched in
 
     def reason(self) -> str:
-        what = f"sid {self.sid}: {self.msg}" if self.msg else f"sid {self.sid}"
-        return f"{what}: pcre not decided within the time budget"
+        return f"{_rule_text(self.sid, self.msg)}: pcre not decided within the time budget"
+
+
+def _rule_text(sid: int, msg: str) -> str:
+    return f"sid {sid}: {msg}" if msg else f"sid {sid}"
 
 
 @dataclass(slots=True)
@@ -615,14 +618,11 @@ class Inspector:
         inspector's state of the same direction."""
         nd.offset = od.offset
         sids = self._sids
-        for ri in od.fired:
-            ni = sids.get(old.rules[ri].sid)
-            if ni is not None and self._applies(nd, ni):
-                nd.fired.add(ni)
-        for ri in od.limited:
-            ni = sids.get(old.rules[ri].sid)
-            if ni is not None and self._applies(nd, ni):
-                nd.limited.add(ni)
+        for mine, theirs in ((nd.fired, od.fired), (nd.limited, od.limited)):  # the same rules (sid) here
+            for ri in theirs:
+                ni = sids.get(old.rules[ri].sid)
+                if ni is not None and self._applies(nd, ni):
+                    mine.add(ni)
         # the content matches the old rules noted, for the same contents here; and those of the new
         # contents in the old tail (before it is cut to this one's length). Every rule that has one
         # is evaluated with the next chunk
@@ -639,12 +639,9 @@ class Inspector:
                 nd.occ[ne] = list(lst)
                 again.update(users)
         if self._db is not None and od.tail:
-            self._db.scan(od.tail, match_event_handler=self._on_hit)
-            found: dict[int, list[int]] = {}
-            for eid, stop in self._hits:
-                found.setdefault(eid, []).append(stop)
-            self._hits.clear()
-            touched, hit = self._record(nd, found, nd.offset - len(od.tail), nd.fired)
+            self._db.scan(od.tail, match_event_handler=self._on_data)
+            touched, hit = self._record(nd, self._by, nd.offset - len(od.tail), nd.fired)
+            self._by.clear()
             again |= touched
             for eid in hit:  # the old rules may have noted some of these already; the cap holds here too
                 lst = nd.occ[eid] = sorted(set(nd.occ[eid]))
