@@ -51,7 +51,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     inspector = None
     if args.rules:
         from .config import InspectorConfig
-        from .core.inspector import Inspector, load_checked
+        from .core.inspector import Inspector, load_checked, rule_warnings
         from .core.rules import RuleError
 
         icfg = icfg or InspectorConfig()
@@ -63,12 +63,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             print(f"mproxy replay: rules error: {e}", file=sys.stderr)
             return 2
         if not args.quiet:
-            from .core.pcre_lint import backtracking_warnings
-
-            for why in rs.skipped:
-                print(f"mproxy replay: rule skipped: {why}", file=sys.stderr)
-            for why in backtracking_warnings(rs):
-                print(f"mproxy replay: rule may backtrack: {why}", file=sys.stderr)
+            for what, lines in rule_warnings(rs):
+                for why in lines:
+                    print(f"mproxy replay: {what}: {why}", file=sys.stderr)
     try:
         out = open_output(args.out)
     except OSError as e:
@@ -169,12 +166,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
               f"{f', {len(rs.skipped)} skipped' if rs is not None and rs.skipped else ''}, alerts followed: "
               f"{len(cfg.alerts.files)})")
         if rs is not None:
-            from .core.pcre_lint import backtracking_warnings
+            from .core.inspector import rule_warnings
 
-            for why in rs.skipped:
-                print(f"{args.config}: rule skipped: {why}", file=sys.stderr)
-            for why in backtracking_warnings(rs):
-                print(f"{args.config}: rule may backtrack: {why}", file=sys.stderr)
+            for what, lines in rule_warnings(rs):
+                for why in lines:
+                    print(f"{args.config}: {what}: {why}", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from .config import Config, ConfigError, inspector_enabled
 from .core.alerts import AlertStats, parse_alert_line
 from .core.gateway import Gateway
-from .core.inspector import Inspector, load_checked
+from .core.inspector import Inspector, load_checked, rule_warnings
 from .core.reactions import Reaction, Reactions
 from .core.rules import RuleError, RuleSet
 from .io.alerts import AlertFollower
@@ -43,9 +43,7 @@ def load_ruleset(cfg: Config) -> RuleSet | None:
 def warn_rules(rs: RuleSet, limit: int = 20) -> None:
     """Log the rules ``skip_bad_rules`` left out, and those whose pcre can backtrack
     (:mod:`mproxy.core.pcre_lint`): the first ``limit`` of each as warnings, all at debug."""
-    from .core.pcre_lint import backtracking_warnings
-
-    for what, lines in (("rule skipped", rs.skipped), ("rule may backtrack", backtracking_warnings(rs))):
+    for what, lines in rule_warnings(rs):
         for i, why in enumerate(lines):
             log.log(logging.WARNING if i < limit else logging.DEBUG, "%s: %s", what, why)
         if len(lines) > limit:

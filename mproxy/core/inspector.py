@@ -175,6 +175,14 @@ def load_checked(path: str, window: int, skip: bool = False) -> RuleSet:
     return rs
 
 
+def rule_warnings(rs: RuleSet) -> list[tuple[str, list[str]]]:
+    """What to tell an operator about a loaded rule set, by kind: the rules ``skip_bad_rules`` left
+    out, and those whose pcre can backtrack (:mod:`mproxy.core.pcre_lint`)."""
+    from .pcre_lint import backtracking_warnings
+
+    return [("rule skipped", list(rs.skipped)), ("rule may backtrack", backtracking_warnings(rs))]
+
+
 def _sets(chains: tuple[tuple[_Link, ...], ...], occ: list[list[int]], window: int,
           first: bool) -> list[tuple[int, int]]:
     """Where all of a rule's contents match: ``(lo, hi)``, the earliest and latest match end of one
