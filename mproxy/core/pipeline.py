@@ -207,10 +207,10 @@ class Pipeline:
         conn = self.tracker.connections.get(e.conn_id)
         if conn is None:
             return
-        from .inspector import Match  # (here: see the TYPE_CHECKING import)
-
         for m in ins.feed(e.conn_id, e.direction, e.data, conn.client, conn.server):
-            if isinstance(m, Match):
+            from .inspector import Match as _Match  # (here, where a chunk matched: see the TYPE_CHECKING import)
+
+            if isinstance(m, _Match):
                 self.stats.signatures[m.sid] += 1
             self.records.append(signature_record(conn, m, e.ts))
 
