@@ -7,7 +7,7 @@ SAMPLE := samples/split-attack.pcap
 
 # setup.py builds the optional C accelerator (mproxy/_accel.c; gcc and python3-dev, see .ci/apt-deps);
 # without them the install goes on and mproxy runs pure Python.
-$(VENV)/.installed: pyproject.toml setup.py mproxy/_accel.c
+$(VENV)/.installed: pyproject.toml setup.py mproxy/_accel.c mproxy/_hsscan.c
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'

@@ -1,26 +1,36 @@
-"""Where the optional compiled accelerator (``mproxy/_accel.c``) is looked up, once for every user.
+"""Where the optional compiled modules are looked up, once for every user.
 
-Each hot spot it speeds up (record slicing, frame parsing, the emitter's
-segment loop) keeps its pure-Python code as the reference and asks here
-whether the compiled module may stand in: not when it was not built (no
-compiler at install time) and not when ``MPROXY_NO_ACCEL`` is set (the test
-suite runs the pure code that way too).
+``mproxy/_accel.c`` (record slicing, frame parsing, the emitter's segment loop)
+and ``mproxy/_hsscan.c`` (the inspector's content scan with its match handler
+in C). Each hot spot they speed up keeps its pure-Python code as the reference
+and asks here whether the compiled module may stand in: not when it was not
+built (no compiler, or no libhs, at install time) and not when
+``MPROXY_NO_ACCEL`` is set (the test suite runs the pure code that way too).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
-__all__ = ["accelerator"]
+__all__ = ["accelerator", "content_scanner"]
 
 
-def accelerator() -> ModuleType | None:
-    """The compiled module, or None: not built, or turned off by ``MPROXY_NO_ACCEL``."""
+def _compiled(name: str) -> ModuleType | None:
     if os.environ.get("MPROXY_NO_ACCEL"):
         return None
     try:
-        from . import _accel  # type: ignore[attr-defined]
+        return importlib.import_module(f"{__package__}.{name}")
     except ImportError:
         return None
-    return _accel  # type: ignore[no-any-return]
+
+
+def accelerator() -> ModuleType | None:
+    """The compiled module ``_accel``, or None: not built, or turned off by ``MPROXY_NO_ACCEL``."""
+    return _compiled("_accel")
+
+
+def content_scanner() -> ModuleType | None:
+    """The compiled module ``_hsscan``, or None: not built, or turned off by ``MPROXY_NO_ACCEL``."""
+    return _compiled("_hsscan")

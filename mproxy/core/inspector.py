@@ -48,11 +48,12 @@ import time
 from bisect import bisect_right
 from dataclasses import dataclass, field, replace
 from itertools import chain
-from typing import Any
+from typing import Any, Callable
 
 import hyperscan
 import regex
 
+from ..compiled import content_scanner
 from .events import Direction
 from .pcre_gate import PcreGate
 from .rules import Content, Rule, RuleError, RuleSet, load_rules
@@ -247,18 +248,28 @@ def _key(pattern: bytes, nocase: bool) -> tuple[bytes, bool]:
     return (pattern.lower(), True) if nocase else (pattern, False)
 
 
-def _grouper(by: dict[int, list[int]]) -> Any:
-    """A Hyperscan match handler that files each match's end under its expression in ``by``."""
-    get = by.get
+def _scan_into(db: Any, by: dict[int, list[int]]) -> Callable[[bytes, int], None]:
+    """``scan(data, base)``: every content match of ``data``, its stream offset (its end in ``data``
+    plus ``base``) filed under its expression in ``by``. The compiled scanner (``mproxy/_hsscan.c``)
+    does that in C; the binding's database calls a Python handler per match, the reference."""
+    if db is None:
+        return lambda _data, _base: None
+    if not isinstance(db, hyperscan.Database):
+        return lambda data, base: db.scan(data, by, base)
+    get, at = by.get, [0]
 
     def on_match(eid: int, _start: int, stop: int, _flags: int, _ctx: object) -> None:
         ends = get(eid)
         if ends is None:
-            by[eid] = [stop]
+            by[eid] = [stop + at[0]]
         else:
-            ends.append(stop)
+            ends.append(stop + at[0])
 
-    return on_match
+    def scan(data: bytes, base: int) -> None:
+        at[0] = base
+        db.scan(data, match_event_handler=on_match)
+
+    return scan
 
 
 def _span(tail: bytes, data: bytes, a: int, b: int) -> bytes:
@@ -306,6 +317,7 @@ class Inspector:
         if exprs:
             keys = list(exprs)
             db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+            # (the flags: HS_FLAG_* are the same numbers in the binding and in hs.h)
             # every byte escaped, in regex mode: the binding's pure-literal mode measures patterns with
             # strlen(), so "a|00 01|" would be compiled as "a" (and "|00|..." refused); as fast here
             # a content whose every rule has no other content, no pcre and no offset/depth fires them at its
@@ -313,18 +325,23 @@ class Inspector:
             # callback per chunk, not one per match: "../../" repeated went from 70 Mbit/s to Gbit/s)
             single = [all(len(self.rules[ri].contents) == 1 and self.rules[ri].pcre is None
                           and self._bounds[ri] is None for ri, _ci, _lo, _hi in exprs[k]) for k in keys]
-            db.compile(expressions=[b"".join(_HEX[b] for b in k[0]) for k in keys], ids=list(range(len(keys))),
-                       elements=len(keys),
-                       flags=[(hyperscan.HS_FLAG_CASELESS if k[1] else 0) | (hyperscan.HS_FLAG_SINGLEMATCH if one else 0)
-                              for k, one in zip(keys, single)])
-            self._db = db
+            patterns = [b"".join(_HEX[b] for b in k[0]) for k in keys]
+            flags = [(hyperscan.HS_FLAG_CASELESS if k[1] else 0) | (hyperscan.HS_FLAG_SINGLEMATCH if one else 0)
+                     for k, one in zip(keys, single)]
+            native = content_scanner()
+            if native is not None:  # the same database, its match handler in C (mproxy/_hsscan.c)
+                self._db = native.Scanner(patterns, flags)
+            else:
+                db.compile(expressions=patterns, ids=list(range(len(keys))), elements=len(keys), flags=flags)
+                self._db = db
             self._targets = [(len(k[0]), tuple(exprs[k])) for k in keys]
-        self._hits: list[tuple[int, int]] = []
-        self._on_hit = self._collect
         # the chunk's matches, grouped by expression as Hyperscan reports them (expression -> match ends,
-        # from the chunk's start): no tuple per match, no second pass to group them
+        # from the chunk's start): no tuple per match, no second pass to group them; and those of the
+        # stretch around the tail's end (a content split across two chunks)
         self._by: dict[int, list[int]] = {}
-        self._on_data = _grouper(self._by)
+        self._lead_by: dict[int, list[int]] = {}
+        self._scan_by = _scan_into(self._db, self._by)
+        self._scan_lead = _scan_into(self._db, self._lead_by)
         self._gate = PcreGate({ri: r.pcre.stdlib for ri, r in enumerate(self.rules)
                                if r.pcre is not None and r.pcre.stdlib is not None})
         self._ac_keep = max(rules.longest_content - 1, 0)
@@ -379,16 +396,19 @@ class Inspector:
         touched: set[int] = set()
         db = self._db
         if db is not None:
-            hits, targets_of, by = self._hits, self._targets, self._by
+            by, start = self._by, base + lt
+            self._scan_by(data, start)
             lead = min(lt, self._ac_keep)  # the part of the tail a split content can start in
             if lead:  # contents that start in the tail and end in this chunk
-                db.scan(tail[lt - lead :] + data[: self._ac_keep], match_event_handler=self._on_hit)
-                for eid, stop in hits:
-                    if stop > lead and stop - targets_of[eid][0] < lead:
-                        by.setdefault(eid, []).append(stop - lead)
-                hits.clear()
-            db.scan(data, match_event_handler=self._on_data)
-            touched, hit = self._record(st, by, base + lt, st.fired)
+                lead_by, targets_of = self._lead_by, self._targets
+                self._scan_lead(tail[lt - lead :] + data[: self._ac_keep], start - lead)
+                for eid, stops in lead_by.items():
+                    ln = targets_of[eid][0]
+                    for stop in stops:
+                        if stop > start and stop - ln < start:
+                            by.setdefault(eid, []).append(stop)
+                lead_by.clear()
+            touched, hit = self._record(st, by, st.fired)
             by.clear()
         else:
             hit = set()
@@ -502,19 +522,18 @@ class Inspector:
                     return end
         return None
 
-    def _record(self, st: _Dir, by: dict[int, list[int]], base: int,
-                skip: set[int]) -> tuple[set[int], set[int]]:
-        """Note the content matches ``by`` (expression -> match ends in the bytes starting at stream
-        offset ``base``) that a rule of ``st`` not in ``skip`` can use; returns those rules and the
+    def _record(self, st: _Dir, by: dict[int, list[int]], skip: set[int]) -> tuple[set[int], set[int]]:
+        """Note the content matches ``by`` (expression -> the stream offsets where its matches end;
+        the lists are taken over) that a rule of ``st`` not in ``skip`` can use; returns those rules and the
         expressions noted (their lists come out sorted). Grouped by expression, the rules'
         conditions are tested once per expression and chunk, not once per match (a stream dense
         with contents has dozens of matches per packet)."""
         touched: set[int] = set()
         hit: set[int] = set()
         targets_of, group_of, groups, occ = self._targets, self._group_of, st.groups, st.occ
-        for eid, stops in by.items():
-            ends = [base + x for x in stops]
-            first, last = min(ends), max(ends)
+        for eid, ends in by.items():
+            ends.sort()  # (reported nearly in order: a pass)
+            first, last = ends[0], ends[-1]
             every = False  # a rule can use every end
             some: set[int] = set()  # else the ends some rule can use
             for ri, _ci, lowest, highest in targets_of[eid][1]:
@@ -532,8 +551,9 @@ class Inspector:
                 continue
             lst = occ.get(eid)
             if lst is None:
-                lst = occ[eid] = []
-            lst.extend(ends if every else some)
+                occ[eid] = ends if every else list(some)
+            else:
+                lst.extend(ends if every else some)
             hit.add(eid)
         for eid in hit:
             occ[eid].sort()
@@ -577,9 +597,6 @@ class Inspector:
         if sweep:
             st.swept = st.offset
             st.partial = {ri for ri in st.partial if all(eid in occ for eid in self._uses[ri])}
-
-    def _collect(self, eid: int, _start: int, stop: int, _flags: int, _ctx: object) -> None:
-        self._hits.append((eid, stop))
 
     def close(self, conn_id: int) -> None:
         for table in (self._flows, *(flows for _old, flows in self._carried)):
@@ -647,8 +664,8 @@ class Inspector:
                 nd.occ[ne] = list(lst)
                 again.update(users)
         if self._db is not None and od.tail:
-            self._db.scan(od.tail, match_event_handler=self._on_data)
-            touched, hit = self._record(nd, self._by, nd.offset - len(od.tail), nd.fired)
+            self._scan_by(od.tail, nd.offset - len(od.tail))
+            touched, hit = self._record(nd, self._by, nd.fired)
             self._by.clear()
             again |= touched
             for eid in hit:  # the old rules may have noted some of these already; the cap holds here too

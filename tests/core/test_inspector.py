@@ -547,13 +547,13 @@ def test_a_flood_of_a_content_that_only_fires_plain_rules_costs_one_report_per_s
     ins = Inspector(rs)
     reports: list[int] = []
 
-    def counting(handler: Any) -> Any:
-        def count(eid: int, start: int, stop: int, flags: int, ctx: object) -> None:
-            reports.append(eid)
-            handler(eid, start, stop, flags, ctx)
+    def counting(scan: Any, into: dict[int, list[int]]) -> Any:
+        def count(data: bytes, base: int) -> None:  # (both scans start on an empty dict)
+            scan(data, base)
+            reports.extend(eid for eid, ends in into.items() for _e in ends)
         return count
 
-    ins._on_hit, ins._on_data = counting(ins._on_hit), counting(ins._on_data)
+    ins._scan_by, ins._scan_lead = counting(ins._scan_by, ins._by), counting(ins._scan_lead, ins._lead_by)
     got = ins.feed(1, Direction.C2S, b"GET /a/" + b"../" * 5000, CLI, SRV)
     assert [(m.sid, m.offset) for m in got] == [(1, len(b"GET /a/../../"))]
     assert len(reports) == 1
