@@ -8,7 +8,10 @@ its verdict, so a match can still drop that packet.
 Engine: one Hyperscan block-mode database (C, SIMD: several GB/s) holds every
 ``content`` of every rule (as a fully escaped expression: binary contents
 included), caseless for ``nocase`` ones, so one
-pass per chunk finds all contents of all rules; Python only sees the hits.
+pass per chunk finds all contents of all rules; Python only sees the hits,
+filed by expression in C where the compiled scanner (``mproxy/_hsscan.c``) was
+built (the binding calls a Python handler per match: a flood of one content
+then cost most of the inspector's time).
 
 Streaming: a content split across two chunks must be found, so each
 direction keeps its last ``longest content - 1`` bytes and the next chunk is
@@ -18,7 +21,8 @@ been seen within ``window`` bytes of each other (the contents are the
 prefilter, as Snort's fast pattern), and only on the stretch where a match can
 satisfy the rule: within ``window`` bytes of those contents, and no further
 back than ``pcre_window`` bytes before the chunk (so a match straddling the
-chunk boundary is still found); rules with a pcre and no content run it on
+chunk boundary is still found, and so is one wholly before it whose rule's
+last content, or whose look-ahead's bytes, came with the chunk); rules with a pcre and no content run it on
 each chunk plus those ``pcre_window`` bytes. A rule fires at most once per
 connection direction.
 
@@ -433,8 +437,10 @@ class Inspector:
                 lists = got
                 if r.pcre is not None:
                     st.partial.add(ri)
-                if ri not in touched and (r.pcre is None or max(x[-1] for x in lists) < chunk_start - self.pcre_window):
-                    continue  # unchanged since it was last found incomplete, or no content near this chunk
+                if ri not in touched and (r.pcre is None or max(x[-1] for x in lists) < chunk_start - window):
+                    # unchanged since it was last found incomplete, or no content within the window of
+                    # this chunk (not pcre_window: a pcre match may lie up to `window` after a content)
+                    continue
             if r.pcre is not None and ri in gate.gated:
                 # one Hyperscan pass for every gated pcre, over all the bytes a search could look at: where
                 # the pcre cannot match, neither the search nor the content sets before it (which cost the
@@ -481,9 +487,11 @@ class Inspector:
 
     def _pcre(self, rx: regex.Pattern[bytes], tail: bytes, data: bytes, base: int,
               sets: list[tuple[int, int]], deadline: float) -> int | None:
-        """Stream offset where a match of ``rx`` ends that takes new bytes (``data``) and lies
-        within ``window`` of each content of one of ``sets`` (any match, for a rule without
-        contents); None if there is none. Searches only where such a match can be: each set's
+        """Stream offset where a match of ``rx`` ends that lies within ``window`` of each content
+        of one of ``sets`` (any match, for a rule without contents); None if there is none. The
+        match may lie wholly in the tail, before the new bytes (``data``): a content it needed, or
+        the bytes its look-ahead needed, came with them (requiring it to take new bytes let a
+        packet boundary decide, an evasion). Searches only where such a match can be: each set's
         stretch, the overlapping ones merged, and no further back than ``pcre_window``.
         TimeoutError if that is not decided by ``deadline`` (``time.perf_counter``).
 
@@ -518,7 +526,7 @@ class Inspector:
                 raise TimeoutError
             for m in rx.finditer(buf, a, b, timeout=left):
                 start, end = base + m.start(), base + m.end()
-                if m.end() > lt and (not sets or any(start >= hi - window and end <= lo + window for lo, hi in sets)):
+                if not sets or any(start >= hi - window and end <= lo + window for lo, hi in sets):
                     return end
         return None
 

@@ -512,6 +512,7 @@ _LOOK_TAILS = st.sampled_from(["", "", "$", "\\b", "(?=a)", "(?m:$)"])
 @settings(max_examples=500, deadline=None)
 @example(head="^", body=["b", "(?s:.{9})"], tail="", stream=b"a" * 12 + b"b" + b"a" * 12, cuts=[20])
 @example(head="\\b", body=["b", "(?s:.{9})"], tail="", stream=b"a" * 12 + b"b" + b"a" * 12, cuts=[20])
+@example(head="", body=["b"], tail="(?=a)", stream=b"ba", cuts=[1])  # the look-ahead answered by the next chunk
 @given(head=_LOOK_HEADS, body=st.lists(_LOOK_ATOMS, min_size=1, max_size=4), tail=_LOOK_TAILS,
        stream=st.lists(st.sampled_from(b"ab \n"), max_size=60).map(bytes),
        cuts=st.lists(st.integers(0, 60), max_size=8))
@@ -519,9 +520,10 @@ def test_a_pcre_only_rule_searches_the_stream_as_specified(head: str, body: list
                                                           cuts: list[int]) -> None:
     """Any chunking, pcre_window 8, patterns that look before and after a match: the rule fires when,
     for some chunk, a search of the *whole stream* from pcre_window bytes before the chunk to the
-    chunk's end finds a match that ends in the chunk. The kept tail and its extra byte of context
-    must make the inspector's search the same as that one (^, \\b and look-behinds at a stretch's
-    start see the byte before it; cutting the stretch out gave them none)."""
+    chunk's end finds a match (also one wholly before the chunk: a look-ahead at its end could not
+    be decided before the chunk came). The kept tail and its extra byte of context must make the
+    inspector's search the same as that one (^, \\b and look-behinds at a stretch's start see the
+    byte before it; cutting the stretch out gave them none)."""
     pattern = head + "".join(body) + tail
     rs = parse_rules(f'alert tcp any any -> any any (msg:"p"; pcre:"/{pattern}/"; sid:9;)')
     pcre = rs.rules[0].pcre
@@ -530,12 +532,68 @@ def test_a_pcre_only_rule_searches_the_stream_as_specified(head: str, body: list
     want, start = False, 0
     for c in chunks:
         end = start + len(c)
-        if any(m.end() > start for m in pcre.regex.finditer(stream, max(0, start - 8), end)):
+        if pcre.regex.search(stream, max(0, start - 8), end):
             want = True
             break
         start = end
     got = feed_all(Inspector(rs, pcre_window=8), chunks)
     assert got == ([9] if want else []), (pattern, stream, chunks)
+
+
+@pytest.mark.parametrize("rule, chunks", [
+    # the content comes after the pcre's match, in the next packet
+    ('content:"select"; pcre:"/union\\s/";', [b"1 union ", b"select 2"]),
+    ('content:"select"; nocase; pcre:"/union(\\s|\\+)/i";', [b"q=1 UNION+", b"a" * 300, b"SELECT 2"]),
+    # a look-ahead at the match's end, answered by the next packet
+    ('content:"admin"; pcre:"/admin(?=\\.php)/";', [b"GET /admin", b".php"]),
+    ('pcre:"/passwd(?=%00)/";', [b"f=passwd", b"%00"]),
+])
+def test_a_pcre_match_need_not_take_the_new_bytes(rule: str, chunks: list[bytes]) -> None:
+    """The packet boundary must not decide: a pcre match that lies wholly before the new bytes
+    counts once what it waited for arrives (a content after it, or the bytes its look-ahead needs).
+    It did not (the match had to end in the new bytes): split so, each of these rules was evaded."""
+    rs = parse_rules(f'alert tcp any any -> any any (msg:"t"; {rule} sid:7;)')
+    whole = b"".join(chunks)
+    assert feed_all(Inspector(rs), [whole]) == [7]
+    assert feed_all(Inspector(rs), chunks) == [7]
+    assert feed_all(Inspector(rs), [bytes([b]) for b in whole]) == [7]  # one byte per packet
+
+
+def _fires_as_specified(stream: bytes, chunks: list[bytes], window: int, pcre_window: int) -> bool:
+    """The rule ``content:"ab"; pcre:"/c[de]f/"`` by brute force: it fires when, for some chunk,
+    there are a match of the content seen by then and not left behind (ending no more than
+    ``window`` before the chunk) and a pcre match in the bytes searched for that chunk (from
+    ``pcre_window`` before it to its end), each ending within ``window`` of the other's start."""
+    contents = [i + 2 for i in range(len(stream) - 1) if stream[i : i + 2] == b"ab"]
+    matches = [(i, i + 3) for i in range(len(stream) - 2)
+               if stream[i : i + 1] == b"c" and stream[i + 1 : i + 2] in (b"d", b"e") and stream[i + 2 : i + 3] == b"f"]
+    start = 0
+    for c in chunks:
+        end = start + len(c)
+        for ce in contents:
+            if not start - window <= ce <= end:
+                continue
+            for s, e in matches:
+                if s >= max(0, start - pcre_window) and e <= end and s >= ce - window and e <= ce + window:
+                    return True
+        start = end
+    return False
+
+
+@settings(max_examples=600, deadline=None)
+@example(stream=b"ab" + b"x" * 20 + b"cdf", cuts=[20])  # the pcre match a chunk after the content, > pcre_window on
+@example(stream=b"cdf" + b"x" * 4 + b"ab", cuts=[8])  # the content a chunk after the pcre match
+@given(stream=st.lists(st.sampled_from(b"abcdefx"), max_size=90).map(bytes), cuts=st.lists(st.integers(0, 90), max_size=8))
+def test_a_content_and_pcre_rule_fires_as_specified_however_the_stream_is_cut(stream: bytes, cuts: list[int]) -> None:
+    """Where the pcre match lies relative to the content (before or after, up to ``window``
+    apart) and where the packets begin must not decide, beyond the one documented bound (the
+    search looks no further back than ``pcre_window`` before the new bytes). Both used to: a pcre
+    match more than pcre_window after its content and in a later packet was not searched, and one
+    before a content that came in a later packet was not accepted."""
+    rs = parse_rules('alert tcp any any -> any any (msg:"t"; content:"ab"; pcre:"/c[de]f/"; sid:8;)')
+    chunks = splits(stream, cuts)
+    want = _fires_as_specified(stream, chunks, 40, 8)
+    assert feed_all(Inspector(rs, window=40, pcre_window=8), chunks) == ([8] if want else []), (stream, chunks)
 
 
 def test_a_flood_of_a_content_that_only_fires_plain_rules_costs_one_report_per_scan() -> None:
