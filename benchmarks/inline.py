@@ -23,6 +23,14 @@ In one unshaped namespace lab (``Lab(rate=None)``), the same run measures:
 
 ``--profile`` samples the mproxy process with py-spy during the MPTCP bulk
 run and prints where the time goes (self time per function).
+
+``--flood UNIT`` runs only this instead: one MPTCP bulk transfer to port 80
+(where the shipped rules apply) whose payload is UNIT repeated (``"or "``: a
+content a pcre rule needs, matched every 3 bytes), with kernel forwarding,
+through ``mproxy run`` with the compiled content scan, and with
+``MPROXY_NO_ACCEL=1`` (the ``hyperscan`` binding's Python match handler): what
+a flood of rule contents costs the live gateway, and how many packets then
+pass uninspected (fail open).
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from mproxy.lab.gateway import start_mproxy, stop_mproxy  # noqa: E402 - after t
 IPPROTO_MPTCP = 262
 PORT = 5301
 PING_PORT = 5302
+FLOOD_PORT = 80  # in the shipped rules' HTTP_PORTS
 
 
 # --------------------------------------------------------------------------- traffic (run in namespaces)
@@ -100,7 +109,8 @@ def _send_bulk(args: argparse.Namespace) -> int:
 
     proto = IPPROTO_MPTCP if args.mptcp else socket.IPPROTO_TCP
     end = time.monotonic() + args.seconds
-    buf = os.urandom(1 << 18)
+    unit = args.unit.encode()
+    buf = unit * ((1 << 18) // len(unit)) if unit else os.urandom(1 << 18)
     failed: list[BaseException] = []
 
     def send() -> None:
@@ -191,13 +201,15 @@ def _ready(p: subprocess.Popen[bytes]) -> None:
         raise RuntimeError(f"server said {line!r}")
 
 
-def bulk(lab, mptcp: bool, seconds: float, conns: int = 1) -> Bulk:  # type: ignore[no-untyped-def]
+def bulk(lab, mptcp: bool, seconds: float, conns: int = 1, port: int = PORT,  # type: ignore[no-untyped-def]
+         unit: str = "") -> Bulk:
+    """``conns`` parallel transfers for ``seconds``: random bytes, or ``unit`` repeated."""
     flag = ["--mptcp"] if mptcp else []
-    srv = _py(lab, lab.ns_srv, "_serve_bulk", "--port", str(PORT), "--conns", str(conns), *flag,
+    srv = _py(lab, lab.ns_srv, "_serve_bulk", "--port", str(port), "--conns", str(conns), *flag,
               stdout=subprocess.PIPE)
     _ready(srv)
-    cli = _py(lab, lab.ns_cli, "_send_bulk", "--connect", lab.server_addr[4], "--port", str(PORT),
-              "--seconds", str(seconds), "--conns", str(conns), *flag)
+    cli = _py(lab, lab.ns_cli, "_send_bulk", "--connect", lab.server_addr[4], "--port", str(port),
+              "--seconds", str(seconds), "--conns", str(conns), "--unit", unit, *flag)
     cli.wait(seconds + 60)
     out, _ = srv.communicate(timeout=60)
     res = json.loads(out.decode().strip().splitlines()[-1])
@@ -221,8 +233,9 @@ class Mproxy:
     """``mproxy run`` in the gateway namespace, policy inspect, emitted stream to a veth sink."""
 
     def __init__(self, lab, work: Path, tag: str, profile: bool = False,  # type: ignore[no-untyped-def]
-                 workers: int = 1) -> None:
+                 workers: int = 1, env: dict[str, str] | None = None) -> None:
         self.lab, self.work, self.tag, self.profile, self.workers = lab, work, tag, profile, workers
+        self.env = env or {}
         self.events = work / f"{tag}.events.jsonl"
         self.err = work / f"{tag}.mproxy.err"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -233,7 +246,7 @@ class Mproxy:
         cfg.write_text(f'[queue]\nnum = 7\nworkers = {self.workers}\n[sink]\ninterface = "sink0"\n'
                        f'[log]\nevents = "{self.events}"\n[metrics]\nlisten = ""\n')
         self.err.unlink(missing_ok=True)
-        self.proc = start_mproxy(self.lab, cfg, self.err)
+        self.proc = start_mproxy(self.lab, cfg, self.err, env=dict(os.environ, PYTHONPATH=str(ROOT), **self.env))
         if self.profile:
             spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             self.spy = subprocess.Popen([spy, "record", "-p", str(self.proc.pid), "-r", "250", "--format",
@@ -327,6 +340,33 @@ def _null_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def flood(lab, work: Path, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    """The ``--flood`` table: kernel forwarding, compiled content scan, binding's Python handler."""
+    def best() -> Bulk:
+        return max((bulk(lab, True, args.seconds, port=FLOOD_PORT, unit=args.flood) for _ in range(args.repeat)),
+                   key=lambda b: b.mbit)
+
+    rows: list[tuple[str, Bulk, dict | None, int]] = [("kernel forwarding", best(), None, 0)]  # type: ignore[type-arg]
+    for tag, label, env in (("flood-c", "mproxy, content scan compiled", {}),
+                            ("flood-py", "mproxy, MPROXY_NO_ACCEL=1 (binding, Python handler)", {"MPROXY_NO_ACCEL": "1"})):
+        with Mproxy(lab, work, tag, env=env) as mp:
+            res = best()
+        rows.append((label, res, mp.stats(), mp.missed()))
+    print(f"\n## flood of {args.flood!r} to port {FLOOD_PORT} (shipped rules apply), MPTCP, "
+          f"{args.seconds:g} s, best of {args.repeat}\n")
+    print("| gateway | Mbit/s | inspected MB (c2s) | inspector chunks | packets queued | passed uninspected |")
+    print("|---|---|---|---|---|---|")
+    for label, b, st, lost in rows:
+        if st is None:
+            print(f"| {label} | {b.mbit:,.0f} | | | | |")
+            continue
+        ins = st["reactions"]["inspector"] or {}
+        print(f"| {label} | {b.mbit:,.0f} | {ins.get('bytes', {}).get('c2s', 0) / 1e6:,.0f} | "
+              f"{ins.get('chunks', 0):,} | {st['queue']['packets']:,} | {lost:,} |")
+    print(f"\n(logs, configs: {work})")
+    return 0
+
+
 def _pct(xs: list[int], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(p * len(s)))] / 1000
@@ -343,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--count", type=int, default=2000)
         sp.add_argument("--mptcp", action="store_true")
         sp.add_argument("--conns", type=int, default=1)
+        sp.add_argument("--unit", default="")
     ap.add_argument("--seconds", type=float, default=5.0, help="per bulk transfer")
     ap.add_argument("--repeat", type=int, default=2, help="bulk transfers per mode (best is reported)")
     ap.add_argument("--pings", type=int, default=2000)
@@ -352,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(0: skip)")
     ap.add_argument("--conns", type=int, default=4, help="parallel connections for the workers comparison")
     ap.add_argument("--keep", help="directory for configs, logs and profiles (default: temp)")
+    ap.add_argument("--flood", metavar="UNIT", help='only the flood comparison: UNIT repeated to port 80 (e.g. "or ")')
     args = ap.parse_args(argv)
     if args.cmd:
         return {"_serve_bulk": _serve_bulk, "_send_bulk": _send_bulk, "_serve_ping": _serve_ping,
@@ -370,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in ("sink0", "sink1"):
             lab.run(lab.ns_gw, "sysctl", "-qw", f"net.ipv6.conf.{i}.disable_ipv6=1")
             lab.run(lab.ns_gw, "ip", "link", "set", i, "mtu", "1600", "up")
+        if args.flood:
+            return flood(lab, work, args)
 
         def best(mptcp: bool, conns: int = 1) -> Bulk:
             runs = [bulk(lab, mptcp, args.seconds, conns) for _ in range(args.repeat)]
