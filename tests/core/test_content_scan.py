@@ -187,3 +187,28 @@ def _pair() -> tuple[Inspector, Inspector]:
 
 _PAIR = _pair()
 _CONNS = itertools.count(1)
+
+
+@needs_scanner
+def test_a_compile_in_a_thread_lets_the_event_loop_go_on() -> None:
+    """A rules reload compiles in a thread while packets go; the compile must not hold the GIL
+    (it did at first: 0.4 s for 20,000 contents with the main thread stopped)."""
+    import random
+    import threading
+
+    rnd = random.Random(1)
+    exprs = [b"".join(_HEX[rnd.randrange(97, 123)] for _ in range(rnd.randint(6, 14))) for _ in range(20_000)]
+    done = threading.Event()
+    built: list[object] = []
+
+    def compile_() -> None:
+        built.append(_hsscan.Scanner(exprs, [hyperscan.HS_FLAG_CASELESS] * len(exprs)))
+        done.set()
+
+    th = threading.Thread(target=compile_)
+    th.start()
+    turns = 0
+    while not done.wait(0.001):
+        turns += 1
+    th.join()
+    assert built and turns >= 5, f"the main thread ran {turns} times during the compile"
