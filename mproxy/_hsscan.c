@@ -116,7 +116,10 @@ scanner_init(Scanner *self, PyObject *args, PyObject *kwds)
     }
     if (arc != HS_SUCCESS) {
         hs_free_database(db);
-        PyErr_NoMemory();
+        if (arc == HS_NOMEM)
+            PyErr_NoMemory();
+        else
+            PyErr_Format(PyExc_RuntimeError, "hs_alloc_scratch failed (%d)", (int)arc);
         goto done;
     }
     self->db = db;

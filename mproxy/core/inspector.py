@@ -22,8 +22,8 @@ prefilter, as Snort's fast pattern), and only on the stretch where a match can
 satisfy the rule: within ``window`` bytes of those contents, and no further
 back than ``pcre_window`` bytes before the chunk (so a match straddling the
 chunk boundary is still found, and so is one wholly before it whose rule's
-last content, or whose look-ahead's bytes, came with the chunk); rules with a pcre and no content run it on
-each chunk plus those ``pcre_window`` bytes. A rule fires at most once per
+last content, or whose look-ahead's bytes, came with the chunk); rules with a
+pcre and no content run it on each chunk plus those ``pcre_window`` bytes. A rule fires at most once per
 connection direction.
 
 Time bound: the pcre searches of one chunk share ``pcre_budget`` seconds
@@ -320,8 +320,6 @@ class Inspector:
         self._emaps: dict[int, list[int | None]] = {}
         if exprs:
             keys = list(exprs)
-            db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-            # (the flags: HS_FLAG_* are the same numbers in the binding and in hs.h)
             # every byte escaped, in regex mode: the binding's pure-literal mode measures patterns with
             # strlen(), so "a|00 01|" would be compiled as "a" (and "|00|..." refused); as fast here
             # a content whose every rule has no other content, no pcre and no offset/depth fires them at its
@@ -333,14 +331,15 @@ class Inspector:
             flags = [(hyperscan.HS_FLAG_CASELESS if k[1] else 0) | (hyperscan.HS_FLAG_SINGLEMATCH if one else 0)
                      for k, one in zip(keys, single)]
             native = content_scanner()
-            if native is not None:  # the same database, its match handler in C (mproxy/_hsscan.c)
-                self._db = native.Scanner(patterns, flags)
+            if native is not None:  # the same database, its match handler in C (mproxy/_hsscan.c; the
+                self._db = native.Scanner(patterns, flags)  # HS_FLAG_* are hs.h's numbers in both)
             else:
+                db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
                 db.compile(expressions=patterns, ids=list(range(len(keys))), elements=len(keys), flags=flags)
                 self._db = db
             self._targets = [(len(k[0]), tuple(exprs[k])) for k in keys]
-        # the chunk's matches, grouped by expression as Hyperscan reports them (expression -> match ends,
-        # from the chunk's start): no tuple per match, no second pass to group them; and those of the
+        # the chunk's matches, grouped by expression as Hyperscan reports them (expression -> the stream
+        # offsets where they end): no tuple per match, no second pass to group them; and those of the
         # stretch around the tail's end (a content split across two chunks)
         self._by: dict[int, list[int]] = {}
         self._lead_by: dict[int, list[int]] = {}
@@ -532,8 +531,8 @@ class Inspector:
 
     def _record(self, st: _Dir, by: dict[int, list[int]], skip: set[int]) -> tuple[set[int], set[int]]:
         """Note the content matches ``by`` (expression -> the stream offsets where its matches end;
-        the lists are taken over) that a rule of ``st`` not in ``skip`` can use; returns those rules and the
-        expressions noted (their lists come out sorted). Grouped by expression, the rules'
+        the lists are taken over) that a rule of ``st`` not in ``skip`` can use; returns those rules
+        and the expressions noted (their lists come out sorted). Grouped by expression, the rules'
         conditions are tested once per expression and chunk, not once per match (a stream dense
         with contents has dozens of matches per packet)."""
         touched: set[int] = set()

@@ -26,7 +26,8 @@ from mproxy.core.rules import load_rules, parse_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 _hsscan = compiled.content_scanner()
-needs_scanner = pytest.mark.skipif(_hsscan is None, reason="compiled content scan not built (no libhs), or MPROXY_NO_ACCEL")
+needs_scanner = pytest.mark.skipif(_hsscan is None,
+                                   reason="compiled content scan not built (no libhs), or MPROXY_NO_ACCEL")
 CLI = (ipaddress.ip_address("198.18.1.2").packed, 40000)
 SRV = (ipaddress.ip_address("198.18.10.2").packed, 80)
 _HEX = [b"\\x%02x" % b for b in range(256)]
@@ -82,6 +83,13 @@ def test_the_compiled_scan_files_the_same_ends_as_the_reference(contents: list[t
     _scan_into(_hsscan.Scanner(patterns, flags), got)(data, base)
     _scan_into(_reference(patterns, flags), want)(data, base)
     assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in want.items()}
+
+
+@needs_scanner
+def test_the_flags_are_the_binding_s_numbers() -> None:
+    """The inspector hands the scanner the binding's HS_FLAG_* values: both must be hs.h's."""
+    assert (_hsscan.FLAG_CASELESS, _hsscan.FLAG_SINGLEMATCH) == (hyperscan.HS_FLAG_CASELESS,
+                                                                 hyperscan.HS_FLAG_SINGLEMATCH)
 
 
 @needs_scanner
@@ -173,10 +181,10 @@ def test_the_inspector_matches_the_same_with_either_scan(data: st.DataObject) ->
 def _pair() -> tuple[Inspector, Inspector]:
     """The shipped rules, with the compiled scan and with the reference (built once: ~50 ms each)."""
     rs = load_rules(ROOT / "config" / "mproxy.rules")
-    fast = Inspector(rs)
+    fast = Inspector(rs, pcre_budget=5.0)  # (a loaded machine must not stop one search and not the other)
     os.environ["MPROXY_NO_ACCEL"] = "1"
     try:
-        ref = Inspector(rs)
+        ref = Inspector(rs, pcre_budget=5.0)
     finally:
         del os.environ["MPROXY_NO_ACCEL"]
     if _hsscan is not None:

@@ -27,6 +27,13 @@ alert tcp any any -> any any (msg:"to client"; content:"LEAK"; flow:to_client; s
 ''')
 
 
+def inspector(rules: Any, **kw: Any) -> Inspector:
+    """An Inspector whose pcre budget (unless a test sets it) is seconds, not the 20 ms default: a
+    loaded machine must not turn a search into a PcreLimit and a test into a flake (seen once)."""
+    kw.setdefault("pcre_budget", 5.0)
+    return Inspector(rules, **kw)
+
+
 def feed_all(ins: Inspector, chunks: list[bytes], direction: Direction = Direction.C2S, conn: int = 1) -> list[int]:
     out = []
     for c in chunks:
@@ -51,7 +58,7 @@ def splits(data: bytes, cuts: list[int]) -> list[bytes]:
 def test_any_split_of_a_stream_containing_the_pattern_is_found(prefix: bytes, suffix: bytes, needle: bytes,
                                                                cuts: list[int]) -> None:
     data = prefix + needle + suffix
-    ins = Inspector(RULES)
+    ins = inspector(RULES)
     sids = feed_all(ins, splits(data, cuts))
     assert sids.count(1) == 1  # found, and only once
 
@@ -62,17 +69,17 @@ def test_pcre_and_multi_content_across_chunks(gap: bytes, cuts: list[int]) -> No
     # the gap must not hold another rule's content (hypothesis also draws this module's literals)
     assume(not any(w in gap.lower() for w in (b"union+select", b"secret", b"drop", b"evil")))
     data = b"alpha" + gap.replace(b"omega", b"") + b"omega ; DROP  TABLE users; evil123x"
-    sids = feed_all(Inspector(RULES), splits(data, cuts))
+    sids = feed_all(inspector(RULES), splits(data, cuts))
     assert sorted(sids) == [3, 4, 5]
 
 
 def test_case_sensitive_content_is_verified() -> None:
-    ins = Inspector(RULES)
+    ins = inspector(RULES)
     assert feed_all(ins, [b"a secret", b" SECRET", b" Sec", b"ret"]) == [2]
 
 
 def test_direction_and_ports() -> None:
-    ins = Inspector(RULES)
+    ins = inspector(RULES)
     assert feed_all(ins, [b"UNION+SELECT"], Direction.S2C) == []  # flow:to_server
     assert feed_all(ins, [b"LEAK"], Direction.C2S, conn=2) == []
     assert feed_all(ins, [b"LEAK"], Direction.S2C, conn=2) == [6]
@@ -81,13 +88,13 @@ def test_direction_and_ports() -> None:
 
 
 def test_contents_too_far_apart_do_not_match() -> None:
-    ins = Inspector(RULES, window=100)
+    ins = inspector(RULES, window=100)
     assert feed_all(ins, [b"alpha", b"." * 200, b"omega"]) == []
     assert feed_all(ins, [b"alpha omega"], conn=2) == [3]
 
 
 def test_state_is_per_connection_and_released() -> None:
-    ins = Inspector(RULES)
+    ins = inspector(RULES)
     assert feed_all(ins, [b"UNION+SE"], conn=1) == []
     assert feed_all(ins, [b"LECT"], conn=2) == []  # another connection: no cross-talk
     assert feed_all(ins, [b"LECT"], conn=1) == [1]
@@ -101,7 +108,7 @@ def test_reloaded_rules_take_over_live_connections_where_they_stand() -> None:
     """A rules reload (SIGHUP) replaces the inspector; live connections go on with the new rules from
     their current offset: a kept rule still finds a content split across the reload, a rule that
     fired does not fire again, a new rule catches what comes next, a removed one is gone."""
-    old = Inspector(RULES)
+    old = inspector(RULES)
     assert feed_all(old, [b"xx Secret yy", b"... alp"]) == [2]  # sid 2 fired; sid 3 half seen
     assert feed_all(old, [b"UNION+SEL"], conn=2) == []  # sid 1 split across the reload
     new_rules = parse_rules(r'''
@@ -110,7 +117,7 @@ alert tcp any any -> any any (msg:"exact"; content:"Secret"; sid:2;)
 alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"omega"; sid:3;)
 alert tcp any any -> any any (msg:"new"; content:"xp_cmdshell"; sid:7;)
 ''')
-    new = Inspector(new_rules)
+    new = inspector(new_rules)
     offset = old._flows[(1, 0)].offset
     new.adopt(old)
     assert new.stats is old.stats and len(new) == 2 and not old._flows
@@ -127,11 +134,11 @@ alert tcp any any -> any any (msg:"new"; content:"xp_cmdshell"; sid:7;)
 def test_after_a_reload_rules_see_what_the_old_rules_noted_and_the_tail() -> None:
     """A changed or new rule counts its contents where the old rules had noted them (within the
     window); a content no old rule had counts only from the carried tail on."""
-    old = Inspector(RULES)
+    old = inspector(RULES)
     feed_all(old, [b"alpha ... beta", b"." * 2000])  # both beyond the 1024-byte tail; only "alpha" is a content
     alpha = old._eids[(b"alpha", False)]
     assert old._flows[(1, 0)].occ == {alpha: [5]}
-    new = Inspector(parse_rules('alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"OMEGA"; '
+    new = inspector(parse_rules('alert tcp any any -> any any (msg:"two"; content:"alpha"; content:"OMEGA"; '
                                 'sid:3; rev:2;)\n'
                                 'alert tcp any any -> any any (msg:"new"; content:"beta"; content:"OMEGA"; sid:8;)'))
     new.adopt(old)
@@ -143,16 +150,16 @@ def test_after_a_reload_rules_see_what_the_old_rules_noted_and_the_tail() -> Non
 def test_a_new_rule_sees_its_contents_in_the_tail_carried_over_a_reload() -> None:
     """The attack split around the reload: "UNION+SELE" before it (matched by no rule then), "CT" after.
     The new rule finds "union" in the carried tail and "select" across the boundary; its pcre runs."""
-    old = Inspector(parse_rules('alert tcp any any -> any any (msg:"x"; content:"no-such-bytes-here"; sid:9;)'))
+    old = inspector(parse_rules('alert tcp any any -> any any (msg:"x"; content:"no-such-bytes-here"; sid:9;)'))
     assert feed_all(old, [b"GET /search?q=1%27+UNION+SELE"]) == []
-    new = Inspector(parse_rules(r'alert tcp any any -> any any (msg:"sqli"; content:"union"; nocase; '
+    new = inspector(parse_rules(r'alert tcp any any -> any any (msg:"sqli"; content:"union"; nocase; '
                                 r'content:"select"; nocase; pcre:"/union(\+|%20)+select/i"; sid:1000002;)'))
     new.adopt(old)
     assert feed_all(new, [b"CT+password+FROM+users--"]) == [1000002]
     # a content-only rule whose contents all lay in the tail fires with the next chunk
-    old = Inspector(parse_rules('alert tcp any any -> any any (msg:"x"; content:"no-such-bytes-here"; sid:9;)'))
+    old = inspector(parse_rules('alert tcp any any -> any any (msg:"x"; content:"no-such-bytes-here"; sid:9;)'))
     feed_all(old, [b"..xp_cmdshell.."])
-    new = Inspector(parse_rules('alert tcp any any -> any any (msg:"shell"; content:"xp_cmdshell"; sid:7;)'))
+    new = inspector(parse_rules('alert tcp any any -> any any (msg:"shell"; content:"xp_cmdshell"; sid:7;)'))
     new.adopt(old)
     assert feed_all(new, [b"next"]) == [7]
 
@@ -167,15 +174,15 @@ def test_reloading_the_same_rules_anywhere_changes_nothing(prefix: bytes, suffix
     which the second is only fed at the end: the same matches as without."""
     data = prefix + b"alpha UNION+SELECT Secret omega ; DROP TABLE t; evil123x" + suffix
     chunks = splits(data, cuts)
-    want = feed_all(Inspector(RULES), chunks)
-    ins = Inspector(RULES)
+    want = feed_all(inspector(RULES), chunks)
+    ins = inspector(RULES)
     got: list[int] = []
     late = feed_all(ins, chunks[:1], conn=2)
     done = 0
     for at in sorted(reloads):
         got += feed_all(ins, chunks[done:at])
         done = max(done, at)
-        again = Inspector(RULES)
+        again = inspector(RULES)
         again.adopt(ins)
         ins = again
     got += feed_all(ins, chunks[done:])
@@ -184,10 +191,10 @@ def test_reloading_the_same_rules_anywhere_changes_nothing(prefix: bytes, suffix
 
 
 def test_a_reload_forgets_connections_that_are_gone() -> None:
-    old = Inspector(RULES)
+    old = inspector(RULES)
     feed_all(old, [b"abc"], conn=1)
     feed_all(old, [b"abc"], conn=2)
-    new = Inspector(RULES)
+    new = inspector(RULES)
     new.adopt(old)
     new.retain({2})  # what the responder does with the tracker's live connections
     assert list(new._carried[0][1]) == [(2, 0)] and len(new) == 1
@@ -211,7 +218,7 @@ def test_header_groups_apply_exactly_the_rules_that_apply(heads: list[tuple[str,
     those whose own header applies."""
     rules = parse_rules("\n".join(f'alert tcp {h} (msg:"r"; content:"x{i}"; {flow} sid:{i + 1};)'
                                   for i, (h, flow) in enumerate(heads)))
-    ins = Inspector(rules)
+    ins = inspector(rules)
     cli = (ipaddress.ip_address(f"198.18.1.{host}").packed, sport)
     srv = (ipaddress.ip_address("198.18.10.2").packed, dport)
     d = Direction.C2S if to_server else Direction.S2C
@@ -228,12 +235,12 @@ def test_a_content_repeated_further_on_in_the_same_chunk_does_not_hide_a_match()
     more copy of a content, all in one chunk (a big write released at once). The copy must not
     replace the match that lies close to the others."""
     pad = b"." * 5000
-    assert feed_all(Inspector(RULES), [b"alpha omega" + pad + b"alpha"]) == [3]
-    assert feed_all(Inspector(RULES), [b"omega alpha" + pad + b"omega" + pad + b"alpha"]) == [3]
-    assert feed_all(Inspector(RULES), [b"; drop table users;" + pad + b"drop"]) == [4]
+    assert feed_all(inspector(RULES), [b"alpha omega" + pad + b"alpha"]) == [3]
+    assert feed_all(inspector(RULES), [b"omega alpha" + pad + b"omega" + pad + b"alpha"]) == [3]
+    assert feed_all(inspector(RULES), [b"; drop table users;" + pad + b"drop"]) == [4]
     # and far apart they still do not match, however the chunks fall
-    assert feed_all(Inspector(RULES), [b"alpha" + pad + b"omega"]) == []
-    assert feed_all(Inspector(RULES), [b"alpha", pad, b"omega", pad, b"alpha"]) == []
+    assert feed_all(inspector(RULES), [b"alpha" + pad + b"omega"]) == []
+    assert feed_all(inspector(RULES), [b"alpha", pad, b"omega", pad, b"alpha"]) == []
 
 
 POS = parse_rules(r'''
@@ -246,7 +253,7 @@ alert tcp any any -> any any (msg:"back"; content:"END"; content:"BE"; distance:
 
 
 def pos_sids(chunks: list[bytes]) -> list[tuple[int, int]]:
-    ins = Inspector(POS)
+    ins = inspector(POS)
     return [(m.sid, m.offset) for c in chunks for m in ins.feed(1, Direction.C2S, c, CLI, SRV)]
 
 
@@ -279,8 +286,8 @@ def test_distance_and_within_tie_a_content_to_the_one_before() -> None:
 def test_a_rule_that_cannot_fit_the_window_is_refused() -> None:
     rs = parse_rules('alert tcp any any -> any any (content:"a"; content:"b"; distance:5000; sid:1;)', "w.rules")
     with pytest.raises(RuleError, match=r"w.rules:1: sid 1: .* inspector window \(4096 bytes\)"):
-        Inspector(rs)
-    Inspector(rs, window=8192)
+        inspector(rs)
+    inspector(rs, window=8192)
 
 
 _ATOMS = [b"a", b"b", b"ab", b"ba", b"aab"]
@@ -347,7 +354,7 @@ def test_position_modifiers_match_where_brute_force_says(rule: tuple[str, list[t
     every choice of matches first finds one that satisfies it, or never if there is none."""
     text, contents = rule
     try:
-        ins = Inspector(parse_rules(text), window=window)
+        ins = inspector(parse_rules(text), window=window)
     except RuleError:
         assume(False)
     got = [m.offset for c in splits(data, cuts) for m in ins.feed(1, Direction.C2S, c, CLI, SRV)]
@@ -359,7 +366,7 @@ def test_binary_contents_match_whole() -> None:
     """NUL bytes are part of a content (the Hyperscan binding's literal mode would cut it there)."""
     rs = parse_rules('alert tcp any any -> any any (msg:"a"; content:"a|00 01|"; sid:1;)\n'
                      'alert tcp any any -> any any (msg:"z"; content:"|00 00|"; content:"|ff|"; distance:0; sid:2;)')
-    ins = Inspector(rs)
+    ins = inspector(rs)
     assert [m.sid for m in ins.feed(1, Direction.C2S, b"a a\x00 a\x01", CLI, SRV)] == []
     assert [m.sid for m in ins.feed(1, Direction.C2S, b"a\x00\x01", CLI, SRV)] == [1]
     assert [m.sid for m in ins.feed(2, Direction.C2S, b"\xff\x00\x00", CLI, SRV)] == []
@@ -370,7 +377,7 @@ def test_a_flood_of_one_content_is_bounded_and_counted() -> None:
     """Partly matched rules keep at most _OCCURRENCES recent matches per content; the rest are
     counted (mproxy_inspector_shed_matches_total). The latest are kept, so an untied rule still
     matches, and memory stays bounded however many times the content repeats."""
-    ins = Inspector(RULES)
+    ins = inspector(RULES)
     assert feed_all(ins, [b"alpha" * 600]) == []  # 3000 bytes: all within the window
     st_, alpha = ins._flows[(1, 0)], ins._eids[(b"alpha", False)]
     assert len(st_.occ[alpha]) == _OCCURRENCES and ins.stats.shed == 600 - _OCCURRENCES
@@ -383,7 +390,7 @@ def test_rules_sharing_a_content_share_its_match_list() -> None:
     match ends per direction, not one per rule (memory does not grow with the rule set)."""
     rs = parse_rules("\n".join(f'alert tcp any any -> any any (msg:"r"; content:"|0d 0a|"; content:"k{i}x"; sid:{i + 1};)'
                                for i in range(1000)))
-    ins = Inspector(rs)
+    ins = inspector(rs)
     assert feed_all(ins, [b"line\r\n" * 600]) == []
     st_ = ins._flows[(1, 0)]
     assert list(st_.occ) == [ins._eids[(b"\r\n", False)]] and len(st_.occ[ins._eids[(b"\r\n", False)]]) <= _OCCURRENCES
@@ -403,7 +410,7 @@ SLOW = b"GET /admin?" + b"a" * 30 + b"c ab"
 def test_a_backtracking_pcre_is_stopped_at_the_budget_and_reported_once() -> None:
     import time
 
-    ins = Inspector(EVIL, pcre_budget=0.05)
+    ins = inspector(EVIL, pcre_budget=0.05)
     t0 = time.perf_counter()
     found = ins.feed(1, Direction.C2S, SLOW, CLI, SRV)
     spent = time.perf_counter() - t0
@@ -421,16 +428,16 @@ def test_a_backtracking_pcre_is_stopped_at_the_budget_and_reported_once() -> Non
 
 
 def test_with_a_budget_to_spare_pcre_rules_match_as_before() -> None:
-    ins = Inspector(EVIL, pcre_budget=0.05)
+    ins = inspector(EVIL, pcre_budget=0.05)
     found = ins.feed(1, Direction.C2S, b"GET /admin HTTP/1.1\r\nx: aaab\r\n\r\n", CLI, SRV)
     assert sorted((type(m).__name__, m.sid) for m in found) == [("Match", 11), ("Match", 12)]
     assert ins.stats.pcre_limits == 0
 
 
 def test_a_reload_keeps_which_rules_were_reported_as_limited() -> None:
-    old = Inspector(EVIL, pcre_budget=0.05)
+    old = inspector(EVIL, pcre_budget=0.05)
     assert [m.sid for m in old.feed(1, Direction.C2S, SLOW, CLI, SRV)] == [11, 12]
-    new = Inspector(EVIL, pcre_budget=0.05)
+    new = inspector(EVIL, pcre_budget=0.05)
     new.adopt(old)
     assert new.feed(1, Direction.C2S, b" " + SLOW, CLI, SRV) == []
     assert new.stats.pcre_limits == 4  # the counters carry on
@@ -444,7 +451,7 @@ def _shipped() -> tuple[Any, Inspector]:
     from mproxy.core.rules import load_rules
 
     rs = load_rules(Path(__file__).resolve().parents[2] / "config" / "mproxy.rules")
-    return rs, Inspector(rs, pcre_budget=2.0)
+    return rs, inspector(rs, pcre_budget=2.0)
 
 
 _SQL_TOKENS = st.sampled_from([b"union", b"UNION", b"select", b"all", b"/*", b"*/", b"/**/", b"%2f%2a", b"%2a%2f",
@@ -489,19 +496,19 @@ def test_a_word_boundary_at_the_start_of_a_searched_stretch_sees_the_byte_before
     w = 64
     stream = b"xunion " + b"." * (w - 12) + b"select"  # "select" ends w bytes after the "u"
     assert len(stream) == w + 1
-    assert feed_all(Inspector(rs, window=w, pcre_window=16), [stream]) == []
-    assert feed_all(Inspector(rs, window=w, pcre_window=16), [b" " + stream[1:]]) == [1]
+    assert feed_all(inspector(rs, window=w, pcre_window=16), [stream]) == []
+    assert feed_all(inspector(rs, window=w, pcre_window=16), [b" " + stream[1:]]) == [1]
 
 
 def test_a_caret_matches_at_the_start_of_the_stream_or_of_a_line_not_of_a_stretch() -> None:
     rs = parse_rules('alert tcp any any -> any any (msg:"a"; pcre:"/^GET \\/admin.{10}/"; sid:2;)\n'
                      'alert tcp any any -> any any (msg:"m"; pcre:"/^POST \\/x.{10}/m"; sid:3;)')
     # the tail kept for pcre (16 bytes here) begins exactly at "GET": not the stream's start
-    assert feed_all(Inspector(rs, pcre_window=16), [b"x" * 100 + b"GET /admin" + b"." * 6, b"....."]) == []
-    assert feed_all(Inspector(rs, pcre_window=16), [b"GET /admin" + b"." * 6, b"....."]) == [2]
+    assert feed_all(inspector(rs, pcre_window=16), [b"x" * 100 + b"GET /admin" + b"." * 6, b"....."]) == []
+    assert feed_all(inspector(rs, pcre_window=16), [b"GET /admin" + b"." * 6, b"....."]) == [2]
     # with m, after a newline that lies before the searched bytes
-    assert feed_all(Inspector(rs, pcre_window=16), [b"x" * 100 + b"\n", b"POST /x" + b"." * 9, b"...."]) == [3]
-    assert feed_all(Inspector(rs, pcre_window=16), [b"x" * 100 + b"!", b"POST /x" + b"." * 9, b"...."]) == []
+    assert feed_all(inspector(rs, pcre_window=16), [b"x" * 100 + b"\n", b"POST /x" + b"." * 9, b"...."]) == [3]
+    assert feed_all(inspector(rs, pcre_window=16), [b"x" * 100 + b"!", b"POST /x" + b"." * 9, b"...."]) == []
 
 
 _LOOK_HEADS = st.sampled_from(["", "^", "\\b", "\\B", "(?<=a)", "(?<!a)", "(?m)^", "(?<=\\n)"])
@@ -536,7 +543,7 @@ def test_a_pcre_only_rule_searches_the_stream_as_specified(head: str, body: list
             want = True
             break
         start = end
-    got = feed_all(Inspector(rs, pcre_window=8), chunks)
+    got = feed_all(inspector(rs, pcre_window=8), chunks)
     assert got == ([9] if want else []), (pattern, stream, chunks)
 
 
@@ -554,9 +561,9 @@ def test_a_pcre_match_need_not_take_the_new_bytes(rule: str, chunks: list[bytes]
     It did not (the match had to end in the new bytes): split so, each of these rules was evaded."""
     rs = parse_rules(f'alert tcp any any -> any any (msg:"t"; {rule} sid:7;)')
     whole = b"".join(chunks)
-    assert feed_all(Inspector(rs), [whole]) == [7]
-    assert feed_all(Inspector(rs), chunks) == [7]
-    assert feed_all(Inspector(rs), [bytes([b]) for b in whole]) == [7]  # one byte per packet
+    assert feed_all(inspector(rs), [whole]) == [7]
+    assert feed_all(inspector(rs), chunks) == [7]
+    assert feed_all(inspector(rs), [bytes([b]) for b in whole]) == [7]  # one byte per packet
 
 
 def _fires_as_specified(stream: bytes, chunks: list[bytes], window: int, pcre_window: int) -> bool:
@@ -593,7 +600,7 @@ def test_a_content_and_pcre_rule_fires_as_specified_however_the_stream_is_cut(st
     rs = parse_rules('alert tcp any any -> any any (msg:"t"; content:"ab"; pcre:"/c[de]f/"; sid:8;)')
     chunks = splits(stream, cuts)
     want = _fires_as_specified(stream, chunks, 40, 8)
-    assert feed_all(Inspector(rs, window=40, pcre_window=8), chunks) == ([8] if want else []), (stream, chunks)
+    assert feed_all(inspector(rs, window=40, pcre_window=8), chunks) == ([8] if want else []), (stream, chunks)
 
 
 def test_a_flood_of_a_content_that_only_fires_plain_rules_costs_one_report_per_scan() -> None:
@@ -602,7 +609,7 @@ def test_a_flood_of_a_content_that_only_fires_plain_rules_costs_one_report_per_s
     every match (the pcre is searched near each)."""
     rs = parse_rules('alert tcp any any -> any any (msg:"t"; content:"../../"; sid:1;)\n'
                      'alert tcp any any -> any any (msg:"u"; content:"union"; pcre:"/union\\s+select/"; sid:2;)')
-    ins = Inspector(rs)
+    ins = inspector(rs)
     reports: list[int] = []
 
     def counting(scan: Any, into: dict[int, list[int]]) -> Any:
