@@ -603,6 +603,45 @@ def test_a_content_and_pcre_rule_fires_as_specified_however_the_stream_is_cut(st
     assert feed_all(inspector(rs, window=40, pcre_window=8), chunks) == ([8] if want else []), (stream, chunks)
 
 
+@st.composite
+def _mixed_rules(draw: st.DrawFn) -> str:
+    """One to three contents (some tied by distance/within, some bounded by offset/depth, some
+    nocase), with or without a pcre."""
+    parts = []
+    for i in range(draw(st.integers(1, 3))):
+        mods = ""
+        if i and draw(st.booleans()):
+            mods += f" distance:{draw(st.integers(-3, 10))};"
+            if draw(st.booleans()):
+                mods += f" within:{draw(st.integers(3, 20))};"
+        elif draw(st.integers(0, 4)) == 0:
+            mods += f" offset:{draw(st.integers(0, 10))};"
+            if draw(st.booleans()):
+                mods += f" depth:{draw(st.integers(3, 30))};"
+        if draw(st.booleans()):
+            mods += " nocase;"
+        parts.append(f'content:"{draw(st.sampled_from(["ab", "ba", "cd", "abc", "a", "dd"]))}";{mods}')
+    if draw(st.booleans()):
+        parts.append(f'pcre:"/{draw(st.sampled_from(["c[de]f", "a.b", "(?i)ab+c", "d{2,}", "f"]))}/";')
+    return " ".join(parts)
+
+
+@settings(max_examples=500, deadline=None)
+@example(rule='content:"ab"; pcre:"/f/";', stream=b"fab", cuts=[1])  # the content in the packet after the match
+@given(rule=_mixed_rules(), stream=st.lists(st.sampled_from(b"abcdefABxxxxxx"), max_size=50).map(bytes),
+       cuts=st.lists(st.integers(0, 50), max_size=10))
+def test_a_rule_fires_the_same_however_the_stream_is_cut(rule: str, stream: bytes, cuts: list[int]) -> None:
+    """Whether a rule fires must not depend on where the packets begin, only on the stream (here
+    the whole stream fits in pcre_window, the one bound a cut may meet; the window is smaller)."""
+    try:
+        rs = parse_rules(f'alert tcp any any -> any any (msg:"t"; {rule} sid:8;)')
+        inspector(rs, window=40, pcre_window=200)
+    except RuleError:
+        assume(False)
+    whole = feed_all(inspector(rs, window=40, pcre_window=200), [stream] if stream else [])
+    assert feed_all(inspector(rs, window=40, pcre_window=200), splits(stream, cuts)) == whole, rule
+
+
 def test_a_flood_of_a_content_that_only_fires_plain_rules_costs_one_report_per_scan() -> None:
     """"../../" repeated: its rule (one content, no pcre, no offset/depth) fires at the first copy, so
     Hyperscan reports only that copy in each scan; a content a pcre rule also needs is reported at
