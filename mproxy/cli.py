@@ -165,6 +165,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
               f"{f'{len(rs)} signatures from {rs.source}' if rs is not None else 'off'}"
               f"{f', {len(rs.skipped)} skipped' if rs is not None and rs.skipped else ''}, alerts followed: "
               f"{len(cfg.alerts.files)})")
+        from . import compiled
+
+        print(f"{args.config}: {compiled.describe()}")
         if rs is not None:
             from .core.inspector import rule_warnings
 
