@@ -72,7 +72,7 @@ class InspectorConfig:
     mode: str = "auto"  # "auto": on unless [alerts] files are followed; "on"; "off"
     rules: str = ""  # rules file (relative: to the config file); "": see resolve_rules_path
     window: int = 4096  # a rule's contents and pcre must all occur within this many stream bytes
-    pcre_window: int = 1024  # bytes before a chunk that pcre also scans (matches spanning chunks)
+    pcre_window: int = 1024  # bytes before a chunk that pcre also scans (matches spanning chunks, or before them)
     pcre_budget_ms: float = 20.0  # time the pcre searches of one chunk may take together ([actions] on_pcre_limit)
     skip_bad_rules: bool = False  # a rule that does not parse is skipped with a warning (Suricata's way), not fatal
 
