@@ -5,7 +5,9 @@ connection direction (which rules apply to its addresses and ports), and a rules
 reload (SIGHUP) with many connections open: the switch itself, then each
 carried direction's first bytes under the new rules. Then the bytes per second
 one direction is inspected at with the shipped rules (config/mproxy.rules), on
-HTTP requests and on random bytes, in MSS-sized and 64 KiB (GSO) chunks.
+HTTP requests and on random bytes, in MSS-sized and 64 KiB (GSO) chunks, and on
+floods of one rule content; each with the compiled content scan and with the
+binding's Python match handler, in the same run.
 
     .venv/bin/python benchmarks/inspector.py [--rules 50,500,5000] [--connections 10000] [--mbytes 4]
                                              [--startup 5000]
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import random
 import sys
 import time
@@ -37,6 +40,9 @@ from mproxy.core.rules import RuleSet, parse_rules  # noqa: E402
 PORTS = ["80", "443", "[80,81,8000:8100]", "any", "[80,8080]", "1024:", "21", "25", "53", "445"]
 SERVER = (bytes((198, 18, 10, 2)), 80)
 REQUEST = b"GET /index.html HTTP/1.1\r\nHost: shop.example\r\n\r\n"
+# the two ways the inspector's content matches reach it, both timed by the throughput and floods tables
+_SCANS = ("Mbit/s: the compiled content scan where it is built (mproxy/_hsscan.c: matches filed in C), "
+          "Python handler: the hyperscan binding calling Python per match (MPROXY_NO_ACCEL=1)")
 
 
 def ruleset(n: int) -> RuleSet:
@@ -73,23 +79,27 @@ def throughput(mbytes: int) -> None:
     req = b"GET /search?q=hello+world&page=2 HTTP/1.1\r\nHost: example\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n"
     size = mbytes << 20
     streams = {"HTTP requests": (req * (size // len(req) + 1))[:size], "random bytes": random.Random(2).randbytes(size)}
-    print(f"\nshipped rules ({len(rs)}), one direction, {mbytes} MiB, best of 3:\n")
-    print("| stream | chunk bytes | Mbit/s | pcre runs |")
-    print("|---|---|---|---|")
+    print(f"\nshipped rules ({len(rs)}), one direction, {mbytes} MiB, best of 3; {_SCANS}:\n")
+    print("| stream | chunk bytes | Mbit/s | Mbit/s, Python handler | pcre runs |")
+    print("|---|---|---|---|---|")
     for name, data in streams.items():
         for chunk in (1448, 65536):
             best, runs = one_direction(rs, data, chunk)
-            print(f"| {name} | {chunk} | {len(data) * 8 / best / 1e6:,.0f} | {runs} |")
+            pure, _runs = one_direction(rs, data, chunk, pure=True)
+            print(f"| {name} | {chunk} | {len(data) * 8 / best / 1e6:,.0f} | {len(data) * 8 / pure / 1e6:,.0f} "
+                  f"| {runs} |")
     floods(rs, size)
 
 
-def one_direction(rs: RuleSet, data: bytes, chunk: int, reps: int = 3) -> tuple[float, int]:
+
+def one_direction(rs: RuleSet, data: bytes, chunk: int, reps: int = 3, pure: bool = False) -> tuple[float, int]:
     """Best of ``reps``: seconds to feed ``data`` in ``chunk``-byte pieces to a new inspector (its
-    Hyperscan compile not timed), and the pcre searches it ran."""
+    Hyperscan compile not timed), and the pcre searches it ran. ``pure``: the inspector built with
+    ``MPROXY_NO_ACCEL`` set (the binding's Python match handler, the reference)."""
     pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
     best, runs = float("inf"), 0
     for _ in range(reps):
-        ins = Inspector(rs)
+        ins = _inspector(rs, pure)
         t = time.perf_counter()
         for piece in pieces:
             ins.feed(1, Direction.C2S, piece, client(1), SERVER)
@@ -98,18 +108,33 @@ def one_direction(rs: RuleSet, data: bytes, chunk: int, reps: int = 3) -> tuple[
     return best, runs
 
 
+def _inspector(rs: RuleSet, pure: bool) -> Inspector:
+    if not pure:
+        return Inspector(rs)
+    saved = os.environ.get("MPROXY_NO_ACCEL")
+    os.environ["MPROXY_NO_ACCEL"] = "1"
+    try:
+        return Inspector(rs)
+    finally:
+        if saved is None:
+            del os.environ["MPROXY_NO_ACCEL"]
+        else:
+            os.environ["MPROXY_NO_ACCEL"] = saved
+
+
 def floods(rs: RuleSet, size: int) -> None:
     """One content repeated over the whole stream (a flood meant to slow the inspector down): of a
     rule with that content alone ("../../", "<script": one report per scan), and of contents pcre
     rules need ("union ", "or ": a report per match)."""
     print(f"\nfloods of one content, shipped rules, one direction, {size >> 20} MiB, best of 3:\n")
-    print("| content repeated | chunk bytes | Mbit/s |")
-    print("|---|---|---|")
+    print("| content repeated | chunk bytes | Mbit/s | Mbit/s, Python handler |")
+    print("|---|---|---|---|")
     for unit in (b"../../", b"<script", b"union ", b"or "):
         data = unit * (size // len(unit))
         for chunk in (1448, 65536):
             best, _runs = one_direction(rs, data, chunk)
-            print(f"| `{unit.decode()}` | {chunk} | {len(data) * 8 / best / 1e6:,.0f} |")
+            pure, _runs = one_direction(rs, data, chunk, pure=True)
+            print(f"| `{unit.decode()}` | {chunk} | {len(data) * 8 / best / 1e6:,.0f} | {len(data) * 8 / pure / 1e6:,.0f} |")
 
 
 def startup(n: int, reps: int = 5) -> None:
