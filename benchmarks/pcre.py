@@ -11,7 +11,12 @@ run:
    carrying the SQL-injection rule's contents), through ``Inspector.feed``;
 3. a backtracking pcre, ``(?:a|a)+b`` on n ``a``s then ``c ab``: ``re``'s time
    for growing n (it doubles per ``a``; 30 is extrapolated, not waited for)
-   next to the inspector's verdict time with the default 20 ms budget.
+   next to the inspector's verdict time with the default 20 ms budget;
+4. a packet of 1,400 ``a``s sent again and again on one connection direction (200 packets,
+   an SQL-injection attack in the last one): what the packets cost the
+   inspector with ``pcre_strikes`` 3 (the default: the rule is given up after
+   three searches out of time) and 0 (never given up), and whether the attack
+   was found.
 
     .venv/bin/python benchmarks/pcre.py [--reps 5] [--stream-only]
 
@@ -110,6 +115,28 @@ def backtracking() -> None:
         print(f"| {n} | {t_re} | {t_ins:.3f} ({what}) |")
 
 
+def bait_every_packet(packets: int = 200) -> None:
+    rs = parse_rules('alert tcp any any -> any any (msg:"evil"; content:"GET"; pcre:"/(?:a|a)+b/"; sid:1;)\n'
+                     'alert tcp any any -> any any (msg:"sqli"; content:"UNION"; pcre:"/UNION\\s+SELECT/"; sid:2;)\n')
+    # a packet of a's: wherever a search of it (or of the 1 KiB before it) begins, it begins in a run
+    # of a's long enough to backtrack past any budget (a shorter bait, where a search can begin near
+    # the run's end, lets the search reach "ab": a real match, and the rule fires and is done)
+    bait = b"GET /?" + b"a" * 1400 + b"c ab\r\n"
+    print(f"\n| {packets} packets, each carrying the bait (the last also an attack) | s | packets/s | pcre limits "
+          "| attack found |")
+    print("|---|---|---|---|---|")
+    for strikes in (3, 0):
+        ins = Inspector(rs, pcre_strikes=strikes)
+        t0 = time.perf_counter()
+        found = []
+        for i in range(packets):
+            found += ins.feed(1, Direction.C2S, bait + (b" UNION SELECT pw FROM users" if i == packets - 1 else b""),
+                              CLI, SRV)
+        t = time.perf_counter() - t0
+        hit = any(m.sid == 2 and type(m).__name__ == "Match" for m in found)
+        print(f"| pcre_strikes = {strikes} | {t:.2f} | {packets / t:,.0f} | {ins.stats.pcre_limits} | {hit} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -120,6 +147,7 @@ def main() -> int:
     stream(a.reps)
     if not a.stream_only:
         backtracking()
+        bait_every_packet()
     return 0
 
 

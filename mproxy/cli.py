@@ -51,14 +51,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     inspector = None
     if args.rules:
         from .config import InspectorConfig
-        from .core.inspector import Inspector, load_checked, rule_warnings
+        from .core.inspector import load_checked, rule_warnings
         from .core.rules import RuleError
+        from .reacting import inspector_for
 
         icfg = icfg or InspectorConfig()
         try:
             rs = load_checked(args.rules, icfg.window, icfg.skip_bad_rules)
-            inspector = Inspector(rs, window=icfg.window, pcre_window=icfg.pcre_window,
-                                  pcre_budget=icfg.pcre_budget_ms / 1000)
+            inspector = inspector_for(rs, icfg)
         except RuleError as e:
             print(f"mproxy replay: rules error: {e}", file=sys.stderr)
             return 2

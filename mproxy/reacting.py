@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config, ConfigError, inspector_enabled
+from .config import Config, ConfigError, InspectorConfig, inspector_enabled
 from .core.alerts import AlertStats, parse_alert_line
 from .core.gateway import Gateway
 from .core.inspector import Inspector, load_checked, rule_warnings
@@ -55,8 +55,13 @@ def build_inspector(cfg: Config, rules: RuleSet | None = None) -> Inspector | No
     if rs is None:
         return None
     warn_rules(rs)
-    i = cfg.inspector
-    return Inspector(rs, window=i.window, pcre_window=i.pcre_window, pcre_budget=i.pcre_budget_ms / 1000)
+    return inspector_for(rs, cfg.inspector)
+
+
+def inspector_for(rs: RuleSet, i: InspectorConfig) -> Inspector:
+    """An inspector of ``rs`` with the ``[inspector]`` settings (the gateway's, and ``replay --rules``)."""
+    return Inspector(rs, window=i.window, pcre_window=i.pcre_window, pcre_budget=i.pcre_budget_ms / 1000,
+                     pcre_strikes=i.pcre_strikes)
 
 
 def build_reactions(cfg: Config) -> Reactions:

@@ -193,10 +193,12 @@ def summary_lines(res: ReplayResult) -> list[str]:
         sigs = ps.signatures
         lines.append(f"signature matches: {res.signatures}" + (" (" + ", ".join(
             f"sid {sid} x{k}" for sid, k in sorted(sigs.items())) + ")" if sigs else ""))
-        limits = res.pipeline.inspector.stats.pcre_limits
-        if limits:
-            lines.append(f"pcre searches out of time: {limits} (those rules did not match there; see the "
-                         f"log's pcre_limit notices and [inspector] pcre_budget_ms)")
+        ist = res.pipeline.inspector.stats
+        if ist.pcre_limits:
+            lines.append(f"pcre searches out of time: {ist.pcre_limits} (those rules did not match there; see the "
+                         f"log's pcre_limit notices and [inspector] pcre_budget_ms)"
+                         + (f"; {ist.pcre_given_up} rule(s) given up on a connection direction after "
+                            f"[inspector] pcre_strikes" if ist.pcre_given_up else ""))
     if st.decode_errors or ps.parse_errors:
         errs: dict[str, Any] = dict(st.decode_errors)
         errs.update(ps.parse_errors)

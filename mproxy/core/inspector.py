@@ -23,8 +23,8 @@ satisfy the rule: within ``window`` bytes of those contents, and no further
 back than ``pcre_window`` bytes before the chunk (so a match straddling the
 chunk boundary is still found, and so is one wholly before it whose rule's
 last content, or whose look-ahead's bytes, came with the chunk); rules with a
-pcre and no content run it on each chunk plus those ``pcre_window`` bytes. A rule fires at most once per
-connection direction.
+pcre and no content run it on each chunk plus those ``pcre_window`` bytes. A
+rule fires at most once per connection direction.
 
 Time bound: the pcre searches of one chunk share ``pcre_budget`` seconds
 (the ``regex`` engine stops at its timeout; see :class:`mproxy.core.rules.Pcre`).
@@ -32,7 +32,11 @@ A rule whose pcre is not decided within it does not match there: it is
 reported as a :class:`PcreLimit` (once per rule and connection direction,
 counted every time) for the caller to react to, and is tried again with the
 next chunk. So a rule with nested repeats costs a packet's verdict at most the
-budget, not the hours Python's backtracking can take on chosen bytes.
+budget, not the hours Python's backtracking can take on chosen bytes. A search
+that ran out of time with the budget to itself is its rule's strike: the rules
+after it on the chunk get a budget of their own (one backtracking rule must not
+keep the others from being searched), and at ``pcre_strikes`` strikes the rule
+is no longer searched on that direction (counted in ``pcre_given_up``).
 
 Semantics on the stream (the subset documented in :mod:`mproxy.core.rules`):
 a rule matches when there is one match of each of its contents (in any order,
@@ -116,6 +120,7 @@ class InspectorStats:
     pcre_runs: int = 0
     pcre_gated: int = 0  # pcre searches skipped: the Hyperscan gate found no possible match in the bytes
     pcre_limits: int = 0  # pcre searches not decided within the budget (stopped, or not started)
+    pcre_given_up: int = 0  # (rule, direction)s no longer searched: pcre_strikes searches that ran out of time
     flows: int = 0  # connection directions inspected since start
     shed: int = 0  # content match ends dropped over _OCCURRENCES (a rule can then miss)
     rules: int = 0  # rules in force
@@ -136,6 +141,8 @@ class _Dir:
     partial: set[int] = field(default_factory=set)  # rules with a pcre and contents, some seen: pcre may run
     recheck: tuple[int, ...] = ()  # rules to evaluate with the next chunk (after a reload)
     limited: set[int] = field(default_factory=set)  # rules whose pcre ran out of time here (reported once)
+    strikes: dict[int, int] = field(default_factory=dict)  # rule -> its searches that ran out of time on their own
+    gave_up: set[int] = field(default_factory=set)  # rules not searched here any more (pcre_strikes reached)
     swept: int = 0  # offset of the last sweep of ``occ`` (stale match ends dropped)
 
 
@@ -290,12 +297,13 @@ class Inspector:
     """Matches a :class:`RuleSet` on rebuilt streams; state per live connection."""
 
     def __init__(self, rules: RuleSet, *, window: int = 4096, pcre_window: int = 1024,
-                 pcre_budget: float = 0.02) -> None:
+                 pcre_budget: float = 0.02, pcre_strikes: int = 3) -> None:
         self.ruleset = rules
         self.rules: tuple[Rule, ...] = rules.rules
         self.window = window
         self.pcre_window = pcre_window
         self.pcre_budget = pcre_budget  # seconds the pcre searches of one chunk may take together
+        self.pcre_strikes = pcre_strikes  # searches a rule may run out of time on one direction (0: no end)
         self.stats = InspectorStats(rules=len(rules.rules), skipped_rules=len(rules.skipped))
         self._flows: dict[tuple[int, int], _Dir] = {}
         # Hyperscan expression id -> (pattern length, ((rule index, content index, lowest end, highest
@@ -411,7 +419,7 @@ class Inspector:
                         if stop > start and stop - ln < start:
                             by.setdefault(eid, []).append(stop)
                 lead_by.clear()
-            touched, hit = self._record(st, by, st.fired)
+            touched, hit = self._record(st, by, st.fired | st.gave_up if st.gave_up else st.fired)
             by.clear()
         else:
             hit = set()
@@ -424,7 +432,7 @@ class Inspector:
         gate, maybe = self._gate, None
         deadline = 0.0  # of this chunk's pcre searches; set by the first
         for ri in sorted(cands):
-            if ri in st.fired:
+            if ri in st.fired or ri in st.gave_up:
                 continue
             r = self.rules[ri]
             sets: list[tuple[int, int]] = []
@@ -454,13 +462,20 @@ class Inspector:
                 if not sets:
                     continue  # not close enough together, or not in the order distance/within ask
             if r.pcre is not None:
+                now = time.perf_counter()
                 if not deadline:
-                    deadline = time.perf_counter() + self.pcre_budget
+                    deadline = now + self.pcre_budget
                 self.stats.pcre_runs += 1
                 try:
                     found_at = self._pcre(r.pcre.regex, tail, data, base, sets, deadline)
                 except TimeoutError:
                     self.stats.pcre_limits += 1
+                    if deadline - now >= self.pcre_budget / 2:
+                        # it had (most of) the budget and spent it: its own doing, a strike; the rules
+                        # after it get a budget of their own, or bytes that make one rule backtrack
+                        # would keep every other pcre rule from being searched on the chunk
+                        deadline = time.perf_counter() + self.pcre_budget
+                        self._strike(st, ri)
                     if ri not in st.limited:
                         st.limited.add(ri)
                         out.append(PcreLimit(conn_id, direction, r.sid, r.rev, r.msg, st.offset))
@@ -483,6 +498,18 @@ class Inspector:
         else:
             st.tail = (tail + data)[-keep:]
         return out
+
+    def _strike(self, st: _Dir, ri: int) -> None:
+        """Rule ``ri``'s search ran out of time with the budget to itself. At ``pcre_strikes`` such
+        searches on one direction it is not searched there again: bytes that make it backtrack
+        would otherwise cost the worker the budget on every packet (50 packets a second stall it,
+        and then the whole queue), and they can as well be sent with each packet to keep the rule
+        from matching, so giving up loses no detection an attacker could not already avoid."""
+        n = st.strikes[ri] = st.strikes.get(ri, 0) + 1
+        if self.pcre_strikes and n >= self.pcre_strikes:
+            st.gave_up.add(ri)
+            st.partial.discard(ri)
+            self.stats.pcre_given_up += 1
 
     def _pcre(self, rx: regex.Pattern[bytes], tail: bytes, data: bytes, base: int,
               sets: list[tuple[int, int]], deadline: float) -> int | None:
@@ -650,11 +677,14 @@ class Inspector:
         inspector's state of the same direction."""
         nd.offset = od.offset
         sids = self._sids
-        for mine, theirs in ((nd.fired, od.fired), (nd.limited, od.limited)):  # the same rules (sid) here
-            for ri in theirs:
-                ni = sids.get(old.rules[ri].sid)
-                if ni is not None and self._applies(nd, ni):
-                    mine.add(ni)
+
+        def here(ri: int) -> int | None:  # the same rule (sid) here, if it applies to this direction
+            ni = sids.get(old.rules[ri].sid)
+            return ni if ni is not None and self._applies(nd, ni) else None
+
+        for mine, theirs in ((nd.fired, od.fired), (nd.limited, od.limited), (nd.gave_up, od.gave_up)):
+            mine.update(ni for ri in theirs if (ni := here(ri)) is not None)
+        nd.strikes = {ni: n for ri, n in od.strikes.items() if (ni := here(ri)) is not None}
         # the content matches the old rules noted, for the same contents here; and those of the new
         # contents in the old tail (before it is cut to this one's length). Every rule that has one
         # is evaluated with the next chunk

@@ -393,6 +393,10 @@ def reaction_families(inspector: Any = None, responder: Any = None, injector: An
                  "though it might have; [actions] on_pcre_limit says what was done")
     c.add_metric([], ins.pcre_limits if ins else 0)
     yield c
+    c = _counter("mproxy_inspector_pcre_given_up", "Rules no longer searched on a connection direction: their "
+                 "pcre ran out of time with the budget to itself [inspector] pcre_strikes times there")
+    c.add_metric([], ins.pcre_given_up if ins else 0)
+    yield c
     yield _by_label("mproxy_killed_packets", "Packets of fast-closed connections, by what was done", "action",
                     ("dropped", "answered"),
                     {"dropped": rsp.late_dropped, "answered": rsp.answered} if rsp else {})

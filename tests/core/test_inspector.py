@@ -416,13 +416,13 @@ def test_a_backtracking_pcre_is_stopped_at_the_budget_and_reported_once() -> Non
     spent = time.perf_counter() - t0
     # Python re on these bytes would take years; 5 s only says "it did not hang"
     assert spent < 5.0
-    # the budget went to sid 11; sid 12, next in line, was not started: both might have matched
-    assert [(type(m).__name__, m.sid) for m in found] == [("PcreLimit", 11), ("PcreLimit", 12)]
+    # the budget went to sid 11 (a strike); sid 12, next in line, got a budget of its own and matched
+    assert [(type(m).__name__, m.sid) for m in found] == [("PcreLimit", 11), ("Match", 12)]
     assert "pcre not decided within the time budget" in found[0].reason()
-    assert found[0].offset == len(SLOW) and ins.stats.pcre_limits == 2 and ins.stats.matches == 0
+    assert found[0].offset == len(SLOW) and ins.stats.pcre_limits == 1 and ins.stats.matches == 1
     # the next chunk: tried again, counted again, not reported again
     again = ins.feed(1, Direction.C2S, b" " + SLOW, CLI, SRV)
-    assert again == [] and ins.stats.pcre_limits == 4
+    assert again == [] and ins.stats.pcre_limits == 2
     # another connection direction reports on its own
     assert [m.sid for m in ins.feed(2, Direction.C2S, SLOW, CLI, SRV)] == [11, 12]
 
@@ -434,13 +434,47 @@ def test_with_a_budget_to_spare_pcre_rules_match_as_before() -> None:
     assert ins.stats.pcre_limits == 0
 
 
-def test_a_reload_keeps_which_rules_were_reported_as_limited() -> None:
+def test_a_reload_keeps_which_rules_were_reported_as_limited_and_their_strikes() -> None:
     old = inspector(EVIL, pcre_budget=0.05)
     assert [m.sid for m in old.feed(1, Direction.C2S, SLOW, CLI, SRV)] == [11, 12]
     new = inspector(EVIL, pcre_budget=0.05)
     new.adopt(old)
     assert new.feed(1, Direction.C2S, b" " + SLOW, CLI, SRV) == []
-    assert new.stats.pcre_limits == 4  # the counters carry on
+    assert new.stats.pcre_limits == 2  # the counters carry on
+    newer = inspector(EVIL, pcre_budget=0.05)
+    newer.adopt(new)  # two strikes carried: the third gives sid 11 up, and it stays given up
+    for _ in range(3):
+        assert newer.feed(1, Direction.C2S, b" " + SLOW, CLI, SRV) == []
+    assert newer.stats.pcre_limits == 3 and newer.stats.pcre_given_up == 1
+
+
+def test_a_rule_that_keeps_running_out_of_time_is_given_up_and_masks_no_other() -> None:
+    """Bytes that make one rule's pcre backtrack, sent with every packet: each packet cost the
+    worker the whole budget (50 packets a second stall it), and the rules after it on the chunk
+    were not started, so an attack carried in the same packets passed every other pcre rule.
+    Now the rules after it get a budget of their own, and after pcre_strikes (3) such searches
+    the rule is not searched on that direction again."""
+    attack = b" UNION SELECT password FROM users"
+    rs = parse_rules('alert tcp any any -> any any (msg:"evil"; content:"GET"; pcre:"/(?:a|a)+b/"; sid:11;)\n'
+                     'alert tcp any any -> any any (msg:"sqli"; content:"UNION"; pcre:"/UNION\\s+SELECT/"; sid:13;)\n')
+    ins = inspector(rs, pcre_budget=0.01)
+    bait = SLOW + b"\r\n"
+    got = [(type(m).__name__, m.sid) for m in ins.feed(1, Direction.C2S, bait + attack, CLI, SRV)]
+    assert got == [("PcreLimit", 11), ("Match", 13)]  # the attack in the packet that carries the bait
+    for _ in range(20):
+        assert ins.feed(1, Direction.C2S, bait, CLI, SRV) == []
+    st_ = ins._flows[(1, 0)]
+    assert ins.stats.pcre_limits == 3 and ins.stats.pcre_given_up == 1 and st_.gave_up == {0}
+    assert st_.strikes == {0: 3}
+    # other directions are searched as before, and give up on their own
+    assert [m.sid for m in ins.feed(2, Direction.C2S, bait + attack, CLI, SRV)] == [11, 13]
+    assert ins.stats.pcre_limits == 4 and ins.stats.pcre_given_up == 1
+    # pcre_strikes = 0: never given up (every packet costs the budget), still masking nothing
+    never = inspector(rs, pcre_budget=0.01, pcre_strikes=0)
+    for _ in range(5):
+        never.feed(1, Direction.C2S, bait, CLI, SRV)
+    assert [m.sid for m in never.feed(1, Direction.C2S, bait + attack, CLI, SRV)] == [13]
+    assert never.stats.pcre_limits == 6 and never.stats.pcre_given_up == 0
 
 
 @functools.cache
