@@ -63,9 +63,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             print(f"mproxy replay: rules error: {e}", file=sys.stderr)
             return 2
         if not args.quiet:
-            for what, lines in rule_warnings(rs):
-                for why in lines:
-                    print(f"mproxy replay: {what}: {why}", file=sys.stderr)
+            _print_rule_warnings("mproxy replay", rule_warnings(rs))
     try:
         out = open_output(args.out)
     except OSError as e:
@@ -171,10 +169,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if rs is not None:
             from .core.inspector import rule_warnings
 
-            for what, lines in rule_warnings(rs):
-                for why in lines:
-                    print(f"{args.config}: {what}: {why}", file=sys.stderr)
+            _print_rule_warnings(args.config, rule_warnings(rs))
     return 0
+
+
+def _print_rule_warnings(prefix: str, warnings: list[tuple[str, list[str]]]) -> None:
+    """``rule_warnings`` on stderr, one line each (every one: ``run`` logs only the first 20)."""
+    for what, lines in warnings:
+        for why in lines:
+            print(f"{prefix}: {what}: {why}", file=sys.stderr)
 
 
 _INPUTS_HELP = "captures (pcap/pcapng, or gzip/bzip2/xz-compressed; - reads standard input), merged by timestamp"

@@ -145,6 +145,10 @@ class _Dir:
     gave_up: set[int] = field(default_factory=set)  # rules not searched here any more (pcre_strikes reached)
     swept: int = 0  # offset of the last sweep of ``occ`` (stale match ends dropped)
 
+    def settled(self) -> set[int]:
+        """The rules done with here: fired, or given up (no new set while none was given up)."""
+        return self.fired | self.gave_up if self.gave_up else self.fired
+
 
 def _chains(rule: Rule) -> tuple[tuple[_Link, ...], ...]:
     links: list[list[_Link]] = []
@@ -419,7 +423,7 @@ class Inspector:
                         if stop > start and stop - ln < start:
                             by.setdefault(eid, []).append(stop)
                 lead_by.clear()
-            touched, hit = self._record(st, by, st.fired | st.gave_up if st.gave_up else st.fired)
+            touched, hit = self._record(st, by, st.settled())
             by.clear()
         else:
             hit = set()
@@ -692,17 +696,18 @@ class Inspector:
         if emap is None:
             emap = self._emaps[id(old)] = [self._eids.get(k) for k in old._eids]
         again: set[int] = set()
+        done = nd.settled()
         for oeid, lst in od.occ.items():
             ne = emap[oeid]
             if ne is None:
                 continue
-            users = [ri for ri, _ci, _lo, _hi in self._targets[ne][1] if self._applies(nd, ri) and ri not in nd.fired]
+            users = [ri for ri, _ci, _lo, _hi in self._targets[ne][1] if self._applies(nd, ri) and ri not in done]
             if users:  # (a content no rule here uses on this direction is not kept)
                 nd.occ[ne] = list(lst)
                 again.update(users)
         if self._db is not None and od.tail:
             self._scan_by(od.tail, nd.offset - len(od.tail))
-            touched, hit = self._record(nd, self._by, nd.fired)
+            touched, hit = self._record(nd, self._by, done)
             self._by.clear()
             again |= touched
             for eid in hit:  # the old rules may have noted some of these already; the cap holds here too

@@ -17,8 +17,8 @@ group and greedy repeat: they match a subset of those strings, so the gate
 stays a superset (rules use them to stop backtracking). Patterns using
 anything outside that subset (anchors, word boundaries, look-arounds,
 back-references, inline flag groups), or that can match the empty string, get
-no gate: the engine runs as before. A gate reports only whether its pattern matches anywhere in the
-scanned bytes (one report per pattern per scan, so a permissive pattern cannot
+no gate: the engine runs as before. A gate reports only whether its pattern
+matches anywhere in the scanned bytes (one report per pattern per scan, so a permissive pattern cannot
 make a scan cost a callback per byte).
 """
 
