@@ -17,6 +17,13 @@ run:
    inspector with ``pcre_strikes`` 3 (the default: the rule is given up after
    three searches out of time) and 0 (never given up), and whether the attack
    was found.
+5. the same bait on many connections: new connections arrive at a fixed rate,
+   each sending three baited packets (so each is given up after its three
+   strikes); the inspector works through them as they come, idle in between.
+   With ``pcre_share`` 1 (no bound), 0.5 (the default) and 0.25: the share of
+   the time the inspector was busy, how far behind the arrivals it ended
+   (a worker that falls behind stalls its queue), and what became of an attack
+   sent on a last connection.
 
     .venv/bin/python benchmarks/pcre.py [--reps 5] [--stream-only]
 
@@ -137,6 +144,39 @@ def bait_every_packet(packets: int = 200) -> None:
         print(f"| pcre_strikes = {strikes} | {t:.2f} | {packets / t:,.0f} | {ins.stats.pcre_limits} | {hit} |")
 
 
+def bait_many_connections(rate: int = 50, seconds: float = 3.0) -> None:
+    rs = parse_rules('alert tcp any any -> any any (msg:"evil"; content:"GET"; pcre:"/(?:a|a)+b/"; sid:1;)\n'
+                     'alert tcp any any -> any any (msg:"sqli"; content:"UNION"; pcre:"/UNION\\s+SELECT/"; sid:2;)\n'
+                     'alert tcp any any -> any any (msg:"plain"; content:"/etc/passwd"; sid:3;)\n')
+    bait = b"GET /?" + b"a" * 1400 + b"c ab\r\n"
+    attack = b"GET /etc/passwd UNION SELECT pw FROM users"
+    conns = int(rate * seconds)
+    print(f"\n| {rate} new connections/s for {seconds:g} s, 3 baited packets each, then an attack | busy | "
+          "behind the arrivals at the end, s | pcre limits (starved) | attack: pcre rule / content rule |")
+    print("|---|---|---|---|---|")
+    for share in (1.0, 0.5, 0.25):
+        ins = Inspector(rs, pcre_share=share)
+        busy = 0.0
+        start = time.perf_counter()
+        for c in range(conns):
+            due = start + c / rate
+            now = time.perf_counter()
+            if now < due:
+                time.sleep(due - now)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                ins.feed(c, Direction.C2S, bait, CLI, SRV)
+            busy += time.perf_counter() - t0
+        lag = time.perf_counter() - (start + (conns - 1) / rate)
+        wall = time.perf_counter() - start
+        found = ins.feed(conns, Direction.C2S, attack, CLI, SRV)
+        what = {m.sid: ("starved" if getattr(m, "starved", False) else "limit") if type(m).__name__ == "PcreLimit"
+                else "found" for m in found}
+        st = ins.stats
+        print(f"| pcre_share = {share:g} | {busy / wall:.0%} | {max(lag, 0.0):.2f} | {st.pcre_limits} "
+              f"({st.pcre_starved}) | {what.get(2, 'missed')} / {what.get(3, 'missed')} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -148,6 +188,7 @@ def main() -> int:
     if not a.stream_only:
         backtracking()
         bait_every_packet()
+        bait_many_connections()
     return 0
 
 

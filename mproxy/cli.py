@@ -58,7 +58,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         icfg = icfg or InspectorConfig()
         try:
             rs = load_checked(args.rules, icfg.window, icfg.skip_bad_rules)
-            inspector = inspector_for(rs, icfg)
+            inspector = inspector_for(rs, icfg, live=False)
         except RuleError as e:
             print(f"mproxy replay: rules error: {e}", file=sys.stderr)
             return 2

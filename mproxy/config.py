@@ -75,6 +75,7 @@ class InspectorConfig:
     pcre_window: int = 1024  # bytes before a chunk that pcre also scans (matches spanning chunks, or before them)
     pcre_budget_ms: float = 20.0  # time the pcre searches of one chunk may take together ([actions] on_pcre_limit)
     pcre_strikes: int = 3  # searches of a rule that run out of time on one direction before it is given up there
+    pcre_share: float = 0.5  # of the worker's time, what the pcre searches of all connections may take (1: no bound)
     skip_bad_rules: bool = False  # a rule that does not parse is skipped with a warning (Suricata's way), not fatal
 
 
@@ -350,6 +351,9 @@ def _check(cfg: Config) -> None:
     if not 0 <= cfg.inspector.pcre_strikes <= 1000:
         raise ConfigError(f"[inspector] pcre_strikes: expected a count in [0, 1000] (0: never give up), "
                           f"got {cfg.inspector.pcre_strikes!r}")
+    if not 0.01 <= cfg.inspector.pcre_share <= 1:
+        raise ConfigError(f"[inspector] pcre_share: expected a fraction of the time in [0.01, 1] (1: no bound), "
+                          f"got {cfg.inspector.pcre_share!r}")
     if cfg.alerts.poll_interval <= 0 or cfg.alerts.poll_interval > 60:
         raise ConfigError("[alerts] poll_interval: expected seconds in (0, 60]")
     a = cfg.actions

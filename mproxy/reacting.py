@@ -58,10 +58,11 @@ def build_inspector(cfg: Config, rules: RuleSet | None = None) -> Inspector | No
     return inspector_for(rs, cfg.inspector)
 
 
-def inspector_for(rs: RuleSet, i: InspectorConfig) -> Inspector:
-    """An inspector of ``rs`` with the ``[inspector]`` settings (the gateway's, and ``replay --rules``)."""
+def inspector_for(rs: RuleSet, i: InspectorConfig, *, live: bool = True) -> Inspector:
+    """An inspector of ``rs`` with the ``[inspector]`` settings (the gateway's, and ``replay --rules``
+    with ``live`` false: offline nothing waits for it, so ``pcre_share`` does not bound it there)."""
     return Inspector(rs, window=i.window, pcre_window=i.pcre_window, pcre_budget=i.pcre_budget_ms / 1000,
-                     pcre_strikes=i.pcre_strikes)
+                     pcre_strikes=i.pcre_strikes, pcre_share=i.pcre_share if live else 1.0)
 
 
 def build_reactions(cfg: Config) -> Reactions:

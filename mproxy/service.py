@@ -589,7 +589,7 @@ def _inspector_stats(gw: Gateway) -> dict[str, Any] | None:
     st = ins.stats
     return {"rules": len(ins.rules), "bytes": {"c2s": st.bytes[0], "s2c": st.bytes[1]}, "chunks": st.chunks,
             "matches": st.matches, "pcre_runs": st.pcre_runs, "pcre_limits": st.pcre_limits,
-            "pcre_given_up": st.pcre_given_up, "flows": st.flows}
+            "pcre_given_up": st.pcre_given_up, "pcre_starved": st.pcre_starved, "flows": st.flows}
 
 
 def install_rules(cfg: Config, queue: QueueAdapter) -> netfilter.Rules | None:

@@ -43,6 +43,9 @@ def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     ("[inspector]\npcre_strikes = -1", "[inspector] pcre_strikes"),
     ("[inspector]\npcre_strikes = 1001", "[inspector] pcre_strikes: expected a count in [0, 1000]"),
     ("[inspector]\npcre_strikes = 2.5", "[inspector] pcre_strikes: expected an integer"),
+    ("[inspector]\npcre_share = 0", "[inspector] pcre_share: expected a fraction of the time in [0.01, 1]"),
+    ("[inspector]\npcre_share = 1.5", "[inspector] pcre_share"),
+    ("[inspector]\npcre_share = nan", "[inspector] pcre_share"),
     ("[actions]\non_pcre_limit = 'ignore'", "[actions] on_pcre_limit: unknown reaction 'ignore'"),
     ("[alerts]\nfiles = 'eve.json'", "[alerts] files"),
     ("[alerts]\npoll_interval = 0", "[alerts] poll_interval"),
@@ -121,3 +124,27 @@ def test_skip_bad_rules_loads_the_rest_and_says_what_it_left_out(tmp_path: Path,
     (tmp_path / "mixed.rules").write_text('alert tcp any any -> any any (content:"b"; http_uri; sid:2;)\n')
     with pytest.raises(ConfigError, match=r"no rule of .*mixed.rules loads \(1 skipped"):
         load(str(conf))
+
+
+def test_the_gateway_bounds_pcre_time_by_the_share_and_replay_does_not(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """[inspector] pcre_share bounds the live inspector (packets wait for it); `replay --rules`
+    takes the same section but not the share: offline nothing waits, and a starved search would be
+    a detection lost to the analyst for nothing."""
+    import mproxy.reacting as reacting
+    from mproxy.cli import main
+
+    (tmp_path / "r.rules").write_text('alert tcp any any -> any any (msg:"x"; pcre:"/x+y/"; sid:1;)\n')
+    conf = tmp_path / "m.toml"
+    conf.write_text('[inspector]\nrules = "r.rules"\npcre_share = 0.25\n[actions]\non_match = "log"\n')
+    ins = reacting.build_inspector(load_config(str(conf)))
+    assert ins is not None and ins.pcre_share == 0.25
+    assert parse_config("").inspector.pcre_share == 0.5  # the default
+
+    made = []
+    real = reacting.inspector_for
+    monkeypatch.setattr(reacting, "inspector_for", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    sample = Path(__file__).resolve().parent.parent / "mproxy" / "samples" / "split-attack.pcap"
+    assert main(["replay", str(sample), "--out", str(tmp_path / "o.pcap"), "-q", "-c", str(conf),
+                 "--rules", str(tmp_path / "r.rules")]) == 0
+    assert [i.pcre_share for i in made] == [1.0]

@@ -38,6 +38,16 @@ after it on the chunk get a budget of their own (one backtracking rule must not
 keep the others from being searched), and at ``pcre_strikes`` strikes the rule
 is no longer searched on that direction (counted in ``pcre_given_up``).
 
+Strikes bound what such bytes cost per connection direction, not in all: every
+new connection fed them costs ``pcre_strikes`` budgets again, and a few dozen
+a second stall a worker (and with it the queue, which then passes or drops
+everything). So the searches of all connections together may take at most
+``pcre_share`` of the inspector's time: a credit of ``pcre_share`` seconds that
+refills at ``pcre_share`` seconds per second. A search also stops where the
+credit ends, and while it is spent pcre rules are not searched: each reported
+as a :class:`PcreLimit` (``starved``; no strike), while content-only rules go
+on matching.
+
 Semantics on the stream (the subset documented in :mod:`mproxy.core.rules`):
 a rule matches when there is one match of each of its contents (in any order,
 unless ``distance``/``within`` tie a content to the one before it;
@@ -103,8 +113,11 @@ class PcreLimit:
     rev: int
     msg: str
     offset: int  # stream offset of the end of the chunk it was searched in
+    starved: bool = False  # not (fully) searched: the pcre time share of all connections was spent
 
     def reason(self) -> str:
+        if self.starved:
+            return f"{_rule_text(self.sid, self.msg)}: pcre not searched, the inspector's pcre time share was spent"
         return f"{_rule_text(self.sid, self.msg)}: pcre not decided within the time budget"
 
 
@@ -121,6 +134,7 @@ class InspectorStats:
     pcre_gated: int = 0  # pcre searches skipped: the Hyperscan gate found no possible match in the bytes
     pcre_limits: int = 0  # pcre searches not decided within the budget (stopped, or not started)
     pcre_given_up: int = 0  # (rule, direction)s no longer searched: pcre_strikes searches that ran out of time
+    pcre_starved: int = 0  # pcre searches not run or cut short: the pcre_share of all connections was spent
     flows: int = 0  # connection directions inspected since start
     shed: int = 0  # content match ends dropped over _OCCURRENCES (a rule can then miss)
     rules: int = 0  # rules in force
@@ -301,13 +315,18 @@ class Inspector:
     """Matches a :class:`RuleSet` on rebuilt streams; state per live connection."""
 
     def __init__(self, rules: RuleSet, *, window: int = 4096, pcre_window: int = 1024,
-                 pcre_budget: float = 0.02, pcre_strikes: int = 3) -> None:
+                 pcre_budget: float = 0.02, pcre_strikes: int = 3, pcre_share: float = 1.0) -> None:
         self.ruleset = rules
         self.rules: tuple[Rule, ...] = rules.rules
         self.window = window
         self.pcre_window = pcre_window
         self.pcre_budget = pcre_budget  # seconds the pcre searches of one chunk may take together
         self.pcre_strikes = pcre_strikes  # searches a rule may run out of time on one direction (0: no end)
+        # of the time, what the pcre searches of all connections may take (1: no bound): a credit of
+        # that many seconds, refilled at that many seconds per second
+        self.pcre_share = pcre_share
+        self._credit = pcre_share
+        self._credit_at = 0.0  # time.perf_counter() of the last refill; 0: not yet used
         self.stats = InspectorStats(rules=len(rules.rules), skipped_rules=len(rules.skipped))
         self._flows: dict[tuple[int, int], _Dir] = {}
         # Hyperscan expression id -> (pattern length, ((rule index, content index, lowest end, highest
@@ -469,21 +488,34 @@ class Inspector:
                 now = time.perf_counter()
                 if not deadline:
                     deadline = now + self.pcre_budget
+                stop = deadline
+                if self.pcre_share < 1.0:
+                    credit = self._refill(now)
+                    if credit <= 0.0:
+                        self.stats.pcre_starved += 1
+                        self.stats.pcre_limits += 1
+                        self._limited(st, ri, r, conn_id, direction, out, True)
+                        continue
+                    stop = min(deadline, now + credit)
                 self.stats.pcre_runs += 1
                 try:
-                    found_at = self._pcre(r.pcre.regex, tail, data, base, sets, deadline)
+                    found_at = self._pcre(r.pcre.regex, tail, data, base, sets, stop)
                 except TimeoutError:
                     self.stats.pcre_limits += 1
-                    if deadline - now >= self.pcre_budget / 2:
+                    starved = stop < deadline
+                    if starved:
+                        self.stats.pcre_starved += 1  # the share ran out, not this rule's budget: no strike
+                    elif deadline - now >= self.pcre_budget / 2:
                         # it had (most of) the budget and spent it: its own doing, a strike; the rules
                         # after it get a budget of their own, or bytes that make one rule backtrack
                         # would keep every other pcre rule from being searched on the chunk
                         deadline = time.perf_counter() + self.pcre_budget
                         self._strike(st, ri)
-                    if ri not in st.limited:
-                        st.limited.add(ri)
-                        out.append(PcreLimit(conn_id, direction, r.sid, r.rev, r.msg, st.offset))
+                    self._limited(st, ri, r, conn_id, direction, out, starved)
                     continue
+                finally:
+                    if self.pcre_share < 1.0:
+                        self._credit -= time.perf_counter() - now
                 if found_at is None:
                     continue
                 end_off = found_at
@@ -502,6 +534,22 @@ class Inspector:
         else:
             st.tail = (tail + data)[-keep:]
         return out
+
+    def _refill(self, now: float) -> float:
+        """The pcre time credit at ``now``: ``pcre_share`` seconds per second since the last refill,
+        up to ``pcre_share`` seconds (a second's worth: what one busy second may spend)."""
+        if self._credit_at:
+            self._credit = min(self.pcre_share, self._credit + (now - self._credit_at) * self.pcre_share)
+        self._credit_at = now
+        return self._credit
+
+    @staticmethod
+    def _limited(st: _Dir, ri: int, r: Rule, conn_id: int, direction: Direction, out: list[Match | PcreLimit],
+                 starved: bool) -> None:
+        """Rule ``ri``'s pcre was not decided on this chunk: reported once per connection direction."""
+        if ri not in st.limited:
+            st.limited.add(ri)
+            out.append(PcreLimit(conn_id, direction, r.sid, r.rev, r.msg, st.offset, starved))
 
     def _strike(self, st: _Dir, ri: int) -> None:
         """Rule ``ri``'s search ran out of time with the budget to itself. At ``pcre_strikes`` such
@@ -661,9 +709,11 @@ class Inspector:
         Constant work per connection here (the loop puts the new rules in force between two
         packets): which rules apply to a direction is worked out on its next bytes, as for a new
         connection (10,000 connections x 500 rules at once took 6 s); here, the old states change
-        hands whole."""
+        hands whole. So does the pcre time credit."""
         old.stats.rules, old.stats.skipped_rules = self.stats.rules, self.stats.skipped_rules
         self.stats = old.stats
+        if old._credit_at:  # a reload does not refill the pcre time credit
+            self._credit, self._credit_at = min(old._credit, self.pcre_share), old._credit_at
         self._carried = [(old, old._flows), *old._carried]  # the newest first: a key is in one of them
         old._flows, old._carried = {}, []
 

@@ -397,6 +397,11 @@ def reaction_families(inspector: Any = None, responder: Any = None, injector: An
                  "pcre ran out of time with the budget to itself [inspector] pcre_strikes times there")
     c.add_metric([], ins.pcre_given_up if ins else 0)
     yield c
+    c = _counter("mproxy_inspector_pcre_starved", "Rule pcre searches not run, or cut short, because the pcre "
+                 "searches of all connections had taken their [inspector] pcre_share of the time (each is also a "
+                 "pcre limit): backtracking fed on many connections at once")
+    c.add_metric([], ins.pcre_starved if ins else 0)
+    yield c
     yield _by_label("mproxy_killed_packets", "Packets of fast-closed connections, by what was done", "action",
                     ("dropped", "answered"),
                     {"dropped": rsp.late_dropped, "answered": rsp.answered} if rsp else {})

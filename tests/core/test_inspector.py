@@ -477,6 +477,66 @@ def test_a_rule_that_keeps_running_out_of_time_is_given_up_and_masks_no_other() 
     assert never.stats.pcre_limits == 6 and never.stats.pcre_given_up == 0
 
 
+SHARE_RULES = parse_rules(
+    'alert tcp any any -> any any (msg:"evil"; content:"GET"; pcre:"/(?:a|a)+b/"; sid:11;)\n'
+    'alert tcp any any -> any any (msg:"sqli"; content:"UNION"; pcre:"/UNION\\s+SELECT/"; sid:13;)\n'
+    'alert tcp any any -> any any (msg:"plain"; content:"/etc/passwd"; sid:14;)\n')
+
+
+def test_backtracking_fed_on_many_connections_takes_at_most_the_pcre_share() -> None:
+    """Strikes bound what bytes that make a rule backtrack cost per connection direction, not in
+    all: fed on 40 new connections, three budgets each stalled the worker (1.2 s of pcre here).
+    With pcre_share 0.1 the searches of all connections together have a credit of 0.1 s (refilled
+    at 0.1 s per second): once it is spent, pcre rules are not searched, each a starved
+    PcreLimit, and content-only rules go on matching."""
+    import time
+
+    bait = SLOW + b"\r\n"
+    ins = inspector(SHARE_RULES, pcre_budget=0.01, pcre_share=0.1)
+    for conn in range(1, 41):
+        for _ in range(3):
+            ins.feed(conn, Direction.C2S, bait, CLI, SRV)
+    st = ins.stats
+    # 0.1 s of credit holds about ten 10 ms searches: the rest were not run
+    assert st.pcre_starved > 60 and st.pcre_runs < 40
+    # while it is spent: the attack is reported as not searched (on_pcre_limit decides), a
+    # content-only rule still fires
+    got = ins.feed(41, Direction.C2S, b"GET /etc/passwd UNION SELECT 1", CLI, SRV)
+    # (sid 11's pcre cannot match these bytes: its gate skips it, starved or not)
+    assert [(type(m).__name__, m.sid) for m in got] == [("PcreLimit", 13), ("Match", 14)]
+    assert isinstance(got[0], PcreLimit) and got[0].starved
+    assert "pcre not searched, the inspector's pcre time share was spent" in got[0].reason()
+    # the credit refills at the share: 0.3 s later there are 30 ms of searching again
+    time.sleep(0.3)
+    got = ins.feed(42, Direction.C2S, b"GET / UNION SELECT 1", CLI, SRV)
+    assert [(type(m).__name__, m.sid) for m in got] == [("Match", 13)]
+    # no bound (1, the default of the class, and what `replay --rules` uses): nothing starves
+    free = inspector(SHARE_RULES, pcre_budget=0.001)
+    for conn in range(1, 6):
+        free.feed(conn, Direction.C2S, bait, CLI, SRV)
+    assert free.stats.pcre_starved == 0 and free.stats.pcre_limits == 5
+
+
+def test_a_search_stops_where_the_credit_ends_and_that_is_no_strike() -> None:
+    ins = inspector(SHARE_RULES, pcre_budget=1.0, pcre_share=0.02)
+    got = ins.feed(1, Direction.C2S, SLOW + b"\r\n", CLI, SRV)
+    assert [(type(m).__name__, m.sid, m.starved) for m in got] == [("PcreLimit", 11, True)]
+    st = ins._flows[(1, 0)]
+    assert st.strikes == {} and ins.stats.pcre_starved == 1 and ins.stats.pcre_runs == 1
+
+
+def test_a_reload_does_not_refill_the_pcre_credit() -> None:
+    old = inspector(SHARE_RULES, pcre_budget=0.05, pcre_share=0.05)
+    old.feed(1, Direction.C2S, SLOW + b"\r\n", CLI, SRV)  # spends the 50 ms credit
+    assert old._credit < 0.01
+    new = inspector(SHARE_RULES, pcre_budget=0.05, pcre_share=0.05)
+    new.adopt(old)
+    assert (new._credit, new._credit_at) == (old._credit, old._credit_at)
+    wider = inspector(SHARE_RULES, pcre_share=0.5)
+    wider.adopt(new)  # a larger share allows more from now on, it does not hand out credit at once
+    assert wider._credit == new._credit
+
+
 @functools.cache
 def _shipped() -> tuple[Any, Inspector]:
     """The shipped rules, and an inspector with a 2 s budget (what a linear search never needs)."""
