@@ -488,7 +488,7 @@ class Inspector:
                 now = time.perf_counter()
                 if not deadline:
                     deadline = now + self.pcre_budget
-                stop = deadline
+                until = deadline  # this search's: the chunk's deadline, or where the credit ends
                 if self.pcre_share < 1.0:
                     credit = self._refill(now)
                     if credit <= 0.0:
@@ -496,13 +496,13 @@ class Inspector:
                         self.stats.pcre_limits += 1
                         self._limited(st, ri, r, conn_id, direction, out, True)
                         continue
-                    stop = min(deadline, now + credit)
+                    until = min(deadline, now + credit)
                 self.stats.pcre_runs += 1
                 try:
-                    found_at = self._pcre(r.pcre.regex, tail, data, base, sets, stop)
+                    found_at = self._pcre(r.pcre.regex, tail, data, base, sets, until)
                 except TimeoutError:
                     self.stats.pcre_limits += 1
-                    starved = stop < deadline
+                    starved = until < deadline
                     if starved:
                         self.stats.pcre_starved += 1  # the share ran out, not this rule's budget: no strike
                     elif deadline - now >= self.pcre_budget / 2:
