@@ -44,3 +44,27 @@ def test_reference_capture_raises_no_notice(name: str, tmp_path: Path) -> None:
 def test_shipped_sample_raises_no_notice(tmp_path: Path) -> None:
     notices, _ = _notices(ROOT / "mproxy" / "samples" / "split-attack.pcap", tmp_path)
     assert not notices, notices
+
+
+@pytest.mark.skipif(not (CAPTURES / "v0-client-4subflows.pcap").is_file(),
+                    reason=f"reference captures not found in {CAPTURES}")
+@pytest.mark.parametrize("name,frame", [("v0-client-4subflows.pcap", 233), ("v0-client-4subflows.pcap", 980),
+                                        ("v0-server-4subflows.pcap", 1401)])
+def test_a_packet_the_capture_lost_is_a_capture_gap_not_a_side_channel(name: str, frame: int,
+                                                                       tmp_path: Path) -> None:
+    """A real capture with one data packet taken out, as tcpdump loses packets under load: the peer
+    acknowledged its bytes on the subflow that carried it, so they crossed the capture point, and
+    the gap is a capture_gap, not a side_channel (a security alert, on which on_side_channel acts).
+    Until now every packet a capture lost read as a side channel."""
+    from mproxy.io.pcap import PcapWriter, read_captures
+
+    frames = list(read_captures([str(CAPTURES / name)]))
+    cut = tmp_path / "lost.pcap"
+    with cut.open("wb") as f:
+        w = PcapWriter(f, frames[0].linktype)
+        w.write_frames([(fr.ts, bytes(fr.data)) for i, fr in enumerate(frames) if i != frame])
+        w.flush()
+    notices, counted = _notices(cut, tmp_path)
+    assert [n["type"] for n in notices] == ["capture_gap"], notices
+    assert "sent on a subflow the gateway sees" in notices[0]["detail"]
+    assert counted.get("side_channel", 0) == 0 and counted["capture_gap"] == 1

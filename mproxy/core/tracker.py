@@ -1698,18 +1698,78 @@ class Tracker:
                 if shed:
                     self.stats.gap_bytes["memcap"] += shed
                 ev.append(GapSkipped(conn.id, cdir, start, target - start, acked, ts))
-                if unseen:
-                    self.stats.gap_bytes["side_channel" if acked else "capture"] += unseen
-                    t = NoticeType.SIDE_CHANNEL if acked else NoticeType.CAPTURE_GAP
-                    self._notice(ev, t, conn, (f"{unseen} of " if shed else "") + f"{target - start} bytes at dsn "
-                                 f"{start} " + ("acknowledged by the peer but never seen" if acked else "never seen")
-                                 + (f" ({shed} were seen but kept out by a buffer limit)" if shed else ""), None, ts)
+                # acknowledged bytes that a subflow the gateway sees carried (a hole in its sequence
+                # the receiver acknowledged) crossed the gateway unseen: lost by the capture or passed
+                # by a full queue, not a path mproxy does not see
+                crossed = min(unseen, self._crossed_unseen(conn, cdir, start, target)) if acked and unseen else 0
+                side = unseen - crossed if acked else 0
+                extra = f" ({shed} were seen but kept out by a buffer limit)" if shed else ""
+                if side:
+                    self.stats.gap_bytes["side_channel"] += side
+                    self._notice(ev, NoticeType.SIDE_CHANNEL, conn, (f"{side} of " if side != target - start else "")
+                                 + f"{target - start} bytes at dsn {start} acknowledged by the peer but never seen"
+                                 + (f" ({crossed} crossed the gateway on a subflow it sees)" if crossed else "")
+                                 + extra, None, ts)
+                if crossed or (unseen and not acked):
+                    lost = crossed or unseen
+                    self.stats.gap_bytes["capture"] += lost
+                    self._notice(ev, NoticeType.CAPTURE_GAP, conn, (f"{lost} of " if lost != target - start else "")
+                                 + f"{target - start} bytes at dsn {start} "
+                                 + ("acknowledged by the peer, sent on a subflow the gateway sees but never seen "
+                                    "(lost by the capture, or passed by a full queue)" if crossed else "never seen")
+                                 + ("" if side else extra), None, ts)
             if out:
                 self.stats.rebuilt_bytes[cdir] += len(out)
                 ev.append(DataReleased(conn.id, cdir, out, ts))
             self._after_fin(conn, cdir, ts, ev)
             if nb is None or nb >= limit:
                 break
+
+    @staticmethod
+    def _crossed_unseen(conn: Connection, cdir: Direction, start: int, end: int) -> int:
+        """How many of the stream positions [start, end), never seen, were carried by a subflow the
+        gateway sees, whose receiver's TCP ack is past them: a mapping seen on it covers their DSNs
+        (one DSS covers a whole TSO burst, and a lost packet takes only its own copy), or they lie in
+        a hole of its subflow sequence between two placements of one mapping offset (a lost packet
+        that carried its own mapping). A receiver acks only subflow bytes it got on that subflow, so
+        they crossed the gateway's path (a capture that lost them, a full queue that passed them);
+        bytes sent on a path it does not see are acked on no subflow it sees. Only the last 16
+        placements are known: older ones are not found."""
+        spans: list[tuple[int, int]] = []
+        n = end - start
+
+        def note(ssn: int, off: int, length: int) -> None:  # subflow bytes [ssn, +length) at ssn + off
+            lo = (ssn + off - start) & MASK32  # their DSNs, from start (mod 2**32)
+            lo = lo - 0x100000000 if lo >= 0x80000000 else lo
+            if lo + length > 0 and lo < n:
+                spans.append((max(lo, 0), min(lo + length, n)))
+
+        for sf in conn.subflows:
+            sfd = sf.dirs[int(cdir) ^ sf.flipped]
+            if sf.refused or sfd.isn is None or sfd.peer_ack is None or not sfd.placed:
+                continue
+            acked = (sfd.peer_ack - sfd.isn) & MASK32
+
+            def rel(x: int) -> int:  # subflow position against the ack, signed (wraps at 2**32)
+                r = (x - acked) & MASK32
+                return r - 0x100000000 if r >= 0x80000000 else r
+
+            placed = sorted((rel(a), rel(a) + ((b - a) & MASK32), o) for a, b, o in sfd.placed)
+            reach, off = placed[0][0], placed[0][2]  # furthest placed byte so far, and its offset
+            for a, b, o in placed:
+                if a > reach and o == off and a <= 0:  # a hole between placements of one offset, acked
+                    note(reach + acked, o, a - reach)
+                if min(b, 0) > a:  # the acked part of a mapping
+                    note(a + acked, o, min(b, 0) - a)
+                if b > reach:
+                    reach, off = b, o
+        total, last = 0, 0
+        for lo, hi in sorted(spans):  # their union
+            lo = max(lo, last)
+            if hi > lo:
+                total += hi - lo
+                last = hi
+        return total
 
     def _check_end(self, conn: Connection, ts: float, ev: list[Event]) -> None:
         s0, s1 = conn.streams

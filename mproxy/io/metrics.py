@@ -258,8 +258,8 @@ class MproxyCollector(Collector):
         c.add_metric([], t.shed_bytes)
         yield c
         c = _counter("mproxy_gap_bytes", "Bytes skipped in rebuilt streams, by kind (side_channel: never crossed "
-                     "the gateway, the peer acknowledged them; capture: never seen; memcap: seen, but a buffer "
-                     "limit kept them out)", ["kind"])
+                     "the gateway, the peer acknowledged them; capture: never seen, not acknowledged or "
+                     "acknowledged on a subflow the gateway sees; memcap: seen, but a buffer limit kept them out)", ["kind"])
         c.add_metric(["side_channel"], st.gap_bytes.get("side_channel", 0))
         c.add_metric(["capture"], st.gap_bytes.get("capture", 0))
         c.add_metric(["memcap"], st.gap_bytes.get("memcap", 0))

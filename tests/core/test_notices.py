@@ -302,6 +302,50 @@ def test_side_channel_and_capture_gap(tmp_path: Path) -> None:
     assert res.metrics[("mproxy_gap_bytes_total", (("kind", "capture"),))] == 45
 
 
+def test_acked_bytes_a_seen_subflow_carried_are_a_capture_gap_not_a_side_channel(tmp_path: Path) -> None:
+    """Segments of a subflow the gateway sees that the capture lost (or a full queue passed, fail
+    open): the receiver acknowledges them, on that subflow too, so they crossed the gateway and are
+    no side channel (which on_side_channel may fast-close). Before, every packet a capture dropped
+    read as a side channel. Bytes sent on a path the gateway does not see leave no such hole, and
+    a receiver whose subflow ack stays at the hole keeps the gap a side channel."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"a" * 100)]
+    s.data(0, True, 100, b"b" * 200)  # lost by the capture: subflow bytes 100-300, dsn +100..+300
+    pk.append(s.data(0, True, 300, b"c" * 50))
+    pk.append(s.ack(0, False, s.idsn[0] + 350))  # the server's TCP ack and DATA_ACK cover all of it
+    res = replay(tmp_path, pk)
+    assert res.types() == Counter({"capture_gap": 1}), res.notices
+    assert ("200 bytes at dsn" in res.of("capture_gap")[0]["detail"]
+            and "sent on a subflow the gateway sees" in res.of("capture_gap")[0]["detail"])
+    assert res.metrics[("mproxy_gap_bytes_total", (("kind", "capture"),))] == 200
+    assert res.metrics[("mproxy_gap_bytes_total", (("kind", "side_channel"),))] == 0
+
+    # the same hole, but the server's subflow ack stays at it: those bytes never reached it on this
+    # subflow (the DATA_ACK says they came another way), so the gap is a side channel
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"a" * 100)]
+    s.data(0, True, 100, b"b" * 200)
+    pk.append(s.data(0, True, 300, b"c" * 50))
+    s.subs[0].next_rel[0] = 100
+    pk.append(s.ack(0, False, s.idsn[0] + 350))
+    res = replay(tmp_path, pk, name="stuck")
+    assert res.types() == Counter({"side_channel": 1}), res.notices
+
+    # part of a gap crossed a seen subflow, part came on a path the gateway does not see
+    s = Session(1)
+    pk = s.handshake() + s.join(1) + [s.data(0, True, 0, b"a" * 100)]
+    s.data(0, True, 100, b"b" * 100)  # lost: dsn +100..+200
+    pk.append(s.data(0, True, 200, b"c" * 100))
+    s.data(1, True, 300, b"d" * 100)  # on the joined subflow, not captured at all: dsn +300..+400
+    pk.append(s.data(0, True, 400, b"e" * 10))
+    pk.append(s.ack(0, False, s.idsn[0] + 410))
+    res = replay(tmp_path, pk, name="mixed")
+    assert res.types() == Counter({"capture_gap": 1, "side_channel": 1}), res.notices
+    assert res.metrics[("mproxy_gap_bytes_total", (("kind", "capture"),))] == 100
+    assert res.metrics[("mproxy_gap_bytes_total", (("kind", "side_channel"),))] == 100
+    assert res.of("side_channel")[0]["detail"].startswith("100 bytes at dsn")
+
+
 def test_dss_checksum_failure(tmp_path: Path) -> None:
     s = Session(0, csum=True, dsn64=False)
     pk = s.handshake() + [s.data(0, True, 0, b"good")]
