@@ -1698,9 +1698,9 @@ class Tracker:
                 if shed:
                     self.stats.gap_bytes["memcap"] += shed
                 ev.append(GapSkipped(conn.id, cdir, start, target - start, acked, ts))
-                # acknowledged bytes that a subflow the gateway sees carried (a hole in its sequence
-                # the receiver acknowledged) crossed the gateway unseen: lost by the capture or passed
-                # by a full queue, not a path mproxy does not see
+                # acknowledged bytes that a subflow the gateway sees carried, and its receiver acked
+                # there, crossed the gateway unseen: lost by the capture or passed by a full queue,
+                # not a path mproxy does not see
                 crossed = min(unseen, self._crossed_unseen(conn, cdir, start, target)) if acked and unseen else 0
                 side = unseen - crossed if acked else 0
                 extra = f" ({shed} were seen but kept out by a buffer limit)" if shed else ""
