@@ -109,6 +109,13 @@ def _counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMet
     return CounterMetricFamily(name, doc, labels=labels)
 
 
+def _total(name: str, doc: str, value: float) -> CounterMetricFamily:
+    """A counter family of one sample, with no labels."""
+    c = _counter(name, doc)
+    c.add_metric([], value)
+    return c
+
+
 def _by_label(name: str, doc: str, label: str, values: Iterable[str], counts: Mapping[str, int]) -> CounterMetricFamily:
     """A counter family with every known value, plus any value the core counted that we did not foresee."""
     c = _counter(name, doc, [label])
@@ -157,12 +164,10 @@ class MproxyCollector(Collector):
                 verdicts = {"accept": q.accepted, "drop": q.dropped, "accept_modified": q.modified}
             yield _by_label("mproxy_verdicts", "Packet verdicts issued, by verdict", "verdict", VERDICTS, verdicts)
             yield _by_label("mproxy_actions", "Policy actions taken, by action", "action", ACTIONS, gw.actions)
-            c = _counter("mproxy_downgrades", "MPTCP connections downgraded to TCP (MP_CAPABLE removed from the SYN)")
-            c.add_metric([], gw.actions.get("downgrade", 0))
-            yield c
-            c = _counter("mproxy_fastcloses", "MPTCP connections killed with MP_FASTCLOSE")
-            c.add_metric([], gw.actions.get("fastclose", 0))
-            yield c
+            yield _total("mproxy_downgrades", "MPTCP connections downgraded to TCP (MP_CAPABLE removed from the SYN)",
+                         gw.actions.get("downgrade", 0))
+            yield _total("mproxy_fastcloses", "MPTCP connections killed with MP_FASTCLOSE",
+                         gw.actions.get("fastclose", 0))
         if s.queue is not None:
             yield from self._queue(s.queue)
         h = s.latency
@@ -186,17 +191,11 @@ class MproxyCollector(Collector):
             g.add_metric([], 1 if s.sink_process() else 0)
             yield g
         if s.sink_restarts is not None:
-            c = _counter("mproxy_sink_process_restarts", "Emitter processes started after one was lost; the "
-                         "connections in progress then lost part of their emitted stream")
-            c.add_metric([], s.sink_restarts())
-            yield c
+            yield _total("mproxy_sink_process_restarts", "Emitter processes started after one was lost; the "
+                         "connections in progress then lost part of their emitted stream", s.sink_restarts())
         if s.events is not None:
-            c = _counter("mproxy_event_log_records", "Records written to the JSON-lines event log")
-            c.add_metric([], s.events.records)
-            yield c
-            c = _counter("mproxy_event_log_errors", "Failed writes to the event log (records lost)")
-            c.add_metric([], s.events.errors)
-            yield c
+            yield _total("mproxy_event_log_records", "Records written to the JSON-lines event log", s.events.records)
+            yield _total("mproxy_event_log_errors", "Failed writes to the event log (records lost)", s.events.errors)
         for more in s.extra:
             yield from more()
 
@@ -227,14 +226,11 @@ class MproxyCollector(Collector):
         g = GaugeMetricFamily("mproxy_subflows_active", "MPTCP subflows open now")
         g.add_metric([], t.active_subflows)
         yield g
-        c = _counter("mproxy_connections_opened", "MPTCP connections seen starting or picked up mid-stream")
-        c.add_metric([], st.connections)
-        yield c
+        yield _total("mproxy_connections_opened", "MPTCP connections seen starting or picked up mid-stream",
+                     st.connections)
         yield _by_label("mproxy_connections_closed", "MPTCP connections that ended, by outcome", "outcome",
                         (o.value for o in Outcome), st.outcomes)
-        c = _counter("mproxy_subflows_joined", "Subflows attached to a known connection (MP_JOIN or pickup)")
-        c.add_metric([], st.joins)
-        yield c
+        yield _total("mproxy_subflows_joined", "Subflows attached to a known connection (MP_JOIN or pickup)", st.joins)
         yield _by_label("mproxy_subflows_refused", "Subflows not attached, by reason", "reason", REFUSE_REASONS,
                         st.refused)
         c = _counter("mproxy_rebuilt_bytes", "Bytes released in data-sequence order, by direction", ["direction"])
@@ -253,13 +249,12 @@ class MproxyCollector(Collector):
         g.add_metric(["memcap"], t.budget.limit)
         g.add_metric(["history_memcap"], t.history_budget.limit)
         yield g
-        c = _counter("mproxy_shed_bytes", "Bytes a buffer limit kept out (inline with on_memcap = drop, their "
-                     "packets were dropped for the sender to resend)")
-        c.add_metric([], t.shed_bytes)
-        yield c
+        yield _total("mproxy_shed_bytes", "Bytes a buffer limit kept out (inline with on_memcap = drop, their "
+                     "packets were dropped for the sender to resend)", t.shed_bytes)
         c = _counter("mproxy_gap_bytes", "Bytes skipped in rebuilt streams, by kind (side_channel: never crossed "
                      "the gateway, the peer acknowledged them; capture: never seen, not acknowledged or "
-                     "acknowledged on a subflow the gateway sees; memcap: seen, but a buffer limit kept them out)", ["kind"])
+                     "acknowledged on a subflow the gateway sees; memcap: seen, but a buffer limit kept them out)",
+                     ["kind"])
         c.add_metric(["side_channel"], st.gap_bytes.get("side_channel", 0))
         c.add_metric(["capture"], st.gap_bytes.get("capture", 0))
         c.add_metric(["memcap"], st.gap_bytes.get("memcap", 0))
@@ -268,13 +263,10 @@ class MproxyCollector(Collector):
                         st.notices)
         yield _by_label("mproxy_memcap_hits", "Times a memory or state limit bit, by limit", "limit", MEMCAP_LIMITS,
                         st.memcap)
-        c = _counter("mproxy_out_of_window_packets", "Subflow segments outside the receiver's TCP window (ignored)")
-        c.add_metric([], st.out_of_window)
-        yield c
-        c = _counter("mproxy_add_addr_repeats", "Identical ADD_ADDR announcements seen again (retransmissions: "
-                     "normal, not a notice)")
-        c.add_metric([], st.add_addr_repeats)
-        yield c
+        yield _total("mproxy_out_of_window_packets", "Subflow segments outside the receiver's TCP window (ignored)",
+                     st.out_of_window)
+        yield _total("mproxy_add_addr_repeats", "Identical ADD_ADDR announcements seen again (retransmissions: "
+                     "normal, not a notice)", st.add_addr_repeats)
 
     @staticmethod
     def _queue(q: QueueStats) -> Iterator[Any]:
@@ -283,17 +275,13 @@ class MproxyCollector(Collector):
         c.add_metric(["core_error"], q.core_errors)
         c.add_metric(["truncated"], q.truncated)
         yield c
-        c = _counter("mproxy_verdict_errors", "Verdicts that could not be issued (the kernel keeps the packet)")
-        c.add_metric([], q.verdict_errors)
-        yield c
-        c = _counter("mproxy_queue_socket_overruns", "Times the netlink socket overflowed (runs of packet ids never "
-                     "read): the kernel passed (fail open) or dropped (fail closed) packets mproxy never saw")
-        c.add_metric([], q.socket_overruns)
-        yield c
-        c = _counter("mproxy_queue_undelivered_packets", "Packets the queue took but could not hand to mproxy "
-                     "(netlink socket full): accepted uninspected (fail open) or dropped (fail closed)")
-        c.add_metric([], q.undelivered)
-        yield c
+        yield _total("mproxy_verdict_errors", "Verdicts that could not be issued (the kernel keeps the packet)",
+                     q.verdict_errors)
+        yield _total("mproxy_queue_socket_overruns", "Times the netlink socket overflowed (runs of packet ids never "
+                     "read): the kernel passed (fail open) or dropped (fail closed) packets mproxy never saw",
+                     q.socket_overruns)
+        yield _total("mproxy_queue_undelivered_packets", "Packets the queue took but could not hand to mproxy "
+                     "(netlink socket full): accepted uninspected (fail open) or dropped (fail closed)", q.undelivered)
         if q.bypassed is not None:
             yield bypass_family(q.bypassed, q.fail)
         g = GaugeMetricFamily("mproxy_queue_capacity_packets",
@@ -376,32 +364,24 @@ def reaction_families(inspector: Any = None, responder: Any = None, injector: An
     b = ins.bytes if ins else (0, 0)
     yield _by_label("mproxy_inspected_bytes", "Rebuilt bytes passed through the embedded inspector", "direction",
                     ("client_to_server", "server_to_client"), {"client_to_server": b[0], "server_to_client": b[1]})
-    c = _counter("mproxy_signature_matches", "Embedded inspector signature matches")
-    c.add_metric([], ins.matches if ins else 0)
-    yield c
+    yield _total("mproxy_signature_matches", "Embedded inspector signature matches", ins.matches if ins else 0)
     g = GaugeMetricFamily("mproxy_inspector_rules", "Embedded inspector rules: in force, and left out of the file "
                           "because they do not parse ([inspector] skip_bad_rules)", labels=["state"])
     g.add_metric(["loaded"], ins.rules if ins else 0)
     g.add_metric(["skipped"], ins.skipped_rules if ins else 0)
     yield g
-    c = _counter("mproxy_inspector_shed_matches", "Content matches the embedded inspector forgot over the 256 it "
-                 "keeps per content and connection direction: a rule needing an older one can then miss")
-    c.add_metric([], ins.shed if ins else 0)
-    yield c
-    c = _counter("mproxy_inspector_pcre_limits", "Rule pcre searches not decided within [inspector] pcre_budget_ms "
+    yield _total("mproxy_inspector_shed_matches", "Content matches the embedded inspector forgot over the 256 it "
+                 "keeps per content and connection direction: a rule needing an older one can then miss",
+                 ins.shed if ins else 0)
+    yield _total("mproxy_inspector_pcre_limits", "Rule pcre searches not decided within [inspector] pcre_budget_ms "
                  "(stopped, or not started once the chunk's budget was spent): the rule did not match there, "
-                 "though it might have; [actions] on_pcre_limit says what was done")
-    c.add_metric([], ins.pcre_limits if ins else 0)
-    yield c
-    c = _counter("mproxy_inspector_pcre_given_up", "Rules no longer searched on a connection direction: their "
-                 "pcre ran out of time with the budget to itself [inspector] pcre_strikes times there")
-    c.add_metric([], ins.pcre_given_up if ins else 0)
-    yield c
-    c = _counter("mproxy_inspector_pcre_starved", "Rule pcre searches not run, or cut short, because the pcre "
+                 "though it might have; [actions] on_pcre_limit says what was done", ins.pcre_limits if ins else 0)
+    yield _total("mproxy_inspector_pcre_given_up", "Rules no longer searched on a connection direction: their "
+                 "pcre ran out of time with the budget to itself [inspector] pcre_strikes times there",
+                 ins.pcre_given_up if ins else 0)
+    yield _total("mproxy_inspector_pcre_starved", "Rule pcre searches not run, or cut short, because the pcre "
                  "searches of all connections had taken their [inspector] pcre_share of the time (each is also a "
-                 "pcre limit): backtracking fed on many connections at once")
-    c.add_metric([], ins.pcre_starved if ins else 0)
-    yield c
+                 "pcre limit): backtracking fed on many connections at once", ins.pcre_starved if ins else 0)
     yield _by_label("mproxy_killed_packets", "Packets of fast-closed connections, by what was done", "action",
                     ("dropped", "answered"),
                     {"dropped": rsp.late_dropped, "answered": rsp.answered} if rsp else {})
