@@ -51,6 +51,7 @@ _PICKUP_DSN_WINDOW = 1 << 26  # a subflow's DSNs within 64 MiB of a stream belon
 _MAX_MAPPINGS = 32
 _UNMAPPED_SHED_RANGES = 8  # runs of shed unmapped bytes remembered per subflow direction
 _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flood must not grow it
+_KEYLESS_BASE = 1 << 32  # where a stream with no known DSN is counted from (see Tracker._fall_back)
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TCPOPT_WSCALE = 3
 _NOT_FAST = SYN | FIN | RST
@@ -180,6 +181,16 @@ class Connection:
     last_ts: float = 0.0
     notices: Counter[str] = field(default_factory=Counter)
     add_addr_repeats: int = 0  # identical ADD_ADDR seen again (retransmission): counted, not a notice
+    # TCP Fast Open: the payload of the client's MP_CAPABLE SYN (RFC 8684 B.3). The server hands it
+    # to the application ahead of the data-level stream (it has no DSN), so it is the start of the
+    # client->server stream once the SYN/ACK acknowledges it. ``syn_len`` bytes; ``syn_data`` holds
+    # them unless the memcap refused them; ``syn_taken``: how many the server took (None: not known yet)
+    syn_data: bytes = b""
+    syn_len: int = 0
+    syn_taken: int | None = None
+    # fell back to TCP after the handshake (infinite mapping, data without DSS, or an MP_CAPABLE-less
+    # handshake ACK): like Linux, every later byte is taken in subflow order and DSS mappings are ignored
+    fallen: bool = False
 
     @property
     def ipver(self) -> int:
@@ -396,7 +407,7 @@ class Tracker:
             return False
         conn = sf.conn
         if conn is None or conn.closed is not None or not conn.opened or conn.csum or not sf.established \
-                or sf.refused or sf.plain:
+                or sf.refused or sf.plain or conn.fallen:
             return False
         ip = seg.ip
         o = seg.tcp_off + 20
@@ -552,6 +563,8 @@ class Tracker:
         if sf.closed_ts is not None or sf.refused or (sf.conn is not None and sf.conn.closed is not None):
             return True
         isn = sf.dirs[d].isn
+        if isn is not None and d == 0 and sf.conn is not None and sf.conn.syn_taken:
+            isn = (isn - sf.conn.syn_taken) & MASK32  # moved past the Fast Open bytes the server took
         return isn is not None and isn != seg.seq
 
     def _drop_subflow(self, sf: Subflow) -> None:
@@ -670,6 +683,8 @@ class Tracker:
                 sf.dirs[0].isn = seg.seq
                 sf.dirs[0].wscale = _wscale(seg)
                 conn.held.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
+                if seg.payload_len:
+                    self._keep_syn_data(conn, seg)
                 return
             if o.join is not None and o.join.phase == m.JoinPhase.SYN:
                 self._join_syn(seg, key, o.join, ev)
@@ -743,7 +758,9 @@ class Tracker:
         key = conn.client_key if d == Direction.C2S else conn.server_key
         st = conn.streams[d]
         if key is not None and st.base is None:
-            st.base = st.start = (crypto.key_idsn(key, conn.version or 0) + 1) & MASK64
+            # bytes the server took from a Fast Open SYN come first, ahead of IDSN+1 (see syn_data)
+            pre = (conn.syn_taken or 0) if d == Direction.C2S else 0
+            st.base = st.start = (crypto.key_idsn(key, conn.version or 0) + 1 - pre) & MASK64
 
     def _join_syn(self, seg: TcpSegment, key: tuple[bytes, int, bytes, int], j: m.MpJoin, ev: list[Event]) -> None:
         ts = seg.ts
@@ -954,6 +971,12 @@ class Tracker:
         if not sf.established:
             if sf.role == Role.INITIAL and o.cap is not None:
                 self._on_cap_ack(conn, sf, o.cap, seg, ev)
+            elif sf.role == Role.INITIAL and o is _NO_OPTS and d == 0 and not sf.flipped and conn.opened \
+                    and sf.dirs[1].isn is not None and self._keyless(conn, Direction.C2S) and not conn.mapped[0]:
+                # v1 handshake ACK with no MPTCP option at all: the server falls back to TCP (Linux:
+                # MPCapableFallbackACK), whatever the client sends after it
+                self._fall_back(conn, sf, sfd, Direction.C2S,
+                                "handshake ACK without MP_CAPABLE: TCP fallback", seg, ts, ev)
             elif sf.role == Role.JOIN and o.join is not None and o.join.phase == m.JoinPhase.ACK:
                 self._on_join_ack(conn, sf, o.join, seg, ev)
                 if sf.refused:
@@ -967,6 +990,8 @@ class Tracker:
         if o.rare:
             self._rare_options(conn, sf, sfd, cdir, o, seg, ev)
         dss = o.dss
+        if conn.fallen and dss is not None:
+            dss = None  # after a fallback Linux ignores DSS: bytes go in subflow order
         if dss is not None:
             if dss.data_ack is not None:
                 rst = conn.streams[cdir ^ 1]
@@ -1047,6 +1072,8 @@ class Tracker:
             return
         sfd.isn = seg.seq
         sfd.wscale = _wscale(seg)
+        if sf.role == Role.INITIAL and conn is not None and conn.syn_len and conn.syn_taken is None:
+            self._syn_data_taken(conn, sf, seg.ack)
         if sf.role == Role.INITIAL and conn is not None and not conn.opened:
             if o.cap is None:
                 # the server did not echo MP_CAPABLE: plain TCP from here on
@@ -1093,10 +1120,71 @@ class Tracker:
             conn.server_key = cap.receiver_key
             self._index_token(conn, cap.receiver_key)
             self._set_base(conn, Direction.S2C)
+        if conn.syn_len and conn.syn_taken is None and sf.dirs[0].isn is not None and not sf.flipped:
+            # the SYN/ACK went unseen: the client's next sequence number says what the server took
+            self._syn_data_taken(conn, sf, seg.seq)
         self._set_base(conn, Direction.C2S)
         sf.established = True
         if not conn.opened:
             self._open(conn, seg.ts, ev)
+        if conn.syn_taken:
+            self._place_syn_data(conn, seg.ts, ev)
+
+    def _keep_syn_data(self, conn: Connection, seg: TcpSegment) -> None:
+        """Hold a Fast Open SYN's payload until the server says whether it took it. It counts
+        against the memcap; refused, only its length is kept, and taken it becomes a gap."""
+        n = seg.payload_len
+        if conn.syn_len:
+            return  # a retransmitted SYN: the first one's bytes stand
+        conn.syn_len = n
+        if self.budget.take(n):
+            conn.syn_data = bytes(seg.payload)
+        else:
+            self.stats.memcap["global"] += 1
+            self.shed_bytes += n
+
+    def _syn_data_taken(self, conn: Connection, sf: Subflow, nxt: int) -> None:
+        """The server took the SYN's bytes up to (not including) client sequence number ``nxt``
+        (its SYN/ACK's ack, or the client's next sequence number). Like Linux
+        (``mptcp_fastopen_subflow_synack_set_params``) they then lie outside the subflow's
+        mapped sequence space: relative subflow sequence 1 is the byte after them, so the ISN
+        the mappings count from moves by that many bytes. Bytes the server did not take are sent
+        again after the handshake as ordinary data (and Linux then falls back to TCP)."""
+        sfd = sf.dirs[0]
+        if sfd.isn is None:
+            return
+        took = (nxt - sfd.isn - 1) & MASK32
+        if not 0 < took <= conn.syn_len:
+            took = 0
+        conn.syn_taken = took
+        if took:
+            sfd.isn = (sfd.isn + took) & MASK32
+            st = conn.streams[Direction.C2S]
+            if st.base is not None and st.base == st.start and not st.released:
+                st.base = st.start = (st.base - took) & MASK64  # v0: the key came with the SYN
+        if took < conn.syn_len:
+            self._drop_syn_data(conn, took)
+
+    def _drop_syn_data(self, conn: Connection, keep: int = 0) -> None:
+        if conn.syn_data:
+            self.budget.give(len(conn.syn_data) - keep)
+            conn.syn_data = conn.syn_data[:keep]
+        conn.syn_len = keep
+
+    def _place_syn_data(self, conn: Connection, ts: float, ev: list[Event]) -> None:
+        """The bytes the server took from the SYN, at the start of the client->server stream."""
+        st = conn.streams[Direction.C2S]
+        n, data = conn.syn_len, conn.syn_data
+        if st.base is None or not n or st.start is None or st.base != st.start:
+            return
+        start = st.base
+        conn.syn_data, conn.syn_len = b"", 0
+        if data:
+            self.budget.give(len(data))
+            self._deliver(conn, Direction.C2S, start, data, ts, ev)
+        else:  # the memcap refused them: a gap of bytes mproxy saw, not a side channel
+            st.note_shed(start, start + n)
+            self._skip_holes(conn, Direction.C2S, start + n, True, ts, ev)
 
     def _on_cap_data(self, conn: Connection, sfd: SubflowDir, cdir: Direction, cap: m.MpCapable, seg: TcpSegment,
                      ev: list[Event]) -> None:
@@ -1209,6 +1297,8 @@ class Tracker:
             if not any(mp.infinite for mp in sfd.mappings):
                 self._notice(ev, NoticeType.INFINITE_MAPPING, conn, f"infinite mapping at dsn {dsn}", seg)
             mp = Mapping(ssn, dsn, 0, True)
+            if sf.role == Role.INITIAL and not any(o.role == Role.JOIN and o.established for o in conn.subflows):
+                conn.fallen = True  # RFC 8684 3.7: no more DSS from here on; Linux ignores any that come
         else:
             length = dll - (1 if dss.data_fin else 0)
             if length <= 0:
@@ -1387,20 +1477,17 @@ class Tracker:
                     found, take = mp, min(n - pos, mp.length - off)
                     break
             if found is None:
-                if not conn.mapped[cdir] and sf.role == Role.INITIAL and st.base is not None and r == 1 \
-                        and not maps:
+                if not conn.mapped[cdir] and sf.role == Role.INITIAL and r == 1 and not maps \
+                        and (st.base is not None or self._keyless(conn, cdir)):
                     # first data without any DSS: fallback to TCP (RFC 8684 3.7)
-                    self._notice(ev, NoticeType.INFINITE_MAPPING, conn, "data without DSS: TCP fallback",
-                                 seg, ts)
-                    maps.append(Mapping(1, st.base, 0, True))
-                    conn.mapped[cdir] = True
+                    self._fall_back(conn, sf, sfd, cdir, "data without DSS: TCP fallback", seg, ts, ev)
                     continue
                 if bare and (fb := self._bare_mapping(conn, sf, sfd, cdir, r)) is not None:
                     if fb.infinite:
                         self._notice(ev, NoticeType.INFINITE_MAPPING, conn,
                                      f"data without DSS after the mapping ending at dsn {fb.dsn}: TCP fallback",
                                      seg, ts)
-                        fell_back = True
+                        fell_back = conn.fallen = True
                     maps.append(fb)
                     if len(maps) > _MAX_MAPPINGS:
                         self._evict_mapping(sfd)
@@ -1419,6 +1506,30 @@ class Tracker:
             pos += take
         if fell_back and sfd.pending:
             self._resolve_pending(conn, sfd, cdir, ts, ev)  # bytes held beyond: the fallback maps them
+
+    @staticmethod
+    def _keyless(conn: Connection, cdir: Direction) -> bool:
+        """A v1 client whose key never came (no MP_CAPABLE on its handshake ACK or first data):
+        its server falls back to TCP, and the stream needs no DSN, so it can still be placed."""
+        return cdir == Direction.C2S and conn.version == 1 and conn.client_key is None and not conn.pickup
+
+    def _fall_back(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, detail: str,
+                   seg: TcpSegment | None, ts: float, ev: list[Event]) -> None:
+        """This direction falls back to TCP from relative subflow byte 1 (nothing mapped before).
+        Like Linux after a fallback, every later byte of the connection is then taken in subflow
+        order and DSS mappings are ignored: a peer that went on sending mappings the receiver
+        ignores must not make mproxy place bytes where the receiver does not."""
+        st = conn.streams[cdir]
+        if st.base is None:
+            # no key, so no DSN: count the stream from an arbitrary one (after the Fast Open bytes)
+            st.base = st.start = (_KEYLESS_BASE - (conn.syn_taken or 0)) & MASK64
+            if conn.syn_taken:
+                self._place_syn_data(conn, ts, ev)
+        self._notice(ev, NoticeType.INFINITE_MAPPING, conn, detail, seg, ts)
+        sfd.mappings.append(Mapping(1, st.base, 0, True))
+        conn.mapped[cdir] = True
+        if sf.role == Role.INITIAL and not any(o.role == Role.JOIN and o.established for o in conn.subflows):
+            conn.fallen = True
 
     @staticmethod
     def _bare_mapping(conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, r: int) -> Mapping | None:
@@ -1596,6 +1707,7 @@ class Tracker:
 
     def _release(self, conn: Connection) -> None:
         """A connection ends: every byte it still buffers goes back to the budget."""
+        self._drop_syn_data(conn)
         for st in conn.streams:
             st.release()
             st.drop_history()

@@ -180,9 +180,10 @@ class _Pacer:
 
 
 def _send(sock: socket.socket, seed: int, size: int, chunks: Sequence[int], rate: float,
-          progress: _Progress | None = None) -> tuple[int, str]:
-    h = hashlib.sha256()
-    n = 0
+          progress: _Progress | None = None, head: bytes = b"") -> tuple[int, str]:
+    """Write ``size`` pattern bytes; ``head``: bytes already written before them (counted)."""
+    h = hashlib.sha256(head)
+    n = len(head)
     pacer = _Pacer(rate)
     for piece in pattern(seed, size, chunks):
         sock.sendall(piece)
@@ -293,6 +294,8 @@ def run_server(args: argparse.Namespace) -> int:
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if fam == socket.AF_INET6:
         ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    if args.fast_open:
+        ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 64)
     ls.bind((args.bind, args.port))
     ls.listen(128)
     ls.settimeout(0.2)
@@ -357,17 +360,23 @@ class ClientRecord:
     subflows: list[list[Any]] = field(default_factory=list)
     start: float = 0.0
     end: float = 0.0
+    fast_open_bytes: int = 0  # of the head, how many the SYN carried (TCP Fast Open)
+
+
+# what --fast-open sends first: a request line an IDS rule must see, whichever packet carries it
+FAST_OPEN_HEAD = b"GET /login.php?user=admin%27%20UNION%20SELECT%20password%20FROM%20users-- HTTP/1.1\r\n"
 
 
 def _client_conn(rec: ClientRecord, args: argparse.Namespace, progress: _Progress | None) -> None:
     rec.start = time.time()
     sock = socket.socket(_family(args.connect), socket.SOCK_STREAM, IPPROTO_MPTCP)
     writer_err: list[BaseException] = []
+    head = FAST_OPEN_HEAD if args.fast_open else b""
 
     def write() -> None:
         try:
             rec.sent_bytes, rec.sent_sha256 = _send(sock, rec.seed, args.bytes, args.chunks,
-                                                    args.rate, progress)
+                                                    args.rate, progress, head)
             sock.shutdown(socket.SHUT_WR)
         except BaseException as exc:  # noqa: BLE001
             writer_err.append(exc)
@@ -378,7 +387,12 @@ def _client_conn(rec: ClientRecord, args: argparse.Namespace, progress: _Progres
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if args.bind:
             sock.bind((args.bind, 0))
-        sock.connect((args.connect, args.port))
+        if head:
+            # TCP Fast Open: the head rides in the SYN, as much of it as the kernel puts there
+            rec.fast_open_bytes = sock.sendto(head, socket.MSG_FASTOPEN, (args.connect, args.port))
+            sock.sendall(head[rec.fast_open_bytes:])
+        else:
+            sock.connect((args.connect, args.port))
         la, ra = sock.getsockname(), sock.getpeername()
         rec.local_addr, rec.local_port = _norm(la[0]), la[1]
         rec.remote_addr, rec.remote_port = _norm(ra[0]), ra[1]
@@ -434,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=float, default=60.0, help="overall deadline (s)")
         sp.add_argument("--io-timeout", type=float, default=20.0, help="per socket operation (s)")
         sp.add_argument("--out", help="JSON output file (default stdout)")
+        sp.add_argument("--fast-open", action="store_true",
+                        help="TCP Fast Open (server: accept it; client: send FAST_OPEN_HEAD in the SYN first)")
 
     s = sub.add_parser("server", help="accept MPTCP connections, read the request, reply")
     common(s)

@@ -42,6 +42,8 @@ __all__ = [
     "concurrent",
     "bidirectional",
     "dss_stripped",
+    "fast_open",
+    "fast_open_refused",
     "bulk",
     "SCENARIOS",
 ]
@@ -220,6 +222,7 @@ def run_transfer(
     snaplen: int = 0,
     capture_iface: str | Sequence[str] = "any",
     seed: int = 1,
+    fast_open: bool = False,
 ) -> ScenarioResult:
     """Run the client/server apps once in *lab* while capturing at its gateway.
 
@@ -236,6 +239,8 @@ def run_transfer(
     common = ["--port", str(PORT), "--timeout", str(timeout), "--io-timeout", str(min(timeout, 20.0))]
     if nodelay:
         common.append("--nodelay")
+    if fast_open:
+        common.append("--fast-open")
     server_argv = [py, "-m", "mproxy.lab.apps", "server", *common, "--connections", str(connections),
                    "--reply-bytes", str(s2c_bytes), "--out", str(sjson)]
     if server_chunks:
@@ -416,6 +421,26 @@ def dss_stripped(keep: str | os.PathLike[str], *, after: int = 300_000, size: in
     return res
 
 
+def fast_open(keep: str | os.PathLike[str], *, taken: bool = True, size: int = 1_000_000,
+              name: str | None = None) -> ScenarioResult:
+    """TCP Fast Open on MPTCP (RFC 8684 B.3): the client's SYN carries the first bytes of its
+    request (``FAST_OPEN_HEAD`` of mproxy.lab.apps, an SQL injection), then ~1 MB over two
+    shaped paths. ``taken``: the server accepts data in a SYN without a cookie and takes
+    them (they reach its application ahead of the data-level stream, with no DSN); else it
+    wants a cookie and refuses them, the client sends them again after the handshake and
+    Linux 6.18 falls back to TCP there (its handshake ACK carries no MP_CAPABLE)."""
+    with Lab(rate="30mbit") as lab:
+        lab.run(lab.ns_srv, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={0x203 if taken else 0x3}")
+        lab.run(lab.ns_cli, "sysctl", "-qw", "net.ipv4.tcp_fastopen=5")  # client on, no cookie needed
+        return run_transfer(lab, keep, name or ("fast_open" if taken else "fast_open_refused"), c2s_bytes=size,
+                            s2c_bytes=size // 4, fast_open=True)
+
+
+def fast_open_refused(keep: str | os.PathLike[str]) -> ScenarioResult:
+    """fast_open with a server that refuses the SYN's bytes (see there)."""
+    return fast_open(keep, taken=False)
+
+
 def bulk(size_mb: float, shaped: bool = False, *, keep: str | os.PathLike[str] | None = None,
          connections: int = 2, gso: bool = True, rate: str = "400mbit") -> ScenarioResult:
     """A large multi-path capture for benchmarks (``size_mb`` MB client to server in total).
@@ -442,6 +467,8 @@ SCENARIOS: dict[str, Callable[[str | os.PathLike[str]], ScenarioResult]] = {
     "concurrent": concurrent,
     "bidirectional": bidirectional,
     "dss_stripped": dss_stripped,
+    "fast_open": fast_open,
+    "fast_open_refused": fast_open_refused,
 }
 
 

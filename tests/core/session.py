@@ -83,10 +83,15 @@ class Session:
         return build_tcp(src[0], dst[0], src[1], dst[1], seq, ack, flags, 65535, tcp_options(*opts), payload)
 
     # -- handshakes -------------------------------------------------------
-    def handshake(self) -> list[bytes]:
+    def handshake(self, syn_data: bytes = b"", taken: int | None = None, ack_cap: bool = True) -> list[bytes]:
+        """SYN, SYN/ACK, ACK of the initial subflow. ``syn_data``: TCP Fast Open bytes in the SYN, of
+        which the server takes ``taken`` (default all; 0: none, to be sent again as data); like
+        Linux, relative subflow sequence 1 is then the byte after those taken. ``ack_cap=False``:
+        the handshake ACK carries no MPTCP option."""
         sub = Sub((self.addr(2, 1), self.sport), (self.addr(2, 9), self.dport), [self._isn, self._isn + 50000])
         self._isn += 100000
         self.subs.append(sub)
+        took = len(syn_data) if taken is None else taken
         flags = m.CAP_H_HMAC | (m.CAP_A_CHECKSUM if self.csum else 0)
         if self.version == 1:
             syn = m.MpCapable(1, flags)
@@ -95,10 +100,12 @@ class Session:
             syn = m.MpCapable(0, flags, self.ck)
             synack = m.MpCapable(0, flags, self.sk)
         ack = m.MpCapable(self.version, flags, self.ck, self.sk)
+        first = self._pkt(sub, True, SYN, [syn.encode()], syn_data)
+        sub.isn[0] += took  # the bytes the server took lie outside the mapped sequence space
         return [
-            self._pkt(sub, True, SYN, [syn.encode()]),
+            first,
             self._pkt(sub, False, SYN | ACK, [synack.encode()]),
-            self._pkt(sub, True, ACK, [ack.encode()]),
+            self._pkt(sub, True, ACK, [ack.encode()] if ack_cap else []),
         ]
 
     def join(self, path: int, *, backup: bool = False, addr_id: int = 1, bad_hmac: bool = False,

@@ -12,8 +12,9 @@ from mproxy.lab.scenarios import SCENARIOS, ScenarioResult
 
 LAB_REASON = lab_available()
 ATTEMPTS = 3
-# dss_stripped falls back on purpose, and the kernel often loses bytes there: the scenario retries itself
-JUDGED_BY_THE_KERNEL = set(SCENARIOS) - {"dss_stripped"}
+# dss_stripped falls back on purpose, and the kernel often loses bytes there: the scenario retries itself;
+# fast_open_refused falls back on purpose (and carries every byte: its test checks that itself)
+JUDGED_BY_THE_KERNEL = set(SCENARIOS) - {"dss_stripped", "fast_open_refused"}
 
 
 def kernel_trouble(name: str, res: ScenarioResult) -> list[str]:

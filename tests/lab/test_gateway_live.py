@@ -174,6 +174,33 @@ def test_inspect_emits_what_the_applications_sent(lab: Any, tmp_path: Path, fami
     assert st["bypassed"] == {str(QUEUE): 0} and st["queue"]["undelivered"] == 0
 
 
+def test_inspect_emits_fast_open_bytes_at_the_head_of_the_stream(lab: Any, tmp_path: Path) -> None:
+    """TCP Fast Open through the gateway: the request's head rides in the MP_CAPABLE SYN, outside
+    the data-level sequence space; the IDS must get it first in the emitted conversation."""
+    from mproxy.lab.apps import FAST_OPEN_HEAD
+    from tests.oracles import tshark_follow_raw
+
+    old = {ns: lab.run(ns, "sysctl", "-n", "net.ipv4.tcp_fastopen").stdout.strip() for ns in (lab.ns_cli, lab.ns_srv)}
+    ids = tmp_path / "ids.pcap"
+    try:
+        lab.run(lab.ns_srv, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={0x203}")  # taken without a cookie
+        lab.run(lab.ns_cli, "sysctl", "-qw", "net.ipv4.tcp_fastopen=5")
+        with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
+            res = transfer(lab, tmp_path, "fast_open", fast_open=True)
+    finally:
+        for ns, v in old.items():
+            lab.run(ns, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={v}")
+    (c,) = res.connections
+    assert c.mptcp is True
+    client = json.loads(res.client_json.read_text())["connections"][0]
+    assert client["fast_open_bytes"] == len(FAST_OPEN_HEAD)
+    (f,) = tshark_follow_raw(ids)
+    assert f.client_data.startswith(FAST_OPEN_HEAD)
+    assert (len(f.client_data), sha(f.client_data)) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
+    assert (len(f.server_data), sha(f.server_data)) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
+    assert not [r for r in mp.records if r["event"] == "notice"]
+
+
 def test_downgrade_server_sees_plain_tcp(lab: Any, tmp_path: Path) -> None:
     from tests.oracles import tshark_count
 

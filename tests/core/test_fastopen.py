@@ -1,0 +1,162 @@
+"""TCP Fast Open on MPTCP (RFC 8684 B.3) and the fallbacks around the handshake ACK.
+
+The bytes of a Fast Open SYN that the server takes reach its application before
+the data-level stream and have no DSN: they must head the rebuilt stream, or an
+exploit sent in the SYN never reaches the IDS. Captures of the same exchanges
+with Linux 6.18 are in tests/lab/test_fastopen_lab.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mproxy.core.events import Direction, GapSkipped, Notice, NoticeType, PassThrough
+from mproxy.core.tracker import Tracker, TrackerConfig
+from mproxy.wire import mptcp as m
+from mproxy.wire.build import build_tcp
+from mproxy.wire.packet import ACK, SYN
+
+from .session import Session, run, seg, streams
+from .test_tracker import _bare, notices, summary
+
+C2S, S2C = Direction.C2S, Direction.S2C
+ATTACK = b"GET /?id=1 UNION SELECT password FROM users HTTP/1.1\r\n"
+
+
+@pytest.mark.parametrize("version", [0, 1])
+@pytest.mark.parametrize("ipver", [4, 6])
+def test_fast_open_bytes_the_server_took_head_the_stream(version: int, ipver: int) -> None:
+    s = Session(version, ipver)
+    pk = s.handshake(syn_data=ATTACK) + s.join(1)
+    pk += [s.data(0, True, 0, b"Host: a\r\n"), s.data(1, True, 9, b"\r\n"), s.data(0, False, 0, b"HTTP/1.1 200")]
+    pk += [s.data_fin(1, True, 11), s.data_fin(0, False, 12)]
+    ev = run(Tracker(), pk)
+    got = streams(ev)
+    assert got[(1, C2S)] == ATTACK + b"Host: a\r\n\r\n"
+    assert got[(1, S2C)] == b"HTTP/1.1 200"
+    assert not notices(ev)
+    sm = summary(ev)
+    assert sm["outcome"] == "data_fin" and sm["c2s"]["bytes"] == len(ATTACK) + 11 and sm["c2s"]["gap_bytes"] == 0
+
+
+def test_fast_open_with_the_syn_ack_unseen() -> None:
+    """One direction of the SYN/ACK missing from the capture: the client's next sequence number
+    (its handshake ACK's) says the server took the bytes."""
+    s = Session(1)
+    syn, _synack, ack = s.handshake(syn_data=ATTACK)
+    ev = run(Tracker(), [syn, ack, s.data(0, True, 0, b"rest"), s.data_fin(0, True, 4)])
+    assert streams(ev)[(1, C2S)] == ATTACK + b"rest"
+
+
+def test_fast_open_with_mp_capable_data_and_no_handshake_ack() -> None:
+    """The handshake ACK lost: the first data carries MP_CAPABLE (v1), mapped at IDSN+1 -- after
+    the Fast Open bytes, which still come first."""
+    s = Session(1)
+    syn, synack, _ack = s.handshake(syn_data=b"abc")
+    sub = s.subs[0]
+    cap = m.MpCapable(1, m.CAP_H_HMAC, s.ck, s.sk, 3)
+    first = s._pkt(sub, True, ACK, [cap.encode()], b"def")
+    sub.next_rel[0] += 3
+    ev = run(Tracker(), [syn, synack, first, s.data(0, True, 3, b"ghi")])
+    assert streams(ev)[(1, C2S)] == b"abcdefghi"
+    assert not notices(ev)
+
+
+def test_fast_open_bytes_the_server_refused_are_not_taken_twice() -> None:
+    """The SYN/ACK acknowledges only the SYN: the client sends the bytes again after the
+    handshake. As Linux 6.18 does, without an MP_CAPABLE on that packet (its DSS carries a data
+    ACK only), so the server falls back to TCP; the stream is the resent bytes, once."""
+    s = Session(1)
+    syn, synack, _ack = s.handshake(syn_data=ATTACK, taken=0)
+    sub = s.subs[0]
+    resent = s._pkt(sub, True, ACK, [m.dss(s.idsn[1]).encode()], ATTACK)
+    sub.next_rel[0] += len(ATTACK)
+    ev = run(Tracker(), [syn, synack, resent, _bare(s, 0, True, b"Host: a\r\n"), _bare(s, 0, False, b"HTTP")])
+    got = streams(ev)
+    assert got[(1, C2S)] == ATTACK + b"Host: a\r\n"
+    assert got[(1, S2C)] == b"HTTP"
+    assert NoticeType.INFINITE_MAPPING in notices(ev)
+    assert summary(ev)["client_token"] is None  # the client's key never came: the stream needs none
+
+
+def test_fast_open_bytes_over_the_memcap_are_a_gap_not_a_side_channel() -> None:
+    s = Session(1)
+    pk = s.handshake(syn_data=bytes(300)) + [s.data(0, True, 0, b"next")]
+    t = Tracker(TrackerConfig(memcap=100))
+    ev = run(t, pk)
+    assert streams(ev)[(1, C2S)] == b"next"
+    (gap,) = [e for e in ev if isinstance(e, GapSkipped)]
+    assert gap.length == 300 and gap.direction == C2S
+    assert summary(ev)["c2s"]["gap_bytes"] == 300
+    assert NoticeType.SIDE_CHANNEL not in notices(ev) and NoticeType.CAPTURE_GAP not in notices(ev)
+    assert t.stats.memcap["global"] >= 1 and t.budget.used == 0
+
+
+def test_fast_open_syn_held_by_a_handshake_that_never_ends_is_given_back() -> None:
+    s = Session(1)
+    syn = s.handshake(syn_data=bytes(500))[0]
+    t = Tracker()
+    t.process(seg(syn, 1000.0))
+    assert t.budget.used == 500
+    t.flush()
+    assert t.budget.used == 0
+
+
+def test_retransmitted_fast_open_syn_is_no_new_connection() -> None:
+    s = Session(1)
+    syn, synack, ack = s.handshake(syn_data=b"abc")
+    ev = run(Tracker(), [syn, synack, syn, ack, s.data(0, True, 0, b"def")])
+    assert streams(ev) == {(1, C2S): b"abcdef"}
+
+
+def test_handshake_ack_without_mptcp_falls_back_and_later_mappings_are_ignored() -> None:
+    """v1 handshake ACK with no MPTCP option: Linux's server falls back to TCP and takes every
+    later byte in subflow order, ignoring DSS. A client that then sends mappings reordering
+    its bytes must not make mproxy rebuild another stream than the server reads."""
+    s = Session(1)
+    pk = s.handshake(ack_cap=False)
+    pk.append(_bare(s, 0, True, b"UNION "))
+    # "SELECT" at relative subflow byte 7 claims to be data-level byte 1000
+    pk.append(s.data(0, True, 1000, b"SELECT"))
+    pk.append(_bare(s, 0, True, b" pw"))
+    pk.append(_bare(s, 0, False, b"200"))
+    ev = run(Tracker(), pk)
+    got = streams(ev)
+    assert got[(1, C2S)] == b"UNION SELECT pw"
+    assert got[(1, S2C)] == b"200"
+    assert any("handshake ACK without MP_CAPABLE" in e.detail for e in ev if isinstance(e, Notice))
+
+
+def test_mappings_after_a_data_without_dss_fallback_are_ignored() -> None:
+    s = Session(1)
+    pk = s.handshake()
+    pk += [s.data(0, True, 0, b"GET /?q="), _bare(s, 0, True, b"UNION ")]
+    pk.append(s.data(0, True, 5000, b"SELECT"))  # after the fallback: Linux ignores the mapping
+    pk.append(_bare(s, 0, True, b" 1"))
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT 1"
+
+
+def test_fast_path_leaves_a_fallen_back_connection_to_the_general_path() -> None:
+    """The fast path takes in-order DSS-mapped data: after a fallback it must not either."""
+    s = Session(1, timestamps=True)
+    pk = s.handshake()
+    pk += [s.data(0, True, 0, b"ab"), _bare(s, 0, True, b"cd"), s.data(0, True, 900, b"ef")]
+    for fast in (True, False):
+        t = Tracker()
+        t.fast_path = fast
+        assert streams(run(t, pk))[(1, C2S)] == b"abcdef"
+
+
+def test_syn_data_on_a_plain_handshake_passes_through_untouched() -> None:
+    """The server does not echo MP_CAPABLE: plain TCP, the SYN (with its Fast Open bytes) passes
+    as it came, for the IDS to read as any TCP Fast Open."""
+    s = Session(1)
+    syn = s.handshake(syn_data=b"abc")[0]
+    t = Tracker()
+    ev = t.process(seg(syn, 1.0))
+    plain = build_tcp(s.addr(2, 9), s.addr(2, 1), s.dport, s.sport, s.subs[0].isn[1], s.subs[0].isn[0] + 1,
+                      SYN | ACK)
+    ev += t.process(seg(plain, 1.1))
+    assert [e.ip for e in ev if isinstance(e, PassThrough)] == [syn, plain]
+    assert t.budget.used == 0
