@@ -342,6 +342,7 @@ class Tracker:
         ooo = unmapped = assembling = 0
         for conn in self.connections.values():
             ooo += conn.streams[0].ooo_bytes + conn.streams[1].ooo_bytes
+            unmapped += len(conn.syn_data)  # a Fast Open SYN's bytes, until the server has answered
             for sf in conn.subflows:
                 for sd in sf.dirs:
                     unmapped += sd.pending_bytes
@@ -563,7 +564,7 @@ class Tracker:
         if sf.closed_ts is not None or sf.refused or (sf.conn is not None and sf.conn.closed is not None):
             return True
         isn = sf.dirs[d].isn
-        if isn is not None and d == 0 and sf.conn is not None and sf.conn.syn_taken:
+        if isn is not None and d == 0 and sf.role == Role.INITIAL and sf.conn is not None and sf.conn.syn_taken:
             isn = (isn - sf.conn.syn_taken) & MASK32  # moved past the Fast Open bytes the server took
         return isn is not None and isn != seg.seq
 
@@ -969,7 +970,7 @@ class Tracker:
         if conn.closed is not None:
             return
         if not sf.established:
-            if sf.role == Role.INITIAL and o.cap is not None:
+            if sf.role == Role.INITIAL and o.cap is not None and d == 0:  # only the client sends it now
                 self._on_cap_ack(conn, sf, o.cap, seg, ev)
             elif sf.role == Role.INITIAL and o is _NO_OPTS and d == 0 and not sf.flipped and conn.opened \
                     and sf.dirs[1].isn is not None and self._keyless(conn, Direction.C2S) and not conn.mapped[0]:
@@ -1120,7 +1121,8 @@ class Tracker:
             conn.server_key = cap.receiver_key
             self._index_token(conn, cap.receiver_key)
             self._set_base(conn, Direction.S2C)
-        if conn.syn_len and conn.syn_taken is None and sf.dirs[0].isn is not None and not sf.flipped:
+        if conn.syn_len and conn.syn_taken is None and sf.dirs[0].isn is not None \
+                and (seg.src, seg.sport) == conn.client:
             # the SYN/ACK went unseen: the client's next sequence number says what the server took
             self._syn_data_taken(conn, sf, seg.seq)
         self._set_base(conn, Direction.C2S)

@@ -160,3 +160,24 @@ def test_syn_data_on_a_plain_handshake_passes_through_untouched() -> None:
     ev += t.process(seg(plain, 1.1))
     assert [e.ip for e in ev if isinstance(e, PassThrough)] == [syn, plain]
     assert t.budget.used == 0
+
+
+def test_fast_open_bytes_shift_only_the_initial_subflow() -> None:
+    """A retransmitted join SYN is judged by the join's own ISN, not moved by the SYN's bytes."""
+    s = Session(1)
+    pk = s.handshake(syn_data=b"abc") + s.join(1)
+    pk.append(pk[3])  # the join's SYN again
+    pk += [s.data(1, True, 0, b"def"), s.data(0, True, 3, b"ghi")]
+    ev = run(Tracker(), pk)
+    assert streams(ev) == {(1, C2S): b"abcdefghi"}
+    assert summary(ev)["subflows"][1]["bytes_c2s"] == 3
+
+
+def test_a_server_packet_with_mp_capable_says_nothing_of_the_syn_bytes() -> None:
+    """Only the client's next sequence number stands in for an unseen SYN/ACK."""
+    s = Session(1)
+    syn, _synack, ack = s.handshake(syn_data=b"abc")
+    sub = s.subs[0]
+    forged = s._pkt(sub, False, ACK, [m.MpCapable(1, m.CAP_H_HMAC, s.sk, s.ck).encode()], rel=1)
+    ev = run(Tracker(), [syn, forged, ack, s.data(0, True, 0, b"def")])
+    assert streams(ev)[(1, C2S)] == b"abcdef"
