@@ -116,6 +116,14 @@ class Gateway:
                 inject = r.inject
                 if r.drop:
                     verdict, reason = Verdict.DROP, r.reason
+        if flags & SYN and not flags & ACK and seg.payload_len and verdict == Verdict.ACCEPT:
+            # a Fast Open SYN: the server's application gets its bytes with it
+            r = self.responder.judge_syn_data(seg)
+            if r is not None:
+                events = events + r.events
+                inject = r.inject
+                if r.drop:
+                    verdict, reason = Verdict.DROP, r.reason
         if verdict == Verdict.ACCEPT and tracker.shed_bytes != shed and self.policy.on_memcap == OnMemcap.DROP:
             # a buffer limit kept bytes of this packet out: dropped, so the sender resends them once
             # there is room and the server never holds bytes the IDS did not see. Counted, not logged

@@ -405,6 +405,21 @@ class Inspector:
         return len(self._flows) + sum(len(flows) for _old, flows in self._carried)
 
     # ------------------------------------------------------------------
+    def peek(self, conn_id: int, direction: Direction, data: bytes, client: tuple[bytes, int],
+             server: tuple[bytes, int]) -> list[Match | PcreLimit]:
+        """Inspect ``data`` as the first bytes of a direction and keep nothing: for bytes that may
+        or may not become the head of the stream (a Fast Open SYN's, before the server has
+        answered). A state the direction already has is left as it was."""
+        key = (conn_id, int(direction))
+        saved = self._flows.pop(key, None)
+        self._flows[key] = self._dir(int(direction), client, server)
+        try:
+            return self.feed(conn_id, direction, data, client, server)
+        finally:
+            del self._flows[key]
+            if saved is not None:
+                self._flows[key] = saved
+
     def feed(self, conn_id: int, direction: Direction, data: bytes, client: tuple[bytes, int],
              server: tuple[bytes, int]) -> list[Match | PcreLimit]:
         """Inspect the next in-order bytes of one direction; returns new matches, and the rules

@@ -110,9 +110,15 @@ class Responder:
             return None
         k, src_key = hit
         flags = seg.flags
-        if seg.ts > k.until or (flags & SYN and not flags & ACK):
+        if seg.ts > k.until:
             self._forget_tuple(key)
-            return None  # over, or a new connection re-using the 4-tuple
+            return None  # over
+        if flags & SYN and not flags & ACK:
+            # a new connection re-using the 4-tuple (or a SYN the gateway dropped, sent again):
+            # its answers must pass too
+            self._forget_tuple(key)
+            self._forget_tuple((seg.dst, seg.dport, seg.src, seg.sport))
+            return None
         if flags & RST:
             return Response(False, reason="killed connection: its own RST passes")
         self.stats.late_dropped += 1
@@ -159,6 +165,28 @@ class Responder:
         if ins is not None and seg.ts - self._last_sweep > 10.0:
             self._sweep(seg.ts)
         return resp
+
+    def judge_syn_data(self, seg: TcpSegment) -> Response | None:
+        """A TCP Fast Open SYN: its bytes reach the server's application with the SYN (the socket
+        exists from then on), before the tracker can place them (only the server's answer says
+        whether it took them). When a match would fast-close, they are inspected now, as the
+        head of the stream they would start, and a match drops the SYN: the server never gets
+        them. Otherwise (log only) they are inspected once placed, as every byte, and reported
+        once. None: nothing to do."""
+        ins = self.inspector
+        if ins is None or Reaction.FASTCLOSE not in self.reactions.on_match:
+            return None
+        hit = self.tracker.subflow_of(seg)
+        conn = hit[0].conn if hit is not None else None
+        if conn is None or conn.opened or not conn.syn_data or conn.closed is not None:
+            return None
+        found = ins.peek(conn.id, Direction.C2S, conn.syn_data, conn.client, conn.server)
+        matches = [m for m in found if isinstance(m, Match)]
+        if not matches:
+            return None  # a pcre limit here is decided again when the bytes are placed
+        return self._react(conn, self.reactions.on_match, "inspector",
+                           f"{matches[0].reason()} (in the bytes of a TCP Fast Open SYN)", seg.ts, seg,
+                           _match_fields(matches))
 
     def alert(self, a: Alert, ts: float) -> tuple[Response | None, Connection | None]:
         """An external IDS alert: the connection whose emitted stream it names, and the reaction."""

@@ -91,6 +91,8 @@ def run_server(port: int, record: str) -> int:
     ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, IPPROTO_MPTCP)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    # TCP Fast Open allowed (it takes effect only where net.ipv4.tcp_fastopen enables the server side)
+    ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
     ls.bind(("::", port))
     ls.listen(16)
     _emit(ev="ready")
@@ -102,13 +104,17 @@ def run_server(port: int, record: str) -> int:
         threading.Thread(target=_serve_one, args=(conn, n, record), daemon=True).start()
 
 
-def run_client(addr: str, port: int) -> int:
-    """Obey stdin: ``send HEX``, ``response``, ``wait SECONDS``, ``close``; one JSON line per command."""
+def run_client(addr: str, port: int, fast_open: bytes = b"") -> int:
+    """Obey stdin: ``send HEX``, ``response``, ``wait SECONDS``, ``close``; one JSON line per command.
+    ``fast_open``: bytes sent in the SYN (TCP Fast Open) instead of a plain connect."""
     fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM, IPPROTO_MPTCP)
     s.settimeout(20)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.connect((addr, port))
+    if fast_open:
+        s.sendto(fast_open, socket.MSG_FASTOPEN, (addr, port))
+    else:
+        s.connect((addr, port))
     local = s.getsockname()
     _emit(ok=True, ev="connected", sport=local[1])
     pending = b""
@@ -239,6 +245,14 @@ class Server:
             if pred(e):
                 return e
 
+    def drain(self, quiet: float = 0.5) -> list[dict[str, Any]]:
+        """Every event so far: those already read, and the rest until none came for ``quiet`` s."""
+        while True:
+            try:
+                self.events.append(self.q.get(timeout=quiet))
+            except queue.Empty:
+                return self.events
+
     def received(self, conn: int) -> bytes:
         p = Path(f"{self.record}.{conn}")
         return p.read_bytes() if p.exists() else b""
@@ -250,18 +264,22 @@ class Server:
 
 
 class Client:
-    def __init__(self, lab: Lab, server: Server, family: int = 4) -> None:
+    def __init__(self, lab: Lab, server: Server, family: int = 4, fast_open: bytes = b"") -> None:
         self.lab, self.server = lab, server
         self.q: queue.Queue[dict[str, Any]] = queue.Queue()
         self.proc = lab.popen(lab.ns_cli, sys.executable, "-m", "mproxy.lab.http_attack", "--role", "client",
                               "--connect", lab.server_addr[family], "--port", str(server.port),
+                              "--fast-open", fast_open.hex(),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_env(), start_new_session=True)
         threading.Thread(target=_reader, args=(self.proc, self.q), daemon=True).start()
         hello = self._reply(15)
         if hello.get("ev") != "connected":
             raise ExchangeError(f"client did not connect: {hello}")
         self.sport = int(hello["sport"])
-        self.conn = server.wait_for(lambda e: e.get("ev") == "accept" and e.get("port") == self.sport, 10)["conn"]
+        self.conn: int | None = None
+        if not fast_open:  # (a Fast Open SYN an inline gateway drops may never be accepted at all)
+            self.conn = server.wait_for(lambda e: e.get("ev") == "accept" and e.get("port") == self.sport,
+                                        10)["conn"]
         self.sent = 0
 
     def _reply(self, timeout: float) -> dict[str, Any]:
@@ -347,10 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=80)
     ap.add_argument("--record", default="/tmp/mproxy-http-received")
     ap.add_argument("--connect")
+    ap.add_argument("--fast-open", default="", help="client: hex bytes to send in the SYN (TCP Fast Open)")
     a = ap.parse_args(argv)
     if a.role == "server":
         return run_server(a.port, a.record)
-    return run_client(a.connect, a.port)
+    return run_client(a.connect, a.port, bytes.fromhex(a.fast_open))
 
 
 if __name__ == "__main__":

@@ -181,3 +181,61 @@ def test_a_server_packet_with_mp_capable_says_nothing_of_the_syn_bytes() -> None
     forged = s._pkt(sub, False, ACK, [m.MpCapable(1, m.CAP_H_HMAC, s.sk, s.ck).encode()], rel=1)
     ev = run(Tracker(), [syn, forged, ack, s.data(0, True, 0, b"def")])
     assert streams(ev)[(1, C2S)] == b"abcdef"
+
+
+# -- inline: the gateway's verdict on a Fast Open SYN ------------------------------------------
+def _gateway(log_only: bool = False):  # type: ignore[no-untyped-def]
+    from mproxy.core.gateway import Gateway
+    from mproxy.core.inspector import Inspector
+    from mproxy.core.reactions import Reaction, Reactions
+    from mproxy.core.rules import parse_rules
+
+    rules = parse_rules('alert tcp any any -> any any (msg:"union select"; content:"UNION SELECT"; sid:7;)')
+    reactions = Reactions(on_match=(Reaction.LOG,)) if log_only else Reactions()
+    return Gateway(inspector=Inspector(rules), reactions=reactions)
+
+
+def test_gateway_drops_a_fast_open_syn_whose_bytes_match() -> None:
+    """The server's application gets a Fast Open SYN's bytes with the SYN: inline, they are judged
+    before the SYN passes, and a match that fast-closes drops it."""
+    from mproxy.core.gateway import Verdict
+
+    s = Session(1)
+    syn, synack, ack = s.handshake(syn_data=ATTACK)
+    gw = _gateway()
+    d = gw.packet(syn, 1000.0)
+    assert d.verdict == Verdict.DROP and "Fast Open SYN" in d.reason
+    (act,) = [r for r in gw.drain_records() if r["event"] == "action"]
+    assert act["action"] == "fastclose" and act["trigger"] == "inspector" and act["sid"] == 7
+    assert act["dropped"]["len"] == len(ATTACK) and not gw.tracker.connections
+    assert gw.tracker.budget.used == 0
+    # the client sends the SYN again, without the bytes (as Linux does), then the bytes as data:
+    # a new connection, inspected as every stream, and killed again
+    s2 = Session(1)
+    syn2, synack2, ack2 = s2.handshake()
+    for p in (syn2, synack2, ack2):
+        assert gw.packet(p, 1001.0).verdict == Verdict.ACCEPT
+    assert gw.packet(s2.data(0, True, 0, ATTACK), 1001.1).verdict == Verdict.DROP
+
+
+def test_gateway_passes_a_harmless_fast_open_syn_and_inspects_its_bytes_once() -> None:
+    from mproxy.core.gateway import Verdict
+
+    s = Session(1)
+    pk = s.handshake(syn_data=b"GET /?q=1 UNION ") + [s.data(0, True, 0, b"SELECT pw HTTP/1.1\r\n")]
+    gw = _gateway()
+    verdicts = [gw.packet(p, 1000.0 + i / 100).verdict for i, p in enumerate(pk)]
+    assert verdicts == [Verdict.ACCEPT] * 3 + [Verdict.DROP]  # the match completes on the data packet
+    (act,) = [r for r in gw.drain_records() if r["event"] == "action"]
+    assert act["stream_offset"] == len(b"GET /?q=1 UNION SELECT")
+
+
+def test_gateway_with_log_only_reports_a_fast_open_match_once() -> None:
+    from mproxy.core.gateway import Verdict
+
+    s = Session(1)
+    gw = _gateway(log_only=True)
+    pk = s.handshake(syn_data=ATTACK) + [s.data(0, True, 0, b"Host: a\r\n\r\n")]
+    assert [gw.packet(p, 1000.0).verdict for p in pk] == [Verdict.ACCEPT] * 4
+    (act,) = [r for r in gw.drain_records() if r["event"] == "action"]
+    assert act["action"] == "log" and act["sid"] == 7

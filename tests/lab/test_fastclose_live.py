@@ -134,6 +134,36 @@ def test_inspector_blocks_split_attack_and_fastcloses(lab: Any, server: Any, tmp
     assert act["dropped"]["len"] > 0
 
 
+def test_an_attack_in_a_fast_open_syn_never_reaches_the_server(lab: Any, server: Any, tmp_path: Path) -> None:
+    """The whole attack in a TCP Fast Open SYN: the server's application would read it at accept,
+    before any later packet. mproxy judges the SYN's bytes before the SYN passes and drops it;
+    the client's kernel sends the SYN again without them and then the bytes as data, which are
+    inspected like every stream: the server never reads the attack."""
+    from mproxy.lab.http_attack import ATTACK_PART1, ATTACK_PART2, NEEDLE, Client
+
+    old = {ns: lab.run(ns, "sysctl", "-n", "net.ipv4.tcp_fastopen").stdout.strip() for ns in (lab.ns_cli, lab.ns_srv)}
+    try:
+        lab.run(lab.ns_srv, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={0x203}")  # taken without a cookie
+        lab.run(lab.ns_cli, "sysctl", "-qw", "net.ipv4.tcp_fastopen=5")
+        with mproxy(lab, tmp_path / "mproxy", '[inspector]\nmode = "on"\n') as mp:
+            client = Client(lab, server, 4, fast_open=ATTACK_PART1 + ATTACK_PART2)
+            try:
+                ended = client.wait_end(3.0)  # the client's socket: reset (or still waiting)
+            finally:
+                client.close()
+    finally:
+        for ns, v in old.items():
+            lab.run(ns, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={v}")
+    # whatever the server accepted from this client port (the SYN sent again is killed in the
+    # handshake, before any accept, when its bytes follow as data), it never read the attack
+    mine = [e["conn"] for e in server.drain() if e.get("ev") == "accept" and e.get("port") == client.sport]
+    assert all(NEEDLE not in server.received(n) for n in mine), [server.received(n) for n in mine]
+    acts = [r for r in mp["records"] if r["event"] == "action" and r["action"] == "fastclose"]
+    assert any(a["trigger"] == "inspector" and a["sid"] == 1000002 and "Fast Open SYN" in a["reason"]
+               and a["dropped"]["len"] == len(ATTACK_PART1 + ATTACK_PART2) for a in acts), acts
+    assert ended.get("how") == "reset", ended  # the client learnt its connection is dead
+
+
 def test_a_later_copy_of_a_content_does_not_hide_the_split_attack(lab: Any, server: Any, tmp_path: Path) -> None:
     """Evasion regression: part 2 carries, after the end of the attack, padding beyond the inspector
     window and one more "union", in one segment. An inspector that kept only each content's last
