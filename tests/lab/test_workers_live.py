@@ -92,6 +92,41 @@ def test_two_workers_keep_every_subflow_of_a_connection_together(lab: Any, tmp_p
     assert {p.name.split(".")[1] for p in (tmp_path / "mproxy").glob("sink.w*.pcap")} == {"w0", "w1"}
 
 
+def test_fast_open_syns_are_steered_with_their_bytes(lab: Any, tmp_path: Path) -> None:
+    """A Fast Open SYN crosses the control queue (steered) and then its worker's: its bytes must
+    still head each connection's stream the IDS reads."""
+    from mproxy.lab.apps import FAST_OPEN_HEAD
+    from tests.oracles import tshark_follow_raw
+
+    ids = tmp_path / "ids.pcap"
+    old = {ns: lab.run(ns, "sysctl", "-n", "net.ipv4.tcp_fastopen").stdout.strip() for ns in (lab.ns_cli, lab.ns_srv)}
+    mp = Mproxy(lab, tmp_path / "mproxy", workers=2)
+    try:
+        lab.run(lab.ns_srv, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={0x203}")
+        lab.run(lab.ns_cli, "sysctl", "-qw", "net.ipv4.tcp_fastopen=5")
+        with lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
+            mp.start()
+            try:
+                res = transfer(lab, tmp_path, "fast_open", connections=4, c2s_bytes=200_000, s2c_bytes=100_000,
+                               fast_open=True)
+            finally:
+                assert mp.stop() == 0, mp.err
+    finally:
+        for ns, v in old.items():
+            lab.run(ns, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={v}")
+    assert "Traceback" not in mp.err, mp.err
+    assert all(c.mptcp for c in res.connections)
+    conns = mp.connections()
+    assert sorted(r["worker"] for r in conns) == [0, 0, 1, 1]
+    follows = {f.four_tuple: f for f in tshark_follow_raw(ids)}
+    for c in res.connections:
+        f = follows[c.four_tuple]
+        assert f.client_data.startswith(FAST_OPEN_HEAD)
+        assert (len(f.client_data), sha(f.client_data)) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
+        assert (len(f.server_data), sha(f.server_data)) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
+    assert not [r for r in mp.records() if r["event"] == "notice"]
+
+
 def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(lab: Any, tmp_path: Path) -> None:
     import os
     import signal
