@@ -187,6 +187,11 @@ def summary_lines(res: ReplayResult) -> list[str]:
         f"{res.connections} MPTCP connections ({st.joins} joined subflows), "
         f"rebuilt {ps.bytes_out[0]} bytes client->server and {ps.bytes_out[1]} server->client",
     ]
+    fr = ps.defrag
+    if fr.fragments:
+        lines.append(f"IP fragments: {fr.fragments}, {fr.reassembled} datagrams reassembled"
+                     + ("; dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(fr.dropped.items()))
+                        if fr.dropped else ""))
     if st.notices:
         lines.append("notices: " + ", ".join(f"{k} {v}" for k, v in sorted(st.notices.items())))
     if res.pipeline.inspector is not None:

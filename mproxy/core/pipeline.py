@@ -14,8 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..wire.errors import WireError
-from ..wire.packet import TcpSegment, addr_text, parse_frame
+from ..wire.errors import ErrorKind, WireError
+from ..wire.packet import TcpSegment, addr_text, parse_frame, parse_ip, strip_link
+from .defrag import DefragStats, Defragmenter
 from .emitter import TcpEmitter, passthrough_frames
 from .events import (
     ConnectionClosed,
@@ -46,6 +47,7 @@ class PipelineStats:
     passthrough_frames: int = 0
     bytes_out: list[int] = field(default_factory=lambda: [0, 0])
     signatures: Counter[int] = field(default_factory=Counter)  # inspector matches by sid (replay --rules)
+    defrag: DefragStats = field(default_factory=DefragStats)  # IP fragments in the input
 
 
 Op = tuple[Any, ...]  # one emission step; plain tuples so a second process can receive them pickled
@@ -136,6 +138,8 @@ class Pipeline:
         self.records: list[dict[str, Any]] = []
         self.emission = Emission(mss, self.passthrough_mss)
         self.remote: list[Op] | None = None
+        # captures may hold IP fragments (the live gateway gets datagrams whole from conntrack)
+        self.defrag = Defragmenter(stats=self.stats.defrag)
         # matched on each connection's rebuilt stream as it is released (the live gateway inspects in
         # its responder instead, before the verdict): one `signature` record per match
         self.inspector: Inspector | None = None
@@ -144,6 +148,23 @@ class Pipeline:
         """One captured frame; non-TCP frames are counted and not forwarded."""
         self.stats.frames += 1
         seg = parse_frame(linktype, frame, ts)
+        if seg is None:
+            self.stats.non_tcp += 1
+            return []
+        if isinstance(seg, WireError):
+            if seg.kind is ErrorKind.FRAGMENT:
+                return self._fragment(linktype, frame, ts)
+            self.stats.parse_errors[seg.kind.value] += 1
+            return []
+        return self.feed_segment(seg)
+
+    def _fragment(self, linktype: int, frame: bytes | memoryview, ts: float) -> Frames:
+        """An IP fragment: held until its datagram is whole, then parsed as any packet."""
+        ip = strip_link(linktype, memoryview(frame))
+        whole = self.defrag.add(ip, ts) if isinstance(ip, memoryview) and len(ip) else None
+        if whole is None:
+            return []
+        seg = parse_ip(memoryview(whole), ts)
         if seg is None:
             self.stats.non_tcp += 1
             return []

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .. import __version__
+from ..core.defrag import DROP_REASONS
 from ..core.events import NoticeType, Outcome
 from ..core.gateway import GatewayStats
 from ..core.pipeline import PipelineStats
@@ -156,6 +157,12 @@ class MproxyCollector(Collector):
             c.add_metric(["rebuilt"], p.emitted_frames - p.passthrough_frames)
             c.add_metric(["passthrough"], p.passthrough_frames)
             yield c
+            d = p.defrag
+            yield _total("mproxy_ip_fragments", "IP fragments read (captures; the live gateway gets datagrams whole "
+                         "from conntrack)", d.fragments)
+            yield _total("mproxy_ip_reassembled", "IP datagrams put back together from fragments", d.reassembled)
+            yield _by_label("mproxy_ip_fragments_dropped", "Fragmented IP datagrams (or single fragments) dropped, by "
+                            "reason (overlap: dropped whole, as Linux does)", "reason", DROP_REASONS, d.dropped)
         gw = s.gateway
         if gw is not None:
             verdicts: Mapping[str, int] = gw.verdicts

@@ -44,6 +44,7 @@ __all__ = [
     "dss_stripped",
     "fast_open",
     "fast_open_refused",
+    "fragments",
     "bulk",
     "SCENARIOS",
 ]
@@ -223,6 +224,8 @@ def run_transfer(
     capture_iface: str | Sequence[str] = "any",
     seed: int = 1,
     fast_open: bool = False,
+    capture_ns: str | None = None,
+    capture_direction: str = "in",
 ) -> ScenarioResult:
     """Run the client/server apps once in *lab* while capturing at its gateway.
 
@@ -258,7 +261,7 @@ def run_transfer(
 
     events: list[tuple[float, str]] = []
     t0 = time.monotonic()
-    with lab.capture(cap, iface=capture_iface, snaplen=snaplen):
+    with lab.capture(cap, iface=capture_iface, snaplen=snaplen, ns=capture_ns, direction=capture_direction):
         srv = lab.popen(lab.ns_srv, *server_argv, stdout=subprocess.PIPE, env=env)
         line = _readline(srv, 15)
         if not line.startswith("READY"):
@@ -436,6 +439,26 @@ def fast_open(keep: str | os.PathLike[str], *, taken: bool = True, size: int = 1
                             s2c_bytes=size // 4, fast_open=True)
 
 
+def fragments(keep: str | os.PathLike[str], *, size: int = 1_500_000, mtu: int = 1000) -> ScenarioResult:
+    """IP fragments on the wire: the client's stack does not set DF (``ip_no_pmtu_disc``) and the
+    gateway forwards onto a link to the server with a smaller MTU (the server announces the MSS
+    of a 1500-byte link all the same): every full client-to-server packet, on both subflows,
+    crosses that link as fragments. Captured where a sensor behind that link would
+    see them: arriving at the server, before its stack reassembles them."""
+    from mproxy.lab.topology import _LAB_NET4
+
+    with Lab(rate="30mbit") as lab:
+        lab.run(lab.ns_cli, "sysctl", "-qw", "net.ipv4.ip_no_pmtu_disc=1")
+        # the link's two ends take no frame over the MTU: the server sends segments that fit, but
+        # still announces the MSS of a 1500-byte link so that the client's do not
+        for ns, dev in ((lab.ns_gw, lab.gw_server_if), (lab.ns_srv, lab.server_if)):
+            lab.run(ns, "ip", "link", "set", "dev", dev, "mtu", str(mtu))
+        lab.run(lab.ns_srv, "ip", "-4", "route", "replace", _LAB_NET4, "via", lab.gw_server_addr[4], "dev",
+                lab.server_if, "advmss", "1460")
+        return run_transfer(lab, keep, "fragments", c2s_bytes=size, s2c_bytes=size // 3,
+                            capture_ns=lab.ns_srv, capture_iface=lab.server_if, capture_direction="inout")
+
+
 def fast_open_refused(keep: str | os.PathLike[str]) -> ScenarioResult:
     """fast_open with a server that refuses the SYN's bytes (see there)."""
     return fast_open(keep, taken=False)
@@ -469,6 +492,7 @@ SCENARIOS: dict[str, Callable[[str | os.PathLike[str]], ScenarioResult]] = {
     "dss_stripped": dss_stripped,
     "fast_open": fast_open,
     "fast_open_refused": fast_open_refused,
+    "fragments": fragments,
 }
 
 

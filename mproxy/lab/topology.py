@@ -456,8 +456,9 @@ class Lab:
 
     @contextlib.contextmanager
     def capture(self, path: str | os.PathLike[str], iface: str | Sequence[str] = "any",
-                snaplen: int = 0, bpf: str = "tcp", ns: str | None = None) -> Iterator[Path]:
-        """Record packets received at the gateway (``-Q in``: each forwarded packet once).
+                snaplen: int = 0, bpf: str = "tcp", ns: str | None = None, direction: str = "in") -> Iterator[Path]:
+        """Record packets received at the gateway (``-Q in``: each forwarded packet once; ``direction``
+        "inout" on a host's own interface records what it sends too).
 
         tcpdump is stopped with SIGINT on its own PID and waited for, so the pcap
         is complete.  Several interfaces mean several tcpdumps (``path`` gets an
@@ -470,7 +471,7 @@ class Lab:
         try:
             for ifn in ifaces:
                 dest = out if len(ifaces) == 1 else out.with_suffix(f".{ifn}{out.suffix}")
-                argv = ["tcpdump", "-i", ifn, "-Q", "in", "-w", str(dest), "-U", "-n",
+                argv = ["tcpdump", "-i", ifn, "-Q", direction, "-w", str(dest), "-U", "-n",
                         "-s", str(snaplen), "-Z", "root"]
                 if bpf:
                     argv.append(bpf)
