@@ -253,7 +253,10 @@ class Server:
             except queue.Empty:
                 return self.events
 
-    def received(self, conn: int) -> bytes:
+    def received(self, conn: int | None) -> bytes:
+        """What the server application read on connection ``conn`` (None: one it never accepted)."""
+        if conn is None:
+            return b""
         p = Path(f"{self.record}.{conn}")
         return p.read_bytes() if p.exists() else b""
 
