@@ -119,6 +119,7 @@ class SubflowDir:
     # unmapped bytes a limit kept out, [abs seq, length], until a mapping says which DSNs they had
     shed: list[list[int]] | None = None
     fin: bool = False
+    fin_seq: int | None = None  # the sequence number the first FIN took: bytes from there on are never read
     last_map_ssn: int | None = None
     last_end: int | None = None  # abs seq after the last segment seen
     oow_noticed: bool = False
@@ -459,7 +460,7 @@ class Tracker:
             dsn = ssn = dll = 0
         if have & 2:
             isn = sfd.isn
-            if not n or n != dll or n != seg.wire_payload_len or isn is None or sfd.pending \
+            if not n or n != dll or n != seg.wire_payload_len or isn is None or sfd.pending or sfd.fin \
                     or (seg.seq - isn) & MASK32 != ssn:
                 return False
             hw = sfd.placed_end
@@ -993,6 +994,13 @@ class Tracker:
         dss = o.dss
         if conn.fallen and dss is not None:
             dss = None  # after a fallback Linux ignores DSS: bytes go in subflow order
+        if flags & RST:
+            dss = None  # Linux reads neither an RST's payload nor its DSS (tcp_validate_incoming)
+        # bytes the receiver never reads place nothing: an RST's, and those at or after the FIN
+        # (Linux discards them, and resets the subflow): else a peer could put bytes in the
+        # rebuilt stream that the server never got, ahead of the ones it did
+        void = flags & RST or (seg.payload_len and sfd.fin_seq is not None
+                               and (seg.seq - sfd.fin_seq) & MASK32 < 0x80000000)
         if dss is not None:
             if dss.data_ack is not None:
                 rst = conn.streams[cdir ^ 1]
@@ -1002,10 +1010,10 @@ class Tracker:
                 ack = rst.unwrap(ack)  # DSNs wrap at 2**64, stream positions do not
                 if rst.acked is None or ack > rst.acked:
                     rst.acked = ack
-            if dss.dsn is not None:
+            if dss.dsn is not None and not void:
                 n = seg.payload_len
                 isn = sfd.isn
-                if n and isn is not None and not dss.flags & m.DSS_F and not sfd.pending \
+                if n and isn is not None and not dss.flags & m.DSS_F and not sfd.pending and not sfd.fin \
                         and n == seg.wire_payload_len \
                         and (seg.seq - isn - (dss.ssn or 0)) & MASK32 <= (dss.dll or 0) - n \
                         and (n == dss.dll or not conn.csum):
@@ -1017,7 +1025,7 @@ class Tracker:
                 n = seg.payload_len
         else:
             n = seg.payload_len
-        if n:
+        if n and not void:
             self._on_payload(conn, sf, sfd, cdir, seg, ev, dss is None or dss.dsn is None)
         if o.fastclose is not None:
             self._close(conn, Outcome.FASTCLOSE, True, ts, ev)
@@ -1026,6 +1034,8 @@ class Tracker:
         if flags & (FIN | RST):
             if flags & FIN:
                 sfd.fin = True
+                if sfd.fin_seq is None and not flags & RST:
+                    sfd.fin_seq = (seg.seq + seg.payload_len) & MASK32
             if flags & RST:
                 sf.reset = True
                 if sf.closed_ts is None:
@@ -1450,6 +1460,8 @@ class Tracker:
                     ev: list[Event], bare: bool = False) -> None:
         self._seen(sfd, seg)
         payload = seg.payload
+        if sfd.fin_seq is not None and (sfd.fin_seq - seg.seq) & MASK32 < len(payload):
+            payload = payload[: (sfd.fin_seq - seg.seq) & MASK32]  # up to the FIN (the rest: see void)
         if sfd.isn is None:
             # no ISN yet (picked up mid-stream): hold until a mapping anchors the sequence space
             self._hold(conn, sfd, seg.seq, payload, seg, ev)

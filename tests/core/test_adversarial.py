@@ -623,3 +623,41 @@ def test_many_short_lived_connections_keep_rss_flat(tmp_path: Path) -> None:
     # flat: 5x the connections, < 10% (and < 8 MiB) more peak memory
     assert rss_large - rss_small < max(0.10 * rss_small, 8 * 1024), (rss_small, rss_large)
     assert secs < 120
+
+
+# -- bytes a Linux receiver never reads ----------------------------------------------------------
+def _insertion_case(kind: str) -> list[bytes]:
+    """The client sends part 1 on the initial subflow; on the join, bytes for the next DSNs that
+    the server never reads (in an RST, or after that subflow's FIN); then the real bytes for those
+    DSNs on the initial subflow. Placing the unread ones first would show the IDS "BENIGN" where
+    the server reads "UNION "."""
+    from mproxy.wire.packet import FIN, RST
+
+    s = Session(1)
+    pk = s.handshake() + s.join(1)
+    pk.append(s.data(0, True, 0, b"GET /?q="))
+    sub = s.subs[1]
+    if kind == "rst":
+        opt = m.dss(s.idsn[1], s.idsn[0] + 8, sub.next_rel[0], 6)
+        pk.append(s._pkt(sub, True, RST | ACK, [opt.encode()], b"BENIGN"))
+    elif kind == "after_fin":
+        pk.append(s._pkt(sub, True, FIN | ACK, []))
+        sub.next_rel[0] += 1
+        pk.append(s.data(1, True, 8, b"BENIGN"))
+    else:  # straddling: one segment with its last bytes past the FIN
+        pk.append(s.data(1, True, 8, b"UNI"))
+        pk.append(s._pkt(sub, True, FIN | ACK, []))
+        opt = m.dss(s.idsn[1], s.idsn[0] + 8, sub.next_rel[0] - 3, 9)
+        pk.append(s._pkt(sub, True, ACK, [opt.encode()], b"UNIBENIGN", rel=sub.next_rel[0] - 3))
+    pk.append(s.data(0, True, 8, b"UNION "))
+    return pk
+
+
+@pytest.mark.parametrize("kind", ["rst", "after_fin", "straddling"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_bytes_the_receiver_never_reads_place_nothing(kind: str, fast: bool) -> None:
+    t = Tracker()
+    t.fast_path = fast
+    ev = run(t, _insertion_case(kind))
+    assert streams(ev)[(1, Direction.C2S)] == b"GET /?q=UNION "
+    assert not [e for e in ev if isinstance(e, Notice) and e.type == NoticeType.OVERLAP_MISMATCH]

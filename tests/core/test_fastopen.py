@@ -239,3 +239,4 @@ def test_gateway_with_log_only_reports_a_fast_open_match_once() -> None:
     assert [gw.packet(p, 1000.0).verdict for p in pk] == [Verdict.ACCEPT] * 4
     (act,) = [r for r in gw.drain_records() if r["event"] == "action"]
     assert act["action"] == "log" and act["sid"] == 7
+
