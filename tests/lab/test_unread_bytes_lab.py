@@ -1,0 +1,131 @@
+"""Bytes a Linux receiver never reads, on kernel MPTCP: an RST's payload, and data after a
+subflow's FIN, each carrying a DSS mapping for the DSNs the client then fills with other bytes.
+
+The client writes ``GET /?q=``; on its join subflow a raw socket then sends, at that
+subflow's next sequence number, either an RST carrying ``BENIGN`` mapped at the next
+data-level bytes, or a FIN followed by ``BENIGN`` so mapped; then the client writes
+``UNION SELECT ...``. Ground truth is what the server application read (the kernel
+drops both forgeries); the replayed stream, read back by tshark, must be the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import pytest  # noqa: E402
+
+from mproxy.lab.topology import lab_available  # noqa: E402
+
+LAB_REASON = lab_available()
+pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
+
+PORT = 5001
+PART1, PART2 = b"GET /?q=", b"UNION SELECT pw HTTP/1.1\r\n\r\n"
+SERVER = f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {PORT})); s.listen(8)
+print("ready", flush=True)
+c, _ = s.accept()
+c.settimeout(20)
+data = b""
+while True:
+    b = c.recv(65536)
+    if not b:
+        break
+    data += b
+print(data.hex(), flush=True)
+"""
+CLIENT = f"""
+import os, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.connect((sys.argv[1], {PORT}))
+s.sendall({PART1!r})
+print("part1", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+s.sendall({PART2!r})
+s.shutdown(socket.SHUT_WR)
+time.sleep(1)
+"""
+
+
+def _inject(spec: dict[str, Any]) -> None:
+    """(In the client namespace.) One raw TCP packet on the join subflow, built by our encoder."""
+    from mproxy.wire import mptcp as m
+    from mproxy.wire.build import build_tcp, tcp_options
+    from mproxy.wire.packet import ACK, FIN, RST
+
+    payload = bytes.fromhex(spec["payload"])
+    opts = [m.dss(spec["data_ack"], spec["dsn"], spec["ssn"], len(payload)).encode()] if payload else []
+    flags = {"rst": RST | ACK, "data": ACK, "fin": FIN | ACK}[spec["flags"]]
+    pkt = build_tcp(socket.inet_aton(spec["src"]), socket.inet_aton(spec["dst"]), spec["sport"], PORT, spec["seq"],
+                    spec["ack"], flags, 502, tcp_options(*opts), payload)
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
+
+
+@pytest.mark.parametrize("forgery", ["rst", "fin"])
+def test_bytes_the_kernel_never_reads_stay_out_of_the_rebuilt_stream(forgery: str, tmp_path: Path) -> None:
+    from mproxy import crypto
+    from mproxy.cli import main
+    from mproxy.lab.topology import Lab
+    from tests.oracles import tshark_fields, tshark_follow_raw
+
+    go, cap = tmp_path / "go", tmp_path / "cap.pcap"
+    with Lab(rate="30mbit") as lab:
+        a = lab.addresses()
+        cli_ip, join_ip, srv_ip = a.client_addr[0][4], a.client_addr[1][4], a.server_addr[4]
+        with lab.capture(cap):
+            srv = lab.popen(lab.ns_srv, sys.executable, "-c", SERVER, stdout=subprocess.PIPE)
+            assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
+            cli = lab.popen(lab.ns_cli, sys.executable, "-c", CLIENT, srv_ip, str(go), stdout=subprocess.PIPE)
+            assert cli.stdout is not None and cli.stdout.readline().strip() == b"part1"
+            time.sleep(2.0)  # the join is up and in the capture
+            (key,) = tshark_fields(cap, ["tcp.options.mptcp.sendkey"],
+                                   f"tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0 && ip.src == {cli_ip}")[:1]
+            idsn = crypto.key_idsn(int(key[0].split(",")[0]), 1)
+            jport, jisn = (int(x) for x in tshark_fields(
+                cap, ["tcp.srcport", "tcp.seq_raw"], f"tcp.flags.syn == 1 && tcp.flags.ack == 0 && ip.src == {join_ip}")[0])
+            seq, ln, ack = (int(x) for x in tshark_fields(
+                cap, ["tcp.seq_raw", "tcp.len", "tcp.ack_raw"], f"tcp.srcport == {jport} && ip.src == {join_ip}")[-1])
+            nxt = (seq + ln) & 0xFFFFFFFF
+            common = {"src": join_ip, "dst": srv_ip, "sport": jport, "ack": ack, "data_ack": 0,
+                      "dsn": (idsn + 1 + len(PART1)) & ((1 << 64) - 1)}
+            benign = b"BENIGN".hex()
+            if forgery == "rst":
+                specs = [dict(common, flags="rst", seq=nxt, payload=benign, ssn=(nxt - jisn) & 0xFFFFFFFF)]
+            else:
+                after = (nxt + 1) & 0xFFFFFFFF
+                specs = [dict(common, flags="fin", seq=nxt, payload="", ssn=0),
+                         dict(common, flags="data", seq=after, payload=benign, ssn=(after - jisn) & 0xFFFFFFFF)]
+            for spec in specs:
+                lab.run(lab.ns_cli, sys.executable, __file__, "inject", json.dumps(spec))
+                time.sleep(0.2)
+            go.touch()
+            out, _ = srv.communicate(timeout=30)
+            cli.wait(15)
+    read = bytes.fromhex(out.split()[-1].decode())
+    assert read == PART1 + PART2, read  # the kernel read neither forgery
+    out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
+    assert main(["replay", str(cap), "--out", str(out_pcap), "--log", str(log), "-q"]) == 0
+    (f,) = tshark_follow_raw(out_pcap)
+    assert f.client_data == read
+    (rec,) = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "mptcp_connection"]
+    assert rec["c2s"]["sha256"] == hashlib.sha256(read).hexdigest()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["inject"]:
+    _inject(json.loads(sys.argv[2]))
