@@ -26,7 +26,7 @@ from typing import Any
 from .. import crypto
 from ..wire import mptcp as m
 from ..wire.errors import WireError
-from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, option_spans
+from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, option_spans, timestamp_value
 from .events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -55,7 +55,7 @@ _KEYLESS_BASE = 1 << 32  # where a stream with no known DSN is counted from (see
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TCPOPT_WSCALE = 3
 _NOT_FAST = SYN | FIN | RST
-_TS_MPTCP = Struct("!4s8xBBBB")  # NOP NOP kind 8 len 10, timestamps, then an MPTCP option's first 4 bytes
+_TS_MPTCP = Struct("!4sI4xBBBB")  # NOP NOP kind 8 len 10, TSval, TSecr, then an MPTCP option's first 4 bytes
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
 _DSS_PLAIN = m.DSS_PLAIN
 
@@ -120,6 +120,8 @@ class SubflowDir:
     shed: list[list[int]] | None = None
     fin: bool = False
     fin_seq: int | None = None  # the sequence number the first FIN took: bytes from there on are never read
+    # the receiver's PAWS state (RFC 7323; Linux tcp_paws_check): the last TSval it kept, 0 while none
+    ts_recent: int = 0
     last_map_ssn: int | None = None
     last_end: int | None = None  # abs seq after the last segment seen
     oow_noticed: bool = False
@@ -414,13 +416,16 @@ class Tracker:
         ip = seg.ip
         o = seg.tcp_off + 20
         tail = seg.hdr_len - 34  # bytes after NOP NOP timestamp MPTCP-header, minus the MPTCP option's length
+        tsval = None
         if tail >= 0:
-            head, kind, ln, sub, fl = _TS_MPTCP.unpack_from(ip, o)
+            head, tsval, kind, ln, sub, fl = _TS_MPTCP.unpack_from(ip, o)
             tail -= ln - 2
         if tail < 0 or head != _NOP_NOP_TS or kind != 30 or (tail and not (tail == 2 and (
                 ip[o + 12 + ln] == 0 or (ip[o + 12 + ln] == 1 and ip[o + 13 + ln] <= 1)))):
             # not Linux's layout (NOP NOP timestamp, one MPTCP option, two bytes of NOP/EOL padding
             # or none; DSS lengths are even): walk the options
+            if sf.dirs[d].ts_recent:
+                return False  # the timestamp is somewhere else: the general path finds it for PAWS
             spans = mptcp_spans(seg)
             if type(spans) is not list or len(spans) != 1:
                 return False
@@ -428,6 +433,7 @@ class Tracker:
             if ln < 4:
                 return False
             sub, fl = ip[off + 2], ip[off + 3]
+            tsval = None
         else:
             off = o + 12
         if sub >> 4 != 2:
@@ -437,6 +443,9 @@ class Tracker:
             return False
         n = seg.payload_len
         sfd = sf.dirs[d]
+        tr = sfd.ts_recent
+        if tr and n and tsval is not None and 1 < (tr - tsval) & MASK32 < 0x80000000:
+            return False  # an older timestamp than the receiver keeps: PAWS drops it (general path)
         pa = sfd.peer_ack
         if pa is not None and self.config.window_check:  # _window_ok, inlined
             o = (seg.seq - pa) & MASK32
@@ -470,6 +479,9 @@ class Tracker:
             if not fl & m.DSS_m and st.base is not None:
                 dsn = expand32(dsn, st.base)
         # -- committed: from here on, the general path's steps in its order
+        if tsval is not None and pa is not None and (tsval - tr) & MASK32 < 0x80000000 \
+                and (pa - seg.seq) & MASK32 < 0x80000000 and (seg.seq + n - pa) & MASK32 < 0x80000000:
+            sfd.ts_recent = tsval  # _keep_ts, inlined
         ts = seg.ts
         sf.last_ts = ts
         self.stats.mptcp_packets += 1
@@ -684,6 +696,7 @@ class Tracker:
                 sf = self._add_subflow(key, Role.INITIAL, ts, conn, False)
                 sf.dirs[0].isn = seg.seq
                 sf.dirs[0].wscale = _wscale(seg)
+                sf.dirs[0].ts_recent = timestamp_value(seg) or 0  # what the server keeps from the SYN
                 conn.held.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
                 if seg.payload_len:
                     self._keep_syn_data(conn, seg)
@@ -790,6 +803,7 @@ class Tracker:
         sf.nonce_i = j.nonce
         sf.dirs[0].isn = seg.seq
         sf.dirs[0].wscale = _wscale(seg)
+        sf.dirs[0].ts_recent = timestamp_value(seg) or 0
 
     def _count_join(self, seg: TcpSegment, token: int | None, conn: Connection | None, ev: list[Event]) -> bool:
         """MP_JOIN flood detection: join SYNs per receiver (address + token) in a fixed window.
@@ -949,6 +963,9 @@ class Tracker:
             # window, add a mapping, or carry a DATA_ACK that would make us skip real
             # bytes as a "gap" (and then discard them as duplicates)
             return
+        tsval = timestamp_value(seg) if seg.hdr_len > 20 else None
+        if tsval is not None and not self._paws_ok(conn, sfd, seg, tsval, ev):
+            return  # the receiver drops it whole, options and all
         if flags & ACK:
             # this packet's ack/window govern the other direction's data
             other = sf.dirs[d ^ 1]
@@ -1030,6 +1047,8 @@ class Tracker:
         if o.fastclose is not None:
             self._close(conn, Outcome.FASTCLOSE, True, ts, ev)
             return
+        if tsval is not None:
+            self._keep_ts(sfd, seg, tsval)
         ending = False
         if flags & (FIN | RST):
             if flags & FIN:
@@ -1083,6 +1102,7 @@ class Tracker:
             return
         sfd.isn = seg.seq
         sfd.wscale = _wscale(seg)
+        sfd.ts_recent = timestamp_value(seg) or 0  # what the client keeps from the SYN/ACK
         if sf.role == Role.INITIAL and conn is not None and conn.syn_len and conn.syn_taken is None:
             self._syn_data_taken(conn, sf, seg.ack)
         if sf.role == Role.INITIAL and conn is not None and not conn.opened:
@@ -1355,6 +1375,34 @@ class Tracker:
             off -= 0x100000000
         win = max(sfd.peer_win, 65535)
         return not (off + seg.payload_len > win + 65535 or off < -(2 * win + 65535))
+
+    def _paws_ok(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, tsval: int,
+                 ev: list[Event]) -> bool:
+        """PAWS (RFC 7323), as Linux applies it: a segment with data (not an RST) whose TSval is
+        older, by more than one, than the last one the receiver kept is dropped whole. Else a peer
+        could send bytes with a stale timestamp that the server drops and the IDS would read,
+        ahead of the bytes the server does read."""
+        tr = sfd.ts_recent
+        if not tr or not seg.payload_len or seg.flags & RST or not 1 < (tr - tsval) & MASK32 < 0x80000000:
+            return True
+        self.stats.out_of_window += 1
+        if not sfd.oow_noticed:
+            sfd.oow_noticed = True
+            self._notice(ev, NoticeType.OUT_OF_WINDOW, conn, f"{seg.payload_len} bytes with timestamp {tsval}, older "
+                         f"than the receiver's last ({tr}): dropped by PAWS", seg)
+        return False
+
+    @staticmethod
+    def _keep_ts(sfd: SubflowDir, seg: TcpSegment, tsval: int) -> None:
+        """The receiver keeps a TSval not older than its last from a segment it takes that starts at or
+        before the point it last acknowledged and does not end before it (Linux
+        tcp_replace_ts_recent, after tcp_sequence). The gateway's view of that point lags the
+        receiver's, so the TSval kept here is never newer than the receiver's: PAWS here drops no
+        segment the receiver would take."""
+        pa = sfd.peer_ack
+        if pa is not None and (tsval - sfd.ts_recent) & MASK32 < 0x80000000 \
+                and (pa - seg.seq) & MASK32 < 0x80000000 and (seg.seq + seg.payload_len - pa) & MASK32 < 0x80000000:
+            sfd.ts_recent = tsval
 
     def _in_window(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, ev: list[Event]) -> bool:
         """Subflow check: only bytes inside the receiver's TCP window count (off-path insertion guard)."""

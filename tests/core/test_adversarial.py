@@ -661,3 +661,75 @@ def test_bytes_the_receiver_never_reads_place_nothing(kind: str, fast: bool) -> 
     ev = run(t, _insertion_case(kind))
     assert streams(ev)[(1, Direction.C2S)] == b"GET /?q=UNION "
     assert not [e for e in ev if isinstance(e, Notice) and e.type == NoticeType.OVERLAP_MISMATCH]
+
+
+# -- PAWS (RFC 7323), as Linux applies it ------------------------------------------------------
+def _ts(tsval: int, tsecr: int = 1) -> bytes:
+    return bytes([1, 1, 8, 10]) + tsval.to_bytes(4, "big") + tsecr.to_bytes(4, "big")
+
+
+def _paws_session() -> tuple[Session, list[bytes]]:
+    """A connection whose packets all carry timestamps (Linux's layout), 100 ms apart."""
+    s = Session(1)
+    syn, synack, ack = s.handshake()
+    s.clock = 5000  # type: ignore[attr-defined]
+    return s, [_with_ts(s, p) for p in (syn, synack, ack)]
+
+
+def _with_ts(s: Session, pkt: bytes, tsval: int | None = None) -> bytes:
+    """``pkt`` again with a timestamp option in front of its options (a fresh TSval unless given)."""
+    from mproxy.wire.packet import option_spans
+
+    seg0 = seg(pkt)
+    if tsval is None:
+        s.clock += 100  # type: ignore[attr-defined]
+        tsval = s.clock  # type: ignore[attr-defined]
+    area = memoryview(pkt)[seg0.tcp_off + 20 : seg0.tcp_off + seg0.hdr_len]
+    spans = option_spans(area)
+    assert isinstance(spans, list)
+    opts = [bytes(area[o : o + ln]) for _k, o, ln in spans]
+    return build_tcp(seg0.src, seg0.dst, seg0.sport, seg0.dport, seg0.seq, seg0.ack, seg0.flags, seg0.window,
+                     tcp_options(_ts(tsval), *opts), bytes(seg0.payload))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_segment_with_a_stale_timestamp_places_nothing(fast: bool) -> None:
+    """PAWS: Linux drops a data segment whose TSval is older, by more than one, than the last it
+    kept; the same bytes with the real timestamp then fill those DSNs."""
+    s, pk = _paws_session()
+    pk.append(_with_ts(s, s.data(0, True, 0, b"GET /?q=")))
+    pk.append(_with_ts(s, s.ack(0, False, s.idsn[0] + 8)))
+    stale = s.data(0, True, 8, b"BENIGN", rel=9)
+    pk.append(_with_ts(s, stale, tsval=s.clock - 1000))  # type: ignore[attr-defined]
+    pk.append(_with_ts(s, s.data(0, True, 8, b"UNION ")))
+    t = Tracker()
+    t.fast_path = fast
+    ev = run(t, pk)
+    assert streams(ev)[(1, Direction.C2S)] == b"GET /?q=UNION "
+    (n,) = [e for e in ev if isinstance(e, Notice)]
+    assert n.type == NoticeType.OUT_OF_WINDOW and "PAWS" in n.detail
+
+
+def test_paws_tolerates_one_tick_and_equal_timestamps() -> None:
+    s, pk = _paws_session()
+    pk.append(_with_ts(s, s.data(0, True, 0, b"abc")))
+    pk.append(_with_ts(s, s.ack(0, False, s.idsn[0] + 3)))
+    now = s.clock  # type: ignore[attr-defined]
+    pk.append(_with_ts(s, s.data(0, True, 3, b"def"), tsval=now - 1))
+    pk.append(_with_ts(s, s.data(0, True, 6, b"ghi"), tsval=now - 1))
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, Direction.C2S)] == b"abcdefghi" and not [e for e in ev if isinstance(e, Notice)]
+
+
+def test_an_old_duplicate_with_a_far_future_timestamp_cannot_blind_the_tracker() -> None:
+    """Linux keeps no TSval from a segment that ends before the point it acknowledged (it fails
+    the sequence check); if the tracker kept it, every later segment would look stale to it while
+    the server took them."""
+    s, pk = _paws_session()
+    pk.append(_with_ts(s, s.data(0, True, 0, b"abc")))
+    pk.append(_with_ts(s, s.ack(0, False, s.idsn[0] + 3)))
+    pk.append(_with_ts(s, s.data(0, True, 0, b"ab", rel=1), tsval=0x7000_0000))  # an old copy
+    pk.append(_with_ts(s, s.data(0, True, 3, b"UNION SELECT")))
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, Direction.C2S)] == b"abcUNION SELECT"
+    assert not [e for e in ev if isinstance(e, Notice)]

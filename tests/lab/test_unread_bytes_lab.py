@@ -1,10 +1,11 @@
-"""Bytes a Linux receiver never reads, on kernel MPTCP: an RST's payload, and data after a
-subflow's FIN, each carrying a DSS mapping for the DSNs the client then fills with other bytes.
+"""Bytes a Linux receiver never reads, on kernel MPTCP: an RST's payload, data after a
+subflow's FIN, and data whose timestamp is older than the receiver's last (PAWS), each
+carrying a DSS mapping for the DSNs the client then fills with other bytes.
 
 The client writes ``GET /?q=``; on its join subflow a raw socket then sends, at that
-subflow's next sequence number, either an RST carrying ``BENIGN`` mapped at the next
-data-level bytes, or a FIN followed by ``BENIGN`` so mapped; then the client writes
-``UNION SELECT ...``. Ground truth is what the server application read (the kernel
+subflow's next sequence number, an RST carrying ``BENIGN`` mapped at the next data-level
+bytes, or a FIN followed by ``BENIGN`` so mapped, or ``BENIGN`` so mapped with a timestamp
+100 s older than the subflow's; then the client writes ``UNION SELECT ...``. Ground truth is what the server application read (the kernel
 drops both forgeries); the replayed stream, read back by tshark, must be the same.
 """
 
@@ -71,13 +72,15 @@ def _inject(spec: dict[str, Any]) -> None:
 
     payload = bytes.fromhex(spec["payload"])
     opts = [m.dss(spec["data_ack"], spec["dsn"], spec["ssn"], len(payload)).encode()] if payload else []
+    if "tsval" in spec:  # Linux's layout: NOP NOP timestamp first
+        opts.insert(0, bytes([1, 1, 8, 10]) + spec["tsval"].to_bytes(4, "big") + spec["tsecr"].to_bytes(4, "big"))
     flags = {"rst": RST | ACK, "data": ACK, "fin": FIN | ACK}[spec["flags"]]
     pkt = build_tcp(socket.inet_aton(spec["src"]), socket.inet_aton(spec["dst"]), spec["sport"], PORT, spec["seq"],
                     spec["ack"], flags, 502, tcp_options(*opts), payload)
     socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
 
 
-@pytest.mark.parametrize("forgery", ["rst", "fin"])
+@pytest.mark.parametrize("forgery", ["rst", "fin", "paws"])
 def test_bytes_the_kernel_never_reads_stay_out_of_the_rebuilt_stream(forgery: str, tmp_path: Path) -> None:
     from mproxy import crypto
     from mproxy.cli import main
@@ -99,14 +102,18 @@ def test_bytes_the_kernel_never_reads_stay_out_of_the_rebuilt_stream(forgery: st
             idsn = crypto.key_idsn(int(key[0].split(",")[0]), 1)
             jport, jisn = (int(x) for x in tshark_fields(
                 cap, ["tcp.srcport", "tcp.seq_raw"], f"tcp.flags.syn == 1 && tcp.flags.ack == 0 && ip.src == {join_ip}")[0])
-            seq, ln, ack = (int(x) for x in tshark_fields(
-                cap, ["tcp.seq_raw", "tcp.len", "tcp.ack_raw"], f"tcp.srcport == {jport} && ip.src == {join_ip}")[-1])
+            seq, ln, ack, tsval, tsecr = (int(x) for x in tshark_fields(
+                cap, ["tcp.seq_raw", "tcp.len", "tcp.ack_raw", "tcp.options.timestamp.tsval",
+                      "tcp.options.timestamp.tsecr"], f"tcp.srcport == {jport} && ip.src == {join_ip}")[-1])
             nxt = (seq + ln) & 0xFFFFFFFF
             common = {"src": join_ip, "dst": srv_ip, "sport": jport, "ack": ack, "data_ack": 0,
                       "dsn": (idsn + 1 + len(PART1)) & ((1 << 64) - 1)}
             benign = b"BENIGN".hex()
             if forgery == "rst":
                 specs = [dict(common, flags="rst", seq=nxt, payload=benign, ssn=(nxt - jisn) & 0xFFFFFFFF)]
+            elif forgery == "paws":
+                specs = [dict(common, flags="data", seq=nxt, payload=benign, ssn=(nxt - jisn) & 0xFFFFFFFF,
+                              tsval=(tsval - 100_000) & 0xFFFFFFFF, tsecr=tsecr)]
             else:
                 after = (nxt + 1) & 0xFFFFFFFF
                 specs = [dict(common, flags="fin", seq=nxt, payload="", ssn=0),
@@ -118,7 +125,7 @@ def test_bytes_the_kernel_never_reads_stay_out_of_the_rebuilt_stream(forgery: st
             out, _ = srv.communicate(timeout=30)
             cli.wait(15)
     read = bytes.fromhex(out.split()[-1].decode())
-    assert read == PART1 + PART2, read  # the kernel read neither forgery
+    assert read == PART1 + PART2, read  # the kernel read none of the forgeries
     out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
     assert main(["replay", str(cap), "--out", str(out_pcap), "--log", str(log), "-q"]) == 0
     (f,) = tshark_follow_raw(out_pcap)
