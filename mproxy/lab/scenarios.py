@@ -432,9 +432,7 @@ def fast_open(keep: str | os.PathLike[str], *, taken: bool = True, size: int = 1
     them (they reach its application ahead of the data-level stream, with no DSN); else it
     wants a cookie and refuses them, the client sends them again after the handshake and
     Linux 6.18 falls back to TCP there (its handshake ACK carries no MP_CAPABLE)."""
-    with Lab(rate="30mbit") as lab:
-        lab.run(lab.ns_srv, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={0x203 if taken else 0x3}")
-        lab.run(lab.ns_cli, "sysctl", "-qw", "net.ipv4.tcp_fastopen=5")  # client on, no cookie needed
+    with Lab(rate="30mbit") as lab, lab.fast_open(taken):
         return run_transfer(lab, keep, name or ("fast_open" if taken else "fast_open_refused"), c2s_bytes=size,
                             s2c_bytes=size // 4, fast_open=True)
 

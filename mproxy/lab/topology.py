@@ -455,6 +455,20 @@ class Lab:
                 self.run(self.ns_gw, tool, "-w", "-D", *spec, check=False)
 
     @contextlib.contextmanager
+    def fast_open(self, taken: bool = True) -> Iterator[None]:
+        """TCP Fast Open for the block: the client sends data in its SYN without a cookie, and the
+        server takes it (``taken``) or wants a cookie and refuses it; the sysctls are put back after."""
+        knob = "net.ipv4.tcp_fastopen"
+        old = {ns: self.run(ns, "sysctl", "-n", knob).stdout.strip() for ns in (self.ns_cli, self.ns_srv)}
+        try:
+            self.run(self.ns_srv, "sysctl", "-qw", f"{knob}={0x203 if taken else 0x3}")
+            self.run(self.ns_cli, "sysctl", "-qw", f"{knob}=5")  # client on, no cookie needed
+            yield
+        finally:
+            for ns, v in old.items():
+                self.run(ns, "sysctl", "-qw", f"{knob}={v}")
+
+    @contextlib.contextmanager
     def capture(self, path: str | os.PathLike[str], iface: str | Sequence[str] = "any",
                 snaplen: int = 0, bpf: str = "tcp", ns: str | None = None, direction: str = "in") -> Iterator[Path]:
         """Record packets received at the gateway (``-Q in``: each forwarded packet once; ``direction``

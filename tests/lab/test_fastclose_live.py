@@ -141,19 +141,12 @@ def test_an_attack_in_a_fast_open_syn_never_reaches_the_server(lab: Any, server:
     inspected like every stream: the server never reads the attack."""
     from mproxy.lab.http_attack import ATTACK_PART1, ATTACK_PART2, NEEDLE, Client
 
-    old = {ns: lab.run(ns, "sysctl", "-n", "net.ipv4.tcp_fastopen").stdout.strip() for ns in (lab.ns_cli, lab.ns_srv)}
-    try:
-        lab.run(lab.ns_srv, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={0x203}")  # taken without a cookie
-        lab.run(lab.ns_cli, "sysctl", "-qw", "net.ipv4.tcp_fastopen=5")
-        with mproxy(lab, tmp_path / "mproxy", '[inspector]\nmode = "on"\n') as mp:
-            client = Client(lab, server, 4, fast_open=ATTACK_PART1 + ATTACK_PART2)
-            try:
-                ended = client.wait_end(3.0)  # the client's socket: reset (or still waiting)
-            finally:
-                client.close()
-    finally:
-        for ns, v in old.items():
-            lab.run(ns, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={v}")
+    with lab.fast_open(), mproxy(lab, tmp_path / "mproxy", '[inspector]\nmode = "on"\n') as mp:
+        client = Client(lab, server, 4, fast_open=ATTACK_PART1 + ATTACK_PART2)
+        try:
+            ended = client.wait_end(3.0)  # the client's socket: reset (or still waiting)
+        finally:
+            client.close()
     # whatever the server accepted from this client port (the SYN sent again is killed in the
     # handshake, before any accept, when its bytes follow as data), it never read the attack
     mine = [e["conn"] for e in server.drain() if e.get("ev") == "accept" and e.get("port") == client.sport]

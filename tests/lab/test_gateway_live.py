@@ -180,16 +180,9 @@ def test_inspect_emits_fast_open_bytes_at_the_head_of_the_stream(lab: Any, tmp_p
     from mproxy.lab.apps import FAST_OPEN_HEAD
     from tests.oracles import tshark_follow_raw
 
-    old = {ns: lab.run(ns, "sysctl", "-n", "net.ipv4.tcp_fastopen").stdout.strip() for ns in (lab.ns_cli, lab.ns_srv)}
     ids = tmp_path / "ids.pcap"
-    try:
-        lab.run(lab.ns_srv, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={0x203}")  # taken without a cookie
-        lab.run(lab.ns_cli, "sysctl", "-qw", "net.ipv4.tcp_fastopen=5")
-        with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
-            res = transfer(lab, tmp_path, "fast_open", fast_open=True)
-    finally:
-        for ns, v in old.items():
-            lab.run(ns, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={v}")
+    with lab.fast_open(), mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
+        res = transfer(lab, tmp_path, "fast_open", fast_open=True)
     (c,) = res.connections
     assert c.mptcp is True
     client = json.loads(res.client_json.read_text())["connections"][0]

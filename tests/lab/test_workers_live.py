@@ -99,21 +99,14 @@ def test_fast_open_syns_are_steered_with_their_bytes(lab: Any, tmp_path: Path) -
     from tests.oracles import tshark_follow_raw
 
     ids = tmp_path / "ids.pcap"
-    old = {ns: lab.run(ns, "sysctl", "-n", "net.ipv4.tcp_fastopen").stdout.strip() for ns in (lab.ns_cli, lab.ns_srv)}
     mp = Mproxy(lab, tmp_path / "mproxy", workers=2)
-    try:
-        lab.run(lab.ns_srv, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={0x203}")
-        lab.run(lab.ns_cli, "sysctl", "-qw", "net.ipv4.tcp_fastopen=5")
-        with lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
-            mp.start()
-            try:
-                res = transfer(lab, tmp_path, "fast_open", connections=4, c2s_bytes=200_000, s2c_bytes=100_000,
-                               fast_open=True)
-            finally:
-                assert mp.stop() == 0, mp.err
-    finally:
-        for ns, v in old.items():
-            lab.run(ns, "sysctl", "-qw", f"net.ipv4.tcp_fastopen={v}")
+    with lab.fast_open(), lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
+        mp.start()
+        try:
+            res = transfer(lab, tmp_path, "fast_open", connections=4, c2s_bytes=200_000, s2c_bytes=100_000,
+                           fast_open=True)
+        finally:
+            assert mp.stop() == 0, mp.err
     assert "Traceback" not in mp.err, mp.err
     assert all(c.mptcp for c in res.connections)
     conns = mp.connections()
