@@ -12,9 +12,9 @@ from mproxy.lab.scenarios import SCENARIOS, ScenarioResult
 
 LAB_REASON = lab_available()
 ATTEMPTS = 3
-# dss_stripped falls back on purpose, and the kernel often loses bytes there: the scenario retries itself;
-# fast_open_refused falls back on purpose (and carries every byte: its test checks that itself)
-JUDGED_BY_THE_KERNEL = set(SCENARIOS) - {"dss_stripped", "fast_open_refused"}
+# dss_stripped falls back on purpose, and the kernel often loses bytes there: the scenario retries itself
+JUDGED_BY_THE_KERNEL = set(SCENARIOS) - {"dss_stripped"}
+FALLS_BACK = {"fast_open_refused"}  # on purpose: judged by its bytes alone
 
 
 def kernel_trouble(name: str, res: ScenarioResult) -> list[str]:
@@ -23,6 +23,8 @@ def kernel_trouble(name: str, res: ScenarioResult) -> list[str]:
     if name not in JUDGED_BY_THE_KERNEL:
         return []
     problems = res.problems()  # these name the kernel counters when there are any
+    if name in FALLS_BACK:
+        return problems
     fell_back = [f"{c.four_tuple} fell back to TCP" for c in res.connections if c.mptcp is False]
     if fell_back and not problems and res.mib:
         fell_back.append(f"kernel MPTCP counters: {res.mib}")

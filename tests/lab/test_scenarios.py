@@ -224,7 +224,18 @@ def test_follow_raw_oracle(scenario: Scenario) -> None:
 @pytest.mark.lab
 @lab
 def test_bulk_small(tmp_path: Path) -> None:
-    res = bulk(4, keep=tmp_path)
+    import warnings
+
+    from tests.lab.livehelp import kernel_corrupted
+
+    for attempt in range(1, 4):
+        res = bulk(4, keep=tmp_path / str(attempt))
+        if res.ok or not kernel_corrupted(res):
+            break
+        # Linux 6.18 now and then hands an application other bytes than were sent, every count
+        # right (README "The lab"; seen on CI here): no ground truth, run again
+        warnings.warn(f"bulk run {attempt}: a kernel delivered other bytes than were sent: "
+                      + "; ".join(res.problems()), stacklevel=1)
     assert_intact(res)
     assert len(res.connections) == 2
     assert sum(data_streams(res.capture).values()) >= 4_000_000
@@ -233,7 +244,7 @@ def test_bulk_small(tmp_path: Path) -> None:
 @pytest.mark.lab
 @lab
 def test_link_flap_and_loss_knobs(tmp_path: Path) -> None:
-    from mproxy.lab.scenarios import run_transfer
+    from tests.lab.livehelp import transfer
 
     # shaped (the default 30mbit): unshaped, 300 KB went in 4 ms on the first subflow before the
     # path manager had opened the join (seen once), and nothing showed the second path works again
@@ -245,7 +256,7 @@ def test_link_flap_and_loss_knobs(tmp_path: Path) -> None:
         assert rules.count("statistic") == 2
         lb.clear_loss()
         assert "statistic" not in lb.run(lb.ns_gw, "iptables", "-S", "FORWARD").stdout
-        res = run_transfer(lb, tmp_path, "flap", c2s_bytes=300_000, s2c_bytes=300_000)
+        res = transfer(lb, tmp_path, "flap", c2s_bytes=300_000, s2c_bytes=300_000)  # (kernel corruption: again)
         assert_intact(res)
         assert_multipath(res)  # path 1 works again after the flap
         ns = (lb.ns_cli, lb.ns_gw, lb.ns_srv)
