@@ -23,6 +23,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from struct import Struct
 
+from ..wire.checksum import ipv4_header_checksum
+
 __all__ = ["Defragmenter", "DefragStats", "DROP_REASONS"]
 
 DROP_REASONS = ("overlap", "timeout", "memcap", "oversize", "truncated", "malformed")
@@ -183,10 +185,7 @@ def _whole(dg: _Datagram, payload: bytes) -> bytes:
         head[2:4] = (ihl + len(payload)).to_bytes(2, "big")
         head[6:8] = b"\x00\x00"  # no longer a fragment
         head[10:12] = b"\x00\x00"
-        s = sum(int.from_bytes(head[i : i + 2], "big") for i in range(0, ihl, 2))
-        while s >> 16:
-            s = (s & 0xFFFF) + (s >> 16)
-        head[10:12] = (~s & 0xFFFF).to_bytes(2, "big")
+        head[10:12] = ipv4_header_checksum(head).to_bytes(2, "big")
     else:
         head[dg.nh_at] = dg.next_header  # the fragment header is gone: what followed it follows this
         head[4:6] = (len(head) - 40 + len(payload)).to_bytes(2, "big")

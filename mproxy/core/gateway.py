@@ -107,18 +107,10 @@ class Gateway:
         verdict = Verdict.ACCEPT
         reason = ""
         inject: list[bytes] = []
-        if events:
+        if events or (flags & SYN and not flags & ACK and seg.payload_len):  # (a Fast Open SYN is judged too)
             verdict, reason = self._judge(seg, events)
             # inline verdict: bytes this packet made in-order pass the inspector before it is accepted
             r = self.responder.judge(seg, events)
-            if r is not None:
-                events = events + r.events
-                inject = r.inject
-                if r.drop:
-                    verdict, reason = Verdict.DROP, r.reason
-        if flags & SYN and not flags & ACK and seg.payload_len and verdict == Verdict.ACCEPT:
-            # a Fast Open SYN: the server's application gets its bytes with it
-            r = self.responder.judge_syn_data(seg)
             if r is not None:
                 events = events + r.events
                 inject = r.inject

@@ -148,23 +148,13 @@ class Pipeline:
         """One captured frame; non-TCP frames are counted and not forwarded."""
         self.stats.frames += 1
         seg = parse_frame(linktype, frame, ts)
-        if seg is None:
-            self.stats.non_tcp += 1
-            return []
-        if isinstance(seg, WireError):
-            if seg.kind is ErrorKind.FRAGMENT:
-                return self._fragment(linktype, frame, ts)
-            self.stats.parse_errors[seg.kind.value] += 1
-            return []
-        return self.feed_segment(seg)
-
-    def _fragment(self, linktype: int, frame: bytes | memoryview, ts: float) -> Frames:
-        """An IP fragment: held until its datagram is whole, then parsed as any packet."""
-        ip = strip_link(linktype, memoryview(frame))
-        whole = self.defrag.add(ip, ts) if isinstance(ip, memoryview) and len(ip) else None
-        if whole is None:
-            return []
-        seg = parse_ip(memoryview(whole), ts)
+        if isinstance(seg, WireError) and seg.kind is ErrorKind.FRAGMENT:
+            # an IP fragment: held until its datagram is whole, which is then parsed as any packet
+            ip = strip_link(linktype, memoryview(frame))
+            whole = self.defrag.add(ip, ts) if isinstance(ip, memoryview) and len(ip) else None
+            if whole is None:
+                return []
+            seg = parse_ip(memoryview(whole), ts)
         if seg is None:
             self.stats.non_tcp += 1
             return []

@@ -131,8 +131,11 @@ class Responder:
         return r
 
     def judge(self, seg: TcpSegment, events: list[Event]) -> Response | None:
-        """Inspect what this packet released; apply the reactions. None: nothing to do."""
+        """Inspect what this packet released (and a Fast Open SYN's bytes); apply the reactions.
+        None: nothing to do."""
         resp: Response | None = None
+        if seg.payload_len and seg.flags & SYN and not seg.flags & ACK:
+            resp = self._syn_data(seg)
         ins = self.inspector
         for e in events:
             if isinstance(e, DataReleased):
@@ -166,7 +169,7 @@ class Responder:
             self._sweep(seg.ts)
         return resp
 
-    def judge_syn_data(self, seg: TcpSegment) -> Response | None:
+    def _syn_data(self, seg: TcpSegment) -> Response | None:
         """A TCP Fast Open SYN: its bytes reach the server's application with the SYN (the socket
         exists from then on), before the tracker can place them (only the server's answer says
         whether it took them). When a match would fast-close, they are inspected now, as the

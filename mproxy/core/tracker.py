@@ -26,7 +26,7 @@ from typing import Any
 from .. import crypto
 from ..wire import mptcp as m
 from ..wire.errors import WireError
-from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, option_spans, timestamp_value
+from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, option_spans
 from .events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -54,6 +54,7 @@ _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flo
 _KEYLESS_BASE = 1 << 32  # where a stream with no known DSN is counted from (see Tracker._fall_back)
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TCPOPT_WSCALE = 3
+_TCPOPT_TIMESTAMP = 8
 _NOT_FAST = SYN | FIN | RST
 _TS_MPTCP = Struct("!4sI4xBBBB")  # NOP NOP kind 8 len 10, TSval, TSecr, then an MPTCP option's first 4 bytes
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
@@ -274,15 +275,27 @@ class TrackerStats:
     add_addr_repeats: int = 0  # identical ADD_ADDR retransmissions (benign: no notice)
 
 
-def _wscale(seg: TcpSegment) -> int | None:
-    spans = option_spans(seg.options)
+def _option(seg: TcpSegment, kind: int, length: int) -> memoryview | None:
+    """A TCP option of ``kind`` and exactly ``length`` bytes, None without one (or a damaged walk)."""
+    opts = seg.options
+    spans = option_spans(opts)
     if isinstance(spans, WireError):
         return None
-    opts = seg.options
-    for kind, start, ln in spans:
-        if kind == _TCPOPT_WSCALE and ln == 3:
-            return min(opts[start + 2], 14)
+    for k, start, ln in spans:
+        if k == kind and ln == length:
+            return opts[start : start + ln]
     return None
+
+
+def _wscale(seg: TcpSegment) -> int | None:
+    opt = _option(seg, _TCPOPT_WSCALE, 3)
+    return None if opt is None else min(opt[2], 14)
+
+
+def _tsval(seg: TcpSegment) -> int | None:
+    """The TSval of the timestamp option (RFC 7323)."""
+    opt = _option(seg, _TCPOPT_TIMESTAMP, 10)
+    return None if opt is None else int.from_bytes(opt[2:6], "big")
 
 
 class Tracker:
@@ -696,7 +709,7 @@ class Tracker:
                 sf = self._add_subflow(key, Role.INITIAL, ts, conn, False)
                 sf.dirs[0].isn = seg.seq
                 sf.dirs[0].wscale = _wscale(seg)
-                sf.dirs[0].ts_recent = timestamp_value(seg) or 0  # what the server keeps from the SYN
+                sf.dirs[0].ts_recent = _tsval(seg) or 0  # what the server keeps from the SYN
                 conn.held.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
                 if seg.payload_len:
                     self._keep_syn_data(conn, seg)
@@ -803,7 +816,7 @@ class Tracker:
         sf.nonce_i = j.nonce
         sf.dirs[0].isn = seg.seq
         sf.dirs[0].wscale = _wscale(seg)
-        sf.dirs[0].ts_recent = timestamp_value(seg) or 0
+        sf.dirs[0].ts_recent = _tsval(seg) or 0
 
     def _count_join(self, seg: TcpSegment, token: int | None, conn: Connection | None, ev: list[Event]) -> bool:
         """MP_JOIN flood detection: join SYNs per receiver (address + token) in a fixed window.
@@ -963,7 +976,7 @@ class Tracker:
             # window, add a mapping, or carry a DATA_ACK that would make us skip real
             # bytes as a "gap" (and then discard them as duplicates)
             return
-        tsval = timestamp_value(seg) if seg.hdr_len > 20 else None
+        tsval = _tsval(seg) if seg.hdr_len > 20 else None
         if tsval is not None and not self._paws_ok(conn, sfd, seg, tsval, ev):
             return  # the receiver drops it whole, options and all
         if flags & ACK:
@@ -1102,7 +1115,7 @@ class Tracker:
             return
         sfd.isn = seg.seq
         sfd.wscale = _wscale(seg)
-        sfd.ts_recent = timestamp_value(seg) or 0  # what the client keeps from the SYN/ACK
+        sfd.ts_recent = _tsval(seg) or 0  # what the client keeps from the SYN/ACK
         if sf.role == Role.INITIAL and conn is not None and conn.syn_len and conn.syn_taken is None:
             self._syn_data_taken(conn, sf, seg.ack)
         if sf.role == Role.INITIAL and conn is not None and not conn.opened:
@@ -1207,7 +1220,7 @@ class Tracker:
         """The bytes the server took from the SYN, at the start of the client->server stream."""
         st = conn.streams[Direction.C2S]
         n, data = conn.syn_len, conn.syn_data
-        if st.base is None or not n or st.start is None or st.base != st.start:
+        if st.base is None or not n or st.base != st.start:
             return
         start = st.base
         conn.syn_data, conn.syn_len = b"", 0
@@ -1329,7 +1342,7 @@ class Tracker:
             if not any(mp.infinite for mp in sfd.mappings):
                 self._notice(ev, NoticeType.INFINITE_MAPPING, conn, f"infinite mapping at dsn {dsn}", seg)
             mp = Mapping(ssn, dsn, 0, True)
-            if sf.role == Role.INITIAL and not any(o.role == Role.JOIN and o.established for o in conn.subflows):
+            if self._alone(conn, sf):
                 conn.fallen = True  # RFC 8684 3.7: no more DSS from here on; Linux ignores any that come
         else:
             length = dll - (1 if dss.data_fin else 0)
@@ -1590,8 +1603,13 @@ class Tracker:
         self._notice(ev, NoticeType.INFINITE_MAPPING, conn, detail, seg, ts)
         sfd.mappings.append(Mapping(1, st.base, 0, True))
         conn.mapped[cdir] = True
-        if sf.role == Role.INITIAL and not any(o.role == Role.JOIN and o.established for o in conn.subflows):
+        if self._alone(conn, sf):
             conn.fallen = True
+
+    @staticmethod
+    def _alone(conn: Connection, sf: Subflow) -> bool:
+        """The initial subflow with no join up: where Linux lets a connection fall back to TCP."""
+        return sf.role == Role.INITIAL and not any(o.role == Role.JOIN and o.established for o in conn.subflows)
 
     @staticmethod
     def _bare_mapping(conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, r: int) -> Mapping | None:
@@ -1615,9 +1633,7 @@ class Tracker:
             if (r - start) & MASK32 < n:
                 return Mapping(start, expand32((start + off) & MASK32, st.base), n, False, None, n)
         end = sfd.placed_end
-        if end is None or sf.role != Role.INITIAL or conn.csum:
-            return None
-        if any(o.role == Role.JOIN and o.established for o in conn.subflows):
+        if end is None or conn.csum or not Tracker._alone(conn, sf):
             return None
         dsn = expand32((r + sfd.placed_off) & MASK32, st.base)
         if st.fin_dsn is not None and st.unwrap(dsn) >= st.fin_dsn:

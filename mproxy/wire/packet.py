@@ -299,27 +299,6 @@ def option_spans(opts: memoryview) -> list[tuple[int, int, int]] | WireError:
     return spans
 
 
-def timestamp_value(seg: TcpSegment) -> int | None:
-    """The TSval of a segment's timestamp option (RFC 7323), None without one (or a damaged walk)."""
-    ip = seg.ip
-    i = seg.tcp_off + 20
-    end = seg.tcp_off + seg.hdr_len
-    while i < end:
-        kind = ip[i]
-        if kind == TCPOPT_NOP:
-            i += 1
-            continue
-        if kind == TCPOPT_EOL or i + 1 >= end:
-            return None
-        olen = ip[i + 1]
-        if olen < 2 or i + olen > end:
-            return None
-        if kind == 8:
-            return int.from_bytes(ip[i + 2 : i + 6], "big") if olen == 10 else None
-        i += olen
-    return None
-
-
 def mptcp_spans(seg: TcpSegment) -> list[tuple[int, int]] | WireError:
     """``(offset in seg.ip, length)`` of every MPTCP option of a segment.
 
