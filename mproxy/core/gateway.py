@@ -16,7 +16,7 @@ from typing import Any
 from .. import crypto
 from ..wire import mptcp as m
 from ..wire.errors import WireError
-from ..wire.packet import ACK, SYN, TcpSegment, mptcp_spans, parse_ip
+from ..wire.packet import ACK, SYN, TcpSegment, parse_ip, read_mptcp_spans
 from ..wire.rewrite import nop_out
 from .alerts import Alert
 from .emitter import passthrough_frames
@@ -174,8 +174,8 @@ class Gateway:
         A Decision is final; an Action (for a new connection) or None means the
         SYN goes on to the tracker.
         """
-        spans = mptcp_spans(seg)
-        if isinstance(spans, WireError) or not spans:
+        spans, _ = read_mptcp_spans(seg)  # as the endpoint reads them: a damaged option ends the walk
+        if not spans:
             return None
         opts = [(off, ln, m.decode(seg.ip[off : off + ln], seg.flags)) for off, ln in spans]
         cap = next(((off, ln, o) for off, ln, o in opts if isinstance(o, m.MpCapable)), None)
@@ -234,12 +234,10 @@ class Gateway:
     def _untouched_packet(self, seg: TcpSegment, action: Action) -> Decision:
         if action == Action.ALLOW and seg.flags & SYN and seg.flags & ACK:
             # learn the server's key so the allowed connection's joins are allowed too
-            spans = mptcp_spans(seg)
-            if not isinstance(spans, WireError):
-                for off, ln in spans:
-                    o = m.decode(seg.ip[off : off + ln], seg.flags)
-                    if isinstance(o, m.MpCapable) and o.sender_key is not None:
-                        self._untouched_tokens.add(crypto.key_token(o.sender_key, o.version))
+            for off, ln in read_mptcp_spans(seg)[0]:
+                o = m.decode(seg.ip[off : off + ln], seg.flags)
+                if isinstance(o, m.MpCapable) and o.sender_key is not None:
+                    self._untouched_tokens.add(crypto.key_token(o.sender_key, o.version))
         frames: Frames = []
         if action == Action.DOWNGRADE and self.pipeline.passthrough:
             frames = passthrough_frames(seg.ip, seg.ipver, seg.ts, self.pipeline.passthrough_mss)

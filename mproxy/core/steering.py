@@ -28,7 +28,7 @@ from enum import Enum
 
 from ..wire.errors import WireError
 from ..wire.mptcp import Subtype
-from ..wire.packet import SYN, TcpSegment, mptcp_spans, parse_ip
+from ..wire.packet import SYN, TcpSegment, parse_ip, read_mptcp_spans
 from .gateway import Decision, Verdict
 from .marks import mask_capacity, mask_shift, worker_bits
 
@@ -115,28 +115,26 @@ class Steering:
         if not seg.flags & SYN:
             self.last_kind = SteerKind.OTHER
             return self._hash(seg)
-        spans = mptcp_spans(seg)  # the tracker's own option walk: an option list it refuses is "other" here
-        if isinstance(spans, list):
-            raw = seg.ip
-            for off, olen in spans:
-                if olen < 3:
-                    continue
-                sub = raw[off + 2] >> 4
-                if sub == Subtype.MP_CAPABLE:
-                    self.last_kind = SteerKind.CAPABLE
-                    w = self._next
-                    self._next = (w + 1) % self.workers
-                    return w
-                if sub == Subtype.MP_JOIN and olen == 12:
-                    token = int.from_bytes(raw[off + 4 : off + 8], "big")
-                    owner = self.tokens.get(token)
-                    if owner is not None:
-                        self.last_kind = SteerKind.JOIN
-                        return owner
-                    if not final:
-                        return None
-                    self.last_kind = SteerKind.JOIN_UNKNOWN
-                    return self._hash(seg)
+        raw = seg.ip
+        for off, olen in read_mptcp_spans(seg)[0]:  # the tracker's own walk: options before a damaged one stand
+            if olen < 3:
+                continue
+            sub = raw[off + 2] >> 4
+            if sub == Subtype.MP_CAPABLE:
+                self.last_kind = SteerKind.CAPABLE
+                w = self._next
+                self._next = (w + 1) % self.workers
+                return w
+            if sub == Subtype.MP_JOIN and olen == 12:
+                token = int.from_bytes(raw[off + 4 : off + 8], "big")
+                owner = self.tokens.get(token)
+                if owner is not None:
+                    self.last_kind = SteerKind.JOIN
+                    return owner
+                if not final:
+                    return None
+                self.last_kind = SteerKind.JOIN_UNKNOWN
+                return self._hash(seg)
         self.last_kind = SteerKind.OTHER
         return self._hash(seg)
 

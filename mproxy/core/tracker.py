@@ -26,7 +26,8 @@ from typing import Any
 from .. import crypto
 from ..wire import mptcp as m
 from ..wire.errors import WireError
-from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, option_spans
+from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, read_mptcp_spans, \
+    read_option_spans
 from .events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -276,11 +277,10 @@ class TrackerStats:
 
 
 def _option(seg: TcpSegment, kind: int, length: int) -> memoryview | None:
-    """A TCP option of ``kind`` and exactly ``length`` bytes, None without one (or a damaged walk)."""
+    """A TCP option of ``kind`` and exactly ``length`` bytes, None without one (before a damaged
+    option, as a stack reads them)."""
     opts = seg.options
-    spans = option_spans(opts)
-    if isinstance(spans, WireError):
-        return None
+    spans, _ = read_option_spans(opts)
     for k, start, ln in spans:
         if k == kind and ln == length:
             return opts[start : start + ln]
@@ -621,10 +621,10 @@ class Tracker:
     def _options(self, seg: TcpSegment, hit: tuple[Subflow, int] | None, ev: list[Event]) -> "_Opts | None":
         if seg.hdr_len == 20:
             return None
-        spans = mptcp_spans(seg)
-        if isinstance(spans, WireError):
-            self._decode_error(spans, seg, hit, ev)
-            return None
+        spans, err = read_mptcp_spans(seg)
+        if err is not None:
+            # counted and reported, but the options before the damaged one stand, as Linux reads them
+            self._decode_error(err, seg, hit, ev)
         if not spans:
             return None
         o = _Opts()

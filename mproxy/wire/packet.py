@@ -272,11 +272,13 @@ parse_frame = _accelerated() or parse_frame_pure
 ACCELERATED = parse_frame is not parse_frame_pure
 
 
-def option_spans(opts: memoryview) -> list[tuple[int, int, int]] | WireError:
-    """List ``(kind, start, length)`` of the TCP options (offsets into ``opts``).
+def read_option_spans(opts: memoryview) -> tuple[list[tuple[int, int, int]], WireError | None]:
+    """``(kind, start, length)`` of the TCP options a TCP stack reads, and the error that stopped it.
 
-    A length below 2 or past the header is an error: the rest of the option
-    area cannot be trusted, exactly as a TCP stack stops reading there.
+    A length below 2 or past the header ends the walk there, but the options
+    before it stand: Linux (``tcp_parse_options``, ``mptcp_get_options``) acts on
+    them, so a judge that dropped them all would read a segment the receiver
+    reads otherwise (a DSS followed by a lying option still places its bytes).
     """
     spans: list[tuple[int, int, int]] = []
     i, n = 0, len(opts)
@@ -288,26 +290,32 @@ def option_spans(opts: memoryview) -> list[tuple[int, int, int]] | WireError:
             i += 1
             continue
         if i + 1 >= n:
-            return WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} without length")
+            return spans, WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} without length")
         olen = opts[i + 1]
         if olen < 2:
-            return WireError(ErrorKind.BAD_OPTION_LENGTH, f"kind {kind} length {olen}")
+            return spans, WireError(ErrorKind.BAD_OPTION_LENGTH, f"kind {kind} length {olen}")
         if i + olen > n:
-            return WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} length {olen}")
+            return spans, WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} length {olen}")
         spans.append((kind, i, olen))
         i += olen
-    return spans
+    return spans, None
 
 
-def mptcp_spans(seg: TcpSegment) -> list[tuple[int, int]] | WireError:
-    """``(offset in seg.ip, length)`` of every MPTCP option of a segment.
+def option_spans(opts: memoryview) -> list[tuple[int, int, int]] | WireError:
+    """The options of :func:`read_option_spans`, or its error when the walk did not finish."""
+    spans, err = read_option_spans(opts)
+    return spans if err is None else err
 
-    Same walk and same errors as :func:`option_spans`, inlined over
-    ``seg.ip`` because it runs for every packet.
+
+def read_mptcp_spans(seg: TcpSegment) -> tuple[list[tuple[int, int]], WireError | None]:
+    """``(offset in seg.ip, length)`` of every MPTCP option a TCP stack reads, and the walk's error.
+
+    Same walk, same errors and same partial result as :func:`read_option_spans`,
+    inlined over ``seg.ip`` because it runs for every packet.
     """
     hl = seg.hdr_len
     if hl == 20:
-        return []
+        return [], None
     ip = seg.ip
     i = seg.tcp_off + 20
     end = i + hl - 20
@@ -320,13 +328,20 @@ def mptcp_spans(seg: TcpSegment) -> list[tuple[int, int]] | WireError:
         if kind == TCPOPT_EOL:
             break
         if i + 1 >= end:
-            return WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} without length")
+            return out, WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} without length")
         olen = ip[i + 1]
         if olen < 2:
-            return WireError(ErrorKind.BAD_OPTION_LENGTH, f"kind {kind} length {olen}")
+            return out, WireError(ErrorKind.BAD_OPTION_LENGTH, f"kind {kind} length {olen}")
         if i + olen > end:
-            return WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} length {olen}")
+            return out, WireError(ErrorKind.OPTION_PAST_HEADER, f"kind {kind} length {olen}")
         if kind == TCPOPT_MPTCP:
             out.append((i, olen))
         i += olen
-    return out
+    return out, None
+
+
+def mptcp_spans(seg: TcpSegment) -> list[tuple[int, int]] | WireError:
+    """The MPTCP options of :func:`read_mptcp_spans`, or its error when the walk did not finish
+    (for the decoder, which shows the error; judges act on what a stack reads)."""
+    spans, err = read_mptcp_spans(seg)
+    return spans if err is None else err

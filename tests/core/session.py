@@ -182,6 +182,15 @@ class Session:
         return self._pkt(self.subs[sf], from_client, RST | ACK, opts or [])
 
 
+def lying_tail(pkt: bytes) -> bytes:
+    """``pkt`` again with an option whose length lies (kind 253, length 1) after its own options:
+    a TCP stack's option walk stops there and keeps what came before."""
+    s0 = seg(pkt)
+    area = bytes(s0.ip[s0.tcp_off + 20 : s0.tcp_off + s0.hdr_len])
+    return build_tcp(s0.src, s0.dst, s0.sport, s0.dport, s0.seq, s0.ack, s0.flags, s0.window,
+                     tcp_options(area, bytes((253, 1))), bytes(s0.payload))
+
+
 def run(tracker: Tracker, packets: list[bytes], *, flush: bool = True) -> list[Event]:
     ev: list[Event] = []
     ts = 1000.0

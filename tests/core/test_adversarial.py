@@ -33,7 +33,7 @@ from mproxy.wire.build import build_tcp, tcp_options
 from mproxy.wire.packet import ACK, SYN
 from tests.fuzz.targets import buffered_pieces, check_bounded, check_frame
 
-from .session import MASK64, Session, run, seg, streams
+from .session import MASK64, Session, lying_tail, run, seg, streams
 
 C2S, S2C = Direction.C2S, Direction.S2C
 ROOT = Path(__file__).resolve().parents[2]
@@ -733,3 +733,35 @@ def test_an_old_duplicate_with_a_far_future_timestamp_cannot_blind_the_tracker()
     ev = run(Tracker(), pk)
     assert streams(ev)[(1, Direction.C2S)] == b"abcUNION SELECT"
     assert not [e for e in ev if isinstance(e, Notice)]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_dss_before_an_option_whose_length_lies_places_its_bytes(fast: bool) -> None:
+    """Linux's option walk stops at an option whose length lies and acts on the options before it:
+    a DSS so followed places its bytes (tests/lab/test_unread_bytes_lab.py), and the copy that
+    comes later on the other subflow is the duplicate. Reading no option at all left those DSNs to
+    the later copy: the IDS read UNION where the server read BENIGN, or the other way round."""
+    s = Session(1)
+    pk = s.handshake() + s.join(1)
+    pk.append(s.data(0, True, 0, b"GET /?q="))
+    pk.append(lying_tail(s.data(1, True, 8, b"BENIGN")))
+    pk.append(s.data(0, True, 8, b"UNION SELECT"))
+    t = Tracker()
+    t.fast_path = fast
+    ev = run(t, pk)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=BENIGNSELECT"
+    assert NoticeType.INVALID_OPTION in notices(ev) and t.stats.decode_errors["bad_option_length"] == 1
+
+
+def test_an_mp_capable_before_an_option_whose_length_lies_opens_mptcp() -> None:
+    """The kernel answers such a SYN with MP_CAPABLE (lab: test_gateway_live's lying-option test),
+    so the connection is MPTCP and its join belongs to it."""
+    s = Session(1)
+    syn, synack, ack = s.handshake()
+    pk = [lying_tail(syn), synack, lying_tail(ack)] + s.join(1)
+    pk += [s.data(0, True, 0, b"GET /?q="), s.data(1, True, 8, b"UNION SELECT")]
+    t = Tracker()
+    ev = run(t, pk)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
+    (summary,) = summaries(ev)
+    assert len(summary["subflows"]) == 2

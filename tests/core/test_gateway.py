@@ -13,10 +13,10 @@ from mproxy.core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
 from mproxy.core.reassembler import PIECE_COST
 from mproxy.core.tracker import TrackerConfig
 from mproxy.wire import mptcp as m
-from mproxy.wire.packet import TcpSegment, mptcp_spans, parse_ip
+from mproxy.wire.packet import TcpSegment, mptcp_spans, parse_ip, read_mptcp_spans
 from mproxy.wire.checksum import tcp_checksum
 
-from .session import Session
+from .session import Session, lying_tail
 
 
 def verdicts(gw: Gateway, packets: list[bytes]) -> list[Verdict]:
@@ -42,6 +42,22 @@ def test_downgrade_strips_mp_capable_with_valid_checksum() -> None:
     assert isinstance(seg, TcpSegment) and mptcp_spans(seg) == []
     assert tcp_checksum(seg.src, seg.dst, seg.ip[seg.tcp_off:]) == 0
     assert gw.stats.actions["downgrade"] == 1
+
+
+def test_policy_reads_the_options_before_one_whose_length_lies() -> None:
+    """The server's kernel acts on an MP_CAPABLE or MP_JOIN followed by an option whose length lies
+    (its walk stops there): downgrade blanks that MP_CAPABLE, block-joins drops that join."""
+    s = Session(1)
+    gw = Gateway(Policy(default=Action.DOWNGRADE))
+    d = gw.packet(lying_tail(s.handshake()[0]), 1000.0)
+    assert d.verdict == Verdict.ACCEPT_MODIFIED and d.payload is not None
+    seg = parse_ip(memoryview(d.payload))
+    assert isinstance(seg, TcpSegment) and read_mptcp_spans(seg)[0] == []
+    assert tcp_checksum(seg.src, seg.dst, seg.ip[seg.tcp_off:]) == 0
+    s = Session(1)
+    gw = Gateway(Policy(default=Action.BLOCK_JOINS))
+    pk = s.handshake() + s.join(1)[:1]
+    assert verdicts(gw, pk[:3] + [lying_tail(pk[3])]) == [Verdict.ACCEPT] * 3 + [Verdict.DROP]
 
 
 def test_downgraded_gso_packets_reach_the_sink_as_segments() -> None:

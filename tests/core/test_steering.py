@@ -20,7 +20,7 @@ from mproxy.core.tracker import Tracker
 from mproxy.wire.build import build_tcp
 from mproxy.wire.packet import ACK, SYN
 
-from .session import Session
+from .session import Session, lying_tail
 
 MASK = 0xFF0000
 
@@ -56,6 +56,18 @@ def test_capable_syns_go_round_robin_and_joins_follow_their_token() -> None:
         d = s.decide(join_syn)
         assert d is not None and d.reason == "join" and d.mark == worker_bits(w, MASK)
     assert s.stats.capable == 6 and s.stats.join == 6 and s.stats.join_unknown == 0
+
+
+def test_syns_are_steered_by_the_options_before_one_whose_length_lies() -> None:
+    """The server's kernel acts on an MP_CAPABLE or MP_JOIN followed by a lying option, and so
+    does the tracker: such a join must reach the worker owning its connection."""
+    s = Steering(3, MASK)
+    sess = Session(1)
+    d = s.decide(lying_tail(sess.handshake()[0]))
+    assert d is not None and d.reason == "capable"
+    s.learn((d.mark >> 16) - 1, crypto.key_token(sess.sk, 1), True)
+    j = s.decide(lying_tail(sess.join(1)[0]))
+    assert j is not None and j.reason == "join" and j.mark == d.mark
 
 
 def test_tracker_announces_the_tokens_it_indexes_and_forgets() -> None:

@@ -281,6 +281,49 @@ def test_verify_joins_drops_forged_joins(lab: Any, tmp_path: Path, workers: int)
     assert any("unknown token" in w for w in why) and any("HMAC" in w for w in why), why
 
 
+@pytest.mark.parametrize("policy", ["downgrade", "block-joins"])
+def test_a_lying_option_after_the_mptcp_option_does_not_get_a_syn_past_policy(
+        lab: Any, tmp_path: Path, policy: str) -> None:
+    """Linux reads a SYN's options up to a damaged one and acts on those before it, so an MP_CAPABLE
+    or MP_JOIN followed by an option whose length lies still opens MPTCP or a subflow (the server's
+    SYN/ACK says so). The policy reads them the same way: the MP_CAPABLE is blanked (downgrade),
+    the join is dropped (block-joins). Before, such a SYN went past both untouched."""
+    from tests.oracles import tshark_count
+
+    srv = tmp_path / "server.pcap"
+    port = 40121
+    rst = ["-p", "tcp", "--sport", str(port), "--tcp-flags", "RST", "RST", "-j", "DROP"]
+    lab.run(lab.ns_cli, "iptables", "-w", "-A", "OUTPUT", *rst)
+    sent: dict[str, Any] = {}
+
+    def forge(pct: int) -> None:
+        if pct != 20 or sent:
+            return
+        kind = ["--capable"] if policy == "downgrade" else ["--token", str(server_token(lab))]
+        cp = lab.run(lab.ns_cli, sys.executable, __file__, "forge", "--src", lab.client_addr[1][4], "--dst",
+                     lab.server_addr[4], "--sport", str(port), "--bad-tail", *kind,
+                     *(["--token", "0"] if policy == "downgrade" else []), timeout=20)
+        sent.update(json.loads(cp.stdout))
+
+    try:
+        with mproxy(lab, tmp_path / "mproxy", policy=policy) as mp, \
+                lab.capture(srv, iface=lab.server_if, ns=lab.ns_srv, direction="inout"):
+            transfer(lab, tmp_path, "lying", c2s_bytes=600_000, s2c_bytes=100_000, rate=300_000,
+                     on_progress=forge)
+    finally:
+        lab.run(lab.ns_cli, "iptables", "-w", "-D", "OUTPUT", *rst, check=False)
+    assert sent, "the forged SYN was never sent"
+    if policy == "downgrade":
+        assert tshark_count(srv, f"tcp.srcport == {port} && tcp.flags.syn == 1") == 1
+        assert tshark_count(srv, f"tcp.dstport == {port} && tcp.flags.syn == 1 && tcp.flags.ack == 1") >= 1, \
+            "the server never answered the forged SYN"  # (and sends it again: the client's RST is dropped)
+        assert tshark_count(srv, f"tcp.port == {port} && mptcp") == 0, "MPTCP was opened past the downgrade"
+        assert [a for a in mp.actions("downgrade") if a["sport"] == port]
+    else:
+        assert tshark_count(srv, f"tcp.port == {port}") == 0, "the join SYN reached the server"
+        assert [a for a in mp.actions("join_refused") if a["sport"] == port]
+
+
 def test_plain_tcp_is_never_queued(lab: Any, tmp_path: Path) -> None:
     # the client's MPTCP SYN loses option 30 on its way out: an ordinary TCP connection
     strip = ["-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "-j", "TCPOPTSTRIP", "--strip-options", "30"]
@@ -520,8 +563,13 @@ def _forge(args: argparse.Namespace) -> int:
     src, dst = socket.inet_aton(args.src), socket.inet_aton(args.dst)
     isn = 0x1234_0000 + args.sport
     mss = b"\x02\x04\x05\xb4"
-    join = m.MpJoin(m.JoinPhase.SYN, False, 7, args.token, 0x5EED_0000 + args.sport).encode()
-    syn = build_tcp(src, dst, args.sport, args.dport, isn, 0, SYN, 64240, tcp_options(mss, join))
+    if args.capable:
+        opt = m.MpCapable(1, m.CAP_H_HMAC).encode()
+    else:
+        opt = m.MpJoin(m.JoinPhase.SYN, False, 7, args.token, 0x5EED_0000 + args.sport).encode()
+    # --bad-tail: an option whose length lies (1) after the MPTCP one; a stack's walk stops there
+    syn = build_tcp(src, dst, args.sport, args.dport, isn, 0, SYN, 64240,
+                    tcp_options(mss, opt, bytes([253, 1]) if args.bad_tail else b""))
     rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
     tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     tx.sendto(syn, (args.dst, 0))
@@ -557,4 +605,6 @@ if __name__ == "__main__":
     f.add_argument("--dport", type=int, default=5201)
     f.add_argument("--token", type=int, required=True)
     f.add_argument("--complete", action="store_true")
+    f.add_argument("--capable", action="store_true", help="an MP_CAPABLE SYN (v1) instead of a join")
+    f.add_argument("--bad-tail", action="store_true")
     sys.exit(_forge(ap.parse_args()))

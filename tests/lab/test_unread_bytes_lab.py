@@ -1,12 +1,20 @@
-"""Bytes a Linux receiver never reads, on kernel MPTCP: an RST's payload, data after a
-subflow's FIN, and data whose timestamp is older than the receiver's last (PAWS), each
-carrying a DSS mapping for the DSNs the client then fills with other bytes.
+"""Segments a Linux receiver reads otherwise than at face value, on kernel MPTCP, each carrying a
+DSS mapping for the DSNs the client then fills with other bytes.
 
-The client writes ``GET /?q=``; on its join subflow a raw socket then sends, at that
-subflow's next sequence number, an RST carrying ``BENIGN`` mapped at the next data-level
-bytes, or a FIN followed by ``BENIGN`` so mapped, or ``BENIGN`` so mapped with a timestamp
-100 s older than the subflow's; then the client writes ``UNION SELECT ...``. Ground truth is what the server application read (the kernel
-drops both forgeries); the replayed stream, read back by tshark, must be the same.
+The client writes ``GET /?q=``; on its join subflow a raw socket then sends, at that subflow's next
+sequence number, ``BENIGN`` mapped at the next data-level bytes in one of these shapes; then the
+client writes ``UNION SELECT ...``:
+
+* the kernel never reads the bytes: an RST carrying them, a FIN followed by them, or them with a
+  timestamp 100 s older than the subflow's (PAWS);
+* the kernel reads them: the DSS followed by an option whose length lies (Linux's option walk
+  stops there, the DSS before it stands), or two DSS options of which the first maps them at
+  those DSNs (the first wins);
+* the kernel reads them elsewhere: two DSS options of which the first maps them 100,000 bytes
+  ahead, past the end of the stream.
+
+Ground truth is what the server application read; the replayed stream, read back by tshark, must
+be the same.
 """
 
 from __future__ import annotations
@@ -72,6 +80,11 @@ def _inject(spec: dict[str, Any]) -> None:
 
     payload = bytes.fromhex(spec["payload"])
     opts = [m.dss(spec["data_ack"], spec["dsn"], spec["ssn"], len(payload)).encode()] if payload else []
+    if "dsn2" in spec:  # a second DSS after the first (no Data ACK, so both fit)
+        opts = [m.dss(None, spec["dsn"], spec["ssn"], len(payload)).encode(),
+                m.dss(None, spec["dsn2"], spec["ssn"], len(payload)).encode()]
+    if spec.get("bad_tail"):  # an option whose length lies (1 < 2): a TCP stack stops reading there
+        opts.append(bytes([253, 1]))
     if "tsval" in spec:  # Linux's layout: NOP NOP timestamp first
         opts.insert(0, bytes([1, 1, 8, 10]) + spec["tsval"].to_bytes(4, "big") + spec["tsecr"].to_bytes(4, "big"))
     flags = {"rst": RST | ACK, "data": ACK, "fin": FIN | ACK}[spec["flags"]]
@@ -80,8 +93,8 @@ def _inject(spec: dict[str, Any]) -> None:
     socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
 
 
-@pytest.mark.parametrize("forgery", ["rst", "fin", "paws"])
-def test_bytes_the_kernel_never_reads_stay_out_of_the_rebuilt_stream(forgery: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("forgery", ["rst", "fin", "paws", "bad_tail", "two_dss", "two_dss_rev"])
+def test_the_rebuilt_stream_is_what_the_kernel_read_of_forged_segments(forgery: str, tmp_path: Path) -> None:
     from mproxy import crypto
     from mproxy.cli import main
     from mproxy.lab.topology import Lab
@@ -114,6 +127,14 @@ def test_bytes_the_kernel_never_reads_stay_out_of_the_rebuilt_stream(forgery: st
             elif forgery == "paws":
                 specs = [dict(common, flags="data", seq=nxt, payload=benign, ssn=(nxt - jisn) & 0xFFFFFFFF,
                               tsval=(tsval - 100_000) & 0xFFFFFFFF, tsecr=tsecr)]
+            elif forgery == "bad_tail":
+                specs = [dict(common, flags="data", seq=nxt, payload=benign, ssn=(nxt - jisn) & 0xFFFFFFFF,
+                              bad_tail=True)]
+            elif forgery.startswith("two_dss"):
+                far = (common["dsn"] + 100_000) & ((1 << 64) - 1)
+                a, b = (common["dsn"], far) if forgery == "two_dss" else (far, common["dsn"])
+                specs = [dict(common, flags="data", seq=nxt, payload=benign, ssn=(nxt - jisn) & 0xFFFFFFFF,
+                              dsn=a, dsn2=b)]
             else:
                 after = (nxt + 1) & 0xFFFFFFFF
                 specs = [dict(common, flags="fin", seq=nxt, payload="", ssn=0),
@@ -125,7 +146,10 @@ def test_bytes_the_kernel_never_reads_stay_out_of_the_rebuilt_stream(forgery: st
             out, _ = srv.communicate(timeout=30)
             cli.wait(15)
     read = bytes.fromhex(out.split()[-1].decode())
-    assert read == PART1 + PART2, read  # the kernel read none of the forgeries
+    if forgery in ("bad_tail", "two_dss"):
+        assert read == PART1 + b"BENIGN" + PART2[6:], read  # the kernel read the forgery
+    else:
+        assert read == PART1 + PART2, read  # the kernel read none of it
     out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
     assert main(["replay", str(cap), "--out", str(out_pcap), "--log", str(log), "-q"]) == 0
     (f,) = tshark_follow_raw(out_pcap)

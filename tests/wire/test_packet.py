@@ -29,6 +29,8 @@ from mproxy.wire.packet import (
     addr_text,
     mptcp_spans,
     option_spans,
+    read_mptcp_spans,
+    read_option_spans,
     parse_frame,
     parse_frame_pure,
     parse_ip,
@@ -403,6 +405,24 @@ def test_option_spans_lying_lengths() -> None:
     assert mptcp_spans(parse_ip(memoryview(ipv4(tcp_bytes(SRC4, DST4, opts=b""))))) == []
 
 
+def test_the_walk_keeps_the_options_before_a_lying_one() -> None:
+    """As Linux's tcp_parse_options / mptcp_get_options: the walk stops at a damaged option and
+    the options before it stand (the lab shows the kernel answering MP_CAPABLE and placing a DSS
+    so followed); the strict forms report the error instead."""
+    opts = bytes((2, 4, 5, 0xB4, 30, 4, 0x10, 0x01, 253, 1, 30, 4, 0x10, 0x01)) + bytes(2)
+    spans, err = read_option_spans(memoryview(opts))
+    assert spans == [(2, 0, 4), (30, 4, 4)] and err is not None and err.kind == K.BAD_OPTION_LENGTH
+    assert option_spans(memoryview(opts)) == err
+    seg = parse_ip(memoryview(ipv4(tcp_bytes(SRC4, DST4, opts=opts))))
+    mspans, merr = read_mptcp_spans(seg)
+    assert mspans == [(seg.tcp_off + 24, 4)] and merr == err
+    assert mptcp_spans(seg) == err
+    for tail in (bytes((30, 9, 0, 0)), bytes((1, 1, 1, 30))):  # past the header; a kind without length
+        seg = parse_ip(memoryview(ipv4(tcp_bytes(SRC4, DST4, opts=bytes((30, 4, 0x10, 0x01)) + tail))))
+        mspans, merr = read_mptcp_spans(seg)
+        assert mspans == [(seg.tcp_off + 20, 4)] and merr is not None and merr.kind == K.OPTION_PAST_HEADER
+
+
 # ------------------------------------------------------------------ checksums
 
 
@@ -566,17 +586,17 @@ def test_nop_out_rejects_bytes_outside_the_options() -> None:
 @settings(max_examples=2000)
 @given(st.binary(max_size=40).map(lambda b: b + bytes(-len(b) % 4)), st.sampled_from([4, 6]))
 def test_mptcp_spans_agrees_with_option_spans(opts: bytes, ver: int) -> None:
-    """mptcp_spans is an inlined walk: same spans, same errors as option_spans."""
+    """mptcp_spans is an inlined walk: same spans (also those before a damaged option), same errors
+    as option_spans."""
     src, dst = (SRC4, DST4) if ver == 4 else (SRC6, DST6)
     ip = ipv4(tcp_bytes(src, dst, opts=opts, flags=ACK)) if ver == 4 else ipv6(tcp_bytes(src, dst, opts=opts, flags=ACK))
     seg = parse_ip(memoryview(ip))
-    ref = option_spans(seg.options)
-    got = mptcp_spans(seg)
-    if isinstance(ref, WireError):
-        assert got == ref
-    else:
-        base = seg.tcp_off + 20
-        assert got == [(base + s, n) for k, s, n in ref if k == 30]
+    ref, ref_err = read_option_spans(seg.options)
+    got, err = read_mptcp_spans(seg)
+    base = seg.tcp_off + 20
+    assert got == [(base + s, n) for k, s, n in ref if k == 30] and err == ref_err
+    assert mptcp_spans(seg) == (got if err is None else err)
+    assert option_spans(seg.options) == (ref if ref_err is None else ref_err)
 
 
 def _parse_general(linktype: int, frame: bytes) -> TcpSegment | WireError | None:
