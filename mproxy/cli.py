@@ -48,6 +48,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             print(f"mproxy replay: config error: {e}", file=sys.stderr)
             return 2
         tracker, log_keys, icfg = cfg.tracker, cfg.log.log_keys, cfg.inspector
+    if args.checksums:
+        from dataclasses import replace as _replace
+
+        from .core.tracker import TrackerConfig
+
+        tracker = _replace(tracker or TrackerConfig(), checksums=args.checksums)
     inspector = None
     if args.rules:
         from .config import InspectorConfig
@@ -207,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-c", "--config", metavar="FILE",
                    help="take the [tracker] limits, [log] log_keys and [inspector] windows and skip_bad_rules from "
                         "this configuration")
+    r.add_argument("--checksums", choices=("auto", "verify", "count"),
+                   help="segments whose TCP checksum fails are dropped as the receiver drops them: auto (the "
+                        "default, or [tracker] checksums) on subflow directions that carried a good one (offloaded "
+                        "captures carry none), verify on every direction (wire taps), count: never, only counted")
     r.set_defaults(func=_cmd_replay)
 
     g = sub.add_parser("run", help="run the inline gateway on NFQUEUE until SIGINT/SIGTERM")

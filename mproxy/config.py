@@ -337,6 +337,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("[tracker] limits must be at least 1")
     if t.memcap < 65536:
         raise ConfigError(f"[tracker] memcap: at least 65536 bytes, got {t.memcap}")
+    if t.checksums not in ("auto", "verify", "count"):
+        raise ConfigError(f"[tracker] checksums: expected \"auto\", \"verify\" or \"count\", got {t.checksums!r}")
     if t.history_memcap < max(65536, 4 * t.history):
         raise ConfigError(f"[tracker] history_memcap: at least 65536 bytes and 4 x history, got {t.history_memcap}")
     if cfg.sink.pcap_rotate_mb < 1 or cfg.sink.pcap_keep < 1:

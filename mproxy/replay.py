@@ -194,6 +194,10 @@ def summary_lines(res: ReplayResult) -> list[str]:
                         if fr.dropped else ""))
     if st.notices:
         lines.append("notices: " + ", ".join(f"{k} {v}" for k, v in sorted(st.notices.items())))
+    bad = st.bad_checksums
+    if bad["dropped"] or bad["taken"]:
+        lines.append(f"bad checksums: {bad['dropped']} segments dropped (as the receiver drops them), "
+                     f"{bad['taken']} taken ([tracker] checksums = count)")
     if res.pipeline.inspector is not None:
         sigs = ps.signatures
         lines.append(f"signature matches: {res.signatures}" + (" (" + ", ".join(

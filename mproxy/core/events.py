@@ -44,6 +44,7 @@ class NoticeType(str, Enum):
     OUT_OF_WINDOW = "out_of_window"
     MEMCAP = "memcap"
     BAD_MAPPING = "bad_mapping"
+    BAD_CHECKSUM = "bad_checksum"
 
 
 class Outcome(str, Enum):

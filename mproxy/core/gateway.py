@@ -75,7 +75,9 @@ class Gateway:
         self.responder = Responder(self.tracker, reactions, inspector, self._reaction_record)
 
     # ------------------------------------------------------------------
-    def packet(self, ip: bytes | bytearray | memoryview, ts: float) -> Decision:
+    def packet(self, ip: bytes | bytearray | memoryview, ts: float, csum_ready: bool = False) -> Decision:
+        """The verdict on one queued packet. ``csum_ready``: the kernel says its checksums are the
+        sender's (not NFQA_SKB_CSUMNOTREADY), so the tracker judges them as the receiver will."""
         seg = parse_ip(memoryview(ip), ts)
         if seg is None:
             return self._count(_ACCEPT)
@@ -101,7 +103,7 @@ class Gateway:
             chosen = d
         tracker = self.tracker
         shed = tracker.shed_bytes
-        events = tracker.process(seg)
+        events = tracker.process(seg, csum_ready)
         if chosen is not None:
             self._remember(seg, chosen)
         verdict = Verdict.ACCEPT

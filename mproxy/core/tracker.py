@@ -24,6 +24,7 @@ from struct import Struct
 from typing import Any
 
 from .. import crypto
+from ..wire.checksum import ipv4_header_checksum, ones_sum, tcp_checksum
 from ..wire import mptcp as m
 from ..wire.errors import WireError
 from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, read_mptcp_spans, \
@@ -57,6 +58,7 @@ _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is wat
 _TCPOPT_WSCALE = 3
 _TCPOPT_TIMESTAMP = 8
 _NOT_FAST = SYN | FIN | RST
+_CSUM_MODES = ("auto", "verify", "count")
 _TS_MPTCP = Struct("!4sI4xBBBB")  # NOP NOP kind 8 len 10, TSval, TSecr, then an MPTCP option's first 4 bytes
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
 _DSS_PLAIN = m.DSS_PLAIN
@@ -92,6 +94,17 @@ class TrackerConfig:
     # event log does not grow at the flood's rate. 0: every eviction is recorded, no notice.
     syn_flood_threshold: int = 32
     syn_flood_window: float = 10.0
+    # TCP (and IPv4 header) checksums of tracked subflows' segments. The receiver drops a segment
+    # whose checksum fails, so its bytes, flags and options must not count either (else a forged
+    # copy with a bad checksum inserts bytes the IDS reads and the server never does). But captures
+    # taken on a sending host or on veth carry unfilled checksums (offload: the field holds the
+    # pseudo-header's sum, for the NIC to finish), often beside good ones:
+    #   "auto"   live: every checksum the kernel has filled in (not NFQA_SKB_CSUMNOTREADY) is judged;
+    #            captures: a checksum is bad when it is neither right nor an unfilled one, in packets
+    #            of at most 1500 bytes (bigger ones are GRO/TSO artifacts, never on a wire)
+    #   "verify" as auto, and in captures an unfilled checksum is bad too (captures from a wire tap)
+    #   "count"  nothing is dropped; bad checksums are counted and noticed
+    checksums: str = "auto"
 
 
 @dataclass(slots=True)
@@ -274,6 +287,10 @@ class TrackerStats:
     rebuilt_bytes: list[int] = field(default_factory=lambda: [0, 0])  # released, by direction
     gap_bytes: Counter[str] = field(default_factory=Counter)  # side_channel / capture
     add_addr_repeats: int = 0  # identical ADD_ADDR retransmissions (benign: no notice)
+    # segments of tracked subflows whose TCP or IPv4 header checksum fails, by what became of them:
+    # dropped (as the receiver drops them), taken (checksums = "count"), unfilled (a capture's
+    # offloaded checksum, still the pseudo-header's sum: taken, not judged)
+    bad_checksums: Counter[str] = field(default_factory=Counter)
 
 
 def _option(seg: TcpSegment, kind: int, length: int) -> memoryview | None:
@@ -309,6 +326,10 @@ class Tracker:
 
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
+        if self.config.checksums not in _CSUM_MODES:
+            raise ValueError(f"checksums: {self.config.checksums!r} (one of {', '.join(_CSUM_MODES)})")
+        self._csum_drop = self.config.checksums != "count"
+        self._csum_unfilled = self.config.checksums == "verify"  # captures: an unfilled checksum is bad too
         self.stats = TrackerStats()
         self._sf: dict[tuple[bytes, int, bytes, int], tuple[Subflow, int]] = {}
         self.connections: OrderedDict[int, Connection] = OrderedDict()  # LRU by activity
@@ -367,8 +388,12 @@ class Tracker:
                             assembling += mp.length
         return ooo, unmapped, assembling
 
-    def process(self, seg: TcpSegment) -> list[Event]:
-        """Feed one segment; returns the events it caused (often none)."""
+    def process(self, seg: TcpSegment, csum_ready: bool = False) -> list[Event]:
+        """Feed one segment; returns the events it caused (often none).
+
+        ``csum_ready``: the kernel says the checksums are the sender's (live, not
+        NFQA_SKB_CSUMNOTREADY), so they are judged exactly; False for captures.
+        """
         st = self.stats
         st.packets += 1
         ts = seg.ts
@@ -381,8 +406,11 @@ class Tracker:
         if self.history_budget.used > self.history_budget.limit:
             self._shrink_histories()
         hit = self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
-        if hit is not None and self.fast_path and self._fast(hit[0], hit[1], seg, ev):
-            return ev
+        if hit is not None:
+            if not self._checksum_ok(hit[0], seg, csum_ready, ev):
+                return ev
+            if self.fast_path and self._fast(hit[0], hit[1], seg, ev):
+                return ev
         opts = self._options(seg, hit, ev)
         if hit is None:
             return self.process_new(seg, opts, ev)
@@ -408,6 +436,36 @@ class Tracker:
                     self._half_open.move_to_end(conn.id)
         self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
         return ev
+
+    def _checksum_ok(self, sf: Subflow, seg: TcpSegment, ready: bool, ev: list[Event]) -> bool:
+        """False when the receiver drops this segment for its checksum (TCP, or the IPv4 header's):
+        it then counts for nothing here either. See ``TrackerConfig.checksums`` for which are judged."""
+        if seg.truncated:
+            return True  # not all captured: nothing to judge
+        ip = seg.ip
+        end = seg.payload_off + seg.payload_len
+        if not ready:
+            if end > 1500:
+                return True  # GRO/TSO: a capture artifact, not a wire packet
+            # an unfilled (offloaded) checksum holds the pseudo-header's sum: cheap to tell, and then
+            # the segment's own sum need not be computed
+            tcp_len = end - seg.tcp_off
+            field = (ip[seg.tcp_off + 16] << 8) | ip[seg.tcp_off + 17]
+            partial = ones_sum(seg.src + seg.dst, 6 + tcp_len)
+            if (field == partial or field == partial % 0xFFFF) and not self._csum_unfilled:
+                self.stats.bad_checksums["unfilled"] += 1
+                return True
+        if tcp_checksum(seg.src, seg.dst, ip[seg.tcp_off : end]) == 0 and (
+                seg.ipver != 4 or ipv4_header_checksum(ip[: seg.tcp_off]) == 0):
+            return True
+        what = f"a {seg.payload_len}-byte segment (flags 0x{seg.flags:02x}) whose checksum fails: the receiver drops it"
+        if self._csum_drop:
+            self.stats.bad_checksums["dropped"] += 1
+            self._notice(ev, NoticeType.BAD_CHECKSUM, sf.conn, what + "; so does mproxy", seg)
+            return False
+        self.stats.bad_checksums["taken"] += 1
+        self._notice(ev, NoticeType.BAD_CHECKSUM, sf.conn, what + "; taken (checksums = count)", seg)
+        return True
 
     def _fast(self, sf: Subflow, d: int, seg: TcpSegment, ev: list[Event]) -> bool:
         """The dominant packet, whole, in one frame: an in-window ACK on an established subflow of

@@ -275,6 +275,10 @@ class MproxyCollector(Collector):
                      st.out_of_window)
         yield _total("mproxy_add_addr_repeats", "Identical ADD_ADDR announcements seen again (retransmissions: "
                      "normal, not a notice)", st.add_addr_repeats)
+        yield _by_label("mproxy_bad_checksums", "Segments of tracked subflows whose TCP or IPv4 header checksum "
+                        "fails, by outcome: dropped (as the receiver drops them), taken ([tracker] checksums = "
+                        "count), unfilled (a capture's offloaded checksum: not judged)",
+                        "outcome", ("dropped", "taken", "unfilled"), st.bad_checksums)
 
     @staticmethod
     def _queue(q: QueueStats) -> Iterator[Any]:

@@ -19,9 +19,11 @@ takes a queue's configuration from it) with
 * ``NFQA_CFG_F_GSO``: GSO packets (up to 64 KB of one TCP flow) are queued
   whole, not segmented — for bulk transfers ~40x fewer queued packets. Such
   packets (and any ``CHECKSUM_PARTIAL`` one) carry a TCP checksum that is not
-  filled in (``NFQA_SKB_CSUMNOTREADY``); the core never reads it, and a
-  payload we rewrite gets its checksum computed in full (the kernel then
-  sends it as is);
+  filled in (``NFQA_SKB_CSUMNOTREADY``); the core judges no such checksum
+  (every other one is the sender's: a segment whose checksum fails is one
+  the receiver drops, so its bytes must not reach the IDS), and a payload we
+  rewrite gets its checksum computed in full (the kernel then sends it as
+  is);
 * copy range 65535 (the most an ``NFQA_PAYLOAD`` attribute holds): larger
   packets (BIG TCP) arrive cut, are counted as ``truncated`` and get the
   fail-mode verdict;
@@ -390,7 +392,8 @@ class StallWatch:
         self.last_packets, self.last_waiting = qa.stats.packets, waiting
 
 
-Handler = Callable[[bytes, float], Decision]
+# (packet, time, its checksums are the sender's: the kernel did not flag them NFQA_SKB_CSUMNOTREADY)
+Handler = Callable[[bytes, float, bool], Decision]
 FrameSink = Callable[[Frames], None]
 
 
@@ -578,7 +581,7 @@ class QueueAdapter:
                 st.truncated += 1
                 self._truncated(indev, len(data), max(claimed, cap))
             else:
-                decision = self.handler(data, self.clock())
+                decision = self.handler(data, self.clock(), not info & NFQA_SKB_CSUMNOTREADY)
         except Exception:  # noqa: BLE001 - the verdict below must happen whatever the core did
             st.core_errors += 1
             self._once("core", logging.WARNING,

@@ -186,12 +186,16 @@ class Lab:
     second addresses as ``signal`` endpoints, so it announces them (ADD_ADDR).
     ``gso=False`` caps every veth at one MTU-sized segment per packet, so
     captures look like a real wire instead of carrying 64 KB GSO super-packets.
+    ``wire_checksums=True`` has every veth end fill in its TCP checksums in software
+    (``ethtool -K IF tx off``): a capture then carries the checksums a wire carries, not
+    the unfilled ones of checksum offload.
     """
 
     rate: str | None = "30mbit"
     server_signal: bool = False
     client_subflow: bool = True
     gso: bool = True
+    wire_checksums: bool = False
     prefix: str = field(default_factory=lambda: f"{NS_PREFIX}-{os.getpid()}-{secrets.token_hex(2)}")
 
     ns_cli: str = field(init=False)
@@ -347,6 +351,11 @@ class Lab:
                 for ns, ifname in ((ln.ns_a, ln.if_a), (ln.ns_b, ln.if_b)):
                     self.run(ns, "ip", "link", "set", "dev", ifname, "gso_max_size", "1500",
                              "gso_max_segs", "1")
+            if self.wire_checksums:
+                if shutil.which("ethtool") is None:
+                    raise LabError("wire_checksums needs ethtool (Debian package ethtool)")
+                for ns, ifname in ((ln.ns_a, ln.if_a), (ln.ns_b, ln.if_b)):
+                    self.run(ns, "ethtool", "-K", ifname, "tx", "off")
 
         # Routes: only the lab prefixes, first path / first server address by default,
         # and policy routing so traffic from the second address leaves by its own link.

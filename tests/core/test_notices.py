@@ -23,6 +23,7 @@ from mproxy.core.tracker import _JOIN_FLOOD_KEYS, Tracker, TrackerConfig
 from mproxy.io.pcap import PcapWriter
 from mproxy.wire import mptcp as m
 from mproxy.wire.packet import ACK, LinkType
+from mproxy.wire.rewrite import fill_tcp_checksum
 
 from .session import Session, seg
 
@@ -350,12 +351,37 @@ def test_dss_checksum_failure(tmp_path: Path) -> None:
     s = Session(0, csum=True, dsn64=False)
     pk = s.handshake() + [s.data(0, True, 0, b"good")]
     bad = bytearray(s.data(0, True, 4, b"more"))
-    bad[-1] ^= 0xFF  # payload changed after the checksum was computed (TCP checksum is not verified)
+    bad[-1] ^= 0xFF  # payload changed after the DSS checksum was computed, and the TCP checksum
+    fill_tcp_checksum(bad)  # fixed up (a middlebox that rewrites payload): the receiver takes the segment
     pk.append(bytes(bad))
     (n,) = only(replay(tmp_path, pk), "dss_checksum_failure")
     assert n["conn_id"] == 1 and n["sport"] == 40000
     s2 = Session(0, csum=True, dsn64=False)
     assert not replay(tmp_path, s2.handshake() + clean(s2), name="good").notices
+
+
+def test_bad_checksum(tmp_path: Path) -> None:
+    """A forged copy whose TCP checksum fails, on a join whose packets carried good ones: the
+    receiver drops it, and so does the replay (tests/core/test_checksums.py has the cases)."""
+    from .test_checksums import insertion
+
+    res = replay(tmp_path, insertion(Session(1)))
+    (n,) = only(res, "bad_checksum")
+    assert n["sport"] == 40002 and "so does mproxy" in n["detail"]
+    assert res.conns[0]["c2s"]["sha256"] == hashlib.sha256(b"GET /?q=UNION SELECT").hexdigest()
+    assert res.metrics[("mproxy_bad_checksums_total", (("outcome", "dropped"),))] == 1
+    # [tracker] checksums = "count": taken, and said
+    res = replay(tmp_path, insertion(Session(1)), name="count", tracker='checksums = "count"')
+    assert res.types() == Counter({"bad_checksum": 1, "overlap_mismatch": 1})
+    assert res.metrics[("mproxy_bad_checksums_total", (("outcome", "taken"),))] == 1
+
+
+def test_a_bad_checksum_mode_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('[tracker]\nchecksums = "sometimes"\n')
+    cap = tmp_path / "c.pcap"
+    with open(cap, "wb") as f:
+        PcapWriter(f, linktype=LinkType.RAW)
+    assert main(["replay", str(cap), "--out", str(tmp_path / "o.pcap"), "-q", "-c", str(tmp_path / "c.toml")]) == 2
 
 
 def test_fallback_to_infinite_mapping(tmp_path: Path) -> None:

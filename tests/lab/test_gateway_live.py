@@ -324,6 +324,45 @@ def test_a_lying_option_after_the_mptcp_option_does_not_get_a_syn_past_policy(
         assert [a for a in mp.actions("join_refused") if a["sport"] == port]
 
 
+from tests.lab.test_unread_bytes_lab import FORGERIES  # noqa: E402
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_inline_the_ids_reads_what_the_server_read_of_forged_segments(lab: Any, tmp_path: Path, forgery: str) -> None:
+    """The forged segments of tests/lab/test_unread_bytes_lab.py (an RST's payload, bytes after a
+    FIN, a stale timestamp, a bad TCP checksum, a lying option after the DSS, two DSS options)
+    through ``mproxy run``: the IDS interface gets what the server application read. Here the
+    lab's veths leave the legitimate packets' checksums unfilled (NFQA_SKB_CSUMNOTREADY) while
+    the raw socket's forgery carries its own, which the kernel's flag tells apart.
+
+    conntrack checks TCP checksums too (``nf_conntrack_checksum``, on by default): a packet that
+    fails is INVALID, gets no connmark, so the managed rules never queue it (the server drops it
+    unseen). The bad-checksum case turns that check off so the forgery does reach mproxy, as it
+    would under rules that queue INVALID packets (``[rules] manage = false``)."""
+    from tests.lab.test_unread_bytes_lab import kernel_read, run_forgery
+    from tests.oracles import tshark_follow_raw
+
+    ids, cap = tmp_path / "ids.pcap", tmp_path / "cap.pcap"
+    key = "net.netfilter.nf_conntrack_checksum"
+    old = lab.run(lab.ns_gw, "sysctl", "-n", key).stdout.strip()
+    if forgery == "bad_csum":
+        lab.run(lab.ns_gw, "sysctl", "-qw", f"{key}=0")
+    try:
+        with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), \
+                lab.capture(cap):
+            read = run_forgery(lab, cap, forgery, tmp_path / "go")
+    finally:
+        lab.run(lab.ns_gw, "sysctl", "-qw", f"{key}={old}")
+    assert read == kernel_read(forgery), read
+    if forgery == "bad_csum":
+        (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "bad_checksum"]
+        assert "so does mproxy" in n["detail"]
+    (f,) = tshark_follow_raw(ids)
+    assert f.client_data == read
+    st = mp.stats()
+    assert st["queue"]["core_errors"] == 0
+
+
 def test_plain_tcp_is_never_queued(lab: Any, tmp_path: Path) -> None:
     # the client's MPTCP SYN loses option 30 on its way out: an ordinary TCP connection
     strip = ["-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "-j", "TCPOPTSTRIP", "--strip-options", "30"]

@@ -5,8 +5,9 @@ The client writes ``GET /?q=``; on its join subflow a raw socket then sends, at 
 sequence number, ``BENIGN`` mapped at the next data-level bytes in one of these shapes; then the
 client writes ``UNION SELECT ...``:
 
-* the kernel never reads the bytes: an RST carrying them, a FIN followed by them, or them with a
-  timestamp 100 s older than the subflow's (PAWS);
+* the kernel never reads the bytes: an RST carrying them, a FIN followed by them, them with a
+  timestamp 100 s older than the subflow's (PAWS), or them with a TCP checksum that fails (the
+  lab fills checksums in software, so the capture's other checksums are good, as on a wire);
 * the kernel reads them: the DSS followed by an option whose length lies (Linux's option walk
   stops there, the DSS before it stands), or two DSS options of which the first maps them at
   those DSNs (the first wins);
@@ -76,7 +77,7 @@ def _inject(spec: dict[str, Any]) -> None:
     """(In the client namespace.) One raw TCP packet on the join subflow, built by our encoder."""
     from mproxy.wire import mptcp as m
     from mproxy.wire.build import build_tcp, tcp_options
-    from mproxy.wire.packet import ACK, FIN, RST
+    from mproxy.wire.packet import ACK, FIN, PSH, RST
 
     payload = bytes.fromhex(spec["payload"])
     opts = [m.dss(spec["data_ack"], spec["dsn"], spec["ssn"], len(payload)).encode()] if payload else []
@@ -87,69 +88,88 @@ def _inject(spec: dict[str, Any]) -> None:
         opts.append(bytes([253, 1]))
     if "tsval" in spec:  # Linux's layout: NOP NOP timestamp first
         opts.insert(0, bytes([1, 1, 8, 10]) + spec["tsval"].to_bytes(4, "big") + spec["tsecr"].to_bytes(4, "big"))
-    flags = {"rst": RST | ACK, "data": ACK, "fin": FIN | ACK}[spec["flags"]]
+    flags = {"rst": RST | ACK, "data": ACK, "fin": FIN | ACK, "noack": PSH}[spec["flags"]]
     pkt = build_tcp(socket.inet_aton(spec["src"]), socket.inet_aton(spec["dst"]), spec["sport"], PORT, spec["seq"],
                     spec["ack"], flags, 502, tcp_options(*opts), payload)
+    if spec.get("bad_csum"):  # the TCP checksum made wrong (the IPv4 header is 20 bytes)
+        pkt = pkt[:36] + bytes([pkt[36] ^ 0x5A]) + pkt[37:]
     socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
 
 
-@pytest.mark.parametrize("forgery", ["rst", "fin", "paws", "bad_tail", "two_dss", "two_dss_rev"])
-def test_the_rebuilt_stream_is_what_the_kernel_read_of_forged_segments(forgery: str, tmp_path: Path) -> None:
+FORGERIES = ["rst", "fin", "paws", "bad_csum", "bad_tail", "two_dss", "two_dss_rev"]
+
+
+def kernel_read(forgery: str) -> bytes:
+    """What the server application reads when ``forgery`` is sent (the kernel's behaviour, shown by
+    the replay test below)."""
+    return PART1 + b"BENIGN" + PART2[6:] if forgery in ("bad_tail", "two_dss") else PART1 + PART2
+
+
+def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
+    """The exchange with ``forgery`` sent on the join, while ``cap`` records at the gateway (its
+    keys and sequence numbers are read from there); returns what the server application read."""
     from mproxy import crypto
+    from tests.oracles import tshark_fields
+
+    a = lab.addresses()
+    cli_ip, join_ip, srv_ip = a.client_addr[0][4], a.client_addr[1][4], a.server_addr[4]
+    srv = lab.popen(lab.ns_srv, sys.executable, "-c", SERVER, stdout=subprocess.PIPE)
+    assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
+    cli = lab.popen(lab.ns_cli, sys.executable, "-c", CLIENT, srv_ip, str(go), stdout=subprocess.PIPE)
+    assert cli.stdout is not None and cli.stdout.readline().strip() == b"part1"
+    time.sleep(2.0)  # the join is up and in the capture
+    (key,) = tshark_fields(cap, ["tcp.options.mptcp.sendkey"],
+                           f"tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0 && ip.src == {cli_ip}")[:1]
+    idsn = crypto.key_idsn(int(key[0].split(",")[0]), 1)
+    jport, jisn = (int(x) for x in tshark_fields(
+        cap, ["tcp.srcport", "tcp.seq_raw"], f"tcp.flags.syn == 1 && tcp.flags.ack == 0 && ip.src == {join_ip}")[0])
+    seq, ln, ack, tsval, tsecr = (int(x) for x in tshark_fields(
+        cap, ["tcp.seq_raw", "tcp.len", "tcp.ack_raw", "tcp.options.timestamp.tsval",
+              "tcp.options.timestamp.tsecr"], f"tcp.srcport == {jport} && ip.src == {join_ip}")[-1])
+    nxt = (seq + ln) & 0xFFFFFFFF
+    common = {"src": join_ip, "dst": srv_ip, "sport": jport, "ack": ack, "data_ack": 0,
+              "dsn": (idsn + 1 + len(PART1)) & ((1 << 64) - 1)}
+    data = dict(common, flags="data", seq=nxt, payload=b"BENIGN".hex(), ssn=(nxt - jisn) & 0xFFFFFFFF)
+    if forgery == "rst":
+        specs = [dict(data, flags="rst")]
+    elif forgery == "paws":
+        specs = [dict(data, tsval=(tsval - 100_000) & 0xFFFFFFFF, tsecr=tsecr)]
+    elif forgery == "ack_unsent":  # acknowledges 1 MB the server never sent
+        specs = [dict(data, ack=(ack + 1_000_000) & 0xFFFFFFFF)]
+    elif forgery == "ack_old":  # acknowledges a point 1 GB behind the server's
+        specs = [dict(data, ack=(ack - 1_000_000_000) & 0xFFFFFFFF)]
+    elif forgery == "no_ack":
+        specs = [dict(data, flags="noack")]
+    elif forgery in ("bad_csum", "bad_tail"):
+        specs = [dict(data, **{forgery: True})]
+    elif forgery.startswith("two_dss"):
+        far = (common["dsn"] + 100_000) & ((1 << 64) - 1)
+        first, second = (common["dsn"], far) if forgery == "two_dss" else (far, common["dsn"])
+        specs = [dict(data, dsn=first, dsn2=second)]
+    else:
+        after = (nxt + 1) & 0xFFFFFFFF
+        specs = [dict(common, flags="fin", seq=nxt, payload="", ssn=0),
+                 dict(data, seq=after, ssn=(after - jisn) & 0xFFFFFFFF)]
+    for spec in specs:
+        lab.run(lab.ns_cli, sys.executable, __file__, "inject", json.dumps(spec))
+        time.sleep(0.2)
+    go.touch()
+    out, _ = srv.communicate(timeout=30)
+    cli.wait(15)
+    return bytes.fromhex(out.split()[-1].decode())
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_the_rebuilt_stream_is_what_the_kernel_read_of_forged_segments(forgery: str, tmp_path: Path) -> None:
     from mproxy.cli import main
     from mproxy.lab.topology import Lab
-    from tests.oracles import tshark_fields, tshark_follow_raw
+    from tests.oracles import tshark_follow_raw
 
-    go, cap = tmp_path / "go", tmp_path / "cap.pcap"
-    with Lab(rate="30mbit") as lab:
-        a = lab.addresses()
-        cli_ip, join_ip, srv_ip = a.client_addr[0][4], a.client_addr[1][4], a.server_addr[4]
+    cap = tmp_path / "cap.pcap"
+    with Lab(rate="30mbit", wire_checksums=True) as lab:  # the capture's checksums are a wire's
         with lab.capture(cap):
-            srv = lab.popen(lab.ns_srv, sys.executable, "-c", SERVER, stdout=subprocess.PIPE)
-            assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
-            cli = lab.popen(lab.ns_cli, sys.executable, "-c", CLIENT, srv_ip, str(go), stdout=subprocess.PIPE)
-            assert cli.stdout is not None and cli.stdout.readline().strip() == b"part1"
-            time.sleep(2.0)  # the join is up and in the capture
-            (key,) = tshark_fields(cap, ["tcp.options.mptcp.sendkey"],
-                                   f"tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0 && ip.src == {cli_ip}")[:1]
-            idsn = crypto.key_idsn(int(key[0].split(",")[0]), 1)
-            jport, jisn = (int(x) for x in tshark_fields(
-                cap, ["tcp.srcport", "tcp.seq_raw"], f"tcp.flags.syn == 1 && tcp.flags.ack == 0 && ip.src == {join_ip}")[0])
-            seq, ln, ack, tsval, tsecr = (int(x) for x in tshark_fields(
-                cap, ["tcp.seq_raw", "tcp.len", "tcp.ack_raw", "tcp.options.timestamp.tsval",
-                      "tcp.options.timestamp.tsecr"], f"tcp.srcport == {jport} && ip.src == {join_ip}")[-1])
-            nxt = (seq + ln) & 0xFFFFFFFF
-            common = {"src": join_ip, "dst": srv_ip, "sport": jport, "ack": ack, "data_ack": 0,
-                      "dsn": (idsn + 1 + len(PART1)) & ((1 << 64) - 1)}
-            benign = b"BENIGN".hex()
-            if forgery == "rst":
-                specs = [dict(common, flags="rst", seq=nxt, payload=benign, ssn=(nxt - jisn) & 0xFFFFFFFF)]
-            elif forgery == "paws":
-                specs = [dict(common, flags="data", seq=nxt, payload=benign, ssn=(nxt - jisn) & 0xFFFFFFFF,
-                              tsval=(tsval - 100_000) & 0xFFFFFFFF, tsecr=tsecr)]
-            elif forgery == "bad_tail":
-                specs = [dict(common, flags="data", seq=nxt, payload=benign, ssn=(nxt - jisn) & 0xFFFFFFFF,
-                              bad_tail=True)]
-            elif forgery.startswith("two_dss"):
-                far = (common["dsn"] + 100_000) & ((1 << 64) - 1)
-                a, b = (common["dsn"], far) if forgery == "two_dss" else (far, common["dsn"])
-                specs = [dict(common, flags="data", seq=nxt, payload=benign, ssn=(nxt - jisn) & 0xFFFFFFFF,
-                              dsn=a, dsn2=b)]
-            else:
-                after = (nxt + 1) & 0xFFFFFFFF
-                specs = [dict(common, flags="fin", seq=nxt, payload="", ssn=0),
-                         dict(common, flags="data", seq=after, payload=benign, ssn=(after - jisn) & 0xFFFFFFFF)]
-            for spec in specs:
-                lab.run(lab.ns_cli, sys.executable, __file__, "inject", json.dumps(spec))
-                time.sleep(0.2)
-            go.touch()
-            out, _ = srv.communicate(timeout=30)
-            cli.wait(15)
-    read = bytes.fromhex(out.split()[-1].decode())
-    if forgery in ("bad_tail", "two_dss"):
-        assert read == PART1 + b"BENIGN" + PART2[6:], read  # the kernel read the forgery
-    else:
-        assert read == PART1 + PART2, read  # the kernel read none of it
+            read = run_forgery(lab, cap, forgery, tmp_path / "go")
+    assert read == kernel_read(forgery), read
     out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
     assert main(["replay", str(cap), "--out", str(out_pcap), "--log", str(log), "-q"]) == 0
     (f,) = tshark_follow_raw(out_pcap)
