@@ -128,6 +128,7 @@ class SubflowDir:
     wscale: int | None = None
     peer_ack: int | None = None  # receiver's last TCP ack of this direction
     peer_win: int = 0  # receiver's last window, scaled (bytes)
+    max_win: int = 0  # receiver's largest window so far: what Linux calls its peer's max_window
     mappings: list[Mapping] = field(default_factory=list)
     pending: dict[int, bytes] = field(default_factory=dict)  # abs seq -> bytes with no mapping yet
     pending_bytes: int = 0
@@ -525,6 +526,12 @@ class Tracker:
             win = sfd.peer_win if sfd.peer_win > 65535 else 65535
             if o + n > win + 65535 or o < -(2 * win + 65535):
                 return False
+        other = sf.dirs[d ^ 1]
+        una = other.peer_ack
+        if una is not None:
+            back = (una - seg.ack) & MASK32
+            if back > other.max_win and 0x100000000 - back > other.max_win + 1:
+                return False  # an ack more than a window behind the last or ahead of it: _ack_refused
         cdir = _DIRS[d ^ sf.flipped]
         streams = conn.streams
         have = layout[2]
@@ -559,12 +566,13 @@ class Tracker:
         self.stats.options[2] += 1
         conn.last_ts = ts
         self.connections.move_to_end(conn.id)
-        other = sf.dirs[d ^ 1]
         other.peer_ack = seg.ack
         ws = sfd.wscale
         if ws is None or other.wscale is None:
             ws = 14 if sfd.isn is None else 0
-        other.peer_win = seg.window << ws
+        other.peer_win = win = seg.window << ws
+        if win > other.max_win:
+            other.max_win = win
         if data_ack is not None:
             rst = streams[cdir ^ 1]
             rb = rst.base
@@ -1037,6 +1045,13 @@ class Tracker:
         tsval = _tsval(seg) if seg.hdr_len > 20 else None
         if tsval is not None and not self._paws_ok(conn, sfd, seg, tsval, ev):
             return  # the receiver drops it whole, options and all
+        if not flags & RST:
+            # Linux discards, whole, a segment without ACK, and one whose ACK acknowledges data the
+            # receiver never sent or lies more than a window behind its last (tcp_ack; RFC 5961 5.2)
+            why = "no ACK flag" if not flags & ACK else self._ack_refused(sf, d, seg)
+            if why is not None:
+                self._unread(conn, sfd, seg, why, ev)
+                return
         if flags & ACK:
             # this packet's ack/window govern the other direction's data
             other = sf.dirs[d ^ 1]
@@ -1044,7 +1059,9 @@ class Tracker:
             ws = sfd.wscale
             if ws is None or sf.dirs[d ^ 1].wscale is None:
                 ws = 14 if sfd.isn is None else 0
-            other.peer_win = seg.window << ws
+            other.peer_win = win = seg.window << ws
+            if win > other.max_win:
+                other.max_win = win
         if conn is None:
             # a join whose connection is unknown: try again with its data
             if o.dss is not None:
@@ -1474,6 +1491,38 @@ class Tracker:
         if pa is not None and (tsval - sfd.ts_recent) & MASK32 < 0x80000000 \
                 and (pa - seg.seq) & MASK32 < 0x80000000 and (seg.seq + seg.payload_len - pa) & MASK32 < 0x80000000:
             sfd.ts_recent = tsval
+
+    @staticmethod
+    def _ack_refused(sf: Subflow, d: int, seg: TcpSegment) -> str | None:
+        """Why the receiver discards this segment for its ACK field, None when it does not (Linux
+        tcp_ack: an ACK of data it never sent; one before its last acknowledged point by more than
+        the largest window its peer advertised, RFC 5961 5.2). The receiver's view is the gateway's:
+        its last acknowledged point is the sender's last ACK seen, and what it sent is bounded by
+        that plus the largest window the sender advertised, or by the furthest sequence seen from
+        it -- never tighter than the receiver's own, so no segment it takes is refused, whatever
+        packets a capture lost."""
+        other = sf.dirs[d ^ 1]
+        una = other.peer_ack
+        mw = other.max_win
+        if una is None or not mw or not sf.established:
+            return None
+        back = (una - seg.ack) & MASK32
+        if back < 0x80000000:
+            return None if back <= mw else f"ack {back} bytes behind the receiver's last, more than its peer's " \
+                                            f"largest window ({mw})"
+        ahead = (seg.ack - una) & MASK32
+        end = other.last_end
+        if ahead <= mw + 1 or end is not None and (end + 1 - seg.ack) & MASK32 < 0x80000000:
+            return None
+        return f"ack {ahead} bytes past the receiver's last acknowledged point: data it never sent"
+
+    def _unread(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, why: str,
+                ev: list[Event]) -> None:
+        """A segment the receiver discards whole: counted with the out-of-window ones, noticed once."""
+        self.stats.out_of_window += 1
+        if not sfd.oow_noticed:
+            sfd.oow_noticed = True
+            self._notice(ev, NoticeType.OUT_OF_WINDOW, conn, f"{seg.payload_len} bytes discarded: {why}", seg)
 
     def _in_window(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, ev: list[Event]) -> bool:
         """Subflow check: only bytes inside the receiver's TCP window count (off-path insertion guard)."""

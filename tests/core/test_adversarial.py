@@ -765,3 +765,54 @@ def test_an_mp_capable_before_an_option_whose_length_lies_opens_mptcp() -> None:
     assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
     (summary,) = summaries(ev)
     assert len(summary["subflows"]) == 2
+
+
+def _ack_session() -> tuple[Session, list[bytes]]:
+    """A join, ``GET /?q=`` from the client, and the server's reply of 100 bytes (acked)."""
+    s = Session(1)
+    pk = s.handshake() + s.join(1)
+    pk.append(s.data(0, True, 0, b"GET /?q="))
+    pk.append(s.data(0, False, 0, b"r" * 100))
+    return s, pk
+
+
+def _with_ack(pkt: bytes, ack: int, flags: int | None = None) -> bytes:
+    s0 = seg(pkt)
+    return build_tcp(s0.src, s0.dst, s0.sport, s0.dport, s0.seq, ack, s0.flags if flags is None else flags,
+                     s0.window, bytes(s0.options), bytes(s0.payload))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("shape", ["no_ack", "unsent", "too_old"])
+def test_a_segment_whose_ack_the_receiver_refuses_places_nothing(fast: bool, shape: str) -> None:
+    """Linux discards, whole, a segment without ACK and one whose ACK acknowledges data the receiver
+    never sent or lies more than a window behind its last (tcp_ack; RFC 5961 5.2). The lab shows
+    the server reading UNION after each such BENIGN (tests/lab/test_unread_bytes_lab.py)."""
+    s, pk = _ack_session()
+    forged = s.data(1, True, 8, b"BENIGN", rel=1)
+    ack = seg(forged).ack
+    forged = {"no_ack": _with_ack(forged, ack, flags=0x08),
+              "unsent": _with_ack(forged, ack + 1_000_000),
+              "too_old": _with_ack(forged, ack - 1_000_000)}[shape]
+    pk += [forged, s.data(1, True, 8, b"UNION SELECT", rel=1)]
+    t = Tracker()
+    t.fast_path = fast
+    ev = run(t, pk)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
+    (n,) = [e for e in ev if isinstance(e, Notice)]
+    assert n.type == NoticeType.OUT_OF_WINDOW and "discarded" in n.detail
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_acks_past_server_bytes_the_capture_lost_still_count(fast: bool) -> None:
+    """A capture that lost the server's segments: the client's later segments acknowledge bytes the
+    gateway never saw the server send. Within the window the client advertised, that is what a
+    receiver may have sent, so they are taken (the server took them)."""
+    s, pk = _ack_session()
+    s.data(0, False, 100, b"s" * 30000)  # sent, not captured
+    pk.append(s.data(0, True, 8, b"UNION SELECT"))
+    t = Tracker()
+    t.fast_path = fast
+    ev = run(t, pk)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
+    assert not [e for e in ev if isinstance(e, Notice) and e.type == NoticeType.OUT_OF_WINDOW]

@@ -219,6 +219,7 @@ def test_syn_flood_at_the_connection_limit_is_one_notice_not_a_record_per_syn(tm
     # benign twins: a limit that bites now and then records every eviction and raises nothing;
     # syn_flood_threshold = 0 records a flood's every eviction
     few = [Session(1, sport=20000 + i).handshake()[0] for i in range(30)]
+    s = Session(1, sport=40000)
     res = replay(tmp_path, few + s.handshake() + clean(s), tracker="max_connections = 5", name="few")
     assert not res.notices and sum(c["outcome"] == "evicted" for c in res.conns) == 26
     res = replay(tmp_path, pk, tracker="max_connections = 5\nsyn_flood_threshold = 0", name="off")

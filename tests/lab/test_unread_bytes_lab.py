@@ -6,8 +6,9 @@ sequence number, ``BENIGN`` mapped at the next data-level bytes in one of these 
 client writes ``UNION SELECT ...``:
 
 * the kernel never reads the bytes: an RST carrying them, a FIN followed by them, them with a
-  timestamp 100 s older than the subflow's (PAWS), or them with a TCP checksum that fails (the
-  lab fills checksums in software, so the capture's other checksums are good, as on a wire);
+  timestamp 100 s older than the subflow's (PAWS), with a TCP checksum that fails (the lab fills
+  checksums in software, so the capture's other checksums are good, as on a wire), with an ACK
+  of 1 MB the server never sent or 1 GB behind its last acknowledged point, or without ACK;
 * the kernel reads them: the DSS followed by an option whose length lies (Linux's option walk
   stops there, the DSS before it stands), or two DSS options of which the first maps them at
   those DSNs (the first wins);
@@ -96,7 +97,7 @@ def _inject(spec: dict[str, Any]) -> None:
     socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
 
 
-FORGERIES = ["rst", "fin", "paws", "bad_csum", "bad_tail", "two_dss", "two_dss_rev"]
+FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "no_ack", "bad_tail", "two_dss", "two_dss_rev"]
 
 
 def kernel_read(forgery: str) -> bytes:
