@@ -530,8 +530,8 @@ class Tracker:
         una = other.peer_ack
         if una is not None:
             back = (una - seg.ack) & MASK32
-            if back > other.max_win and 0x100000000 - back > other.max_win + 1:
-                return False  # an ack more than a window behind the last or ahead of it: _ack_refused
+            if back and (back < 0x80000000 or 0x100000000 - back > other.max_win + 1):
+                return False  # an ack behind the last, or more than a window ahead of it: _ack_refused
         cdir = _DIRS[d ^ sf.flipped]
         streams = conn.streams
         have = layout[2]
@@ -1508,8 +1508,15 @@ class Tracker:
             return None
         back = (una - seg.ack) & MASK32
         if back < 0x80000000:
-            return None if back <= mw else f"ack {back} bytes behind the receiver's last, more than its peer's " \
-                                            f"largest window ({mw})"
+            # Linux bounds the look-back by the bytes the receiver has had acknowledged too (its
+            # SYN counts when it opened the subflow): on a subflow it sent nothing on, any ACK behind
+            # its last is too old. Past 2 GiB the count is taken as large.
+            if other.isn is not None:
+                acked = (una - other.isn - (d == 0)) & MASK32
+                if acked < 0x80000000 and acked < mw:
+                    mw = acked
+            return None if back <= mw else f"ack {back} bytes behind the receiver's last, more than it may " \
+                                            f"look back ({mw})"
         ahead = (seg.ack - una) & MASK32
         end = other.last_end
         if ahead <= mw + 1 or end is not None and (end + 1 - seg.ack) & MASK32 < 0x80000000:

@@ -783,7 +783,7 @@ def _with_ack(pkt: bytes, ack: int, flags: int | None = None) -> bytes:
 
 
 @pytest.mark.parametrize("fast", [True, False])
-@pytest.mark.parametrize("shape", ["no_ack", "unsent", "too_old"])
+@pytest.mark.parametrize("shape", ["no_ack", "unsent", "too_old", "behind"])
 def test_a_segment_whose_ack_the_receiver_refuses_places_nothing(fast: bool, shape: str) -> None:
     """Linux discards, whole, a segment without ACK and one whose ACK acknowledges data the receiver
     never sent or lies more than a window behind its last (tcp_ack; RFC 5961 5.2). The lab shows
@@ -793,7 +793,9 @@ def test_a_segment_whose_ack_the_receiver_refuses_places_nothing(fast: bool, sha
     ack = seg(forged).ack
     forged = {"no_ack": _with_ack(forged, ack, flags=0x08),
               "unsent": _with_ack(forged, ack + 1_000_000),
-              "too_old": _with_ack(forged, ack - 1_000_000)}[shape]
+              "too_old": _with_ack(forged, ack - 1_000_000),
+              # the server sent nothing on the join: Linux bounds the look-back by the bytes acked, 0
+              "behind": _with_ack(forged, ack - 1)}[shape]
     pk += [forged, s.data(1, True, 8, b"UNION SELECT", rel=1)]
     t = Tracker()
     t.fast_path = fast
@@ -816,3 +818,18 @@ def test_acks_past_server_bytes_the_capture_lost_still_count(fast: bool) -> None
     ev = run(t, pk)
     assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
     assert not [e for e in ev if isinstance(e, Notice) and e.type == NoticeType.OUT_OF_WINDOW]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_ack_behind_by_less_than_the_bytes_acked_is_taken(fast: bool) -> None:
+    """A segment overtaken on its way (its ACK a little behind the last) is read by Linux when the
+    receiver has had at least that many bytes acknowledged and the peer's window allows it."""
+    s, pk = _ack_session()  # the server sent 100 bytes on the initial subflow
+    pk.append(s.ack(0, True, s.idsn[1] + 100))  # ... which the client acknowledges
+    late = s.data(0, True, 8, b"UNION SELECT")
+    pk.append(_with_ack(late, seg(late).ack - 50))
+    t = Tracker()
+    t.fast_path = fast
+    ev = run(t, pk)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
+    assert not [e for e in ev if isinstance(e, Notice)]

@@ -8,7 +8,9 @@ client writes ``UNION SELECT ...``:
 * the kernel never reads the bytes: an RST carrying them, a FIN followed by them, them with a
   timestamp 100 s older than the subflow's (PAWS), with a TCP checksum that fails (the lab fills
   checksums in software, so the capture's other checksums are good, as on a wire), with an ACK
-  of 1 MB the server never sent or 1 GB behind its last acknowledged point, or without ACK;
+  of 1 MB the server never sent, or 1 GB behind its last acknowledged point, or 1 byte behind it
+  (the server sent nothing on that subflow: Linux bounds the look-back by the bytes acked), or
+  without ACK;
 * the kernel reads them: the DSS followed by an option whose length lies (Linux's option walk
   stops there, the DSS before it stands), or two DSS options of which the first maps them at
   those DSNs (the first wins);
@@ -97,7 +99,7 @@ def _inject(spec: dict[str, Any]) -> None:
     socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
 
 
-FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "no_ack", "bad_tail", "two_dss", "two_dss_rev"]
+FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "bad_tail", "two_dss", "two_dss_rev"]
 
 
 def kernel_read(forgery: str) -> bytes:
@@ -139,6 +141,8 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
         specs = [dict(data, ack=(ack + 1_000_000) & 0xFFFFFFFF)]
     elif forgery == "ack_old":  # acknowledges a point 1 GB behind the server's
         specs = [dict(data, ack=(ack - 1_000_000_000) & 0xFFFFFFFF)]
+    elif forgery == "ack_behind":  # one byte behind: on a subflow where the server sent nothing, too old
+        specs = [dict(data, ack=(ack - 1) & 0xFFFFFFFF)]
     elif forgery == "no_ack":
         specs = [dict(data, flags="noack")]
     elif forgery in ("bad_csum", "bad_tail"):
