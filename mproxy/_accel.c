@@ -16,6 +16,9 @@
  *
  * emit_data(...): the emitter's segment loop (mproxy.core.emitter.TcpEmitter.data_runs), whose
  * Python loop is likewise the reference.
+ *
+ * segment_checksum_state(...): whether a captured segment's TCP and IPv4 header checksums verify,
+ * or were left unfilled by checksum offload (mproxy.wire.checksum, the reference).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -430,6 +433,73 @@ fail:
     return NULL;
 }
 
+/* ---------------------------------------------------------------- checksums of captured segments */
+static unsigned long long
+sum16(const unsigned char *p, Py_ssize_t n)
+{
+    unsigned long long s = 0;
+    Py_ssize_t i = 0;
+    for (; i + 1 < n; i += 2)
+        s += ((unsigned)p[i] << 8) | p[i + 1];
+    if (i < n)
+        s += (unsigned)p[i] << 8;
+    return s;
+}
+
+/* segment_checksum_state(ip, tcp_off, end, ipver, quick=False) -> 0 good, 1 unfilled, 2 bad:
+ * mproxy.wire.checksum.segment_checksum_state_pure, the reference. A sum of 16-bit words is
+ * taken modulo 0xFFFF (2**16 == 1 mod 0xFFFF), as the pure code's big-integer sum is. */
+static PyObject *
+accel_segment_checksum_state(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "segment_checksum_state() takes 4 or 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t tcp_off = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
+    long ipver = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    int quick = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
+    if (quick < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *p = (const unsigned char *)view.buf;
+    long state = 2;
+    if (tcp_off < 0 || end > view.len || tcp_off + 18 > end || (ipver == 4 ? tcp_off < 20 : tcp_off < 40)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "segment_checksum_state(): offsets outside the packet");
+        return NULL;
+    }
+    unsigned long long pseudo;
+    if (ipver == 4) {
+        if (sum16(p, tcp_off) % 0xFFFF != 0)
+            goto done;  /* the IPv4 header's checksum fails */
+        pseudo = sum16(p + 12, 8);
+    } else {
+        pseudo = sum16(p + 8, 32);
+    }
+    pseudo += 6 + (unsigned long long)(end - tcp_off);
+    {
+        unsigned field = ((unsigned)p[tcp_off + 16] << 8) | p[tcp_off + 17];
+        unsigned partial = (unsigned)(pseudo % 0xFFFF);  /* ones_sum's value: 0xFFFF for a non-zero 0 */
+        if (partial == 0 && pseudo)
+            partial = 0xFFFF;
+        int unfilled = field == partial || field == partial % 0xFFFF;
+        if (quick && unfilled)
+            state = 1;
+        else if ((sum16(p + tcp_off, end - tcp_off) + pseudo) % 0xFFFF == 0)
+            state = 0;
+        else if (unfilled)
+            state = 1;
+    }
+done:
+    PyBuffer_Release(&view);
+    return PyLong_FromLong(state);
+}
+
 static PyMethodDef accel_methods[] = {
     {"init", accel_init, METH_VARARGS, "init(TcpSegment, field names, parse_frame_pure)"},
     {"parse_frame", (PyCFunction)(void (*)(void))accel_parse_frame, METH_FASTCALL,
@@ -437,6 +507,8 @@ static PyMethodDef accel_methods[] = {
     {"init_frame", accel_init_frame, METH_VARARGS, "init_frame(Frame, field names)"},
     {"pcap_records", accel_pcap_records, METH_VARARGS,
      "pcap_records(buf, start, little, div, linktype, source, max_frame) -> (frames, end, claim)"},
+    {"segment_checksum_state", (PyCFunction)(void (*)(void))accel_segment_checksum_state, METH_FASTCALL,
+     "segment_checksum_state(ip, tcp_off, end, ipver, quick=False) -> 0 good, 1 unfilled, 2 bad"},
     {"emit_data", (PyCFunction)(void (*)(void))accel_emit_data, METH_FASTCALL,
      "the segment loop of mproxy.core.emitter.TcpEmitter.data_runs for one payload"},
     {NULL, NULL, 0, NULL},

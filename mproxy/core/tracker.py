@@ -24,7 +24,7 @@ from struct import Struct
 from typing import Any
 
 from .. import crypto
-from ..wire.checksum import ipv4_header_checksum, ones_sum, tcp_checksum
+from ..wire.checksum import CSUM_GOOD, CSUM_UNFILLED, segment_checksum_state
 from ..wire import mptcp as m
 from ..wire.errors import WireError
 from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, read_mptcp_spans, \
@@ -289,9 +289,9 @@ class TrackerStats:
     gap_bytes: Counter[str] = field(default_factory=Counter)  # side_channel / capture
     add_addr_repeats: int = 0  # identical ADD_ADDR retransmissions (benign: no notice)
     # segments of tracked subflows whose TCP or IPv4 header checksum fails, by what became of them:
-    # dropped (as the receiver drops them), taken (checksums = "count"), unfilled (a capture's
-    # offloaded checksum, still the pseudo-header's sum: taken, not judged)
+    # dropped (as the receiver drops them), taken (checksums = "count")
     bad_checksums: Counter[str] = field(default_factory=Counter)
+    unfilled_checksums: int = 0  # a capture's offloaded checksums (the pseudo-header's sum): not judged
 
 
 def _option(seg: TcpSegment, kind: int, length: int) -> memoryview | None:
@@ -441,23 +441,15 @@ class Tracker:
     def _checksum_ok(self, sf: Subflow, seg: TcpSegment, ready: bool, ev: list[Event]) -> bool:
         """False when the receiver drops this segment for its checksum (TCP, or the IPv4 header's):
         it then counts for nothing here either. See ``TrackerConfig.checksums`` for which are judged."""
-        if seg.truncated:
-            return True  # not all captured: nothing to judge
-        ip = seg.ip
         end = seg.payload_off + seg.payload_len
-        if not ready:
-            if end > 1500:
-                return True  # GRO/TSO: a capture artifact, not a wire packet
-            # an unfilled (offloaded) checksum holds the pseudo-header's sum: cheap to tell, and then
-            # the segment's own sum need not be computed
-            tcp_len = end - seg.tcp_off
-            field = (ip[seg.tcp_off + 16] << 8) | ip[seg.tcp_off + 17]
-            partial = ones_sum(seg.src + seg.dst, 6 + tcp_len)
-            if (field == partial or field == partial % 0xFFFF) and not self._csum_unfilled:
-                self.stats.bad_checksums["unfilled"] += 1
-                return True
-        if tcp_checksum(seg.src, seg.dst, ip[seg.tcp_off : end]) == 0 and (
-                seg.ipver != 4 or ipv4_header_checksum(ip[: seg.tcp_off]) == 0):
+        if seg.payload_len != seg.wire_payload_len or not ready and end > 1500:
+            return True  # snaplen-cut: nothing to judge; GRO/TSO-sized: a capture artifact, not a wire packet
+        # captures: a field that looks unfilled is taken as such unread (checksums = verify reads it)
+        state = segment_checksum_state(seg.ip, seg.tcp_off, end, seg.ipver, not (ready or self._csum_unfilled))
+        if state == CSUM_GOOD:
+            return True
+        if state == CSUM_UNFILLED and not ready and not self._csum_unfilled:
+            self.stats.unfilled_checksums += 1
             return True
         what = f"a {seg.payload_len}-byte segment (flags 0x{seg.flags:02x}) whose checksum fails: the receiver drops it"
         if self._csum_drop:

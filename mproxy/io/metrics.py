@@ -278,7 +278,8 @@ class MproxyCollector(Collector):
         yield _by_label("mproxy_bad_checksums", "Segments of tracked subflows whose TCP or IPv4 header checksum "
                         "fails, by outcome: dropped (as the receiver drops them), taken ([tracker] checksums = "
                         "count), unfilled (a capture's offloaded checksum: not judged)",
-                        "outcome", ("dropped", "taken", "unfilled"), st.bad_checksums)
+                        "outcome", ("dropped", "taken", "unfilled"),
+                        {**st.bad_checksums, "unfilled": st.unfilled_checksums})
 
     @staticmethod
     def _queue(q: QueueStats) -> Iterator[Any]:

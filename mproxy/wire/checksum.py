@@ -8,6 +8,7 @@ for a Python byte loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from struct import Struct
 
 _U16 = Struct("!H")
@@ -42,6 +43,41 @@ def tcp_checksum(src: bytes, dst: bytes, tcp: bytes | bytearray | memoryview) ->
 
 def ipv4_header_checksum(hdr: bytes | bytearray | memoryview) -> int:
     return finish(ones_sum(hdr))
+
+
+CSUM_GOOD, CSUM_UNFILLED, CSUM_BAD = 0, 1, 2
+
+
+def segment_checksum_state_pure(ip: bytes | bytearray | memoryview, tcp_off: int, end: int, ipver: int,
+                                quick: bool = False) -> int:
+    """How a captured segment's checksums read: CSUM_GOOD (TCP, and the IPv4 header's, verify),
+    CSUM_UNFILLED (the TCP field holds the pseudo-header's sum, as checksum offload leaves it for
+    the NIC to finish; IPv4 header good), or CSUM_BAD. ``ip[tcp_off:end]`` is the TCP segment.
+    ``quick``: a field that looks unfilled is taken as such without summing the segment (one in
+    65,535 good ones reads as unfilled: for captures, where both are taken alike)."""
+    if ipver == 4:
+        if ipv4_header_checksum(ip[:tcp_off]) != 0:
+            return CSUM_BAD
+        addrs = bytes(ip[12:20])
+    else:
+        addrs = bytes(ip[8:40])
+    pseudo = ones_sum(addrs, 6 + end - tcp_off)
+    field = (ip[tcp_off + 16] << 8) | ip[tcp_off + 17]
+    unfilled = field == pseudo or field == pseudo % 0xFFFF
+    if quick and unfilled:
+        return CSUM_UNFILLED
+    if finish(ones_sum(ip[tcp_off:end], pseudo)) == 0:
+        return CSUM_GOOD
+    return CSUM_UNFILLED if unfilled else CSUM_BAD
+
+
+def _accelerated_state() -> Callable[[bytes | bytearray | memoryview, int, int, int, bool], int] | None:
+    from ..compiled import accelerator
+
+    return getattr(accelerator(), "segment_checksum_state", None)
+
+
+segment_checksum_state = _accelerated_state() or segment_checksum_state_pure
 
 
 def incremental_update(old_csum: int, old_word: int, new_word: int) -> int:

@@ -121,3 +121,64 @@ def test_switch_off_and_pure_fallback() -> None:
     assert out.stdout.split() == ["False", "True"]
     if _accel is None:
         assert not packet.ACCELERATED and packet.parse_frame is parse_frame_pure
+
+
+@st.composite
+def _checksummed(draw: st.DrawFn) -> tuple[bytes, int, int, int]:
+    """A valid IPv4 or IPv6 segment, as is, with its TCP checksum left unfilled (the pseudo-header's
+    sum, as checksum offload leaves it), or with bytes changed anywhere."""
+    from mproxy.wire.checksum import ones_sum
+
+    from .test_packet import DST6, SRC6, ipv6
+
+    ver = draw(st.sampled_from([4, 6]))
+    payload = draw(st.binary(max_size=1400))
+    src, dst = (SRC4, DST4) if ver == 4 else (SRC6, DST6)
+    tcp = tcp_bytes(src, dst, flags=0x10, payload=payload)
+    ip = bytearray(ipv4(tcp) if ver == 4 else ipv6(tcp))
+    off = 20 if ver == 4 else 40
+    how = draw(st.sampled_from(["good", "unfilled", "changed"]))
+    if how == "unfilled":
+        ip[off + 16 : off + 18] = ones_sum(src + dst, 6 + len(tcp)).to_bytes(2, "big")
+    elif how == "changed":
+        for pos, val in draw(st.lists(st.tuples(st.integers(0, len(ip) - 1), st.integers(0, 255)), min_size=1,
+                                      max_size=3)):
+            if ver == 6 and pos < 8 or ver == 4 and pos in (0, 2, 3):  # keep the header's lengths readable
+                continue
+            ip[pos] = val
+    return bytes(ip), off, len(ip), ver
+
+
+@needs_accel
+@settings(max_examples=3000, deadline=None)
+@given(_checksummed())
+def test_compiled_checksum_state_equals_the_reference(case: tuple[bytes, int, int, int]) -> None:
+    from mproxy.wire.checksum import segment_checksum_state_pure
+
+    ip, off, end, ver = case
+    want = segment_checksum_state_pure(ip, off, end, ver)
+    assert _accel.segment_checksum_state(ip, off, end, ver) == want
+    assert _accel.segment_checksum_state(memoryview(ip), off, end, ver, False) == want
+    assert _accel.segment_checksum_state(ip, off, end, ver, True) == segment_checksum_state_pure(ip, off, end, ver, True)
+
+
+def test_checksum_state_reads_good_unfilled_and_bad() -> None:
+    from mproxy.wire.checksum import CSUM_BAD, CSUM_GOOD, CSUM_UNFILLED, ones_sum, segment_checksum_state, \
+        segment_checksum_state_pure
+
+    tcp = tcp_bytes(SRC4, DST4, flags=0x10, payload=b"hello")
+    ip = bytearray(ipv4(tcp))
+    for f in {segment_checksum_state, segment_checksum_state_pure}:
+        assert f(bytes(ip), 20, len(ip), 4) == CSUM_GOOD
+        unf = bytearray(ip)
+        unf[36:38] = ones_sum(SRC4 + DST4, 6 + len(tcp)).to_bytes(2, "big")
+        assert f(bytes(unf), 20, len(ip), 4) == CSUM_UNFILLED
+        bad = bytearray(ip)
+        bad[36] ^= 0x5A
+        assert f(bytes(bad), 20, len(ip), 4) == CSUM_BAD
+        hdr = bytearray(ip)
+        hdr[10] ^= 0x5A  # the IPv4 header's checksum
+        assert f(bytes(hdr), 20, len(ip), 4) == CSUM_BAD
+    if _accel is not None:
+        with pytest.raises(ValueError):
+            _accel.segment_checksum_state(bytes(ip), 20, len(ip) + 5, 4)
