@@ -129,6 +129,7 @@ class SubflowDir:
     peer_ack: int | None = None  # receiver's last TCP ack of this direction
     peer_win: int = 0  # receiver's last window, scaled (bytes)
     max_win: int = 0  # receiver's largest window so far: what Linux calls its peer's max_window
+    edge: int | None = None  # furthest right edge (ack + window) the receiver advertised: it never shrinks
     mappings: list[Mapping] = field(default_factory=list)
     pending: dict[int, bytes] = field(default_factory=dict)  # abs seq -> bytes with no mapping yet
     pending_bytes: int = 0
@@ -516,7 +517,8 @@ class Tracker:
             if o >= 0x80000000:
                 o -= 0x100000000
             win = sfd.peer_win if sfd.peer_win > 65535 else 65535
-            if o + n > win + 65535 or o < -(2 * win + 65535):
+            edge = sfd.edge
+            if o < -(2 * win + 65535) or edge is not None and 0 < (seg.seq - edge) & MASK32 < 0x80000000:
                 return False
         other = sf.dirs[d ^ 1]
         una = other.peer_ack
@@ -565,6 +567,9 @@ class Tracker:
         other.peer_win = win = seg.window << ws
         if win > other.max_win:
             other.max_win = win
+        e = (seg.ack + win) & MASK32
+        if other.edge is None or (e - other.edge) & MASK32 < 0x80000000:
+            other.edge = e
         if data_ack is not None:
             rst = streams[cdir ^ 1]
             rb = rst.base
@@ -1054,6 +1059,9 @@ class Tracker:
             other.peer_win = win = seg.window << ws
             if win > other.max_win:
                 other.max_win = win
+            e = (seg.ack + win) & MASK32
+            if other.edge is None or (e - other.edge) & MASK32 < 0x80000000:
+                other.edge = e
         if conn is None:
             # a join whose connection is unknown: try again with its data
             if o.dss is not None:
@@ -1454,7 +1462,12 @@ class Tracker:
         if off >= 0x80000000:
             off -= 0x100000000
         win = max(sfd.peer_win, 65535)
-        return not (off + seg.payload_len > win + 65535 or off < -(2 * win + 65535))
+        if off < -(2 * win + 65535):
+            return False  # long before the acknowledged point (old bytes are compared as copies before that)
+        # Linux drops a segment that starts past the right edge it advertised (tcp_sequence), and that
+        # edge never shrinks; the gateway sees each advertisement before the sender can use it
+        edge = sfd.edge
+        return edge is None or not 0 < (seg.seq - edge) & MASK32 < 0x80000000
 
     def _paws_ok(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, tsval: int,
                  ev: list[Event]) -> bool:
@@ -1533,8 +1546,9 @@ class Tracker:
             off = (seg.seq - (sfd.peer_ack or 0)) & MASK32
             if off >= 0x80000000:
                 off -= 0x100000000
+            edge = "" if sfd.edge is None else f", right edge at {(sfd.edge - (sfd.peer_ack or 0)) & MASK32:+d}"
             self._notice(ev, NoticeType.OUT_OF_WINDOW, conn, f"{seg.payload_len} bytes at {off:+d} from the "
-                         f"acked point, window {max(sfd.peer_win, 65535)}", seg)
+                         f"acked point, window {sfd.peer_win}{edge}", seg)
         return False
 
     @staticmethod

@@ -833,3 +833,28 @@ def test_an_ack_behind_by_less_than_the_bytes_acked_is_taken(fast: bool) -> None
     ev = run(t, pk)
     assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
     assert not [e for e in ev if isinstance(e, Notice)]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_segment_starting_past_the_advertised_right_edge_places_nothing(fast: bool) -> None:
+    """Linux drops a segment that starts past the right edge it last advertised (tcp_sequence), even
+    with a DSS mapping for the next DSNs (lab: past_window). One starting at the edge, or inside a
+    window the receiver has since opened wider, is read."""
+    s, pk = _ack_session()
+    pk.append(s.ack(1, False, s.idsn[0] + 8))  # the server advertises 65535 bytes on the join
+    forged = s.data(1, True, 8, b"BENIGN", rel=1 + 65535 + 1)
+    pk += [forged, s.data(1, True, 8, b"UNION ", rel=1)]
+    t = Tracker()
+    t.fast_path = fast
+    ev = run(t, pk)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=UNION "
+    (n,) = [e for e in ev if isinstance(e, Notice)]
+    assert n.type == NoticeType.OUT_OF_WINDOW and "right edge" in n.detail
+    s, pk = _ack_session()
+    pk.append(s.ack(1, False, s.idsn[0] + 8))
+    # at the edge exactly (the mapping's bytes then wait for the hole before them)
+    pk += [s.data(1, True, 8 + 65535, b"X", rel=1 + 65535)]
+    t = Tracker()
+    t.fast_path = fast
+    run(t, pk)
+    assert t.stats.out_of_window == 0

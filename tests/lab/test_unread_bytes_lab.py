@@ -99,7 +99,7 @@ def _inject(spec: dict[str, Any]) -> None:
     socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
 
 
-FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "bad_tail", "two_dss", "two_dss_rev"]
+FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window", "bad_tail", "two_dss", "two_dss_rev"]
 
 
 def kernel_read(forgery: str) -> bytes:
@@ -130,6 +130,8 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
         cap, ["tcp.seq_raw", "tcp.len", "tcp.ack_raw", "tcp.options.timestamp.tsval",
               "tcp.options.timestamp.tsecr"], f"tcp.srcport == {jport} && ip.src == {join_ip}")[-1])
     nxt = (seq + ln) & 0xFFFFFFFF
+    (win,) = (int(x) for x in tshark_fields(cap, ["tcp.window_size"],
+                                            f"tcp.dstport == {jport} && ip.dst == {join_ip}")[-1])
     common = {"src": join_ip, "dst": srv_ip, "sport": jport, "ack": ack, "data_ack": 0,
               "dsn": (idsn + 1 + len(PART1)) & ((1 << 64) - 1)}
     data = dict(common, flags="data", seq=nxt, payload=b"BENIGN".hex(), ssn=(nxt - jisn) & 0xFFFFFFFF)
@@ -143,6 +145,9 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
         specs = [dict(data, ack=(ack - 1_000_000_000) & 0xFFFFFFFF)]
     elif forgery == "ack_behind":  # one byte behind: on a subflow where the server sent nothing, too old
         specs = [dict(data, ack=(ack - 1) & 0xFFFFFFFF)]
+    elif forgery == "past_window":  # starts 1000 bytes past the right edge the server last advertised
+        at = (nxt + win + 1000) & 0xFFFFFFFF
+        specs = [dict(data, seq=at, ssn=(at - jisn) & 0xFFFFFFFF)]
     elif forgery == "no_ack":
         specs = [dict(data, flags="noack")]
     elif forgery in ("bad_csum", "bad_tail"):
