@@ -295,6 +295,21 @@ class TrackerStats:
     unfilled_checksums: int = 0  # a capture's offloaded checksums (the pseudo-header's sum): not judged
 
 
+def _take_ack(sfd: SubflowDir, other: SubflowDir, seg: TcpSegment) -> None:
+    """An ACK from ``sfd``'s sender: the acknowledged point, window, largest window and right edge
+    that the receiver of ``other`` (the opposite direction) must respect."""
+    other.peer_ack = seg.ack
+    ws = sfd.wscale
+    if ws is None or other.wscale is None:
+        ws = 14 if sfd.isn is None else 0
+    other.peer_win = win = seg.window << ws
+    if win > other.max_win:
+        other.max_win = win
+    e = (seg.ack + win) & MASK32
+    if other.edge is None or (e - other.edge) & MASK32 < 0x80000000:
+        other.edge = e
+
+
 def _option(seg: TcpSegment, kind: int, length: int) -> memoryview | None:
     """A TCP option of ``kind`` and exactly ``length`` bytes, None without one (before a damaged
     option, as a stack reads them)."""
@@ -560,16 +575,7 @@ class Tracker:
         self.stats.options[2] += 1
         conn.last_ts = ts
         self.connections.move_to_end(conn.id)
-        other.peer_ack = seg.ack
-        ws = sfd.wscale
-        if ws is None or other.wscale is None:
-            ws = 14 if sfd.isn is None else 0
-        other.peer_win = win = seg.window << ws
-        if win > other.max_win:
-            other.max_win = win
-        e = (seg.ack + win) & MASK32
-        if other.edge is None or (e - other.edge) & MASK32 < 0x80000000:
-            other.edge = e
+        _take_ack(sfd, other, seg)
         if data_ack is not None:
             rst = streams[cdir ^ 1]
             rb = rst.base
@@ -1050,18 +1056,7 @@ class Tracker:
                 self._unread(conn, sfd, seg, why, ev)
                 return
         if flags & ACK:
-            # this packet's ack/window govern the other direction's data
-            other = sf.dirs[d ^ 1]
-            other.peer_ack = seg.ack
-            ws = sfd.wscale
-            if ws is None or sf.dirs[d ^ 1].wscale is None:
-                ws = 14 if sfd.isn is None else 0
-            other.peer_win = win = seg.window << ws
-            if win > other.max_win:
-                other.max_win = win
-            e = (seg.ack + win) & MASK32
-            if other.edge is None or (e - other.edge) & MASK32 < 0x80000000:
-                other.edge = e
+            _take_ack(sfd, sf.dirs[d ^ 1], seg)  # this packet's ack/window govern the other direction's data
         if conn is None:
             # a join whose connection is unknown: try again with its data
             if o.dss is not None:

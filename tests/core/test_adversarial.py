@@ -65,6 +65,18 @@ def legit_exchange(s: Session, c2s: bytes, s2c: bytes) -> list[bytes]:
     return pk
 
 
+def _tracked(pk: list[bytes], fast: bool) -> tuple[Tracker, list]:
+    """A tracker with its fast path on or off, and the events of ``pk`` fed to it (then flushed)."""
+    t = Tracker()
+    t.fast_path = fast
+    return t, run(t, pk)
+
+
+def _one_notice(ev: list, t: NoticeType, word: str) -> None:
+    (n,) = [e for e in ev if isinstance(e, Notice)]
+    assert n.type == t and word in n.detail, n
+
+
 class Feeder:
     """Feeds IP packets with an advancing clock and keeps every event."""
 
@@ -702,12 +714,9 @@ def test_a_segment_with_a_stale_timestamp_places_nothing(fast: bool) -> None:
     stale = s.data(0, True, 8, b"BENIGN", rel=9)
     pk.append(_with_ts(s, stale, tsval=s.clock - 1000))  # type: ignore[attr-defined]
     pk.append(_with_ts(s, s.data(0, True, 8, b"UNION ")))
-    t = Tracker()
-    t.fast_path = fast
-    ev = run(t, pk)
+    t, ev = _tracked(pk, fast)
     assert streams(ev)[(1, Direction.C2S)] == b"GET /?q=UNION "
-    (n,) = [e for e in ev if isinstance(e, Notice)]
-    assert n.type == NoticeType.OUT_OF_WINDOW and "PAWS" in n.detail
+    _one_notice(ev, NoticeType.OUT_OF_WINDOW, "PAWS")
 
 
 def test_paws_tolerates_one_tick_and_equal_timestamps() -> None:
@@ -746,9 +755,7 @@ def test_a_dss_before_an_option_whose_length_lies_places_its_bytes(fast: bool) -
     pk.append(s.data(0, True, 0, b"GET /?q="))
     pk.append(lying_tail(s.data(1, True, 8, b"BENIGN")))
     pk.append(s.data(0, True, 8, b"UNION SELECT"))
-    t = Tracker()
-    t.fast_path = fast
-    ev = run(t, pk)
+    t, ev = _tracked(pk, fast)
     assert streams(ev)[(1, C2S)] == b"GET /?q=BENIGNSELECT"
     assert NoticeType.INVALID_OPTION in notices(ev) and t.stats.decode_errors["bad_option_length"] == 1
 
@@ -797,12 +804,9 @@ def test_a_segment_whose_ack_the_receiver_refuses_places_nothing(fast: bool, sha
               # the server sent nothing on the join: Linux bounds the look-back by the bytes acked, 0
               "behind": _with_ack(forged, ack - 1)}[shape]
     pk += [forged, s.data(1, True, 8, b"UNION SELECT", rel=1)]
-    t = Tracker()
-    t.fast_path = fast
-    ev = run(t, pk)
+    t, ev = _tracked(pk, fast)
     assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
-    (n,) = [e for e in ev if isinstance(e, Notice)]
-    assert n.type == NoticeType.OUT_OF_WINDOW and "discarded" in n.detail
+    _one_notice(ev, NoticeType.OUT_OF_WINDOW, "discarded")
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -813,9 +817,7 @@ def test_acks_past_server_bytes_the_capture_lost_still_count(fast: bool) -> None
     s, pk = _ack_session()
     s.data(0, False, 100, b"s" * 30000)  # sent, not captured
     pk.append(s.data(0, True, 8, b"UNION SELECT"))
-    t = Tracker()
-    t.fast_path = fast
-    ev = run(t, pk)
+    t, ev = _tracked(pk, fast)
     assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
     assert not [e for e in ev if isinstance(e, Notice) and e.type == NoticeType.OUT_OF_WINDOW]
 
@@ -828,9 +830,7 @@ def test_an_ack_behind_by_less_than_the_bytes_acked_is_taken(fast: bool) -> None
     pk.append(s.ack(0, True, s.idsn[1] + 100))  # ... which the client acknowledges
     late = s.data(0, True, 8, b"UNION SELECT")
     pk.append(_with_ack(late, seg(late).ack - 50))
-    t = Tracker()
-    t.fast_path = fast
-    ev = run(t, pk)
+    t, ev = _tracked(pk, fast)
     assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
     assert not [e for e in ev if isinstance(e, Notice)]
 
@@ -844,12 +844,9 @@ def test_a_segment_starting_past_the_advertised_right_edge_places_nothing(fast: 
     pk.append(s.ack(1, False, s.idsn[0] + 8))  # the server advertises 65535 bytes on the join
     forged = s.data(1, True, 8, b"BENIGN", rel=1 + 65535 + 1)
     pk += [forged, s.data(1, True, 8, b"UNION ", rel=1)]
-    t = Tracker()
-    t.fast_path = fast
-    ev = run(t, pk)
+    t, ev = _tracked(pk, fast)
     assert streams(ev)[(1, C2S)] == b"GET /?q=UNION "
-    (n,) = [e for e in ev if isinstance(e, Notice)]
-    assert n.type == NoticeType.OUT_OF_WINDOW and "right edge" in n.detail
+    _one_notice(ev, NoticeType.OUT_OF_WINDOW, "right edge")
     s, pk = _ack_session()
     pk.append(s.ack(1, False, s.idsn[0] + 8))
     # at the edge exactly (the mapping's bytes then wait for the hole before them)
