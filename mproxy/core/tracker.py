@@ -24,7 +24,7 @@ from struct import Struct
 from typing import Any
 
 from .. import crypto
-from ..wire.checksum import CSUM_GOOD, CSUM_UNFILLED, segment_checksum_state
+from ..wire.checksum import CSUM_UNFILLED, segment_checksum_state
 from ..wire import mptcp as m
 from ..wire.errors import WireError
 from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, read_mptcp_spans, \
@@ -347,6 +347,7 @@ class Tracker:
             raise ValueError(f"checksums: {self.config.checksums!r} (one of {', '.join(_CSUM_MODES)})")
         self._csum_drop = self.config.checksums != "count"
         self._csum_unfilled = self.config.checksums == "verify"  # captures: an unfilled checksum is bad too
+        self._csum_quick = not self._csum_unfilled
         self.stats = TrackerStats()
         self._sf: dict[tuple[bytes, int, bytes, int], tuple[Subflow, int]] = {}
         self.connections: OrderedDict[int, Connection] = OrderedDict()  # LRU by activity
@@ -424,8 +425,13 @@ class Tracker:
             self._shrink_histories()
         hit = self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
         if hit is not None:
-            if not self._checksum_ok(hit[0], seg, csum_ready, ev):
-                return ev
+            # checksums (see _checksum_ok), the common case inlined: a whole wire-sized segment whose
+            # checksums are good or, in a capture, left unfilled by offload
+            end = seg.payload_off + seg.payload_len
+            if seg.payload_len == seg.wire_payload_len and (csum_ready or end <= 1500):
+                state = segment_checksum_state(seg.ip, seg.tcp_off, end, seg.ipver, self._csum_quick and not csum_ready)
+                if state and not self._checksum_ok(hit[0], seg, state, csum_ready, ev):
+                    return ev
             if self.fast_path and self._fast(hit[0], hit[1], seg, ev):
                 return ev
         opts = self._options(seg, hit, ev)
@@ -454,16 +460,12 @@ class Tracker:
         self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
         return ev
 
-    def _checksum_ok(self, sf: Subflow, seg: TcpSegment, ready: bool, ev: list[Event]) -> bool:
+    def _checksum_ok(self, sf: Subflow, seg: TcpSegment, state: int, ready: bool, ev: list[Event]) -> bool:
         """False when the receiver drops this segment for its checksum (TCP, or the IPv4 header's):
-        it then counts for nothing here either. See ``TrackerConfig.checksums`` for which are judged."""
-        end = seg.payload_off + seg.payload_len
-        if seg.payload_len != seg.wire_payload_len or not ready and end > 1500:
-            return True  # snaplen-cut: nothing to judge; GRO/TSO-sized: a capture artifact, not a wire packet
-        # captures: a field that looks unfilled is taken as such unread (checksums = verify reads it)
-        state = segment_checksum_state(seg.ip, seg.tcp_off, end, seg.ipver, not (ready or self._csum_unfilled))
-        if state == CSUM_GOOD:
-            return True
+        it then counts for nothing here either. ``state``: segment_checksum_state's reading, not
+        good. Judged (see ``TrackerConfig.checksums``): whole segments only (snaplen-cut ones have
+        nothing to judge), and in captures those a wire carries (bigger ones are GRO/TSO artifacts),
+        where a field that looks unfilled is taken as such unread (``verify`` reads it)."""
         if state == CSUM_UNFILLED and not ready and not self._csum_unfilled:
             self.stats.unfilled_checksums += 1
             return True
