@@ -1130,8 +1130,14 @@ class Tracker:
         if n and not void:
             self._on_payload(conn, sf, sfd, cdir, seg, ev, dss is None or dss.dsn is None)
         if o.fastclose is not None:
-            self._close(conn, Outcome.FASTCLOSE, True, ts, ev)
-            return
+            # Linux takes an MP_FASTCLOSE only when it carries its own (the receiver's) key: a forged
+            # one would otherwise end the rebuilt stream while the server reads on
+            key = conn.server_key if cdir == Direction.C2S else conn.client_key
+            if key is None or o.fastclose.receiver_key == key:
+                self._close(conn, Outcome.FASTCLOSE, True, ts, ev)
+                return
+            self._notice(ev, NoticeType.INVALID_OPTION, conn, "MP_FASTCLOSE with a key that is not the "
+                         "receiver's: ignored, as the receiver ignores it", seg)
         if tsval is not None:
             self._keep_ts(sfd, seg, tsval)
         ending = False

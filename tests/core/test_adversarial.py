@@ -855,3 +855,20 @@ def test_a_segment_starting_past_the_advertised_right_edge_places_nothing(fast: 
     t.fast_path = fast
     run(t, pk)
     assert t.stats.out_of_window == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_mp_fastclose_with_a_key_not_the_receivers_ends_nothing(fast: bool) -> None:
+    """Linux takes an MP_FASTCLOSE only when it names the receiver's own key; with another one the
+    server reads on (lab: fastclose_bad_key), so the rebuilt stream must go on too. With the
+    server's key the connection ends."""
+    for key, want, outcome in ((0x0123456789ABCDEF, b"GET /?q=UNION SELECT", "end_of_input"),
+                               (None, b"GET /?q=", "fastclose")):
+        s, pk = _ack_session()
+        pk.append(s._pkt(s.subs[1], True, ACK, [m.MpFastclose(s.sk if key is None else key).encode()]))
+        pk.append(s.data(0, True, 8, b"UNION SELECT"))
+        t, ev = _tracked(pk, fast)
+        assert streams(ev)[(1, C2S)] == want
+        assert summaries(ev)[0]["outcome"] == outcome
+        if key is not None:
+            _one_notice(ev, NoticeType.INVALID_OPTION, "MP_FASTCLOSE")

@@ -9,8 +9,10 @@ client writes ``UNION SELECT ...``:
   timestamp 100 s older than the subflow's (PAWS), with a TCP checksum that fails (the lab fills
   checksums in software, so the capture's other checksums are good, as on a wire), with an ACK
   of 1 MB the server never sent, or 1 GB behind its last acknowledged point, or 1 byte behind it
-  (the server sent nothing on that subflow: Linux bounds the look-back by the bytes acked), or
-  without ACK;
+  (the server sent nothing on that subflow: Linux bounds the look-back by the bytes acked),
+  without ACK, or starting 1000 bytes past the right edge of the server's window;
+* the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), before
+  the client's next bytes;
 * the kernel reads them: the DSS followed by an option whose length lies (Linux's option walk
   stops there, the DSS before it stands), or two DSS options of which the first maps them at
   those DSNs (the first wins);
@@ -84,6 +86,8 @@ def _inject(spec: dict[str, Any]) -> None:
 
     payload = bytes.fromhex(spec["payload"])
     opts = [m.dss(spec["data_ack"], spec["dsn"], spec["ssn"], len(payload)).encode()] if payload else []
+    if "fastclose_key" in spec:  # MP_FASTCLOSE naming a key that is not the server's
+        opts = [m.MpFastclose(spec["fastclose_key"]).encode()]
     if "dsn2" in spec:  # a second DSS after the first (no Data ACK, so both fit)
         opts = [m.dss(None, spec["dsn"], spec["ssn"], len(payload)).encode(),
                 m.dss(None, spec["dsn2"], spec["ssn"], len(payload)).encode()]
@@ -99,7 +103,7 @@ def _inject(spec: dict[str, Any]) -> None:
     socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
 
 
-FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window", "bad_tail", "two_dss", "two_dss_rev"]
+FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window", "fastclose_bad_key", "bad_tail", "two_dss", "two_dss_rev"]
 
 
 def kernel_read(forgery: str) -> bytes:
@@ -148,6 +152,8 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
     elif forgery == "past_window":  # starts 1000 bytes past the right edge the server last advertised
         at = (nxt + win + 1000) & 0xFFFFFFFF
         specs = [dict(data, seq=at, ssn=(at - jisn) & 0xFFFFFFFF)]
+    elif forgery == "fastclose_bad_key":  # an ACK with MP_FASTCLOSE: Linux ignores it (wrong key)
+        specs = [dict(common, flags="data", seq=nxt, payload="", ssn=0, fastclose_key=0x0123456789ABCDEF)]
     elif forgery == "no_ack":
         specs = [dict(data, flags="noack")]
     elif forgery in ("bad_csum", "bad_tail"):
