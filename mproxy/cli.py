@@ -213,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-c", "--config", metavar="FILE",
                    help="take the [tracker] limits, [log] log_keys and [inspector] windows and skip_bad_rules from "
                         "this configuration")
-    r.add_argument("--checksums", choices=("auto", "verify", "count"),
-                   help="segments whose TCP checksum fails are dropped as the receiver drops them: auto (the "
-                        "default, or [tracker] checksums) on subflow directions that carried a good one (offloaded "
-                        "captures carry none), verify on every direction (wire taps), count: never, only counted")
+    r.add_argument("--checksums", choices=("auto", "verify", "count"),  # core.tracker.CHECKSUM_MODES
+                   help="segments whose TCP or IPv4 header checksum fails are dropped as the receiver drops them: "
+                        "auto (the default, or [tracker] checksums) unless the checksum was left unfilled by "
+                        "offload, verify those too (captures from a wire tap), count: none, only counted")
     r.set_defaults(func=_cmd_replay)
 
     g = sub.add_parser("run", help="run the inline gateway on NFQUEUE until SIGINT/SIGTERM")

@@ -16,7 +16,7 @@ from typing import Any
 
 from .core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
 from .core.marks import mask_capacity
-from .core.tracker import TrackerConfig
+from .core.tracker import CHECKSUM_MODES, TrackerConfig
 
 
 class ConfigError(ValueError):
@@ -337,8 +337,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("[tracker] limits must be at least 1")
     if t.memcap < 65536:
         raise ConfigError(f"[tracker] memcap: at least 65536 bytes, got {t.memcap}")
-    if t.checksums not in ("auto", "verify", "count"):
-        raise ConfigError(f"[tracker] checksums: expected \"auto\", \"verify\" or \"count\", got {t.checksums!r}")
+    if t.checksums not in CHECKSUM_MODES:
+        raise ConfigError(f"[tracker] checksums: expected one of {', '.join(CHECKSUM_MODES)}, got {t.checksums!r}")
     if t.history_memcap < max(65536, 4 * t.history):
         raise ConfigError(f"[tracker] history_memcap: at least 65536 bytes and 4 x history, got {t.history_memcap}")
     if cfg.sink.pcap_rotate_mb < 1 or cfg.sink.pcap_keep < 1:

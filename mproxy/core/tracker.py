@@ -24,8 +24,8 @@ from struct import Struct
 from typing import Any
 
 from .. import crypto
-from ..wire.checksum import CSUM_UNFILLED, segment_checksum_state
 from ..wire import mptcp as m
+from ..wire.checksum import CSUM_UNFILLED, segment_checksum_state
 from ..wire.errors import WireError
 from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, read_mptcp_spans, \
     read_option_spans
@@ -58,7 +58,7 @@ _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is wat
 _TCPOPT_WSCALE = 3
 _TCPOPT_TIMESTAMP = 8
 _NOT_FAST = SYN | FIN | RST
-_CSUM_MODES = ("auto", "verify", "count")
+CHECKSUM_MODES = ("auto", "verify", "count")  # [tracker] checksums
 _TS_MPTCP = Struct("!4sI4xBBBB")  # NOP NOP kind 8 len 10, TSval, TSecr, then an MPTCP option's first 4 bytes
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
 _DSS_PLAIN = m.DSS_PLAIN
@@ -343,8 +343,8 @@ class Tracker:
 
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
-        if self.config.checksums not in _CSUM_MODES:
-            raise ValueError(f"checksums: {self.config.checksums!r} (one of {', '.join(_CSUM_MODES)})")
+        if self.config.checksums not in CHECKSUM_MODES:
+            raise ValueError(f"checksums: {self.config.checksums!r} (one of {', '.join(CHECKSUM_MODES)})")
         self._csum_drop = self.config.checksums != "count"
         self._csum_unfilled = self.config.checksums == "verify"  # captures: an unfilled checksum is bad too
         self._csum_quick = not self._csum_unfilled
@@ -425,13 +425,17 @@ class Tracker:
             self._shrink_histories()
         hit = self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
         if hit is not None:
-            # checksums (see _checksum_ok), the common case inlined: a whole wire-sized segment whose
+            # checksums (see _bad_checksum), the common case inlined: a whole wire-sized segment whose
             # checksums are good or, in a capture, left unfilled by offload
             end = seg.payload_off + seg.payload_len
             if seg.payload_len == seg.wire_payload_len and (csum_ready or end <= 1500):
-                state = segment_checksum_state(seg.ip, seg.tcp_off, end, seg.ipver, self._csum_quick and not csum_ready)
-                if state and not self._checksum_ok(hit[0], seg, state, csum_ready, ev):
-                    return ev
+                quick = self._csum_quick and not csum_ready  # a capture's field that looks unfilled is taken unread
+                state = segment_checksum_state(seg.ip, seg.tcp_off, end, seg.ipver, quick)
+                if state:
+                    if quick and state == CSUM_UNFILLED:
+                        self.stats.unfilled_checksums += 1
+                    elif not self._bad_checksum(hit[0], seg, ev):
+                        return ev
             if self.fast_path and self._fast(hit[0], hit[1], seg, ev):
                 return ev
         opts = self._options(seg, hit, ev)
@@ -460,15 +464,12 @@ class Tracker:
         self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
         return ev
 
-    def _checksum_ok(self, sf: Subflow, seg: TcpSegment, state: int, ready: bool, ev: list[Event]) -> bool:
-        """False when the receiver drops this segment for its checksum (TCP, or the IPv4 header's):
-        it then counts for nothing here either. ``state``: segment_checksum_state's reading, not
-        good. Judged (see ``TrackerConfig.checksums``): whole segments only (snaplen-cut ones have
-        nothing to judge), and in captures those a wire carries (bigger ones are GRO/TSO artifacts),
-        where a field that looks unfilled is taken as such unread (``verify`` reads it)."""
-        if state == CSUM_UNFILLED and not ready and not self._csum_unfilled:
-            self.stats.unfilled_checksums += 1
-            return True
+    def _bad_checksum(self, sf: Subflow, seg: TcpSegment, ev: list[Event]) -> bool:
+        """A judged segment whose checksum (TCP, or the IPv4 header's) fails: the receiver drops it,
+        so False (it counts for nothing here either), unless ``checksums = "count"``. Which are
+        judged is decided in ``process`` (see ``TrackerConfig.checksums``): whole segments only, in
+        captures those a wire carries (GRO/TSO-sized ones are artifacts), and there an unfilled
+        field is taken as offload unless ``verify``."""
         what = f"a {seg.payload_len}-byte segment (flags 0x{seg.flags:02x}) whose checksum fails: the receiver drops it"
         if self._csum_drop:
             self.stats.bad_checksums["dropped"] += 1
@@ -1504,7 +1505,8 @@ class Tracker:
     def _ack_refused(sf: Subflow, d: int, seg: TcpSegment) -> str | None:
         """Why the receiver discards this segment for its ACK field, None when it does not (Linux
         tcp_ack: an ACK of data it never sent; one before its last acknowledged point by more than
-        the largest window its peer advertised, RFC 5961 5.2). The receiver's view is the gateway's:
+        the largest window its peer advertised or than the bytes it has had acknowledged, RFC 5961
+        5.2). The receiver's view is the gateway's:
         its last acknowledged point is the sender's last ACK seen, and what it sent is bounded by
         that plus the largest window the sender advertised, or by the furthest sequence seen from
         it -- never tighter than the receiver's own, so no segment it takes is refused, whatever
