@@ -43,6 +43,9 @@ class RulesConfig:
     worker_mask: int = 0xFF0000  # workers > 1: mark bits naming a connection's worker (1..mask)
     ipv6: bool = True
     in_interfaces: list[str] = field(default_factory=list)  # restrict to traffic arriving here
+    # queue TCP packets conntrack finds INVALID too: they carry no connmark, and a receiver may read
+    # some (e.g. a SACK block past what it sent makes conntrack refuse a segment Linux reads)
+    queue_invalid: bool = True
 
 
 @dataclass(slots=True)

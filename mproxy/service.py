@@ -186,7 +186,8 @@ class Service:
         self.queue = QueueAdapter(
             c.queue.num, self._handler(), emit=self.sinks.write if self.sinks else None,
             after_batch=self._after_batch, fail=FailMode(c.queue.fail), max_len=c.queue.max_len,
-            sock_rcvbuf=c.queue.sock_rcvbuf, histogram=self.histogram, gso=c.queue.gso)
+            sock_rcvbuf=c.queue.sock_rcvbuf, histogram=self.histogram, gso=c.queue.gso,
+            clear_mask=c.rules.worker_mask if self.worker is not None else 0)
         self.queue.open()
         if self.queue.fail_open_confirmed is None:
             log.warning("could not confirm the queue's fail-%s setting (a packet arrived first)", c.queue.fail)

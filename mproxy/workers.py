@@ -409,6 +409,17 @@ def _control_registry(ctl: Controller) -> Any:
             for kind in ("capable", "join", "join_unknown", "other"):
                 syns.add_metric([kind], getattr(st, kind))
             yield syns
+            later = CounterMetricFamily("mproxy_steering_later_packets", "Later packets of a connection that "
+                                        "reached the control queue (conntrack found them INVALID, so they carry "
+                                        "no connmark): to the worker of their subflow's SYN, or by 4-tuple hash "
+                                        "when the control did not see it", labels=["kind"])
+            for kind in ("subflow", "unknown"):
+                later.add_metric([kind], getattr(st, kind))
+            yield later
+            yield GaugeMetricFamily("mproxy_steering_subflows", "Subflows in the control queue's 4-tuple-to-worker "
+                                    "table", value=len(ctl.steering.subflows))
+            yield CounterMetricFamily("mproxy_steering_subflow_evictions", "Entries dropped from the full "
+                                      "4-tuple-to-worker table (oldest SYN first)", value=st.subflows_evicted)
             tok = CounterMetricFamily("mproxy_steering_token_events", "Token announcements from the workers "
                                       "(learned, forgotten) and table evictions", labels=["event"])
             for ev in ("learned", "forgotten", "evicted"):

@@ -39,12 +39,19 @@ def test_rules_send_first_syns_to_control_and_the_rest_to_the_worker() -> None:
     cmds = [c.argv for c in install_commands(CFG) if c.argv[0] == "iptables"]
     text = [" ".join(a) for a in cmds]
     control = [t for t in text if "--queue-num 5 " in t + " "]
-    assert len(control) == 1 and "--tcp-option 30" in control[0] and "--mark 0/0xff0000" in control[0]
+    first, invalid = control
+    assert "--tcp-option 30" in first and "--mark 0/0xff0000" in first
+    # INVALID packets (no conntrack entry, no saved bits) go to the control, which repeats them marked
+    assert "--ctstate INVALID" in invalid and "--mark 0/0xff0000" in invalid
     for w in range(3):
-        (rule,) = [t for t in text if f"--queue-num {6 + w}" in t]
-        assert f"connmark --mark 0x{worker_bits(w, 0xFF0000):x}/0xff0000" in rule
+        repeated, rule = [t for t in text if f"--queue-num {6 + w}" in t]
+        bits = f"0x{worker_bits(w, 0xFF0000):x}/0xff0000"
+        assert f"connmark --mark {bits}" in rule
+        assert f"--ctstate INVALID -m mark --mark {bits}" in repeated
+        # queued before the CONNMARK rules, which cannot save a mark without a conntrack entry
+        assert text.index(repeated) < min(i for i, t in enumerate(text) if "-j CONNMARK" in t)
     assert any("--save-mark --nfmask 0xff0000 --ctmask 0xff0000" in t for t in text)
-    assert "NFQUEUE 6..8" in render(CFG)
+    assert "NFQUEUE 6..8" in render(CFG) and "INVALID go to the control queue" in render(CFG)
 
 
 def controller_with_channels() -> tuple[Controller, list[socket.socket]]:

@@ -13,7 +13,11 @@ queue, and this core picks its worker:
   so the announcement is ahead of any join that packet made possible);
 * a join with a token nobody announced, or an option we cannot read: a hash
   of the 4-tuple, so the worker's own policy decides (``verify-joins``
-  drops it, ``inspect`` tracks it as it would with one worker).
+  drops it, ``inspect`` tracks it as it would with one worker);
+* any later packet (conntrack found it INVALID, so it has no conntrack entry
+  and no saved worker bits; see :mod:`mproxy.io.netfilter`): the worker its
+  subflow's SYN went to, remembered by 4-tuple in a bounded table; a 4-tuple
+  hash when the control never saw that SYN.
 
 The decision is a ``REPEAT`` verdict with the worker's number in the packet
 mark; the rules save it in the connection's conntrack mark and queue every
@@ -28,7 +32,7 @@ from enum import Enum
 
 from ..wire.errors import WireError
 from ..wire.mptcp import Subtype
-from ..wire.packet import SYN, TcpSegment, parse_ip, read_mptcp_spans
+from ..wire.packet import ACK, SYN, TcpSegment, parse_ip, read_mptcp_spans
 from .gateway import Decision, Verdict
 from .marks import mask_capacity, mask_shift, worker_bits
 
@@ -39,7 +43,9 @@ class SteerKind(str, Enum):
     CAPABLE = "capable"  # MP_CAPABLE SYN: next worker in turn
     JOIN = "join"  # MP_JOIN SYN with an announced token: its worker
     JOIN_UNKNOWN = "join_unknown"  # MP_JOIN SYN, token not announced: 4-tuple hash
-    OTHER = "other"  # not a SYN with a readable MP_CAPABLE/MP_JOIN: 4-tuple hash
+    OTHER = "other"  # a SYN without a readable MP_CAPABLE/MP_JOIN: 4-tuple hash
+    SUBFLOW = "subflow"  # a later packet (INVALID to conntrack) of a subflow whose SYN we steered
+    UNKNOWN = "unknown"  # a later packet of a subflow whose SYN we did not see: 4-tuple hash
 
 
 @dataclass(slots=True)
@@ -48,6 +54,9 @@ class SteeringStats:
     join: int = 0
     join_unknown: int = 0
     other: int = 0
+    subflow: int = 0
+    unknown: int = 0
+    subflows_evicted: int = 0  # the subflow table was full: oldest SYNs' entries dropped
     tokens_learned: int = 0
     tokens_forgotten: int = 0
     tokens_evicted: int = 0  # the table was full: oldest announcements dropped
@@ -62,9 +71,10 @@ class SteeringStats:
 class Steering:
     """Token -> worker table and the per-SYN choice (see the module docstring)."""
 
-    __slots__ = ("workers", "mask", "max_tokens", "tokens", "stats", "_next", "last_kind")
+    __slots__ = ("workers", "mask", "max_tokens", "tokens", "stats", "_next", "last_kind", "max_subflows",
+                 "subflows")
 
-    def __init__(self, workers: int, mask: int, max_tokens: int = 1 << 20) -> None:
+    def __init__(self, workers: int, mask: int, max_tokens: int = 1 << 20, max_subflows: int = 1 << 18) -> None:
         capacity = mask_capacity(mask)
         if not capacity:
             raise ValueError(f"mark mask 0x{mask:x} is not one run of set bits")
@@ -74,6 +84,9 @@ class Steering:
         self.mask = mask
         self.max_tokens = max_tokens
         self.tokens: dict[int, int] = {}  # token -> worker, oldest first
+        # hash of a SYN's 4-tuple (either orientation) -> worker, oldest first; ~100 bytes an entry
+        self.max_subflows = max_subflows
+        self.subflows: dict[int, int] = {}
         self.stats = SteeringStats()
         self._next = 0
         self.last_kind = SteerKind.OTHER
@@ -102,7 +115,7 @@ class Steering:
 
     # ------------------------------------------------------------------ decisions
     def choose(self, ip: bytes | memoryview, final: bool = True) -> int | None:
-        """The worker for this SYN; None when a join's token is unknown and not ``final``.
+        """The worker for this packet; None when a join's token is unknown and not ``final``.
 
         The caller reads pending announcements and asks again with ``final``
         before falling back to the hash, so a race between a worker's
@@ -110,11 +123,21 @@ class Steering:
         """
         seg = parse_ip(memoryview(ip))
         if seg is None or isinstance(seg, WireError):
-            self.last_kind = SteerKind.OTHER
+            self.last_kind = SteerKind.UNKNOWN
             return zlib.crc32(bytes(ip[:40])) % self.workers
-        if not seg.flags & SYN:
-            self.last_kind = SteerKind.OTHER
+        if seg.flags & (SYN | ACK) != SYN:  # a later packet (the rules queue first SYNs and INVALID ones)
+            owner = self.subflows.get(_flow_key(seg))
+            if owner is not None:
+                self.last_kind = SteerKind.SUBFLOW
+                return owner
+            self.last_kind = SteerKind.UNKNOWN
             return self._hash(seg)
+        w = self._syn(seg, final)
+        if w is not None:
+            self._remember(seg, w)
+        return w
+
+    def _syn(self, seg: TcpSegment, final: bool) -> int | None:
         raw = seg.ip
         for off, olen in read_mptcp_spans(seg)[0]:  # the tracker's own walk: options before a damaged one stand
             if olen < 3:
@@ -146,7 +169,24 @@ class Steering:
         self.stats.count(self.last_kind)
         return Decision(Verdict.REPEAT, mark=worker_bits(w, self.mask), reason=self.last_kind.value)
 
+    def _remember(self, seg: TcpSegment, worker: int) -> None:
+        """The SYN's 4-tuple -> its worker, for later packets that reach the control queue."""
+        t = self.subflows
+        key = _flow_key(seg)
+        t.pop(key, None)  # a SYN seen again: newest last
+        t[key] = worker
+        while len(t) > self.max_subflows:
+            del t[next(iter(t))]
+            self.stats.subflows_evicted += 1
+
     def _hash(self, seg: TcpSegment) -> int:
         """A stable choice from the addresses and ports (same 4-tuple, same worker)."""
         key = seg.src + seg.dst + seg.sport.to_bytes(2, "big") + seg.dport.to_bytes(2, "big")
         return zlib.crc32(key) % self.workers
+
+
+def _flow_key(seg: TcpSegment) -> int:
+    """One key for both orientations of a 4-tuple (a hash: 2**-64 collisions cost a misroute at most)."""
+    a = seg.src + seg.sport.to_bytes(2, "big")
+    b = seg.dst + seg.dport.to_bytes(2, "big")
+    return hash(a + b if a <= b else b + a)

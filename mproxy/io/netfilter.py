@@ -4,7 +4,16 @@ Only MPTCP needs user space, so the kernel decides what to queue:
 
 * a TCP SYN (without ACK) carrying option 30 (MP_CAPABLE or MP_JOIN) sets the
   ``[rules] connmark`` bits on its conntrack entry;
-* every packet of a connection with those bits goes to ``NFQUEUE``.
+* every packet of a connection with those bits goes to ``NFQUEUE``;
+* so does every TCP packet conntrack finds INVALID (``[rules] queue_invalid``).
+
+Why INVALID packets: conntrack keeps no state for them, so they carry no
+connmark and the rule above misses them, yet its TCP window check is not the
+receiver's. A segment carrying a SACK block past what the receiver sent is
+INVALID to conntrack ("ACK is over upper bound") while Linux discards the
+block and reads the data; forwarded unqueued, its bytes would reach the server
+and never the IDS. Queued, the tracker judges them with the receiver's rules
+(and passes plain TCP's untouched). They are rare in clean traffic.
 
 Plain TCP is looked at by two cheap rules and never leaves the kernel. The
 SYN decides once per connection (conntrack keeps the mark), so both
@@ -18,7 +27,11 @@ With ``[queue] workers`` > 1 the first SYN of a connection (no worker bits
 in its conntrack or packet mark) goes to the control queue instead; it comes
 back (``NF_REPEAT``) with its worker's bits in the packet mark, which are
 saved into the conntrack mark, and one rule per worker queues every packet of
-a connection carrying that worker's bits to the worker's queue.
+a connection carrying that worker's bits to the worker's queue. An INVALID
+packet (no conntrack entry, so no saved bits) goes to the control queue too,
+which repeats it with the bits of the worker that got its subflow's SYN, and a
+rule per worker queues it by its packet mark; that worker clears the bits in
+its verdict.
 
 Fail-open adds ``--queue-bypass`` (no process bound: accept); a *full* queue
 is a property of the bound queue, set over netlink by
@@ -88,10 +101,13 @@ def _chain_rules(cfg: Config) -> list[list[str]]:
     mark = f"0x{r.connmark:x}/0x{r.connmark:x}"
     bypass = ["--queue-bypass"] if q.fail == "open" else []
     syn = ["-p", "tcp", "-m", "tcp", "--tcp-flags", "SYN,ACK", "SYN", "--tcp-option", "30"]
+    invalid = ["-m", "conntrack", "--ctstate", "INVALID"]
     if q.workers == 1:
         first = [*syn, "-j", "CONNMARK", "--set-xmark", mark]
         rules = [["-i", i, *first] for i in r.in_interfaces] or [first]
         rules.append(["-m", "connmark", "--mark", mark, "-j", "NFQUEUE", "--queue-num", str(q.num), *bypass])
+        if r.queue_invalid:
+            rules.append([*invalid, "-j", "NFQUEUE", "--queue-num", str(q.num), *bypass])
         return rules
     # workers: the first SYN of a connection (no worker in its conntrack or packet mark yet) goes
     # to the control queue, which repeats it with its worker's bits in the packet mark; those are
@@ -101,6 +117,14 @@ def _chain_rules(cfg: Config) -> list[list[str]]:
     control = [*syn, "-m", "connmark", "--mark", none, "-m", "mark", "--mark", none,
                "-j", "NFQUEUE", "--queue-num", str(q.num), *bypass]
     rules = [["-i", i, *control] for i in r.in_interfaces] or [control]
+    if r.queue_invalid:
+        # no conntrack entry, so no saved worker bits: the control finds the worker by the 4-tuple
+        # and repeats the packet with its bits in the packet mark, which queue it (before the
+        # CONNMARK rules below, which cannot save a mark without an entry)
+        rules.append([*invalid, "-m", "mark", "--mark", none, "-j", "NFQUEUE", "--queue-num", str(q.num),
+                      *bypass])
+        rules += [[*invalid, "-m", "mark", "--mark", f"0x{worker_bits(w, wm):x}/0x{wm:x}", "-j", "NFQUEUE",
+                   "--queue-num", str(q.num + 1 + w), *bypass] for w in range(q.workers)]
     steered = ["-m", "mark", "!", "--mark", none]
     rules += [
         [*steered, "-j", "CONNMARK", "--save-mark", "--nfmask", f"0x{wm:x}", "--ctmask", f"0x{wm:x}"],
@@ -151,6 +175,9 @@ def render(cfg: Config, *, delete: bool = False, source: str = "") -> str:
             f"# TCP SYNs with option 30 (MPTCP) mark their connection with connmark bits 0x{r.connmark:x};",
             f"# every packet of a marked connection goes to NFQUEUE {q.num}; plain TCP stays in the kernel.",
         ]
+        if r.queue_invalid:
+            head.append(f"# TCP packets conntrack finds INVALID (no conntrack entry, so no connmark) go to NFQUEUE "
+                        f"{q.num} too.")
     else:
         head += [
             f"# The first TCP SYN with option 30 (MPTCP) of a connection goes to control NFQUEUE {q.num}, which "
@@ -161,6 +188,9 @@ def render(cfg: Config, *, delete: bool = False, source: str = "") -> str:
             f"{q.num + 1}..{q.num + q.workers}",
             "# (one per worker); plain TCP stays in the kernel.",
         ]
+        if r.queue_invalid:
+            head.append("# TCP packets conntrack finds INVALID go to the control queue too, which repeats them "
+                        "to the worker of their subflow's SYN.")
     head += [
         f"# fail {q.fail}: " + ("--queue-bypass accepts while no mproxy is bound; mproxy also sets the "
                                 "queue's fail-open flag (a full queue accepts)" if q.fail == "open" else

@@ -412,6 +412,9 @@ class QueueAdapter:
     flush_every: int = 16  # verdicts gathered before a send (fewer syscalls, bounded extra wait)
     gso: bool = True  # queue GSO packets whole (NFQA_CFG_F_GSO)
     mark_mask: int = 0  # REPEAT verdicts set these bits of the packet mark to Decision.mark, keep the rest
+    # a worker's queue: these bits of the packet mark (worker bits the control set on an INVALID packet
+    # it repeated here) are cleared in the verdict, so they do not leave mproxy's chain
+    clear_mask: int = 0
     clock: Callable[[], float] = time.time
     stats: QueueStats = field(default_factory=QueueStats)
     latency: Latency = field(default_factory=Latency)  # packet read -> its verdict sent
@@ -612,6 +615,8 @@ class QueueAdapter:
                 verdict, payload = self._rewritten(decision.payload or b"", info)
             if decision.frames and self.emit is not None:
                 self._frames += decision.frames
+        if mark & self.clear_mask and newmark is None:
+            newmark = mark & ~self.clear_mask
         self._out += verdict_message(self.num, pid, verdict, payload, newmark)
         self._t0.append(t0)
         if len(self._t0) >= self.flush_every or len(self._out) >= _FLUSH_BYTES:

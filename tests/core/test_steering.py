@@ -116,12 +116,52 @@ def test_non_syn_and_plain_packets_are_hashed_not_refused() -> None:
     s = Steering(2, MASK)
     src, dst = bytes([198, 18, 1, 2]), bytes([198, 18, 10, 2])
     plain_syn = build_tcp(src, dst, 40000, 80, 1, 0, SYN)
-    ack = build_tcp(src, dst, 40000, 80, 1, 1, ACK)
-    for p in (plain_syn, ack, b"", b"\x45" * 10, b"\x60" + bytes(50)):
+    ack = build_tcp(src, dst, 40001, 80, 1, 1, ACK)
+    d = s.decide(plain_syn)
+    assert d is not None and d.verdict is Verdict.REPEAT and d.reason == SteerKind.OTHER.value
+    for p in (ack, b"", b"\x45" * 10, b"\x60" + bytes(50)):
         d = s.decide(p)
-        assert d is not None and d.verdict is Verdict.REPEAT and d.reason == SteerKind.OTHER.value
+        assert d is not None and d.verdict is Verdict.REPEAT and d.reason == SteerKind.UNKNOWN.value
         assert d.mark in (worker_bits(0, MASK), worker_bits(1, MASK))
-    assert s.stats.other == 5
+    assert s.stats.other == 1 and s.stats.unknown == 4
+
+
+def test_later_packets_go_to_the_worker_of_their_subflows_syn() -> None:
+    """What reaches the control after a first SYN (conntrack found it INVALID, so it has no saved
+    worker bits) goes where the SYN went, in both directions; the token still decides a join."""
+    s = Steering(3, MASK)
+    sess = [Session(1, sport=43000 + i, server_key=0x7000 + i) for i in range(4)]
+    owners = []
+    for x in sess:
+        d = s.decide(x.handshake()[0])
+        assert d is not None
+        owners.append(d.mark)
+    assert len(set(owners)) == 3 and len(s.subflows) == 4
+    for x, mark in zip(sess, owners):
+        for pkt in (*x.handshake()[1:], x.data(0, True, 0, b"UNION SELECT"), x.data(0, False, 0, b"ok")):
+            d = s.decide(pkt)  # the SYN/ACK, the third ACK, data both ways
+            assert d is not None and d.mark == mark and d.reason == "subflow"
+    assert s.stats.subflow == 16 and s.stats.unknown == 0
+    # a join is steered by its token (its 4-tuple is new), and its later packets follow it
+    x = sess[1]
+    s.learn((owners[1] >> 16) - 1, crypto.key_token(x.sk, 1), True)
+    j = x.join(1)
+    d = s.decide(j[0])
+    assert d is not None and d.reason == "join" and d.mark == owners[1]
+    d = s.decide(j[1])
+    assert d is not None and d.reason == "subflow" and d.mark == owners[1]
+
+
+def test_the_subflow_table_is_bounded() -> None:
+    s = Steering(2, MASK, max_subflows=10)
+    src, dst = bytes([198, 18, 1, 2]), bytes([198, 18, 10, 2])
+    for port in range(40000, 40025):
+        assert s.decide(build_tcp(src, dst, port, 80, 1, 0, SYN)) is not None
+    assert len(s.subflows) == 10 and s.stats.subflows_evicted == 15
+    d = s.decide(build_tcp(src, dst, 40024, 80, 2, 1, ACK))
+    assert d is not None and d.reason == "subflow"
+    d = s.decide(build_tcp(src, dst, 40000, 80, 2, 1, ACK))
+    assert d is not None and d.reason == "unknown"
 
 
 @settings(max_examples=300, deadline=None)

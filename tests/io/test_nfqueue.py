@@ -155,6 +155,23 @@ def test_repeat_verdict_sets_only_the_masked_mark_bits() -> None:
     k.close()
 
 
+def test_a_worker_clears_the_worker_bits_the_control_set() -> None:
+    """An INVALID packet reaches a worker's queue with its worker bits in the packet mark (no
+    conntrack entry to save them in); the worker's verdict clears them and keeps the rest, and
+    leaves every other packet's mark alone (no mark attribute at all)."""
+    verdict = {b"d": Decision(Verdict.DROP), b"a": Decision(Verdict.ACCEPT)}
+    qa = QueueAdapter(0, lambda data, ts, c: verdict.get(data[-1:]), clear_mask=0xFF0000)
+    k = Kernel(qa)
+    k.queue(tcp4(b"a"), mark=0x11020007)
+    k.queue(tcp4(b"d"), mark=0x20000)
+    k.queue(tcp4(b"a"), mark=0x11000007)
+    k.queue(tcp4(b"x"), mark=0x30000)  # the core failed: fail open, the bits cleared all the same
+    qa._on_readable()
+    assert flat_marks(k) == [(1, 1, None, 0x11000007), (2, 0, None, 0), (3, 1, None, None), (4, 1, None, 0)]
+    assert qa.stats.core_errors == 0
+    k.close()
+
+
 def flat_marks(k: Kernel) -> list[tuple[int, int, bytes | None, int | None]]:
     out = []
     while True:

@@ -81,14 +81,18 @@ def mproxy(lab: Any, d: Path, *, policy: str = "inspect", fail: str = "open", ma
 
 
 def rule_counters(lab: Any, tool: str = "iptables") -> dict[str, int]:
-    """Packets counted by the MPROXY chain's rules (CONNMARK, NFQUEUE) and by the FORWARD jump."""
-    out: dict[str, int] = {}
+    """Packets counted by the MPROXY chain's rules (CONNMARK, NFQUEUE: summed over the rules with
+    that target) and by the FORWARD jump; ``NFQUEUE INVALID``: the rule queueing INVALID packets."""
+    out: dict[str, int] = {"NFQUEUE INVALID": 0}
     for chain in ("MPROXY", "FORWARD"):
         text = lab.run(lab.ns_gw, tool, "-w", "-t", "mangle", "-L", chain, "-v", "-x", "-n").stdout
         for line in text.splitlines()[2:]:
             f = line.split()
             if len(f) > 2 and f[0].isdigit():
-                out[f[2] if chain == "MPROXY" else f"{chain}->{f[2]}"] = int(f[0])
+                key = f[2] if chain == "MPROXY" else f"{chain}->{f[2]}"
+                out[key] = out.get(key, 0) + int(f[0])
+                if chain == "MPROXY" and "INVALID" in f:
+                    out["NFQUEUE INVALID"] += int(f[0])
     return out
 
 
@@ -496,8 +500,8 @@ def test_start_failures_exit_1_and_leave_nothing(lab: Any, tmp_path: Path) -> No
         cp = lab.run(lab.ns_gw, "env", f"PYTHONPATH={_ROOT}", sys.executable, "-m", "mproxy", "run", "-c",
                      str(again), check=False)
         assert cp.returncode == 1 and f"cannot bind NFQUEUE {QUEUE}" in cp.stderr, cp.stderr
-        # the running instance keeps its rules
-        assert lab.run(lab.ns_gw, "iptables", "-w", "-t", "mangle", "-S").stdout.count("-j NFQUEUE") == 1
+        # the running instance keeps its rules (marked connections, INVALID packets)
+        assert lab.run(lab.ns_gw, "iptables", "-w", "-t", "mangle", "-S").stdout.count("-j NFQUEUE") == 2
 
 
 # Forged packets last: their connections' leftovers (retransmissions of desynced subflows, SYN/ACKs
@@ -549,39 +553,30 @@ def test_a_lying_option_after_the_mptcp_option_does_not_get_a_syn_past_policy(
 @pytest.mark.parametrize("forgery", FORGERIES)
 def test_inline_the_ids_reads_what_the_server_read_of_forged_segments(lab: Any, tmp_path: Path, forgery: str) -> None:
     """The forged segments of tests/lab/test_unread_bytes_lab.py (an RST's payload, bytes after a
-    FIN, a stale timestamp, a bad TCP checksum, an ACK the receiver refuses or none, a lying option
-    after the DSS, two DSS options)
+    FIN, a stale timestamp, a bad TCP checksum, an ACK the receiver refuses or none, a SACK block
+    past what the server sent, a lying option after the DSS, two DSS options)
     through ``mproxy run``: the IDS interface gets what the server application read. Here the
     lab's veths leave the legitimate packets' checksums unfilled (NFQA_SKB_CSUMNOTREADY) while
     the raw socket's forgery carries its own, which the kernel's flag tells apart.
 
-    conntrack judges some of these too: a packet whose TCP checksum fails, whose ACK is outside
-    its window, or without ACK is INVALID, gets no connmark, so the managed rules never queue it
-    (the server drops it unseen). Where a sysctl turns that check off (``nf_conntrack_checksum``,
-    ``nf_conntrack_tcp_be_liberal``), it is turned off so the forgery does reach mproxy, as it
-    would under rules that queue INVALID packets (``[rules] manage = false``)."""
+    conntrack finds some of these INVALID (a bad checksum, no ACK, a SACK block past what the
+    server sent; an ACK outside its window, unless it "ignores" it): they have no conntrack entry, so no connmark, and reach
+    mproxy through the rule that queues INVALID packets (``[rules] queue_invalid``). Without it
+    the SACK one went to the server unqueued and the IDS read the client's later bytes instead."""
     from tests.lab.test_unread_bytes_lab import kernel_read, run_forgery
     from tests.oracles import tshark_follow_raw
 
     ids, cap = tmp_path / "ids.pcap", tmp_path / "cap.pcap"
-    key, off = {"bad_csum": ("net.netfilter.nf_conntrack_checksum", "0"),
-                "ack_unsent": ("net.netfilter.nf_conntrack_tcp_be_liberal", "1"),
-                "ack_old": ("net.netfilter.nf_conntrack_tcp_be_liberal", "1")}.get(forgery, ("", ""))
-    old = lab.run(lab.ns_gw, "sysctl", "-n", key).stdout.strip() if key else ""
-    if key:
-        lab.run(lab.ns_gw, "sysctl", "-qw", f"{key}={off}")
-    try:
-        with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), \
-                lab.capture(cap):
-            read = run_forgery(lab, cap, forgery, tmp_path / "go")
-    finally:
-        if key:
-            lab.run(lab.ns_gw, "sysctl", "-qw", f"{key}={old}")
+    with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), lab.capture(cap):
+        read = run_forgery(lab, cap, forgery, tmp_path / "go")
+        invalid = rule_counters(lab)["NFQUEUE INVALID"]
+    if forgery in ("bad_csum", "no_ack", "sack_unsent"):  # (an ACK out of window is INVALID or "ignored")
+        assert invalid >= 1, "conntrack did not find the forgery INVALID"
     assert read == kernel_read(forgery), read
     if forgery == "bad_csum":
         (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "bad_checksum"]
         assert "so does mproxy" in n["detail"]
-    if forgery in ("ack_unsent", "ack_old"):  # it reached the queue, and mproxy discarded it
+    if forgery in ("ack_unsent", "ack_old", "no_ack"):  # it reached the queue, and mproxy discarded it
         (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "out_of_window"]
         assert "discarded" in n["detail"]
     (f,) = tshark_follow_raw(ids)

@@ -15,7 +15,9 @@ client writes ``UNION SELECT ...``:
   the client's next bytes;
 * the kernel reads them: the DSS followed by an option whose length lies (Linux's option walk
   stops there, the DSS before it stands), or two DSS options of which the first maps them at
-  those DSNs (the first wins);
+  those DSNs (the first wins), or a SACK block 1000 bytes past what the server sent (Linux
+  discards the block; conntrack finds the segment INVALID, so only a rule queueing INVALID
+  packets shows it to ``mproxy run``);
 * the kernel reads them elsewhere: two DSS options of which the first maps them 100,000 bytes
   ahead, past the end of the stream.
 
@@ -91,6 +93,9 @@ def _inject(spec: dict[str, Any]) -> None:
     if "dsn2" in spec:  # a second DSS after the first (no Data ACK, so both fit)
         opts = [m.dss(None, spec["dsn"], spec["ssn"], len(payload)).encode(),
                 m.dss(None, spec["dsn2"], spec["ssn"], len(payload)).encode()]
+    if "sack" in spec:  # a SACK block (NOP NOP SACK): Linux discards a block it cannot use, reads the data
+        left, right = spec["sack"]
+        opts.append(bytes([1, 1, 5, 10]) + left.to_bytes(4, "big") + right.to_bytes(4, "big"))
     if spec.get("bad_tail"):  # an option whose length lies (1 < 2): a TCP stack stops reading there
         opts.append(bytes([253, 1]))
     if "tsval" in spec:  # Linux's layout: NOP NOP timestamp first
@@ -103,13 +108,13 @@ def _inject(spec: dict[str, Any]) -> None:
     socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
 
 
-FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window", "fastclose_bad_key", "bad_tail", "two_dss", "two_dss_rev"]
+FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window", "fastclose_bad_key", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev"]
 
 
 def kernel_read(forgery: str) -> bytes:
     """What the server application reads when ``forgery`` is sent (the kernel's behaviour, shown by
     the replay test below)."""
-    return PART1 + b"BENIGN" + PART2[6:] if forgery in ("bad_tail", "two_dss") else PART1 + PART2
+    return PART1 + b"BENIGN" + PART2[6:] if forgery in ("sack_unsent", "bad_tail", "two_dss") else PART1 + PART2
 
 
 def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
@@ -154,6 +159,8 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
         specs = [dict(data, seq=at, ssn=(at - jisn) & 0xFFFFFFFF)]
     elif forgery == "fastclose_bad_key":  # an ACK with MP_FASTCLOSE: Linux ignores it (wrong key)
         specs = [dict(common, flags="data", seq=nxt, payload="", ssn=0, fastclose_key=0x0123456789ABCDEF)]
+    elif forgery == "sack_unsent":  # SACKs 1000 bytes the server never sent
+        specs = [dict(data, sack=[(ack + 1000) & 0xFFFFFFFF, (ack + 2000) & 0xFFFFFFFF])]
     elif forgery == "no_ack":
         specs = [dict(data, flags="noack")]
     elif forgery in ("bad_csum", "bad_tail"):

@@ -221,6 +221,43 @@ def test_a_stop_under_load_counts_nothing_as_bypassed(lab: Any, tmp_path: Path) 
     assert "refused a queue message" not in mp.err, mp.err  # every queued packet got its verdict
 
 
+@pytest.mark.parametrize("forgery", ["sack_unsent", "no_ack"])
+def test_invalid_packets_reach_the_worker_of_their_connection(lab: Any, tmp_path: Path, forgery: str) -> None:
+    """A segment conntrack finds INVALID has no conntrack entry, so no saved worker bits: it goes to
+    the control queue, which repeats it to the worker its subflow's SYN went to. ``sack_unsent``
+    (a SACK block past what the server sent: the server reads the bytes) and ``no_ack`` (the
+    server drops them) from tests/lab/test_unread_bytes_lab.py: the IDS reads what the server
+    read, and no packet leaves the gateway with worker bits in its mark."""
+    from tests.lab.test_unread_bytes_lab import kernel_read, run_forgery
+    from tests.oracles import tshark_follow_raw
+
+    ids, cap = tmp_path / "ids.pcap", tmp_path / "cap.pcap"
+    marked = ["-t", "mangle", "-A", "POSTROUTING", "-m", "mark", "!", "--mark", "0/0xff0000"]
+    lab.run(lab.ns_gw, "iptables", "-w", *marked)
+    mp = Mproxy(lab, tmp_path / "mproxy", workers=2, metrics=METRICS)
+    try:
+        with lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), lab.capture(cap):
+            mp.start()
+            try:
+                read = run_forgery(lab, cap, forgery, tmp_path / "go")
+                scrape = mp.scrape()
+            finally:
+                assert mp.stop() == 0, mp.err
+        listing = lab.run(lab.ns_gw, "iptables", "-w", "-t", "mangle", "-L", "POSTROUTING", "-v", "-x",
+                          "-n").stdout
+    finally:
+        lab.run(lab.ns_gw, "iptables", "-w", *("-D" if a == "-A" else a for a in marked), check=False)
+    assert read == kernel_read(forgery), read
+    # (``unknown`` ones may come too: leftovers of earlier tests' connections, whose SYNs this
+    # control never saw)
+    assert scrape[("mproxy_steering_later_packets_total", (("kind", "subflow"),))] >= 1
+    (f,) = tshark_follow_raw(ids)
+    assert f.client_data == read
+    (row,) = [x.split() for x in listing.splitlines() if "mark match" in x]
+    assert row[0] == "0", listing  # packets that left with worker bits set
+    assert "Traceback" not in mp.err, mp.err
+
+
 def _same_subflows(rec: dict[str, Any], app: Any) -> None:
     """Every subflow the client's kernel still lists at the end is in the connection's one record.
 
