@@ -141,6 +141,9 @@ class SubflowDir:
     ts_recent: int = 0
     last_map_ssn: int | None = None
     last_end: int | None = None  # abs seq after the last segment seen
+    # the receiver's next expected byte as the gateway saw it: the end of what it took in order (a
+    # bare segment there is read even past the right edge: tcp_sequence allows rcv_nxt + a 0 window)
+    rcv_nxt: int | None = None
     oow_noticed: bool = False
     # where mapped subflow bytes went: [start, end, dsn - ssn] (relative ssn, 32-bit), newest last
     placed: list[list[int]] = field(default_factory=list)
@@ -613,6 +616,9 @@ class Tracker:
             seq_end = (seg.seq + n) & MASK32  # _seen
             if sfd.last_end is None or ((seq_end - sfd.last_end) & MASK32) < 0x80000000:
                 sfd.last_end = seq_end
+            rn = sfd.rcv_nxt
+            if rn is None or (rn - seg.seq) & MASK32 < 0x80000000 and 0 < (seq_end - rn) & MASK32 < 0x80000000:
+                sfd.rcv_nxt = seq_end
             sfd.bytes += n
             payload = ip[seg.payload_off : seg.payload_off + n]
             base = st.base
@@ -1471,7 +1477,18 @@ class Tracker:
         # Linux drops a segment that starts past the right edge it advertised (tcp_sequence), and that
         # edge never shrinks; the gateway sees each advertisement before the sender can use it
         edge = sfd.edge
-        return edge is None or not 0 < (seg.seq - edge) & MASK32 < 0x80000000
+        if edge is None or not 0 < (seg.seq - edge) & MASK32 < 0x80000000:
+            return True
+        # ... unless it starts at or before the receiver's next byte: tcp_sequence allows rcv_nxt plus
+        # a window of 0. An MPTCP sender gets there on one subflow with the connection-level window
+        # another subflow advertised (Linux raises the subflow's send window to it); the data of such
+        # a segment is dropped for the zero window, a bare one (ACK, FIN, DATA_FIN) is read
+        if seg.payload_len:
+            return False
+        nxt, pa = sfd.rcv_nxt, sfd.peer_ack
+        if nxt is None or pa is not None and 0 < (pa - nxt) & MASK32 < 0x80000000:
+            nxt = pa  # the receiver acknowledged bytes the gateway did not see
+        return nxt is not None and (nxt - seg.seq) & MASK32 < 0x80000000
 
     def _paws_ok(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, tsval: int,
                  ev: list[Event]) -> bool:
@@ -1562,6 +1579,9 @@ class Tracker:
         end = (seg.seq + n) & MASK32
         if sfd.last_end is None or ((end - sfd.last_end) & MASK32) < 0x80000000:
             sfd.last_end = end
+        rn = sfd.rcv_nxt
+        if rn is None or (rn - seg.seq) & MASK32 < 0x80000000 and 0 < (end - rn) & MASK32 < 0x80000000:
+            sfd.rcv_nxt = end
         sfd.bytes += n
 
     def _place(self, conn: Connection, sfd: SubflowDir, ssn: int, dsn: int, length: int, seg: TcpSegment,

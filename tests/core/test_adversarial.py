@@ -858,6 +858,31 @@ def test_a_segment_starting_past_the_advertised_right_edge_places_nothing(fast: 
 
 
 @pytest.mark.parametrize("fast", [True, False])
+def test_past_the_edge_a_bare_segment_at_the_receivers_next_byte_is_read(fast: bool) -> None:
+    """An MPTCP sender may send on a subflow past the right edge that subflow advertised: the
+    connection-level window another subflow advertised allows it (Linux raises the subflow's send
+    window, MPTCP_MIB_SNDWNDSHARED). Linux's tcp_sequence takes a segment starting at its next
+    byte whatever the window: a bare one is read (a DATA_FIN there, seen in the lab's concurrent
+    scenario), the data of one is dropped for the zero window. Past that byte, nothing is read."""
+    s, pk = _ack_session()
+    pk.append(s.ack(1, False, s.idsn[0] + 8))  # the server advertises 65535 bytes on the join
+    off = 8
+    for _ in range(47):  # the last starts inside the window and ends 265 bytes past its edge
+        pk.append(s.data(1, True, off, b"x" * 1400))
+        off += 1400
+    nxt = s.subs[1].next_rel[0]
+    pk.append(s.data(1, True, off, b"BENIGN", rel=nxt))  # data at the next byte: zero window, dropped
+    pk.append(s._pkt(s.subs[1], True, ACK, [], rel=nxt + 1))  # bare, one byte further: not read
+    pk.append(s.data_fin(1, True, off))  # bare, at the next byte: read
+    t, ev = _tracked(pk, fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=" + b"x" * 65800
+    assert summaries(ev)[0]["c2s"]["data_fin"] is True
+    (n,) = [e for e in ev if isinstance(e, Notice)]
+    assert n.type == NoticeType.OUT_OF_WINDOW and "6 bytes" in n.detail, n
+    assert t.stats.out_of_window == 2  # BENIGN, and the bare segment one byte past the next byte
+
+
+@pytest.mark.parametrize("fast", [True, False])
 def test_an_mp_fastclose_with_a_key_not_the_receivers_ends_nothing(fast: bool) -> None:
     """Linux takes an MP_FASTCLOSE only when it names the receiver's own key; with another one the
     server reads on (lab: fastclose_bad_key), so the rebuilt stream must go on too. With the
