@@ -43,3 +43,37 @@ def build_tcp(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int
         hdr[10:12] = ipv4_header_checksum(hdr).to_bytes(2, "big")
         return bytes(hdr) + bytes(tcp)
     return _IPV6.pack(6 << 28, len(tcp), 6, ttl, src, dst) + bytes(tcp)
+
+
+def with_ipv4_options(pkt: bytes, options: bytes) -> bytes:
+    """``pkt`` (IPv4 without options, from :func:`build_tcp`) with IP ``options`` after its header,
+    padded with End-of-options to a multiple of 4; header length, total length and checksum follow."""
+    options += b"\x00" * ((-len(options)) % 4)
+    if len(options) > 40:
+        raise ValueError(f"{len(options)} bytes of IPv4 options (max 40)")
+    hdr = bytearray(pkt[:20]) + options
+    hdr[0] = 0x40 | (len(hdr) // 4)
+    hdr[2:4] = (len(hdr) + len(pkt) - 20).to_bytes(2, "big")
+    hdr[10:12] = b"\x00\x00"
+    hdr[10:12] = ipv4_header_checksum(hdr).to_bytes(2, "big")
+    return bytes(hdr) + pkt[20:]
+
+
+def ipv6_options_header(*options: bytes) -> bytes:
+    """The body (after the next-header byte) of a hop-by-hop or destination options header holding
+    ``options`` (encoded type-length-value), padded with PadN or Pad1 to a multiple of 8 bytes."""
+    raw = b"".join(options)
+    pad = (-(len(raw) + 2)) % 8
+    raw += b"\x00" if pad == 1 else bytes((1, pad - 2)) + bytes(pad - 2) if pad else b""
+    return bytes(((len(raw) + 2) // 8 - 1,)) + raw
+
+
+def with_ipv6_headers(pkt: bytes, headers: list[tuple[int, bytes]]) -> bytes:
+    """``pkt`` (IPv6 from :func:`build_tcp`) with extension headers, each ``(type, body after the
+    next-header byte)``, between its fixed header and TCP; next headers and payload length follow.
+    The TCP checksum stands: no header here changes the pseudo-header (a routing header with segments
+    left would, and Linux drops that before reading TCP anyway)."""
+    types = [t for t, _ in headers] + [pkt[6]]
+    chain = b"".join(bytes((types[i + 1],)) + body for i, (_, body) in enumerate(headers))
+    rest = chain + pkt[40:]
+    return pkt[:4] + len(rest).to_bytes(2, "big") + bytes((types[0],)) + pkt[7:40] + rest

@@ -24,6 +24,9 @@ class ErrorKind(str, Enum):
     BAD_IP_TOTAL_LENGTH = "bad_ip_total_length"
     TRUNCATED_IPV6_EXTENSION = "truncated_ipv6_extension"
     FRAGMENT = "fragment"
+    # headers a Linux receiver refuses before TCP (mproxy.wire.iphdr): it drops the packet, so do we
+    REFUSED_IP_OPTIONS = "refused_ip_options"
+    REFUSED_IPV6_EXTENSION = "refused_ipv6_extension"
     # TCP
     TRUNCATED_TCP = "truncated_tcp"
     BAD_TCP_DATA_OFFSET = "bad_tcp_data_offset"

@@ -50,10 +50,11 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason
 PORT = 5001
 PART1, PART2 = b"GET /?q=", b"UNION SELECT pw HTTP/1.1\r\n\r\n"
 SERVER = f"""
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+import socket, sys
+v6 = sys.argv[1:] == ["6"]
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM, 262)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {PORT})); s.listen(8)
+s.bind(("::" if v6 else "0.0.0.0", {PORT})); s.listen(8)
 print("ready", flush=True)
 c, _ = s.accept()
 c.settimeout(20)
@@ -67,7 +68,7 @@ print(data.hex(), flush=True)
 """
 CLIENT = f"""
 import os, socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_STREAM, 262)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 s.connect((sys.argv[1], {PORT}))
 s.sendall({PART1!r})
@@ -83,7 +84,7 @@ time.sleep(1)
 def _inject(spec: dict[str, Any]) -> None:
     """(In the client namespace.) One raw TCP packet on the join subflow, built by our encoder."""
     from mproxy.wire import mptcp as m
-    from mproxy.wire.build import build_tcp, tcp_options
+    from mproxy.wire.build import build_tcp, tcp_options, with_ipv4_options, with_ipv6_headers
     from mproxy.wire.packet import ACK, FIN, PSH, RST
 
     payload = bytes.fromhex(spec["payload"])
@@ -101,20 +102,46 @@ def _inject(spec: dict[str, Any]) -> None:
     if "tsval" in spec:  # Linux's layout: NOP NOP timestamp first
         opts.insert(0, bytes([1, 1, 8, 10]) + spec["tsval"].to_bytes(4, "big") + spec["tsecr"].to_bytes(4, "big"))
     flags = {"rst": RST | ACK, "data": ACK, "fin": FIN | ACK, "noack": PSH}[spec["flags"]]
-    pkt = build_tcp(socket.inet_aton(spec["src"]), socket.inet_aton(spec["dst"]), spec["sport"], PORT, spec["seq"],
-                    spec["ack"], flags, 502, tcp_options(*opts), payload)
+    fam = socket.AF_INET6 if ":" in spec["dst"] else socket.AF_INET
+    pkt = build_tcp(socket.inet_pton(fam, spec["src"]), socket.inet_pton(fam, spec["dst"]), spec["sport"], PORT,
+                    spec["seq"], spec["ack"], flags, 502, tcp_options(*opts), payload)
     if spec.get("bad_csum"):  # the TCP checksum made wrong (the IPv4 header is 20 bytes)
         pkt = pkt[:36] + bytes([pkt[36] ^ 0x5A]) + pkt[37:]
-    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
+    if "ip_options" in spec:
+        pkt = with_ipv4_options(pkt, bytes.fromhex(spec["ip_options"]))
+    if "ipv6_headers" in spec:
+        pkt = with_ipv6_headers(pkt, [(t, bytes.fromhex(body)) for t, body in spec["ipv6_headers"]])
+    # (IPPROTO_RAW: the header is ours, for IPv6 too)
+    socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
 
 
-FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window", "fastclose_bad_key", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev"]
+def _ipv6_options(*options: bytes) -> str:
+    from mproxy.wire.build import ipv6_options_header
+
+    return ipv6_options_header(*options).hex()
+
+
+# IP-level shapes, each wrapped around the BENIGN segment (IPv4 options; IPv6 extension headers as
+# (type, body after the next-header byte)); see mproxy/wire/iphdr.py for what Linux refuses and why
+IP_SHAPES: dict[str, dict[str, Any]] = {
+    "ip_bad_option": {"ip_options": bytes([7, 1]).hex()},  # a length below 2: the gateway drops it
+    "ip_lsrr": {"ip_options": (bytes([131, 7, 4]) + bytes([198, 18, 10, 2])).hex()},  # source routing is off
+    "v6_dstopt_discard": {"ipv6_headers": [(60, _ipv6_options(bytes([0x80, 4]) + bytes(4)))]},  # the server drops
+    "v6_dstopt_skip": {"ipv6_headers": [(60, _ipv6_options(bytes([0x1E, 4]) + bytes(4)))]},  # the server reads
+    "v6_padn": {"ipv6_headers": [(60, (bytes([0]) + bytes([1, 4, 0, 0, 7, 0])).hex())]},  # PadN not zero
+    "v6_routing_left": {"ipv6_headers": [(43, (bytes([2, 0, 1]) + bytes(4) + bytes(16)).hex())]},  # one to go
+    "v6_shim6": {"ipv6_headers": [(140, bytes(7).hex())]},  # no handler in Linux
+    "v6_hbh_discard": {"ipv6_headers": [(0, _ipv6_options(bytes([0x80, 2, 0, 0])))]},  # the gateway drops
+}
+FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window",
+             "fastclose_bad_key", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev", *IP_SHAPES]
+_READ = ("sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip")
 
 
 def kernel_read(forgery: str) -> bytes:
     """What the server application reads when ``forgery`` is sent (the kernel's behaviour, shown by
     the replay test below)."""
-    return PART1 + b"BENIGN" + PART2[6:] if forgery in ("sack_unsent", "bad_tail", "two_dss") else PART1 + PART2
+    return PART1 + b"BENIGN" + PART2[6:] if forgery in _READ else PART1 + PART2
 
 
 def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
@@ -124,23 +151,25 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
     from tests.oracles import tshark_fields
 
     a = lab.addresses()
-    cli_ip, join_ip, srv_ip = a.client_addr[0][4], a.client_addr[1][4], a.server_addr[4]
-    srv = lab.popen(lab.ns_srv, sys.executable, "-c", SERVER, stdout=subprocess.PIPE)
+    fam = 6 if forgery.startswith("v6_") else 4
+    ipf = "ipv6" if fam == 6 else "ip"
+    cli_ip, join_ip, srv_ip = a.client_addr[0][fam], a.client_addr[1][fam], a.server_addr[fam]
+    srv = lab.popen(lab.ns_srv, sys.executable, "-c", SERVER, str(fam), stdout=subprocess.PIPE)
     assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
     cli = lab.popen(lab.ns_cli, sys.executable, "-c", CLIENT, srv_ip, str(go), stdout=subprocess.PIPE)
     assert cli.stdout is not None and cli.stdout.readline().strip() == b"part1"
     time.sleep(2.0)  # the join is up and in the capture
     (key,) = tshark_fields(cap, ["tcp.options.mptcp.sendkey"],
-                           f"tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0 && ip.src == {cli_ip}")[:1]
+                           f"tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0 && {ipf}.src == {cli_ip}")[:1]
     idsn = crypto.key_idsn(int(key[0].split(",")[0]), 1)
     jport, jisn = (int(x) for x in tshark_fields(
-        cap, ["tcp.srcport", "tcp.seq_raw"], f"tcp.flags.syn == 1 && tcp.flags.ack == 0 && ip.src == {join_ip}")[0])
+        cap, ["tcp.srcport", "tcp.seq_raw"], f"tcp.flags.syn == 1 && tcp.flags.ack == 0 && {ipf}.src == {join_ip}")[0])
     seq, ln, ack, tsval, tsecr = (int(x) for x in tshark_fields(
         cap, ["tcp.seq_raw", "tcp.len", "tcp.ack_raw", "tcp.options.timestamp.tsval",
-              "tcp.options.timestamp.tsecr"], f"tcp.srcport == {jport} && ip.src == {join_ip}")[-1])
+              "tcp.options.timestamp.tsecr"], f"tcp.srcport == {jport} && {ipf}.src == {join_ip}")[-1])
     nxt = (seq + ln) & 0xFFFFFFFF
     (win,) = (int(x) for x in tshark_fields(cap, ["tcp.window_size"],
-                                            f"tcp.dstport == {jport} && ip.dst == {join_ip}")[-1])
+                                            f"tcp.dstport == {jport} && {ipf}.dst == {join_ip}")[-1])
     common = {"src": join_ip, "dst": srv_ip, "sport": jport, "ack": ack, "data_ack": 0,
               "dsn": (idsn + 1 + len(PART1)) & ((1 << 64) - 1)}
     data = dict(common, flags="data", seq=nxt, payload=b"BENIGN".hex(), ssn=(nxt - jisn) & 0xFFFFFFFF)
@@ -165,6 +194,8 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
         specs = [dict(data, flags="noack")]
     elif forgery in ("bad_csum", "bad_tail"):
         specs = [dict(data, **{forgery: True})]
+    elif forgery in IP_SHAPES:
+        specs = [dict(data, **IP_SHAPES[forgery])]
     elif forgery.startswith("two_dss"):
         far = (common["dsn"] + 100_000) & ((1 << 64) - 1)
         first, second = (common["dsn"], far) if forgery == "two_dss" else (far, common["dsn"])
@@ -190,7 +221,8 @@ def test_the_rebuilt_stream_is_what_the_kernel_read_of_forged_segments(forgery: 
 
     cap = tmp_path / "cap.pcap"
     with Lab(rate="30mbit", wire_checksums=True) as lab:  # the capture's checksums are a wire's
-        with lab.capture(cap):
+        # (BPF's "tcp" matches IPv6 only when TCP follows the fixed header: extension headers too)
+        with lab.capture(cap, bpf="tcp or (ip6 and not icmp6)"):
             read = run_forgery(lab, cap, forgery, tmp_path / "go")
     assert read == kernel_read(forgery), read
     out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"

@@ -104,6 +104,13 @@ def ext_generic(units: int) -> bytes:
     return bytes((units,)) + bytes(6 + 8 * units)
 
 
+def ext_opts(units: int) -> bytes:
+    """Body of a (units+1)*8-byte hop-by-hop or destination options header that Linux takes: one
+    unknown option whose type says "skip" (0x1E) fills it (all-zero bytes would be Pad1 options,
+    more than the 7 bytes of padding Linux allows in a row)."""
+    return bytes((units, 0x1E, 4 + 8 * units)) + bytes(4 + 8 * units)
+
+
 def ext_fragment(offset: int = 0, more: bool = False) -> bytes:
     return bytes((0,)) + struct.pack("!HI", (offset << 3) | int(more), 0x12345678)
 
@@ -285,10 +292,10 @@ def test_ip_total_length_shorter_than_tcp_header_uses_capture() -> None:
     [
         ((0, ext_generic(0)),),  # hop-by-hop, 8 bytes
         ((43, ext_generic(2)),),  # routing, 24 bytes
-        ((60, ext_generic(1)),),  # destination options, 16 bytes
+        ((60, ext_opts(1)),),  # destination options, 16 bytes
         ((44, ext_fragment(0, False)),),  # atomic fragment
         ((51, ext_ah(4)),),  # AH, 24 bytes
-        ((0, ext_generic(0)), (60, ext_generic(0)), (43, ext_generic(1)), (44, ext_fragment()), (60, ext_generic(3))),
+        ((0, ext_generic(0)), (60, ext_generic(0)), (43, ext_generic(1)), (44, ext_fragment()), (60, ext_opts(3))),
     ],
     ids=["hbh", "routing", "dstopts", "frag0", "ah", "chain"],
 )
@@ -354,7 +361,7 @@ ALL_FRAMES = [
     (LinkType.ETHERNET, eth(ipv4(tcp_bytes(SRC4, DST4, flags=ACK | PSH, payload=b"abc")), vlans=(0x88A8, 0x8100))),
     (LinkType.LINUX_SLL2, sll2(ipv6(TCP6, exts=((0, ext_generic(0)), (44, ext_fragment()))), 0x86DD)),
     (LinkType.LINUX_SLL, sll(ipv4(TCP4, options=bytes(4)))),
-    (LinkType.NULL, struct.pack("<I", 30) + ipv6(tcp_bytes(SRC6, DST6, payload=b"z"), exts=((60, ext_generic(1)),))),
+    (LinkType.NULL, struct.pack("<I", 30) + ipv6(tcp_bytes(SRC6, DST6, payload=b"z"), exts=((60, ext_opts(1)),))),
     (LinkType.RAW, ipv6(TCP6, exts=((51, ext_ah()),))),
 ]
 
