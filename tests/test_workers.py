@@ -39,8 +39,10 @@ def test_rules_send_first_syns_to_control_and_the_rest_to_the_worker() -> None:
     cmds = [c.argv for c in install_commands(CFG) if c.argv[0] == "iptables"]
     text = [" ".join(a) for a in cmds]
     control = [t for t in text if "--queue-num 5 " in t + " "]
-    first, invalid = control
+    first, later, invalid = control
     assert "--tcp-option 30" in first and "--mark 0/0xff0000" in first
+    # a later MPTCP packet of a connection whose conntrack entry lost its worker bits
+    assert "--tcp-flags SYN NONE --tcp-option 30" in later and "connmark --mark 0/0xff0000" in later
     # INVALID packets (no conntrack entry, no saved bits) go to the control, which repeats them marked
     assert "--ctstate INVALID" in invalid and "--mark 0/0xff0000" in invalid
     for w in range(3):

@@ -4,6 +4,12 @@ Only MPTCP needs user space, so the kernel decides what to queue:
 
 * a TCP SYN (without ACK) carrying option 30 (MP_CAPABLE or MP_JOIN) sets the
   ``[rules] connmark`` bits on its conntrack entry;
+* so does a later packet carrying option 30 of a connection without them:
+  conntrack keeps the mark only as long as its entry, and an entry lost to a
+  timeout (an idle subflow), a flush or table pressure comes back through a
+  mid-stream pickup without it; every MPTCP packet Linux sends carries a DSS,
+  so the next one marks the connection again and mproxy goes on with what it
+  tracks (and a connection opened before mproxy started is picked up);
 * every packet of a connection with those bits goes to ``NFQUEUE``;
 * so does every TCP packet conntrack finds INVALID (``[rules] queue_invalid``).
 
@@ -15,10 +21,11 @@ block and reads the data; forwarded unqueued, its bytes would reach the server
 and never the IDS. Queued, the tracker judges them with the receiver's rules
 (and passes plain TCP's untouched). They are rare in clean traffic.
 
-Plain TCP is looked at by two cheap rules and never leaves the kernel. The
-SYN decides once per connection (conntrack keeps the mark), so both
-directions and every later packet follow without re-parsing options; a join
-is a new TCP connection with its own SYN, so it is marked the same way.
+Plain TCP is looked at by a few cheap rules (one reads its TCP options) and
+never leaves the kernel. The SYN decides once per connection (conntrack keeps
+the mark), so both directions and every later packet follow without
+re-parsing options (the connmark is tested first); a join is a new TCP
+connection with its own SYN, so it is marked the same way.
 ``--tcp-flags SYN,ACK SYN`` (not ``SYN SYN``) keeps a SYN/ACK from marking a
 connection whose SYN was not queued (e.g. it arrived outside
 ``in_interfaces``): mproxy would see it without its handshake.
@@ -101,10 +108,20 @@ def _chain_rules(cfg: Config) -> list[list[str]]:
     mark = f"0x{r.connmark:x}/0x{r.connmark:x}"
     bypass = ["--queue-bypass"] if q.fail == "open" else []
     syn = ["-p", "tcp", "-m", "tcp", "--tcp-flags", "SYN,ACK", "SYN", "--tcp-option", "30"]
+    # a later MPTCP packet of a connection without the mark: its conntrack entry was lost (timeout,
+    # flush, table pressure) and a new one picked it up, or it was opened before mproxy started;
+    # with in_interfaces, only in the direction of whoever opened it (as conntrack knows it)
+    later = ["-p", "tcp", "-m", "tcp", "--tcp-flags", "SYN", "NONE", "--tcp-option", "30"]
+    if r.in_interfaces:
+        later += ["-m", "conntrack", "--ctdir", "ORIGINAL"]
     invalid = ["-m", "conntrack", "--ctstate", "INVALID"]
+
+    def each_interface(spec: list[str]) -> list[list[str]]:
+        return [["-i", i, *spec] for i in r.in_interfaces] or [spec]
+
     if q.workers == 1:
-        first = [*syn, "-j", "CONNMARK", "--set-xmark", mark]
-        rules = [["-i", i, *first] for i in r.in_interfaces] or [first]
+        rules = each_interface([*syn, "-j", "CONNMARK", "--set-xmark", mark])
+        rules += each_interface(["-m", "connmark", "!", "--mark", mark, *later, "-j", "CONNMARK", "--set-xmark", mark])
         rules.append(["-m", "connmark", "--mark", mark, "-j", "NFQUEUE", "--queue-num", str(q.num), *bypass])
         if r.queue_invalid:
             rules.append([*invalid, "-j", "NFQUEUE", "--queue-num", str(q.num), *bypass])
@@ -114,9 +131,10 @@ def _chain_rules(cfg: Config) -> list[list[str]]:
     # saved in the conntrack mark, and every packet of the connection goes to that worker's queue
     wm = r.worker_mask
     none = f"0/0x{wm:x}"
-    control = [*syn, "-m", "connmark", "--mark", none, "-m", "mark", "--mark", none,
-               "-j", "NFQUEUE", "--queue-num", str(q.num), *bypass]
-    rules = [["-i", i, *control] for i in r.in_interfaces] or [control]
+    unsteered = ["-m", "connmark", "--mark", none, "-m", "mark", "--mark", none]
+    to_control = ["-j", "NFQUEUE", "--queue-num", str(q.num), *bypass]
+    rules = each_interface([*syn, *unsteered, *to_control])
+    rules += each_interface([*unsteered, *later, *to_control])  # steered by its subflow's SYN, or hashed
     if r.queue_invalid:
         # no conntrack entry, so no saved worker bits: the control finds the worker by the 4-tuple
         # and repeats the packet with its bits in the packet mark, which queue it (before the
@@ -172,7 +190,8 @@ def render(cfg: Config, *, delete: bool = False, source: str = "") -> str:
     ]
     if q.workers == 1:
         head += [
-            f"# TCP SYNs with option 30 (MPTCP) mark their connection with connmark bits 0x{r.connmark:x};",
+            f"# TCP SYNs with option 30 (MPTCP) mark their connection with connmark bits 0x{r.connmark:x}",
+            "# (so does a later packet with option 30 of a connection whose conntrack entry lost the mark);",
             f"# every packet of a marked connection goes to NFQUEUE {q.num}; plain TCP stays in the kernel.",
         ]
         if r.queue_invalid:

@@ -29,7 +29,7 @@ Only reached for packets that have options or extension headers; the plain
 
 from __future__ import annotations
 
-__all__ = ["ipv4_options_refused", "ipv6_options_refused", "ipv6_routing_refused", "IPV6_NO_HANDLER"]
+__all__ = ["ipv4_options_refused", "ipv6_header_refused", "ipv6_options_refused", "ipv6_routing_refused"]
 
 # IPv4 option types (RFC 791 and later)
 _END, _NOP, _RR, _TS, _SEC, _LSRR, _CIPSO, _SID, _SSRR, _RA = 0, 1, 7, 68, 130, 131, 134, 136, 137, 148
@@ -39,7 +39,8 @@ _TS_ONLY, _TS_AND_ADDR, _TS_PRESPEC = 0, 1, 3
 _PAD1, _PADN, _ROUTER_ALERT, _CALIPSO, _IOAM, _JUMBO = 0, 1, 5, 0x07, 0x31, 0xC2
 _MAX_TLVS = 8  # net.ipv6.max_{hbh,dst}_opts_number's default
 
-IPV6_NO_HANDLER = frozenset((135, 139, 140))
+_HOPOPTS, _ROUTING, _DSTOPTS = 0, 43, 60
+_NO_HANDLER = frozenset((135, 139, 140))
 
 
 def ipv4_options_refused(ip: memoryview | bytes, ihl: int) -> str | None:
@@ -89,6 +90,20 @@ def ipv4_options_refused(ip: memoryview | bytes, ihl: int) -> str | None:
         return "source route (accept_source_route is off)"
     if cipso:
         return "CIPSO option (no DOI configured)"
+    return None
+
+
+def ipv6_header_refused(ip: memoryview | bytes, nxt: int, off: int, hlen: int, plen: int) -> str | None:
+    """Why Linux drops an IPv6 packet for its extension header of type ``nxt`` at
+    ``ip[off:off + hlen]`` (whole in ``ip``), or None; ``plen`` is the fixed header's payload length."""
+    if nxt == _HOPOPTS or nxt == _DSTOPTS:
+        if nxt == _HOPOPTS and off != 40:
+            return "hop-by-hop options not first"
+        return ipv6_options_refused(ip, off, hlen, nxt == _HOPOPTS, plen)
+    if nxt == _ROUTING:
+        return ipv6_routing_refused(ip, off)
+    if nxt in _NO_HANDLER:
+        return f"next header {nxt} (no handler)"
     return None
 
 

@@ -15,7 +15,7 @@ from struct import Struct
 
 from ..compiled import accelerator
 from .errors import ErrorKind, WireError
-from .iphdr import IPV6_NO_HANDLER, ipv4_options_refused, ipv6_options_refused, ipv6_routing_refused
+from .iphdr import ipv4_options_refused, ipv6_header_refused
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 
@@ -47,7 +47,6 @@ _BE32 = Struct("!I")
 # IPv6 extension headers that may precede TCP and use the generic (len+1)*8 layout.
 _IPV6_EXT = frozenset((0, 43, 60, 135, 139, 140))
 _IPPROTO_FRAGMENT, _IPPROTO_AH, _IPPROTO_TCP = 44, 51, 6
-_IPPROTO_HOPOPTS, _IPPROTO_ROUTING, _IPPROTO_DSTOPTS = 0, 43, 60
 
 
 @dataclass(slots=True)
@@ -204,20 +203,9 @@ def parse_ip(ip: memoryview, ts: float = 0.0) -> TcpSegment | WireError | None:
                     hlen = (ip[l4 + 1] + 1) * 8
                 if l4 + hlen > n:
                     return WireError(ErrorKind.TRUNCATED_IPV6_EXTENSION, "past capture")
-                # what the receiver refuses before TCP (mproxy.wire.iphdr)
-                if nxt == _IPPROTO_HOPOPTS or nxt == _IPPROTO_DSTOPTS:
-                    if nxt == _IPPROTO_HOPOPTS and l4 != 40:
-                        why: str | None = "hop-by-hop options not first"
-                    else:
-                        why = ipv6_options_refused(ip, l4, hlen, nxt == _IPPROTO_HOPOPTS, plen)
-                elif nxt == _IPPROTO_ROUTING:
-                    why = ipv6_routing_refused(ip, l4)
-                elif nxt in IPV6_NO_HANDLER:
-                    why = f"next header {nxt} (no handler)"
-                else:
-                    why = None
-                if why is not None:
-                    return WireError(ErrorKind.REFUSED_IPV6_EXTENSION, why)
+                refused = ipv6_header_refused(ip, nxt, l4, hlen, plen)  # what the receiver drops
+                if refused is not None:
+                    return WireError(ErrorKind.REFUSED_IPV6_EXTENSION, refused)
                 nxt = ip[l4]
                 l4 += hlen
             else:

@@ -38,6 +38,11 @@ def test_rules_only_queue_marked_connections() -> None:
         "-j CONNMARK --set-xmark 0x100/0x100",
         "iptables -w -t mangle -A MPROXY -i eth2 -p tcp -m tcp --tcp-flags SYN,ACK SYN --tcp-option 30 "
         "-j CONNMARK --set-xmark 0x100/0x100",
+        # a later MPTCP packet of a connection whose conntrack entry lost the mark (or predates us)
+        "iptables -w -t mangle -A MPROXY -i eth1 -m connmark '!' --mark 0x100/0x100 -p tcp -m tcp --tcp-flags SYN "
+        "NONE --tcp-option 30 -m conntrack --ctdir ORIGINAL -j CONNMARK --set-xmark 0x100/0x100",
+        "iptables -w -t mangle -A MPROXY -i eth2 -m connmark '!' --mark 0x100/0x100 -p tcp -m tcp --tcp-flags SYN "
+        "NONE --tcp-option 30 -m conntrack --ctdir ORIGINAL -j CONNMARK --set-xmark 0x100/0x100",
         "iptables -w -t mangle -A MPROXY -m connmark --mark 0x100/0x100 -j NFQUEUE --queue-num 5",
         # no conntrack entry, so no connmark: a receiver may still read them (SACK past what it sent)
         "iptables -w -t mangle -A MPROXY -m conntrack --ctstate INVALID -j NFQUEUE --queue-num 5",
@@ -47,7 +52,9 @@ def test_rules_only_queue_marked_connections() -> None:
     assert not any("INVALID" in c.argv for c in netfilter.install_commands(off))
     assert "INVALID" not in netfilter.render(off) and "INVALID" in netfilter.render(cfg)
     default = netfilter.install_commands(parse_config(""))
-    assert sum(c.argv[0] == "ip6tables" for c in default) == 5
+    assert sum(c.argv[0] == "ip6tables" for c in default) == 6
+    # without in_interfaces, any interface and either direction
+    assert "--ctdir" not in " ".join(" ".join(c.argv) for c in default)
     assert any("--queue-bypass" in c.argv for c in default)
     text = netfilter.render(parse_config(""), delete=True)
     assert "ip6tables -w -t mangle -X MPROXY 2>/dev/null || true" in text

@@ -82,8 +82,9 @@ def mproxy(lab: Any, d: Path, *, policy: str = "inspect", fail: str = "open", ma
 
 def rule_counters(lab: Any, tool: str = "iptables") -> dict[str, int]:
     """Packets counted by the MPROXY chain's rules (CONNMARK, NFQUEUE: summed over the rules with
-    that target) and by the FORWARD jump; ``NFQUEUE INVALID``: the rule queueing INVALID packets."""
-    out: dict[str, int] = {"NFQUEUE INVALID": 0}
+    that target) and by the FORWARD jump; ``NFQUEUE INVALID``: the rule queueing INVALID packets;
+    ``CONNMARK later``: the rule marking a connection again at a later MPTCP packet."""
+    out: dict[str, int] = {"NFQUEUE INVALID": 0, "CONNMARK later": 0}
     for chain in ("MPROXY", "FORWARD"):
         text = lab.run(lab.ns_gw, tool, "-w", "-t", "mangle", "-L", chain, "-v", "-x", "-n").stdout
         for line in text.splitlines()[2:]:
@@ -93,6 +94,8 @@ def rule_counters(lab: Any, tool: str = "iptables") -> dict[str, int]:
                 out[key] = out.get(key, 0) + int(f[0])
                 if chain == "MPROXY" and "INVALID" in f:
                     out["NFQUEUE INVALID"] += int(f[0])
+                if chain == "MPROXY" and "flags:0x02/0x00" in line:  # a later MPTCP packet marked again
+                    out["CONNMARK later"] += int(f[0])
     return out
 
 
@@ -502,6 +505,35 @@ def test_start_failures_exit_1_and_leave_nothing(lab: Any, tmp_path: Path) -> No
         assert cp.returncode == 1 and f"cannot bind NFQUEUE {QUEUE}" in cp.stderr, cp.stderr
         # the running instance keeps its rules (marked connections, INVALID packets)
         assert lab.run(lab.ns_gw, "iptables", "-w", "-t", "mangle", "-S").stdout.count("-j NFQUEUE") == 2
+
+
+def test_a_connection_whose_conntrack_entries_expired_is_still_inspected(lab: Any, tmp_path: Path) -> None:
+    """Conntrack holds mproxy's mark only as long as its entry: when an idle subflow's entry times
+    out (or is flushed, or dropped under table pressure), the next packet makes a new entry, picked
+    up mid-stream, without the mark, and was never queued again: the IDS lost the rest of the
+    connection. That packet carries option 30 (every MPTCP packet Linux sends has a DSS) and marks
+    the connection again. Here conntrack's established timeout is 1 s and the client is idle 4 s
+    between ``GET /?q=`` and the rest of its request."""
+    from tests.lab.test_unread_bytes_lab import PART1, PART2, run_forgery
+    from tests.oracles import tshark_follow_raw
+
+    key = "net.netfilter.nf_conntrack_tcp_timeout_established"
+    old = lab.run(lab.ns_gw, "sysctl", "-n", key).stdout.strip()
+    ids, cap = tmp_path / "ids.pcap", tmp_path / "cap.pcap"
+    lab.run(lab.ns_gw, "sysctl", "-qw", f"{key}=1")
+    try:
+        with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), \
+                lab.capture(cap):
+            read = run_forgery(lab, cap, "none", tmp_path / "go", pause=4.0)
+            again = rule_counters(lab)["CONNMARK later"]
+    finally:
+        lab.run(lab.ns_gw, "sysctl", "-qw", f"{key}={old}")
+    assert read == PART1 + PART2
+    (f,) = tshark_follow_raw(ids)
+    assert f.client_data == read
+    assert again >= 1, "no connection was marked again: did its conntrack entry expire?"
+    (rec,) = [r for r in mp.records if r["event"] == "mptcp_connection"]
+    assert rec["c2s"]["gap_bytes"] == 0 and not rec["pickup"]  # one connection, tracked throughout
 
 
 # Forged packets last: their connections' leftovers (retransmissions of desynced subflows, SYN/ACKs

@@ -144,9 +144,10 @@ def kernel_read(forgery: str) -> bytes:
     return PART1 + b"BENIGN" + PART2[6:] if forgery in _READ else PART1 + PART2
 
 
-def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
-    """The exchange with ``forgery`` sent on the join, while ``cap`` records at the gateway (its
-    keys and sequence numbers are read from there); returns what the server application read."""
+def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0) -> bytes:
+    """The exchange with ``forgery`` sent on the join (``"none"``: nothing), while ``cap`` records
+    at the gateway (its keys and sequence numbers are read from there), the client idle for
+    ``pause`` s more before the rest of its request; returns what the server application read."""
     from mproxy import crypto
     from tests.oracles import tshark_fields
 
@@ -173,7 +174,9 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
     common = {"src": join_ip, "dst": srv_ip, "sport": jport, "ack": ack, "data_ack": 0,
               "dsn": (idsn + 1 + len(PART1)) & ((1 << 64) - 1)}
     data = dict(common, flags="data", seq=nxt, payload=b"BENIGN".hex(), ssn=(nxt - jisn) & 0xFFFFFFFF)
-    if forgery == "rst":
+    if forgery == "none":
+        specs = []
+    elif forgery == "rst":
         specs = [dict(data, flags="rst")]
     elif forgery == "paws":
         specs = [dict(data, tsval=(tsval - 100_000) & 0xFFFFFFFF, tsecr=tsecr)]
@@ -207,6 +210,7 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path) -> bytes:
     for spec in specs:
         lab.run(lab.ns_cli, sys.executable, __file__, "inject", json.dumps(spec))
         time.sleep(0.2)
+    time.sleep(pause)
     go.touch()
     out, _ = srv.communicate(timeout=30)
     cli.wait(15)

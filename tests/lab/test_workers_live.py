@@ -258,6 +258,36 @@ def test_invalid_packets_reach_the_worker_of_their_connection(lab: Any, tmp_path
     assert "Traceback" not in mp.err, mp.err
 
 
+def test_a_connection_whose_conntrack_entries_expired_stays_with_its_worker(lab: Any, tmp_path: Path) -> None:
+    """The entries' worker bits go with them when they expire (conntrack's established timeout is
+    1 s here, the client idle 4 s mid-request): the next MPTCP packet of each subflow goes to the
+    control queue, which returns it to the worker its SYN went to; the IDS reads the whole request."""
+    from tests.lab.test_unread_bytes_lab import PART1, PART2, run_forgery
+    from tests.oracles import tshark_follow_raw
+
+    key = "net.netfilter.nf_conntrack_tcp_timeout_established"
+    old = lab.run(lab.ns_gw, "sysctl", "-n", key).stdout.strip()
+    ids, cap = tmp_path / "ids.pcap", tmp_path / "cap.pcap"
+    mp = Mproxy(lab, tmp_path / "mproxy", workers=2, metrics=METRICS)
+    lab.run(lab.ns_gw, "sysctl", "-qw", f"{key}=1")
+    try:
+        with lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), lab.capture(cap):
+            mp.start()
+            try:
+                read = run_forgery(lab, cap, "none", tmp_path / "go", pause=4.0)
+                scrape = mp.scrape()
+            finally:
+                assert mp.stop() == 0, mp.err
+    finally:
+        lab.run(lab.ns_gw, "sysctl", "-qw", f"{key}={old}")
+    assert read == PART1 + PART2
+    (f,) = tshark_follow_raw(ids)
+    assert f.client_data == read
+    assert scrape[("mproxy_steering_later_packets_total", (("kind", "subflow"),))] >= 1
+    (rec,) = mp.connections()
+    assert rec["c2s"]["gap_bytes"] == 0 and not rec["pickup"]
+
+
 def _same_subflows(rec: dict[str, Any], app: Any) -> None:
     """Every subflow the client's kernel still lists at the end is in the connection's one record.
 
