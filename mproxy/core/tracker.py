@@ -28,7 +28,7 @@ from ..wire import mptcp as m
 from ..wire.checksum import CSUM_UNFILLED, segment_checksum_state
 from ..wire.errors import WireError
 from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, read_mptcp_spans, \
-    read_option_spans
+    read_option_spans, tcp_md5_signed
 from .events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -62,6 +62,7 @@ CHECKSUM_MODES = ("auto", "verify", "count")  # [tracker] checksums
 _TS_MPTCP = Struct("!4sI4xBBBB")  # NOP NOP kind 8 len 10, TSval, TSecr, then an MPTCP option's first 4 bytes
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
 _DSS_PLAIN = m.DSS_PLAIN
+_MD5_UNREAD = "a TCP-MD5 signature, and the receiver holds no key (Linux: TCPMD5Unexpected)"
 
 
 @dataclass(slots=True)
@@ -513,7 +514,7 @@ class Tracker:
             if sf.dirs[d].ts_recent:
                 return False  # the timestamp is somewhere else: the general path finds it for PAWS
             spans = mptcp_spans(seg)
-            if type(spans) is not list or len(spans) != 1:
+            if type(spans) is not list or len(spans) != 1 or seg.hdr_len >= 38 and tcp_md5_signed(seg):
                 return False
             off, ln = spans[0]
             if ln < 4:
@@ -659,6 +660,10 @@ class Tracker:
             ev.append(PassThrough(bytes(seg.ip), seg.ipver, seg.ts))
             return ev
         self.stats.mptcp_packets += 1
+        if seg.hdr_len >= 38 and tcp_md5_signed(seg):
+            self.stats.out_of_window += 1  # the receiver drops it (see _on_segment): no subflow from it
+            self._notice(ev, NoticeType.OUT_OF_WINDOW, None, f"{seg.payload_len} bytes discarded: {_MD5_UNREAD}", seg)
+            return ev
         self._new_subflow(seg, opts, ev)
         return ev
 
@@ -1046,6 +1051,10 @@ class Tracker:
         ts = seg.ts
         sfd = sf.dirs[d]
         conn = sf.conn
+        if seg.hdr_len >= 38 and tcp_md5_signed(seg):
+            # Linux drops it before anything else (tcp_inbound_hash): no key on an MPTCP socket
+            self._unread(conn, sfd, seg, _MD5_UNREAD, ev)
+            return
         if flags & SYN:
             self._on_syn(sf, d, seg, o, ev)
             return

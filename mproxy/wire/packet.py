@@ -280,6 +280,29 @@ parse_frame = _accelerated() or parse_frame_pure
 ACCELERATED = parse_frame is not parse_frame_pure
 
 
+def tcp_md5_signed(seg: TcpSegment) -> bool:
+    """Does the segment carry a TCP-MD5 signature (RFC 2385) as Linux's receive path finds one
+    (``tcp_parse_md5sig_option``: a walk that stops at End, at a length that lies, or with fewer
+    than 18 bytes left, and takes only an 18-byte option)? Linux drops such a segment when it holds
+    no key for the peer (TCPMD5Unexpected), which is always so on MPTCP: the two exclude each
+    other. Only reached for segments outside the fast path's Linux option layout."""
+    ip, p, end = seg.ip, seg.tcp_off + 20, seg.payload_off
+    while end - p >= 18:
+        kind = ip[p]
+        if kind == 0:
+            return False
+        if kind == 1:
+            p += 1
+            continue
+        size = ip[p + 1]
+        if size < 2 or size > end - p:
+            return False
+        if kind == 19:
+            return size == 18
+        p += size
+    return False
+
+
 def read_option_spans(opts: memoryview) -> tuple[list[tuple[int, int, int]], WireError | None]:
     """``(kind, start, length)`` of the TCP options a TCP stack reads, and the error that stopped it.
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tracemalloc
 from collections import Counter
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -774,9 +775,9 @@ def test_an_mp_capable_before_an_option_whose_length_lies_opens_mptcp() -> None:
     assert len(summary["subflows"]) == 2
 
 
-def _ack_session() -> tuple[Session, list[bytes]]:
+def _ack_session(**kw: Any) -> tuple[Session, list[bytes]]:
     """A join, ``GET /?q=`` from the client, and the server's reply of 100 bytes (acked)."""
-    s = Session(1)
+    s = Session(1, **kw)
     pk = s.handshake() + s.join(1)
     pk.append(s.data(0, True, 0, b"GET /?q="))
     pk.append(s.data(0, False, 0, b"r" * 100))
@@ -880,6 +881,28 @@ def test_past_the_edge_a_bare_segment_at_the_receivers_next_byte_is_read(fast: b
     (n,) = [e for e in ev if isinstance(e, Notice)]
     assert n.type == NoticeType.OUT_OF_WINDOW and "6 bytes" in n.detail, n
     assert t.stats.out_of_window == 2  # BENIGN, and the bare segment one byte past the next byte
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_segment_signed_with_tcp_md5_places_nothing(fast: bool) -> None:
+    """Linux drops a segment carrying a TCP-MD5 signature when it holds no key for the peer, which
+    an MPTCP socket never does (lab: tcp_md5, the server read UNION after such a BENIGN)."""
+    s, pk = _ack_session(ack64=False, dsn64=False)  # 32-bit DSNs: room for the 18-byte option
+    forged = seg(s.data(1, True, 8, b"BENIGN", rel=1))
+    md5 = bytes([19, 18]) + bytes(16)
+    pk.append(build_tcp(forged.src, forged.dst, forged.sport, forged.dport, forged.seq, forged.ack, forged.flags,
+                        forged.window, bytes(forged.options) + md5, b"BENIGN"))
+    pk.append(s.data(1, True, 8, b"UNION SELECT", rel=1))
+    t, ev = _tracked(pk, fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
+    _one_notice(ev, NoticeType.OUT_OF_WINDOW, "TCP-MD5")
+    # nor does an MP_CAPABLE SYN so signed open a connection
+    s2 = Session(1, sport=42001)
+    syn = seg(s2.handshake()[0])
+    t2 = Tracker()
+    ev2 = t2.process(seg(build_tcp(syn.src, syn.dst, syn.sport, syn.dport, syn.seq, 0, syn.flags, syn.window,
+                                   bytes(syn.options) + md5)))
+    assert not t2.connections and "TCP-MD5" in ev2[0].detail
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -13,6 +13,9 @@ client writes ``UNION SELECT ...``:
   without ACK, or starting 1000 bytes past the right edge of the server's window;
 * the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), before
   the client's next bytes;
+* at the IP level (IPv4 options, IPv6 extension headers; ``IP_SHAPES``) and for TCP
+  authentication options (``AUTH_SHAPES``: a TCP-MD5 signature is dropped, a malformed one and a
+  TCP-AO option are read through by this kernel): as each shape's comment says;
 * the kernel reads them: the DSS followed by an option whose length lies (Linux's option walk
   stops there, the DSS before it stands), or two DSS options of which the first maps them at
   those DSNs (the first wins), or a SACK block 1000 bytes past what the server sent (Linux
@@ -97,6 +100,8 @@ def _inject(spec: dict[str, Any]) -> None:
     if "sack" in spec:  # a SACK block (NOP NOP SACK): Linux discards a block it cannot use, reads the data
         left, right = spec["sack"]
         opts.append(bytes([1, 1, 5, 10]) + left.to_bytes(4, "big") + right.to_bytes(4, "big"))
+    if "tcp_option" in spec:  # another TCP option after the DSS (TCP-MD5, TCP-AO)
+        opts.append(bytes.fromhex(spec["tcp_option"]))
     if spec.get("bad_tail"):  # an option whose length lies (1 < 2): a TCP stack stops reading there
         opts.append(bytes([253, 1]))
     if "tsval" in spec:  # Linux's layout: NOP NOP timestamp first
@@ -133,9 +138,17 @@ IP_SHAPES: dict[str, dict[str, Any]] = {
     "v6_shim6": {"ipv6_headers": [(140, bytes(7).hex())]},  # no handler in Linux
     "v6_hbh_discard": {"ipv6_headers": [(0, _ipv6_options(bytes([0x80, 2, 0, 0])))]},  # the gateway drops
 }
+# TCP authentication options: Linux drops a segment with a TCP-MD5 signature when it holds no key
+# for the peer (TCPMD5Unexpected; MPTCP never runs with one), and one whose auth options are
+# malformed; a TCP-AO option it reads through when built without CONFIG_TCP_AO (as here)
+AUTH_SHAPES: dict[str, str] = {
+    "tcp_md5": (bytes([19, 18]) + bytes(range(16))).hex(),
+    "tcp_md5_bad_len": (bytes([19, 10]) + bytes(8)).hex(),
+    "tcp_ao": bytes([29, 6, 1, 1, 0, 0]).hex(),
+}
 FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window",
-             "fastclose_bad_key", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev", *IP_SHAPES]
-_READ = ("sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip")
+             "fastclose_bad_key", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev", *IP_SHAPES, *AUTH_SHAPES]
+_READ = ("sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip", "tcp_md5_bad_len", "tcp_ao")
 
 
 def kernel_read(forgery: str) -> bytes:
@@ -197,6 +210,8 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
         specs = [dict(data, flags="noack")]
     elif forgery in ("bad_csum", "bad_tail"):
         specs = [dict(data, **{forgery: True})]
+    elif forgery in AUTH_SHAPES:
+        specs = [dict(data, data_ack=None, tcp_option=AUTH_SHAPES[forgery])]  # (no Data ACK: room for MD5)
     elif forgery in IP_SHAPES:
         specs = [dict(data, **IP_SHAPES[forgery])]
     elif forgery.startswith("two_dss"):

@@ -635,3 +635,26 @@ def test_one_unpack_parse_equals_strip_link_then_parse_ip(link, payload: bytes, 
     assert got == want
     if isinstance(got, TcpSegment):
         assert bytes(got.ip) == bytes(want.ip) and len(got.ip) == len(want.ip)  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------ TCP-MD5 (what Linux's walk finds)
+MD5 = bytes([19, 18]) + bytes(range(16))
+
+
+@pytest.mark.parametrize("opts,signed", [
+    (MD5, True),
+    (bytes([1, 1]) + MD5 + bytes([1, 1]), True),
+    (bytes([30, 4, 0x20, 0]) + MD5 + bytes(2), True),  # after another option
+    (bytes([19, 10]) + bytes(8), False),  # not 18 bytes: Linux reads on (lab: tcp_md5_bad_len)
+    (bytes([19, 10]) + bytes(8) + MD5 + bytes(2), False),  # the walk stops at the first MD5 kind
+    (bytes([0, 0, 0, 0]) + MD5 + bytes(2), False),  # after End
+    (bytes([30, 1, 0, 0]) + MD5 + bytes(2), False),  # after a length that lies
+    (bytes([29, 6, 1, 1, 0, 0]) + bytes(2), False),  # TCP-AO: read through without CONFIG_TCP_AO
+    (bytes(range(2, 3)) + bytes([4]) + bytes(2), False),
+])
+def test_tcp_md5_signed_follows_linuxs_walk(opts: bytes, signed: bool) -> None:
+    from mproxy.wire.build import build_tcp
+    from mproxy.wire.packet import tcp_md5_signed
+
+    seg = parse_ip(memoryview(build_tcp(SRC4, DST4, 40000, 80, 1, 1, ACK | PSH, options=opts, payload=b"x")))
+    assert isinstance(seg, TcpSegment) and tcp_md5_signed(seg) is signed
