@@ -27,7 +27,7 @@ from .. import crypto
 from ..wire import mptcp as m
 from ..wire.checksum import CSUM_UNFILLED, segment_checksum_state
 from ..wire.errors import WireError
-from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, read_mptcp_spans, \
+from ..wire.packet import ACK, FIN, RST, SYN, TcpSegment, addr_text, mptcp_spans, parse_ip, read_mptcp_spans, \
     read_option_spans, tcp_md5_signed
 from .events import (
     ConnectionClosed,
@@ -175,6 +175,10 @@ class Subflow:
     nonce_r: int | None = None
     hmac_r: bytes | None = None
     last_ts: float = 0.0
+    # a SYN with another ISN on this established subflow, kept (IP packet, time) until the peer
+    # answers it: Linux discards it with a challenge ACK, unless the 4-tuple was free after all
+    # (the end went unseen), when a SYN/ACK acknowledging it starts a new subflow
+    reuse_syn: tuple[bytes, float] | None = None
 
     def tuple_text(self) -> dict[str, Any]:
         return {"src": addr_text(self.key[0]), "sport": self.key[1], "dst": addr_text(self.key[2]),
@@ -446,10 +450,26 @@ class Tracker:
         if hit is None:
             return self.process_new(seg, opts, ev)
         sf, d = hit
-        if seg.flags & SYN and not seg.flags & ACK and self._stale(sf, d, seg):
-            # a new connection re-using the 4-tuple of one that ended
-            self._drop_subflow(sf)
-            return self.process_new(seg, opts, ev)
+        if seg.flags & SYN:
+            if not seg.flags & ACK and self._stale(sf, d, seg):
+                if not self._ended(sf):
+                    # Linux discards a SYN on an established socket (a challenge ACK answers it):
+                    # the subflow goes on, and the SYN waits to see whether the peer took it
+                    sf.reuse_syn = (bytes(seg.ip), ts)
+                    self._unread(sf.conn, sf.dirs[d], seg, "a SYN on an established subflow (Linux answers it "
+                                 "with a challenge ACK)", ev)
+                    return ev
+                # a new connection re-using the 4-tuple of one that ended
+                self._drop_subflow(sf)
+                return self.process_new(seg, opts, ev)
+            if sf.reuse_syn is not None and seg.flags & ACK:
+                old = parse_ip(memoryview(sf.reuse_syn[0]), sf.reuse_syn[1])
+                if isinstance(old, TcpSegment) and seg.ack == (old.seq + 1) & MASK32:
+                    # the peer answered the kept SYN: the 4-tuple was free, its end went unseen
+                    self._drop_subflow(sf)
+                    ev += self.process(old)
+                    ev += self.process(seg)
+                    return ev
         sf.last_ts = ts
         if sf.refused:
             return ev
@@ -666,6 +686,12 @@ class Tracker:
             return ev
         self._new_subflow(seg, opts, ev)
         return ev
+
+    @staticmethod
+    def _ended(sf: Subflow) -> bool:
+        """Has the subflow (or its connection) ended, or never opened, so that its 4-tuple is free?"""
+        return sf.closed_ts is not None or sf.refused or not sf.established or sf.reset \
+            or (sf.conn is not None and sf.conn.closed is not None)
 
     @staticmethod
     def _stale(sf: Subflow, d: int, seg: TcpSegment) -> bool:

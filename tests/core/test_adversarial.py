@@ -906,6 +906,38 @@ def test_a_segment_signed_with_tcp_md5_places_nothing(fast: bool) -> None:
 
 
 @pytest.mark.parametrize("fast", [True, False])
+def test_a_syn_on_an_established_subflow_ends_nothing(fast: bool) -> None:
+    """Linux discards a SYN on an established socket (a challenge ACK answers it), so the subflow
+    goes on: a forged one (another ISN, an MP_JOIN naming the connection) must not make mproxy
+    drop the subflow and lose what the client sends on it next (lab: syn_established)."""
+    s, pk = _ack_session()
+    old = seg(s.data(1, True, 8, b"x", rel=1))
+    join_syn = seg(s.join(1)[0])
+    pk.append(build_tcp(old.src, old.dst, old.sport, old.dport, 0x12345678, 0, SYN, 65535,
+                        bytes(join_syn.options)))
+    pk.append(s.data(1, True, 8, b"UNION SELECT", rel=1))
+    t, ev = _tracked(pk, fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
+    _one_notice(ev, NoticeType.OUT_OF_WINDOW, "challenge ACK")
+
+
+def test_a_reused_four_tuple_whose_end_went_unseen_starts_a_new_connection() -> None:
+    """When the old connection's end was not seen (a lossy capture), the peer answering the new SYN
+    with a SYN/ACK that acknowledges it shows the 4-tuple was free: a new connection starts."""
+    t = Tracker()
+    first = Session(1)
+    ev = run(t, first.handshake() + [first.data(0, True, 0, b"one")], flush=False)
+    second = Session(1, client_key=0x0102030405060708, server_key=0x1112131415161718)
+    second._isn = 777_000  # same 4-tuple, new ISNs and keys; the first one's end never captured
+    for p in second.handshake() + [second.data(0, True, 0, b"two")]:
+        ev += t.process(seg(p, 1005.0))
+    ev += t.flush()
+    closed = [e.summary for e in ev if isinstance(e, ConnectionClosedSummary)]
+    assert sorted(c["c2s"]["bytes"] for c in closed) == [3, 3] and len(closed) == 2
+    assert streams(ev)[(2, C2S)] == b"two"
+
+
+@pytest.mark.parametrize("fast", [True, False])
 def test_an_mp_fastclose_with_a_key_not_the_receivers_ends_nothing(fast: bool) -> None:
     """Linux takes an MP_FASTCLOSE only when it names the receiver's own key; with another one the
     server reads on (lab: fastclose_bad_key), so the rebuilt stream must go on too. With the

@@ -11,8 +11,9 @@ client writes ``UNION SELECT ...``:
   of 1 MB the server never sent, or 1 GB behind its last acknowledged point, or 1 byte behind it
   (the server sent nothing on that subflow: Linux bounds the look-back by the bytes acked),
   without ACK, or starting 1000 bytes past the right edge of the server's window;
-* the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), before
-  the client's next bytes;
+* the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), or a SYN
+  with another ISN on the initial subflow's 4-tuple (discarded with a challenge ACK), before the
+  client's next bytes;
 * at the IP level (IPv4 options, IPv6 extension headers; ``IP_SHAPES``) and for TCP
   authentication options (``AUTH_SHAPES``: a TCP-MD5 signature is dropped, a malformed one and a
   TCP-AO option are read through by this kernel): as each shape's comment says;
@@ -88,10 +89,12 @@ def _inject(spec: dict[str, Any]) -> None:
     """(In the client namespace.) One raw TCP packet on the join subflow, built by our encoder."""
     from mproxy.wire import mptcp as m
     from mproxy.wire.build import build_tcp, tcp_options, with_ipv4_options, with_ipv6_headers
-    from mproxy.wire.packet import ACK, FIN, PSH, RST
+    from mproxy.wire.packet import ACK, FIN, PSH, RST, SYN, URG
 
     payload = bytes.fromhex(spec["payload"])
     opts = [m.dss(spec["data_ack"], spec["dsn"], spec["ssn"], len(payload)).encode()] if payload else []
+    if "join_token" in spec:  # an MP_JOIN SYN (on the join's own 4-tuple, another ISN)
+        opts = [m.MpJoin(m.JoinPhase.SYN, False, 0, spec["join_token"], 0x5EED).encode()]
     if "fastclose_key" in spec:  # MP_FASTCLOSE naming a key that is not the server's
         opts = [m.MpFastclose(spec["fastclose_key"]).encode()]
     if "dsn2" in spec:  # a second DSS after the first (no Data ACK, so both fit)
@@ -106,7 +109,8 @@ def _inject(spec: dict[str, Any]) -> None:
         opts.append(bytes([253, 1]))
     if "tsval" in spec:  # Linux's layout: NOP NOP timestamp first
         opts.insert(0, bytes([1, 1, 8, 10]) + spec["tsval"].to_bytes(4, "big") + spec["tsecr"].to_bytes(4, "big"))
-    flags = {"rst": RST | ACK, "data": ACK, "fin": FIN | ACK, "noack": PSH}[spec["flags"]]
+    flags = {"rst": RST | ACK, "data": ACK, "fin": FIN | ACK, "noack": PSH, "syn": SYN,
+             "urgent": URG | ACK}[spec["flags"]]
     fam = socket.AF_INET6 if ":" in spec["dst"] else socket.AF_INET
     pkt = build_tcp(socket.inet_pton(fam, spec["src"]), socket.inet_pton(fam, spec["dst"]), spec["sport"], PORT,
                     spec["seq"], spec["ack"], flags, 502, tcp_options(*opts), payload)
@@ -147,8 +151,9 @@ AUTH_SHAPES: dict[str, str] = {
     "tcp_ao": bytes([29, 6, 1, 1, 0, 0]).hex(),
 }
 FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window",
-             "fastclose_bad_key", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev", *IP_SHAPES, *AUTH_SHAPES]
-_READ = ("sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip", "tcp_md5_bad_len", "tcp_ao")
+             "fastclose_bad_key", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
+             *IP_SHAPES, *AUTH_SHAPES]
+_READ = ("urgent", "sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip", "tcp_md5_bad_len", "tcp_ao")
 
 
 def kernel_read(forgery: str) -> bytes:
@@ -206,6 +211,15 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
         specs = [dict(common, flags="data", seq=nxt, payload="", ssn=0, fastclose_key=0x0123456789ABCDEF)]
     elif forgery == "sack_unsent":  # SACKs 1000 bytes the server never sent
         specs = [dict(data, sack=[(ack + 1000) & 0xFFFFFFFF, (ack + 2000) & 0xFFFFFFFF])]
+    elif forgery == "syn_established":
+        # a SYN with another ISN on the initial subflow's 4-tuple (where the client's next bytes go):
+        # Linux answers it with a challenge ACK and reads on
+        first_syn = f"tcp.flags.syn == 1 && tcp.flags.ack == 0 && {ipf}.src == {cli_ip}"
+        iport, iisn = (int(x) for x in tshark_fields(cap, ["tcp.srcport", "tcp.seq_raw"], first_syn)[0])
+        specs = [dict(common, src=cli_ip, sport=iport, flags="syn", seq=(iisn + 0x40000000) & 0xFFFFFFFF, ack=0,
+                      payload="", ssn=0, join_token=0x01020304)]
+    elif forgery == "urgent":  # URG (pointer 0: the first byte): an MPTCP socket reads urgent bytes inline
+        specs = [dict(data, flags="urgent")]
     elif forgery == "no_ack":
         specs = [dict(data, flags="noack")]
     elif forgery in ("bad_csum", "bad_tail"):
