@@ -410,9 +410,9 @@ def _control_registry(ctl: Controller) -> Any:
                 syns.add_metric([kind], getattr(st, kind))
             yield syns
             later = CounterMetricFamily("mproxy_steering_later_packets", "Later packets of a connection that "
-                                        "reached the control queue (conntrack found them INVALID, so they carry "
-                                        "no connmark): to the worker of their subflow's SYN, or by 4-tuple hash "
-                                        "when the control did not see it", labels=["kind"])
+                                        "reached the control queue (conntrack found them INVALID, or their entry "
+                                        "lost the worker bits): to the worker of their subflow's SYN, or by "
+                                        "4-tuple hash when the control did not see it", labels=["kind"])
             for kind in ("subflow", "unknown"):
                 later.add_metric([kind], getattr(st, kind))
             yield later

@@ -14,10 +14,11 @@ queue, and this core picks its worker:
 * a join with a token nobody announced, or an option we cannot read: a hash
   of the 4-tuple, so the worker's own policy decides (``verify-joins``
   drops it, ``inspect`` tracks it as it would with one worker);
-* any later packet (conntrack found it INVALID, so it has no conntrack entry
-  and no saved worker bits; see :mod:`mproxy.io.netfilter`): the worker its
-  subflow's SYN went to, remembered by 4-tuple in a bounded table; a 4-tuple
-  hash when the control never saw that SYN.
+* any later packet (conntrack found it INVALID, so it has no conntrack entry,
+  or its entry was lost and picked up again without the worker bits; see
+  :mod:`mproxy.io.netfilter`): the worker its subflow's SYN went to,
+  remembered by 4-tuple in a bounded table; a 4-tuple hash when the control
+  never saw that SYN (a connection opened before mproxy started).
 
 The decision is a ``REPEAT`` verdict with the worker's number in the packet
 mark; the rules save it in the connection's conntrack mark and queue every
@@ -44,7 +45,7 @@ class SteerKind(str, Enum):
     JOIN = "join"  # MP_JOIN SYN with an announced token: its worker
     JOIN_UNKNOWN = "join_unknown"  # MP_JOIN SYN, token not announced: 4-tuple hash
     OTHER = "other"  # a SYN without a readable MP_CAPABLE/MP_JOIN: 4-tuple hash
-    SUBFLOW = "subflow"  # a later packet (INVALID to conntrack) of a subflow whose SYN we steered
+    SUBFLOW = "subflow"  # a later packet (INVALID, or its conntrack entry lost) of a subflow whose SYN we steered
     UNKNOWN = "unknown"  # a later packet of a subflow whose SYN we did not see: 4-tuple hash
 
 
@@ -125,7 +126,7 @@ class Steering:
         if seg is None or isinstance(seg, WireError):
             self.last_kind = SteerKind.UNKNOWN
             return zlib.crc32(bytes(ip[:40])) % self.workers
-        if seg.flags & (SYN | ACK) != SYN:  # a later packet (the rules queue first SYNs and INVALID ones)
+        if seg.flags & (SYN | ACK) != SYN:  # a later packet: INVALID, or of a connection without worker bits
             owner = self.subflows.get(_flow_key(seg))
             if owner is not None:
                 self.last_kind = SteerKind.SUBFLOW
