@@ -34,11 +34,13 @@ With ``[queue] workers`` > 1 the first SYN of a connection (no worker bits
 in its conntrack or packet mark) goes to the control queue instead; it comes
 back (``NF_REPEAT``) with its worker's bits in the packet mark, which are
 saved into the conntrack mark, and one rule per worker queues every packet of
-a connection carrying that worker's bits to the worker's queue. An INVALID
-packet (no conntrack entry, so no saved bits) goes to the control queue too,
-which repeats it with the bits of the worker that got its subflow's SYN, and a
-rule per worker queues it by its packet mark; that worker clears the bits in
-its verdict.
+a connection carrying that worker's bits to the worker's queue. A later MPTCP
+packet of a connection without worker bits (its entry was lost) goes to the
+control queue too, and so does an INVALID packet (no conntrack entry, so no
+saved bits); the control repeats each with the bits of the worker that got
+its subflow's SYN. The first kind has them saved again like a SYN; the second
+is queued by a rule per worker on its packet mark, and that worker clears the
+bits in its verdict.
 
 Fail-open adds ``--queue-bypass`` (no process bound: accept); a *full* queue
 is a property of the bound queue, set over netlink by
@@ -121,7 +123,8 @@ def _chain_rules(cfg: Config) -> list[list[str]]:
 
     if q.workers == 1:
         rules = each_interface([*syn, "-j", "CONNMARK", "--set-xmark", mark])
-        rules += each_interface(["-m", "connmark", "!", "--mark", mark, *later, "-j", "CONNMARK", "--set-xmark", mark])
+        rules += each_interface(["-m", "connmark", "!", "--mark", mark, *later,
+                                 "-j", "CONNMARK", "--set-xmark", mark])
         rules.append(["-m", "connmark", "--mark", mark, "-j", "NFQUEUE", "--queue-num", str(q.num), *bypass])
         if r.queue_invalid:
             rules.append([*invalid, "-j", "NFQUEUE", "--queue-num", str(q.num), *bypass])
@@ -205,7 +208,9 @@ def render(cfg: Config, *, delete: bool = False, source: str = "") -> str:
             f"0x{r.worker_mask:x};",
             f"# they are saved in the connmark and every packet of the connection goes to NFQUEUE "
             f"{q.num + 1}..{q.num + q.workers}",
-            "# (one per worker); plain TCP stays in the kernel.",
+            "# (one per worker); plain TCP stays in the kernel. A later packet with option 30 of a connection "
+            "whose conntrack entry",
+            "# lost its worker bits goes to the control queue too.",
         ]
         if r.queue_invalid:
             head.append("# TCP packets conntrack finds INVALID go to the control queue too, which repeats them "
