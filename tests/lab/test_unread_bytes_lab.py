@@ -21,7 +21,8 @@ client writes ``UNION SELECT ...``:
   stops there, the DSS before it stands), or two DSS options of which the first maps them at
   those DSNs (the first wins), or a SACK block 1000 bytes past what the server sent (Linux
   discards the block; conntrack finds the segment INVALID, so only a rule queueing INVALID
-  packets shows it to ``mproxy run``);
+  packets shows it to ``mproxy run``), or with URG set (an MPTCP socket reads urgent bytes
+  inline);
 * the kernel reads them elsewhere: two DSS options of which the first maps them 100,000 bytes
   ahead, past the end of the stream.
 
