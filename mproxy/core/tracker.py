@@ -534,7 +534,7 @@ class Tracker:
             if sf.dirs[d].ts_recent:
                 return False  # the timestamp is somewhere else: the general path finds it for PAWS
             spans = mptcp_spans(seg)
-            if type(spans) is not list or len(spans) != 1 or seg.hdr_len >= 38 and tcp_md5_signed(seg):
+            if type(spans) is not list or len(spans) != 1 or tcp_md5_signed(seg):
                 return False
             off, ln = spans[0]
             if ln < 4:
@@ -680,9 +680,8 @@ class Tracker:
             ev.append(PassThrough(bytes(seg.ip), seg.ipver, seg.ts))
             return ev
         self.stats.mptcp_packets += 1
-        if seg.hdr_len >= 38 and tcp_md5_signed(seg):
-            self.stats.out_of_window += 1  # the receiver drops it (see _on_segment): no subflow from it
-            self._notice(ev, NoticeType.OUT_OF_WINDOW, None, f"{seg.payload_len} bytes discarded: {_MD5_UNREAD}", seg)
+        if tcp_md5_signed(seg):
+            self._unread(None, None, seg, _MD5_UNREAD, ev)  # the receiver drops it (see _on_segment): no subflow
             return ev
         self._new_subflow(seg, opts, ev)
         return ev
@@ -1077,7 +1076,7 @@ class Tracker:
         ts = seg.ts
         sfd = sf.dirs[d]
         conn = sf.conn
-        if seg.hdr_len >= 38 and tcp_md5_signed(seg):
+        if tcp_md5_signed(seg):
             # Linux drops it before anything else (tcp_inbound_hash): no key on an MPTCP socket
             self._unread(conn, sfd, seg, _MD5_UNREAD, ev)
             return
@@ -1585,12 +1584,14 @@ class Tracker:
             return None
         return f"ack {ahead} bytes past the receiver's last acknowledged point: data it never sent"
 
-    def _unread(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, why: str,
+    def _unread(self, conn: Connection | None, sfd: SubflowDir | None, seg: TcpSegment, why: str,
                 ev: list[Event]) -> None:
-        """A segment the receiver discards whole: counted with the out-of-window ones, noticed once."""
+        """A segment the receiver discards whole: counted with the out-of-window ones, noticed once per
+        subflow direction (each time when it belongs to none)."""
         self.stats.out_of_window += 1
-        if not sfd.oow_noticed:
-            sfd.oow_noticed = True
+        if sfd is None or not sfd.oow_noticed:
+            if sfd is not None:
+                sfd.oow_noticed = True
             self._notice(ev, NoticeType.OUT_OF_WINDOW, conn, f"{seg.payload_len} bytes discarded: {why}", seg)
 
     def _in_window(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, ev: list[Event]) -> bool:

@@ -285,7 +285,8 @@ def tcp_md5_signed(seg: TcpSegment) -> bool:
     (``tcp_parse_md5sig_option``: a walk that stops at End, at a length that lies, or with fewer
     than 18 bytes left, and takes only an 18-byte option)? Linux drops such a segment when it holds
     no key for the peer (TCPMD5Unexpected), which is always so on MPTCP: the two exclude each
-    other. Only reached for segments outside the fast path's Linux option layout."""
+    other. Only reached for segments outside the fast path's Linux option layout; without 18
+    bytes of options it returns at once."""
     ip, p, end = seg.ip, seg.tcp_off + 20, seg.payload_off
     while end - p >= 18:
         kind = ip[p]
