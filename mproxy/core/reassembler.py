@@ -2,17 +2,18 @@
 
 Bytes arrive keyed by 64-bit data sequence number (DSN) from any subflow, in
 any order, duplicated or reinjected. :class:`DataStream` releases them in DSN
-order exactly once, with Linux receiver semantics: bytes already accepted win
-over later copies, and a later copy whose bytes *differ* is reported, because
-that is how an attacker would try to show the IDS one thing and the server
-another. Out-of-order memory is capped per stream and, through a shared
+order exactly once, with Linux receiver semantics: bytes already read win over
+later copies; of copies still waiting out of order, the one whose segment
+starts first wins (see ``_store``), and bytes that arrive in order win over
+waiting copies. A copy whose bytes *differ* is reported, because that is how
+an attacker would try to show the IDS one thing and the server another. Out-of-order memory is capped per stream and, through a shared
 :class:`MemBudget`, across all streams; a cap is counted when it bites.
 """
 
 from __future__ import annotations
 
 import hashlib
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field
 
 MASK32 = 0xFFFFFFFF
@@ -139,6 +140,13 @@ class DataStream:
     skipped_shed: int = 0  # shed bytes inside the gap the last skip_to made
     # [start, end) positions kept out, sorted; None until the first (most streams never shed)
     _shed: list[list[int]] | None = None
+    # chunk start -> where the receiver's queued segment holding it starts, for chunks that do not
+    # start their segment (merged onto the one before, or left over from an overlap); see _store
+    _org: dict[int, int] = field(default_factory=dict)
+    # the receiver's out-of-order queue as Linux keeps it: start and end of each queued segment,
+    # sorted by start (they may overlap; a segment may have lost all its bytes to others)
+    _seg_s: list[int] = field(default_factory=list)
+    _seg_e: list[int] = field(default_factory=list)
 
     # -- input ----------------------------------------------------------
     def insert(self, dsn: int, data: bytes | memoryview, held: bool = False) -> bytes:
@@ -167,15 +175,17 @@ class DataStream:
             dsn = base
         if self.fin_dsn is not None and dsn + len(data) > self.fin_dsn:
             data = data[: self.fin_dsn - dsn]
-        if dsn == base and (not self._starts or self._starts[0] >= dsn + len(data)):
+        if dsn == base:
+            # in order: Linux reads these bytes as they are, and buffered copies of any of them are
+            # dropped (tcp_ofo_queue / mptcp_ofo_queue skip what is already read)
+            if self._starts and self._starts[0] < dsn + len(data):
+                self._compare_buffered(dsn, data)
             out = bytes(data)
             self._advance(out)
             if self._starts:
                 out += self._drain()
             return out
         self._store(dsn, bytes(data), held)
-        if self._starts and self._starts[0] == self.base:
-            return self._drain()
         return b""
 
     def unwrap(self, dsn: int) -> int:
@@ -222,6 +232,8 @@ class DataStream:
         while self._starts and self._starts[0] < dsn:
             s = self._starts.pop(0)
             c = self._chunks.pop(s)
+            if self._org:
+                self._org.pop(s, None)
             if s + len(c) > dsn:
                 rest = c[dsn - s :]
                 self._chunks[dsn] = rest
@@ -230,6 +242,8 @@ class DataStream:
                 break
             self._unbuffer(len(c))
         self.base = dsn
+        if self._seg_e:
+            self._trim_segs()
         # the history is the released tail ending at base: across a gap it is not, and a late copy
         # of the skipped bytes would be compared with bytes from before the gap
         if self._history:
@@ -245,6 +259,9 @@ class DataStream:
             self._unbuffer(self.ooo_bytes, len(self._chunks))
         self._starts.clear()
         self._chunks.clear()
+        self._org.clear()
+        self._seg_s.clear()
+        self._seg_e.clear()
 
     def missing(self) -> int | None:
         """DSN of the first hole when bytes are buffered beyond it, else None."""
@@ -257,6 +274,8 @@ class DataStream:
     def _advance(self, out: bytes) -> None:
         self.base = (self.base or 0) + len(out)
         self.released += len(out)
+        if self._seg_e:
+            self._trim_segs()
         if self.sha is not None:
             self.sha.update(out)
         if self.history_limit:
@@ -284,10 +303,12 @@ class DataStream:
 
     def _drain(self) -> bytes:
         parts = []
-        starts, chunks = self._starts, self._chunks
+        starts, chunks, org = self._starts, self._chunks, self._org
         while starts and starts[0] <= self.base:  # type: ignore[operator]
             s = starts.pop(0)
             c = chunks.pop(s)
+            if org:
+                org.pop(s, None)
             self._unbuffer(len(c))
             skip = self.base - s  # type: ignore[operator]
             if skip >= len(c):
@@ -329,77 +350,184 @@ class DataStream:
         if self.budget is not None:
             self.budget.give(n + pieces * PIECE_COST)
 
-    def _store(self, dsn: int, data: bytes, held: bool = False) -> None:
-        """Buffer out-of-order bytes; existing bytes win, differing copies are reported.
+    def _origin(self, s: int) -> int:
+        """Where the receiver's queued segment holding the chunk at ``s`` starts."""
+        org = self._org
+        return org.get(s, s) if org else s
 
-        Bytes from ``base`` on (a segment that fills the hole and runs over buffered chunks) are
-        never refused: the caller drains them at once, and refusing them would drop the one
-        packet that frees the buffer, again on every resend -- a stall, not a cap.
+    def _queue_plan(self, dsn: int, end: int) -> tuple[int | None, bool, tuple[str, int]]:
+        """How Linux's out-of-order queue takes a segment ``[dsn, end)``: (where the queued
+        segment holding it starts, whether it replaced one with its start, the change to the
+        queue's shape); a None start: it lies inside a queued segment and is dropped."""
+        ss, se = self._seg_s, self._seg_e
+        if not ss:
+            return dsn, False, ("insert", 0)
+        if dsn == se[-1]:
+            return ss[-1], False, ("extend", len(ss) - 1)  # merged into the last one
+        if dsn > se[-1]:
+            return dsn, False, ("insert", len(ss))
+        k = bisect_right(ss, dsn) - 1  # the one starting at or before it
+        if k < 0:
+            return dsn, False, ("insert", 0)
+        ps, pe = ss[k], se[k]
+        if dsn < pe:
+            if end <= pe:
+                return None, False, ("", 0)
+            if dsn > ps:
+                return dsn, False, ("insert", k + 1)  # partial overlap: both kept
+            return dsn, True, ("replace", k)
+        if dsn == pe:
+            return ps, False, ("extend", k)
+        return dsn, False, ("insert", k + 1)
+
+    def _apply(self, plan: tuple[str, int], dsn: int, end: int) -> None:
+        kind, k = plan
+        ss, se = self._seg_s, self._seg_e
+        if kind == "extend":
+            se[k] = end
+            return
+        if kind == "replace":
+            se[k] = end
+        else:
+            ss.insert(k, dsn)
+            se.insert(k, end)
+        j = k + 1
+        while j < len(ss) and se[j] <= end:
+            j += 1  # queued segments it covers are dropped
+        if j > k + 1:
+            del ss[k + 1 : j], se[k + 1 : j]
+
+    def _trim_segs(self) -> None:
+        se, base = self._seg_e, self.base or 0
+        if se and se[0] <= base:
+            j = 1
+            while j < len(se) and se[j] <= base:
+                j += 1
+            del self._seg_s[:j], se[:j]
+
+    def _store(self, dsn: int, data: bytes, held: bool = False) -> None:
+        """Buffer out-of-order bytes as the Linux receiver queues them; differing copies are reported.
+
+        Linux keeps out-of-order segments whole in a queue sorted by start (tcp_data_queue_ofo,
+        and mptcp_data_queue_ofo at the data level, alike): a segment inside a queued one is
+        dropped, one with the same start that reaches further replaces it, queued segments it
+        covers are dropped, partial overlaps are both kept, and reading takes them in start
+        order, skipping bytes already read. So of two copies of a byte, the one whose segment
+        starts first wins (at the same start, the longer). A segment starting where the last
+        queued one ends is merged into it (coalescing) and so counts as starting where that one
+        did. ``_seg_s``/``_seg_e`` keep the queue's shape (which decides merging, dropping, replacing);
+        chunks here do not overlap, each keeping where the segment that won it starts (``_org``).
         """
         starts, chunks = self._starts, self._chunks
         end = dsn + len(data)
-        fills = dsn == self.base  # every piece below becomes in order with the chunks between them
+        origin, replaced, plan = self._queue_plan(dsn, end)
+        if origin is None:
+            self._compare_buffered(dsn, data)  # inside a queued segment: those bytes win
+            return
+        if len(self._seg_s) >= max_pieces(self.ooo_limit) and plan[0] != "extend" and not held:
+            self.memcap_drops += 1  # the queue's own bookkeeping is bounded too
+            self.memcap_bytes += len(data)
+            self.note_shed(dsn, end)
+            return
+        drops = self.memcap_drops
         i = bisect_left(starts, dsn)
-        # neighbour that starts before and may cover the beginning
-        if i > 0:
-            ps = starts[i - 1]
-            pc = chunks[ps]
-            pe = ps + len(pc)
-            if pe > dsn:
-                ov = min(pe, end) - dsn
-                if pc[dsn - ps : dsn - ps + ov] != data[:ov]:
-                    self.overlaps.append(Overlap(dsn, ov, False))
-                self.duplicate_bytes += ov
-                data = data[ov:]
-                dsn += ov
-                if dsn >= end:
-                    return
-        # chunks that start inside the new range: keep them, fill around them
-        pieces: list[tuple[int, bytes]] = []
+        if i > 0 and starts[i - 1] + len(chunks[starts[i - 1]]) > dsn:
+            i -= 1  # that chunk covers the beginning
+        if i == len(starts) or starts[i] >= end:
+            self._put([(dsn, data, origin)], held)  # the usual case: nothing in common
+            if self.memcap_drops == drops:
+                self._apply(plan, dsn, end)
+            return
+        # the chunks it overlaps: who wins each byte in common
+        new: list[tuple[int, bytes, int]] = []  # the range's chunks after this segment
+        gone: list[int] = []
+        fresh: list[tuple[int, bytes, int]] = []  # bytes nobody held: to buffer (limits apply)
+        pos = dsn
+        j = i
+        while j < len(starts) and starts[j] < end:
+            s = starts[j]
+            c = chunks[s]
+            ce = s + len(c)
+            o = self._origin(s)
+            gone.append(s)
+            if pos < s:
+                fresh.append((pos, data[pos - dsn : s - dsn], origin))
+            lo, hi = max(s, dsn), min(ce, end)
+            mine = data[lo - dsn : hi - dsn]
+            if c[lo - s : hi - s] != mine:
+                self.overlaps.append(Overlap(lo, hi - lo, False))
+            self.duplicate_bytes += hi - lo
+            wins = origin < o or (replaced and o == origin)
+            if s < lo:
+                new.append((s, c[: lo - s], o))
+            new.append((lo, mine, origin) if wins else (lo, c[lo - s : hi - s], o))
+            if ce > hi:
+                new.append((hi, c[hi - s :], o))
+            pos = hi
+            j += 1
+        if pos < end:
+            fresh.append((pos, data[pos - dsn :], origin))
+        extra = len(new) - len(gone)  # pieces more than before (a chunk split around the winner)
+        if extra > 0 and len(chunks) + extra + len(fresh) > max_pieces(self.ooo_limit) and not held:
+            # no room for the bookkeeping: the queued bytes stay as they are (a piece limit, counted)
+            self.memcap_drops += 1
+            self._put(fresh, held)
+            return
+        org = self._org
+        for s in gone:
+            del chunks[s]
+            org.pop(s, None)
+        del starts[i : i + len(gone)]
+        for s, c, o in new:
+            chunks[s] = c
+            if o != s:
+                org[s] = o
+        starts[i:i] = [s for s, _, _ in new]
+        if extra and self.budget is not None:
+            self.budget.used += extra * PIECE_COST  # (given back with the pieces)
+        self._put(fresh, held)
+        if self.memcap_drops == drops:
+            self._apply(plan, dsn, end)
+
+    def _put(self, pieces: list[tuple[int, bytes, int]], held: bool) -> None:
+        """Buffer bytes no chunk held, within the limits (``held``: see :meth:`insert`)."""
+        starts, chunks = self._starts, self._chunks
+        budget = self.budget
+        for s, c, o in pieces:
+            if not c:
+                continue
+            # held bytes: their own space was just given back (only a split around buffered
+            # chunks costs more), so only the shared budget, with its slack, may refuse them
+            over = not held and (self.ooo_bytes + len(c) > self.ooo_limit
+                                 or len(chunks) >= max_pieces(self.ooo_limit))
+            if over or (budget is not None and not budget.take(len(c) + PIECE_COST, SLACK if held else 0)):
+                self.memcap_drops += 1
+                self.memcap_bytes += len(c)
+                self.note_shed(s, s + len(c))
+                if not over:
+                    self.budget_drops += 1
+                continue
+            chunks[s] = c
+            if o != s:
+                self._org[s] = o
+            insort(starts, s)
+            self.ooo_bytes += len(c)
+
+    def _compare_buffered(self, dsn: int, data: bytes | memoryview) -> None:
+        """Compare bytes with the buffered copies of them (copies that lose, either way)."""
+        end = dsn + len(data)
+        starts, chunks = self._starts, self._chunks
+        i = bisect_left(starts, dsn)
+        if i > 0 and starts[i - 1] + len(chunks[starts[i - 1]]) > dsn:
+            i -= 1
         while i < len(starts) and starts[i] < end:
             s = starts[i]
             c = chunks[s]
-            if s > dsn:
-                pieces.append((dsn, data[: s - dsn]))
-            ce = s + len(c)
-            ov_end = min(ce, end)
-            lo = max(s, dsn)
-            if lo < ov_end:
-                a = data[lo - dsn : ov_end - dsn]
-                if c[lo - s : ov_end - s] != a:
-                    self.overlaps.append(Overlap(lo, ov_end - lo, False))
-                self.duplicate_bytes += ov_end - lo
-            if ce >= end:
-                data = b""
-                dsn = end
-                break
-            data = data[ce - dsn :]
-            dsn = ce
+            lo, hi = max(s, dsn), min(s + len(c), end)
+            if c[lo - s : hi - s] != data[lo - dsn : hi - dsn]:
+                self.overlaps.append(Overlap(lo, hi - lo, False))
+            self.duplicate_bytes += hi - lo
             i += 1
-        if dsn < end and data:
-            pieces.append((dsn, data))
-        budget = self.budget
-        for s, c in pieces:
-            if not c:
-                continue
-            if fills:
-                if budget is not None:
-                    budget.used += len(c) + PIECE_COST  # given back by the drain that follows
-            else:
-                # held bytes: their own space was just given back (only a split around buffered
-                # chunks costs more), so only the shared budget, with its slack, may refuse them
-                over = not held and (self.ooo_bytes + len(c) > self.ooo_limit
-                                     or len(chunks) >= max_pieces(self.ooo_limit))
-                if over or (budget is not None and not budget.take(len(c) + PIECE_COST, SLACK if held else 0)):
-                    self.memcap_drops += 1
-                    self.memcap_bytes += len(c)
-                    self.note_shed(s, s + len(c))
-                    if not over:
-                        self.budget_drops += 1
-                    continue
-            chunks[s] = c
-            insort(starts, s)
-            self.ooo_bytes += len(c)
 
     def _compare_released(self, dsn: int, data: bytes | memoryview) -> None:
         """Compare a late copy of released bytes with the kept history tail."""

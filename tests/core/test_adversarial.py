@@ -400,9 +400,10 @@ def test_the_checksummed_mapping_a_stream_waits_for_gets_past_a_full_memcap() ->
     check_bounded(tr)
 
 
-def test_overlapping_segments_with_conflicting_bytes_first_accepted_wins() -> None:
-    """Policy (README, Semantics): bytes accepted first win, in order or out of order, released or
-    still buffered; every later copy that differs raises overlap_mismatch."""
+def test_overlapping_segments_with_conflicting_bytes_are_read_as_linux_reads_them() -> None:
+    """Policy (README, Semantics): bytes already released win; of copies still buffered, the one
+    whose segment starts first wins, as in Linux's out-of-order queue; every copy that differs
+    raises overlap_mismatch."""
     s = Session(1)
     feed = Feeder(Tracker())
     feed(s.handshake() + s.join(1))
@@ -411,13 +412,13 @@ def test_overlapping_segments_with_conflicting_bytes_first_accepted_wins() -> No
         s.data(1, True, 5, b"bbbbbbbbbb"),  # [5,15): [5,10) conflicts with released bytes, [10,15) new
         s.data(0, True, 30, b"CCCCCCCCCC"),  # [30,40) buffered out of order
         s.data(1, True, 35, b"dddddddddd"),  # [35,45): conflicts with the buffered bytes
-        s.data(0, True, 25, b"eeeeeeeeee"),  # [25,35): conflicts with the buffered bytes at [30,35)
+        s.data(0, True, 25, b"eeeeeeeeee"),  # [25,35): starts first, so wins the buffered bytes at [30,35)
         s.data(1, True, 15, b"ffffffffff"),  # [15,25) fills the hole: everything is released
         s.data(0, True, 0, b"AAAAAAAAAA"),  # an identical retransmission: no notice
     ]
     ev = feed(pk) + feed.tracker.flush()
     got = streams(ev)[(1, C2S)]
-    assert got == b"AAAAAAAAAA" + b"bbbbb" + b"ffffffffff" + b"eeeee" + b"CCCCCCCCCC" + b"ddddd"
+    assert got == b"AAAAAAAAAA" + b"bbbbb" + b"ffffffffff" + b"eeeeeeeeee" + b"CCCCC" + b"ddddd"
     assert notices(ev).count(NoticeType.OVERLAP_MISMATCH) == 3
     details = [e.detail for e in ev if isinstance(e, Notice) and e.type == NoticeType.OVERLAP_MISMATCH]
     assert "already released" in details[0] and all("already released" not in d for d in details[1:])

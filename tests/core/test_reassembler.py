@@ -58,7 +58,8 @@ def test_a_segment_that_fills_the_hole_is_never_refused_even_with_the_buffer_ful
     t = DataStream(base=0, ooo_limit=10)  # several buffered chunks under the new segment
     assert t.insert(20, b"B" * 10) == b"" and t.insert(40, b"D" * 10) == b""
     assert t.memcap_drops == 1 and t.ooo_bytes == 10
-    assert t.insert(0, b"A" * 20 + b"X" * 10 + b"C" * 30) == b"A" * 20 + b"B" * 10 + b"C" * 30
+    # (bytes that arrive in order win over buffered copies, as in Linux: the X's)
+    assert t.insert(0, b"A" * 20 + b"X" * 10 + b"C" * 30) == b"A" * 20 + b"X" * 10 + b"C" * 30
     assert t.overlaps and t.ooo_bytes == 0
 
 
@@ -191,3 +192,75 @@ def test_any_split_any_order_rebuilds(data: bytes, cuts: list[int], order, dups:
     out = b"".join(s.insert(7_000_000_000 + a, p) for a, p in pieces)
     assert out == data
     assert s.ooo_bytes == 0 and not s.overlaps
+
+
+class LinuxQueue:
+    """A reference of the Linux receiver's out-of-order queue (tcp_data_queue_ofo, and
+    mptcp_data_queue_ofo at the data level, alike), written from the kernel's rules rather than
+    from DataStream: whole segments sorted by start, possibly overlapping; a segment inside the one
+    starting at or before it is dropped, one with the same start reaching further replaces it,
+    the ones it covers are dropped, one starting where the one before it ends is merged into it;
+    reading takes segments in start order, skipping bytes already read."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.q: list[list] = []  # [start, bytearray], sorted by start
+        self.out = bytearray()
+
+    def insert(self, seq: int, data: bytes) -> None:
+        end = seq + len(data)
+        if end <= self.base:
+            return
+        if seq <= self.base:  # in order (its old head skipped): read, then what the queue holds
+            self.out += data[self.base - seq:]
+            self.base = end
+            self._drain()
+            return
+        q = self.q
+        pred = max((i for i, (s, _) in enumerate(q) if s <= seq), default=None)
+        if pred is None:
+            at = 0
+        else:
+            s1, b1 = q[pred]
+            e1 = s1 + len(b1)
+            if seq < e1:
+                if end <= e1:
+                    return  # all present
+                if seq > s1:
+                    at = pred + 1  # partial overlap: both kept
+                else:
+                    del q[pred]  # same start, reaches further: replaces it
+                    at = pred
+            elif seq == e1:
+                b1 += data  # coalesced
+                return
+            else:
+                at = pred + 1
+        q.insert(at, [seq, bytearray(data)])
+        while at + 1 < len(q) and q[at + 1][0] + len(q[at + 1][1]) <= end:
+            del q[at + 1]  # covered
+
+    def _drain(self) -> None:
+        while self.q and self.q[0][0] <= self.base:
+            s, b = self.q.pop(0)
+            if s + len(b) > self.base:
+                self.out += b[self.base - s:]
+                self.base = s + len(b)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(segs=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 12)), min_size=1, max_size=14))
+def test_overlapping_copies_are_read_as_the_linux_queue_reads_them(segs: list[tuple[int, int]]) -> None:
+    """Copies that differ, in any order and overlap: the bytes released are the ones the Linux
+    receiver reads (the reference queue above), then with each hole filled by one byte."""
+    ref, s = LinuxQueue(0), DataStream(base=0)
+    out = b""
+    for i, (start, n) in enumerate(segs):
+        data = bytes([65 + i]) * n  # every copy its own letter
+        ref.insert(start, data)
+        out += s.insert(start, data)
+    while ref.base < 60:  # one byte at each hole: the queue's winners come out
+        assert s.base == ref.base
+        ref.insert(ref.base, b"z")
+        out += s.insert(s.base, b"z")
+    assert out == bytes(ref.out)

@@ -96,6 +96,8 @@ def _inject(spec: dict[str, Any]) -> None:
     opts = [m.dss(spec["data_ack"], spec["dsn"], spec["ssn"], len(payload)).encode()] if payload else []
     if "join_token" in spec:  # an MP_JOIN SYN (on the join's own 4-tuple, another ISN)
         opts = [m.MpJoin(m.JoinPhase.SYN, False, 0, spec["join_token"], 0x5EED).encode()]
+    if spec.get("data_fin"):  # a bare DATA_FIN at ``dsn`` (data-level length 1)
+        opts = [m.dss(spec["data_ack"], spec["dsn"], 0, 1, data_fin=True).encode()]
     if "fastclose_key" in spec:  # MP_FASTCLOSE naming a key that is not the server's
         opts = [m.MpFastclose(spec["fastclose_key"]).encode()]
     if "dsn2" in spec:  # a second DSS after the first (no Data ACK, so both fit)
@@ -151,15 +153,30 @@ AUTH_SHAPES: dict[str, str] = {
     "tcp_md5_bad_len": (bytes([19, 10]) + bytes(8)).hex(),
     "tcp_ao": bytes([29, 6, 1, 1, 0, 0]).hex(),
 }
+# Overlapping copies at the data level, out of order (``(DSN offset from the client's next byte,
+# bytes)``, sent in this order, at consecutive sequence numbers of the join), then a DATA_FIN at
+# offset 20 -- or, with None, the client's own UNION SELECT ... that follows; and what the kernel reads
+FILL = b"0123456789"
+OOO_SHAPES: dict[str, tuple[list[tuple[int, bytes]], int | None, bytes]] = {
+    "ooo_covered": ([(10, b"BENIGN")], None, PART2),
+    "ooo_fill_covers": ([(10, b"BENIGN"), (0, FILL + b"UNION SELE")], 20, FILL + b"UNION SELE"),
+    "ooo_replace": ([(10, b"BENIGN"), (10, b"UNION SELE"), (0, FILL)], 20, FILL + b"UNION SELE"),
+    "ooo_cover_left": ([(12, b"BENIGN"), (10, b"UNION SELE"), (0, FILL)], 20, FILL + b"UNION SELE"),
+    "ooo_partial": ([(14, b"BENIGN"), (10, b"UNION "), (0, FILL)], 20, FILL + b"UNION NIGN"),
+    "ooo_inside": ([(10, b"UNION SELE"), (12, b"BENIGN"), (0, FILL)], 20, FILL + b"UNION SELE"),
+    "ooo_coalesced": ([(10, b"UNION"), (15, b" SELE"), (12, b"BENIGNxx"), (0, FILL)], 20, FILL + b"UNION SELE"),
+}
 FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window",
              "fastclose_bad_key", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
-             *IP_SHAPES, *AUTH_SHAPES]
+             *IP_SHAPES, *AUTH_SHAPES, *OOO_SHAPES]
 _READ = ("urgent", "sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip", "tcp_md5_bad_len", "tcp_ao")
 
 
 def kernel_read(forgery: str) -> bytes:
     """What the server application reads when ``forgery`` is sent (the kernel's behaviour, shown by
     the replay test below)."""
+    if forgery in OOO_SHAPES:
+        return PART1 + OOO_SHAPES[forgery][2]
     return PART1 + b"BENIGN" + PART2[6:] if forgery in _READ else PART1 + PART2
 
 
@@ -229,6 +246,16 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
         specs = [dict(data, data_ack=None, tcp_option=AUTH_SHAPES[forgery])]  # (no Data ACK: room for MD5)
     elif forgery in IP_SHAPES:
         specs = [dict(data, **IP_SHAPES[forgery])]
+    elif forgery in OOO_SHAPES:
+        pieces, fin, _ = OOO_SHAPES[forgery]
+        specs, at = [], nxt
+        for off, b in pieces:
+            specs.append(dict(data, seq=at, ssn=(at - jisn) & 0xFFFFFFFF, payload=b.hex(),
+                              dsn=(common["dsn"] + off) & ((1 << 64) - 1)))
+            at = (at + len(b)) & 0xFFFFFFFF
+        if fin is not None:
+            specs.append(dict(common, flags="data", seq=at, payload="", ssn=0, data_fin=True,
+                              dsn=(common["dsn"] + fin) & ((1 << 64) - 1)))
     elif forgery.startswith("two_dss"):
         far = (common["dsn"] + 100_000) & ((1 << 64) - 1)
         first, second = (common["dsn"], far) if forgery == "two_dss" else (far, common["dsn"])
