@@ -274,7 +274,7 @@ class DataStream:
     def _advance(self, out: bytes) -> None:
         self.base = (self.base or 0) + len(out)
         self.released += len(out)
-        if self._seg_e:
+        if self._seg_e and self._seg_e[0] <= self.base:
             self._trim_segs()
         if self.sha is not None:
             self.sha.update(out)
@@ -420,11 +420,20 @@ class DataStream:
         """
         starts, chunks = self._starts, self._chunks
         end = dsn + len(data)
+        se = self._seg_e
+        if se and dsn == se[-1] and (not starts or starts[-1] + len(chunks[starts[-1]]) <= dsn):
+            # the usual case (one path ahead of another): right after the last queued segment,
+            # which it is merged into, and nothing buffered beyond
+            drops = self.memcap_drops
+            self._put([(dsn, data, self._seg_s[-1])], held)
+            if self.memcap_drops == drops:
+                se[-1] = end
+            return
         origin, replaced, plan = self._queue_plan(dsn, end)
         if origin is None:
             self._compare_buffered(dsn, data)  # inside a queued segment: those bytes win
             return
-        if len(self._seg_s) >= max_pieces(self.ooo_limit) and plan[0] != "extend" and not held:
+        if plan[0] != "extend" and not held and len(self._seg_s) >= max_pieces(self.ooo_limit):
             self.memcap_drops += 1  # the queue's own bookkeeping is bounded too
             self.memcap_bytes += len(data)
             self.note_shed(dsn, end)
