@@ -86,11 +86,12 @@ class MemBudget:
 
 @dataclass(slots=True)
 class Overlap:
-    """A copy of already-held bytes that differs from what was accepted."""
+    """A copy of held bytes that differs from the copy held."""
 
     dsn: int
     length: int
     released: bool  # the accepted bytes had already been handed on
+    replaced: bool = False  # the new copy won over the buffered one (as Linux reads them)
 
 
 @dataclass(slots=True)
@@ -179,7 +180,7 @@ class DataStream:
             # in order: Linux reads these bytes as they are, and buffered copies of any of them are
             # dropped (tcp_ofo_queue / mptcp_ofo_queue skip what is already read)
             if self._starts and self._starts[0] < dsn + len(data):
-                self._compare_buffered(dsn, data)
+                self._compare_buffered(dsn, data, True)
             out = bytes(data)
             self._advance(out)
             if self._starts:
@@ -463,10 +464,10 @@ class DataStream:
                 fresh.append((pos, data[pos - dsn : s - dsn], origin))
             lo, hi = max(s, dsn), min(ce, end)
             mine = data[lo - dsn : hi - dsn]
-            if c[lo - s : hi - s] != mine:
-                self.overlaps.append(Overlap(lo, hi - lo, False))
-            self.duplicate_bytes += hi - lo
             wins = origin < o or (replaced and o == origin)
+            if c[lo - s : hi - s] != mine:
+                self.overlaps.append(Overlap(lo, hi - lo, False, wins))
+            self.duplicate_bytes += hi - lo
             if s < lo:
                 new.append((s, c[: lo - s], o))
             new.append((lo, mine, origin) if wins else (lo, c[lo - s : hi - s], o))
@@ -478,8 +479,10 @@ class DataStream:
             fresh.append((pos, data[pos - dsn :], origin))
         extra = len(new) - len(gone)  # pieces more than before (a chunk split around the winner)
         if extra > 0 and len(chunks) + extra + len(fresh) > max_pieces(self.ooo_limit) and not held:
-            # no room for the bookkeeping: the queued bytes stay as they are (a piece limit, counted)
+            # no room for the bookkeeping: the queued bytes stay as they are (a piece limit, counted;
+            # inline, on_memcap = "drop" keeps the packet from the receiver too)
             self.memcap_drops += 1
+            self.memcap_bytes += sum(len(c) for _, c, o in new if o == origin)
             self._put(fresh, held)
             return
         org = self._org
@@ -522,8 +525,8 @@ class DataStream:
             insort(starts, s)
             self.ooo_bytes += len(c)
 
-    def _compare_buffered(self, dsn: int, data: bytes | memoryview) -> None:
-        """Compare bytes with the buffered copies of them (copies that lose, either way)."""
+    def _compare_buffered(self, dsn: int, data: bytes | memoryview, wins: bool = False) -> None:
+        """Compare bytes with the buffered copies of them; ``wins``: the new bytes are the ones read."""
         end = dsn + len(data)
         starts, chunks = self._starts, self._chunks
         i = bisect_left(starts, dsn)
@@ -534,7 +537,7 @@ class DataStream:
             c = chunks[s]
             lo, hi = max(s, dsn), min(s + len(c), end)
             if c[lo - s : hi - s] != data[lo - dsn : hi - dsn]:
-                self.overlaps.append(Overlap(lo, hi - lo, False))
+                self.overlaps.append(Overlap(lo, hi - lo, False, wins))
             self.duplicate_bytes += hi - lo
             i += 1
 

@@ -2010,8 +2010,10 @@ class Tracker:
         if len(st.overlaps) != before[0]:
             for ov in st.overlaps[before[0]:]:
                 self._notice(ev, NoticeType.OVERLAP_MISMATCH, conn,
-                             f"{ov.length} bytes at dsn {ov.dsn} differ from the accepted copy"
-                             + (" (already released)" if ov.released else ""), None, ts)
+                             f"{ov.length} bytes at dsn {ov.dsn} differ from the "
+                             + ("accepted copy (already released)" if ov.released else
+                                "buffered copy (the new copy is read, as Linux reads it)" if ov.replaced else
+                                "buffered copy (which is read, as Linux reads it)"), None, ts)
             del st.overlaps[:]
         if st.memcap_drops != before[1]:
             by_budget = st.budget_drops - before[2]

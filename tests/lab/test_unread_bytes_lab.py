@@ -24,7 +24,11 @@ client writes ``UNION SELECT ...``:
   packets shows it to ``mproxy run``), or with URG set (an MPTCP socket reads urgent bytes
   inline);
 * the kernel reads them elsewhere: two DSS options of which the first maps them 100,000 bytes
-  ahead, past the end of the stream.
+  ahead, past the end of the stream;
+* overlapping copies out of order at the data level (``OOO_SHAPES``), several segments at
+  consecutive sequence numbers of the join, ended by a DATA_FIN: the kernel reads the copy that
+  arrives in order, or of buffered copies the one whose segment starts first (the longer at the
+  same start; a segment merged onto the one before counts as starting there).
 
 Ground truth is what the server application read; the replayed stream, read back by tshark, must
 be the same.
