@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .core.policy import Action, OnMemcap, OnOverlap, Policy, Rule, UntrustedJoin
+from .core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
 from .core.marks import mask_capacity
 from .core.tracker import CHECKSUM_MODES, TrackerConfig
 
@@ -214,7 +214,7 @@ def _action(value: Any, name: str) -> Action:
 def _policy(table: Any) -> Policy:
     if not isinstance(table, dict):
         raise ConfigError("[policy] must be a table")
-    allowed = {"default", "trusted_networks", "untrusted_join", "on_memcap", "on_overlap", "rule"}
+    allowed = {"default", "trusted_networks", "untrusted_join", "on_memcap", "rule"}
     for key in table:
         if key not in allowed:
             raise ConfigError(f"[policy] unknown key {key!r} (known: {', '.join(sorted(allowed))})")
@@ -229,10 +229,6 @@ def _policy(table: Any) -> Policy:
         on_memcap = OnMemcap(table.get("on_memcap", "drop"))
     except (ValueError, TypeError):
         raise ConfigError("[policy] on_memcap: expected \"drop\" or \"pass\"") from None
-    try:
-        on_overlap = OnOverlap(table.get("on_overlap", "drop"))
-    except (ValueError, TypeError):
-        raise ConfigError("[policy] on_overlap: expected \"drop\" or \"pass\"") from None
     rules = []
     raw_rules = table.get("rule", [])
     if not isinstance(raw_rules, list):
@@ -253,7 +249,7 @@ def _policy(table: Any) -> Policy:
             ports=_ports(r.get("ports"), f"{where} ports"),
             name=str(r.get("name", f"rule{i}")),
         ))
-    return Policy(tuple(rules), default, trusted, untrusted, on_memcap, on_overlap)
+    return Policy(tuple(rules), default, trusted, untrusted, on_memcap)
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:

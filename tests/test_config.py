@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mproxy.config import ConfigError, load_config, parse_config
-from mproxy.core.policy import Action, OnMemcap, OnOverlap
+from mproxy.core.policy import Action, OnMemcap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,8 +16,6 @@ def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     assert cfg.policy.on_memcap == OnMemcap.DROP and cfg.tracker.memcap == 256 * 1024 * 1024
     assert "\non_memcap = " in (ROOT / "config" / "mproxy.toml").read_text()
     assert parse_config("[policy]\non_memcap = 'pass'").policy.on_memcap == OnMemcap.PASS
-    assert cfg.policy.on_overlap == OnOverlap.DROP and "\non_overlap = " in (ROOT / "config" / "mproxy.toml").read_text()
-    assert parse_config("[policy]\non_overlap = 'pass'").policy.on_overlap == OnOverlap.PASS
     text = (ROOT / "config" / "mproxy.toml").read_text()
     from dataclasses import fields
 
@@ -59,7 +57,6 @@ def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     ("[tracker]\nmemcap = 1000", "[tracker] memcap: at least 65536"),
     ("[policy]\non_memcap = 'ignore'", "[policy] on_memcap"),
     ("[policy]\non_memcap = ['drop']", "[policy] on_memcap"),
-    ("[policy]\non_overlap = 'first'", "[policy] on_overlap"),
 ])
 def test_bad_config_names_the_key(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:

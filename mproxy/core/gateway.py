@@ -23,7 +23,7 @@ from .emitter import passthrough_frames
 from .events import Event, Notice, NoticeType
 from .inspector import Inspector
 from .pipeline import Frames, Pipeline
-from .policy import Action, OnMemcap, OnOverlap, Policy, UntrustedJoin
+from .policy import Action, OnMemcap, Policy, UntrustedJoin
 from .reactions import Reactions, Responder
 from .tracker import TrackerConfig
 
@@ -65,7 +65,6 @@ class Gateway:
         self.policy = policy or Policy()
         self.pipeline = Pipeline(tracker, passthrough=passthrough, split_passthrough=split_passthrough)
         self.tracker = self.pipeline.tracker
-        self.tracker.first_copy_wins = self.policy.on_overlap == OnOverlap.DROP
         self.stats = GatewayStats()
         # connections mproxy decided to leave alone: 4-tuples (both orientations) and tokens
         self._untouched: dict[tuple[bytes, int, bytes, int], Action] = {}
@@ -103,7 +102,7 @@ class Gateway:
                 return self._count(d)
             chosen = d
         tracker = self.tracker
-        shed, overlaps = tracker.shed_bytes, tracker.overlap_copies
+        shed = tracker.shed_bytes
         events = tracker.process(seg, csum_ready)
         if chosen is not None:
             self._remember(seg, chosen)
@@ -119,12 +118,6 @@ class Gateway:
                 inject = r.inject
                 if r.drop:
                     verdict, reason = Verdict.DROP, r.reason
-        if verdict == Verdict.ACCEPT and tracker.overlap_copies != overlaps and tracker.first_copy_wins:
-            # it carries bytes that differ from a copy the receiver was let have and holds unread:
-            # dropped, so the receiver never holds two versions of a byte -- the one it reads is the
-            # IDS's. (Counted; each copy is already an overlap_mismatch notice)
-            verdict, reason = Verdict.DROP, "overlap"
-            self.stats.actions["overlap_drop"] += 1
         if verdict == Verdict.ACCEPT and tracker.shed_bytes != shed and self.policy.on_memcap == OnMemcap.DROP:
             # a buffer limit kept bytes of this packet out: dropped, so the sender resends them once
             # there is room and the server never holds bytes the IDS did not see. Counted, not logged

@@ -35,17 +35,6 @@ class OnMemcap(str, Enum):
     PASS = "pass"  # let it through: the server gets bytes the IDS never sees (reported as a gap)
 
 
-class OnOverlap(str, Enum):
-    """What the gateway does with a packet carrying a copy of bytes that differs from a copy the
-    receiver holds unread (out of order). Copies of bytes already read pass either way: Linux
-    never reads bytes twice."""
-
-    # drop it: the receiver only ever holds the first copy, as does the emitted stream (a sender
-    # resending other bytes for the same place stalls: only an attack or a broken stack does)
-    DROP = "drop"
-    PASS = "pass"  # let it through: the emitted stream follows Linux's out-of-order rules
-
-
 @dataclass(frozen=True, slots=True)
 class Rule:
     action: Action
@@ -76,7 +65,6 @@ class Policy:
     trusted: tuple[Network, ...] | None = None  # None = every address is trusted
     untrusted_join: UntrustedJoin = UntrustedJoin.REFUSE
     on_memcap: OnMemcap = OnMemcap.DROP
-    on_overlap: OnOverlap = OnOverlap.DROP
     _cache: dict[tuple[bytes, bytes, int], tuple[Action, str]] = field(default_factory=dict, compare=False,
                                                                        repr=False)
 

@@ -137,9 +137,6 @@ class DataStream:
     window_bytes: int = 0
     window_noticed: bool = False
     acked_gaps: int = 0  # gaps the peer DATA_ACKed: bytes on a path the gateway does not see
-    # inline normalising: the first copy of a byte stays, buffered or not (the gateway drops the
-    # packets carrying other copies, so the receiver never holds them); else Linux's rules
-    first_wins: bool = False
     _starts: list[int] = field(default_factory=list)
     _chunks: dict[int, bytes] = field(default_factory=dict)
     _history: bytearray = field(default_factory=bytearray)
@@ -190,9 +187,6 @@ class DataStream:
             # in order: Linux reads these bytes as they are, and buffered copies of any of them are
             # dropped (tcp_ofo_queue / mptcp_ofo_queue skip what is already read)
             if self._starts and self._starts[0] < dsn + len(data):
-                if self.first_wins:
-                    self._fill_around(dsn, bytes(data))
-                    return self._drain()
                 self._compare_buffered(dsn, data, True)
             out = bytes(data)
             self._advance(out)
@@ -486,7 +480,7 @@ class DataStream:
                 fresh.append((pos, data[pos - dsn : s - dsn], origin))
             lo, hi = max(s, dsn), min(ce, end)
             mine = data[lo - dsn : hi - dsn]
-            wins = (origin < o or (replaced and o == origin)) and not self.first_wins
+            wins = origin < o or (replaced and o == origin)
             if c[lo - s : hi - s] != mine:
                 self.overlaps.append(Overlap(lo, hi - lo, False, wins))
             self.duplicate_bytes += hi - lo
@@ -546,29 +540,6 @@ class DataStream:
                 self._org[s] = o
             insort(starts, s)
             self.ooo_bytes += len(c)
-
-    def _fill_around(self, dsn: int, data: bytes) -> None:
-        """(first_wins) In-order bytes over buffered chunks: the chunks stay, the bytes between
-        them are buffered for the drain that follows -- never refused: they free the buffer."""
-        self._compare_buffered(dsn, data)
-        end = dsn + len(data)
-        starts, chunks = self._starts, self._chunks
-        pos = dsn
-        fresh = []
-        for s in starts:
-            if s >= end:
-                break
-            if s > pos:
-                fresh.append((pos, data[pos - dsn : s - dsn]))
-            pos = max(pos, s + len(chunks[s]))
-        if pos < end:
-            fresh.append((pos, data[pos - dsn :]))
-        for s, c in fresh:
-            chunks[s] = c
-            insort(starts, s)
-            self.ooo_bytes += len(c)
-            if self.budget is not None:
-                self.budget.used += len(c) + PIECE_COST  # given back by the drain
 
     def _compare_buffered(self, dsn: int, data: bytes | memoryview, wins: bool = False) -> None:
         """Compare bytes with the buffered copies of them; ``wins``: the new bytes are the ones read."""

@@ -379,14 +379,6 @@ class Tracker:
         # bytes kept out of the buffers by a limit, ever: a gateway compares it around process() to
         # drop the packet that carried them, so the sender sends them again once there is room
         self.shed_bytes = 0
-        # inline normalising ([policy] on_overlap = "drop"): the first copy of a byte stays in the
-        # streams, and the gateway drops every packet carrying another copy (it compares
-        # overlap_copies around process()), so the receiver only ever holds the first copy too.
-        # Off (replay, on_overlap = "pass"): copies are read as Linux's out-of-order queue reads them
-        self.first_copy_wins = False
-        # copies that differed from buffered bytes, ever (not from released ones: a receiver never
-        # reads bytes again, so the packet is let through for the new bytes it may carry)
-        self.overlap_copies = 0
         # placing unmapped bytes held earlier: they were let through to the receiver when they
         # arrived, so no limit may refuse them now (the IDS would never see bytes the server has)
         self._placing_held = False
@@ -870,12 +862,10 @@ class Tracker:
                           pickup=pickup, last_ts=ts,
                           streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
                                               sha=hashlib.sha256() if self.stream_hash else None,
-                                              budget=self.budget, history_budget=self.history_budget,
-                                              first_wins=self.first_copy_wins),
+                                              budget=self.budget, history_budget=self.history_budget),
                                    DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
                                               sha=hashlib.sha256() if self.stream_hash else None,
-                                              budget=self.budget, history_budget=self.history_budget,
-                                              first_wins=self.first_copy_wins)))
+                                              budget=self.budget, history_budget=self.history_budget)))
         self._next_conn += self.conn_id_step
         self.connections[conn.id] = conn
         self._half_open[conn.id] = conn
@@ -2034,11 +2024,9 @@ class Tracker:
                              "Linux drops them", None, ts)
         if len(st.overlaps) != before[0]:
             for ov in st.overlaps[before[0]:]:
-                self.overlap_copies += not ov.released
                 self._notice(ev, NoticeType.OVERLAP_MISMATCH, conn,
                              f"{ov.length} bytes at dsn {ov.dsn} differ from the "
                              + ("accepted copy (already released)" if ov.released else
-                                "buffered copy (kept: the first copy)" if st.first_wins else
                                 "buffered copy (the new copy is read, as Linux reads it)" if ov.replaced else
                                 "buffered copy (which is read, as Linux reads it)"), None, ts)
             del st.overlaps[:]

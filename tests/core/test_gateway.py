@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mproxy.core.gateway import Gateway, Verdict
-from mproxy.core.policy import Action, OnMemcap, OnOverlap, Policy, Rule, UntrustedJoin
+from mproxy.core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
 from mproxy.core.reassembler import PIECE_COST
 from mproxy.core.tracker import TrackerConfig
 from mproxy.wire import mptcp as m
@@ -141,39 +141,6 @@ def _memcap_run(policy: Policy, resend: bool, server_acks: bool = False) -> tupl
     gw.flush(1005.0)
     (rec,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
     return gw, reasons, data, rec
-
-
-def _overlap_run(policy: Policy) -> tuple[Verdict, Verdict, str, dict]:
-    """BENIGN ahead, out of order, on the join; then the client's in-order segment over it with
-    UNION: the two verdicts, the second's reason and the connection's record."""
-    s = Session(1)
-    gw = Gateway(policy)
-    verdicts(gw, s.handshake() + s.join(1) + [s.data(0, True, 0, b"GET /?q=")])
-    forged = gw.packet(s.data(1, True, 18, b"BENIGN"), 1001.0)
-    real = gw.packet(s.data(0, True, 8, b"0123456789UNION SELECT"), 1001.1)
-    gw.packet(s.data_fin(0, True, 30), 1002.0)
-    gw.flush(1005.0)
-    (rec,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
-    return forged.verdict, real.verdict, real.reason, rec
-
-
-def test_on_overlap_drop_keeps_other_copies_from_the_server() -> None:
-    """on_overlap = drop (default): a packet carrying a copy that differs from the one the server
-    was let have is dropped, so the server holds only the first copy -- the one the IDS reads --
-    whatever its stack's rules for overlapping copies. (Its sender resending it stalls: only an
-    attack sends other bytes for the same place.)"""
-    forged, real, reason, rec = _overlap_run(Policy())
-    assert (forged, real, reason) == (Verdict.ACCEPT, Verdict.DROP, "overlap")
-    assert rec["c2s"]["sha256"] == hashlib.sha256(b"GET /?q=0123456789BENIGNSELECT").hexdigest()
-    assert rec["notices"] == {"overlap_mismatch": 1}
-
-
-def test_on_overlap_pass_lets_it_through_and_reads_it_as_linux_does() -> None:
-    """on_overlap = pass: the packet goes on and the emitted stream reads the copies as the Linux
-    receiver does (bytes arriving in order win over a buffered copy)."""
-    forged, real, reason, rec = _overlap_run(Policy(on_overlap=OnOverlap.PASS))
-    assert (forged, real) == (Verdict.ACCEPT, Verdict.ACCEPT)
-    assert rec["c2s"]["sha256"] == hashlib.sha256(b"GET /?q=0123456789UNION SELECT").hexdigest()
 
 
 def test_memcap_drops_the_packet_and_the_resent_copy_completes_the_stream() -> None:

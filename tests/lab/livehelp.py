@@ -104,7 +104,6 @@ class Mproxy:
     dir: Path
     fail: str = "open"
     policy: str = "inspect"
-    policy_extra: str = ""  # more lines in the [policy] table (e.g. on_overlap = "pass")
     max_len: int = 4096
     sock_rcvbuf: int = 8 << 20
     metrics: str = ""
@@ -133,7 +132,6 @@ sock_rcvbuf = {self.sock_rcvbuf}
 fail = "{self.fail}"
 [policy]
 default = "{self.policy}"
-{self.policy_extra}
 {sink}[log]
 events = "{self.dir / 'events.jsonl'}"
 level = "debug"

@@ -64,11 +64,11 @@ class Running:
 @contextlib.contextmanager
 def mproxy(lab: Any, d: Path, *, policy: str = "inspect", fail: str = "open", max_len: int = 4096,
            metrics: str = "", expect_clean_stop: bool = True, workers: int = 1,
-           sock_rcvbuf: int = 8 << 20, policy_extra: str = "") -> Iterator[Running]:
+           sock_rcvbuf: int = 8 << 20) -> Iterator[Running]:
     """``mproxy run`` in the gateway namespace for the duration of the block (the inspector as the
     configuration's default leaves it)."""
     mp = Mproxy(lab, d, fail=fail, policy=policy, max_len=max_len, metrics=metrics, workers=workers,
-                inspector=None, sock_rcvbuf=sock_rcvbuf, policy_extra=policy_extra).start()
+                inspector=None, sock_rcvbuf=sock_rcvbuf).start()
     assert mp.proc is not None
     run = Running(mp.proc, d)
     try:
@@ -595,15 +595,11 @@ def test_inline_the_ids_reads_what_the_server_read_of_forged_segments(lab: Any, 
     server sent; an ACK outside its window, unless it "ignores" it): they have no conntrack entry, so no connmark, and reach
     mproxy through the rule that queues INVALID packets (``[rules] queue_invalid``). Without it
     the SACK one went to the server unqueued and the IDS read the client's later bytes instead."""
-    from tests.lab.test_unread_bytes_lab import OOO_SHAPES, kernel_read, run_forgery
+    from tests.lab.test_unread_bytes_lab import kernel_read, run_forgery
     from tests.oracles import tshark_follow_raw
 
     ids, cap = tmp_path / "ids.pcap", tmp_path / "cap.pcap"
-    # (overlapping copies pass, so that the server reads them by its own rules: here those rules are
-    # under test; the default drops them, test_overlapping_copies_are_dropped_inline below)
-    extra = 'on_overlap = "pass"' if forgery in OOO_SHAPES else ""
-    with mproxy(lab, tmp_path / "mproxy", policy_extra=extra) as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), \
-            lab.capture(cap):
+    with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), lab.capture(cap):
         read = run_forgery(lab, cap, forgery, tmp_path / "go")
         invalid = rule_counters(lab)["NFQUEUE INVALID"]
     if forgery in ("bad_csum", "no_ack", "sack_unsent"):  # (an ACK out of window is INVALID or "ignored")
@@ -619,27 +615,6 @@ def test_inline_the_ids_reads_what_the_server_read_of_forged_segments(lab: Any, 
     assert f.client_data == read
     st = mp.stats()
     assert st["queue"]["core_errors"] == 0
-
-
-def test_overlapping_copies_are_dropped_inline(lab: Any, tmp_path: Path) -> None:
-    """[policy] on_overlap = "drop" (the default): a packet carrying a copy of bytes that differs
-    from one the server holds unread is dropped, so the server never holds two versions of a byte
-    and reads the copy the IDS reads, whatever its rules for overlaps. Shape
-    ``ooo_replace_repaired`` of tests/lab/test_unread_bytes_lab.py: BENIGN ahead, then UNION SELE
-    from the same place (Linux would read it instead: see that test), then SELE after BENIGN; the
-    second is dropped, and the server reads BENIGN SELE, as the IDS does."""
-    from tests.lab.test_unread_bytes_lab import FILL, PART1, run_forgery
-    from tests.oracles import tshark_follow_raw
-
-    ids, cap = tmp_path / "ids.pcap", tmp_path / "cap.pcap"
-    with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), lab.capture(cap):
-        read = run_forgery(lab, cap, "ooo_replace_repaired", tmp_path / "go")
-    assert read == PART1 + FILL + b"BENIGNSELE", read
-    (f,) = tshark_follow_raw(ids)
-    assert f.client_data == read
-    assert mp.stats()["actions"].get("overlap_drop") == 1
-    (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "overlap_mismatch"]
-    assert "kept: the first copy" in n["detail"]
 
 
 # --------------------------------------------------------------------------- helpers run in namespaces
