@@ -163,12 +163,15 @@ AUTH_SHAPES: dict[str, str] = {
 # offset 20 -- or, with None, the client's own UNION SELECT ... that follows; and what the kernel reads
 FILL = b"0123456789"
 PAD = 320_000  # bytes after UNION SELECT ... for ooo_past_window: the stream reaches its copies
-OOO_SHAPES: dict[str, tuple[list[tuple[int, bytes]], int | None, bytes]] = {
+OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
     "ooo_covered": ([(10, b"BENIGN")], None, PART2),
     "ooo_fill_covers": ([(10, b"BENIGN"), (0, FILL + b"UNION SELE")], 20, FILL + b"UNION SELE"),
     "ooo_replace": ([(10, b"BENIGN"), (10, b"UNION SELE"), (0, FILL)], 20, FILL + b"UNION SELE"),
     "ooo_cover_left": ([(12, b"BENIGN"), (10, b"UNION SELE"), (0, FILL)], 20, FILL + b"UNION SELE"),
     "ooo_partial": ([(14, b"BENIGN"), (10, b"UNION "), (0, FILL)], 20, FILL + b"UNION NIGN"),
+    # the longer copy from the same place on the other (initial) subflow; then a copy inside it
+    "ooo_replace_across": ([(10, b"BENIGN"), (10, b"UNION SELE", "initial"), (16, b"SELE"), (0, FILL)], 20,
+                           FILL + b"UNION SELE"),
     "ooo_inside": ([(10, b"UNION SELE"), (12, b"BENIGN"), (0, FILL)], 20, FILL + b"UNION SELE"),
     "ooo_coalesced": ([(10, b"UNION"), (15, b" SELE"), (12, b"BENIGNxx"), (0, FILL)], 20, FILL + b"UNION SELE"),
     # 300 kB ahead: past the connection-level window the server advertised, so Linux drops them
@@ -259,9 +262,20 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
     elif forgery in OOO_SHAPES:
         pieces, fin, _ = OOO_SHAPES[forgery]
         specs, at = [], nxt
-        for off, b in pieces:
-            specs.append(dict(data, seq=at, ssn=(at - jisn) & 0xFFFFFFFF, payload=b.hex(),
-                              dsn=(common["dsn"] + off) & ((1 << 64) - 1)))
+        for off, b, *on in pieces:
+            dsn = (common["dsn"] + off) & ((1 << 64) - 1)
+            if on:  # on the initial subflow (its MP_CAPABLE SYN's), at its next sequence number
+                mpc_syn = "tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 1 && tcp.flags.ack == 0"
+                isrc, iport, iisn = tshark_fields(cap, [f"{ipf}.src", "tcp.srcport", "tcp.seq_raw"], mpc_syn)[0]
+                # (MPTCP packets only: inline, the capture also has the emitted stream, on these addresses)
+                iseq, iln, iack = (int(x) for x in tshark_fields(
+                    cap, ["tcp.seq_raw", "tcp.len", "tcp.ack_raw"],
+                    f"tcp.srcport == {iport} && {ipf}.src == {isrc} && tcp.options.mptcp.subtype")[-1])
+                inxt = (iseq + iln) & 0xFFFFFFFF
+                specs.append(dict(data, src=isrc, sport=int(iport), seq=inxt, ack=iack, payload=b.hex(), dsn=dsn,
+                                  ssn=(inxt - int(iisn)) & 0xFFFFFFFF))
+                continue
+            specs.append(dict(data, seq=at, ssn=(at - jisn) & 0xFFFFFFFF, payload=b.hex(), dsn=dsn))
             at = (at + len(b)) & 0xFFFFFFFF
         if fin is not None:
             specs.append(dict(common, flags="data", seq=at, payload="", ssn=0, data_fin=True,
