@@ -130,13 +130,6 @@ class DataStream:
     fin_dsn: int | None = None  # DSN carrying DATA_FIN (one past the last data byte)
     finished: bool = False
     acked: int | None = None  # highest DATA_ACK from the peer
-    # the right edge of the connection-level window the peer advertised (highest DATA_ACK + window):
-    # Linux drops out-of-order data that ends past it (mptcp_data_queue_ofo, MIB NoDSSInWindow)
-    wnd_end: int | None = None
-    window_drops: int = 0  # out-of-order chunks refused for it
-    window_bytes: int = 0
-    window_noticed: bool = False
-    acked_gaps: int = 0  # gaps the peer DATA_ACKed: bytes on a path the gateway does not see
     _starts: list[int] = field(default_factory=list)
     _chunks: dict[int, bytes] = field(default_factory=dict)
     _history: bytearray = field(default_factory=bytearray)
@@ -233,7 +226,6 @@ class DataStream:
             dsn = self.fin_dsn
         self.skipped_shed = shed = self._shed_in(self.base, dsn) if self._shed else 0
         self.gap_count += 1
-        self.acked_gaps += acked
         self.gap_bytes += dsn - self.base
         if len(self.gaps) < GAPS_LISTED:
             self.gaps.append(Gap(self.base, dsn - self.base, acked, shed))
@@ -429,14 +421,6 @@ class DataStream:
         """
         starts, chunks = self._starts, self._chunks
         end = dsn + len(data)
-        we = self.wnd_end
-        if we is not None and end > we and not held and not self.acked_gaps:
-            # past the window the receiver advertised: Linux drops it whole. (Not once the peer
-            # acknowledged bytes the gateway never saw: its advertisements may go that way too,
-            # and the edge seen here would lag behind the one the sender uses)
-            self.window_drops += 1
-            self.window_bytes += len(data)
-            return
         se = self._seg_e
         if se and dsn == se[-1] and (not starts or starts[-1] + len(chunks[starts[-1]]) <= dsn):
             # the usual case (one path ahead of another): right after the last queued segment,

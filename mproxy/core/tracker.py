@@ -619,9 +619,6 @@ class Tracker:
                 data_ack = rb + diff if diff < 1 << 63 else rb + diff - (1 << 64)
             if rst.acked is None or data_ack > rst.acked:
                 rst.acked = data_ack
-            we = data_ack + other.peer_win
-            if rst.wnd_end is None or we > rst.wnd_end:
-                rst.wnd_end = we
         if have & 2:
             # _fast_data with the mapping covering exactly this payload; _place's in-order case
             moff = (dsn - ssn) & MASK32
@@ -1156,9 +1153,6 @@ class Tracker:
                 ack = rst.unwrap(ack)  # DSNs wrap at 2**64, stream positions do not
                 if rst.acked is None or ack > rst.acked:
                     rst.acked = ack
-                we = ack + sf.dirs[d ^ 1].peer_win
-                if rst.wnd_end is None or we > rst.wnd_end:
-                    rst.wnd_end = we
             if dss.dsn is not None and not void:
                 n = seg.payload_len
                 isn = sfd.isn
@@ -2012,16 +2006,7 @@ class Tracker:
                  ev: list[Event]) -> None:
         st = conn.streams[cdir]
         before = len(st.overlaps), st.memcap_drops, st.budget_drops, st.memcap_bytes
-        wd = st.window_drops
         out = st.insert(st.unwrap(dsn), data, self._placing_held)
-        if st.window_drops != wd:
-            self.stats.out_of_window += 1
-            if not st.window_noticed:
-                st.window_noticed = True
-                self._notice(ev, NoticeType.OUT_OF_WINDOW, conn,
-                             f"{len(data)} bytes at dsn {dsn} end past the connection-level window the "
-                             f"receiver advertised (right edge at dsn {(st.wnd_end or 0) & MASK64}): "
-                             "Linux drops them", None, ts)
         if len(st.overlaps) != before[0]:
             for ov in st.overlaps[before[0]:]:
                 self._notice(ev, NoticeType.OVERLAP_MISMATCH, conn,

@@ -271,8 +271,7 @@ class MproxyCollector(Collector):
         yield _by_label("mproxy_memcap_hits", "Times a memory or state limit bit, by limit", "limit", MEMCAP_LIMITS,
                         st.memcap)
         yield _total("mproxy_out_of_window_packets", "Subflow segments outside the receiver's TCP window, with a "
-                     "timestamp older than its last (PAWS), or with an ACK field it refuses, and out-of-order "
-                     "data past the connection-level window: ignored",
+                     "timestamp older than its last (PAWS), or with an ACK field it refuses: ignored",
                      st.out_of_window)
         yield _total("mproxy_add_addr_repeats", "Identical ADD_ADDR announcements seen again (retransmissions: "
                      "normal, not a notice)", st.add_addr_repeats)

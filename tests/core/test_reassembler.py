@@ -264,19 +264,3 @@ def test_overlapping_copies_are_read_as_the_linux_queue_reads_them(segs: list[tu
         ref.insert(ref.base, b"z")
         out += s.insert(s.base, b"z")
     assert out == bytes(ref.out)
-
-
-def test_out_of_order_bytes_past_the_advertised_window_are_refused() -> None:
-    """Linux drops out-of-order data ending past the connection-level window it advertised
-    (mptcp_data_queue_ofo); data in order is read whatever the window. Once the peer has
-    acknowledged bytes the gateway never saw, its advertisements may travel that way too: the
-    edge seen here can lag, so nothing is refused for it any more."""
-    s = DataStream(base=0)
-    s.wnd_end = 100
-    assert s.insert(90, b"x" * 11) == b"" and (s.window_drops, s.ooo_bytes) == (1, 0)
-    assert s.insert(90, b"y" * 10) == b"" and s.ooo_bytes == 10  # ends at the edge: kept
-    assert s.insert(0, b"a" * 90) == b"a" * 90 + b"y" * 10
-    assert s.insert(100, b"b" * 50) == b"b" * 50  # in order, past the edge: read
-    assert s.insert(200, b"c") == b"" and s.window_drops == 2
-    s.skip_to(160, acked=True)
-    assert s.insert(200, b"c") == b"" and s.window_drops == 2 and s.ooo_bytes == 1
