@@ -6,7 +6,8 @@ order exactly once, with Linux receiver semantics: bytes already read win over
 later copies; of copies still waiting out of order, the one whose segment
 starts first wins (see ``_store``), and bytes that arrive in order win over
 waiting copies. A copy whose bytes *differ* is reported, because that is how
-an attacker would try to show the IDS one thing and the server another. Out-of-order memory is capped per stream and, through a shared
+an attacker would try to show the IDS one thing and the server another.
+Out-of-order memory is capped per stream and, through a shared
 :class:`MemBudget`, across all streams; a cap is counted when it bites.
 """
 
