@@ -28,7 +28,8 @@ client writes ``UNION SELECT ...``:
 * overlapping copies out of order at the data level (``OOO_SHAPES``), several segments at
   consecutive sequence numbers of the join, ended by a DATA_FIN: the kernel reads the copy that
   arrives in order, or of buffered copies the one whose segment starts first (the longer at the
-  same start; a segment merged onto the one before counts as starting there).
+  same start; a segment merged onto the one before counts as starting there); of a copy whose
+  head it already read, it reads the new bytes.
 
 Ground truth is what the server application read; the replayed stream, read back by tshark, must
 be the same.
@@ -170,6 +171,9 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
     # the longer copy from the same place on the other (initial) subflow; then a copy inside it
     "ooo_replace_across": ([(10, b"BENIGN"), (10, b"UNION SELE", "initial"), (16, b"SELE"), (0, FILL)], 20,
                            FILL + b"UNION SELE"),
+    # a copy whose head was already read: this kernel reads its new bytes (some drop it whole -- a
+    # late-2025 patch changed that path -- and would read the x's after it instead)
+    "partly_read": ([(0, FILL), (5, b"56789UNION SELE"), (10, b"x" * 10)], 20, FILL + b"UNION SELE"),
     "ooo_inside": ([(10, b"UNION SELE"), (12, b"BENIGN"), (0, FILL)], 20, FILL + b"UNION SELE"),
     "ooo_coalesced": ([(10, b"UNION"), (15, b" SELE"), (12, b"BENIGNxx"), (0, FILL)], 20, FILL + b"UNION SELE"),
 }
