@@ -441,9 +441,7 @@ class DataStream:
             self.note_shed(dsn, end)
             return
         drops = self.memcap_drops
-        i = bisect_left(starts, dsn)
-        if i > 0 and starts[i - 1] + len(chunks[starts[i - 1]]) > dsn:
-            i -= 1  # that chunk covers the beginning
+        i = self._first_over(dsn)
         if i == len(starts) or starts[i] >= end:
             self._put([(dsn, data, origin)], held)  # the usual case: nothing in common
             if self.memcap_drops == drops:
@@ -526,13 +524,19 @@ class DataStream:
             insort(starts, s)
             self.ooo_bytes += len(c)
 
+    def _first_over(self, dsn: int) -> int:
+        """Index of the first buffered chunk that ends past ``dsn`` (the one covering it, if any)."""
+        starts = self._starts
+        i = bisect_left(starts, dsn)
+        if i > 0 and starts[i - 1] + len(self._chunks[starts[i - 1]]) > dsn:
+            i -= 1
+        return i
+
     def _compare_buffered(self, dsn: int, data: bytes | memoryview, wins: bool = False) -> None:
         """Compare bytes with the buffered copies of them; ``wins``: the new bytes are the ones read."""
         end = dsn + len(data)
         starts, chunks = self._starts, self._chunks
-        i = bisect_left(starts, dsn)
-        if i > 0 and starts[i - 1] + len(chunks[starts[i - 1]]) > dsn:
-            i -= 1
+        i = self._first_over(dsn)
         while i < len(starts) and starts[i] < end:
             s = starts[i]
             c = chunks[s]
