@@ -272,6 +272,13 @@ class DataStream:
     def next_buffered(self) -> int | None:
         return self._starts[0] if self._starts else None
 
+    def lacks(self, start: int, end: int) -> bool:
+        """Are the stream positions [start, end) all unread and unbuffered (a hole, or beyond)?"""
+        if self.base is None or start < self.base:
+            return False
+        i = self._first_over(start)
+        return i == len(self._starts) or self._starts[i] >= end
+
     # -- internals --------------------------------------------------------
     def _advance(self, out: bytes) -> None:
         self.base = (self.base or 0) + len(out)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from struct import Struct
 from typing import Any
 
@@ -122,6 +122,20 @@ class Mapping:
 
 
 @dataclass(slots=True)
+class _Late:
+    """A data segment that started past the right edge its receiver last advertised (the gateway's
+    view), kept as it came until the receiver's acknowledgement says whether it took it."""
+
+    seq: int
+    end: int  # seq + payload (32-bit)
+    seg: TcpSegment  # over its own copy of the packet
+    opts: _Opts
+    dsn: int | None  # stream position of its first byte, by its own mapping (None: none, or unknown)
+    cost: int  # what it holds of the memcap
+    why: str  # the out-of-window detail, for the notice if it is refused in the end
+
+
+@dataclass(slots=True)
 class SubflowDir:
     """One direction of a subflow, seen from its sender."""
 
@@ -146,6 +160,10 @@ class SubflowDir:
     # bare segment there is read even past the right edge: tcp_sequence allows rcv_nxt + a 0 window)
     rcv_nxt: int | None = None
     oow_noticed: bool = False
+    # data segments that start past ``edge``, kept until the receiver's acknowledgement shows whether
+    # it took them (see Tracker._keep_late); None when there are none (the fast path's one check)
+    late: list[_Late] | None = None
+    late_bytes: int = 0
     # where mapped subflow bytes went: [start, end, dsn - ssn] (relative ssn, 32-bit), newest last
     placed: list[list[int]] = field(default_factory=list)
     placed_end: int | None = None  # relative ssn after the furthest mapped byte
@@ -219,6 +237,7 @@ class Connection:
     # fell back to TCP after the handshake (infinite mapping, data without DSS, or an MP_CAPABLE-less
     # handshake ACK): like Linux, every later byte is taken in subflow order and DSS mappings are ignored
     fallen: bool = False
+    late: int = 0  # segments its subflows keep past a right edge (SubflowDir.late), all together
 
     @property
     def ipver(self) -> int:
@@ -291,6 +310,9 @@ class TrackerStats:
     refused: Counter[str] = field(default_factory=Counter)
     memcap: Counter[str] = field(default_factory=Counter)
     out_of_window: int = 0
+    # segments that started past the right edge the gateway saw, kept, and taken when the receiver
+    # acknowledged them (those it never did count in out_of_window)
+    past_edge_taken: int = 0
     notices: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
     options: list[int] = field(default_factory=lambda: [0] * 9)  # decoded options by subtype
@@ -382,6 +404,7 @@ class Tracker:
         # placing unmapped bytes held earlier: they were let through to the receiver when they
         # arrived, so no limit may refuse them now (the IDS would never see bytes the server has)
         self._placing_held = False
+        self._replaying_late = False  # a kept past-the-edge segment is being read (see _keep_late)
         # (token, indexed?) as tokens come and go, when someone reads them (the worker of a
         # multi-worker gateway announces them to the control queue); None: not recorded
         self.token_log: list[tuple[int, bool]] | None = None
@@ -397,12 +420,13 @@ class Tracker:
         return sum(1 for sf, d in self._sf.values()
                    if d == 0 and sf.closed_ts is None and not sf.plain and not sf.refused)
 
-    def buffered_bytes(self) -> tuple[int, int, int]:
-        """(out-of-order, unmapped, checksummed-mapping) bytes held right now, over all connections.
+    def buffered_bytes(self) -> tuple[int, int, int, int]:
+        """(out-of-order, unmapped, checksummed-mapping, past-edge) bytes held right now, over all
+        connections (past-edge: whole packets kept until their receiver acknowledges them).
 
-        Their sum, plus ``PIECE_COST`` per out-of-order chunk and unmapped piece, is what
-        ``budget.used`` tracks incrementally; this walk is the slow truth."""
-        ooo = unmapped = assembling = 0
+        Their sum, plus ``PIECE_COST`` per out-of-order chunk, unmapped piece and past-edge packet,
+        is what ``budget.used`` tracks incrementally; this walk is the slow truth."""
+        ooo = unmapped = assembling = past_edge = 0
         for conn in self.connections.values():
             ooo += conn.streams[0].ooo_bytes + conn.streams[1].ooo_bytes
             unmapped += len(conn.syn_data)  # a Fast Open SYN's bytes, until the server has answered
@@ -412,7 +436,9 @@ class Tracker:
                     for mp in sd.mappings:
                         if mp.acc is not None:
                             assembling += mp.length
-        return ooo, unmapped, assembling
+                    for kept in sd.late or ():
+                        past_edge += kept.cost - PIECE_COST
+        return ooo, unmapped, assembling, past_edge
 
     def process(self, seg: TcpSegment, csum_ready: bool = False) -> list[Event]:
         """Feed one segment; returns the events it caused (often none).
@@ -518,7 +544,7 @@ class Tracker:
             return False
         conn = sf.conn
         if conn is None or conn.closed is not None or not conn.opened or conn.csum or not sf.established \
-                or sf.refused or sf.plain or conn.fallen:
+                or sf.refused or sf.plain or conn.fallen or conn.late:
             return False
         ip = seg.ip
         o = seg.tcp_off + 20
@@ -1071,35 +1097,49 @@ class Tracker:
         return None, False
 
     # -- per-segment work ---------------------------------------------------
-    def _on_segment(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event]) -> None:
+    def _on_segment(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event],
+                    late: bool = False) -> None:
+        """One segment of a tracked subflow; ``late``: a kept past-the-edge one the receiver has now
+        acknowledged (judged when it came: see ``_keep_late``)."""
         flags = seg.flags
         ts = seg.ts
         sfd = sf.dirs[d]
         conn = sf.conn
-        if tcp_md5_signed(seg):
-            # Linux drops it before anything else (tcp_inbound_hash): no key on an MPTCP socket
-            self._unread(conn, sfd, seg, _MD5_UNREAD, ev)
-            return
-        if flags & SYN:
-            self._on_syn(sf, d, seg, o, ev)
-            return
-        if not self._in_window(conn, sfd, seg, ev):
-            # judged as a whole: an off-path packet must not move the tracked ack or
-            # window, add a mapping, or carry a DATA_ACK that would make us skip real
-            # bytes as a "gap" (and then discard them as duplicates)
-            return
+        other = sf.dirs[d ^ 1]
         tsval = _tsval(seg) if seg.hdr_len > 20 else None
-        if tsval is not None and not self._paws_ok(conn, sfd, seg, tsval, ev):
-            return  # the receiver drops it whole, options and all
-        if not flags & RST:
-            # Linux discards, whole, a segment without ACK, and one whose ACK acknowledges data the
-            # receiver never sent or lies more than a window behind its last (tcp_ack; RFC 5961 5.2)
-            why = "no ACK flag" if not flags & ACK else self._ack_refused(sf, d, seg)
-            if why is not None:
-                self._unread(conn, sfd, seg, why, ev)
+        if late:
+            if other.peer_ack is None or (seg.ack - other.peer_ack) & MASK32 < 0x80000000:
+                _take_ack(sfd, other, seg)  # unless a later segment's ack has been taken since
+        else:
+            if tcp_md5_signed(seg):
+                # Linux drops it before anything else (tcp_inbound_hash): no key on an MPTCP socket
+                self._unread(conn, sfd, seg, _MD5_UNREAD, ev)
                 return
-        if flags & ACK:
-            _take_ack(sfd, sf.dirs[d ^ 1], seg)  # this packet's ack/window govern the other direction's data
+            if flags & SYN:
+                self._on_syn(sf, d, seg, o, ev)
+                return
+            if not self._window_ok(sfd, seg):
+                # judged as a whole: an off-path packet must not move the tracked ack or
+                # window, add a mapping, or carry a DATA_ACK that would make us skip real
+                # bytes as a "gap" (and then discard them as duplicates)
+                if not self._keep_late(sf, d, seg, o, tsval, ev):
+                    self._out_of_window(conn, sfd, seg, ev)
+                return
+            if tsval is not None and not self._paws_ok(conn, sfd, seg, tsval, ev):
+                return  # the receiver drops it whole, options and all
+            if not flags & RST:
+                # Linux discards, whole, a segment without ACK, and one whose ACK acknowledges data the
+                # receiver never sent or lies more than a window behind its last (tcp_ack; RFC 5961 5.2)
+                why = "no ACK flag" if not flags & ACK else self._ack_refused(sf, d, seg)
+                if why is not None:
+                    self._unread(conn, sfd, seg, why, ev)
+                    return
+            if sfd.late is not None and seg.payload_len:
+                self._late_superseded(conn, sfd, seg, ev)
+            if flags & ACK:
+                _take_ack(sfd, other, seg)  # this packet's ack/window govern the other direction's data
+                if other.late is not None:
+                    self._late_acked(sf, d ^ 1, seg.ack, ts, ev)
         if conn is None:
             # a join whose connection is unknown: try again with its data
             if o.dss is not None:
@@ -1447,7 +1487,7 @@ class Tracker:
                 dsn = expand32(dsn, st.base)
         dll = dss.dll or 0
         ssn = dss.ssn or 0
-        if seg.payload_len and not self._window_ok(sfd, seg):
+        if seg.payload_len and not self._replaying_late and not self._window_ok(sfd, seg):
             return True  # an off-path insertion must not plant mappings; its bytes are refused later
         conn.mapped[cdir] = True
         if dss.data_fin:
@@ -1580,6 +1620,9 @@ class Tracker:
                                             f"look back ({mw})"
         ahead = (seg.ack - una) & MASK32
         end = other.last_end
+        for kept in other.late or ():  # sent too, kept until the receiver acknowledges them
+            if end is None or 0 < (kept.end - end) & MASK32 < 0x80000000:
+                end = kept.end
         if ahead <= mw + 1 or end is not None and (end + 1 - seg.ack) & MASK32 < 0x80000000:
             return None
         return f"ack {ahead} bytes past the receiver's last acknowledged point: data it never sent"
@@ -1594,20 +1637,150 @@ class Tracker:
                 sfd.oow_noticed = True
             self._notice(ev, NoticeType.OUT_OF_WINDOW, conn, f"{seg.payload_len} bytes discarded: {why}", seg)
 
-    def _in_window(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, ev: list[Event]) -> bool:
-        """Subflow check: only bytes inside the receiver's TCP window count (off-path insertion guard)."""
-        if self._window_ok(sfd, seg):
-            return True
+    @staticmethod
+    def _window_text(sfd: SubflowDir, seg: TcpSegment) -> str:
+        off = (seg.seq - (sfd.peer_ack or 0)) & MASK32
+        if off >= 0x80000000:
+            off -= 0x100000000
+        edge = "" if sfd.edge is None else f", right edge at {(sfd.edge - (sfd.peer_ack or 0)) & MASK32:+d}"
+        return f"{seg.payload_len} bytes at {off:+d} from the acked point, window {sfd.peer_win}{edge}"
+
+    def _out_of_window(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, ev: list[Event],
+                       detail: str | None = None) -> None:
+        """Subflow check: only bytes inside the receiver's TCP window count (off-path insertion guard);
+        this segment's do not. Counted; noticed once per subflow direction."""
         self.stats.out_of_window += 1
         if not sfd.oow_noticed:
             sfd.oow_noticed = True
-            off = (seg.seq - (sfd.peer_ack or 0)) & MASK32
-            if off >= 0x80000000:
-                off -= 0x100000000
-            edge = "" if sfd.edge is None else f", right edge at {(sfd.edge - (sfd.peer_ack or 0)) & MASK32:+d}"
-            self._notice(ev, NoticeType.OUT_OF_WINDOW, conn, f"{seg.payload_len} bytes at {off:+d} from the "
-                         f"acked point, window {sfd.peer_win}{edge}", seg)
-        return False
+            self._notice(ev, NoticeType.OUT_OF_WINDOW, conn, detail or self._window_text(sfd, seg), seg)
+
+    # -- past the right edge ------------------------------------------------------------------
+    def _keep_late(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", tsval: int | None,
+                   ev: list[Event]) -> bool:
+        """A data segment that starts past the right edge the gateway last saw its receiver advertise.
+
+        The receiver may take it all the same, because its window grew in an ACK still on its way:
+        an MPTCP sender uses on one subflow the connection-level window advertised on another
+        (Linux raises the subflow's send window to it, MPTCP_MIB_SNDWNDSHARED), so it sends past
+        the edge this subflow advertised, and by the time the segment arrives that edge has often
+        moved (lab: fragments, every few runs). Which happened shows later: the receiver's
+        acknowledgement of these subflow bytes (or DATA_ACK of their DSNs) before any other copy
+        of them came means it took this copy. So the segment is kept, judged as it came (PAWS, its
+        ACK field), until then; another copy first, or the connection's end, refuses it.
+
+        False: not kept (nothing past an edge, no data, an RST, a limit): refused now."""
+        conn = sf.conn
+        sfd = sf.dirs[d]
+        edge, pa = sfd.edge, sfd.peer_ack
+        n = seg.payload_len
+        if conn is None or conn.closed is not None or not n or seg.flags & RST or edge is None or pa is None \
+                or not 0 < (seg.seq - edge) & MASK32 < 0x80000000:
+            return False
+        win = max(sfd.max_win, 65535)
+        if (seg.seq - pa) & MASK32 > 2 * win:
+            return False  # further than any window the receiver has offered: not a sender's doing
+        if tsval is not None and not self._paws_ok(conn, sfd, seg, tsval, ev):
+            return True  # the receiver drops it whole (counted, noticed)
+        why = "no ACK flag" if not seg.flags & ACK else self._ack_refused(sf, d, seg)
+        if why is not None:
+            self._unread(conn, sfd, seg, why, ev)
+            return True
+        if sfd.late_bytes + n > 2 * win:
+            return False
+        dsn = None
+        dss = o.dss
+        isn = sfd.isn
+        st = conn.streams[_DIRS[d ^ sf.flipped]]
+        if dss is not None and dss.dsn is not None and dss.dll and isn is not None and not conn.fallen:
+            off = (seg.seq - isn - (dss.ssn or 0)) & MASK32
+            if off < dss.dll:
+                first = dss.dsn if dss.dsn64 or st.base is None else expand32(dss.dsn, st.base)
+                dsn = st.unwrap((first + off) & MASK64)
+        cost = len(seg.ip) + PIECE_COST
+        if not self.budget.take(cost):
+            # shed like any bytes the memcap keeps out (inline, on_memcap = "drop" drops the packet)
+            self._shed(conn, "global", n, f"buffered bytes over the memcap ({self.budget.limit})", seg.ts, ev, seg)
+            if dsn is not None:
+                st.note_shed(dsn, dsn + n)
+            return True
+        kept = _Late(seg.seq, (seg.seq + n) & MASK32, replace(seg, ip=memoryview(bytes(seg.ip))), o, dsn, cost,
+                     self._window_text(sfd, seg))
+        if sfd.late is None:
+            sfd.late = []
+        sfd.late.append(kept)
+        sfd.late_bytes += n
+        conn.late += 1
+        return True
+
+    def _late_drop(self, conn: Connection | None, sfd: SubflowDir, kept: _Late) -> None:
+        """Forget a kept segment (its memcap share goes back)."""
+        late = sfd.late
+        if late is not None:
+            late.remove(kept)
+            if not late:
+                sfd.late = None
+        sfd.late_bytes -= kept.seg.payload_len
+        if conn is not None:
+            conn.late -= 1
+        self.budget.give(kept.cost)
+
+    def _late_refused(self, conn: Connection | None, sfd: SubflowDir, kept: _Late, why: str,
+                      ev: list[Event], ts: float) -> None:
+        """A kept segment the receiver did not take: out of window after all."""
+        self._late_drop(conn, sfd, kept)
+        self._out_of_window(conn, sfd, replace(kept.seg, ts=ts), ev, f"{kept.why}: {why}")
+
+    def _late_superseded(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, ev: list[Event]) -> None:
+        """An in-window segment carries subflow bytes a kept one has: the receiver reads them from this
+        one (the kept copy was dropped, or this is a duplicate of the same bytes; a sender resends
+        a segment only when no acknowledgement came for it)."""
+        end = (seg.seq + seg.payload_len) & MASK32
+        for kept in list(sfd.late or ()):
+            if (kept.seq - end) & MASK32 >= 0x80000000 and (seg.seq - kept.end) & MASK32 >= 0x80000000:
+                self._late_refused(conn, sfd, kept, "another copy of its subflow bytes came before the receiver "
+                                   "acknowledged them", ev, seg.ts)
+
+    def _late_acked(self, sf: Subflow, d: int, ack: int, ts: float, ev: list[Event]) -> None:
+        """The receiver of direction ``d`` acknowledged subflow bytes up to ``ack``: the kept segments
+        starting before it were taken (it takes a segment whole or not at all, and no other copy
+        came). They are read now, in the order they came."""
+        sfd = sf.dirs[d]
+        for kept in list(sfd.late or ()):
+            if 0 < (ack - kept.seq) & MASK32 < 0x80000000 and sfd.late is not None and kept in sfd.late:
+                self._late_take(sf, d, kept, ts, ev)
+
+    def _late_dsn_acked(self, conn: Connection, cdir: Direction, limit: int, ts: float, ev: list[Event]) -> None:
+        """The receiver DATA_ACKed stream positions up to ``limit`` that the stream lacks: a kept segment
+        whose bytes (by its own mapping) fill only such a hole is the copy it took -- its subflow's
+        ACK may come later, on a subflow the receiver answers second. One whose positions the
+        stream has from another copy is left to its subflow's ACK: the receiver may have read that
+        other copy, which came inside its window."""
+        st = conn.streams[cdir]
+        for sf in list(conn.subflows):
+            d = int(cdir) ^ sf.flipped
+            sfd = sf.dirs[d]
+            for kept in list(sfd.late or ()):
+                if kept.dsn is not None and kept.dsn < limit and st.lacks(kept.dsn, kept.dsn + kept.seg.payload_len) \
+                        and sfd.late is not None and kept in sfd.late:
+                    self._late_take(sf, d, kept, ts, ev)
+
+    def _late_take(self, sf: Subflow, d: int, kept: _Late, ts: float, ev: list[Event]) -> None:
+        self._late_drop(sf.conn, sf.dirs[d], kept)
+        if sf.conn is None or sf.conn.closed is not None:
+            return
+        self.stats.past_edge_taken += 1
+        was, self._replaying_late = self._replaying_late, True
+        try:
+            self._on_segment(sf, d, replace(kept.seg, ts=ts), kept.opts, ev, late=True)
+        finally:
+            self._replaying_late = was
+
+    def _late_end(self, conn: Connection, ts: float, ev: list[Event]) -> None:
+        """The connection ends: kept segments never acknowledged were not taken."""
+        for sf in conn.subflows:
+            for sfd in sf.dirs:
+                for kept in list(sfd.late or ()):
+                    self._late_refused(conn, sfd, kept, "never acknowledged by the receiver", ev, ts)
 
     @staticmethod
     def _seen(sfd: SubflowDir, seg: TcpSegment) -> None:
@@ -1959,6 +2132,8 @@ class Tracker:
     def _release_subflow(self, sf: Subflow) -> None:
         """Give back what a subflow holds (unmapped bytes, mappings being assembled)."""
         for sd in sf.dirs:
+            for kept in list(sd.late or ()):
+                self._late_drop(sf.conn, sd, kept)
             if sd.pending:
                 self._drop_pending(sd)
             for mp in sd.mappings:
@@ -2047,6 +2222,13 @@ class Tracker:
             if limit <= st.base:
                 conn.gap_since[cdir] = None
                 continue
+            if conn.late:
+                self._late_dsn_acked(conn, cdir, limit, ts, ev)
+                if conn.closed is not None:
+                    return
+                if st.finished or st.base is None or limit <= st.base:
+                    conn.gap_since[cdir] = None
+                    continue
             since = conn.gap_since[cdir]
             if since is None:
                 conn.gap_since[cdir] = since = ts
@@ -2161,6 +2343,8 @@ class Tracker:
                record: bool = True) -> None:
         if conn.closed is not None:
             return
+        if conn.late:
+            self._late_end(conn, ts, ev)
         if outcome not in (Outcome.FASTCLOSE, Outcome.RESET, Outcome.EVICTED):
             for cdir in (Direction.C2S, Direction.S2C):
                 st = conn.streams[cdir]

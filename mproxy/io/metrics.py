@@ -244,15 +244,16 @@ class MproxyCollector(Collector):
         c.add_metric(["client_to_server"], st.rebuilt_bytes[0])
         c.add_metric(["server_to_client"], st.rebuilt_bytes[1])
         yield c
-        ooo, unmapped, checksummed = t.buffered_bytes()
+        ooo, unmapped, checksummed, past_edge = t.buffered_bytes()
         g = GaugeMetricFamily("mproxy_buffered_bytes", "Bytes held now, by buffer", labels=["buffer"])
         g.add_metric(["out_of_order"], ooo)
         g.add_metric(["unmapped"], unmapped)
         g.add_metric(["checksummed"], checksummed)
+        g.add_metric(["past_edge"], past_edge)
         g.add_metric(["history"], t.history_budget.used)
         yield g
         g = GaugeMetricFamily("mproxy_buffer_limit_bytes", "Caps on buffered bytes ([tracker] memcap: out_of_order + "
-                              "unmapped + checksummed; history_memcap: history)", labels=["limit"])
+                              "unmapped + checksummed + past_edge; history_memcap: history)", labels=["limit"])
         g.add_metric(["memcap"], t.budget.limit)
         g.add_metric(["history_memcap"], t.history_budget.limit)
         yield g
@@ -273,6 +274,9 @@ class MproxyCollector(Collector):
         yield _total("mproxy_out_of_window_packets", "Subflow segments outside the receiver's TCP window, with a "
                      "timestamp older than its last (PAWS), or with an ACK field it refuses: ignored",
                      st.out_of_window)
+        yield _total("mproxy_past_edge_taken", "Subflow segments that started past the right edge the gateway last "
+                     "saw their receiver advertise, kept, and read when the receiver acknowledged them",
+                     st.past_edge_taken)
         yield _total("mproxy_add_addr_repeats", "Identical ADD_ADDR announcements seen again (retransmissions: "
                      "normal, not a notice)", st.add_addr_repeats)
         yield _by_label("mproxy_bad_checksums", "Segments of tracked subflows whose TCP or IPv4 header checksum "

@@ -359,10 +359,10 @@ def test_memcap_covers_unmapped_and_checksummed_bytes() -> None:
     full = os.urandom(2000)
     dss = _first_mapping(s, full)
     feed([s._pkt(s.subs[0], True, ACK, [dss], full[:500], rel=1)])
-    assert tr.buffered_bytes() == (0, 0, 2000) and tr.budget.used == 2000
+    assert tr.buffered_bytes() == (0, 0, 2000, 0) and tr.budget.used == 2000
     # unmapped bytes on the subflow (no DSS mapping yet): 800 more
     feed([s.data(0, True, 0, b"u" * 800, mapping=False, rel=3001)])
-    assert tr.buffered_bytes() == (0, 800, 2000) and tr.budget.used == 2800 + PIECE_COST  # one unmapped piece
+    assert tr.buffered_bytes() == (0, 800, 2000, 0) and tr.budget.used == 2800 + PIECE_COST  # one unmapped piece
     # a second checksummed mapping does not fit
     feed([s.data(0, True, 5000, b"c" * 100, map_len=1000, rel=6001)])
     assert tr.stats.memcap["global"] == 1 and tr.budget.used == 2800 + PIECE_COST
@@ -879,9 +879,113 @@ def test_past_the_edge_a_bare_segment_at_the_receivers_next_byte_is_read(fast: b
     t, ev = _tracked(pk, fast)
     assert streams(ev)[(1, C2S)] == b"GET /?q=" + b"x" * 65800
     assert summaries(ev)[0]["c2s"]["data_fin"] is True
+    # BENIGN is kept until the end (the receiver might have opened its window in an ACK still on its
+    # way: see test_past_the_edge_data_the_receiver_acknowledges_is_read), never acknowledged, and
+    # refused then; the bare segment one byte past the next byte is refused at once (and noticed)
     (n,) = [e for e in ev if isinstance(e, Notice)]
-    assert n.type == NoticeType.OUT_OF_WINDOW and "6 bytes" in n.detail, n
-    assert t.stats.out_of_window == 2  # BENIGN, and the bare segment one byte past the next byte
+    assert n.type == NoticeType.OUT_OF_WINDOW and n.detail.startswith("0 bytes"), n
+    assert t.stats.out_of_window == 2 and t.stats.past_edge_taken == 0
+
+
+def _past_the_edge(s: Session, pk: list[bytes]) -> tuple[int, int]:
+    """The server advertises 65535 bytes on the join; the client fills them (the last segment
+    ends 265 bytes past the edge). Returns (data offset, subflow rel) of the next byte."""
+    pk.append(s.ack(1, False, s.idsn[0] + 8))
+    off = 8
+    for _ in range(47):
+        pk.append(s.data(1, True, off, b"x" * 1400))
+        off += 1400
+    return off, s.subs[1].next_rel[0]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("trigger", ["subflow_ack", "data_ack_elsewhere"])
+def test_past_the_edge_data_the_receiver_acknowledges_is_read(fast: bool, trigger: str) -> None:
+    """An MPTCP sender sends past the right edge a subflow advertised (Linux raises the subflow's
+    send window to the connection-level one another subflow advertised), and the receiver takes
+    the segment when its window has grown in an ACK that was still on its way (lab: fragments,
+    where mproxy lost such bytes every few runs). The segment is kept until the receiver
+    acknowledges it -- on its subflow, or by a DATA_ACK of its DSNs on another -- and read then."""
+    s, pk = _ack_session()
+    off, nxt = _past_the_edge(s, pk)
+    pk.append(s.data(1, True, off, b"UNION SELECT"))  # starts past the edge the gateway saw
+    pk.append(s.data(0, False, 100, b"r" * 10))  # the server's side goes on meanwhile
+    if trigger == "subflow_ack":
+        pk.append(s.ack(1, False, s.idsn[0] + off + 12))
+    else:  # the DATA_ACK comes first on the initial subflow: the bytes are not a gap
+        pk.append(s.ack(0, False, s.idsn[0] + off + 12))
+    t = Tracker()
+    t.fast_path = fast
+    ev = run(t, pk, flush=False)
+    assert t.buffered_bytes() == (0, 0, 0, 0) and t.budget.used == 0
+    ev += t.flush()
+    assert streams(ev)[(1, C2S)] == b"GET /?q=" + b"x" * 65800 + b"UNION SELECT"
+    assert not [e for e in ev if isinstance(e, Notice)]
+    assert t.stats.past_edge_taken == 1 and t.stats.out_of_window == 0
+    assert summaries(ev)[0]["c2s"]["gap_bytes"] == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_past_the_edge_a_copy_superseded_by_an_in_window_one_is_not_read(fast: bool) -> None:
+    """A copy past the edge that another copy of the same subflow bytes follows before the receiver
+    acknowledged any: the receiver dropped the first (a sender resends only what went unacknowledged),
+    so the IDS reads the second. Forged BENIGN past the edge, the real UNION after the window opened."""
+    s, pk = _ack_session()
+    off, nxt = _past_the_edge(s, pk)
+    pk.append(s.data(1, True, off, b"BENIGN", rel=nxt))  # kept
+    pk.append(s.ack(1, False, s.idsn[0] + off))  # the receiver's ack reaches the kept copy's start, no further
+    pk.append(s.data(1, True, off, b"UNION "))  # in the window now: the receiver reads this one
+    pk.append(s.ack(1, False, s.idsn[0] + off + 6))
+    t, ev = _tracked(pk, fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=" + b"x" * 65800 + b"UNION "
+    _one_notice(ev, NoticeType.OUT_OF_WINDOW, "another copy of its subflow bytes came before the receiver")
+    assert t.stats.past_edge_taken == 0 and t.stats.out_of_window == 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_past_the_edge_a_data_ack_takes_a_kept_copy_only_for_a_hole(fast: bool) -> None:
+    """A DATA_ACK on another subflow takes a kept copy only where the stream has no other copy of its
+    DSNs: else the receiver may have read that other one, which came inside its window. Forged
+    XXXXXX past the edge, mapped over SELECT that came out of order on the initial subflow."""
+    s, pk = _ack_session()
+    off, nxt = _past_the_edge(s, pk)
+    pk.append(s.data(0, True, off + 6, b"SELECT"))  # out of order: UNION before it is still to come
+    pk.append(s.data(1, True, off + 6, b"XXXXXX"))  # past the edge, the same DSNs
+    pk.append(s.ack(0, False, s.idsn[0] + off + 12))  # the receiver has it all (UNION went unseen)
+    t, ev = _tracked(pk, fast)
+    got = streams(ev)[(1, C2S)]
+    assert got.endswith(b"SELECT") and b"XXXXXX" not in got
+    assert t.stats.past_edge_taken == 0 and t.stats.out_of_window == 1
+
+
+def test_past_the_edge_keeping_is_bounded_and_accounted() -> None:
+    """Kept segments hold whole packets under the memcap, and at most twice the receiver's largest
+    window per subflow direction; past that they are refused at once. A subflow that goes gives
+    every byte back."""
+    s, pk = _ack_session()
+    off, nxt = _past_the_edge(s, pk)
+    rel = nxt
+    for _ in range(120):  # 168,000 bytes past the edge, never acknowledged
+        pk.append(s.data(1, True, off, b"y" * 1400, rel=rel))
+        off += 1400
+        rel += 1400
+    t = Tracker()
+    ev = run(t, pk, flush=False)
+    past = t.buffered_bytes()[3]
+    kept = sum(len(sd.late or ()) for sf in t.connections[1].subflows for sd in sf.dirs)
+    assert 30 < kept < 120 and past <= 2 * 65535 + kept * 100  # (whole packets: headers too)
+    assert t.budget.used == past + kept * PIECE_COST, (past, t.budget.used)
+    assert t.stats.out_of_window == 120 - kept
+    check_bounded(t)
+    ev += t.flush()
+    assert t.budget.used == 0 and t.stats.out_of_window == 120 and t.stats.past_edge_taken == 0
+    assert streams(ev)[(1, C2S)] == b"GET /?q=" + b"x" * 65800
+    # under a small memcap, what it refuses is shed like any bytes it keeps out (inline, with
+    # on_memcap = "drop", their packets are dropped for the sender to send again)
+    t = Tracker(TrackerConfig(memcap=4 * 1600))
+    run(t, pk, flush=False)
+    assert t.shed_bytes and t.stats.memcap["global"] and t.budget.used <= 4 * 1600
+    check_bounded(t)
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -478,7 +478,7 @@ from mproxy.core.tracker import _MAX_HELD as MAX_HELD  # noqa: E402
 def buffered_pieces(tr: Tracker) -> int:
     """Out-of-order chunks and unmapped pieces the live connections hold (each pays PIECE_COST)."""
     return sum(len(st._chunks) for c in tr.connections.values() for st in c.streams) + sum(
-        len(sd.pending) for c in tr.connections.values() for sf in c.subflows for sd in sf.dirs)
+        len(sd.pending) + len(sd.late or ()) for c in tr.connections.values() for sf in c.subflows for sd in sf.dirs)
 
 
 def check_bounded(tr: Tracker) -> None:
