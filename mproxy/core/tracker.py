@@ -53,6 +53,9 @@ _PICKUP_DSN_WINDOW = 1 << 26  # a subflow's DSNs within 64 MiB of a stream belon
 _MAX_MAPPINGS = 32
 _UNMAPPED_SHED_RANGES = 8  # runs of shed unmapped bytes remembered per subflow direction
 _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flood must not grow it
+# segments kept past a right edge per subflow direction (each later segment there scans them): a
+# sender's overshoot is a few dozen; a flood of tiny forged ones must not cost a long scan per packet
+_MAX_LATE = 256
 _KEYLESS_BASE = 1 << 32  # where a stream with no known DSN is counted from (see Tracker._fall_back)
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TCPOPT_WSCALE = 3
@@ -1685,7 +1688,7 @@ class Tracker:
         if why is not None:
             self._unread(conn, sfd, seg, why, ev)
             return True
-        if sfd.late_bytes + n > 2 * win:
+        if sfd.late_bytes + n > 2 * win or sfd.late is not None and len(sfd.late) >= _MAX_LATE:
             return False
         dsn = None
         dss = o.dss

@@ -26,6 +26,7 @@ from mproxy import crypto
 from mproxy.core.events import DataReleased, Direction, Notice, NoticeType
 from mproxy.core.pipeline import Pipeline
 from mproxy.core.reassembler import PIECE_COST, max_pieces
+from mproxy.core.tracker import _MAX_LATE as MAX_LATE
 from mproxy.core.tracker import ConnectionClosedSummary, Tracker, TrackerConfig
 from mproxy.io.pcap import PcapWriter
 from mproxy.replay import replay
@@ -969,6 +970,7 @@ def test_past_the_edge_keeping_is_bounded_and_accounted() -> None:
         pk.append(s.data(1, True, off, b"y" * 1400, rel=rel))
         off += 1400
         rel += 1400
+    big = pk
     t = Tracker()
     ev = run(t, pk, flush=False)
     past = t.buffered_bytes()[3]
@@ -980,10 +982,17 @@ def test_past_the_edge_keeping_is_bounded_and_accounted() -> None:
     ev += t.flush()
     assert t.budget.used == 0 and t.stats.out_of_window == 120 and t.stats.past_edge_taken == 0
     assert streams(ev)[(1, C2S)] == b"GET /?q=" + b"x" * 65800
+    # at most _MAX_LATE of them, however small
+    s, pk = _ack_session()
+    off, nxt = _past_the_edge(s, pk)
+    pk += [s.data(1, True, off + i, b"z", rel=nxt + i) for i in range(300)]
+    t = Tracker()
+    run(t, pk, flush=False)
+    assert len(t.connections[1].subflows[1].dirs[0].late or ()) == MAX_LATE and t.stats.out_of_window == 300 - MAX_LATE
     # under a small memcap, what it refuses is shed like any bytes it keeps out (inline, with
     # on_memcap = "drop", their packets are dropped for the sender to send again)
     t = Tracker(TrackerConfig(memcap=4 * 1600))
-    run(t, pk, flush=False)
+    run(t, big, flush=False)
     assert t.shed_bytes and t.stats.memcap["global"] and t.budget.used <= 4 * 1600
     check_bounded(t)
 

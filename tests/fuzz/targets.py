@@ -473,6 +473,7 @@ def _small_config() -> TrackerConfig:
 
 from mproxy.core.reassembler import GAPS_LISTED, PIECE_COST, SLACK  # noqa: E402
 from mproxy.core.tracker import _MAX_HELD as MAX_HELD  # noqa: E402
+from mproxy.core.tracker import _MAX_LATE as MAX_LATE  # noqa: E402
 
 
 def buffered_pieces(tr: Tracker) -> int:
@@ -499,6 +500,7 @@ def check_bounded(tr: Tracker) -> None:
         assert conn.closed is None
         assert len(conn.subflows) <= cfg.max_subflows_per_connection, (conn.id, len(conn.subflows))
         assert len(conn.held) <= MAX_HELD, len(conn.held)
+        assert conn.late == sum(len(sd.late or ()) for sf in conn.subflows for sd in sf.dirs), conn.late
         for st in conn.streams:
             # held bytes (let through before their mapping) are placed past ooo_limit, under the budget
             assert 0 <= st.ooo_bytes <= max(st.ooo_limit, cfg.memcap + SLACK), (st.ooo_bytes, st.ooo_limit)
@@ -519,6 +521,8 @@ def check_bounded(tr: Tracker) -> None:
             assert len(sd.mappings) <= _MAX_MAPPINGS + 1, len(sd.mappings)
             assert sd.shed is None or 0 < len(sd.shed) <= _UNMAPPED_SHED_RANGES, sd.shed
             assert len(sd.placed) <= 17
+            assert sd.late is None or 0 < len(sd.late) <= MAX_LATE, sd.late
+            assert sd.late_bytes == sum(k.seg.payload_len for k in sd.late or ())
             for mp in sd.mappings:
                 assert mp.acc is None or len(mp.acc) <= 0xFFFF
     # the shared budget counts exactly what the live connections buffer (a drift either way would
@@ -533,7 +537,8 @@ def check_bounded(tr: Tracker) -> None:
     assert tr.history_budget.used == hist <= cfg.history_memcap + 4 * cfg.history, (tr.history_budget.used, hist)
     for sf in {id(sf): sf for sf, _d in tr._sf.values()}.values():
         if sf.conn is None or sf.conn.closed is not None:
-            assert all(not sd.pending and all(mp.acc is None for mp in sd.mappings) for sd in sf.dirs), sf.key
+            assert all(not sd.pending and not sd.late and all(mp.acc is None for mp in sd.mappings)
+                       for sd in sf.dirs), sf.key
             if sf.conn is not None:
                 assert all(st.ooo_bytes == 0 and not st._chunks and not st._history for st in sf.conn.streams), \
                     sf.conn.id
