@@ -114,7 +114,7 @@ def test_memcap_drops_packets_and_the_kernel_resends_them(lab: Any, tmp_path: Pa
     assert hits["global"] > 0 and actions["memcap_drop"] > 0, (hits, actions)
     assert m[("mproxy_shed_bytes_total", ())] > 0 and m[("mproxy_buffer_limit_bytes", (("limit", "memcap"),))] == 65536
     waiting = [v for k, v in m.items() if k[0] == "mproxy_buffered_bytes" and dict(k[1])["buffer"] != "history"]
-    assert len(waiting) == 3 and sum(waiting) == 0  # all given back
+    assert len(waiting) == 4 and sum(waiting) == 0  # all given back
     (c,) = res.connections
     recs = mp.connections()
     (rec,) = [r for r in recs if r["client_port"] == c.client_port and r["server_port"] == 5201]
