@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field
+from enum import Enum
 
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -54,6 +55,15 @@ def expand32(value: int, ref: int) -> int:
     elif diff < -0x80000000:
         cand += 0x100000000
     return cand & MASK64
+
+
+class QueueChange(Enum):
+    """What a segment does to the shape of Linux's out-of-order queue (see DataStream._queue_plan)."""
+
+    INSERT = "insert"  # a queued segment of its own
+    EXTEND = "extend"  # merged into the queued segment it starts right after
+    REPLACE = "replace"  # replaces the queued segment with its start, which it outgrows
+    NONE = "none"  # inside a queued segment: dropped
 
 
 @dataclass(slots=True)
@@ -364,38 +374,38 @@ class DataStream:
         org = self._org
         return org.get(s, s) if org else s
 
-    def _queue_plan(self, dsn: int, end: int) -> tuple[int | None, bool, tuple[str, int]]:
+    def _queue_plan(self, dsn: int, end: int) -> tuple[int | None, bool, tuple[QueueChange, int]]:
         """How Linux's out-of-order queue takes a segment ``[dsn, end)``: (where the queued
         segment holding it starts, whether it replaced one with its start, the change to the
         queue's shape); a None start: it lies inside a queued segment and is dropped."""
         ss, se = self._seg_s, self._seg_e
         if not ss:
-            return dsn, False, ("insert", 0)
+            return dsn, False, (QueueChange.INSERT, 0)
         if dsn == se[-1]:
-            return ss[-1], False, ("extend", len(ss) - 1)  # merged into the last one
+            return ss[-1], False, (QueueChange.EXTEND, len(ss) - 1)  # merged into the last one
         if dsn > se[-1]:
-            return dsn, False, ("insert", len(ss))
+            return dsn, False, (QueueChange.INSERT, len(ss))
         k = bisect_right(ss, dsn) - 1  # the one starting at or before it
         if k < 0:
-            return dsn, False, ("insert", 0)
+            return dsn, False, (QueueChange.INSERT, 0)
         ps, pe = ss[k], se[k]
         if dsn < pe:
             if end <= pe:
-                return None, False, ("", 0)
+                return None, False, (QueueChange.NONE, 0)
             if dsn > ps:
-                return dsn, False, ("insert", k + 1)  # partial overlap: both kept
-            return dsn, True, ("replace", k)
+                return dsn, False, (QueueChange.INSERT, k + 1)  # partial overlap: both kept
+            return dsn, True, (QueueChange.REPLACE, k)
         if dsn == pe:
-            return ps, False, ("extend", k)
-        return dsn, False, ("insert", k + 1)
+            return ps, False, (QueueChange.EXTEND, k)
+        return dsn, False, (QueueChange.INSERT, k + 1)
 
-    def _apply(self, plan: tuple[str, int], dsn: int, end: int) -> None:
+    def _apply(self, plan: tuple[QueueChange, int], dsn: int, end: int) -> None:
         kind, k = plan
         ss, se = self._seg_s, self._seg_e
-        if kind == "extend":
+        if kind is QueueChange.EXTEND:
             se[k] = end
             return
-        if kind == "replace":
+        if kind is QueueChange.REPLACE:
             se[k] = end
         else:
             ss.insert(k, dsn)
@@ -442,7 +452,7 @@ class DataStream:
         if origin is None:
             self._compare_buffered(dsn, data)  # inside a queued segment: those bytes win
             return
-        if plan[0] != "extend" and not held and len(self._seg_s) >= max_pieces(self.ooo_limit):
+        if plan[0] is not QueueChange.EXTEND and not held and len(self._seg_s) >= max_pieces(self.ooo_limit):
             self.memcap_drops += 1  # the queue's own bookkeeping is bounded too
             self.memcap_bytes += len(data)
             self.note_shed(dsn, end)
