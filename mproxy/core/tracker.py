@@ -124,10 +124,11 @@ class Mapping:
     done: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Late:
     """A data segment that started past the right edge its receiver last advertised (the gateway's
-    view), kept as it came until the receiver's acknowledgement says whether it took it."""
+    view), kept as it came until the receiver's acknowledgement says whether it took it. Compared
+    by identity: two copies of one packet are two entries."""
 
     seq: int
     end: int  # seq + payload (32-bit)
