@@ -408,7 +408,6 @@ class Tracker:
         # placing unmapped bytes held earlier: they were let through to the receiver when they
         # arrived, so no limit may refuse them now (the IDS would never see bytes the server has)
         self._placing_held = False
-        self._replaying_late = False  # a kept past-the-edge segment is being read (see _keep_late)
         # (token, indexed?) as tokens come and go, when someone reads them (the worker of a
         # multi-worker gateway announces them to the control queue); None: not recorded
         self.token_log: list[tuple[int, bool]] | None = None
@@ -1122,12 +1121,12 @@ class Tracker:
             if flags & SYN:
                 self._on_syn(sf, d, seg, o, ev)
                 return
-            if not self._window_ok(sfd, seg):
+            past = not self._window_ok(sfd, seg)
+            if past and not self._may_keep(conn, sfd, seg):
                 # judged as a whole: an off-path packet must not move the tracked ack or
                 # window, add a mapping, or carry a DATA_ACK that would make us skip real
                 # bytes as a "gap" (and then discard them as duplicates)
-                if not self._keep_late(sf, d, seg, o, tsval, ev):
-                    self._out_of_window(conn, sfd, seg, ev)
+                self._out_of_window(conn, sfd, seg, ev)
                 return
             if tsval is not None and not self._paws_ok(conn, sfd, seg, tsval, ev):
                 return  # the receiver drops it whole, options and all
@@ -1138,6 +1137,10 @@ class Tracker:
                 if why is not None:
                     self._unread(conn, sfd, seg, why, ev)
                     return
+            if past:  # judged as it came; read once the receiver shows it took it (see _keep_late)
+                if not self._keep_late(sf, d, seg, o, ev):
+                    self._out_of_window(conn, sfd, seg, ev)
+                return
             if sfd.late is not None and seg.payload_len:
                 self._late_superseded(conn, sfd, seg, ev)
             if flags & ACK:
@@ -1206,7 +1209,7 @@ class Tracker:
                         and (n == dss.dll or not conn.csum):
                     self._fast_data(conn, sfd, cdir, dss, seg, ev)
                     n = 0
-                elif not self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev):
+                elif not self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev, late):
                     n = 0  # a mapping contradicting an earlier one: its bytes are not taken
             else:
                 n = seg.payload_len
@@ -1482,8 +1485,9 @@ class Tracker:
 
     # -- mappings and payload -------------------------------------------------
     def _on_mapping(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, dss: m.Dss,
-                    seg: TcpSegment, ev: list[Event]) -> bool:
-        """Take a DSS mapping; False when it contradicts an earlier one (the segment's bytes are ignored)."""
+                    seg: TcpSegment, ev: list[Event], late: bool = False) -> bool:
+        """Take a DSS mapping; False when it contradicts an earlier one (the segment's bytes are ignored).
+        ``late``: of a kept past-the-edge segment the receiver has now acknowledged (see _keep_late)."""
         st = conn.streams[cdir]
         dsn = dss.dsn or 0
         if not dss.dsn64:
@@ -1491,7 +1495,7 @@ class Tracker:
                 dsn = expand32(dsn, st.base)
         dll = dss.dll or 0
         ssn = dss.ssn or 0
-        if seg.payload_len and not self._replaying_late and not self._window_ok(sfd, seg):
+        if seg.payload_len and not late and not self._window_ok(sfd, seg):
             return True  # an off-path insertion must not plant mappings; its bytes are refused later
         conn.mapped[cdir] = True
         if dss.data_fin:
@@ -1659,9 +1663,20 @@ class Tracker:
             self._notice(ev, NoticeType.OUT_OF_WINDOW, conn, detail or self._window_text(sfd, seg), seg)
 
     # -- past the right edge ------------------------------------------------------------------
-    def _keep_late(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", tsval: int | None,
-                   ev: list[Event]) -> bool:
-        """A data segment that starts past the right edge the gateway last saw its receiver advertise.
+    @staticmethod
+    def _may_keep(conn: Connection | None, sfd: SubflowDir, seg: TcpSegment) -> bool:
+        """Is this segment, outside the receiver's window, one ``_keep_late`` may keep: data (no RST)
+        of a live connection starting past the right edge, by less than twice the largest window
+        the receiver has offered (further is not a sender's doing)?"""
+        edge, pa = sfd.edge, sfd.peer_ack
+        if conn is None or conn.closed is not None or not seg.payload_len or seg.flags & RST or edge is None \
+                or pa is None or not 0 < (seg.seq - edge) & MASK32 < 0x80000000:
+            return False
+        return (seg.seq - pa) & MASK32 <= 2 * max(sfd.max_win, 65535)
+
+    def _keep_late(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event]) -> bool:
+        """A data segment that starts past the right edge the gateway last saw its receiver advertise
+        (``_may_keep``), and that passed the checks the receiver makes as it comes (PAWS, its ACK field).
 
         The receiver may take it all the same, because its window grew in an ACK still on its way:
         an MPTCP sender uses on one subflow the connection-level window advertised on another
@@ -1672,24 +1687,12 @@ class Tracker:
         of them came means it took this copy. So the segment is kept, judged as it came (PAWS, its
         ACK field), until then; another copy first, or the connection's end, refuses it.
 
-        False: not kept (nothing past an edge, no data, an RST, a limit): refused now."""
+        False: not kept (over a limit): refused now."""
         conn = sf.conn
+        assert conn is not None  # (_may_keep)
         sfd = sf.dirs[d]
-        edge, pa = sfd.edge, sfd.peer_ack
         n = seg.payload_len
-        if conn is None or conn.closed is not None or not n or seg.flags & RST or edge is None or pa is None \
-                or not 0 < (seg.seq - edge) & MASK32 < 0x80000000:
-            return False
-        win = max(sfd.max_win, 65535)
-        if (seg.seq - pa) & MASK32 > 2 * win:
-            return False  # further than any window the receiver has offered: not a sender's doing
-        if tsval is not None and not self._paws_ok(conn, sfd, seg, tsval, ev):
-            return True  # the receiver drops it whole (counted, noticed)
-        why = "no ACK flag" if not seg.flags & ACK else self._ack_refused(sf, d, seg)
-        if why is not None:
-            self._unread(conn, sfd, seg, why, ev)
-            return True
-        if sfd.late_bytes + n > 2 * win or sfd.late is not None and len(sfd.late) >= _MAX_LATE:
+        if sfd.late_bytes + n > 2 * max(sfd.max_win, 65535) or sfd.late is not None and len(sfd.late) >= _MAX_LATE:
             return False
         dsn = None
         dss = o.dss
@@ -1773,11 +1776,7 @@ class Tracker:
         if sf.conn is None or sf.conn.closed is not None:
             return
         self.stats.past_edge_taken += 1
-        was, self._replaying_late = self._replaying_late, True
-        try:
-            self._on_segment(sf, d, replace(kept.seg, ts=ts), kept.opts, ev, late=True)
-        finally:
-            self._replaying_late = was
+        self._on_segment(sf, d, replace(kept.seg, ts=ts), kept.opts, ev, late=True)
 
     def _late_end(self, conn: Connection, ts: float, ev: list[Event]) -> None:
         """The connection ends: kept segments never acknowledged were not taken."""
