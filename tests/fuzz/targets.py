@@ -477,7 +477,8 @@ from mproxy.core.tracker import _MAX_LATE as MAX_LATE  # noqa: E402
 
 
 def buffered_pieces(tr: Tracker) -> int:
-    """Out-of-order chunks and unmapped pieces the live connections hold (each pays PIECE_COST)."""
+    """Out-of-order chunks, unmapped pieces and kept past-the-edge packets the live connections hold
+    (each pays PIECE_COST)."""
     return sum(len(st._chunks) for c in tr.connections.values() for st in c.streams) + sum(
         len(sd.pending) + len(sd.late or ()) for c in tr.connections.values() for sf in c.subflows for sd in sf.dirs)
 
