@@ -141,6 +141,10 @@ class DataStream:
     fin_dsn: int | None = None  # DSN carrying DATA_FIN (one past the last data byte)
     finished: bool = False
     acked: int | None = None  # highest DATA_ACK from the peer
+    # right edge of the connection-level window the peer advertised, as seen here: its highest
+    # DATA_ACK plus the window of the packet carrying it (the tracker keeps out-of-order data
+    # ending past it aside until a DATA_ACK shows the receiver took it: Tracker._hold_beyond)
+    wnd_end: int | None = None
     _starts: list[int] = field(default_factory=list)
     _chunks: dict[int, bytes] = field(default_factory=dict)
     _history: bytearray = field(default_factory=bytearray)

@@ -139,6 +139,19 @@ class _Late:
     why: str  # the out-of-window detail, for the notice if it is refused in the end
 
 
+@dataclass(slots=True, eq=False)
+class _Beyond:
+    """Out-of-order data whose end lies past the connection-level window its receiver advertised
+    (the gateway's view), kept until the receiver's DATA_ACK says whether it took it (see
+    ``Tracker._hold_beyond``). Compared by identity."""
+
+    cdir: Direction
+    dsn: int  # stream position of its first byte
+    data: bytes
+    cost: int  # what it holds of the memcap
+    over: int  # how far its end lay past the edge when it came (for the notice)
+
+
 @dataclass(slots=True)
 class SubflowDir:
     """One direction of a subflow, seen from its sender."""
@@ -241,7 +254,9 @@ class Connection:
     # fell back to TCP after the handshake (infinite mapping, data without DSS, or an MP_CAPABLE-less
     # handshake ACK): like Linux, every later byte is taken in subflow order and DSS mappings are ignored
     fallen: bool = False
-    late: int = 0  # segments its subflows keep past a right edge (SubflowDir.late), all together
+    late: int = 0  # segments kept past a right edge: its subflows' (SubflowDir.late) and ``beyond``
+    beyond: list[_Beyond] | None = None  # data kept past the connection-level window (_hold_beyond)
+    beyond_noticed: int = 0  # directions (1 << cdir) whose refused kept data has been noticed
 
     @property
     def ipver(self) -> int:
@@ -317,6 +332,8 @@ class TrackerStats:
     # segments that started past the right edge the gateway saw, kept, and taken when the receiver
     # acknowledged them (those it never did count in out_of_window)
     past_edge_taken: int = 0
+    past_window_taken: int = 0  # kept data past the connection-level window that the receiver DATA_ACKed
+    past_window_placed: int = 0  # data past it placed at once: over the limits for kept data
     notices: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
     options: list[int] = field(default_factory=lambda: [0] * 9)  # decoded options by subtype
@@ -441,6 +458,8 @@ class Tracker:
                             assembling += mp.length
                     for kept in sd.late or ():
                         past_edge += kept.cost - PIECE_COST
+            for held in conn.beyond or ():
+                past_edge += held.cost - PIECE_COST
         return ooo, unmapped, assembling, past_edge
 
     def process(self, seg: TcpSegment, csum_ready: bool = False) -> list[Event]:
@@ -648,6 +667,10 @@ class Tracker:
                 data_ack = rb + diff if diff < 1 << 63 else rb + diff - (1 << 64)
             if rst.acked is None or data_ack > rst.acked:
                 rst.acked = data_ack
+            if rb is not None:  # the connection-level right edge (see _hold_beyond)
+                we = data_ack + other.peer_win
+                if rst.wnd_end is None or we > rst.wnd_end:
+                    rst.wnd_end = we
         if have & 2:
             # _fast_data with the mapping covering exactly this payload; _place's in-order case
             moff = (dsn - ssn) & MASK32
@@ -1200,6 +1223,12 @@ class Tracker:
                 ack = rst.unwrap(ack)  # DSNs wrap at 2**64, stream positions do not
                 if rst.acked is None or ack > rst.acked:
                     rst.acked = ack
+                if flags & ACK and rst.base is not None:  # the connection-level right edge (see _hold_beyond)
+                    we = ack + other.peer_win
+                    if rst.wnd_end is None or we > rst.wnd_end:
+                        rst.wnd_end = we
+                if conn.beyond is not None:
+                    self._beyond_acked(conn, Direction(cdir ^ 1), rst.acked, ts, ev)
             if dss.dsn is not None and not void:
                 n = seg.payload_len
                 isn = sfd.isn
@@ -1780,10 +1809,112 @@ class Tracker:
 
     def _late_end(self, conn: Connection, ts: float, ev: list[Event]) -> None:
         """The connection ends: kept segments never acknowledged were not taken."""
+        for held in list(conn.beyond or ()):
+            self._beyond_refused(conn, held, "never acknowledged by the receiver", ts, ev)
         for sf in conn.subflows:
             for sfd in sf.dirs:
                 for kept in list(sfd.late or ()):
                     self._late_refused(conn, sfd, kept, "never acknowledged by the receiver", ev, ts)
+
+    # -- past the connection-level window ------------------------------------------------------
+    def _hold_beyond(self, conn: Connection, cdir: Direction, pos: int, data: memoryview | bytes, ts: float,
+                     ev: list[Event]) -> bool:
+        """Out-of-order data (it starts after the next byte to release) whose end lies past the
+        connection-level window the gateway saw the receiver advertise: the highest DATA_ACK plus
+        the window of the packet carrying it (``DataStream.wnd_end``).
+
+        Linux drops such data (mptcp_data_queue_ofo: past ``rcv_wnd_sent``, MIB NoDSSInWindow);
+        its subflow still acknowledges the segment. Placed, a forged copy far ahead would be what
+        the IDS reads at those DSNs while the receiver reads the real bytes that come later. But
+        the edge seen here lags the receiver's (it never pulls its edge back, and it grows in ACKs
+        still on their way), so senders do put data past it that the receiver takes (a plain
+        check here refused such bytes in five lab scenarios: Fast Open, IPv6, workers). So the data is
+        kept aside, and read when the receiver DATA_ACKs its first byte (it takes an skb whole or
+        not at all); refused when the connection ends first, or when another copy of its DSNs
+        with other bytes comes inside the window (the receiver reads that one: a sender resends
+        DSNs only when they were not acknowledged). Identical copies leave it be: that is a
+        reinjection. Until then the stream waits at it, a round trip more for the IDS.
+
+        False: over the limits for kept data (256 pieces a connection, the out-of-order limit a
+        direction): placed at once, as any out-of-order data. The edge seen here can trail the
+        sender's by a large window, and refusing what a receiver took would lose it for the IDS;
+        a forged copy placed so raises ``overlap_mismatch`` when the real bytes come."""
+        n = len(data)
+        held = conn.beyond
+        if held is not None and (len(held) >= _MAX_LATE or sum(
+                len(h.data) for h in held if h.cdir == cdir) + n > conn.streams[cdir].ooo_limit):
+            self.stats.past_window_placed += 1
+            return False
+        cost = n + PIECE_COST
+        if not self.budget.take(cost):
+            # shed like any bytes the memcap keeps out (inline, on_memcap = "drop" drops the packet)
+            self._shed(conn, "global", n, f"buffered bytes over the memcap ({self.budget.limit})", ts, ev)
+            conn.streams[cdir].note_shed(pos, pos + n)
+            return True
+        if held is None:
+            held = conn.beyond = []
+        held.append(_Beyond(cdir, pos, bytes(data), cost, pos + n - (conn.streams[cdir].wnd_end or 0)))
+        conn.late += 1
+        return True
+
+    def _beyond_drop(self, conn: Connection, held: _Beyond) -> None:
+        """Forget kept data (its memcap share goes back)."""
+        lst = conn.beyond
+        if lst is not None:
+            lst.remove(held)
+            if not lst:
+                conn.beyond = None
+        conn.late -= 1
+        self.budget.give(held.cost)
+
+    def _beyond_acked(self, conn: Connection, cdir: Direction, acked: int | None, ts: float,
+                      ev: list[Event]) -> None:
+        """The receiver of ``cdir`` DATA_ACKed up to ``acked``: kept data starting before it was taken."""
+        if acked is None:
+            return
+        for held in list(conn.beyond or ()):
+            if held.cdir == cdir and held.dsn < acked and conn.beyond is not None and held in conn.beyond:
+                self._beyond_take(conn, held, ts, ev)
+
+    def _beyond_covered(self, conn: Connection, cdir: Direction) -> None:
+        """The stream has read past kept data from other copies, which matched it (a copy with other
+        bytes refuses it as it comes): whichever the receiver took, nothing is left to decide."""
+        st = conn.streams[cdir]
+        base = st.base
+        for held in list(conn.beyond or ()):
+            if held.cdir == cdir and base is not None and held.dsn + len(held.data) <= base:
+                self._beyond_drop(conn, held)
+                st.duplicate_bytes += len(held.data)
+
+    def _beyond_take(self, conn: Connection, held: _Beyond, ts: float, ev: list[Event]) -> None:
+        """The receiver DATA_ACKed kept data's first byte: it took it. Placed now, as it arrives."""
+        self._beyond_drop(conn, held)
+        self.stats.past_window_taken += 1
+        self._deliver(conn, held.cdir, held.dsn, held.data, ts, ev, taken=True)
+
+    def _beyond_refused(self, conn: Connection, held: _Beyond, why: str, ts: float, ev: list[Event]) -> None:
+        """Kept data the receiver did not take: counted, noticed once per connection direction."""
+        self._beyond_drop(conn, held)
+        self.stats.out_of_window += 1
+        bit = 1 << held.cdir
+        if not conn.beyond_noticed & bit:
+            conn.beyond_noticed |= bit
+            start = conn.streams[held.cdir].start or 0
+            self._notice(ev, NoticeType.OUT_OF_WINDOW, conn,
+                         f"{len(held.data)} bytes at stream offset {held.dsn - start} ended {held.over} bytes past "
+                         f"the connection-level window the receiver had advertised when they came: {why}", None, ts)
+
+    def _beyond_superseded(self, conn: Connection, cdir: Direction, pos: int, data: memoryview | bytes,
+                           ts: float, ev: list[Event]) -> None:
+        """Another copy of kept data's DSNs, inside the window: where the bytes differ, the receiver
+        reads this one (see _hold_beyond)."""
+        end = pos + len(data)
+        for held in list(conn.beyond or ()):
+            lo, hi = max(pos, held.dsn), min(end, held.dsn + len(held.data))
+            if held.cdir == cdir and lo < hi and \
+                    bytes(data[lo - pos : hi - pos]) != held.data[lo - held.dsn : hi - held.dsn]:
+                self._beyond_refused(conn, held, "another copy of its DSNs, with other bytes, came inside the "
+                                     "window before the receiver acknowledged them", ts, ev)
 
     @staticmethod
     def _seen(sfd: SubflowDir, seg: TcpSegment) -> None:
@@ -2145,6 +2276,8 @@ class Tracker:
     def _release(self, conn: Connection) -> None:
         """A connection ends: every byte it still buffers goes back to the budget."""
         self._drop_syn_data(conn)
+        for held in list(conn.beyond or ()):
+            self._beyond_drop(conn, held)
         for st in conn.streams:
             st.release()
             st.drop_history()
@@ -2181,10 +2314,24 @@ class Tracker:
             self._placing_held = False
 
     def _deliver(self, conn: Connection, cdir: Direction, dsn: int, data: memoryview | bytes, ts: float,
-                 ev: list[Event]) -> None:
+                 ev: list[Event], taken: bool = False) -> None:
+        """Put bytes at their DSN in the stream. ``taken``: kept data past the connection-level window
+        that the receiver has now acknowledged (see _hold_beyond)."""
         st = conn.streams[cdir]
+        pos = st.unwrap(dsn)
+        if not taken:
+            we, base = st.wnd_end, st.base
+            # (not after a fallback to TCP: bytes then come in subflow order, with no DATA_ACK to wait for)
+            if we is not None and base is not None and pos > base and pos + len(data) > we and not conn.fallen \
+                    and (st.acked is None or pos >= st.acked) \
+                    and self._hold_beyond(conn, cdir, pos, data, ts, ev):  # (acked already: the receiver has it)
+                return
+            if conn.beyond is not None:
+                self._beyond_superseded(conn, cdir, pos, data, ts, ev)
         before = len(st.overlaps), st.memcap_drops, st.budget_drops, st.memcap_bytes
-        out = st.insert(st.unwrap(dsn), data, self._placing_held)
+        out = st.insert(pos, data, self._placing_held)
+        if conn.beyond is not None and out:
+            self._beyond_covered(conn, cdir)
         if len(st.overlaps) != before[0]:
             for ov in st.overlaps[before[0]:]:
                 self._notice(ev, NoticeType.OVERLAP_MISMATCH, conn,

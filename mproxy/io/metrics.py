@@ -277,6 +277,12 @@ class MproxyCollector(Collector):
         yield _total("mproxy_past_edge_taken", "Subflow segments that started past the right edge the gateway last "
                      "saw their receiver advertise, kept, and read when the receiver acknowledged them",
                      st.past_edge_taken)
+        yield _total("mproxy_past_window_taken", "Out-of-order data whose end lay past the connection-level window "
+                     "the gateway saw its receiver advertise, kept, and read when the receiver DATA_ACKed it",
+                     st.past_window_taken)
+        yield _total("mproxy_past_window_placed", "Out-of-order data past the connection-level window placed at "
+                     "once: over the limits for kept data (256 pieces a connection, the out-of-order limit)",
+                     st.past_window_placed)
         yield _total("mproxy_add_addr_repeats", "Identical ADD_ADDR announcements seen again (retransmissions: "
                      "normal, not a notice)", st.add_addr_repeats)
         yield _by_label("mproxy_bad_checksums", "Segments of tracked subflows whose TCP or IPv4 header checksum "

@@ -852,12 +852,140 @@ def test_a_segment_starting_past_the_advertised_right_edge_places_nothing(fast: 
     _one_notice(ev, NoticeType.OUT_OF_WINDOW, "right edge")
     s, pk = _ack_session()
     pk.append(s.ack(1, False, s.idsn[0] + 8))
-    # at the edge exactly (the mapping's bytes then wait for the hole before them)
+    # at the edge exactly: the subflow takes it; at the data level it is out of order and ends one
+    # byte past the connection-level window (DATA_ACK + window), so it waits for a DATA_ACK, and
+    # none comes: refused at the end (Linux drops it there)
     pk += [s.data(1, True, 8 + 65535, b"X", rel=1 + 65535)]
+    t, ev = _tracked(pk, fast)
+    assert t.stats.out_of_window == 1 and t.stats.past_window_taken == 0
+    _one_notice(ev, NoticeType.OUT_OF_WINDOW, "connection-level window")
+    # the same, then the receiver's DATA_ACK past it (the bytes before it went unseen): taken
+    s, pk = _ack_session()
+    pk.append(s.ack(1, False, s.idsn[0] + 8))
+    pk += [s.data(1, True, 8 + 65535, b"X", rel=1 + 65535), s.ack(1, False, s.idsn[0] + 8 + 65536)]
+    t, ev = _tracked(pk, fast)
+    assert t.stats.out_of_window == 0 and t.stats.past_window_taken == 1
+    assert streams(ev)[(1, C2S)].endswith(b"X")
+
+
+def _past_window(s: Session, pk: list[bytes], far: int) -> int:
+    """The client's stream read in order up to ``far - 2000`` on the initial subflow, the server
+    DATA_ACKing as it reads (window 65535: its connection-level edge trails by 2000 + 65535 bytes).
+    Returns the offset reached."""
+    pk.append(s.ack(1, False, s.idsn[0] + 8))  # DATA_ACK 8, window 65535
+    off = 8
+    while off < far - 2000:
+        n = min(1400, far - 2000 - off)
+        pk.append(s.data(0, True, off, bytes([97 + off % 26]) * n))
+        off += n
+        if off % 14_000 < 1400:
+            pk.append(s.ack(0, False, s.idsn[0] + off))
+    pk.append(s.ack(0, False, s.idsn[0] + off))
+    return off
+
+
+def _expected(far: int, end: int, tail: dict[int, bytes]) -> bytes:
+    out = bytearray(b"GET /?q=")
+    off = 8
+    while off < far - 2000:
+        n = min(1400, far - 2000 - off)
+        out += bytes([97 + off % 26]) * n
+        off += n
+    out += bytes(end - off)
+    for pos, b in tail.items():
+        out[pos : pos + len(b)] = b
+    return bytes(out)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_out_of_order_data_past_the_connection_level_window_is_read_only_once_data_acked(fast: bool) -> None:
+    """Linux drops out-of-order data that ends past the connection-level window its receiver
+    advertised (mptcp_data_queue_ofo, NoDSSInWindow), but the edge seen at the gateway lags the
+    receiver's: such data waits for the receiver's DATA_ACK. Forged BBB far ahead, then the real
+    bytes of those DSNs inside the window: the receiver reads those, and so does the IDS."""
+    far = 8 + 70_000
+    s, pk = _ack_session()
+    pk.append(s.data(1, True, far, b"B" * 1200))  # out of order, past the edge: kept aside
+    off = _past_window(s, pk, far)
+    pk.append(s.data(0, True, far + 700, b"R" * 1400))  # out of order, inside the window now: read
+    pk.append(s.data(0, True, off, bytes(far + 700 - off)))
+    t, ev = _tracked(pk, fast)
+    assert streams(ev)[(1, C2S)] == _expected(far, far + 2100, {far + 700: b"R" * 1400})
+    _one_notice(ev, NoticeType.OUT_OF_WINDOW, "other bytes")
+    assert t.stats.past_window_taken == 0 and t.stats.out_of_window == 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_data_past_the_connection_level_window_the_receiver_data_acks_is_read(fast: bool) -> None:
+    """The same data past the gateway's edge, taken by the receiver (its edge was further on): read
+    when its DATA_ACK comes, and not before -- the stream waits at it. An identical copy inside
+    the window (a reinjection) in between changes nothing and raises nothing."""
+    far = 8 + 70_000
+    for reinject in (False, True):
+        s, pk = _ack_session()
+        pk.append(s.data(1, True, far, b"B" * 1200))
+        off = _past_window(s, pk, far)
+        pk.append(s.data(0, True, off, bytes(far - off)))  # in order up to it
+        if reinject:
+            pk.append(s.data(0, True, far + 200, b"B" * 1000))
+        t = Tracker()
+        t.fast_path = fast
+        feed = Feeder(t)
+        before = streams(feed(pk))[(1, C2S)]
+        assert len(before) == far and t.stats.past_window_taken == 0  # waiting for the DATA_ACK
+        ev = feed([s.ack(0, False, s.idsn[0] + far + 1200)]) + run(t, [])
+        assert streams(ev)[(1, C2S)] == b"B" * 1200
+        assert t.stats.past_window_taken == 1 and t.stats.out_of_window == 0
+        assert not [e for e in feed.events + ev if isinstance(e, Notice)]
+        assert t.budget.used == 0
+
+
+
+def test_data_past_the_connection_level_window_is_kept_within_limits() -> None:
+    """At most 256 pieces a connection are kept past the connection-level window (each later
+    segment scans them); past that, data is placed at once, as any out-of-order data (refusing
+    what the receiver took would lose it). The memcap counts what is kept."""
+    far = 8 + 70_000
+    s, pk = _ack_session()
+    pk.append(s.ack(1, False, s.idsn[0] + 8))
+    pk += [s.data(1, True, far + 2 * i, b"B") for i in range(300)]
+    t = Tracker()
+    ev = run(t, pk, flush=False)
+    (conn,) = t.connections.values()
+    assert conn.late == len(conn.beyond or ()) == MAX_LATE and t.stats.past_window_placed == 300 - MAX_LATE
+    assert conn.streams[C2S].ooo_bytes == 300 - MAX_LATE
+    assert t.budget.used == sum(t.buffered_bytes()) + PIECE_COST * (300 + 0)
+    ev += t.flush()
+    assert t.stats.out_of_window == MAX_LATE and t.budget.used == 0
+    (n,) = [e for e in ev if isinstance(e, Notice) and e.type == NoticeType.OUT_OF_WINDOW]
+    assert "connection-level window" in n.detail and "never acknowledged" in n.detail
+    # a memcap too small for them: shed (inline, on_memcap = "drop" drops the packet)
+    s, pk = _ack_session()
+    pk.append(s.ack(1, False, s.idsn[0] + 8))
+    pk.append(s.data(1, True, far, b"B" * 1000))
+    t = Tracker(TrackerConfig(memcap=900))
+    ev = run(t, pk)
+    assert t.stats.memcap["global"] == 1 and t.shed_bytes == 1000 and t.stats.out_of_window == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_data_past_the_connection_level_window_read_from_an_identical_copy_is_let_go(fast: bool) -> None:
+    """Kept data past the connection-level window whose DSNs the stream then reads from an identical
+    copy (a reinjection) is let go silently, DATA_ACK or not (lab: fast_open, whose client's last
+    DATA_ACKs the capture did not hold): no refusal at the end, and the fast path comes back."""
+    far = 8 + 70_000
+    s, pk = _ack_session()
+    pk.append(s.data(1, True, far, b"B" * 1200))
+    off = _past_window(s, pk, far)
+    pk.append(s.data(0, True, off, bytes(far - off) + b"B" * 1200))
     t = Tracker()
     t.fast_path = fast
-    run(t, pk)
-    assert t.stats.out_of_window == 0
+    ev = run(t, pk, flush=False)
+    (conn,) = t.connections.values()
+    assert conn.beyond is None and conn.late == 0 and conn.streams[C2S].duplicate_bytes >= 1200
+    ev += t.flush()
+    assert streams(ev)[(1, C2S)].endswith(bytes(100) + b"B" * 1200)
+    assert not [e for e in ev if isinstance(e, Notice)] and t.stats.out_of_window == 0
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -477,9 +477,10 @@ from mproxy.core.tracker import _MAX_LATE as MAX_LATE  # noqa: E402
 
 
 def buffered_pieces(tr: Tracker) -> int:
-    """Out-of-order chunks, unmapped pieces and kept past-the-edge packets the live connections hold
-    (each pays PIECE_COST)."""
+    """Out-of-order chunks, unmapped pieces, kept past-the-edge packets and data kept past the
+    connection-level window that the live connections hold (each pays PIECE_COST)."""
     return sum(len(st._chunks) for c in tr.connections.values() for st in c.streams) + sum(
+        len(c.beyond or ()) for c in tr.connections.values()) + sum(
         len(sd.pending) + len(sd.late or ()) for c in tr.connections.values() for sf in c.subflows for sd in sf.dirs)
 
 
@@ -501,7 +502,14 @@ def check_bounded(tr: Tracker) -> None:
         assert conn.closed is None
         assert len(conn.subflows) <= cfg.max_subflows_per_connection, (conn.id, len(conn.subflows))
         assert len(conn.held) <= MAX_HELD, len(conn.held)
-        assert conn.late == sum(len(sd.late or ()) for sf in conn.subflows for sd in sf.dirs), conn.late
+        beyond = conn.beyond or ()
+        assert conn.late == sum(len(sd.late or ()) for sf in conn.subflows for sd in sf.dirs) + len(beyond), conn.late
+        assert conn.beyond is None or 0 < len(beyond) <= MAX_LATE, beyond
+        for held in beyond:
+            st = conn.streams[held.cdir]
+            assert held.cost == len(held.data) + PIECE_COST and st.wnd_end is not None
+        for cdir in (0, 1):
+            assert sum(len(h.data) for h in beyond if h.cdir == cdir) <= conn.streams[cdir].ooo_limit
         for st in conn.streams:
             # held bytes (let through before their mapping) are placed past ooo_limit, under the budget
             assert 0 <= st.ooo_bytes <= max(st.ooo_limit, cfg.memcap + SLACK), (st.ooo_bytes, st.ooo_limit)
@@ -543,6 +551,7 @@ def check_bounded(tr: Tracker) -> None:
             if sf.conn is not None:
                 assert all(st.ooo_bytes == 0 and not st._chunks and not st._history for st in sf.conn.streams), \
                     sf.conn.id
+                assert sf.conn.beyond is None and not sf.conn.late, sf.conn.id
 
 
 def check_frame(ts: float, frame: bytes) -> None:

@@ -29,7 +29,8 @@ client writes ``UNION SELECT ...``:
   consecutive sequence numbers of the join, ended by a DATA_FIN: the kernel reads the copy that
   arrives in order, or of buffered copies the one whose segment starts first (the longer at the
   same start; a segment merged onto the one before counts as starting there); of a copy whose
-  head it already read, it reads the new bytes.
+  head it already read, it reads the new bytes; copies placed 300 kB ahead, past the
+  connection-level window the server advertised, it drops.
 
 Ground truth is what the server application read; the replayed stream, read back by tshark, must
 be the same.
@@ -85,7 +86,7 @@ s.sendall({PART1!r})
 print("part1", flush=True)
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.05)
-s.sendall({PART2!r})
+s.sendall({PART2!r} + b"." * (int(sys.argv[3]) if len(sys.argv) > 3 else 0))
 s.shutdown(socket.SHUT_WR)
 time.sleep(1)
 """
@@ -162,6 +163,7 @@ AUTH_SHAPES: dict[str, str] = {
 # bytes)``, sent in this order, at consecutive sequence numbers of the join), then a DATA_FIN at
 # offset 20 -- or, with None, the client's own UNION SELECT ... that follows; and what the kernel reads
 FILL = b"0123456789"
+PAD = 320_000  # bytes after UNION SELECT ... for ooo_past_window: the stream reaches its copies
 OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
     "ooo_covered": ([(10, b"BENIGN")], None, PART2),
     "ooo_fill_covers": ([(10, b"BENIGN"), (0, FILL + b"UNION SELE")], 20, FILL + b"UNION SELE"),
@@ -176,6 +178,9 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
     "partly_read": ([(0, FILL), (5, b"56789UNION SELE"), (10, b"x" * 10)], 20, FILL + b"UNION SELE"),
     "ooo_inside": ([(10, b"UNION SELE"), (12, b"BENIGN"), (0, FILL)], 20, FILL + b"UNION SELE"),
     "ooo_coalesced": ([(10, b"UNION"), (15, b" SELE"), (12, b"BENIGNxx"), (0, FILL)], 20, FILL + b"UNION SELE"),
+    # 300 kB ahead: past the connection-level window the server advertised, so Linux drops them
+    # (placed, they would win the client's bytes of every segment starting after them)
+    "ooo_past_window": ([(300_000, b"B" * 1300), (301_300, b"B" * 1300)], None, PART2 + b"." * PAD),
 }
 FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window",
              "fastclose_bad_key", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
@@ -204,7 +209,8 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
     cli_ip, join_ip, srv_ip = a.client_addr[0][fam], a.client_addr[1][fam], a.server_addr[fam]
     srv = lab.popen(lab.ns_srv, sys.executable, "-c", SERVER, str(fam), stdout=subprocess.PIPE)
     assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
-    cli = lab.popen(lab.ns_cli, sys.executable, "-c", CLIENT, srv_ip, str(go), stdout=subprocess.PIPE)
+    pad = [str(PAD)] if forgery == "ooo_past_window" else []
+    cli = lab.popen(lab.ns_cli, sys.executable, "-c", CLIENT, srv_ip, str(go), *pad, stdout=subprocess.PIPE)
     assert cli.stdout is not None and cli.stdout.readline().strip() == b"part1"
     time.sleep(2.0)  # the join is up and in the capture
     (key,) = tshark_fields(cap, ["tcp.options.mptcp.sendkey"],
