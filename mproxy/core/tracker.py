@@ -2321,10 +2321,11 @@ class Tracker:
         pos = st.unwrap(dsn)
         if not taken:
             we, base = st.wnd_end, st.base
-            # (not after a fallback to TCP: bytes then come in subflow order, with no DATA_ACK to wait for)
+            # out of order and past the connection-level edge: kept for the DATA_ACK (_hold_beyond); not
+            # when already DATA_ACKed (the receiver has it), nor after a fallback to TCP (bytes then come
+            # in subflow order, and no DATA_ACK follows)
             if we is not None and base is not None and pos > base and pos + len(data) > we and not conn.fallen \
-                    and (st.acked is None or pos >= st.acked) \
-                    and self._hold_beyond(conn, cdir, pos, data, ts, ev):  # (acked already: the receiver has it)
+                    and (st.acked is None or pos >= st.acked) and self._hold_beyond(conn, cdir, pos, data, ts, ev):
                 return
             if conn.beyond is not None:
                 self._beyond_superseded(conn, cdir, pos, data, ts, ev)
