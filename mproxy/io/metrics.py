@@ -272,7 +272,8 @@ class MproxyCollector(Collector):
         yield _by_label("mproxy_memcap_hits", "Times a memory or state limit bit, by limit", "limit", MEMCAP_LIMITS,
                         st.memcap)
         yield _total("mproxy_out_of_window_packets", "Subflow segments outside the receiver's TCP window, with a "
-                     "timestamp older than its last (PAWS), or with an ACK field it refuses: ignored",
+                     "timestamp older than its last (PAWS), or with an ACK field it refuses, and kept data past "
+                     "the connection-level window the receiver did not take: ignored",
                      st.out_of_window)
         yield _total("mproxy_past_edge_taken", "Subflow segments that started past the right edge the gateway last "
                      "saw their receiver advertise, kept, and read when the receiver acknowledged them",
