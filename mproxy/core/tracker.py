@@ -408,7 +408,11 @@ class Tracker:
         self._next_sf = 1
         self._last_expire = 0.0
         self._last_sweep = 0.0
-        self._lingering: deque[tuple[float, Subflow]] = deque()  # (closed at, subflow)
+        # subflow entries of ended connections, kept closed_linger to absorb their late packets:
+        # (closed at, subflow), in the order they ended; those of connections that never opened
+        # (a SYN flood's evicted handshakes) apart, as the first to go when the table is full
+        self._lingering: deque[tuple[float, Subflow]] = deque()
+        self._lingering_unopened: deque[tuple[float, Subflow]] = deque()
         # join-flood windows, oldest first: (receiver address, token or None) -> [start, joins, noticed]
         self._join_windows: OrderedDict[tuple[bytes, int | None], list[Any]] = OrderedDict()
         self._evictions = [0.0, 0]  # SYN flood window: [start, evictions of half-open handshakes]
@@ -843,11 +847,7 @@ class Tracker:
         key = (seg.src, seg.sport, seg.dst, seg.dport)
         if len(self._sf) // 2 >= self.config.max_subflows:
             self.stats.memcap["subflows"] += 1  # the limit bit: counted however room is made
-            self._expire(ts, ev, force=True)
-            while len(self._sf) // 2 >= self.config.max_subflows and self._orphans:
-                # a subflow no connection claimed (joins with unknown tokens: a join flood) makes
-                # room first, oldest first, so a flood cannot keep new connections from being tracked
-                self._drop_subflow(self._orphans.popitem(last=False)[1])
+            self._make_room(ts, ev)
             if len(self._sf) // 2 >= self.config.max_subflows:
                 self.stats.refused["subflow_limit"] += 1
                 ev.append(SubflowRefused("subflow_limit", ts))
@@ -894,7 +894,7 @@ class Tracker:
     def _new_connection(self, seg: TcpSegment, ts: float, ev: list[Event], *, client_is_src: bool = True,
                         pickup: bool = False) -> Connection | None:
         if len(self.connections) >= self.config.max_connections:
-            self._expire(ts, ev, force=True)
+            self._expire(ts, ev)  # (ended connections' lingering subflows hold no connection slot)
             if len(self.connections) >= self.config.max_connections:
                 # evict the least recently active connection still in its handshake, else refuse
                 victim = next(iter(self._half_open.values()), None)
@@ -2518,10 +2518,15 @@ class Tracker:
         self._release(conn)
         self.connections.pop(conn.id, None)
         self._half_open.pop(conn.id, None)
+        lq = self._lingering if conn.opened else self._lingering_unopened
         for sf in conn.subflows:
             if sf.closed_ts is None:
                 sf.closed_ts = ts
-            self._lingering.append((ts, sf))
+            lq.append((ts, sf))
+        while len(lq) > self.config.max_subflows:
+            # more than the table holds (entries a reused 4-tuple or the sweep already took stay
+            # queued until their time): the oldest go, so that a flood cannot grow the queue
+            self._drop_subflow(lq.popleft()[1])
         self._forget_tokens(conn)
 
     def _forget(self, conn: Connection) -> None:
@@ -2543,7 +2548,30 @@ class Tracker:
                     if self.token_log is not None:
                         self.token_log.append((tok, False))
 
-    def _expire(self, now: float, ev: list[Event], force: bool = False) -> None:
+    def _make_room(self, ts: float, ev: list[Event]) -> None:
+        """At the subflow limit: entries go, as few as it takes, least worth first. Those whose time
+        is up (the sweep of loose ones included); the lingering ones of handshakes that never
+        completed (a SYN flood's); subflows no connection claimed (joins with unknown tokens: a
+        join flood), oldest first, so that a flood cannot keep new connections from being
+        tracked; then the lingering ones of connections that ended. Those go last: without them
+        a late retransmission of an ended connection comes back as a new connection picked up
+        mid-stream, a second conversation for the IDS with bytes the receiver already had."""
+        self._expire(ts, ev)
+        limit = self.config.max_subflows
+        sfs = self._sf
+        if len(sfs) // 2 >= limit:
+            self._sweep(ts, force=True)
+        lq = self._lingering_unopened
+        while len(sfs) // 2 >= limit and lq:
+            self._drop_subflow(lq.popleft()[1])
+        orphans = self._orphans
+        while len(sfs) // 2 >= limit and orphans:
+            self._drop_subflow(orphans.popitem(last=False)[1])
+        lq = self._lingering
+        while len(sfs) // 2 >= limit and lq:
+            self._drop_subflow(lq.popleft()[1])
+
+    def _expire(self, now: float, ev: list[Event]) -> None:
         cfg = self.config
         wins = self._join_windows
         while wins and now - next(iter(wins.values()))[0] >= cfg.join_flood_window:
@@ -2556,16 +2584,20 @@ class Tracker:
                 break
             self._close(conn, Outcome.IDLE, False, now, ev)
         # subflow entries of ended connections: after a linger, in the order they ended
-        lq = self._lingering
-        while lq and (force or now - lq[0][0] >= cfg.closed_linger):
-            _t, sf = lq.popleft()
-            if now - max(_t, sf.last_ts) < cfg.closed_linger and not force:
-                lq.append((sf.last_ts, sf))  # still receiving late packets: look again later
-                break
-            self._drop_subflow(sf)
-        # loose entries (no connection, or plain TCP after a fallback): a periodic sweep
-        # (forced at a limit at most once a second: the sweep is O(table), and a flood hits the
-        # limit on every packet)
+        for lq in (self._lingering_unopened, self._lingering):
+            while lq and now - lq[0][0] >= cfg.closed_linger:
+                _t, sf = lq.popleft()
+                if now - max(_t, sf.last_ts) < cfg.closed_linger:
+                    lq.append((sf.last_ts, sf))  # still receiving late packets: look again later
+                    break
+                self._drop_subflow(sf)
+        self._sweep(now)
+
+    def _sweep(self, now: float, force: bool = False) -> None:
+        """Loose entries (no connection, or plain TCP after a fallback) past their time: every 30 s,
+        or at a limit (``force``) at most once a second: the sweep is O(table), and a flood hits
+        the limit on every packet."""
+        cfg = self.config
         if (force and now - self._last_sweep >= 1.0) or now - self._last_sweep >= 30.0:
             self._last_sweep = now
             dead = []

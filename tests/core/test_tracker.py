@@ -371,6 +371,32 @@ def test_closed_subflow_entries_linger_then_go() -> None:
     assert not t._sf
 
 
+@pytest.mark.parametrize("flood", ["syn", "join"])
+def test_a_flood_at_the_limits_leaves_an_ended_connections_entries_lingering(flood: str) -> None:
+    """Right after a connection ended, a SYN flood (at the connection limit) or a join flood with
+    unknown tokens (at the subflow limit): the flood's own entries make room, the ended
+    connection's lingering ones stay, and its late retransmission is absorbed, not picked up
+    as a new connection (a second conversation for the IDS with bytes the client already had)."""
+    t = Tracker(TrackerConfig(max_connections=5, max_subflows=12))
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET / HTTP/1.0\r\n\r\n")]
+    late = s.data(0, False, 0, b"HTTP/1.0 200 OK\r\n\r\n")
+    run(t, pk + [late, s.data_fin(0, True, 18), s.data_fin(0, False, 19)], flush=False)
+    assert not t.connections and t.stats.connections == 1
+    joiner = Session(1, sport=30000, client_key=0x99, server_key=0x98)
+    for i in range(100):
+        syn = Session(1, sport=20000 + i).handshake()[0] if flood == "syn" else joiner.join(1, token=0x10000 + i)[0]
+        t.process(seg(syn, 1001.0 + i / 1000))
+    assert t.stats.memcap["connections" if flood == "syn" else "subflows"] > 0
+    opened = t.stats.connections
+    ev = t.process(seg(late, 1002.0))
+    assert t.stats.connections == opened and not [e for e in ev if isinstance(e, ConnectionOpened)]
+    assert len(t._lingering) == 1 and len(t._lingering_unopened) <= t.config.max_subflows
+    # past closed_linger the entries go as before, and the same segment is then picked up
+    t.process(seg(late, 1040.0))
+    assert t.stats.connections == opened + 1
+
+
 def test_off_window_packet_cannot_forge_a_data_ack_gap() -> None:
     """An off-path DATA_ACK far ahead would make the tracker skip real bytes as a 'gap'
     and then drop them as duplicates: the whole out-of-window packet must be ignored."""

@@ -495,7 +495,7 @@ def check_bounded(tr: Tracker) -> None:
         assert lst, tok
         for c in lst:
             assert c.id in live, f"token 0x{tok:x} keeps closed connection {c.id}"
-    assert len(tr._lingering) <= 2 * cfg.max_subflows + 2 * cfg.max_connections * cfg.max_subflows_per_connection
+    assert len(tr._lingering) <= cfg.max_subflows and len(tr._lingering_unopened) <= cfg.max_subflows
     assert set(tr._half_open) <= live and all(not c.opened for c in tr._half_open.values())
     assert all(tr._sf.get(sf.key, (None,))[0] is sf and sf.conn is None for sf in tr._orphans.values())
     for conn in tr.connections.values():
