@@ -196,6 +196,33 @@ def kernel_read(forgery: str) -> bytes:
     return PART1 + b"BENIGN" + PART2[6:] if forgery in _READ else PART1 + PART2
 
 
+def wait_for_join(cap: Path, join_ip: str, timeout: float = 10.0) -> None:
+    """Until ``cap`` holds an MP_JOIN handshake from ``join_ip`` up to the server's ACK of its third
+    packet (the join is established, and what the forgery reads of it is in the capture): a poll
+    of the capture, not a fixed sleep (typically ~0.1 s, where the sleep was 2 s)."""
+    from mproxy.io.pcap import CaptureError, read_captures
+    from mproxy.wire.packet import ACK, SYN, TcpSegment, parse_frame
+
+    want = socket.inet_pton(socket.AF_INET6 if ":" in join_ip else socket.AF_INET, join_ip)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        port = None
+        try:
+            for f in read_captures([str(cap)]):
+                seg = parse_frame(f.linktype, f.data, f.ts)
+                if not isinstance(seg, TcpSegment):
+                    continue
+                if port is None and seg.src == want and seg.flags & (SYN | ACK) == SYN:
+                    port = seg.sport
+                elif port is not None and seg.dst == want and seg.dport == port and seg.flags & (SYN | ACK) == ACK:
+                    time.sleep(0.1)  # (what follows it on the wire, too)
+                    return
+        except CaptureError:
+            pass  # (tcpdump has not written the file's header yet)
+        time.sleep(0.05)
+    raise AssertionError(f"no MP_JOIN from {join_ip} established in {cap} within {timeout:g} s")
+
+
 def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0) -> bytes:
     """The exchange with ``forgery`` sent on the join (``"none"``: nothing), while ``cap`` records
     at the gateway (its keys and sequence numbers are read from there), the client idle for
@@ -212,7 +239,7 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
     pad = [str(PAD)] if forgery == "ooo_past_window" else []
     cli = lab.popen(lab.ns_cli, sys.executable, "-c", CLIENT, srv_ip, str(go), *pad, stdout=subprocess.PIPE)
     assert cli.stdout is not None and cli.stdout.readline().strip() == b"part1"
-    time.sleep(2.0)  # the join is up and in the capture
+    wait_for_join(cap, join_ip)
     (key,) = tshark_fields(cap, ["tcp.options.mptcp.sendkey"],
                            f"tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0 && {ipf}.src == {cli_ip}")[:1]
     idsn = crypto.key_idsn(int(key[0].split(",")[0]), 1)
