@@ -148,6 +148,9 @@ class Pipeline:
         """One captured frame; non-TCP frames are counted and not forwarded."""
         self.stats.frames += 1
         seg = parse_frame(linktype, frame, ts)
+        if type(seg) is TcpSegment:  # nearly every frame: straight on (feed_segment, inlined)
+            events = self.tracker.process(seg)
+            return self.handle(events) if events else []
         if isinstance(seg, WireError) and seg.kind is ErrorKind.FRAGMENT:
             # an IP fragment: held until its datagram is whole, which is then parsed as any packet
             ip = strip_link(linktype, memoryview(frame))
@@ -174,7 +177,8 @@ class Pipeline:
         """Turn tracker events into frames (or remote ops) and log records."""
         if not events:
             return []
-        ops: list[Op] = []
+        remote = self.remote
+        ops: list[Op] = [] if remote is None else remote  # remote mode: gathered in place
         bytes_out = self.stats.bytes_out
         ins = self.inspector
         for e in events:
@@ -204,10 +208,7 @@ class Pipeline:
                     ins.close(e.conn_id)
             elif isinstance(e, Notice):
                 self.records.append(notice_record(e))
-        if not ops:
-            return []
-        if self.remote is not None:
-            self.remote += ops
+        if remote is not None or not ops:
             return []
         em = self.emission
         out = em.apply(ops)
