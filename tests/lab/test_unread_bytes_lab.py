@@ -199,7 +199,8 @@ def kernel_read(forgery: str) -> bytes:
 def wait_for_join(cap: Path, join_ip: str, timeout: float = 10.0) -> None:
     """Until ``cap`` holds an MP_JOIN handshake from ``join_ip`` up to the server's ACK of its third
     packet (the join is established, and what the forgery reads of it is in the capture): a poll
-    of the capture, not a fixed sleep (typically ~0.1 s, where the sleep was 2 s)."""
+    of the capture, not a fixed 2 s sleep. It takes ~1 s: the join is up within milliseconds, but
+    tcpdump gets packets from the kernel's ring a block at a time, when the block retires."""
     from mproxy.io.pcap import CaptureError, read_captures
     from mproxy.wire.packet import ACK, SYN, TcpSegment, parse_frame
 
