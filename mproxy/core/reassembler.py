@@ -286,6 +286,18 @@ class DataStream:
     def next_buffered(self) -> int | None:
         return self._starts[0] if self._starts else None
 
+    def furthest(self) -> int | None:
+        """One past the furthest position seen: released, buffered, or the DATA_FIN's."""
+        if self.base is None:
+            return None
+        end = self.base
+        if self._starts:
+            last = self._starts[-1]
+            end = max(end, last + len(self._chunks[last]))
+        if self.fin_dsn is not None:
+            end = max(end, self.fin_dsn + 1)
+        return end
+
     def lacks(self, start: int, end: int) -> bool:
         """Are the stream positions [start, end) all unread and unbuffered (a hole, or beyond)?"""
         if self.base is None or start < self.base:

@@ -49,8 +49,16 @@ from .reassembler import MASK32, MASK64, PIECE_COST, SLACK, DataStream, MemBudge
 
 _NO_EVENTS: list[Event] = []
 _DIRS = (Direction.C2S, Direction.S2C)
-_PICKUP_DSN_WINDOW = 1 << 26  # a subflow's DSNs within 64 MiB of a stream belong to it
+# a subflow first seen mid-stream belongs to a connection when its DSN lies within 64 MiB of the
+# sender's stream and its DATA_ACK that near the other; a 32-bit value within 8 MiB (one in 256
+# unrelated ones falls that near, where 64 MiB took one in 32: lab, two connections of one host pair)
+_PICKUP_DSN_WINDOW = 1 << 26
+_PICKUP_DSN_WINDOW32 = 1 << 23
 _MAX_MAPPINGS = 32
+# a DATA_ACK further past the furthest byte seen from its sender than the largest TCP window plus
+# what this rate could have carried since the connection began acknowledges data never sent
+_MAX_WINDOW = 1 << 30
+_MAX_RATE = 1 << 36  # bytes/s (~550 Gbit/s)
 _UNMAPPED_SHED_RANGES = 8  # runs of shed unmapped bytes remembered per subflow direction
 _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flood must not grow it
 # segments kept past a right edge per subflow direction (each later segment there scans them): a
@@ -177,6 +185,7 @@ class SubflowDir:
     # bare segment there is read even past the right edge: tcp_sequence allows rcv_nxt + a 0 window)
     rcv_nxt: int | None = None
     oow_noticed: bool = False
+    unsent_ack_noticed: bool = False  # a DATA_ACK of data never sent was noticed (Tracker._ack_unsent)
     # data segments that start past ``edge``, kept until the receiver's acknowledgement shows whether
     # it took them (see Tracker._keep_late); None when there are none (the fast path's one check)
     late: list[_Late] | None = None
@@ -203,6 +212,9 @@ class Subflow:
     plain: bool = False  # not MPTCP: pass packets through
     refused: bool = False  # join failed verification: its bytes never count
     established: bool = False
+    # attached mid-stream (no handshake seen) to a connection whose handshake was seen: nothing shows
+    # the receiver accepted such a subflow until it acknowledges bytes on it (see Tracker._unverified)
+    unverified: bool = False
     reset: bool = False
     closed_ts: float | None = None
     join_token: int | None = None
@@ -570,7 +582,7 @@ class Tracker:
             return False
         conn = sf.conn
         if conn is None or conn.closed is not None or not conn.opened or conn.csum or not sf.established \
-                or sf.refused or sf.plain or conn.fallen or conn.late:
+                or sf.refused or sf.plain or conn.fallen or conn.late or sf.unverified:
             return False
         ip = seg.ip
         o = seg.tcp_off + 20
@@ -669,12 +681,15 @@ class Tracker:
                     data_ack = cand
                 diff = (data_ack - rb) & MASK64  # DataStream.unwrap, inlined
                 data_ack = rb + diff if diff < 1 << 63 else rb + diff - (1 << 64)
-            if rst.acked is None or data_ack > rst.acked:
-                rst.acked = data_ack
-            if rb is not None:  # the connection-level right edge (see _hold_beyond)
-                we = data_ack + other.peer_win
-                if rst.wnd_end is None or we > rst.wnd_end:
-                    rst.wnd_end = we
+                if data_ack - rb > _MAX_WINDOW and self._ack_unsent(conn, sf, d, rst, data_ack, seg, ev):
+                    data_ack = None
+            if data_ack is not None:
+                if rst.acked is None or data_ack > rst.acked:
+                    rst.acked = data_ack
+                if rb is not None:  # the connection-level right edge (see _hold_beyond)
+                    we = data_ack + other.peer_win
+                    if rst.wnd_end is None or we > rst.wnd_end:
+                        rst.wnd_end = we
         if have & 2:
             # _fast_data with the mapping covering exactly this payload; _place's in-order case
             moff = (dsn - ssn) & MASK32
@@ -1090,6 +1105,7 @@ class Tracker:
                 conn.version = o.cap.version
         sf = self._add_subflow(key, Role.PICKUP, ts, conn, flipped)
         sf.established = True
+        sf.unverified = not conn.pickup
         if not conn.opened:
             self._open(conn, ts, ev)
         else:
@@ -1097,29 +1113,40 @@ class Tracker:
         self._on_segment(sf, 0, seg, o, ev)
 
     def _find_by_dsn(self, dss: m.Dss | None, seg: TcpSegment) -> tuple[Connection | None, bool]:
+        """The live connection a mid-stream subflow's DSS places it in, and whether its sender is that
+        connection's server. Every value the DSS carries must agree: the DSN with the sender's stream,
+        the DATA_ACK with the other one (where the connection knows a position to compare). One
+        alone joined another connection between the same hosts to this one (lab: a 32-bit DATA_ACK
+        near the new connection's, a 64-bit DSN nowhere near it)."""
         if dss is None:
             return None, False
-        probes: list[tuple[int, int]] = []  # (value, stream index it would belong to if sender is client)
+        probes: list[tuple[int, int, bool]] = []  # (value, stream index if the sender is the client, 64-bit)
         if dss.dsn is not None:
-            probes.append((dss.dsn, 0))
+            probes.append((dss.dsn, 0, dss.dsn64))
         if dss.data_ack is not None:
-            probes.append((dss.data_ack, 1))
+            probes.append((dss.data_ack, 1, dss.ack64))
+        if not probes:
+            return None, False
         for conn in reversed(self.connections.values()):
             if conn.closed is not None:
                 continue
-            for val, k in probes:
-                for flipped in (False, True):
+            for flipped in (False, True):
+                agreed = 0
+                for val, k, wide in probes:
                     st = conn.streams[k ^ int(flipped)]
                     # a stream picked up mid-stream may have no byte in order yet (its first data
                     # waits for a mapping to anchor it) but already knows the peer's DATA_ACK
                     ref = st.base if st.base is not None else st.acked
                     if ref is None:
                         continue
-                    mask = MASK64 if (dss.dsn64 if k == 0 else dss.ack64) else MASK32
+                    mask, near = (MASK64, _PICKUP_DSN_WINDOW) if wide else (MASK32, _PICKUP_DSN_WINDOW32)
                     dist = (val - ref) & mask  # modular: streams cross 2**32 and 2**64
-                    if min(dist, mask + 1 - dist) < _PICKUP_DSN_WINDOW:
-                        # the sender must be on the matching side's addresses
-                        return conn, flipped
+                    if min(dist, mask + 1 - dist) >= near:
+                        agreed = -1
+                        break
+                    agreed += 1
+                if agreed > 0:
+                    return conn, flipped
         return None, False
 
     # -- per-segment work ---------------------------------------------------
@@ -1149,7 +1176,10 @@ class Tracker:
                 # judged as a whole: an off-path packet must not move the tracked ack or
                 # window, add a mapping, or carry a DATA_ACK that would make us skip real
                 # bytes as a "gap" (and then discard them as duplicates)
-                self._out_of_window(conn, sfd, seg, ev)
+                if self._bare_past_edge(conn, sfd, seg, o):
+                    self.stats.out_of_window += 1  # (ignored, not noticed: see _bare_past_edge)
+                else:
+                    self._out_of_window(conn, sfd, seg, ev)
                 return
             if tsval is not None and not self._paws_ok(conn, sfd, seg, tsval, ev):
                 return  # the receiver drops it whole, options and all
@@ -1164,11 +1194,14 @@ class Tracker:
                 if not self._keep_late(sf, d, seg, o, ev):
                     self._out_of_window(conn, sfd, seg, ev)
                 return
-            if sfd.late is not None and seg.payload_len:
+            if sfd.late is not None and seg.payload_len and not sf.unverified:
                 self._late_superseded(conn, sfd, seg, ev)
             if flags & ACK:
                 _take_ack(sfd, other, seg)  # this packet's ack/window govern the other direction's data
-                if other.late is not None:
+                if sf.unverified and not flags & RST and other.last_end is not None \
+                        and (seg.ack - other.last_end) & MASK32 < 0x80000000:
+                    sf.unverified = False  # the receiver acknowledged the bytes sent on it: the subflow is real
+                if other.late is not None and not flags & RST:  # (Linux reads no RST's ACK field)
                     self._late_acked(sf, d ^ 1, seg.ack, ts, ev)
         if conn is None:
             # a join whose connection is unknown: try again with its data
@@ -1176,12 +1209,16 @@ class Tracker:
                 c, flipped = self._find_by_dsn(o.dss, seg)
                 if c is not None and len(c.subflows) < self.config.max_subflows_per_connection:
                     self._attach(sf, c, flipped ^ bool(d), ts, ev)
+                    sf.unverified = not c.pickup  # (a join whose token is not this connection's)
                     conn = c
             if conn is None:
                 if seg.payload_len:
                     self.stats.refused["orphan_data"] += 1
                 return
         if conn.closed is not None:
+            return
+        if sf.unverified and not late:
+            self._unverified(sf, d, seg, o, ev)
             return
         if not sf.established:
             if sf.role == Role.INITIAL and o.cap is not None and d == 0:  # only the client sends it now
@@ -1221,14 +1258,16 @@ class Tracker:
                 if not dss.flags & m.DSS_a and rst.base is not None:
                     ack = expand32(ack, rst.base)
                 ack = rst.unwrap(ack)  # DSNs wrap at 2**64, stream positions do not
-                if rst.acked is None or ack > rst.acked:
-                    rst.acked = ack
-                if flags & ACK and rst.base is not None:  # the connection-level right edge (see _hold_beyond)
-                    we = ack + other.peer_win
-                    if rst.wnd_end is None or we > rst.wnd_end:
-                        rst.wnd_end = we
-                if conn.beyond is not None:
-                    self._beyond_acked(conn, Direction(cdir ^ 1), rst.acked, ts, ev)
+                if rst.base is None or ack - rst.base <= _MAX_WINDOW \
+                        or not self._ack_unsent(conn, sf, d, rst, ack, seg, ev):
+                    if rst.acked is None or ack > rst.acked:
+                        rst.acked = ack
+                    if flags & ACK and rst.base is not None:  # the connection-level right edge (see _hold_beyond)
+                        we = ack + other.peer_win
+                        if rst.wnd_end is None or we > rst.wnd_end:
+                            rst.wnd_end = we
+                    if conn.beyond is not None:
+                        self._beyond_acked(conn, Direction(cdir ^ 1), rst.acked, ts, ev)
             if dss.dsn is not None and not void:
                 n = seg.payload_len
                 isn = sfd.isn
@@ -1629,6 +1668,31 @@ class Tracker:
                 and (pa - seg.seq) & MASK32 < 0x80000000 and (seg.seq + seg.payload_len - pa) & MASK32 < 0x80000000:
             sfd.ts_recent = tsval
 
+    def _ack_unsent(self, conn: Connection, sf: Subflow, d: int, st: DataStream, ack: int, seg: TcpSegment,
+                    ev: list[Event]) -> bool:
+        """Does this DATA_ACK (a stream position of ``st``, the other direction) acknowledge data its
+        sender cannot have sent? Linux's sender ignores such a DATA_ACK (ack_update_msk: past its
+        snd_nxt), and so does mproxy, but it does not know what was sent on paths it does not see (a
+        side channel, which such an ack reveals): only an ack further past the furthest byte seen
+        from that sender, or the furthest right edge its receiver advertised, than the largest TCP
+        window plus what ``_MAX_RATE`` could have carried since the connection began is ignored.
+        Taken, one (a forged DATA_ACK of 0) skipped 2**60 bytes as a side channel, which
+        ``on_side_channel`` may act on, and pushed the record's ``acked_bytes`` there."""
+        seen = st.furthest()
+        if seen is None:
+            return False
+        if st.wnd_end is not None and st.wnd_end > seen:
+            seen = st.wnd_end
+        ahead = ack - seen
+        if ahead <= _MAX_WINDOW + _MAX_RATE * max(0.0, seg.ts - conn.ts):
+            return False
+        sfd = sf.dirs[d]
+        if not sfd.unsent_ack_noticed:
+            sfd.unsent_ack_noticed = True
+            self._notice(ev, NoticeType.INVALID_OPTION, conn, f"DATA_ACK {ahead} bytes past anything its "
+                         "sender can have sent: ignored, as the sender ignores it", seg)
+        return True
+
     @staticmethod
     def _ack_refused(sf: Subflow, d: int, seg: TcpSegment) -> str | None:
         """Why the receiver discards this segment for its ACK field, None when it does not (Linux
@@ -1691,19 +1755,64 @@ class Tracker:
             sfd.oow_noticed = True
             self._notice(ev, NoticeType.OUT_OF_WINDOW, conn, detail or self._window_text(sfd, seg), seg)
 
+    def _unverified(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event]) -> None:
+        """A segment (its TCP checks passed, its ACK taken) of a subflow first seen mid-stream and
+        attached by its DSNs to a connection whose handshake was seen. Linux reads data only on
+        subflows whose join it accepted; a made-up "subflow" carrying the next DSNs with other bytes
+        (the server answers it with a RST) was what the IDS read, while the server read the real
+        subflow's bytes. Nothing shows the subflow is real until its receiver acknowledges bytes on
+        it, so its data segments are kept as past-the-edge ones are (``_keep_late``: the receiver's
+        ACK of them takes them, and verifies the subflow) and its other MPTCP signals (DATA_ACK,
+        DATA_FIN, addresses) count for nothing until then. A RST from the receiver refuses them."""
+        conn = sf.conn
+        assert conn is not None
+        sfd = sf.dirs[d]
+        if seg.flags & RST:
+            for dd in (d, d ^ 1):
+                for kept in list(sf.dirs[dd].late or ()):
+                    self._late_refused(conn, sf.dirs[dd], kept, "its subflow was reset before the receiver "
+                                       "acknowledged bytes on it", ev, seg.ts)
+            return
+        if not seg.payload_len:
+            return
+        end = (seg.seq + seg.payload_len) & MASK32
+        if sfd.last_end is None or (end - sfd.last_end) & MASK32 < 0x80000000:
+            sfd.last_end = end  # (the receiver's ACK there verifies the subflow)
+        why = f"{seg.payload_len} bytes on a subflow whose handshake was not seen, attached mid-stream by its DSNs"
+        if not self._keep_late(sf, d, seg, o, ev, why):
+            self._out_of_window(conn, sfd, seg, ev, why + ": over the limit for bytes kept until the receiver "
+                                "acknowledges them")
+
     # -- past the right edge ------------------------------------------------------------------
     @staticmethod
     def _may_keep(conn: Connection | None, sfd: SubflowDir, seg: TcpSegment) -> bool:
         """Is this segment, outside the receiver's window, one ``_keep_late`` may keep: data (no RST)
         of a live connection starting past the right edge, by less than twice the largest window
         the receiver has offered (further is not a sender's doing)?"""
+        return conn is not None and conn.closed is None and bool(seg.payload_len) and not seg.flags & RST \
+            and Tracker._overshoot(sfd, seg)
+
+    @staticmethod
+    def _overshoot(sfd: SubflowDir, seg: TcpSegment) -> bool:
+        """Does the segment start past the right edge its receiver advertised, by less than twice the
+        largest window it has offered (as far as a sender's overshoot reaches)?"""
         edge, pa = sfd.edge, sfd.peer_ack
-        if conn is None or conn.closed is not None or not seg.payload_len or seg.flags & RST or edge is None \
-                or pa is None or not 0 < (seg.seq - edge) & MASK32 < 0x80000000:
+        if edge is None or pa is None or not 0 < (seg.seq - edge) & MASK32 < 0x80000000:
             return False
         return (seg.seq - pa) & MASK32 <= 2 * max(sfd.max_win, 65535)
 
-    def _keep_late(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event]) -> bool:
+    @staticmethod
+    def _bare_past_edge(conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, o: "_Opts") -> bool:
+        """A segment with nothing to read (no payload, SYN, FIN, RST or DATA_FIN) past the right edge
+        as far as ``_may_keep`` allows data: a sender's bare ACK after the data it sent past the edge
+        the gateway last saw (lab, Fast Open through the tbf queue: 13.7 kB past it), which the
+        receiver, its window grown meanwhile, takes. Its ACK and DATA_ACK are ignored all the same
+        (later packets carry newer ones), but it raises no ``out_of_window``: it inserts nothing."""
+        return conn is not None and not seg.payload_len and not seg.flags & (SYN | FIN | RST) \
+            and (o.dss is None or not o.dss.flags & m.DSS_F) and Tracker._overshoot(sfd, seg)
+
+    def _keep_late(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event],
+                   why: str | None = None) -> bool:
         """A data segment that starts past the right edge the gateway last saw its receiver advertise
         (``_may_keep``), and that passed the checks the receiver makes as it comes (PAWS, its ACK field).
 
@@ -1727,8 +1836,9 @@ class Tracker:
         dss = o.dss
         isn = sfd.isn
         st = conn.streams[_DIRS[d ^ sf.flipped]]
-        if dss is not None and dss.dsn is not None and dss.dll and isn is not None and not conn.fallen:
-            off = (seg.seq - isn - (dss.ssn or 0)) & MASK32
+        if dss is not None and dss.dsn is not None and dss.dll and not conn.fallen:
+            # (ISN unknown, seen mid-stream: a segment of its mapping's length starts it, as _sync_pickup takes it)
+            off = (seg.seq - isn - (dss.ssn or 0)) & MASK32 if isn is not None else 0 if n == dss.dll else MASK32
             if off < dss.dll:
                 first = dss.dsn if dss.dsn64 or st.base is None else expand32(dss.dsn, st.base)
                 dsn = st.unwrap((first + off) & MASK64)
@@ -1740,7 +1850,7 @@ class Tracker:
                 st.note_shed(dsn, dsn + n)
             return True
         kept = _Late(seg.seq, (seg.seq + n) & MASK32, replace(seg, ip=memoryview(bytes(seg.ip))), o, dsn, cost,
-                     self._window_text(sfd, seg))
+                     why or self._window_text(sfd, seg))
         if sfd.late is None:
             sfd.late = []
         sfd.late.append(kept)
@@ -1783,6 +1893,7 @@ class Tracker:
         sfd = sf.dirs[d]
         for kept in list(sfd.late or ()):
             if 0 < (ack - kept.seq) & MASK32 < 0x80000000 and sfd.late is not None and kept in sfd.late:
+                sf.unverified = False  # the receiver took bytes on it: the subflow is real
                 self._late_take(sf, d, kept, ts, ev)
 
     def _late_dsn_acked(self, conn: Connection, cdir: Direction, limit: int, ts: float, ev: list[Event]) -> None:

@@ -1009,10 +1009,36 @@ def test_past_the_edge_a_bare_segment_at_the_receivers_next_byte_is_read(fast: b
     assert summaries(ev)[0]["c2s"]["data_fin"] is True
     # BENIGN is kept until the end (the receiver might have opened its window in an ACK still on its
     # way: see test_past_the_edge_data_the_receiver_acknowledges_is_read), never acknowledged, and
-    # refused then; the bare segment one byte past the next byte is refused at once (and noticed)
+    # refused then (and noticed); the bare segment one byte past the next byte is refused at once,
+    # counted but not noticed (see test_past_the_edge_a_bare_ack_is_ignored_without_a_notice)
+    (n,) = [e for e in ev if isinstance(e, Notice)]
+    assert n.type == NoticeType.OUT_OF_WINDOW and n.detail.startswith("6 bytes"), n
+    assert t.stats.out_of_window == 2 and t.stats.past_edge_taken == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_past_the_edge_a_bare_ack_is_ignored_without_a_notice(fast: bool) -> None:
+    """A sender's bare ACK after data it sent past the edge the gateway saw (lab: Fast Open through
+    the tbf queue, 13.7 kB past it): the receiver, its window grown in an ACK still on its way,
+    takes it. Its ACK fields are ignored here all the same (later packets carry newer ones), but
+    it raised ``out_of_window`` (an insertion alert) for a packet that inserts nothing. Further
+    than data may be kept (twice the largest window), or with a FIN, it is still noticed."""
+    s, pk = _ack_session()
+    off, nxt = _past_the_edge(s, pk)
+    pk.append(s.data(1, True, off, b"UNION SELECT"))  # past the edge: kept
+    pk.append(s._pkt(s.subs[1], True, ACK, [m.dss(s.idsn[1]).encode()], rel=nxt + 12))  # the bare ACK after it
+    pk.append(s.ack(1, False, s.idsn[0] + off + 12))  # the receiver took both
+    t, ev = _tracked(pk, fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=" + b"x" * 65800 + b"UNION SELECT"
+    assert not [e for e in ev if isinstance(e, Notice)]
+    assert t.stats.out_of_window == 1 and t.stats.past_edge_taken == 1
+
+    s, pk = _ack_session()
+    off, nxt = _past_the_edge(s, pk)
+    pk.append(s._pkt(s.subs[1], True, ACK, [], rel=nxt + 200_000))  # beyond what a sender's overshoot reaches
+    t, ev = _tracked(pk, fast)
     (n,) = [e for e in ev if isinstance(e, Notice)]
     assert n.type == NoticeType.OUT_OF_WINDOW and n.detail.startswith("0 bytes"), n
-    assert t.stats.out_of_window == 2 and t.stats.past_edge_taken == 0
 
 
 def _past_the_edge(s: Session, pk: list[bytes]) -> tuple[int, int]:

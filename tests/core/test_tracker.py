@@ -277,6 +277,78 @@ def test_pickup_mid_stream_by_dsn_proximity() -> None:
     assert streams(ev)[(1, C2S)] == b"0123456789"
 
 
+def test_a_mid_stream_subflow_of_another_connection_between_the_same_hosts_stays_apart() -> None:
+    """A subflow first seen mid-stream joins a connection only when every value its DSS carries agrees
+    with that connection: here another connection's packet whose 32-bit DATA_ACK lies near this
+    connection's server stream but whose 64-bit DSN is nowhere near its client stream. The lab met
+    it (a connection of the test before, still closing, as mproxy started): joined, its DATA_FIN and
+    FIN ended the new connection's client stream early and the IDS lost the rest."""
+    a = Session(1)
+    pk = a.handshake() + [a.data(0, True, 0, b"GET /?q=")]
+    b = Session(1, client_key=0x0102030405060708, server_key=0x1112131415161718, sport=41000, ack64=False)
+    b.handshake()
+    pk.append(b.data(0, True, 0, b"other", data_ack=a.idsn[1] + 5))
+    pk.append(a.data(0, True, 8, b"UNION SELECT"))
+    tr = Tracker()
+    ev = run(tr, pk, flush=False)
+    assert len(tr.connections) == 2
+    (first,) = [c for c in tr.connections.values() if not c.pickup]
+    assert [sf.role.value for sf in first.subflows] == ["initial"]
+    assert streams(ev)[(first.id, C2S)] == b"GET /?q=UNION SELECT"
+
+
+def test_a_subflow_first_seen_mid_stream_counts_once_its_receiver_acknowledges_bytes_on_it() -> None:
+    """Data on a subflow whose handshake was not seen, attached by its DSNs to a connection whose
+    handshake was, is kept until the receiver acknowledges it on that subflow. A made-up "subflow"
+    with the next DSNs and other bytes was what the IDS read, while the server (which answers it
+    with a RST) read the real subflow's."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=")]
+    s.join(1)  # never completed: the server does not know this subflow
+    pk.append(s.data(1, True, 8, b"BENIGN......"))
+    pk.append(s.data_fin(1, True, 20))  # its DATA_FIN (and DATA_ACKs, and the like) count for nothing
+    pk.append(s.data(0, True, 8, b"UNION SELECT"))
+    pk.append(s.ack(0, False, s.idsn[0] + 20))
+    pk.append(s.rst(1, False))
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT"
+    (n,) = [e for e in ev if isinstance(e, Notice)]
+    assert n.type == NoticeType.OUT_OF_WINDOW and "handshake was not seen" in n.detail and "reset" in n.detail
+
+    # a real subflow whose join the capture missed: the server's ACK on it takes its bytes, then
+    # they flow as any subflow's; those the receiver DATA_ACKs on another subflow first are taken too
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=")]
+    s.join(1)
+    pk += [s.data(1, True, 8, b"UNION SELECT"), s.data(1, True, 20, b" 1,2")]
+    pk.append(s.ack(0, False, s.idsn[0] + 24))
+    pk.append(s.ack(1, False, s.idsn[0] + 24))
+    pk += [s.data(1, True, 24, b" FROM t"), s.data_fin(1, True, 31), s.data_fin(0, False, 0)]
+    ev = run(Tracker(), pk)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=UNION SELECT 1,2 FROM t"
+    assert not notices(ev)
+    sm = summary(ev)
+    assert [(x["role"], x["bytes_c2s"]) for x in sm["subflows"]] == [("initial", 8), ("pickup", 23)]
+    assert sm["outcome"] == "data_fin" and sm["c2s"]["gap_bytes"] == 0
+
+
+def test_a_data_ack_of_data_never_sent_is_ignored() -> None:
+    """A DATA_ACK far past anything its sender can have sent (a forged one of 0: 2**60 bytes ahead)
+    is ignored, as the sender ignores it; taken, it made a 2**60-byte side channel of the server's
+    stream (which ``on_side_channel`` may act on) and its ``acked_bytes``."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=")]
+    pk.append(s.data(0, True, 8, b"0123456789", data_ack=0))
+    pk.append(s.ack(0, False, s.idsn[0] + 18))
+    pk += [s.data(0, False, 0, b"HTTP/1.1 200"), s.data_fin(0, True, 18), s.data_fin(0, False, 12)]
+    ev = run(Tracker(), pk)
+    assert streams(ev) == {(1, C2S): b"GET /?q=0123456789", (1, S2C): b"HTTP/1.1 200"}
+    (n,) = [e for e in ev if isinstance(e, Notice)]
+    assert n.type == NoticeType.INVALID_OPTION and "past anything its sender can have sent" in n.detail
+    sm = summary(ev)
+    assert sm["s2c"]["gap_bytes"] == 0 and sm["s2c"]["acked_bytes"] == 0
+
+
 def test_connection_limit_is_counted() -> None:
     t = Tracker(TrackerConfig(max_connections=3))
     for i in range(6):

@@ -49,6 +49,8 @@ def test_per_connection_subflow_limit_holds_for_pickups_and_late_attached_joins(
         pkts.append(s.data(len(s.subs) - 1, True, 100 * path, bytes([97 + path]) * 100))
     pkts += s.join(9)  # a join over the limit, then data on it
     pkts.append(s.data(len(s.subs) - 1, True, 700, b"z" * 100))
+    # the server acknowledges the bytes on each subflow (mid-stream ones count only then)
+    pkts += [s.ack(i, False, s.idsn[0] + 300) for i in range(1, len(s.subs))]
     tr = Tracker(TrackerConfig(max_subflows_per_connection=3))
     ev = run(tr, pkts, flush=False)
     (conn,) = tr.connections.values()
