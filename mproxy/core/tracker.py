@@ -1258,8 +1258,7 @@ class Tracker:
                 if not dss.flags & m.DSS_a and rst.base is not None:
                     ack = expand32(ack, rst.base)
                 ack = rst.unwrap(ack)  # DSNs wrap at 2**64, stream positions do not
-                if rst.base is None or ack - rst.base <= _MAX_WINDOW \
-                        or not self._ack_unsent(conn, sf, d, rst, ack, seg, ev):
+                if not self._ack_unsent(conn, sf, d, rst, ack, seg, ev):
                     if rst.acked is None or ack > rst.acked:
                         rst.acked = ack
                     if flags & ACK and rst.base is not None:  # the connection-level right edge (see _hold_beyond)
@@ -1677,7 +1676,10 @@ class Tracker:
         from that sender, or the furthest right edge its receiver advertised, than the largest TCP
         window plus what ``_MAX_RATE`` could have carried since the connection began is ignored.
         Taken, one (a forged DATA_ACK of 0) skipped 2**60 bytes as a side channel, which
-        ``on_side_channel`` may act on, and pushed the record's ``acked_bytes`` there."""
+        ``on_side_channel`` may act on, and pushed the record's ``acked_bytes`` there. (The fast
+        path makes the first test inline, and calls this only past it.)"""
+        if st.base is None or ack - st.base <= _MAX_WINDOW:
+            return False  # within a window of the next byte to read: nothing further to weigh
         seen = st.furthest()
         if seen is None:
             return False
