@@ -251,6 +251,9 @@ class Connection:
     held: list[PassThrough] = field(default_factory=list)  # handshake packets until MPTCP is confirmed
     fin_emitted: list[bool] = field(default_factory=lambda: [False, False])
     gap_since: list[float | None] = field(default_factory=lambda: [None, None])
+    # per direction: the end of the acknowledged tail hole last noticed (_check_gaps); a hole that
+    # starts before it was noticed with it
+    tail_noticed: list[int | None] = field(default_factory=lambda: [None, None])
     mapped: list[bool] = field(default_factory=lambda: [False, False])
     closed: Outcome | None = None
     last_ts: float = 0.0
@@ -2499,7 +2502,30 @@ class Tracker:
             if ts - since < self.config.gap_grace:
                 continue
             conn.gap_since[cdir] = None
-            self._skip_holes(conn, cdir, limit, True, ts, ev)
+            # only holes the sender is seen to have sent past (data or a DATA_FIN beyond them) are
+            # skipped. A DATA_ACK past everything seen may be forged (within the loose bound of
+            # _ack_unsent): skipping that tail would drop the sender's real bytes as old when they
+            # come, and blind the IDS to them. So the tail is noticed now (the alert is as timely)
+            # and the stream waits there: bytes that come are read, data beyond skips it.
+            end = st.furthest()
+            if end is not None and end > st.base:
+                self._skip_holes(conn, cdir, min(limit, end), True, ts, ev)
+            base = st.base
+            tn = conn.tail_noticed[cdir]
+            if base is not None and limit > base and not st.finished and (tn is None or base >= tn):
+                conn.tail_noticed[cdir] = limit
+                self._gap_notices(conn, cdir, base, limit, 0, True, ts, ev, tail=True)
+
+    def _skip_tails(self, conn: Connection, ts: float, ev: list[Event]) -> None:
+        """The connection ends: acknowledged holes no data came past (see _check_gaps) are gaps
+        after all, counted as the others (noticed already unless they came within the grace)."""
+        for cdir in (Direction.C2S, Direction.S2C):
+            st = conn.streams[cdir]
+            if st.acked is None or st.base is None or st.finished:
+                continue
+            limit = st.acked if st.fin_dsn is None else min(st.acked, st.fin_dsn)
+            if limit > st.base:
+                self._skip_holes(conn, cdir, limit, True, ts, ev)
 
     def _skip_holes(self, conn: Connection, cdir: Direction, limit: int, acked: bool, ts: float,
                     ev: list[Event]) -> None:
@@ -2513,36 +2539,52 @@ class Tracker:
                 # bytes mproxy saw but a buffer limit kept out are its own doing, not a side channel
                 # or a capture loss: counted apart, and only the rest raises the notice
                 shed = st.skipped_shed
-                unseen = target - start - shed
                 if shed:
                     self.stats.gap_bytes["memcap"] += shed
                 ev.append(GapSkipped(conn.id, cdir, start, target - start, acked, ts))
-                # acknowledged bytes that a subflow the gateway sees carried, and its receiver acked
-                # there, crossed the gateway unseen: lost by the capture or passed by a full queue,
-                # not a path mproxy does not see
-                crossed = min(unseen, self._crossed_unseen(conn, cdir, start, target)) if acked and unseen else 0
-                side = unseen - crossed if acked else 0
-                extra = f" ({shed} were seen but kept out by a buffer limit)" if shed else ""
-                if side:
-                    self.stats.gap_bytes["side_channel"] += side
-                    self._notice(ev, NoticeType.SIDE_CHANNEL, conn, (f"{side} of " if side != target - start else "")
-                                 + f"{target - start} bytes at dsn {start} acknowledged by the peer but never seen"
-                                 + (f" ({crossed} crossed the gateway on a subflow it sees)" if crossed else "")
-                                 + extra, None, ts)
-                if crossed or (unseen and not acked):
-                    lost = crossed or unseen
-                    self.stats.gap_bytes["capture"] += lost
-                    self._notice(ev, NoticeType.CAPTURE_GAP, conn, (f"{lost} of " if lost != target - start else "")
-                                 + f"{target - start} bytes at dsn {start} "
-                                 + ("acknowledged by the peer, sent on a subflow the gateway sees but never seen "
-                                    "(lost by the capture, or passed by a full queue)" if crossed else "never seen")
-                                 + ("" if side else extra), None, ts)
+                tn = conn.tail_noticed[cdir]
+                self._gap_notices(conn, cdir, start, target, shed, acked, ts, ev,
+                                  quiet=acked and tn is not None and start < tn)
             if out:
                 self.stats.rebuilt_bytes[cdir] += len(out)
                 ev.append(DataReleased(conn.id, cdir, out, ts))
             self._after_fin(conn, cdir, ts, ev)
             if nb is None or nb >= limit:
                 break
+
+    def _gap_notices(self, conn: Connection, cdir: Direction, start: int, target: int, shed: int, acked: bool,
+                     ts: float, ev: list[Event], *, tail: bool = False, quiet: bool = False) -> None:
+        """Classify the stream positions [start, target), never seen (``shed`` of them seen but kept
+        out by a buffer limit): count them by kind and notice them. ``tail``: an acknowledged hole
+        nothing came past yet, only noticed (see _check_gaps); ``quiet``: counted only, its tail
+        was noticed."""
+        unseen = target - start - shed
+        # acknowledged bytes that a subflow the gateway sees carried, and its receiver acked
+        # there, crossed the gateway unseen: lost by the capture or passed by a full queue,
+        # not a path mproxy does not see
+        crossed = min(unseen, self._crossed_unseen(conn, cdir, start, target)) if acked and unseen else 0
+        side = unseen - crossed if acked else 0
+        lost = crossed or (0 if acked else unseen)
+        if not tail:
+            if side:
+                self.stats.gap_bytes["side_channel"] += side
+            if lost:
+                self.stats.gap_bytes["capture"] += lost
+        if quiet:
+            return
+        extra = f" ({shed} were seen but kept out by a buffer limit)" if shed else ""
+        wait = " (none seen past them yet: the stream waits there, and reads them if they come)" if tail else ""
+        if side:
+            self._notice(ev, NoticeType.SIDE_CHANNEL, conn, (f"{side} of " if side != target - start else "")
+                         + f"{target - start} bytes at dsn {start} acknowledged by the peer but never seen"
+                         + (f" ({crossed} crossed the gateway on a subflow it sees)" if crossed else "")
+                         + extra + wait, None, ts)
+        if lost:
+            self._notice(ev, NoticeType.CAPTURE_GAP, conn, (f"{lost} of " if lost != target - start else "")
+                         + f"{target - start} bytes at dsn {start} "
+                         + ("acknowledged by the peer, sent on a subflow the gateway sees but never seen "
+                            "(lost by the capture, or passed by a full queue)" if crossed else "never seen")
+                         + ("" if side else extra + wait), None, ts)
 
     @staticmethod
     def _crossed_unseen(conn: Connection, cdir: Direction, start: int, end: int) -> int:
@@ -2618,6 +2660,7 @@ class Tracker:
                                      ts, ev)
                     if st.next_buffered() is not None and st.next_buffered() == st.base:
                         break
+        self._skip_tails(conn, ts, ev)
         conn.closed = outcome
         conn.last_ts = max(conn.last_ts, ts)
         self.stats.outcomes[outcome.value] += 1

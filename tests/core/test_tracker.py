@@ -349,6 +349,40 @@ def test_a_data_ack_of_data_never_sent_is_ignored() -> None:
     assert sm["s2c"]["gap_bytes"] == 0 and sm["s2c"]["acked_bytes"] == 0
 
 
+def test_a_forged_data_ack_ahead_of_the_stream_does_not_hide_the_bytes_that_follow() -> None:
+    """A DATA_ACK past everything the server was seen to send, but within the loose bound of what
+    it may have sent on paths the gateway does not see (the client can forge one). Skipped at once
+    as a side channel, the server's real bytes were then dropped as already skipped, and the IDS
+    never read the response. The tail is now noticed but not skipped: the bytes that come are read."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /", data_ack=s.idsn[1] + 5000)]
+    pk.append(s.ack(0, False, s.idsn[0] + 5))
+    pk += [s.data(0, False, 0, b"HTTP/1.1 200 OK"), s.data(0, False, 15, b"\r\n\r\nmalware")]
+    pk += [s.data_fin(0, True, 5), s.data_fin(0, False, 26)]
+    ev = run(Tracker(), pk)
+    assert streams(ev) == {(1, C2S): b"GET /", (1, S2C): b"HTTP/1.1 200 OK\r\n\r\nmalware"}
+    (n,) = [e for e in ev if isinstance(e, Notice)]  # the alert is as timely as before
+    assert n.type == NoticeType.SIDE_CHANNEL and "the stream waits there" in n.detail
+    sm = summary(ev)
+    assert sm["outcome"] == "data_fin" and sm["s2c"]["gap_bytes"] == 0 and not [e for e in ev if isinstance(e, GapSkipped)]
+
+
+def test_an_acknowledged_tail_nothing_came_past_is_a_gap_when_the_connection_ends() -> None:
+    """Bytes sent only on a path the gateway does not see, acknowledged, and then the subflows end:
+    noticed once when acknowledged (however far the DATA_ACK grows), skipped and counted at the end."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"seen")]
+    pk += [s.ack(0, False, s.idsn[0] + 104), s.ack(0, False, s.idsn[0] + 204)]
+    pk += [s.fin(0, True), s.fin(0, False)]
+    ev = run(Tracker(), pk)
+    (n,) = [e for e in ev if isinstance(e, Notice)]
+    assert n.type == NoticeType.SIDE_CHANNEL and n.detail.startswith("100 bytes at dsn")
+    (g,) = [e for e in ev if isinstance(e, GapSkipped)]
+    assert g.length == 200 and g.acked
+    sm = summary(ev)
+    assert sm["outcome"] == "fin" and sm["c2s"]["gap_bytes"] == 200 and sm["c2s"]["bytes"] == 4
+
+
 def test_connection_limit_is_counted() -> None:
     t = Tracker(TrackerConfig(max_connections=3))
     for i in range(6):

@@ -102,6 +102,8 @@ def _inject(spec: dict[str, Any]) -> None:
     opts = [m.dss(spec["data_ack"], spec["dsn"], spec["ssn"], len(payload)).encode()] if payload else []
     if "join_token" in spec:  # an MP_JOIN SYN (on the join's own 4-tuple, another ISN)
         opts = [m.MpJoin(m.JoinPhase.SYN, False, 0, spec["join_token"], 0x5EED).encode()]
+    if spec.get("data_ack_only"):  # a pure ACK whose DSS holds only a Data ACK
+        opts = [m.dss(spec["data_ack"]).encode()]
     if spec.get("data_fin"):  # a bare DATA_FIN at ``dsn`` (data-level length 1)
         opts = [m.dss(spec["data_ack"], spec["dsn"], 0, 1, data_fin=True).encode()]
     if "fastclose_key" in spec:  # MP_FASTCLOSE naming a key that is not the server's
@@ -348,6 +350,103 @@ def test_the_rebuilt_stream_is_what_the_kernel_read_of_forged_segments(forgery: 
     assert f.client_data == read
     (rec,) = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "mptcp_connection"]
     assert rec["c2s"]["sha256"] == hashlib.sha256(read).hexdigest()
+
+
+REQUEST = b"GET /payload HTTP/1.1\r\n\r\n"
+REPLY = b"HTTP/1.1 200 OK\r\n\r\n" + bytes(range(256)) * 40 + b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR"
+REPLY_SERVER = f"""
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {PORT})); s.listen(8)
+print("ready", flush=True)
+c, _ = s.accept()
+c.settimeout(20)
+got = b""
+while len(got) < {len(REQUEST)}:
+    got += c.recv(65536)
+while not os.path.exists(sys.argv[1]):
+    pass
+c.sendall({REPLY!r})
+c.shutdown(socket.SHUT_WR)
+while c.recv(65536):
+    pass
+print(got.hex(), flush=True)
+"""
+REPLY_CLIENT = f"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+s.connect((sys.argv[1], {PORT}))
+s.sendall({REQUEST!r})
+print("sent", flush=True)
+s.settimeout(20)
+got = b""
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    got += b
+s.close()
+print(got.hex(), flush=True)
+"""
+
+
+def test_a_forged_data_ack_does_not_hide_the_servers_reply(tmp_path: Path) -> None:
+    """The client sends a pure ACK whose DATA_ACK is 100 kB past anything the server sent (a
+    forgery: the server ignores it, as past its snd_nxt), then the server replies. Within the loose
+    bound mproxy applies (it cannot see paths it does not see), that ack made the reply's bytes a
+    side channel: skipped, and the server's real bytes dropped as old when they came, so the IDS
+    never read the reply. Now it is noticed and the stream waits: the replay's emitted stream holds
+    the reply the client application read, byte for byte."""
+    from mproxy import crypto
+    from mproxy.cli import main
+    from mproxy.lab.topology import Lab
+    from tests.oracles import tshark_fields, tshark_follow_raw
+
+    cap, go = tmp_path / "cap.pcap", tmp_path / "go"
+    with Lab(rate="30mbit", wire_checksums=True) as lab, lab.capture(cap):
+        a = lab.addresses()
+        cli_ip, srv_ip = a.client_addr[0][4], a.server_addr[4]
+        srv = lab.popen(lab.ns_srv, sys.executable, "-c", REPLY_SERVER, str(go), stdout=subprocess.PIPE)
+        assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
+        cli = lab.popen(lab.ns_cli, sys.executable, "-c", REPLY_CLIENT, srv_ip, stdout=subprocess.PIPE)
+        assert cli.stdout is not None and cli.stdout.readline().strip() == b"sent"
+        mine = f"ip.src == {cli_ip} && tcp.dstport == {PORT}"
+        rows: list[list[str]] = []
+        end = time.monotonic() + 10
+        while time.monotonic() < end:  # (tcpdump writes the kernel ring's packets a block at a time)
+            time.sleep(0.3)
+            keys = tshark_fields(cap, ["tcp.options.mptcp.recvkey"],
+                                 f"{mine} && tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0")
+            rows = tshark_fields(cap, ["tcp.srcport", "tcp.seq_raw", "tcp.len", "tcp.ack_raw"], f"{mine} && tcp.len > 0")
+            if keys and rows:
+                break
+        assert keys and rows, "the request is not in the capture"
+        idsn = crypto.key_idsn(int(keys[0][0].split(",")[0]), 1)  # the server's
+        sport, seq, ln, ack = (int(x) for x in rows[-1])
+        forged = {"src": cli_ip, "dst": srv_ip, "sport": sport, "flags": "data", "seq": (seq + ln) & 0xFFFFFFFF,
+                  "ack": ack, "payload": "", "ssn": 0, "dsn": None, "data_ack_only": True,
+                  "data_ack": (idsn + 1 + 100_000) & ((1 << 64) - 1)}
+        lab.run(lab.ns_cli, sys.executable, __file__, "inject", json.dumps(forged))
+        time.sleep(0.3)
+        go.touch()
+        sout, _ = srv.communicate(timeout=30)
+        cout, _ = cli.communicate(timeout=30)
+        time.sleep(0.5)
+    assert bytes.fromhex(sout.split()[-1].decode()) == REQUEST
+    read = bytes.fromhex(cout.split()[-1].decode())
+    assert read == REPLY, "the server's reply did not reach the client whole"
+    assert tshark_fields(cap, ["frame.number"], f"{mine} && tcp.len == 0 && tcp.options.mptcp.rawdataack == {forged['data_ack']}"), \
+        "the forged DATA_ACK is not in the capture"
+    out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
+    assert main(["replay", str(cap), "--out", str(out_pcap), "--log", str(log), "-q"]) == 0
+    (f,) = tshark_follow_raw(out_pcap)
+    assert (f.client_data, f.server_data) == (REQUEST, read)
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    (rec,) = [r for r in recs if r["event"] == "mptcp_connection"]
+    assert rec["s2c"]["sha256"] == hashlib.sha256(read).hexdigest() and rec["s2c"]["gap_bytes"] == 0
+    assert [r for r in recs if r["event"] == "notice" and r["type"] == "side_channel"], \
+        "the forged DATA_ACK raised no notice"
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["inject"]:
