@@ -94,6 +94,9 @@ class TrackerConfig:
     # all histories together; over it, the least recently active connections' histories go first
     history_memcap: int = 256 * 1024 * 1024
     gap_grace: float = 0.0  # seconds a DATA_ACKed hole may stay open before it is a gap
+    # seconds an established connection whose subflows have all ended (RST or FIN, no DATA_FIN)
+    # stays open for a new subflow, as Linux keeps it (net.mptcp.close_timeout); 0: it ends at once
+    close_timeout: float = 60.0
     window_check: bool = True
     # MP_JOIN flood: more than ``join_flood_threshold`` join SYNs to one receiver (address + token;
     # unknown tokens share one counter per address) within ``join_flood_window`` seconds raises
@@ -272,6 +275,9 @@ class Connection:
     late: int = 0  # segments kept past a right edge: its subflows' (SubflowDir.late) and ``beyond``
     beyond: list[_Beyond] | None = None  # data kept past the connection-level window (_hold_beyond)
     beyond_noticed: int = 0  # directions (1 << cdir) whose refused kept data has been noticed
+    # when its last subflow ended (None: one is live); it ends close_timeout later unless another joins
+    dormant: float | None = None
+    retired: int = 0  # ended subflows that left ``subflows`` to make room for new ones (see Tracker._full)
 
     @property
     def ipver(self) -> int:
@@ -325,6 +331,7 @@ class Connection:
                 side: [{"addr_id": i, "address": addr_text(a), "port": p} for i, (a, p) in ann.items()]
                 for side, ann in zip(("client", "server"), self.announced)
             },
+            "subflows_retired": self.retired,
             "notices": dict(self.notices),
             "add_addr_repeats": self.add_addr_repeats,
             "outcome": self.closed.value if self.closed else None,
@@ -428,6 +435,7 @@ class Tracker:
         # (a SYN flood's evicted handshakes) apart, as the first to go when the table is full
         self._lingering: deque[tuple[float, Subflow]] = deque()
         self._lingering_unopened: deque[tuple[float, Subflow]] = deque()
+        self._dormant: deque[tuple[float, Connection]] = deque()  # (when, connection), see _check_end
         # join-flood windows, oldest first: (receiver address, token or None) -> [start, joins, noticed]
         self._join_windows: OrderedDict[tuple[bytes, int | None], list[Any]] = OrderedDict()
         self._evictions = [0.0, 0]  # SYN flood window: [start, evictions of half-open handshakes]
@@ -948,6 +956,7 @@ class Tracker:
         self.stats.subflows += 1
         if conn is not None:
             conn.subflows.append(sf)
+            conn.dormant = None
         else:
             self._orphans[sf.id] = sf
         return sf
@@ -983,7 +992,7 @@ class Tracker:
             elif not self._knows_address(conn, seg.dst, flipped):
                 self._notice(ev, NoticeType.JOIN_UNKNOWN_ADDRESS, conn,
                              f"join to {seg.dst_text} never announced", seg)
-        if conn is not None and len(conn.subflows) >= self.config.max_subflows_per_connection:
+        if conn is not None and self._full(conn):
             self.stats.refused["per_connection_limit"] += 1
             ev.append(SubflowRefused("per_connection_limit", ts))
             conn = None
@@ -1091,7 +1100,7 @@ class Tracker:
         """A subflow first seen mid-stream: attach by DSN proximity or start a pickup connection."""
         ts = seg.ts
         conn, flipped = self._find_by_dsn(o.dss, seg)
-        if conn is not None and len(conn.subflows) >= self.config.max_subflows_per_connection:
+        if conn is not None and self._full(conn):
             # over the per-connection limit: tracked as an orphan (bounded by max_subflows), never attached
             self.stats.refused["per_connection_limit"] += 1
             ev.append(SubflowRefused("per_connection_limit", ts))
@@ -1210,7 +1219,7 @@ class Tracker:
             # a join whose connection is unknown: try again with its data
             if o.dss is not None:
                 c, flipped = self._find_by_dsn(o.dss, seg)
-                if c is not None and len(c.subflows) < self.config.max_subflows_per_connection:
+                if c is not None and not self._full(c):
                     self._attach(sf, c, flipped ^ bool(d), ts, ev)
                     sf.unverified = not c.pickup  # (a join whose token is not this connection's)
                     conn = c
@@ -1533,10 +1542,32 @@ class Tracker:
         self._half_open.pop(conn.id, None)
         ev.append(ConnectionOpened(conn.id, ts))
 
+    def _full(self, conn: Connection) -> bool:
+        """Is the connection at its subflow limit? Ended subflows make room: Linux limits the live
+        ones, so a connection may reset its subflows and join new ones any number of times (see
+        _check_end), and a limit counting every subflow ever joined let the joins past it carry
+        bytes the IDS never read. The oldest ended join leaves the connection's list (its record's
+        ``subflows``; ``subflows_retired`` counts them) and lingers as a closed connection's do,
+        its late packets ignored."""
+        sfs = conn.subflows
+        if len(sfs) < self.config.max_subflows_per_connection:
+            return False
+        for sf in sfs:
+            if sf.closed_ts is not None and sf.role != Role.INITIAL:
+                self._release_subflow(sf)
+                sfs.remove(sf)
+                sf.conn = None
+                sf.refused = True  # (its late packets are ignored, as a closed 4-tuple's are)
+                conn.retired += 1
+                self._lingering.append((sf.closed_ts, sf))
+                return False
+        return True
+
     def _attach(self, sf: Subflow, conn: Connection, flipped: bool, ts: float, ev: list[Event]) -> None:
         sf.conn = conn
         sf.flipped = flipped
         conn.subflows.append(sf)
+        conn.dormant = None
         self._orphans.pop(sf.id, None)
         ev.append(SubflowJoined(conn.id, sf.id, ts))
         self.stats.joins += 1
@@ -2638,17 +2669,38 @@ class Tracker:
             self._close(conn, Outcome.DATA_FIN, False, ts, ev)
             return
         sfs = conn.subflows
-        if sfs and all(sf.closed_ts is not None for sf in sfs):
-            if all(sf.reset for sf in sfs):
-                self._close(conn, Outcome.RESET, True, ts, ev)
-            else:
-                self._close(conn, Outcome.FIN, False, ts, ev)
+        if sfs and conn.dormant is None and all(sf.closed_ts is not None for sf in sfs):
+            if self.config.close_timeout > 0 and conn.opened and not conn.fallen and s0.fin_dsn is None \
+                    and s1.fin_dsn is None and (not conn.pickup or s0.base is not None or s1.base is not None):
+                # Linux keeps an established connection whose subflows all ended open for
+                # close_timeout, and a new subflow may join it and carry the stream on: closed here, the
+                # rest of the stream came as an unknown token's join, which the IDS never read
+                conn.dormant = ts
+                for sf in sfs:  # what only a subflow could complete (unmapped bytes, mappings) goes
+                    self._release_subflow(sf)
+                dq = self._dormant
+                dq.append((ts, conn))
+                if len(dq) > self.config.max_connections:  # (entries of joins and resets in a loop)
+                    t, c = dq.popleft()
+                    if c.closed is None and c.dormant == t:
+                        self._close(c, *self._subflows_ended(c), ts, ev)
+                return
+            self._close(conn, *self._subflows_ended(conn), ts, ev)
+
+    @staticmethod
+    def _subflows_ended(conn: Connection) -> tuple[Outcome, bool]:
+        """The outcome of a connection whose subflows all ended, and whether they were reset."""
+        if all(sf.reset for sf in conn.subflows):
+            return Outcome.RESET, True
+        return Outcome.FIN, False
 
     # -- closing and expiry ---------------------------------------------------
     def _close(self, conn: Connection, outcome: Outcome, reset: bool, ts: float, ev: list[Event], *,
                record: bool = True) -> None:
         if conn.closed is not None:
             return
+        if conn.dormant is not None and outcome in (Outcome.IDLE, Outcome.END_OF_INPUT):
+            outcome, reset = self._subflows_ended(conn)  # it was waiting for a join: it ended with its subflows
         if conn.late:
             self._late_end(conn, ts, ev)
         if outcome not in (Outcome.FASTCLOSE, Outcome.RESET, Outcome.EVICTED):
@@ -2662,7 +2714,8 @@ class Tracker:
                         break
         self._skip_tails(conn, ts, ev)
         conn.closed = outcome
-        conn.last_ts = max(conn.last_ts, ts)
+        if conn.dormant is None:  # (else its record ends with its last subflow, not close_timeout later)
+            conn.last_ts = max(conn.last_ts, ts)
         self.stats.outcomes[outcome.value] += 1
         if not record:
             ev.append(ConnectionClosed(conn.id, outcome, reset, ts))
@@ -2739,6 +2792,18 @@ class Tracker:
             if now - conn.last_ts < limit:
                 break
             self._close(conn, Outcome.IDLE, False, now, ev)
+        # connections whose subflows all ended, and none joined since (see _check_end)
+        dq = self._dormant
+        while dq and now - dq[0][0] >= cfg.close_timeout:
+            t, conn = dq.popleft()
+            if conn.closed is None and conn.dormant == t:
+                if now - conn.last_ts < cfg.close_timeout:
+                    # packets still come on its subflows (an RST the receiver took for a stale one, with
+                    # a challenge ACK): it waits close_timeout after the last of them
+                    conn.dormant = conn.last_ts
+                    dq.append((conn.last_ts, conn))
+                    continue
+                self._close(conn, *self._subflows_ended(conn), now, ev)
         # subflow entries of ended connections: after a linger, in the order they ended
         for lq in (self._lingering_unopened, self._lingering):
             while lq and now - lq[0][0] >= cfg.closed_linger:

@@ -383,6 +383,84 @@ def test_an_acknowledged_tail_nothing_came_past_is_a_gap_when_the_connection_end
     assert sm["outcome"] == "fin" and sm["c2s"]["gap_bytes"] == 200 and sm["c2s"]["bytes"] == 4
 
 
+def _reset_then_join(s: Session) -> list[bytes]:
+    """The client's request split: its only subflow reset (exact sequence number) after the first
+    half, then a new subflow joined with the token carrying the second."""
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=UNION ")]
+    pk += [s.ack(0, False, s.idsn[0] + 14), s.rst(0, True)]
+    return pk + s.join(1) + [s.data(1, True, 14, b"SELECT pw"), s.ack(1, False, s.idsn[0] + 23)]
+
+
+def test_a_connection_whose_subflows_all_ended_goes_on_over_a_new_join() -> None:
+    """Linux keeps an established connection whose subflows all ended (no DATA_FIN) open for
+    net.mptcp.close_timeout (60 s), and a subflow that joins it then carries the stream on.
+    Closed at the last subflow's RST, the connection's token was forgotten, the join came as an
+    unknown token's, and the IDS read ``GET /?q=UNION `` and never ``SELECT pw``."""
+    s = Session(1)
+    pk = _reset_then_join(s) + [s.data_fin(1, True, 23), s.data_fin(1, False, 0)]
+    ev = run(Tracker(), pk)
+    assert streams(ev) == {(1, C2S): b"GET /?q=UNION SELECT pw"}
+    assert not notices(ev)
+    sm = summary(ev)
+    assert sm["outcome"] == "data_fin" and len(sm["subflows"]) == 2
+
+
+def test_ended_joins_make_room_at_the_per_connection_subflow_limit() -> None:
+    """Linux limits a connection's live subflows, so it may reset them and join new ones again and
+    again. Counting every subflow ever joined, the limit refused the joins past it, and their bytes
+    (the rest of the request, as the server read it) reached no stream."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"a"), s.ack(0, False, s.idsn[0] + 1), s.rst(0, True)]
+    for i in range(1, 7):
+        pk += s.join(i, addr_id=i)
+        pk += [s.data(i, True, i, bytes([97 + i])), s.ack(i, False, s.idsn[0] + i + 1), s.rst(i, True)]
+    pk += s.join(7, addr_id=7) + [s.data_fin(7, True, 7), s.data_fin(7, False, 0)]
+    ev = run(Tracker(TrackerConfig(max_subflows_per_connection=3)), pk)
+    assert streams(ev) == {(1, C2S): b"abcdefg"}
+    sm = summary(ev)
+    assert sm["outcome"] == "data_fin" and sm["subflows_retired"] == 5
+    assert [sf["role"] for sf in sm["subflows"]] == ["initial", "join", "join"]
+
+
+def test_a_connection_whose_subflows_all_ended_ends_after_close_timeout() -> None:
+    """No subflow joins within close_timeout: the connection ends then, as it ended before (reset),
+    its record written; at the end of input, and at an idle timeout, it ends so too. With a
+    DATA_FIN seen, or close_timeout 0, it ends with its last subflow."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /"), s.ack(0, False, s.idsn[0] + 5), s.rst(0, True)]
+    t = Tracker()
+    ev = run(t, pk, flush=False)
+    assert not [e for e in ev if isinstance(e, ConnectionClosedSummary)] and len(t.connections) == 1
+    assert not [e for e in t.expire(1059.0) if isinstance(e, ConnectionClosedSummary)]
+    ev = t.expire(1061.0)
+    assert summary(ev)["outcome"] == "reset" and not t.connections
+    for cfg, tail in ((TrackerConfig(), []), (TrackerConfig(close_timeout=0), []),
+                      (TrackerConfig(), [s.data_fin(0, True, 5)])):
+        s = Session(1)
+        pk = s.handshake() + [s.data(0, True, 0, b"GET /"), s.ack(0, False, s.idsn[0] + 5)] + tail
+        pk += [s.rst(0, True)]
+        t = Tracker(cfg)
+        ev = run(t, pk, flush=False)
+        if cfg.close_timeout and not tail:
+            ev += t.flush()  # the end of input: reset, not end_of_input
+        assert summary(ev)["outcome"] == "reset"
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /"), s.ack(0, False, s.idsn[0] + 5), s.fin(0, True), s.fin(0, False)]
+    t = Tracker(TrackerConfig(idle_timeout=30.0))
+    run(t, pk, flush=False)
+    assert summary(t.expire(1031.0))["outcome"] == "fin"
+    # packets still come on its subflows (an RST its receiver took for a stale one): it waits
+    # close_timeout after the last of them
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /"), s.ack(0, False, s.idsn[0] + 5), s.rst(0, True)]
+    t = Tracker()
+    run(t, pk, flush=False)
+    t.process(seg(s.ack(0, False, s.idsn[0] + 5), 1050.0))
+    assert not [e for e in t.expire(1061.0) if isinstance(e, ConnectionClosedSummary)]
+    sm = summary(t.expire(1111.0))
+    assert sm["outcome"] == "reset" and sm["end"] == 1050.0
+
+
 def test_connection_limit_is_counted() -> None:
     t = Tracker(TrackerConfig(max_connections=3))
     for i in range(6):

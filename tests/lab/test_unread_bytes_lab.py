@@ -449,5 +449,50 @@ def test_a_forged_data_ack_does_not_hide_the_servers_reply(tmp_path: Path) -> No
         "the forged DATA_ACK raised no notice"
 
 
+def test_a_stream_goes_on_over_a_join_after_every_subflow_was_reset(tmp_path: Path) -> None:
+    """The client's only subflow is reset (``ss -K``: an RST with MP_TCPRST) after ``GET /?q=UNION ``;
+    Linux keeps the connection open (net.mptcp.close_timeout), and a subflow the client then joins
+    (a new ``subflow`` endpoint) carries ``SELECT pw ...`` on: the server reads the request whole.
+    mproxy ended the connection at the RST and the join came as an unknown token's: the IDS read
+    the first half only. Now the replay emits one conversation holding what the server read."""
+    from mproxy.cli import main
+    from mproxy.lab.topology import Lab
+    from tests.oracles import tshark_follow_raw
+
+    cap, go = tmp_path / "cap.pcap", tmp_path / "go"
+    with Lab(rate="30mbit", client_subflow=False, wire_checksums=True) as lab, lab.capture(cap):
+        a = lab.addresses()
+        srv_ip = a.server_addr[4]
+        srv = lab.popen(lab.ns_srv, sys.executable, "-c", SERVER, "4", stdout=subprocess.PIPE)
+        assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
+        cli = lab.popen(lab.ns_cli, sys.executable, "-c", CLIENT, srv_ip, str(go), stdout=subprocess.PIPE)
+        assert cli.stdout is not None and cli.stdout.readline().strip() == b"part1"
+        time.sleep(0.3)
+        lab.run(lab.ns_cli, "ss", "-K", "-t", "dst", srv_ip)  # the subflow (the MPTCP socket stays)
+        assert "ESTAB" not in lab.run(lab.ns_cli, "ss", "-tn", "dst", srv_ip).stdout, "the subflow was not reset"
+        lab.run(lab.ns_cli, "ip", "mptcp", "endpoint", "add", a.client_addr[1][4], "dev", lab.client_if[1], "subflow")
+        end = time.monotonic() + 10
+        while "ESTAB" not in lab.run(lab.ns_cli, "ss", "-tn", "src", a.client_addr[1][4], "dst", srv_ip).stdout:
+            assert time.monotonic() < end, "no subflow joined after the reset"
+            time.sleep(0.1)
+        go.touch()
+        out, _ = srv.communicate(timeout=30)
+        cli.wait(15)
+        mib = lab.mptcp_mib(lab.ns_srv)
+        time.sleep(0.5)
+    read = bytes.fromhex(out.split()[-1].decode())
+    assert read == PART1 + PART2, read
+    assert mib.get("MPJoinAckRx", 0) >= 1 and mib.get("MPRstRx", 0) >= 1, mib
+    out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
+    assert main(["replay", str(cap), "--out", str(out_pcap), "--log", str(log), "-q"]) == 0
+    (f,) = tshark_follow_raw(out_pcap)
+    assert f.client_data == read
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    (rec,) = [r for r in recs if r["event"] == "mptcp_connection"]
+    assert rec["c2s"]["sha256"] == hashlib.sha256(read).hexdigest()
+    assert [(sf["role"], sf["reset"]) for sf in rec["subflows"]] == [("initial", True), ("join", False)]
+    assert not [r for r in recs if r["event"] == "notice" and r["type"] == "join_unknown_token"]
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["inject"]:
     _inject(json.loads(sys.argv[2]))
