@@ -1208,12 +1208,11 @@ class Tracker:
                 return
             if sfd.late is not None and seg.payload_len and not sf.unverified:
                 self._late_superseded(conn, sfd, seg, ev)
-            if flags & ACK:
+            if flags & ACK and not flags & RST:  # (Linux reads neither a RST's ACK field nor its window)
                 _take_ack(sfd, other, seg)  # this packet's ack/window govern the other direction's data
-                if sf.unverified and not flags & RST and other.last_end is not None \
-                        and (seg.ack - other.last_end) & MASK32 < 0x80000000:
+                if sf.unverified and other.last_end is not None and (seg.ack - other.last_end) & MASK32 < 0x80000000:
                     sf.unverified = False  # the receiver acknowledged the bytes sent on it: the subflow is real
-                if other.late is not None and not flags & RST:  # (Linux reads no RST's ACK field)
+                if other.late is not None:
                     self._late_acked(sf, d ^ 1, seg.ack, ts, ev)
         if conn is None:
             # a join whose connection is unknown: try again with its data

@@ -32,7 +32,7 @@ from mproxy.io.pcap import PcapWriter
 from mproxy.replay import replay
 from mproxy.wire import mptcp as m
 from mproxy.wire.build import build_tcp, tcp_options
-from mproxy.wire.packet import ACK, SYN
+from mproxy.wire.packet import ACK, RST, SYN
 from tests.fuzz.targets import buffered_pieces, check_bounded, check_frame
 
 from .session import MASK64, Session, lying_tail, run, seg, streams
@@ -1043,6 +1043,25 @@ def test_past_the_edge_a_bare_ack_is_ignored_without_a_notice(fast: bool) -> Non
     t, ev = _tracked(pk, fast)
     (n,) = [e for e in ev if isinstance(e, Notice)]
     assert n.type == NoticeType.OUT_OF_WINDOW and n.detail.startswith("0 bytes"), n
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_rsts_ack_and_window_move_no_edge(fast: bool) -> None:
+    """Linux reads neither the ACK field nor the window of a RST: it resets the subflow when the RST
+    is at the next expected byte, and answers one elsewhere in the window with a challenge ACK (RFC
+    5961), both before the ACK is looked at. A RST from the server acknowledging 60 kB the client
+    never sent moved the right edge the gateway keeps for the client's bytes that far, so a copy of
+    the client's next DSNs sent past the real edge (the server drops it) was read."""
+    s, pk = _ack_session()
+    pk.append(s.ack(0, False, s.idsn[0] + 8))
+    sub = s.subs[0]
+    nxt = sub.next_rel[0]
+    pk.append(s._pkt(sub, False, RST | ACK, [], rel=sub.next_rel[1] + 10, ack_rel=nxt + 60_000))
+    pk.append(s.data(0, True, 8, b"UNION SELECT", rel=nxt + 65_535 + 1000))  # past the real edge
+    pk.append(s.data(0, True, 8, b"0123456789ab"))
+    pk += [s.data_fin(1, True, 20), s.data_fin(1, False, 100)]
+    t, ev = _tracked(pk, fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789ab"
 
 
 def _past_the_edge(s: Session, pk: list[bytes]) -> tuple[int, int]:
