@@ -13,7 +13,7 @@ from mproxy.core.events import (
 from mproxy.core.tracker import ConnectionClosedSummary, Tracker, TrackerConfig
 from mproxy.wire import mptcp as m
 from mproxy.wire.build import build_tcp
-from mproxy.wire.packet import ACK, SYN
+from mproxy.wire.packet import ACK, RST, SYN
 from mproxy.wire.rewrite import fill_tcp_checksum
 
 from .session import Session, run, seg, streams
@@ -403,6 +403,21 @@ def test_a_connection_whose_subflows_all_ended_goes_on_over_a_new_join() -> None
     assert not notices(ev)
     sm = summary(ev)
     assert sm["outcome"] == "data_fin" and len(sm["subflows"]) == 2
+
+
+def test_a_rst_the_receiver_answers_with_a_challenge_ack_does_not_end_the_stream() -> None:
+    """A RST in the window but not at the receiver's next byte: Linux answers it with a challenge
+    ACK and reads on (RFC 5961). mproxy counts any RST in the window as the subflow's end, and the
+    connection ended with it: the client sent one on its only subflow and the IDS never read the
+    rest of its request. The connection now waits for a join (see above), and the rest is read."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=UNION "), s.ack(0, False, s.idsn[0] + 14)]
+    pk.append(s._pkt(s.subs[0], True, RST | ACK, [], rel=s.subs[0].next_rel[0] + 100))
+    pk += [s.data(0, True, 14, b"SELECT pw"), s.ack(0, False, s.idsn[0] + 23)]
+    pk += [s.data_fin(0, True, 23), s.data_fin(0, False, 0)]
+    ev = run(Tracker(), pk)
+    assert streams(ev) == {(1, C2S): b"GET /?q=UNION SELECT pw"}
+    assert summary(ev)["outcome"] == "data_fin"
 
 
 def test_ended_joins_make_room_at_the_per_connection_subflow_limit() -> None:

@@ -619,6 +619,52 @@ def test_inline_the_ids_reads_what_the_server_read_of_forged_segments(lab: Any, 
     assert st["queue"]["core_errors"] == 0
 
 
+def test_inline_the_ids_reads_a_stream_a_join_carries_on_after_every_subflow_was_reset(lab: Any, tmp_path: Path) -> None:
+    """Both subflows of the client's connection reset (``ss -K``) after ``GET /?q=``; Linux keeps
+    the connection open (net.mptcp.close_timeout) and a subflow the client joins afterwards (its
+    endpoint added again) carries ``UNION SELECT pw ...`` on. Through ``mproxy run``, the IDS
+    interface gets one conversation holding what the server read. mproxy ended the connection at
+    the last RST, and the join was an unknown token's: the IDS read ``GET /?q=`` only."""
+    from tests.lab.test_unread_bytes_lab import CLIENT, PART1, PART2, SERVER
+    from tests.oracles import tshark_follow_raw
+
+    a = lab.addresses()
+    srv_ip, path2 = a.server_addr[4], a.client_addr[1][4]
+    go, ids = tmp_path / "go", tmp_path / "ids.pcap"
+
+    def estab(*match: str) -> int:
+        return lab.run(lab.ns_cli, "ss", "-tnH", "state", "established", *match).stdout.count("\n")
+
+    def wait(what: str, cond: Any) -> None:
+        end = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < end, what
+            time.sleep(0.1)
+
+    with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw):
+        srv = lab.popen(lab.ns_srv, sys.executable, "-c", SERVER, "4", stdout=subprocess.PIPE)
+        assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
+        cli = lab.popen(lab.ns_cli, sys.executable, "-c", CLIENT, srv_ip, str(go), stdout=subprocess.PIPE)
+        assert cli.stdout is not None and cli.stdout.readline().strip() == b"part1"
+        wait("the client's join never came up", lambda: estab("dst", srv_ip) >= 2)
+        lab.run(lab.ns_cli, "ss", "-K", "-t", "dst", srv_ip)  # both subflows; the MPTCP socket stays
+        assert estab("dst", srv_ip) == 0
+        shown = lab.run(lab.ns_cli, "ip", "mptcp", "endpoint", "show").stdout
+        (ep,) = [ln.split(" id ")[1].split()[0] for ln in shown.splitlines() if ln.startswith(path2 + " ")]
+        lab.run(lab.ns_cli, "ip", "mptcp", "endpoint", "delete", "id", ep)
+        lab.run(lab.ns_cli, "ip", "mptcp", "endpoint", "add", path2, "dev", lab.client_if[1], "subflow")
+        wait("no subflow joined after the resets", lambda: estab("src", path2, "dst", srv_ip) >= 1)
+        go.touch()
+        out, _ = srv.communicate(timeout=30)
+        cli.wait(15)
+    read = bytes.fromhex(out.split()[-1].decode())
+    assert read == PART1 + PART2, read
+    (f,) = [f for f in tshark_follow_raw(ids) if f.client_data.startswith(PART1)]
+    assert f.client_data == read
+    assert not [r for r in mp.records if r["event"] == "notice" and r["type"] == "join_unknown_token"]
+    assert mp.stats()["queue"]["core_errors"] == 0
+
+
 # --------------------------------------------------------------------------- helpers run in namespaces
 def server_token(lab: Any) -> int:
     """The server's MPTCP token of the connection in progress (``ss -M`` in the server namespace)."""
