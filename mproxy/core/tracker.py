@@ -1502,15 +1502,20 @@ class Tracker:
     def _refuse(self, sf: Subflow, reason: str, ts: float, ev: list[Event]) -> None:
         """Detach a subflow that failed verification: the endpoint will reset it, and its bytes must
         never reach the rebuilt stream (a forged join is an injection attempt)."""
+        self._detach(sf)
+        sf.closed_ts = ts
+        self._orphans[sf.id] = sf
+        self.stats.refused[reason] += 1
+        ev.append(SubflowRefused(reason, ts))
+
+    def _detach(self, sf: Subflow) -> None:
+        """Take a subflow out of its connection for good: what it buffers goes back, and its later
+        packets are ignored (``refused``)."""
         sf.refused = True
         self._release_subflow(sf)
         if sf.conn is not None and sf in sf.conn.subflows:
             sf.conn.subflows.remove(sf)
         sf.conn = None
-        sf.closed_ts = ts
-        self._orphans[sf.id] = sf
-        self.stats.refused[reason] += 1
-        ev.append(SubflowRefused(reason, ts))
 
     def subflow_of(self, seg: TcpSegment) -> tuple[Subflow, int] | None:
         """The tracked subflow (and direction index) a segment belongs to, if any."""
@@ -1553,10 +1558,7 @@ class Tracker:
             return False
         for sf in sfs:
             if sf.closed_ts is not None and sf.role != Role.INITIAL:
-                self._release_subflow(sf)
-                sfs.remove(sf)
-                sf.conn = None
-                sf.refused = True  # (its late packets are ignored, as a closed 4-tuple's are)
+                self._detach(sf)  # (its late packets are ignored, as a closed 4-tuple's are)
                 conn.retired += 1
                 self._lingering.append((sf.closed_ts, sf))
                 return False

@@ -383,21 +383,18 @@ def test_an_acknowledged_tail_nothing_came_past_is_a_gap_when_the_connection_end
     assert sm["outcome"] == "fin" and sm["c2s"]["gap_bytes"] == 200 and sm["c2s"]["bytes"] == 4
 
 
-def _reset_then_join(s: Session) -> list[bytes]:
-    """The client's request split: its only subflow reset (exact sequence number) after the first
-    half, then a new subflow joined with the token carrying the second."""
-    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=UNION ")]
-    pk += [s.ack(0, False, s.idsn[0] + 14), s.rst(0, True)]
-    return pk + s.join(1) + [s.data(1, True, 14, b"SELECT pw"), s.ack(1, False, s.idsn[0] + 23)]
-
-
 def test_a_connection_whose_subflows_all_ended_goes_on_over_a_new_join() -> None:
     """Linux keeps an established connection whose subflows all ended (no DATA_FIN) open for
     net.mptcp.close_timeout (60 s), and a subflow that joins it then carries the stream on.
     Closed at the last subflow's RST, the connection's token was forgotten, the join came as an
     unknown token's, and the IDS read ``GET /?q=UNION `` and never ``SELECT pw``."""
     s = Session(1)
-    pk = _reset_then_join(s) + [s.data_fin(1, True, 23), s.data_fin(1, False, 0)]
+    # the client's request split: its only subflow reset (exact sequence number) after the first
+    # half, then a new subflow joined with the token carrying the second
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=UNION ")]
+    pk += [s.ack(0, False, s.idsn[0] + 14), s.rst(0, True)]
+    pk += s.join(1) + [s.data(1, True, 14, b"SELECT pw"), s.ack(1, False, s.idsn[0] + 23)]
+    pk += [s.data_fin(1, True, 23), s.data_fin(1, False, 0)]
     ev = run(Tracker(), pk)
     assert streams(ev) == {(1, C2S): b"GET /?q=UNION SELECT pw"}
     assert not notices(ev)
