@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .gcpolicy import tune
+
+    tune()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac as _hmac
+from functools import lru_cache
 from struct import Struct
 
 from .wire.checksum import ones_sum
@@ -17,6 +18,7 @@ _U32 = Struct("!I")
 _DSS_PSEUDO = Struct("!QIHH")
 
 
+@lru_cache(maxsize=4096)  # a connection's token is looked up at its handshake, joins, record and end
 def _digest(key: int, version: int) -> bytes:
     h = hashlib.sha256 if version >= 1 else hashlib.sha1
     return h(_U64.pack(key)).digest()

@@ -791,8 +791,14 @@ class Tracker:
             if hit is not None and hit[0] is sf:
                 del self._sf[key]
         self._orphans.pop(sf.id, None)
-        if sf.conn is not None and sf.conn.closed is None and sf in sf.conn.subflows:
-            sf.closed_ts = sf.closed_ts or sf.last_ts
+        conn = sf.conn
+        if conn is not None and sf in conn.subflows:
+            if conn.closed is None:
+                sf.closed_ts = sf.closed_ts or sf.last_ts
+            else:
+                # its record is written: unlinked, so that an ended connection goes with its last entry by
+                # reference counting (a connection <-> subflow cycle waits for a full garbage collection)
+                conn.subflows.remove(sf)
 
     def flush(self, now: float | None = None) -> list[Event]:
         """End of input: release what can be released (holes become gaps) and close all."""

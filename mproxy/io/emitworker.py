@@ -355,6 +355,9 @@ class RemoteSinks:
 
 def _main(argv: list[str]) -> int:
     """``python -m mproxy.io.emitworker FD ARGS``: the child, started by :class:`RemoteSinks`."""
+    from ..gcpolicy import tune
+
+    tune()
     sink_args, mss, passthrough_mss, hash_streams = json.loads(argv[1])
     _child(Connection(int(argv[0])), tuple(sink_args), mss, passthrough_mss, hash_streams)  # type: ignore[arg-type]
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -491,6 +492,35 @@ def test_idle_connections_expire() -> None:
     ev += t.process(seg(later, 2000.0))
     assert [e.outcome for e in ev if isinstance(e, ConnectionClosedSummary)] == [Outcome.IDLE]
     assert not t.connections
+
+
+def test_an_ended_connection_is_freed_by_reference_counting() -> None:
+    """Once its subflow entries have lingered and gone, nothing of an ended connection is left for the
+    cycle collector: mproxy runs it rarely (mproxy.gcpolicy), so a connection <-> subflow cycle per
+    connection would hold every ended connection's state until a full collection."""
+    from mproxy.core.tracker import Connection, Subflow
+
+    gc.collect()
+    gc.disable()
+    try:
+        t = Tracker()
+        for i in range(20):
+            s = Session(1, sport=41000 + i)
+            pk = s.handshake() + s.join(1) + [s.data(0, True, 0, b"GET / HTTP/1.0\r\n\r\n"),
+                                              s.data(1, False, 0, b"HTTP/1.0 200 OK\r\n")]
+            pk += [s.data_fin(0, True, 18), s.data_fin(1, False, 17), s.data_fin(0, True, 18)]
+            run(t, pk, flush=False)
+        assert t.stats.outcomes["data_fin"] == 20
+        t.expire(1000.0 + 3600)  # past closed_linger: every subflow entry goes
+        assert not t.connections and not t._sf
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (Connection, Subflow))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
