@@ -241,6 +241,9 @@ def floor(cap: Path, reps: int) -> list[tuple[str, float]]:
     import hashlib
 
     from mproxy.core.pipeline import Pipeline
+    from mproxy.gcpolicy import tune
+
+    tune()  # the collector's settings of the mproxy command
 
     def read() -> None:
         for _f in read_captures([str(cap)]):
@@ -262,6 +265,8 @@ def floor(cap: Path, reps: int) -> list[tuple[str, float]]:
             p.feed(f.linktype, f.data, f.ts)
             if len(p.remote) > 256:
                 p.remote = []
+            if p.records:
+                p.records = []
         p.finish()
 
     rows = []
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, path in (("first half", half), ("whole", cap), ("whole + renumbered copy", double)):
         n = packets if path == cap else count_packets(path)
         r = whole if path == cap else best(replay_argv(path, work), 1)
-        c, _j, _s = log_summary(work)
+        c = conns if path == cap else log_summary(work)[0]  # (the workdir's log is the last replay's)
         mem_rows.append((label, n, r.maxrss_kb, c))
     best(replay_argv(cap, work), 1)  # leave the whole capture's output and log in the workdir
 
