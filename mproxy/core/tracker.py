@@ -66,6 +66,12 @@ _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flo
 _MAX_LATE = 256
 _KEYLESS_BASE = 1 << 32  # where a stream with no known DSN is counted from (see Tracker._fall_back)
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
+_TOKEN_SHARERS = 16  # live connections one token finds (more share one only if a client re-uses its key)
+# Mid-stream subflows are matched to a connection by a walk over the live ones (DSN proximity: no key
+# to index). Anyone can send such segments from new 4-tuples, so the walks together look at no more than
+# _SCAN_RATE connections per second of packet time (a burst of one walk over a full table): about a
+# tenth of a core when spent. Past it, a mid-stream subflow starts a connection of its own.
+_SCAN_RATE = 100_000
 _TCPOPT_WSCALE = 3
 _TCPOPT_TIMESTAMP = 8
 _NOT_FAST = SYN | FIN | RST
@@ -163,7 +169,7 @@ class _Beyond:
     over: int  # how far its end lay past the edge when it came (for the notice)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: compared in lists and sets, never by value
 class SubflowDir:
     """One direction of a subflow, seen from its sender."""
 
@@ -201,7 +207,7 @@ class SubflowDir:
     bytes: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: compared in lists and sets, never by value
 class Subflow:
     id: int
     key: tuple[bytes, int, bytes, int]  # initiator addr/port, responder addr/port
@@ -235,7 +241,7 @@ class Subflow:
                 "dport": self.key[3]}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: compared in lists and sets, never by value
 class Connection:
     id: int
     ts: float
@@ -424,7 +430,14 @@ class Tracker:
         self.stats = TrackerStats()
         self._sf: dict[tuple[bytes, int, bytes, int], tuple[Subflow, int]] = {}
         self.connections: OrderedDict[int, Connection] = OrderedDict()  # LRU by activity
-        self._tokens: dict[int, list[Connection]] = {}
+        # token -> the live connections whose key hashes to it, by id, oldest first (at most _TOKEN_SHARERS)
+        self._tokens: dict[int, dict[int, Connection]] = {}
+        # announced (address, port or None) -> the live connections announcing it, by id, in the order
+        # they (last) announced it: an MP_JOIN whose token is unknown goes to the latest (_find_by_address)
+        self._announcers: dict[tuple[bytes, int | None], dict[int, tuple[int, Connection]]] = {}
+        self._announcements = 0  # announcements indexed so far: their order across the entries
+        self._scan_left = float(max(_SCAN_RATE, self.config.max_connections))  # see _SCAN_RATE
+        self._scan_ts = 0.0
         self._next_conn = 1
         self.conn_id_step = 1  # workers of one gateway number connections w+1, w+1+N, ... (unique ids)
         self._next_sf = 1
@@ -969,11 +982,17 @@ class Tracker:
 
     def _index_token(self, conn: Connection, key: int) -> None:
         tok = crypto.key_token(key, conn.version or 0)
-        lst = self._tokens.setdefault(tok, [])
-        if conn not in lst:
-            lst.append(conn)
+        lst = self._tokens.setdefault(tok, {})
+        if conn.id not in lst:
+            lst[conn.id] = conn
             if self.token_log is not None:
                 self.token_log.append((tok, True))
+            if len(lst) > _TOKEN_SHARERS:
+                # a host's stack keeps its tokens unique (Linux: mptcp_token_new_connect), so many live
+                # connections sharing one means a client re-using its key on purpose: each join with
+                # that token would look at all of them. The oldest is no longer found by it.
+                del lst[next(iter(lst))]
+                self.stats.memcap["token_sharers"] += 1
 
     def _set_base(self, conn: Connection, d: Direction) -> None:
         key = conn.client_key if d == Direction.C2S else conn.server_key
@@ -1070,7 +1089,7 @@ class Tracker:
         cands = self._tokens.get(token)
         if not cands:
             return None, False
-        live = [c for c in cands if c.closed is None]
+        live = [c for c in cands.values() if c.closed is None]
         if not live:
             return None, False
         best = None
@@ -1092,15 +1111,24 @@ class Tracker:
         return any(a == addr for a, _p in conn.announced[side].values())
 
     def _find_by_address(self, src: bytes, dst: bytes, dport: int) -> tuple[Connection | None, bool]:
-        """Fallback grouping when the token is unknown: the join goes to an announced address."""
-        for conn in reversed(self.connections.values()):
-            if conn.closed is not None:
-                continue
-            for side, ann in enumerate(conn.announced):
-                for a, p in ann.values():
-                    if a == dst and (p is None or p == dport):
-                        return conn, side == 0
-        return None, False
+        """Fallback grouping when the token is unknown: the join goes to an announced address, of the
+        live connection that announced it last (a client joins an address soon after it is announced).
+        An index, not a walk over the connections: anyone can send joins with made-up tokens."""
+        latest: tuple[int, Connection] | None = None
+        for entry in ((dst, dport), (dst, None)):
+            at = self._announcers.get(entry)
+            if at:
+                last = next(reversed(at.values()))
+                if latest is None or last[0] > latest[0]:
+                    latest = last
+        if latest is None:
+            return None, False
+        best = latest[1]
+        for side, ann in enumerate(best.announced):
+            for a, p in ann.values():
+                if a == dst and (p is None or p == dport):
+                    return best, side == 0
+        return best, False
 
     def _pickup(self, seg: TcpSegment, key: tuple[bytes, int, bytes, int], o: "_Opts", ev: list[Event]) -> None:
         """A subflow first seen mid-stream: attach by DSN proximity or start a pickup connection."""
@@ -1145,26 +1173,38 @@ class Tracker:
             probes.append((dss.data_ack, 1, dss.ack64))
         if not probes:
             return None, False
+        burst = float(max(_SCAN_RATE, self.config.max_connections))
+        left = min(burst, self._scan_left + max(0.0, seg.ts - self._scan_ts) * _SCAN_RATE)
+        self._scan_ts = max(self._scan_ts, seg.ts)
+        near = [(val, k, MASK64 if wide else MASK32, _PICKUP_DSN_WINDOW if wide else _PICKUP_DSN_WINDOW32)
+                for val, k, wide in probes]
         for conn in reversed(self.connections.values()):
+            left -= 1
+            if left < 0:
+                self._scan_left = 0.0
+                self.stats.memcap["pickup_walk"] += 1
+                return None, False
             if conn.closed is not None:
                 continue
+            streams = conn.streams
             for flipped in (False, True):
                 agreed = 0
-                for val, k, wide in probes:
-                    st = conn.streams[k ^ int(flipped)]
+                for val, k, mask, window in near:
+                    st = streams[k ^ flipped]
                     # a stream picked up mid-stream may have no byte in order yet (its first data
                     # waits for a mapping to anchor it) but already knows the peer's DATA_ACK
                     ref = st.base if st.base is not None else st.acked
                     if ref is None:
                         continue
-                    mask, near = (MASK64, _PICKUP_DSN_WINDOW) if wide else (MASK32, _PICKUP_DSN_WINDOW32)
                     dist = (val - ref) & mask  # modular: streams cross 2**32 and 2**64
-                    if min(dist, mask + 1 - dist) >= near:
+                    if dist >= window and mask + 1 - dist >= window:
                         agreed = -1
                         break
                     agreed += 1
                 if agreed > 0:
+                    self._scan_left = left
                     return conn, flipped
+        self._scan_left = left
         return None, False
 
     # -- per-segment work ---------------------------------------------------
@@ -1342,7 +1382,9 @@ class Tracker:
         if o.remove is not None:
             ann = conn.announced[cdir]
             for i in o.remove.addr_ids:
-                ann.pop(i, None)
+                gone = ann.pop(i, None)
+                if gone is not None:
+                    self._unannounce(conn, gone)
         if o.prio is not None:
             sf.backup = o.prio.backup
         if o.fail is not None:
@@ -1545,6 +1587,21 @@ class Tracker:
                 conn.add_addr_repeats += 1
                 self.stats.add_addr_repeats += 1
         ann[a.addr_id] = (a.address, a.port)
+        if prev is not None and prev != (a.address, a.port):
+            self._unannounce(conn, prev)
+        at = self._announcers.setdefault((a.address, a.port), {})
+        at.pop(conn.id, None)
+        self._announcements += 1
+        at[conn.id] = (self._announcements, conn)  # announced (again) last
+
+    def _unannounce(self, conn: Connection, entry: tuple[bytes, int | None], ended: bool = False) -> None:
+        """``entry`` left ``conn``'s announcements (or ``conn`` ``ended``): out of the index unless it
+        still announces it."""
+        if not ended and any(entry in ann.values() for ann in conn.announced):
+            return
+        at = self._announcers.get(entry)
+        if at is not None and at.pop(conn.id, None) is not None and not at:
+            del self._announcers[entry]
 
     def _open(self, conn: Connection, ts: float, ev: list[Event]) -> None:
         conn.opened = True
@@ -2752,13 +2809,16 @@ class Tracker:
         self._forget_tokens(conn)
 
     def _forget_tokens(self, conn: Connection) -> None:
+        """Out of the indexes that find a live connection for a join: tokens and announced addresses."""
+        for ann in conn.announced:
+            for entry in ann.values():
+                self._unannounce(conn, entry, ended=True)
         for key in (conn.client_key, conn.server_key):
             if key is None:
                 continue
             tok = crypto.key_token(key, conn.version or 0)
             lst = self._tokens.get(tok)
-            if lst and conn in lst:
-                lst.remove(conn)
+            if lst and lst.pop(conn.id, None) is not None:
                 if not lst:
                     del self._tokens[tok]
                     if self.token_log is not None:

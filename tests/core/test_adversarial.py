@@ -16,7 +16,7 @@ import struct
 import subprocess
 import sys
 import tracemalloc
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 from pathlib import Path
 
@@ -1242,3 +1242,117 @@ def test_an_mp_fastclose_with_a_key_not_the_receivers_ends_nothing(fast: bool) -
         assert summaries(ev)[0]["outcome"] == outcome
         if key is not None:
             _one_notice(ev, NoticeType.INVALID_OPTION, "MP_FASTCLOSE")
+
+
+# -- lookups anyone can trigger stay off the connection table ---------------------------------------
+class _NoWalk(OrderedDict):  # type: ignore[type-arg]
+    """A connection table whose walks (newest first, as the lookups walk it) fail the test."""
+
+    def values(self):  # type: ignore[no-untyped-def, override]
+        vals = super().values()
+
+        class _Values:
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                return iter(vals)
+
+            def __len__(self) -> int:
+                return len(vals)
+
+            def __reversed__(self):  # type: ignore[no-untyped-def]
+                raise AssertionError("a walk over the connection table")
+
+        return _Values()
+
+
+def _announce(s: Session, addr_id: int, addr: bytes) -> bytes:
+    sub = s.subs[0]
+    return s._pkt(sub, False, ACK, [m.AddAddr(1, addr_id, addr, None, False, 0).encode(),
+                                    m.dss(s.idsn[0]).encode()])
+
+
+def test_a_join_with_an_unknown_token_goes_by_address_index_to_the_latest_announcer() -> None:
+    """An MP_JOIN whose token mproxy does not know (it missed the handshake, or the token is made up)
+    is grouped by the address it goes to. That used to be a walk over every live connection per join
+    SYN: 38 ms with 50,000 connections, so a few dozen made-up joins a second took a core. Now an
+    index: the join goes to the live connection that announced the address last."""
+    x = bytes((198, 18, 77, 7))
+    tr = Tracker()
+    tr.connections = _NoWalk()
+    ss = [Session(1, client_key=0x1000 + i, server_key=0x2000 + i, sport=41000 + 100 * i) for i in range(3)]
+    pk = [p for s in ss for p in s.handshake()]
+    pk += [_announce(ss[0], 5, x), _announce(ss[2], 5, x), _announce(ss[1], 6, bytes((198, 18, 77, 8)))]
+    ev = run(tr, pk, flush=False)
+    conns = {c.client[1]: c for c in tr.connections.values()}
+    a, b, c = (conns[s.sport] for s in ss)
+
+    def join_to_x(s: Session) -> list:
+        return run(tr, s.join(1, token=0x0BADBAD0, server=x)[:1], flush=False)
+
+    ev = join_to_x(ss[1])
+    assert [len(k.subflows) for k in (a, b, c)] == [1, 1, 2]  # the last to announce it
+    run(tr, [_announce(ss[0], 5, x)], flush=False)  # announced again (Linux repeats until echoed)
+    join_to_x(ss[1])
+    assert [len(k.subflows) for k in (a, b, c)] == [2, 1, 2]
+    t0, idle = tr.now, tr.config.idle_timeout  # a and b go idle; c is still talking
+    tr.process(seg(ss[2].ack(0, False, ss[2].idsn[0]), t0 + idle - 1))
+    tr.expire(t0 + idle + 0.5)
+    assert a.closed is not None and c.closed is None
+    sub = ss[2].subs[0]
+    run(tr, [ss[2]._pkt(sub, False, ACK, [m.RemoveAddr((5,)).encode(), m.dss(ss[2].idsn[0]).encode()])],
+        flush=False)
+    ev = join_to_x(ss[1])
+    assert NoticeType.JOIN_UNKNOWN_TOKEN in notices(ev)  # nobody announces x any more
+    assert not tr._announcers.get((x, None))
+    check_bounded(tr)
+
+
+def test_connections_sharing_a_token_stay_bounded() -> None:
+    """A host's stack keeps its tokens unique; a client re-using its key on every connection made each
+    new one cost a comparison with every earlier one (Connection compared by value: 46 ms per
+    connection after 20,000). One token now finds at most 16 live connections; the rest are counted."""
+    from mproxy.core.tracker import _TOKEN_SHARERS
+
+    tr = Tracker()
+    ss = [Session(1, sport=20000 + 10 * i) for i in range(40)]
+    run(tr, [p for s in ss for p in s.handshake()], flush=False)
+    assert len(tr.connections) == 40
+    tok = crypto.key_token(ss[0].sk, 1)
+    assert len(tr._tokens[tok]) == _TOKEN_SHARERS
+    assert tr.stats.memcap["token_sharers"] == 2 * (40 - _TOKEN_SHARERS)  # the client's token and the server's
+    ev = run(tr, ss[-1].join(1), flush=False)  # the token still finds one of them
+    assert NoticeType.JOIN_UNKNOWN_TOKEN not in notices(ev)
+    check_bounded(tr)
+
+
+def test_walks_for_mid_stream_subflows_have_a_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subflow first seen mid-stream is matched to a connection by DSN proximity, a walk over the
+    live connections (74 ms per segment with 50,000 of them; any host can send such segments from
+    new 4-tuples). The walks together look at a bounded number of connections per second of packet
+    time; past it a mid-stream subflow starts its own connection, counted as the limit ``pickup_walk``."""
+    import mproxy.core.tracker as tracker_mod
+
+    monkeypatch.setattr(tracker_mod, "_SCAN_RATE", 40)
+    tr = Tracker(TrackerConfig(max_connections=40))
+    ss = [Session(1, client_key=0x3000 + i, server_key=0x4000 + i, sport=30000 + 10 * i) for i in range(30)]
+    run(tr, [p for s in ss for p in s.handshake()], flush=False)
+    t0 = tr.now
+
+    def stray(i: int, ts: float) -> list:
+        src = bytes((198, 18, 123, 1))
+        p = build_tcp(src, bytes((198, 18, 9, 2)), 50000 + i, 80, 7 + i, 9, ACK, 502,
+                      tcp_options(m.dss(None, (i * 0x9E3779B97F4A7C15) & MASK64, 1, 4).encode()), b"abcd")
+        return tr.process(seg(p, ts))
+
+    stray(0, t0)  # walks all 30
+    assert tr.stats.memcap["pickup_walk"] == 0
+    stray(1, t0)  # 10 left, 31 to walk
+    stray(2, t0)
+    assert tr.stats.memcap["pickup_walk"] == 2
+    # a real subflow of the first connection picked up mid-stream, a second later: walked again
+    s = ss[0]
+    s.join(1)
+    mid = s.data(1, True, 0, b"GET /")
+    tr.process(seg(mid, t0 + 1.0))
+    first = next(c for c in tr.connections.values() if c.client[1] == s.sport)
+    assert len(first.subflows) == 2 and tr.stats.memcap["pickup_walk"] == 2  # (its bytes wait for the server's ACK)
+    check_bounded(tr)

@@ -28,7 +28,9 @@ from mproxy.core.events import Event
 from mproxy.core.gateway import Gateway
 from mproxy.core.pipeline import Pipeline
 from mproxy.core.policy import Action, Policy
-from mproxy.core.tracker import _JOIN_FLOOD_KEYS, _MAX_MAPPINGS, _UNMAPPED_SHED_RANGES, Tracker, TrackerConfig
+from mproxy.core.tracker import (
+    _JOIN_FLOOD_KEYS, _MAX_MAPPINGS, _TOKEN_SHARERS, _UNMAPPED_SHED_RANGES, Tracker, TrackerConfig,
+)
 from mproxy.io.pcap import _XZ_MEMLIMIT, CaptureError, CaptureReader, PcapWriter, read_captures
 from mproxy.wire import mptcp as m
 from mproxy.wire.build import build_tcp, tcp_options
@@ -493,8 +495,13 @@ def check_bounded(tr: Tracker) -> None:
     live = set(tr.connections)
     for tok, lst in tr._tokens.items():
         assert lst, tok
-        for c in lst:
+        assert len(lst) <= _TOKEN_SHARERS, (tok, len(lst))
+        for c in lst.values():
             assert c.id in live, f"token 0x{tok:x} keeps closed connection {c.id}"
+    for entry, at in tr._announcers.items():
+        assert at, entry
+        for _seq, c in at.values():
+            assert c.id in live and any(entry in ann.values() for ann in c.announced), (entry, c.id)
     assert len(tr._lingering) <= cfg.max_subflows and len(tr._lingering_unopened) <= cfg.max_subflows
     assert set(tr._half_open) <= live and all(not c.opened for c in tr._half_open.values())
     assert all(tr._sf.get(sf.key, (None,))[0] is sf and sf.conn is None for sf in tr._orphans.values())
