@@ -271,9 +271,10 @@ class Responder:
             self._remember((k[2], k[3], k[0], k[1]), state, b_key)
         for tok in (conn.client_token(), conn.server_token()):
             if tok is not None:
-                self.killed_tokens[tok] = until
-        if len(self.killed_tokens) > _KILLED_LIMIT:
-            self.killed_tokens = {t: u for t, u in self.killed_tokens.items() if u > ts}
+                self.killed_tokens.pop(tok, None)
+                self.killed_tokens[tok] = until  # (latest kill last: the oldest go first)
+        while len(self.killed_tokens) > _KILLED_LIMIT:  # bounded even when none has expired yet
+            del self.killed_tokens[next(iter(self.killed_tokens))]
         # the tracker sees the kill as if it had crossed the gateway: the connection ends with
         # outcome fastclose (or reset), the emitter closes the IDS's conversation with an RST
         events: list[Event] = []

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mproxy import crypto
 from mproxy.core.alerts import Alert
 from mproxy.core.events import ConnectionClosed, Outcome
 from mproxy.core.fastclose import CloseMode, SubflowEnds, build_fastclose, close_set
@@ -271,6 +272,24 @@ def test_kill_events_close_the_connection_in_the_tracker() -> None:
     _pk, events, fields = gw.responder.kill(conn, 1001.0)
     assert any(isinstance(e, ConnectionClosed) and e.outcome == Outcome.FASTCLOSE for e in events)
     assert fields["packets"] == 4 and fields["mode"] == "mp_fastclose"
+
+
+def test_killed_tokens_stay_bounded_while_none_has_expired(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokens of killed connections (joins to them are refused) were trimmed only of expired ones:
+    with more kills than the limit within kill_linger, the table grew past it and every kill rebuilt it."""
+    import mproxy.core.reactions as reactions_mod
+
+    monkeypatch.setattr(reactions_mod, "_KILLED_LIMIT", 6)
+    gw = Gateway()
+    for i in range(5):
+        s = Session(1, client_key=0x7000 + i, server_key=0x8000 + i, sport=42000 + 10 * i)
+        for p in attack_packets(s):
+            gw.packet(p, 1000.0 + i)
+        conn = next(c for c in gw.tracker.connections.values() if c.client[1] == s.sport)
+        gw.responder.kill(conn, 1000.5 + i)
+    kt = gw.responder.killed_tokens
+    assert len(kt) == 6  # the last three kills' two tokens each, all still within kill_linger
+    assert crypto.key_token(0x8004, 1) in kt and crypto.key_token(0x8000, 1) not in kt
 
 
 # a pcre that backtracks for years on the attack's bytes (see tests/core/test_inspector.py)
