@@ -1,7 +1,7 @@
 """Inline gateway: throughput and added latency through ``mproxy run`` vs plain kernel forwarding.
 
 Run (root, kernel MPTCP): .venv/bin/python benchmarks/inline.py [--seconds 5] [--repeat 2] [--profile]
-                                  [--workers 2] [--conns 4]
+                                  [--workers 2] [--conns 4] [--rate] [--mproxy-root DIR]
 
 In one unshaped namespace lab (``Lab(rate=None)``), the same run measures:
 
@@ -23,6 +23,13 @@ In one unshaped namespace lab (``Lab(rate=None)``), the same run measures:
 
 ``--profile`` samples the mproxy process with py-spy during the MPTCP bulk
 run and prints where the time goes (self time per function).
+
+``--rate`` runs only this instead: short MPTCP connections (connect, a 100-byte
+request, a 512-byte response, close; ``--conns`` client threads, each opening
+the next as soon as one ends) for ``--seconds``, with kernel forwarding and
+through ``mproxy run`` with one worker and with ``--workers``: connections per
+second, and whether mproxy wrote a record for every one of them. A gateway
+sees mostly short connections; this is its rate of new connections.
 
 ``--flood UNIT`` runs only this instead: one MPTCP bulk transfer to port 80
 (where the shipped rules apply) whose payload is UNIT repeated (``"or "``: a
@@ -58,6 +65,10 @@ from mproxy.lab.gateway import start_mproxy, stop_mproxy  # noqa: E402 - after t
 IPPROTO_MPTCP = 262
 PORT = 5301
 PING_PORT = 5302
+RATE_PORT = 5303
+MPROXY_ROOT = ROOT  # the checkout whose mproxy runs (--mproxy-root: compare two in one run)
+RATE_REQUEST = b"GET /rate HTTP/1.1\r\nHost: server\r\nUser-Agent: mproxy-bench\r\n" + b"x" * 30 + b"\r\n\r\n"
+RATE_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 474\r\n\r\n" + b"y" * 474
 FLOOD_PORT = 80  # in the shipped rules' HTTP_PORTS
 
 
@@ -182,6 +193,98 @@ def _send_ping(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_rate(args: argparse.Namespace) -> int:
+    """Answer short MPTCP connections on ``--conns`` threads until SIGTERM; then print how many, and
+    how many were MPTCP to the end (TCP_IS_MPTCP)."""
+    import threading
+
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("0.0.0.0", args.port))
+    ls.listen(1024)
+    ls.settimeout(0.5)
+    stop = threading.Event()
+    served = [0, 0]  # connections answered, of which MPTCP
+    lock = threading.Lock()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = ls.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            try:
+                conn.settimeout(10)
+                got = b""
+                while not got.endswith(b"\r\n\r\n"):
+                    d = conn.recv(512)
+                    if not d:
+                        break
+                    got += d
+                conn.sendall(RATE_RESPONSE)
+                mptcp = bool(conn.getsockopt(socket.IPPROTO_TCP, 43))
+                with lock:
+                    served[0] += 1
+                    served[1] += mptcp
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=serve, daemon=True) for _ in range(args.conns)]
+    for t in threads:
+        t.start()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print("READY", flush=True)
+    while not stop.is_set():
+        stop.wait(0.2)
+    for t in threads:
+        t.join(5)
+    print(json.dumps({"served": served[0], "mptcp": served[1]}), flush=True)
+    return 0
+
+
+def _send_rate(args: argparse.Namespace) -> int:
+    """``--conns`` threads open short MPTCP connections one after another for ``--seconds``: each sends
+    the request, reads the whole response and closes."""
+    import threading
+
+    end = time.monotonic() + args.seconds
+    done = [0, 0]  # complete exchanges, failures
+    lock = threading.Lock()
+
+    def run() -> None:
+        while time.monotonic() < end:
+            ok = False
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+            try:
+                s.settimeout(10)
+                s.connect((args.connect, args.port))
+                s.sendall(RATE_REQUEST)
+                got = bytearray()
+                while True:
+                    d = s.recv(4096)
+                    if not d:
+                        break
+                    got += d
+                ok = bytes(got) == RATE_RESPONSE
+            except OSError:
+                pass
+            finally:
+                s.close()
+            with lock:
+                done[0 if ok else 1] += 1
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=run) for _ in range(args.conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"conns": done[0], "failed": done[1], "seconds": time.monotonic() - t0}), flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------- orchestration
 @dataclass
 class Bulk:
@@ -246,7 +349,8 @@ class Mproxy:
         cfg.write_text(f'[queue]\nnum = 7\nworkers = {self.workers}\n[sink]\ninterface = "sink0"\n'
                        f'[log]\nevents = "{self.events}"\n[metrics]\nlisten = ""\n')
         self.err.unlink(missing_ok=True)
-        self.proc = start_mproxy(self.lab, cfg, self.err, env=dict(os.environ, PYTHONPATH=str(ROOT), **self.env))
+        self.proc = start_mproxy(self.lab, cfg, self.err, cwd=str(MPROXY_ROOT),
+                                 env=dict(os.environ, PYTHONPATH=str(MPROXY_ROOT), **self.env))
         if self.profile:
             spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             self.spy = subprocess.Popen([spy, "record", "-p", str(self.proc.pid), "-r", "250", "--format",
@@ -275,6 +379,9 @@ class Mproxy:
         if found:
             bypassed.append(ast.literal_eval(found.group(1)))
         return sum(sum(b.values()) for b in bypassed) + sum(r["queue"]["undelivered"] for r in self.all_stats())
+
+    def records(self, event: str) -> int:
+        return sum(1 for r in map(json.loads, self.events.read_text().splitlines()) if r["event"] == event)
 
     def stats(self) -> dict:  # type: ignore[type-arg]
         for line in reversed(self.events.read_text().splitlines()):
@@ -367,6 +474,58 @@ def flood(lab, work: Path, args: argparse.Namespace) -> int:  # type: ignore[no-
     return 0
 
 
+def rate(lab, work: Path, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    """Short MPTCP connections per second: kernel forwarding, then mproxy with one worker and with
+    ``--workers``. Each mproxy run must have written one ``mptcp_connection`` record per connection."""
+
+    def once() -> dict:  # type: ignore[type-arg]
+        srv = _py(lab, lab.ns_srv, "_serve_rate", "--port", str(RATE_PORT), "--conns", str(args.conns),
+                  stdout=subprocess.PIPE)
+        _ready(srv)
+        cli = _py(lab, lab.ns_cli, "_send_rate", "--connect", lab.server_addr[4], "--port", str(RATE_PORT),
+                  "--seconds", str(args.seconds), "--conns", str(args.conns), stdout=subprocess.PIPE)
+        out, _ = cli.communicate(timeout=args.seconds + 120)
+        time.sleep(0.5)  # the last connections' final ACKs
+        srv.send_signal(signal.SIGTERM)
+        sout, _ = srv.communicate(timeout=30)
+        res: dict = json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[type-arg]
+        res.update(json.loads(sout.decode().strip().splitlines()[-1]))
+        return res
+
+    def best() -> dict:  # type: ignore[type-arg]
+        return max((once() for _ in range(args.repeat)), key=lambda r: r["conns"] / r["seconds"])
+
+    rows: list[tuple[str, dict, int | None, int | None]] = [("kernel forwarding", best(), None, None)]  # type: ignore[type-arg]
+    for n in sorted({1, args.workers or 1}):
+        with Mproxy(lab, work, f"rate-w{n}", args.profile and n == 1, workers=n) as mp:
+            runs = [once() for _ in range(args.repeat)]
+        # every run's connections are in the one event log (written as they close, the rest at stop)
+        total = sum(r["served"] for r in runs)
+        res = max(runs, key=lambda r: r["conns"] / r["seconds"])
+        rows.append((f"mproxy run, {n} worker{'s' if n > 1 else ''}", res,
+                     mp.records("mptcp_connection") - total, mp.missed()))
+    base = rows[0][1]["conns"] / rows[0][1]["seconds"]
+    print(f"\n## inline connection rate\n\n{args.conns} client threads, {args.seconds:g} s, best of {args.repeat}; "
+          f"each connection: MPTCP handshake (+ a join to the second path), {len(RATE_REQUEST)} B request, "
+          f"{len(RATE_RESPONSE)} B response, close.\n")
+    print("| gateway | connections/s | of kernel forwarding | failed | MPTCP at the server | records - connections "
+          "| passed uninspected |")
+    print("|---|---|---|---|---|---|---|")
+    for label, r, extra, missed in rows:
+        cps = r["conns"] / r["seconds"]
+        print(f"| {label} | {cps:,.0f} | {100 * cps / base:.1f} % | {r['failed']} | {r['mptcp']:,} of {r['served']:,} "
+              f"| {'' if extra is None else f'{extra:+d}'} | {'' if missed is None else f'{missed:,}'} |")
+    prof = work / "rate-w1.pyspy.txt"
+    if args.profile and prof.exists():
+        print("\nprofile of mproxy (one worker) during the connection-rate run (py-spy, self time):\n")
+        print("| function | self % | inclusive % |")
+        print("|---|---|---|")
+        for fn, own, inc in profile_table(prof, 30):
+            print(f"| `{fn}` | {own:.1f} | {inc:.1f} |")
+    print(f"\n(logs, configs: {work}; mproxy from {MPROXY_ROOT})")
+    return 0
+
+
 def _pct(xs: list[int], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(p * len(s)))] / 1000
@@ -375,7 +534,8 @@ def _pct(xs: list[int], p: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
-    for name in ("_serve_bulk", "_send_bulk", "_serve_ping", "_send_ping", "_null_queue"):
+    for name in ("_serve_bulk", "_send_bulk", "_serve_ping", "_send_ping", "_null_queue", "_serve_rate",
+                 "_send_rate"):
         sp = sub.add_parser(name)
         sp.add_argument("--port", type=int, default=PORT)
         sp.add_argument("--connect", default="")
@@ -394,10 +554,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conns", type=int, default=4, help="parallel connections for the workers comparison")
     ap.add_argument("--keep", help="directory for configs, logs and profiles (default: temp)")
     ap.add_argument("--flood", metavar="UNIT", help='only the flood comparison: UNIT repeated to port 80 (e.g. "or ")')
+    ap.add_argument("--rate", action="store_true",
+                    help="only the connection rate: short MPTCP connections from --conns threads for --seconds")
+    ap.add_argument("--mproxy-root", type=Path, default=ROOT, help="the checkout whose mproxy runs (default: this one)")
     args = ap.parse_args(argv)
     if args.cmd:
         return {"_serve_bulk": _serve_bulk, "_send_bulk": _send_bulk, "_serve_ping": _serve_ping,
-                "_send_ping": _send_ping, "_null_queue": _null_queue}[args.cmd](args)
+                "_send_ping": _send_ping, "_null_queue": _null_queue, "_serve_rate": _serve_rate,
+                "_send_rate": _send_rate}[args.cmd](args)
+    global MPROXY_ROOT
+    MPROXY_ROOT = args.mproxy_root.resolve()
 
     from mproxy.lab.topology import Lab, lab_available
 
@@ -414,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
             lab.run(lab.ns_gw, "ip", "link", "set", i, "mtu", "1600", "up")
         if args.flood:
             return flood(lab, work, args)
+        if args.rate:
+            return rate(lab, work, args)
 
         def best(mptcp: bool, conns: int = 1) -> Bulk:
             runs = [bulk(lab, mptcp, args.seconds, conns) for _ in range(args.repeat)]
