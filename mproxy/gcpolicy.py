@@ -6,7 +6,8 @@ thousands of times per second, each pass also walking older objects: on a captur
 short MPTCP connections it was a third of the replay's time. Nothing in the per-packet path
 makes reference cycles (an ended connection is unlinked from its subflows, see
 ``Tracker._drop_subflow``), so reference counting frees almost everything, and a rarer
-collection only catches the odd cycle later. Memory is unchanged (see benchmarks/README.md).
+collection only catches the odd cycle later. Memory does not grow (the short-connection replay's
+peak RSS fell: benchmarks/README.md ``## resources``).
 """
 
 from __future__ import annotations

@@ -430,7 +430,7 @@ class Tracker:
         self.stats = TrackerStats()
         self._sf: dict[tuple[bytes, int, bytes, int], tuple[Subflow, int]] = {}
         self.connections: OrderedDict[int, Connection] = OrderedDict()  # LRU by activity
-        # token -> the live connections whose key hashes to it, by id, oldest first (at most _TOKEN_SHARERS)
+        # token -> the live connections whose key hashes to it, by id, oldest first (the first _TOKEN_SHARERS)
         self._tokens: dict[int, dict[int, Connection]] = {}
         # announced (address, port or None) -> the live connections announcing it, by id, in the order
         # they (last) announced it: an MP_JOIN whose token is unknown goes to the latest (_find_by_address)
@@ -983,16 +983,18 @@ class Tracker:
     def _index_token(self, conn: Connection, key: int) -> None:
         tok = crypto.key_token(key, conn.version or 0)
         lst = self._tokens.setdefault(tok, {})
-        if conn.id not in lst:
-            lst[conn.id] = conn
-            if self.token_log is not None:
-                self.token_log.append((tok, True))
-            if len(lst) > _TOKEN_SHARERS:
-                # a host's stack keeps its tokens unique (Linux: mptcp_token_new_connect), so many live
-                # connections sharing one means a client re-using its key on purpose: each join with
-                # that token would look at all of them. The oldest is no longer found by it.
-                del lst[next(iter(lst))]
-                self.stats.memcap["token_sharers"] += 1
+        if conn.id in lst:
+            return
+        if len(lst) >= _TOKEN_SHARERS:
+            # a host's stack keeps its tokens unique (Linux: mptcp_token_new_connect), so many live
+            # connections sharing one means an endpoint re-using its key on purpose: each join with that
+            # token would look at all of them. The first ones stay found by it (a join prefers the
+            # oldest that owns its address), later ones are not.
+            self.stats.memcap["token_sharers"] += 1
+            return
+        lst[conn.id] = conn
+        if self.token_log is not None:
+            self.token_log.append((tok, True))
 
     def _set_base(self, conn: Connection, d: Direction) -> None:
         key = conn.client_key if d == Direction.C2S else conn.server_key
