@@ -9,8 +9,10 @@ by the address it goes to), a segment with DSS from a new 4-tuple (a subflow pic
 matched by DSN proximity), and a new connection whose key many live connections share (its token).
 For each count N, in one process: N connections opened with our encoder (handshake + first data,
 none closed), then 200 packets of each kind from new 4-tuples, 10 µs of packet time apart (the
-pickup walks' budget is then spent after the first walks, as in a flood); and separately N
-connections that all use the same keys (µs per new connection over the last quarter).
+pickup walks' budget is then spent after the first walks, as in a flood); then a sustained flood of
+the DSS kind, 2,000 a second for 5 s of packet time (seconds of CPU per second of it: the share of a
+core such a flood takes); and separately N connections that all use the same keys (µs per new
+connection over the last quarter).
 ``--root`` runs another checkout's tracker (a before/after comparison in one run).
 """
 
@@ -47,8 +49,9 @@ def main() -> int:
     same_keys = shared["connection"]
     att = bytes((198, 18, 200, 1))
     print(f"mproxy from {Path(mproxy.__file__).parent}\n")
-    print("| live connections | join SYN, unknown token | DSS from a new 4-tuple | new connection, shared key |")
-    print("|---|---|---|---|")
+    print("| live connections | join SYN, unknown token | DSS from a new 4-tuple | 2,000 of those a second: CPU per "
+          "second | new connection, shared key |")
+    print("|---|---|---|---|---|")
     for n in (int(x) for x in a.counts.split(",")):
         tr = Tracker()
         t = 1000.0
@@ -71,6 +74,16 @@ def main() -> int:
         dss = [build_tcp(att, manyconns.SERVER, 40000 + k, 80, 5000 + k, 7000, ACK, 502, tcp_options(
             m.dss(None, (k * 0x9E3779B97F4A7C15) & ((1 << 64) - 1), 1, 10).encode()), b"x" * 10) for k in range(200)]
         join_us, dss_us = per_packet(tr, joins), per_packet(tr, dss)
+        # a sustained flood: 2,000 such segments a second for 5 s of packet time (CPU per second of it)
+        t = max(t, tr.now) + 2.0  # the budget refilled
+        flood = [build_tcp(att, manyconns.SERVER, 1024 + k % 60000, 81 + k // 60000, 9000 + k, 7000, ACK, 502,
+                           tcp_options(m.dss(None, (k * 0xC2B2AE3D27D4EB4F) & ((1 << 64) - 1), 1, 10).encode()),
+                           b"y" * 10) for k in range(10_000)]
+        t0 = time.perf_counter()
+        for p in flood:
+            t += 5e-4
+            tr.process(parse_ip(memoryview(p), t))
+        flood_share = (time.perf_counter() - t0) / 5.0
         del tr
         gc.collect()
         tr = Tracker()
@@ -84,7 +97,8 @@ def main() -> int:
                 t += 1e-5
                 tr.process(parse_ip(memoryview(p), t))
         shared_us = (time.perf_counter() - t0) / quarter * 1e6
-        print(f"| {n:,} | {join_us:,.0f} µs | {dss_us:,.0f} µs | {shared_us:,.0f} µs |", flush=True)
+        print(f"| {n:,} | {join_us:,.0f} µs | {dss_us:,.0f} µs | {flood_share:.2f} s | {shared_us:,.0f} µs |",
+              flush=True)
         del tr
         gc.collect()
     return 0
