@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from struct import Struct
 from typing import Any
@@ -67,11 +68,16 @@ _MAX_LATE = 256
 _KEYLESS_BASE = 1 << 32  # where a stream with no known DSN is counted from (see Tracker._fall_back)
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TOKEN_SHARERS = 16  # live connections one token finds (more share one only if a client re-uses its key)
-# Mid-stream subflows are matched to a connection by a walk over the live ones (DSN proximity: no key
-# to index). Anyone can send such segments from new 4-tuples, so the walks together look at no more than
-# _SCAN_RATE connections per second of packet time (a burst of one walk over a full table): about a
-# tenth of a core when spent. Past it, a mid-stream subflow starts a connection of its own.
+# Mid-stream subflows are matched to a connection by DSN proximity. When every value the DSS carries is
+# 64-bit (Linux's), candidates come from an index of the streams' positions, in buckets as wide as the
+# window (a match lies in its value's bucket or a neighbour's); a 32-bit value needs a walk over the live
+# connections. Anyone can send such segments from new 4-tuples, so the walks and the index's candidates
+# together look at no more than _SCAN_RATE connections per second of packet time (a burst of one walk
+# over a full table): about a tenth of a core when spent. Past it, such a subflow starts a connection
+# of its own.
 _SCAN_RATE = 100_000
+_DSN_BUCKET_BITS = _PICKUP_DSN_WINDOW.bit_length() - 1  # buckets as wide as the window
+_DSN_BUCKETS = 1 << (64 - _DSN_BUCKET_BITS)
 _TCPOPT_WSCALE = 3
 _TCPOPT_TIMESTAMP = 8
 _NOT_FAST = SYN | FIN | RST
@@ -284,6 +290,10 @@ class Connection:
     # when its last subflow ended (None: one is live); it ends close_timeout later unless another joins
     dormant: float | None = None
     retired: int = 0  # ended subflows that left ``subflows`` to make room for new ones (see Tracker._full)
+    # the tracker's packet count at its last packet: the connection table is in this order (LRU), so the
+    # connections touched since a moment are its tail (Tracker._dsn_refresh)
+    touched: int = 0
+    dsn_at: tuple[int, ...] = ()  # the DSN buckets it is indexed under (Tracker._dsn_index)
 
     @property
     def ipver(self) -> int:
@@ -438,6 +448,10 @@ class Tracker:
         self._announcements = 0  # announcements indexed so far: their order across the entries
         self._scan_left = float(max(_SCAN_RATE, self.config.max_connections))  # see _SCAN_RATE
         self._scan_ts = 0.0
+        # DSN bucket (a stream position >> _DSN_BUCKET_BITS) -> the live connections with a stream there,
+        # as of their packet count _dsn_fresh (refreshed at each lookup from the connections touched since)
+        self._dsn_index: dict[int, dict[int, Connection]] = {}
+        self._dsn_fresh = 0
         self._next_conn = 1
         self.conn_id_step = 1  # workers of one gateway number connections w+1, w+1+N, ... (unique ids)
         self._next_sf = 1
@@ -571,6 +585,7 @@ class Tracker:
             conn.last_ts = ts
             if conn.closed is None:
                 self.connections.move_to_end(conn.id)
+                conn.touched = st.packets
                 if not conn.opened and conn.id in self._half_open:
                     self._half_open.move_to_end(conn.id)
         self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
@@ -690,6 +705,7 @@ class Tracker:
         self.stats.options[2] += 1
         conn.last_ts = ts
         self.connections.move_to_end(conn.id)
+        conn.touched = self.stats.packets
         _take_ack(sfd, other, seg)
         if data_ack is not None:
             rst = streams[cdir ^ 1]
@@ -953,7 +969,7 @@ class Tracker:
         a, b = (seg.src, seg.sport), (seg.dst, seg.dport)
         cfg = self.config
         conn = Connection(self._next_conn, ts, a if client_is_src else b, b if client_is_src else a,
-                          pickup=pickup, last_ts=ts,
+                          pickup=pickup, last_ts=ts, touched=self.stats.packets,
                           streams=(DataStream(ooo_limit=cfg.ooo_limit, history_limit=cfg.history,
                                               sha=hashlib.sha256() if self.stream_hash else None,
                                               budget=self.budget, history_budget=self.history_budget),
@@ -1159,6 +1175,8 @@ class Tracker:
         else:
             ev.append(SubflowJoined(conn.id, sf.id, ts))
         self._on_segment(sf, 0, seg, o, ev)
+        if conn.closed is None:
+            self._dsn_reindex(conn)  # (its streams moved with no packet of its own subflows)
 
     def _find_by_dsn(self, dss: m.Dss | None, seg: TcpSegment) -> tuple[Connection | None, bool]:
         """The live connection a mid-stream subflow's DSS places it in, and whether its sender is that
@@ -1180,7 +1198,20 @@ class Tracker:
         self._scan_ts = max(self._scan_ts, seg.ts)
         near = [(val, k, MASK64 if wide else MASK32, _PICKUP_DSN_WINDOW if wide else _PICKUP_DSN_WINDOW32)
                 for val, k, wide in probes]
-        for conn in reversed(self.connections.values()):
+        if all(wide for _v, _k, wide in probes):
+            # every match has a stream within the window of a value: in its bucket or a neighbour's
+            self._dsn_refresh()
+            found: dict[int, Connection] = {}
+            for val, _k, _w in probes:
+                b = val >> _DSN_BUCKET_BITS
+                for bb in (b - 1, b, b + 1):
+                    at = self._dsn_index.get(bb % _DSN_BUCKETS)
+                    if at:
+                        found.update(at)
+            cands: Iterable[Connection] = sorted(found.values(), key=lambda c: c.touched, reverse=True)
+        else:
+            cands = reversed(self.connections.values())
+        for conn in cands:  # most recently active first
             left -= 1
             if left < 0:
                 self._scan_left = 0.0
@@ -1208,6 +1239,39 @@ class Tracker:
                     return conn, flipped
         self._scan_left = left
         return None, False
+
+    def _dsn_refresh(self) -> None:
+        """Index again the connections that had packets since the last refresh (the connection table's
+        tail: it is in the order of their last packets), so that each lookup sees every stream where
+        it is now. Each connection costs this once per lookup that follows its packets."""
+        fresh = self._dsn_fresh
+        for conn in reversed(self.connections.values()):
+            if conn.touched <= fresh:
+                break
+            self._dsn_reindex(conn)
+        self._dsn_fresh = self.stats.packets
+
+    def _dsn_reindex(self, conn: Connection, ended: bool = False) -> None:
+        at: tuple[int, ...] = ()
+        if not ended:
+            s0, s1 = conn.streams
+            r0 = s0.base if s0.base is not None else s0.acked
+            r1 = s1.base if s1.base is not None else s1.acked
+            if r0 is not None:
+                r0 >>= _DSN_BUCKET_BITS
+                at = (r0,) if r1 is None or r1 >> _DSN_BUCKET_BITS == r0 else (r0, r1 >> _DSN_BUCKET_BITS)
+            elif r1 is not None:
+                at = (r1 >> _DSN_BUCKET_BITS,)
+        if at == conn.dsn_at:
+            return
+        index = self._dsn_index
+        for b in conn.dsn_at:
+            cs = index.get(b)
+            if cs is not None and cs.pop(conn.id, None) is not None and not cs:
+                del index[b]
+        for b in at:
+            index.setdefault(b, {})[conn.id] = conn
+        conn.dsn_at = at
 
     # -- per-segment work ---------------------------------------------------
     def _on_segment(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event],
@@ -2811,7 +2875,9 @@ class Tracker:
         self._forget_tokens(conn)
 
     def _forget_tokens(self, conn: Connection) -> None:
-        """Out of the indexes that find a live connection for a join: tokens and announced addresses."""
+        """Out of the indexes that find a live connection for a join or a mid-stream subflow: tokens,
+        announced addresses, stream positions."""
+        self._dsn_reindex(conn, ended=True)
         for ann in conn.announced:
             for entry in ann.values():
                 self._unannounce(conn, entry, ended=True)

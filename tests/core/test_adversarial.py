@@ -1329,35 +1329,71 @@ def test_connections_sharing_a_token_stay_bounded() -> None:
     check_bounded(tr)
 
 
-def test_walks_for_mid_stream_subflows_have_a_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A subflow first seen mid-stream is matched to a connection by DSN proximity, a walk over the
-    live connections (74 ms per segment with 50,000 of them; any host can send such segments from
-    new 4-tuples). The walks together look at a bounded number of connections per second of packet
-    time; past it a mid-stream subflow starts its own connection, counted as the limit ``pickup_walk``."""
+def _stray(tr: Tracker, i: int, ts: float, *, wide: bool) -> list:
+    """A DSS segment with a made-up DSN from a new 4-tuple: to the tracker, a subflow picked up mid-stream."""
+    dsn = ((i + 1) * 0x9E3779B97F4A7C15) & (MASK64 if wide else 0xFFFFFFFF)
+    p = build_tcp(bytes((198, 18, 123, 1)), bytes((198, 18, 9, 2)), 50000 + i, 80, 7 + i, 9, ACK, 502,
+                  tcp_options(m.dss(None, dsn, 1, 4, dsn64=wide).encode()), b"abcd")
+    return tr.process(seg(p, ts))
+
+
+def _open_sessions(tr: Tracker, n: int) -> list[Session]:
+    ss = [Session(1, client_key=0x3000 + i, server_key=0x4000 + i, sport=30000 + 10 * i) for i in range(n)]
+    run(tr, [p for s in ss for p in s.handshake()], flush=False)
+    return ss
+
+
+def _picked_up(tr: Tracker, s: Session, ts: float) -> Any:
+    """A real further subflow of ``s``'s connection, first seen mid-stream; returns that connection."""
+    s.join(1)
+    tr.process(seg(s.data(1, True, 0, b"GET /"), ts))
+    return next(c for c in tr.connections.values() if c.client[1] == s.sport)
+
+
+def test_mid_stream_subflows_with_64_bit_values_are_matched_through_an_index(monkeypatch: pytest.MonkeyPatch
+                                                                           ) -> None:
+    """A subflow first seen mid-stream is matched to a connection by DSN proximity. That was a walk over
+    every live connection per segment (74 ms with 50,000 of them; any host can send such segments from
+    new 4-tuples). With 64-bit values (Linux sends them) an index of the streams' positions finds the
+    candidates, kept exact by re-indexing the connections that had packets since the last lookup."""
+    import mproxy.core.tracker as tracker_mod
+
+    monkeypatch.setattr(tracker_mod, "_SCAN_RATE", 40)
+    tr = Tracker(TrackerConfig(max_connections=400))
+    ss = _open_sessions(tr, 30)
+    t0 = tr.now
+    for i in range(100):  # each would have walked the whole table, and spent the budget at once
+        _stray(tr, i, t0, wide=True)
+    assert tr.stats.memcap["pickup_walk"] == 0
+    # streams moved since they were indexed: the first connection's stream 100 MB on (one packet)
+    s = ss[0]
+    far = 100 << 20
+    tr.process(seg(s.data(0, True, 0, b"x", map_len=1), t0))
+    st = next(c for c in tr.connections.values() if c.client[1] == s.sport).streams[0]
+    st.base = (st.base or 0) + far  # (as after 100 MB in order, without sending them)
+    s.join(1)
+    tr.process(seg(s.data(1, True, far + 1, b"GET /"), t0))
+    first = next(c for c in tr.connections.values() if c.client[1] == s.sport)
+    assert len(first.subflows) == 2 and tr.stats.memcap["pickup_walk"] == 0
+    check_bounded(tr)
+
+
+def test_walks_for_mid_stream_subflows_with_32_bit_values_have_a_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a 32-bit value the match needs a walk over the live connections; the walks together look at a
+    bounded number of connections per second of packet time. Past it a mid-stream subflow starts its
+    own connection, counted as the limit ``pickup_walk``."""
     import mproxy.core.tracker as tracker_mod
 
     monkeypatch.setattr(tracker_mod, "_SCAN_RATE", 40)
     tr = Tracker(TrackerConfig(max_connections=40))
-    ss = [Session(1, client_key=0x3000 + i, server_key=0x4000 + i, sport=30000 + 10 * i) for i in range(30)]
-    run(tr, [p for s in ss for p in s.handshake()], flush=False)
+    ss = _open_sessions(tr, 30)
     t0 = tr.now
-
-    def stray(i: int, ts: float) -> list:
-        src = bytes((198, 18, 123, 1))
-        p = build_tcp(src, bytes((198, 18, 9, 2)), 50000 + i, 80, 7 + i, 9, ACK, 502,
-                      tcp_options(m.dss(None, (i * 0x9E3779B97F4A7C15) & MASK64, 1, 4).encode()), b"abcd")
-        return tr.process(seg(p, ts))
-
-    stray(0, t0)  # walks all 30
+    _stray(tr, 0, t0, wide=False)  # walks all 30
     assert tr.stats.memcap["pickup_walk"] == 0
-    stray(1, t0)  # 10 left, 31 to walk
-    stray(2, t0)
+    _stray(tr, 1, t0, wide=False)  # 10 left, 31 to walk
+    _stray(tr, 2, t0, wide=False)
     assert tr.stats.memcap["pickup_walk"] == 2
     # a real subflow of the first connection picked up mid-stream, a second later: walked again
-    s = ss[0]
-    s.join(1)
-    mid = s.data(1, True, 0, b"GET /")
-    tr.process(seg(mid, t0 + 1.0))
-    first = next(c for c in tr.connections.values() if c.client[1] == s.sport)
+    first = _picked_up(tr, ss[0], t0 + 1.0)
     assert len(first.subflows) == 2 and tr.stats.memcap["pickup_walk"] == 2  # (its bytes wait for the server's ACK)
     check_bounded(tr)

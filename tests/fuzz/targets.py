@@ -498,6 +498,10 @@ def check_bounded(tr: Tracker) -> None:
         assert len(lst) <= _TOKEN_SHARERS, (tok, len(lst))
         for c in lst.values():
             assert c.id in live, f"token 0x{tok:x} keeps closed connection {c.id}"
+    for bucket, cs in tr._dsn_index.items():
+        assert cs, bucket
+        for c in cs.values():
+            assert c.id in live and bucket in c.dsn_at, (bucket, c.id)
     for entry, at in tr._announcers.items():
         assert at, entry
         for _seq, c in at.values():
