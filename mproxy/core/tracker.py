@@ -1374,6 +1374,7 @@ class Tracker:
         # rebuilt stream that the server never got, ahead of the ones it did
         void = flags & RST or (seg.payload_len and sfd.fin_seq is not None
                                and (seg.seq - sfd.fin_seq) & MASK32 < 0x80000000)
+        skip = 0  # leading payload bytes whose subflow bytes keep an earlier placement (see _place)
         if dss is not None:
             if dss.data_ack is not None:
                 rst = conn.streams[cdir ^ 1]
@@ -1396,17 +1397,20 @@ class Tracker:
                 if n and isn is not None and not dss.flags & m.DSS_F and not sfd.pending and not sfd.fin \
                         and n == seg.wire_payload_len \
                         and (seg.seq - isn - (dss.ssn or 0)) & MASK32 <= (dss.dll or 0) - n \
-                        and (n == dss.dll or not conn.csum):
-                    self._fast_data(conn, sfd, cdir, dss, seg, ev)
+                        and (n == dss.dll or not conn.csum) and self._fast_data(conn, sfd, cdir, dss, seg, ev):
                     n = 0
-                elif not self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev, late):
-                    n = 0  # a mapping contradicting an earlier one: its bytes are not taken
+                else:
+                    cut = self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev, late)
+                    if cut is None or cut >= n:
+                        n = 0  # a mapping contradicting an earlier one: its bytes are not taken
+                    else:
+                        skip = cut
             else:
                 n = seg.payload_len
         else:
             n = seg.payload_len
         if n and not void:
-            self._on_payload(conn, sf, sfd, cdir, seg, ev, dss is None or dss.dsn is None)
+            self._on_payload(conn, sf, sfd, cdir, seg, ev, dss is None or dss.dsn is None, skip)
         if o.fastclose is not None:
             # Linux takes an MP_FASTCLOSE only when it carries its own (the receiver's) key: a forged
             # one would otherwise end the rebuilt stream while the server reads on
@@ -1600,7 +1604,7 @@ class Tracker:
         for old in sfd.mappings:
             if old.ssn == 1 and old.dsn == dsn:
                 return
-        if not self._place(conn, sfd, 1, dsn, cap.data_len, seg, ev):
+        if self._place(conn, sfd, 1, dsn, cap.data_len, seg, ev) != 0:
             return  # contradicts an earlier mapping: the first placement stands, as for a DSS
         cs = cap.checksum if conn.csum and cap.checksum is not None else None
         sfd.mappings.append(Mapping(1, dsn, cap.data_len, False, cs, cap.data_len))
@@ -1716,10 +1720,13 @@ class Tracker:
 
     # -- mappings and payload -------------------------------------------------
     def _on_mapping(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, dss: m.Dss,
-                    seg: TcpSegment, ev: list[Event], late: bool = False) -> bool:
-        """Take a DSS mapping; False when it contradicts an earlier one (the segment's bytes are ignored).
+                    seg: TcpSegment, ev: list[Event], late: bool = False) -> int | None:
+        """Take a DSS mapping. Returns how many of the segment's first bytes not to read (0 but when
+        the mapping's head keeps an earlier placement: see _place), None when it contradicts an
+        earlier one (the segment's bytes are ignored).
         ``late``: of a kept past-the-edge segment the receiver has now acknowledged (see _keep_late)."""
         st = conn.streams[cdir]
+        skip = 0
         dsn = dss.dsn or 0
         if not dss.dsn64:
             if st.base is not None:
@@ -1727,13 +1734,13 @@ class Tracker:
         dll = dss.dll or 0
         ssn = dss.ssn or 0
         if seg.payload_len and not late and not self._window_ok(sfd, seg):
-            return True  # an off-path insertion must not plant mappings; its bytes are refused later
+            return 0  # an off-path insertion must not plant mappings; its bytes are refused later
         conn.mapped[cdir] = True
         if dss.data_fin:
             if dll == 1 and ssn == 0:  # bare DATA_FIN: consumes one DSN, no payload
                 st.set_fin(st.unwrap(dsn))
                 self._after_fin(conn, cdir, seg.ts, ev)
-                return True
+                return 0
             if dll >= 1:
                 st.set_fin(st.unwrap(dsn) + dll - 1)
         if dll == 0:
@@ -1746,19 +1753,29 @@ class Tracker:
             length = dll - (1 if dss.data_fin else 0)
             if length <= 0:
                 self._after_fin(conn, cdir, seg.ts, ev)
-                return True
+                return 0
             for old in reversed(sfd.mappings):
                 if old.ssn == ssn and old.dsn == dsn and old.length == length:
                     mp = old
                     break
             else:
-                if not self._place(conn, sfd, ssn, dsn, length, seg, ev):
-                    return False  # the first placement of these subflow bytes stands
-                cs = dss.checksum if conn.csum and dss.checksum is not None else None
-                mp = Mapping(ssn, dsn, length, False, cs, dll)
-                sfd.mappings.append(mp)
-                if len(sfd.mappings) > _MAX_MAPPINGS:
-                    self._evict_mapping(sfd)
+                cut = self._place(conn, sfd, ssn, dsn, length, seg, ev, not conn.csum and sfd.isn is not None)
+                if cut is None:
+                    return None  # the first placement of these subflow bytes stands
+                if cut:  # ... for the mapping's head: the rest is the subflow's current mapping
+                    ssn, dsn, length, dll = (ssn + cut) & MASK32, (dsn + cut) & MASK64, length - cut, dll - cut
+                    rel = (seg.seq - (sfd.isn or 0)) & MASK32
+                    skip = min((ssn - rel) & MASK32, seg.payload_len) if 0 < (ssn - rel) & MASK32 < 0x80000000 else 0
+                for old in reversed(sfd.mappings) if cut else ():
+                    if old.ssn == ssn and old.dsn == dsn and old.length == length:
+                        mp = old
+                        break
+                else:
+                    cs = dss.checksum if conn.csum and dss.checksum is not None else None
+                    mp = Mapping(ssn, dsn, length, False, cs, dll)
+                    sfd.mappings.append(mp)
+                    if len(sfd.mappings) > _MAX_MAPPINGS:
+                        self._evict_mapping(sfd)
             if sfd.isn is None:
                 self._sync_pickup(sfd, seg, mp)
         if mp.infinite:
@@ -1768,7 +1785,7 @@ class Tracker:
             self._resolve_pending(conn, sfd, cdir, seg.ts, ev)
         if sfd.shed:
             self._place_shed(conn, sfd, cdir, mp.ssn, mp.dsn, None if mp.infinite else mp.length)
-        return True
+        return skip
 
     def _sync_pickup(self, sfd: SubflowDir, seg: TcpSegment, mp: Mapping) -> None:
         """Infer the ISN of a subflow seen mid-stream from a segment that starts a mapping."""
@@ -2205,14 +2222,18 @@ class Tracker:
         sfd.bytes += n
 
     def _place(self, conn: Connection, sfd: SubflowDir, ssn: int, dsn: int, length: int, seg: TcpSegment,
-               ev: list[Event]) -> bool:
-        """Record where a mapping puts subflow bytes; False when it moves bytes an earlier mapping
-        placed elsewhere.
+               ev: list[Event], trim: bool = False) -> int | None:
+        """Record where a mapping puts subflow bytes. Returns how many of its first bytes keep an
+        earlier, other placement (0: none), or None when it is refused whole.
 
         A TCP receiver keeps the first copy of subflow bytes and the Linux MPTCP receiver resets a
         subflow whose mapping contradicts the current one (MIB DSSNoMatch); honouring a second
         placement would let one copy land twice in the rebuilt stream -- an evasion. So the first
         placement stands and a ``bad_mapping`` notice is raised (once per subflow direction).
+        ``trim``: when the earlier placements cover only the mapping's head, the rest is placed.
+        That is what Linux reads when the earlier bytes came in subflow order (a forged segment
+        at the subflow's next sequence number): TCP drops the head of the real segment as old,
+        and the new mapping, the subflow's current one by then, places its tail.
         In-order traffic costs one comparison; the last 16 placements are remembered.
         """
         off = (dsn - ssn) & MASK32
@@ -2228,39 +2249,60 @@ class Tracker:
                     del pl[0]
             sfd.placed_end = end
             sfd.placed_off = off
-            return True
+            return 0
+        other: list[tuple[int, int, int]] = []  # earlier placements elsewhere: (from, to) relative to ssn, offset
         for start, stop, o in reversed(pl):
             if (ssn - start) & MASK32 >= (stop - start) & MASK32 and (start - ssn) & MASK32 >= length:
                 continue  # no subflow byte in common
             if o == off:
                 if (ssn - start) & MASK32 <= (stop - start) & MASK32 and (end - start) & MASK32 <= (
                         stop - start) & MASK32:
-                    return True  # a repeat of (part of) this placement: the usual retransmission
+                    return 0  # a repeat of (part of) this placement: the usual retransmission
                 continue
-            if not sfd.remap_noticed:
-                sfd.remap_noticed = True
-                self._notice(ev, NoticeType.BAD_MAPPING, conn,
-                             f"subflow bytes at ssn {ssn} mapped to dsn {dsn}; they were mapped to dsn "
-                             f"{(dsn - off + o) & MASK64}", seg)
-            return False
-        pl.append([ssn, end, off])  # bytes before the furthest ones, seen for the first time
-        if len(pl) > 16:
-            del pl[0]
-        return True
+            rs, re = (start - ssn) & MASK32, (stop - ssn) & MASK32
+            other.append((0 if rs >= 0x80000000 else rs, min(re, length), o))
+        if not other:
+            pl.append([ssn, end, off])  # bytes before the furthest ones, seen for the first time
+            if len(pl) > 16:
+                del pl[0]
+            if 0 < (end - hw) & MASK32 < 0x80000000:  # (and some beyond them)
+                sfd.placed_end = end
+                sfd.placed_off = off
+            return 0
+        cut = 0
+        for rs, re, _ in sorted(other):
+            if rs > cut:
+                cut = -1  # not a head: bytes after this gap keep another placement
+                break
+            cut = max(cut, re)
+        if not sfd.remap_noticed:
+            sfd.remap_noticed = True
+            o = other[0][2]
+            self._notice(ev, NoticeType.BAD_MAPPING, conn,
+                         f"subflow bytes at ssn {ssn} mapped to dsn {dsn}; they were mapped to dsn "
+                         f"{(dsn - off + o) & MASK64}", seg)
+        if not trim or not 0 < cut < length:
+            return None
+        return cut if self._place(conn, sfd, (ssn + cut) & MASK32, (dsn + cut) & MASK64, length - cut, seg, ev) == 0 \
+            else None
 
     def _fast_data(self, conn: Connection, sfd: SubflowDir, cdir: Direction, dss: m.Dss, seg: TcpSegment,
-                   ev: list[Event]) -> None:
+                   ev: list[Event]) -> bool:
         """The common case: one mapping covering exactly this in-order payload. No mapping is
         kept (a retransmission carries its mapping again), checksums are verified here.
-        (Out-of-window segments never get here: _on_segment judges them whole.)"""
+        (Out-of-window segments never get here: _on_segment judges them whole.)
+        False: the mapping's head keeps an earlier placement; the general path trims the segment."""
         st = conn.streams[cdir]
         dsn = dss.dsn or 0
         ssn = dss.ssn or 0
         if not dss.flags & m.DSS_m and st.base is not None:
             dsn = expand32(dsn, st.base)
         dll = dss.dll or 0
-        if not self._place(conn, sfd, ssn, dsn, dll, seg, ev):
-            return
+        cut = self._place(conn, sfd, ssn, dsn, dll, seg, ev, not conn.csum)
+        if cut is None:
+            return True
+        if cut:
+            return False
         conn.mapped[cdir] = True
         sfd.last_map_ssn = ssn
         if sfd.shed:
@@ -2279,11 +2321,13 @@ class Tracker:
                 dsn, dss.ssn or 0, dss.dll or 0, dss.checksum, payload):
             self._notice(ev, NoticeType.DSS_CHECKSUM_FAILURE, conn,
                          f"mapping dsn {dsn} ssn {dss.ssn} len {dss.dll}", seg)
-            return
+            return True
         self._deliver(conn, cdir, dsn, payload, seg.ts, ev)
+        return True
 
     def _on_payload(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, seg: TcpSegment,
-                    ev: list[Event], bare: bool = False) -> None:
+                    ev: list[Event], bare: bool = False, skip: int = 0) -> None:
+        """``skip``: leading bytes not to read (their subflow bytes keep an earlier placement)."""
         self._seen(sfd, seg)
         payload = seg.payload
         if sfd.fin_seq is not None and (sfd.fin_seq - seg.seq) & MASK32 < len(payload):
@@ -2292,8 +2336,8 @@ class Tracker:
             # no ISN yet (picked up mid-stream): hold until a mapping anchors the sequence space
             self._hold(conn, sfd, seg.seq, payload, seg, ev)
             return
-        rel = (seg.seq - sfd.isn) & MASK32
-        self._map_bytes(conn, sf, sfd, cdir, rel, payload, seg.ts, ev, seg, bare)
+        rel = (seg.seq - sfd.isn + skip) & MASK32
+        self._map_bytes(conn, sf, sfd, cdir, rel, payload[skip:] if skip else payload, seg.ts, ev, seg, bare)
 
     def _map_bytes(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, rel: int,
                    data: memoryview | bytes, ts: float, ev: list[Event], seg: TcpSegment | None,

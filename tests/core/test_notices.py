@@ -436,6 +436,29 @@ def test_bad_mapping_moves_subflow_bytes(tmp_path: Path) -> None:
     assert not res.notices and res.conns[0]["c2s"]["bytes"] == 12
 
 
+@pytest.mark.parametrize("one_mapping", [False, True])
+def test_a_mapping_whose_head_keeps_an_earlier_placement_places_its_tail(tmp_path: Path, one_mapping: bool) -> None:
+    """Forged bytes at the subflow's next sequence number, mapped far ahead, then the client's real
+    segment over them and beyond: TCP drops its head as old, and Linux reads its tail with its
+    mapping (a lab capture showed it). Refusing the whole segment left a hole in the IDS stream."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"abcd")]
+    pk.append(s.data(0, True, 50_000_000, b"XXXX"))  # subflow bytes 5-8, far past any window
+    if one_mapping:  # one mapping over two segments, both carrying it
+        pk.append(s.data(0, True, 4, b"efghijkl", rel=5, map_len=12))
+        pk.append(s.data(0, True, 12, b"mnop", rel=13, map_rel=5, map_len=12))
+    else:
+        pk.append(s.data(0, True, 4, b"efghijkl", rel=5))
+        pk.append(s.data(0, True, 12, b"mnop", rel=13))
+    pk.append(s.data(0, True, 4, b"efgh", rel=17))  # the sender's reinjection of what the receiver missed
+    pk += [s.ack(0, False, s.idsn[0] + 16), s.data_fin(0, True, 16), s.data_fin(0, False, 0)]
+    res = replay(tmp_path, pk)
+    assert res.types()["bad_mapping"] == 1, res.notices
+    (c,) = res.conns
+    assert c["c2s"]["sha256"] == hashlib.sha256(b"abcdefghijklmnop").hexdigest(), c["c2s"]
+    assert c["c2s"]["gap_count"] == 0 and c["outcome"] == "data_fin", (c, res.notices)
+
+
 def test_memcap_notice() -> None:
     t = Tracker(TrackerConfig(ooo_limit=100))
     s = Session(1)
