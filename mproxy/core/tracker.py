@@ -22,7 +22,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from struct import Struct
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import crypto
 from ..wire import mptcp as m
@@ -384,6 +384,19 @@ class TrackerStats:
     unfilled_checksums: int = 0  # a capture's offloaded checksums (the pseudo-header's sum): not judged
 
 
+_K = TypeVar("_K")
+
+
+def _unindex(index: dict[_K, dict[int, Any]], key: _K, conn_id: int) -> bool:
+    """Take a connection out of one entry of an index by id, and the entry out of the index when it
+    empties (entries of ended connections would otherwise pile up): True when it did."""
+    at = index.get(key)
+    if at is None or at.pop(conn_id, None) is None or at:
+        return False
+    del index[key]
+    return True
+
+
 def _take_ack(sfd: SubflowDir, other: SubflowDir, seg: TcpSegment) -> None:
     """An ACK from ``sfd``'s sender: the acknowledged point, window, largest window and right edge
     that the receiver of ``other`` (the opposite direction) must respect."""
@@ -446,7 +459,8 @@ class Tracker:
         # they (last) announced it: an MP_JOIN whose token is unknown goes to the latest (_find_by_address)
         self._announcers: dict[tuple[bytes, int | None], dict[int, tuple[int, Connection]]] = {}
         self._announcements = 0  # announcements indexed so far: their order across the entries
-        self._scan_left = float(max(_SCAN_RATE, self.config.max_connections))  # see _SCAN_RATE
+        self._scan_burst = float(max(_SCAN_RATE, self.config.max_connections))  # see _SCAN_RATE
+        self._scan_left = self._scan_burst
         self._scan_ts = 0.0
         # DSN bucket (a stream position >> _DSN_BUCKET_BITS) -> the live connections with a stream there,
         # as of their packet count _dsn_fresh (refreshed at each lookup from the connections touched since)
@@ -1142,11 +1156,8 @@ class Tracker:
         if latest is None:
             return None, False
         best = latest[1]
-        for side, ann in enumerate(best.announced):
-            for a, p in ann.values():
-                if a == dst and (p is None or p == dport):
-                    return best, side == 0
-        return best, False
+        # (the index holds what the connection announces: the client, side 0, or the server)
+        return best, any(a == dst and (p is None or p == dport) for a, p in best.announced[0].values())
 
     def _pickup(self, seg: TcpSegment, key: tuple[bytes, int, bytes, int], o: "_Opts", ev: list[Event]) -> None:
         """A subflow first seen mid-stream: attach by DSN proximity or start a pickup connection."""
@@ -1193,8 +1204,7 @@ class Tracker:
             probes.append((dss.data_ack, 1, dss.ack64))
         if not probes:
             return None, False
-        burst = float(max(_SCAN_RATE, self.config.max_connections))
-        left = min(burst, self._scan_left + max(0.0, seg.ts - self._scan_ts) * _SCAN_RATE)
+        left = min(self._scan_burst, self._scan_left + max(0.0, seg.ts - self._scan_ts) * _SCAN_RATE)
         self._scan_ts = max(self._scan_ts, seg.ts)
         near = [(val, k, MASK64 if wide else MASK32, _PICKUP_DSN_WINDOW if wide else _PICKUP_DSN_WINDOW32)
                 for val, k, wide in probes]
@@ -1266,9 +1276,7 @@ class Tracker:
             return
         index = self._dsn_index
         for b in conn.dsn_at:
-            cs = index.get(b)
-            if cs is not None and cs.pop(conn.id, None) is not None and not cs:
-                del index[b]
+            _unindex(index, b, conn.id)
         for b in at:
             index.setdefault(b, {})[conn.id] = conn
         conn.dsn_at = at
@@ -1669,9 +1677,7 @@ class Tracker:
         still announces it."""
         if not ended and any(entry in ann.values() for ann in conn.announced):
             return
-        at = self._announcers.get(entry)
-        if at is not None and at.pop(conn.id, None) is not None and not at:
-            del self._announcers[entry]
+        _unindex(self._announcers, entry, conn.id)
 
     def _open(self, conn: Connection, ts: float, ev: list[Event]) -> None:
         conn.opened = True
@@ -2929,12 +2935,8 @@ class Tracker:
             if key is None:
                 continue
             tok = crypto.key_token(key, conn.version or 0)
-            lst = self._tokens.get(tok)
-            if lst and lst.pop(conn.id, None) is not None:
-                if not lst:
-                    del self._tokens[tok]
-                    if self.token_log is not None:
-                        self.token_log.append((tok, False))
+            if _unindex(self._tokens, tok, conn.id) and self.token_log is not None:
+                self.token_log.append((tok, False))
 
     def _make_room(self, ts: float, ev: list[Event]) -> None:
         """At the subflow limit: entries go, as few as it takes, least worth first. Those whose time
