@@ -65,6 +65,8 @@ _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flo
 # segments kept past a right edge per subflow direction (each later segment there scans them): a
 # sender's overshoot is a few dozen; a flood of tiny forged ones must not cost a long scan per packet
 _MAX_LATE = 256
+_MAX_OFO = 4096  # segments kept after a hole in one subflow direction (a window of MSS segments fits)
+_OFO_COST = 256  # what keeping one costs beyond its packet's bytes and PIECE_COST (measured: see tests)
 _KEYLESS_BASE = 1 << 32  # where a stream with no known DSN is counted from (see Tracker._fall_back)
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TOKEN_SHARERS = 16  # live connections one token finds (more share one only if a client re-uses its key)
@@ -110,6 +112,9 @@ class TrackerConfig:
     # stays open for a new subflow, as Linux keeps it (net.mptcp.close_timeout); 0: it ends at once
     close_timeout: float = 60.0
     window_check: bool = True
+    # read each subflow's bytes in subflow order, as the receiver's TCP hands them to MPTCP: data
+    # after a hole waits for it (see _Ofo). False: as they come (mproxy before 2026-12-07)
+    subflow_order: bool = True
     # MP_JOIN flood: more than ``join_flood_threshold`` join SYNs to one receiver (address + token;
     # unknown tokens share one counter per address) within ``join_flood_window`` seconds raises
     # one ``join_flood`` notice per window. 0 disables. A connection joins at most a few subflows.
@@ -145,6 +150,22 @@ class Mapping:
     acc: bytearray | None = None
     filled: list[tuple[int, int]] | None = None
     done: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Ofo:
+    """A data segment that came after a hole in its subflow's sequence space, kept until the hole
+    fills. The receiver's TCP hands bytes to MPTCP only in subflow order, and a copy that fills
+    the hole first wins over one kept after it (Linux tcp_data_queue, tcp_ofo_queue): read at
+    once, a segment sent ahead of a hole could put its bytes in the IDS stream at DSNs the
+    server then reads from another copy. The packet is kept as bytes and parsed again when read
+    (a parsed segment costs several times a small packet's size)."""
+    seq: int
+    end: int
+    ip: bytes
+    ts: float
+    dss: m.Dss | None
+    cost: int
 
 
 @dataclass(slots=True, eq=False)
@@ -205,6 +226,10 @@ class SubflowDir:
     # it took them (see Tracker._keep_late); None when there are none (the fast path's one check)
     late: list[_Late] | None = None
     late_bytes: int = 0
+    # data segments after a hole in the sequence space, in sequence order, until it fills (see _Ofo);
+    # None when there are none (the fast path's one check)
+    ofo: list[_Ofo] | None = None
+    ofo_bytes: int = 0
     # where mapped subflow bytes went: [start, end, dsn - ssn] (relative ssn, 32-bit), newest last
     placed: list[list[int]] = field(default_factory=list)
     placed_end: int | None = None  # relative ssn after the furthest mapped byte
@@ -285,6 +310,8 @@ class Connection:
     # handshake ACK): like Linux, every later byte is taken in subflow order and DSS mappings are ignored
     fallen: bool = False
     late: int = 0  # segments kept past a right edge: its subflows' (SubflowDir.late) and ``beyond``
+    # payload bytes its subflows keep after holes (SubflowDir.ofo), by direction: under ooo_limit too
+    ofo_bytes: list[int] = field(default_factory=lambda: [0, 0])
     beyond: list[_Beyond] | None = None  # data kept past the connection-level window (_hold_beyond)
     beyond_noticed: int = 0  # directions (1 << cdir) whose refused kept data has been noticed
     # when its last subflow ended (None: one is live); it ends close_timeout later unless another joins
@@ -395,6 +422,19 @@ def _unindex(index: dict[_K, dict[int, Any]], key: _K, conn_id: int) -> bool:
         return False
     del index[key]
     return True
+
+
+def _mapped_dsn(st: DataStream, dss: m.Dss | None, isn: int | None, seq: int, n: int) -> int | None:
+    """The stream position where a segment's own DSS mapping puts its first byte, None without one
+    that covers it. (ISN unknown, seen mid-stream: a segment of its mapping's length starts it, as
+    _sync_pickup takes it.)"""
+    if dss is None or dss.dsn is None or not dss.dll:
+        return None
+    off = (seq - isn - (dss.ssn or 0)) & MASK32 if isn is not None else 0 if n == dss.dll else MASK32
+    if off >= dss.dll:
+        return None
+    first = dss.dsn if dss.dsn64 or st.base is None else expand32(dss.dsn, st.base)
+    return st.unwrap((first + off) & MASK64)
 
 
 def _take_ack(sfd: SubflowDir, other: SubflowDir, seg: TcpSegment) -> None:
@@ -526,6 +566,8 @@ class Tracker:
                             assembling += mp.length
                     for kept in sd.late or ():
                         past_edge += kept.cost - PIECE_COST
+                    for h in sd.ofo or ():
+                        past_edge += h.cost - PIECE_COST
             for held in conn.beyond or ():
                 past_edge += held.cost - PIECE_COST
         return ooo, unmapped, assembling, past_edge
@@ -680,6 +722,8 @@ class Tracker:
             if o < -(2 * win + 65535) or edge is not None and 0 < (seg.seq - edge) & MASK32 < 0x80000000:
                 return False
         other = sf.dirs[d ^ 1]
+        if sfd.ofo is not None or other.ofo is not None:
+            return False  # segments kept after a hole: this one may fill it, or its ack pass it
         una = other.peer_ack
         if una is not None:
             back = (una - seg.ack) & MASK32
@@ -706,6 +750,11 @@ class Tracker:
             hw = sfd.placed_end
             if hw is not None and (ssn - hw) & MASK32 >= 0x80000000:
                 return False  # bytes before the furthest placed ones: _place checks them
+            rn = sfd.rcv_nxt
+            if rn is None:
+                rn = seg.seq if sf.role == Role.PICKUP else (isn + 1) & MASK32
+            if 0 < (seg.seq - rn) & MASK32 < 0x80000000:
+                return False  # after a hole in the subflow: _keep_ofo decides
             st = streams[cdir]
             if not fl & m.DSS_m and st.base is not None:
                 dsn = expand32(dsn, st.base)
@@ -1330,6 +1379,8 @@ class Tracker:
                 self._late_superseded(conn, sfd, seg, ev)
             if flags & ACK and not flags & RST:  # (Linux reads neither a RST's ACK field nor its window)
                 _take_ack(sfd, other, seg)  # this packet's ack/window govern the other direction's data
+                if other.ofo is not None:
+                    self._ofo_acked(sf, d ^ 1, ev)
                 if sf.unverified and other.last_end is not None and (seg.ack - other.last_end) & MASK32 < 0x80000000:
                     sf.unverified = False  # the receiver acknowledged the bytes sent on it: the subflow is real
                 if other.late is not None:
@@ -1382,43 +1433,25 @@ class Tracker:
         # rebuilt stream that the server never got, ahead of the ones it did
         void = flags & RST or (seg.payload_len and sfd.fin_seq is not None
                                and (seg.seq - sfd.fin_seq) & MASK32 < 0x80000000)
-        skip = 0  # leading payload bytes whose subflow bytes keep an earlier placement (see _place)
-        if dss is not None:
-            if dss.data_ack is not None:
-                rst = conn.streams[cdir ^ 1]
-                ack = dss.data_ack
-                if not dss.flags & m.DSS_a and rst.base is not None:
-                    ack = expand32(ack, rst.base)
-                ack = rst.unwrap(ack)  # DSNs wrap at 2**64, stream positions do not
-                if not self._ack_unsent(conn, sf, d, rst, ack, seg, ev):
-                    if rst.acked is None or ack > rst.acked:
-                        rst.acked = ack
-                    if flags & ACK and rst.base is not None:  # the connection-level right edge (see _hold_beyond)
-                        we = ack + other.peer_win
-                        if rst.wnd_end is None or we > rst.wnd_end:
-                            rst.wnd_end = we
-                    if conn.beyond is not None:
-                        self._beyond_acked(conn, Direction(cdir ^ 1), rst.acked, ts, ev)
-            if dss.dsn is not None and not void:
-                n = seg.payload_len
-                isn = sfd.isn
-                if n and isn is not None and not dss.flags & m.DSS_F and not sfd.pending and not sfd.fin \
-                        and n == seg.wire_payload_len \
-                        and (seg.seq - isn - (dss.ssn or 0)) & MASK32 <= (dss.dll or 0) - n \
-                        and (n == dss.dll or not conn.csum) and self._fast_data(conn, sfd, cdir, dss, seg, ev):
-                    n = 0
-                else:
-                    cut = self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev, late)
-                    if cut is None or cut >= n:
-                        n = 0  # a mapping contradicting an earlier one: its bytes are not taken
-                    else:
-                        skip = cut
-            else:
-                n = seg.payload_len
-        else:
-            n = seg.payload_len
-        if n and not void:
-            self._on_payload(conn, sf, sfd, cdir, seg, ev, dss is None or dss.dsn is None, skip)
+        if dss is not None and dss.data_ack is not None:
+            rst = conn.streams[cdir ^ 1]
+            ack = dss.data_ack
+            if not dss.flags & m.DSS_a and rst.base is not None:
+                ack = expand32(ack, rst.base)
+            ack = rst.unwrap(ack)  # DSNs wrap at 2**64, stream positions do not
+            if not self._ack_unsent(conn, sf, d, rst, ack, seg, ev):
+                if rst.acked is None or ack > rst.acked:
+                    rst.acked = ack
+                if flags & ACK and rst.base is not None:  # the connection-level right edge (see _hold_beyond)
+                    we = ack + other.peer_win
+                    if rst.wnd_end is None or we > rst.wnd_end:
+                        rst.wnd_end = we
+                if conn.beyond is not None:
+                    self._beyond_acked(conn, Direction(cdir ^ 1), rst.acked, ts, ev)
+        if not void and (not seg.payload_len or not self._keep_ofo(sf, d, seg, dss, ev)):
+            self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
+            if sfd.ofo is not None:
+                self._ofo_release(sf, d, ev)  # the hole before them may have filled
         if o.fastclose is not None:
             # Linux takes an MP_FASTCLOSE only when it carries its own (the receiver's) key: a forged
             # one would otherwise end the rebuilt stream while the server reads on
@@ -2021,16 +2054,8 @@ class Tracker:
         n = seg.payload_len
         if sfd.late_bytes + n > 2 * max(sfd.max_win, 65535) or sfd.late is not None and len(sfd.late) >= _MAX_LATE:
             return False
-        dsn = None
-        dss = o.dss
-        isn = sfd.isn
         st = conn.streams[_DIRS[d ^ sf.flipped]]
-        if dss is not None and dss.dsn is not None and dss.dll and not conn.fallen:
-            # (ISN unknown, seen mid-stream: a segment of its mapping's length starts it, as _sync_pickup takes it)
-            off = (seg.seq - isn - (dss.ssn or 0)) & MASK32 if isn is not None else 0 if n == dss.dll else MASK32
-            if off < dss.dll:
-                first = dss.dsn if dss.dsn64 or st.base is None else expand32(dss.dsn, st.base)
-                dsn = st.unwrap((first + off) & MASK64)
+        dsn = None if conn.fallen else _mapped_dsn(st, o.dss, sfd.isn, seg.seq, n)
         cost = len(seg.ip) + PIECE_COST
         if not self.budget.take(cost):
             # shed like any bytes the memcap keeps out (inline, on_memcap = "drop" drops the packet)
@@ -2331,6 +2356,186 @@ class Tracker:
         self._deliver(conn, cdir, dsn, payload, seg.ts, ev)
         return True
 
+    def _take_data(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, seg: TcpSegment,
+                   dss: m.Dss | None, late: bool, ev: list[Event], eaten: int = 0) -> None:
+        """A segment's mapping and bytes, in subflow order. ``eaten``: leading bytes the receiver
+        already had (a kept segment the copy that filled the hole before it overlapped)."""
+        n = seg.payload_len
+        skip = eaten
+        if dss is not None and dss.dsn is not None:
+            isn = sfd.isn
+            if n and not eaten and isn is not None and not dss.flags & m.DSS_F and not sfd.pending and not sfd.fin \
+                    and n == seg.wire_payload_len \
+                    and (seg.seq - isn - (dss.ssn or 0)) & MASK32 <= (dss.dll or 0) - n \
+                    and (n == dss.dll or not conn.csum) and self._fast_data(conn, sfd, cdir, dss, seg, ev):
+                return
+            cut = self._on_mapping(conn, sf, sfd, cdir, dss, seg, ev, late)
+            if cut is None:
+                return  # a mapping contradicting an earlier one: its bytes are not taken
+            skip = max(skip, cut)
+        if n > skip:
+            self._on_payload(conn, sf, sfd, cdir, seg, ev, dss is None or dss.dsn is None, skip)
+
+    def _keep_ofo(self, sf: Subflow, d: int, seg: TcpSegment, dss: m.Dss | None, ev: list[Event]) -> bool:
+        """Keep a data segment that starts after a hole in its subflow's sequence space until the
+        hole fills (see _Ofo); True when kept, or shed. Only where the gateway sees the receiver's
+        acknowledgements (or its SYN): they say when it has bytes the gateway did not see (a
+        capture's loss), and the hole is then filled. These are out-of-order bytes of their
+        connection direction, under ``ooo_limit`` and ``memcap``, and at most _MAX_OFO segments
+        and twice the receiver's largest window per subflow direction: past a limit the segment
+        is shed, never read out of subflow order (inline with on_memcap = "drop" the packet is
+        dropped, and its copy comes again once the hole has filled)."""
+        sfd = sf.dirs[d]
+        conn = sf.conn
+        isn, pa = sfd.isn, sfd.peer_ack
+        rn = sfd.rcv_nxt
+        if not self.config.subflow_order or conn is None or isn is None or pa is None and sf.dirs[d ^ 1].isn is None \
+                or rn is None and sf.role == Role.PICKUP:
+            return False  # (no acknowledgement from the receiver seen yet, nor its SYN: a one-way capture)
+        if rn is None:
+            rn = (isn + 1) & MASK32
+        if pa is not None and 0 < (pa - rn) & MASK32 < 0x80000000:
+            # the receiver has the bytes before its acknowledgement
+            self._ofo_release(sf, d, ev, upto=pa)
+            if sf.conn is None or sf.conn.closed is not None:
+                return True  # (nothing more to read)
+            rn = pa if sfd.rcv_nxt is None else sfd.rcv_nxt
+        if not 0 < (seg.seq - rn) & MASK32 < 0x80000000:
+            return False
+        n = seg.payload_len
+        cost = len(seg.ip) + PIECE_COST + _OFO_COST
+        held = sfd.ofo
+        cdir = _DIRS[d ^ sf.flipped]
+        st = conn.streams[cdir]
+        if held is not None and len(held) >= _MAX_OFO or sfd.ofo_bytes + n > 2 * max(sfd.max_win, 65535):
+            limit, why = "subflow_order", f"segments kept after a hole in their subflow over {_MAX_OFO}, or over " \
+                                          "twice the receiver's window"
+        elif st.ooo_bytes + conn.ofo_bytes[cdir] + n > st.ooo_limit:
+            limit, why = "out_of_order", f"out-of-order bytes over {st.ooo_limit}"
+        elif not self.budget.take(cost):
+            limit, why = "global", f"buffered bytes over the memcap ({self.budget.limit})"
+        else:
+            limit = ""
+        if limit:
+            self._shed(conn, limit, n, why, seg.ts, ev, seg)
+            if limit != "subflow_order":  # (counted in the record as the data level's buffer limits are)
+                st.memcap_drops += 1
+                st.memcap_bytes += n
+                st.budget_drops += limit == "global"
+            dsn = _mapped_dsn(st, dss, isn, seg.seq, n) if not conn.fallen else None
+            if dsn is not None:
+                st.note_shed(dsn, dsn + n)
+            return True
+        if held is None:
+            held = sfd.ofo = []
+        start = (seg.seq - rn) & MASK32
+        end = start + n
+        i = len(held)
+        while i and (held[i - 1].seq - rn) & MASK32 > start:
+            i -= 1
+        # Linux's rules for overlapping copies kept after a hole (tcp_data_queue_ofo): one inside a
+        # kept one is dropped, one from the same byte and longer replaces it, one covering later
+        # ones whole replaces them; other overlaps keep both, and the earlier start wins the overlap
+        if i:
+            p = held[i - 1]
+            ps = (p.seq - rn) & MASK32
+            if start < ps + (p.end - p.seq) & MASK32:
+                if end <= ps + (p.end - p.seq) & MASK32:
+                    self.budget.give(cost)
+                    return True  # all its bytes are kept already: dropped
+                if start == ps:
+                    i -= 1
+                    self._ofo_drop(sf, d, i)
+        while i < len(held):
+            q = held[i]
+            qs = (q.seq - rn) & MASK32
+            if qs >= end or qs + (q.end - q.seq) & MASK32 > end:
+                break
+            self._ofo_drop(sf, d, i)
+        held.insert(i, _Ofo(seg.seq, (seg.seq + n) & MASK32, bytes(seg.ip), seg.ts, dss, cost))
+        sfd.ofo = held  # (again, if those it replaced were all it held)
+        sfd.ofo_bytes += n
+        conn.ofo_bytes[cdir] += n
+        return True
+
+    def _ofo_drop(self, sf: Subflow, d: int, i: int) -> None:
+        sfd = sf.dirs[d]
+        held = sfd.ofo
+        assert held is not None
+        h = held.pop(i)
+        n = (h.end - h.seq) & MASK32
+        sfd.ofo_bytes -= n
+        if sf.conn is not None:
+            sf.conn.ofo_bytes[_DIRS[d ^ sf.flipped]] -= n
+        self.budget.give(h.cost)
+        if not held:
+            sfd.ofo = None
+
+    def _ofo_acked(self, sf: Subflow, d: int, ev: list[Event]) -> None:
+        """The receiver acknowledged bytes of direction ``d``: past a hole, it had the hole's bytes
+        from a copy the gateway did not see, and read what was kept after it."""
+        sfd = sf.dirs[d]
+        pa, rn = sfd.peer_ack, sfd.rcv_nxt
+        if pa is None:
+            return
+        if rn is None:
+            rn = ((sfd.isn or 0) + 1) & MASK32
+        if 0 < (pa - rn) & MASK32 < 0x80000000:
+            self._ofo_release(sf, d, ev, upto=pa)
+
+    def _ofo_dsn_acked(self, sf: Subflow, d: int, limit: int, ev: list[Event]) -> None:
+        """The receiver DATA_ACKed up to stream position ``limit``: a kept segment whose mapping puts
+        its first byte before it was read, so the receiver had every subflow byte before its end
+        (from copies the gateway did not see): those kept up to there are read."""
+        sfd = sf.dirs[d]
+        conn = sf.conn
+        isn = sfd.isn
+        if conn is None or isn is None:
+            return
+        st = conn.streams[_DIRS[d ^ sf.flipped]]
+        upto = None
+        for h in sfd.ofo or ():
+            dsn = _mapped_dsn(st, h.dss, isn, h.seq, (h.end - h.seq) & MASK32)
+            if dsn is not None and dsn < limit:
+                upto = h.end
+        if upto is not None:
+            self._ofo_release(sf, d, ev, upto=upto)
+
+    def _ofo_release(self, sf: Subflow, d: int, ev: list[Event], upto: int | None = None,
+                     every: bool = False) -> None:
+        """Read the kept segments whose hole has filled, in sequence order, each without the bytes
+        the receiver had by then. ``upto``: the receiver acknowledged up to there, so holes
+        before it were filled by bytes the gateway did not see; ``every``: all of them, the
+        holes taken as filled so (the connection ends normally)."""
+        sfd = sf.dirs[d]
+        conn = sf.conn
+        cdir = _DIRS[d ^ sf.flipped]
+        while sfd.ofo and conn is not None and conn.closed is None:
+            h = sfd.ofo[0]
+            rn = sfd.rcv_nxt
+            if rn is None:
+                rn = ((sfd.isn or 0) + 1) & MASK32
+            ahead = (h.seq - rn) & MASK32
+            if 0 < ahead < 0x80000000:
+                if not every and (upto is None or not 0 < (upto - h.seq) & MASK32 < 0x80000000):
+                    break
+                sfd.rcv_nxt = rn = h.seq  # the hole, filled by bytes the gateway did not see
+            self._ofo_drop(sf, d, 0)
+            eaten = (rn - h.seq) & MASK32
+            if eaten >= (h.end - h.seq) & MASK32:
+                continue  # the receiver had all its bytes: TCP drops it as old
+            if sfd.fin_seq is not None and (h.seq - sfd.fin_seq) & MASK32 < 0x80000000:
+                continue  # at or after the FIN (see _on_segment's void)
+            seg = parse_ip(memoryview(h.ip), h.ts)
+            assert isinstance(seg, TcpSegment)  # (it was one when kept)
+            self._take_data(conn, sf, sfd, cdir, seg, h.dss, True, ev, eaten)
+        if upto is not None:
+            rn = sfd.rcv_nxt
+            if rn is None or 0 < (upto - rn) & MASK32 < 0x80000000:
+                sfd.rcv_nxt = upto
+                if sfd.ofo is not None:
+                    self._ofo_release(sf, d, ev)  # one starting there is in order now
+
     def _on_payload(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, seg: TcpSegment,
                     ev: list[Event], bare: bool = False, skip: int = 0) -> None:
         """``skip``: leading bytes not to read (their subflow bytes keep an earlier placement)."""
@@ -2595,6 +2800,9 @@ class Tracker:
         for sd in sf.dirs:
             for kept in list(sd.late or ()):
                 self._late_drop(sf.conn, sd, kept)
+            for d in (0, 1):
+                while sf.dirs[d].ofo:
+                    self._ofo_drop(sf, d, len(sf.dirs[d].ofo or ()) - 1)
             if sd.pending:
                 self._drop_pending(sd)
             for mp in sd.mappings:
@@ -2698,6 +2906,15 @@ class Tracker:
             if st.fin_dsn is not None:
                 limit = min(limit, st.fin_dsn)
             if limit <= st.base:
+                conn.gap_since[cdir] = None
+                continue
+            for sf in conn.subflows:
+                d = cdir ^ sf.flipped  # (the direction index carrying cdir's data on it)
+                if sf.dirs[d].ofo is not None:
+                    self._ofo_dsn_acked(sf, d, limit, ev)
+            if conn.closed is not None:
+                return
+            if st.finished or st.base is None or limit <= st.base:
                 conn.gap_since[cdir] = None
                 continue
             if conn.late:
@@ -2881,6 +3098,11 @@ class Tracker:
             return
         if conn.dormant is not None and outcome in (Outcome.IDLE, Outcome.END_OF_INPUT):
             outcome, reset = self._subflows_ended(conn)  # it was waiting for a join: it ended with its subflows
+        if outcome not in (Outcome.FASTCLOSE, Outcome.RESET, Outcome.EVICTED):
+            for sf in conn.subflows:  # segments kept after holes in subflows (see _Ofo)
+                for d in (0, 1):
+                    if sf.dirs[d].ofo is not None and not sf.reset:
+                        self._ofo_release(sf, d, ev, every=True)
         if conn.late:
             self._late_end(conn, ts, ev)
         if outcome not in (Outcome.FASTCLOSE, Outcome.RESET, Outcome.EVICTED):

@@ -41,7 +41,7 @@ VERDICTS = ("accept", "drop", "accept_modified")
 ACTIONS = ("downgrade", "join_refused", "allow", "fastclose", "downgrade-host", "log", "memcap_drop")
 REFUSE_REASONS = ("join_hmac", "subflow_limit", "connection_limit", "per_connection_limit", "orphan_data")
 MEMCAP_LIMITS = ("connections", "subflows", "out_of_order", "pending", "global", "history", "token_sharers",
-                 "pickup_walk")
+                 "pickup_walk", "subflow_order")
 
 
 @dataclass(slots=True)

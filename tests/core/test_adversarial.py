@@ -342,8 +342,11 @@ def test_history_memcap_drops_the_least_recently_active_histories_first() -> Non
 
 
 def _checksummed(memcap: int) -> tuple[Tracker, Feeder, Session]:
-    """A tracker with that memcap, fed the handshake of a v0 connection with DSS checksums."""
-    tr = Tracker(TrackerConfig(memcap=memcap))
+    """A tracker with that memcap, fed the handshake of a v0 connection with DSS checksums. Segments
+    after holes in the subflow are read as they come (``subflow_order`` off): these tests are about
+    the data level's buffers, and holes are the short way to fill them (test_subflow_order has the
+    subflow's)."""
+    tr = Tracker(TrackerConfig(memcap=memcap, subflow_order=False))
     feed = Feeder(tr)
     s = Session(0, csum=True, dsn64=False)
     feed(s.handshake())
@@ -863,10 +866,18 @@ def test_a_segment_starting_past_the_advertised_right_edge_places_nothing(fast: 
     t, ev = _tracked(pk, fast)
     assert t.stats.out_of_window == 1 and t.stats.past_window_taken == 0
     _one_notice(ev, NoticeType.OUT_OF_WINDOW, "connection-level window")
-    # the same, then the receiver's DATA_ACK past it (the bytes before it went unseen): taken
+    # the same, then the receiver's DATA_ACK past it: it had the subflow bytes before it (unseen),
+    # so it read it, and by then inside the connection-level window the DATA_ACK opened
     s, pk = _ack_session()
     pk.append(s.ack(1, False, s.idsn[0] + 8))
     pk += [s.data(1, True, 8 + 65535, b"X", rel=1 + 65535), s.ack(1, False, s.idsn[0] + 8 + 65536)]
+    t, ev = _tracked(pk, fast)
+    assert t.stats.out_of_window == 0 and t.stats.past_window_taken == 0
+    assert streams(ev)[(1, C2S)].endswith(b"X")
+    # in subflow order, past the connection-level window: kept, and taken at the DATA_ACK past it
+    s, pk = _ack_session()
+    pk.append(s.ack(1, False, s.idsn[0] + 8))
+    pk += [s.data(1, True, 8 + 65535, b"X"), s.ack(1, False, s.idsn[0] + 8 + 65536)]
     t, ev = _tracked(pk, fast)
     assert t.stats.out_of_window == 0 and t.stats.past_window_taken == 1
     assert streams(ev)[(1, C2S)].endswith(b"X")

@@ -476,14 +476,17 @@ def _small_config() -> TrackerConfig:
 from mproxy.core.reassembler import GAPS_LISTED, PIECE_COST, SLACK  # noqa: E402
 from mproxy.core.tracker import _MAX_HELD as MAX_HELD  # noqa: E402
 from mproxy.core.tracker import _MAX_LATE as MAX_LATE  # noqa: E402
+from mproxy.core.tracker import _MAX_OFO as MAX_OFO  # noqa: E402
 
 
 def buffered_pieces(tr: Tracker) -> int:
-    """Out-of-order chunks, unmapped pieces, kept past-the-edge packets and data kept past the
-    connection-level window that the live connections hold (each pays PIECE_COST)."""
+    """Out-of-order chunks, unmapped pieces, kept past-the-edge packets, packets kept after a hole in
+    their subflow and data kept past the connection-level window that the live connections hold
+    (each pays PIECE_COST)."""
     return sum(len(st._chunks) for c in tr.connections.values() for st in c.streams) + sum(
         len(c.beyond or ()) for c in tr.connections.values()) + sum(
-        len(sd.pending) + len(sd.late or ()) for c in tr.connections.values() for sf in c.subflows for sd in sf.dirs)
+        len(sd.pending) + len(sd.late or ()) + len(sd.ofo or ())
+        for c in tr.connections.values() for sf in c.subflows for sd in sf.dirs)
 
 
 def check_bounded(tr: Tracker) -> None:
@@ -543,6 +546,13 @@ def check_bounded(tr: Tracker) -> None:
             assert len(sd.placed) <= 17
             assert sd.late is None or 0 < len(sd.late) <= MAX_LATE, sd.late
             assert sd.late_bytes == sum(k.seg.payload_len for k in sd.late or ())
+            assert sd.ofo is None or 0 < len(sd.ofo) <= MAX_OFO, sd.ofo
+            assert sd.ofo_bytes == sum((h.end - h.seq) & 0xFFFFFFFF for h in sd.ofo or ())
+            if sd.ofo:  # after the subflow's next byte, in sequence order, each starting after the last's start
+                rn = sd.rcv_nxt if sd.rcv_nxt is not None else ((sd.isn or 0) + 1) & 0xFFFFFFFF
+                starts = [(h.seq - rn) & 0xFFFFFFFF for h in sd.ofo]
+                assert all(0 < x < 0x80000000 for x in starts) and starts == sorted(set(starts)), starts
+                assert sf.conn is not None and sf in sf.conn.subflows  # (what it holds is in the budget)
             for mp in sd.mappings:
                 assert mp.acc is None or len(mp.acc) <= 0xFFFF
     # the shared budget counts exactly what the live connections buffer (a drift either way would

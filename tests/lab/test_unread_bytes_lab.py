@@ -183,6 +183,10 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
     # 300 kB ahead: past the connection-level window the server advertised, so Linux drops them
     # (placed, they would win the client's bytes of every segment starting after them)
     "ooo_past_window": ([(300_000, b"B" * 1300), (301_300, b"B" * 1300)], None, PART2 + b"." * PAD),
+    # ten subflow bytes after the join's next one, mapped where the client then sends its bytes:
+    # the server's TCP keeps it out of order (until a copy of the hole's bytes comes, which then
+    # wins), so it reads the client's bytes; read at once, it was the IDS's copy of those DSNs
+    "ooo_after_hole": ([(0, b"BENIGN", "hole")], None, PART2),
 }
 FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window",
              "fastclose_bad_key", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
@@ -298,6 +302,10 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
         specs, at = [], nxt
         for off, b, *on in pieces:
             dsn = (common["dsn"] + off) & ((1 << 64) - 1)
+            if on == ["hole"]:
+                h = (at + 10) & 0xFFFFFFFF
+                specs.append(dict(data, seq=h, ssn=(h - jisn) & 0xFFFFFFFF, payload=b.hex(), dsn=dsn))
+                continue
             if on:  # on the initial subflow (its MP_CAPABLE SYN's), at its next sequence number
                 mpc_syn = "tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 1 && tcp.flags.ack == 0"
                 isrc, iport, iisn = tshark_fields(cap, [f"{ipf}.src", "tcp.srcport", "tcp.seq_raw"], mpc_syn)[0]
