@@ -163,7 +163,6 @@ class _Ofo:
     seq: int
     end: int
     ip: bytes
-    ts: float
     dss: m.Dss | None
     cost: int
 
@@ -435,6 +434,14 @@ def _mapped_dsn(st: DataStream, dss: m.Dss | None, isn: int | None, seq: int, n:
         return None
     first = dss.dsn if dss.dsn64 or st.base is None else expand32(dss.dsn, st.base)
     return st.unwrap((first + off) & MASK64)
+
+
+def _advance_rcv(sfd: SubflowDir, seq: int, end: int) -> None:
+    """The receiver's TCP took subflow bytes ``[seq, end)``: its next byte moves when they start at or
+    before it and end after it (whether MPTCP then reads them or not)."""
+    rn = sfd.rcv_nxt
+    if rn is None or (rn - seq) & MASK32 < 0x80000000 and 0 < (end - rn) & MASK32 < 0x80000000:
+        sfd.rcv_nxt = end
 
 
 def _take_ack(sfd: SubflowDir, other: SubflowDir, seg: TcpSegment) -> None:
@@ -1380,7 +1387,7 @@ class Tracker:
             if flags & ACK and not flags & RST:  # (Linux reads neither a RST's ACK field nor its window)
                 _take_ack(sfd, other, seg)  # this packet's ack/window govern the other direction's data
                 if other.ofo is not None:
-                    self._ofo_acked(sf, d ^ 1, ev)
+                    self._ofo_acked(sf, d ^ 1, ts, ev)
                 if sf.unverified and other.last_end is not None and (seg.ack - other.last_end) & MASK32 < 0x80000000:
                     sf.unverified = False  # the receiver acknowledged the bytes sent on it: the subflow is real
                 if other.late is not None:
@@ -1450,8 +1457,10 @@ class Tracker:
                     self._beyond_acked(conn, Direction(cdir ^ 1), rst.acked, ts, ev)
         if not void and (not seg.payload_len or not self._keep_ofo(sf, d, seg, dss, ev)):
             self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
+            if seg.payload_len:
+                _advance_rcv(sfd, seg.seq, (seg.seq + seg.payload_len) & MASK32)  # (its bytes read or not)
             if sfd.ofo is not None:
-                self._ofo_release(sf, d, ev)  # the hole before them may have filled
+                self._ofo_release(sf, d, ts, ev)  # the hole before them may have filled
         if o.fastclose is not None:
             # Linux takes an MP_FASTCLOSE only when it carries its own (the receiver's) key: a forged
             # one would otherwise end the rebuilt stream while the server reads on
@@ -2247,9 +2256,7 @@ class Tracker:
         end = (seg.seq + n) & MASK32
         if sfd.last_end is None or ((end - sfd.last_end) & MASK32) < 0x80000000:
             sfd.last_end = end
-        rn = sfd.rcv_nxt
-        if rn is None or (rn - seg.seq) & MASK32 < 0x80000000 and 0 < (end - rn) & MASK32 < 0x80000000:
-            sfd.rcv_nxt = end
+        _advance_rcv(sfd, seg.seq, end)
         sfd.bytes += n
 
     def _place(self, conn: Connection, sfd: SubflowDir, ssn: int, dsn: int, length: int, seg: TcpSegment,
@@ -2396,7 +2403,7 @@ class Tracker:
             rn = (isn + 1) & MASK32
         if pa is not None and 0 < (pa - rn) & MASK32 < 0x80000000:
             # the receiver has the bytes before its acknowledgement
-            self._ofo_release(sf, d, ev, upto=pa)
+            self._ofo_release(sf, d, seg.ts, ev, upto=pa)
             if sf.conn is None or sf.conn.closed is not None:
                 return True  # (nothing more to read)
             rn = pa if sfd.rcv_nxt is None else sfd.rcv_nxt
@@ -2452,7 +2459,7 @@ class Tracker:
             if qs >= end or qs + (q.end - q.seq) & MASK32 > end:
                 break
             self._ofo_drop(sf, d, i)
-        held.insert(i, _Ofo(seg.seq, (seg.seq + n) & MASK32, bytes(seg.ip), seg.ts, dss, cost))
+        held.insert(i, _Ofo(seg.seq, (seg.seq + n) & MASK32, bytes(seg.ip), dss, cost))
         sfd.ofo = held  # (again, if those it replaced were all it held)
         sfd.ofo_bytes += n
         conn.ofo_bytes[cdir] += n
@@ -2471,7 +2478,7 @@ class Tracker:
         if not held:
             sfd.ofo = None
 
-    def _ofo_acked(self, sf: Subflow, d: int, ev: list[Event]) -> None:
+    def _ofo_acked(self, sf: Subflow, d: int, ts: float, ev: list[Event]) -> None:
         """The receiver acknowledged bytes of direction ``d``: past a hole, it had the hole's bytes
         from a copy the gateway did not see, and read what was kept after it."""
         sfd = sf.dirs[d]
@@ -2481,9 +2488,9 @@ class Tracker:
         if rn is None:
             rn = ((sfd.isn or 0) + 1) & MASK32
         if 0 < (pa - rn) & MASK32 < 0x80000000:
-            self._ofo_release(sf, d, ev, upto=pa)
+            self._ofo_release(sf, d, ts, ev, upto=pa)
 
-    def _ofo_dsn_acked(self, sf: Subflow, d: int, limit: int, ev: list[Event]) -> None:
+    def _ofo_dsn_acked(self, sf: Subflow, d: int, limit: int, ts: float, ev: list[Event]) -> None:
         """The receiver DATA_ACKed up to stream position ``limit``: a kept segment whose mapping puts
         its first byte before it was read, so the receiver had every subflow byte before its end
         (from copies the gateway did not see): those kept up to there are read."""
@@ -2499,12 +2506,13 @@ class Tracker:
             if dsn is not None and dsn < limit:
                 upto = h.end
         if upto is not None:
-            self._ofo_release(sf, d, ev, upto=upto)
+            self._ofo_release(sf, d, ts, ev, upto=upto)
 
-    def _ofo_release(self, sf: Subflow, d: int, ev: list[Event], upto: int | None = None,
+    def _ofo_release(self, sf: Subflow, d: int, ts: float, ev: list[Event], upto: int | None = None,
                      every: bool = False) -> None:
         """Read the kept segments whose hole has filled, in sequence order, each without the bytes
-        the receiver had by then. ``upto``: the receiver acknowledged up to there, so holes
+        the receiver had by then, at ``ts`` (when they become readable: the emitted stream's
+        timestamps keep their order). ``upto``: the receiver acknowledged up to there, so holes
         before it were filled by bytes the gateway did not see; ``every``: all of them, the
         holes taken as filled so (the connection ends normally)."""
         sfd = sf.dirs[d]
@@ -2526,15 +2534,16 @@ class Tracker:
                 continue  # the receiver had all its bytes: TCP drops it as old
             if sfd.fin_seq is not None and (h.seq - sfd.fin_seq) & MASK32 < 0x80000000:
                 continue  # at or after the FIN (see _on_segment's void)
-            seg = parse_ip(memoryview(h.ip), h.ts)
+            seg = parse_ip(memoryview(h.ip), ts)
             assert isinstance(seg, TcpSegment)  # (it was one when kept)
             self._take_data(conn, sf, sfd, cdir, seg, h.dss, True, ev, eaten)
+            _advance_rcv(sfd, h.seq, h.end)
         if upto is not None:
             rn = sfd.rcv_nxt
             if rn is None or 0 < (upto - rn) & MASK32 < 0x80000000:
                 sfd.rcv_nxt = upto
                 if sfd.ofo is not None:
-                    self._ofo_release(sf, d, ev)  # one starting there is in order now
+                    self._ofo_release(sf, d, ts, ev)  # one starting there is in order now
 
     def _on_payload(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, seg: TcpSegment,
                     ev: list[Event], bare: bool = False, skip: int = 0) -> None:
@@ -2911,7 +2920,7 @@ class Tracker:
             for sf in conn.subflows:
                 d = cdir ^ sf.flipped  # (the direction index carrying cdir's data on it)
                 if sf.dirs[d].ofo is not None:
-                    self._ofo_dsn_acked(sf, d, limit, ev)
+                    self._ofo_dsn_acked(sf, d, limit, ts, ev)
             if conn.closed is not None:
                 return
             if st.finished or st.base is None or limit <= st.base:
@@ -3102,7 +3111,7 @@ class Tracker:
             for sf in conn.subflows:  # segments kept after holes in subflows (see _Ofo)
                 for d in (0, 1):
                     if sf.dirs[d].ofo is not None and not sf.reset:
-                        self._ofo_release(sf, d, ev, every=True)
+                        self._ofo_release(sf, d, ts, ev, every=True)
         if conn.late:
             self._late_end(conn, ts, ev)
         if outcome not in (Outcome.FASTCLOSE, Outcome.RESET, Outcome.EVICTED):
