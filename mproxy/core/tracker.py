@@ -2921,18 +2921,13 @@ class Tracker:
                 d = cdir ^ sf.flipped  # (the direction index carrying cdir's data on it)
                 if sf.dirs[d].ofo is not None:
                     self._ofo_dsn_acked(sf, d, limit, ts, ev)
+            if conn.late and conn.closed is None and not (st.finished or st.base is None or limit <= st.base):
+                self._late_dsn_acked(conn, cdir, limit, ts, ev)
             if conn.closed is not None:
                 return
             if st.finished or st.base is None or limit <= st.base:
                 conn.gap_since[cdir] = None
                 continue
-            if conn.late:
-                self._late_dsn_acked(conn, cdir, limit, ts, ev)
-                if conn.closed is not None:
-                    return
-                if st.finished or st.base is None or limit <= st.base:
-                    conn.gap_since[cdir] = None
-                    continue
             since = conn.gap_since[cdir]
             if since is None:
                 conn.gap_since[cdir] = since = ts
