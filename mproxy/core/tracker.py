@@ -397,6 +397,7 @@ class TrackerStats:
     # acknowledged them (those it never did count in out_of_window)
     past_edge_taken: int = 0
     past_window_taken: int = 0  # kept data past the connection-level window that the receiver DATA_ACKed
+    subflow_order_kept: int = 0  # data segments kept after a hole in their subflow until it filled
     past_window_placed: int = 0  # data past it placed at once: over the limits for kept data
     notices: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -2463,6 +2464,7 @@ class Tracker:
         sfd.ofo = held  # (again, if those it replaced were all it held)
         sfd.ofo_bytes += n
         conn.ofo_bytes[cdir] += n
+        self.stats.subflow_order_kept += 1
         return True
 
     def _ofo_drop(self, sf: Subflow, d: int, i: int) -> None:

@@ -282,6 +282,9 @@ class MproxyCollector(Collector):
         yield _total("mproxy_past_window_taken", "Out-of-order data whose end lay past the connection-level window "
                      "the gateway saw its receiver advertise, kept, and read when the receiver DATA_ACKed it",
                      st.past_window_taken)
+        yield _total("mproxy_subflow_order_kept", "Subflow data segments that came after a hole in their subflow, "
+                     "kept until it filled (the receiver's TCP reads them only then): a lossy path, or segments "
+                     "sent ahead on purpose", st.subflow_order_kept)
         yield _total("mproxy_past_window_placed", "Out-of-order data past the connection-level window placed at "
                      "once: over the limits for kept data (256 pieces a connection, the out-of-order limit)",
                      st.past_window_placed)

@@ -129,6 +129,7 @@ def test_a_copy_replacing_every_kept_one_is_kept() -> None:
     (conn,) = t.connections.values()
     sfd = conn.subflows[0].dirs[0]
     assert sfd.ofo is not None and len(sfd.ofo) == 1 and sfd.ofo_bytes == 4 == conn.ofo_bytes[0]
+    assert t.stats.subflow_order_kept == 2  # (the first, replaced)
     assert c2s(run(t, [s.data(0, True, 2, b"cd", rel=3)])) == b"cdefgh"
     assert t.budget.used == 0
 
