@@ -66,7 +66,9 @@ _MAX_HELD = 8  # handshake packets held per connection: a SYN retransmission flo
 # sender's overshoot is a few dozen; a flood of tiny forged ones must not cost a long scan per packet
 _MAX_LATE = 256
 _MAX_OFO = 4096  # segments kept after a hole in one subflow direction (a window of MSS segments fits)
-_OFO_COST = 256  # what keeping one costs beyond its packet's bytes and PIECE_COST (measured: see tests)
+# what keeping one costs beyond its packet's bytes and PIECE_COST: ~420 bytes in all for a 1-byte
+# segment, measured (test_one_byte_segments_cannot_hold_many_times_the_memcap holds memory to the charge)
+_OFO_COST = 256
 _KEYLESS_BASE = 1 << 32  # where a stream with no known DSN is counted from (see Tracker._fall_back)
 _JOIN_FLOOD_KEYS = 4096  # receivers (address + token) whose MP_JOIN rate is watched at once
 _TOKEN_SHARERS = 16  # live connections one token finds (more share one only if a client re-uses its key)
