@@ -439,6 +439,20 @@ def _mapped_dsn(st: DataStream, dss: m.Dss | None, isn: int | None, seq: int, n:
     return st.unwrap((first + off) & MASK64)
 
 
+def _known_mapping(sfd: SubflowDir, ssn: int, dsn: int, length: int) -> Mapping | None:
+    """The subflow direction's mapping of exactly these values, if it keeps one (a repeat)."""
+    for old in reversed(sfd.mappings):
+        if old.ssn == ssn and old.dsn == dsn and old.length == length:
+            return old
+    return None
+
+
+def _rcv_next(sfd: SubflowDir) -> int:
+    """The receiver's next subflow byte as the gateway saw it; before any data, the one after the SYN."""
+    rn = sfd.rcv_nxt
+    return ((sfd.isn or 0) + 1) & MASK32 if rn is None else rn
+
+
 def _advance_rcv(sfd: SubflowDir, seq: int, end: int) -> None:
     """The receiver's TCP took subflow bytes ``[seq, end)``: its next byte moves when they start at or
     before it and end after it (whether MPTCP then reads them or not)."""
@@ -1805,10 +1819,9 @@ class Tracker:
             if length <= 0:
                 self._after_fin(conn, cdir, seg.ts, ev)
                 return 0
-            for old in reversed(sfd.mappings):
-                if old.ssn == ssn and old.dsn == dsn and old.length == length:
-                    mp = old
-                    break
+            known = _known_mapping(sfd, ssn, dsn, length)
+            if known is not None:
+                mp = known
             else:
                 cut = self._place(conn, sfd, ssn, dsn, length, seg, ev, not conn.csum and sfd.isn is not None)
                 if cut is None:
@@ -1817,10 +1830,9 @@ class Tracker:
                     ssn, dsn, length, dll = (ssn + cut) & MASK32, (dsn + cut) & MASK64, length - cut, dll - cut
                     rel = (seg.seq - (sfd.isn or 0)) & MASK32
                     skip = min((ssn - rel) & MASK32, seg.payload_len) if 0 < (ssn - rel) & MASK32 < 0x80000000 else 0
-                for old in reversed(sfd.mappings) if cut else ():
-                    if old.ssn == ssn and old.dsn == dsn and old.length == length:
-                        mp = old
-                        break
+                known = _known_mapping(sfd, ssn, dsn, length) if cut else None  # (the trimmed one, kept)
+                if known is not None:
+                    mp = known
                 else:
                     cs = dss.checksum if conn.csum and dss.checksum is not None else None
                     mp = Mapping(ssn, dsn, length, False, cs, dll)
@@ -2402,14 +2414,10 @@ class Tracker:
         if not self.config.subflow_order or conn is None or isn is None or pa is None and sf.dirs[d ^ 1].isn is None \
                 or rn is None and sf.role == Role.PICKUP:
             return False  # (no acknowledgement from the receiver seen yet, nor its SYN: a one-way capture)
-        if rn is None:
-            rn = (isn + 1) & MASK32
-        if pa is not None and 0 < (pa - rn) & MASK32 < 0x80000000:
-            # the receiver has the bytes before its acknowledgement
-            self._ofo_release(sf, d, seg.ts, ev, upto=pa)
-            if sf.conn is None or sf.conn.closed is not None:
-                return True  # (nothing more to read)
-            rn = pa if sfd.rcv_nxt is None else sfd.rcv_nxt
+        self._ofo_acked(sf, d, seg.ts, ev)  # (the receiver has the bytes before its acknowledgement)
+        if conn.closed is not None:
+            return True  # (nothing more to read)
+        rn = _rcv_next(sfd)
         if not 0 < (seg.seq - rn) & MASK32 < 0x80000000:
             return False
         n = seg.payload_len
@@ -2486,12 +2494,8 @@ class Tracker:
         """The receiver acknowledged bytes of direction ``d``: past a hole, it had the hole's bytes
         from a copy the gateway did not see, and read what was kept after it."""
         sfd = sf.dirs[d]
-        pa, rn = sfd.peer_ack, sfd.rcv_nxt
-        if pa is None:
-            return
-        if rn is None:
-            rn = ((sfd.isn or 0) + 1) & MASK32
-        if 0 < (pa - rn) & MASK32 < 0x80000000:
+        pa = sfd.peer_ack
+        if pa is not None and 0 < (pa - _rcv_next(sfd)) & MASK32 < 0x80000000:
             self._ofo_release(sf, d, ts, ev, upto=pa)
 
     def _ofo_dsn_acked(self, sf: Subflow, d: int, limit: int, ts: float, ev: list[Event]) -> None:
@@ -2524,9 +2528,7 @@ class Tracker:
         cdir = _DIRS[d ^ sf.flipped]
         while sfd.ofo and conn is not None and conn.closed is None:
             h = sfd.ofo[0]
-            rn = sfd.rcv_nxt
-            if rn is None:
-                rn = ((sfd.isn or 0) + 1) & MASK32
+            rn = _rcv_next(sfd)
             ahead = (h.seq - rn) & MASK32
             if 0 < ahead < 0x80000000:
                 if not every and (upto is None or not 0 < (upto - h.seq) & MASK32 < 0x80000000):
@@ -2543,8 +2545,8 @@ class Tracker:
             self._take_data(conn, sf, sfd, cdir, seg, h.dss, True, ev, eaten)
             _advance_rcv(sfd, h.seq, h.end)
         if upto is not None:
-            rn = sfd.rcv_nxt
-            if rn is None or 0 < (upto - rn) & MASK32 < 0x80000000:
+            nxt = sfd.rcv_nxt
+            if nxt is None or 0 < (upto - nxt) & MASK32 < 0x80000000:
                 sfd.rcv_nxt = upto
                 if sfd.ofo is not None:
                     self._ofo_release(sf, d, ts, ev)  # one starting there is in order now
@@ -2810,12 +2812,11 @@ class Tracker:
 
     def _release_subflow(self, sf: Subflow) -> None:
         """Give back what a subflow holds (unmapped bytes, mappings being assembled)."""
-        for sd in sf.dirs:
+        for d, sd in enumerate(sf.dirs):
             for kept in list(sd.late or ()):
                 self._late_drop(sf.conn, sd, kept)
-            for d in (0, 1):
-                while sf.dirs[d].ofo:
-                    self._ofo_drop(sf, d, len(sf.dirs[d].ofo or ()) - 1)
+            while sd.ofo:
+                self._ofo_drop(sf, d, len(sd.ofo) - 1)
             if sd.pending:
                 self._drop_pending(sd)
             for mp in sd.mappings:
