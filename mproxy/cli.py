@@ -70,6 +70,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             return 2
         if not args.quiet:
             _print_rule_warnings("mproxy replay", rule_warnings(rs))
+    if args.pin_interfaces and len(args.inputs) > 1:
+        print("mproxy replay: --pin-interfaces takes one input (interface numbers are each capture host's own)",
+              file=sys.stderr)
+        return 2
     try:
         out = open_output(args.out)
     except OSError as e:
@@ -84,7 +88,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         return 2
     try:
         res = replay(args.inputs, out, log, tracker, progress=sys.stderr.isatty() and not args.quiet,
-                     log_keys=log_keys, emit_process=args.emit_process, inspector=inspector)
+                     log_keys=log_keys, emit_process=args.emit_process, inspector=inspector,
+                     pin_interfaces=args.pin_interfaces)
         out.close()
     except CaptureError as e:
         print(f"mproxy replay: {e}", file=sys.stderr)
@@ -217,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segments whose TCP or IPv4 header checksum fails are dropped as the receiver drops them: "
                         "auto (the default, or [tracker] checksums) unless the checksum was left unfilled by "
                         "offload, verify those too (captures from a wire tap), count: none, only counted")
+    r.add_argument("--pin-interfaces", action="store_true",
+                   help="refuse a subflow's packets that came in on another interface than its direction's "
+                        "first (as `run` does): one Linux cooked v2 capture (tcpdump -i any) taken at a gateway "
+                        "that records each packet once")
     r.set_defaults(func=_cmd_replay)
 
     g = sub.add_parser("run", help="run the inline gateway on NFQUEUE until SIGINT/SIGTERM")

@@ -61,7 +61,8 @@ class _Progress:
 
 def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
            config: TrackerConfig | None = None, progress: bool = False, *, log_keys: bool = False,
-           emit_process: bool | None = None, inspector: Inspector | None = None) -> ReplayResult:
+           emit_process: bool | None = None, inspector: Inspector | None = None,
+           pin_interfaces: bool = False) -> ReplayResult:
     """Replay captures through the core; raises CaptureError for unreadable inputs.
 
     MPTCP keys (``*_key`` fields) are left out of the log unless ``log_keys``: with them anyone
@@ -73,7 +74,12 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
     thread runs.
 
     ``inspector``: match its rules on every MPTCP connection's rebuilt stream (as the live gateway
-    does), one ``signature`` record per match."""
+    does), one ``signature`` record per match.
+
+    ``pin_interfaces``: read each frame's interface from a Linux cooked v2 header, for the
+    tracker's ``pin_interfaces`` (one input only). Off by default: a router without mproxy forwarded
+    what came in on the wrong side (its receiver read it), and ``tcpdump -i any`` records a packet
+    twice on a VLAN, bridge or bond (on the master and the port)."""
     files = _has_fd(out) and (log is None or _has_fd(log))  # a forked child writes through descriptors
     if emit_process is None:
         emit_process = files and _cpus() > 1 and not _threads()
@@ -81,6 +87,9 @@ def replay(inputs: list[str], out: IO[bytes], log: IO[str] | None = None,
         raise ValueError("the emitter process writes to files: out and log need file descriptors")
     pipe = Pipeline(config)
     pipe.inspector = inspector
+    if pin_interfaces and len(inputs) != 1:
+        raise ValueError("pin_interfaces takes one input: interface numbers are each capture host's own")
+    pipe.link_ifaces = pin_interfaces
     if emit_process or log is None:  # the child hashes the streams for the log; without a log nobody reads them
         pipe.tracker.stream_hash = False
     pipe.remote = []  # ops gathered and emitted every _BATCH_MASK + 1 packets: runs of releases per emitter call
@@ -198,6 +207,9 @@ def summary_lines(res: ReplayResult) -> list[str]:
     if bad["dropped"] or bad["taken"]:
         lines.append(f"bad checksums: {bad['dropped']} segments dropped (as the receiver drops them), "
                      f"{bad['taken']} taken ([tracker] checksums = count)")
+    if st.wrong_interface:
+        lines.append(f"wrong interface: {st.wrong_interface} packets refused (their subflow direction came in on "
+                     f"another interface before; see the wrong_interface notices)")
     if res.pipeline.inspector is not None:
         sigs = ps.signatures
         lines.append(f"signature matches: {res.signatures}" + (" (" + ", ".join(

@@ -45,6 +45,7 @@ class NoticeType(str, Enum):
     MEMCAP = "memcap"
     BAD_MAPPING = "bad_mapping"
     BAD_CHECKSUM = "bad_checksum"
+    WRONG_INTERFACE = "wrong_interface"
 
 
 class Outcome(str, Enum):

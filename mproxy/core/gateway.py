@@ -75,9 +75,12 @@ class Gateway:
         self.responder = Responder(self.tracker, reactions, inspector, self._reaction_record)
 
     # ------------------------------------------------------------------
-    def packet(self, ip: bytes | bytearray | memoryview, ts: float, csum_ready: bool = False) -> Decision:
+    def packet(self, ip: bytes | bytearray | memoryview, ts: float, csum_ready: bool = False,
+               iface: int = 0) -> Decision:
         """The verdict on one queued packet. ``csum_ready``: the kernel says its checksums are the
-        sender's (not NFQA_SKB_CSUMNOTREADY), so the tracker judges them as the receiver will."""
+        sender's (not NFQA_SKB_CSUMNOTREADY), so the tracker judges them as the receiver will.
+        ``iface``: the interface it came in on (the tracker refuses a subflow's packets that come in
+        on another interface than its direction's first: see ``TrackerConfig.pin_interfaces``)."""
         seg = parse_ip(memoryview(ip), ts)
         if seg is None:
             return self._count(_ACCEPT)
@@ -103,7 +106,15 @@ class Gateway:
             chosen = d
         tracker = self.tracker
         shed = tracker.shed_bytes
-        events = tracker.process(seg, csum_ready)
+        wrong = tracker.stats.wrong_interface
+        events = tracker.process(seg, csum_ready, iface)
+        if tracker.stats.wrong_interface != wrong:
+            # refused by the tracker, so the receiver must not get it either (and a spoofed packet
+            # should not): counted, its notice logged once per subflow direction
+            self.stats.actions["wrong_interface_drop"] += 1
+            frames = self.pipeline.handle(events)
+            self.records.extend(self.pipeline.drain_records())
+            return self._count(Decision(Verdict.DROP, None, frames, "wrong interface"))
         if chosen is not None:
             self._remember(seg, chosen)
         verdict = Verdict.ACCEPT

@@ -10,6 +10,7 @@ the live gateway wrap the same object.
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # (the inspector and Hyperscan cost ~20 ms of start-up; a rep
     from .inspector import Inspector, Match, PcreLimit
 
 Frames = list[tuple[float, bytes]]
+_BE32 = struct.Struct("!I")
 
 
 @dataclass(slots=True)
@@ -143,13 +145,19 @@ class Pipeline:
         # matched on each connection's rebuilt stream as it is released (the live gateway inspects in
         # its responder instead, before the verdict): one `signature` record per match
         self.inspector: Inspector | None = None
+        # read the interface a frame came in on from a Linux cooked v2 header (``tcpdump -i any``),
+        # for the tracker's pin_interfaces (``mproxy replay --pin-interfaces``: see replay())
+        self.link_ifaces = False
 
     def feed(self, linktype: int, frame: bytes | memoryview, ts: float) -> Frames:
         """One captured frame; non-TCP frames are counted and not forwarded."""
         self.stats.frames += 1
         seg = parse_frame(linktype, frame, ts)
         if type(seg) is TcpSegment:  # nearly every frame: straight on (feed_segment, inlined)
-            events = self.tracker.process(seg)
+            iface = 0
+            if linktype == 276 and self.link_ifaces and frame[10] != 4:  # (4: sent by the capturing host)
+                iface = _BE32.unpack_from(frame, 4)[0]
+            events = self.tracker.process(seg, False, iface)
             return self.handle(events) if events else []
         if isinstance(seg, WireError) and seg.kind is ErrorKind.FRAGMENT:
             # an IP fragment: held until its datagram is whole, which is then parsed as any packet

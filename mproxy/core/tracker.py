@@ -117,6 +117,13 @@ class TrackerConfig:
     # read each subflow's bytes in subflow order, as the receiver's TCP hands them to MPTCP: data
     # after a hole waits for it (see _Ofo). False: as they come (mproxy before 2026-12-07)
     subflow_order: bool = True
+    # each subflow direction keeps the interface its first packet came in on (live: NFQUEUE's
+    # in-device; replay: a Linux cooked v2 capture's interface index): a later packet of that
+    # direction on another interface is refused (inline: dropped) as a spoofed copy -- a host on one
+    # side can send packets with the other side's addresses through the gateway (an ACK that makes
+    # mproxy read bytes the receiver never took). False where a route change can move a subflow's
+    # packets to another interface mid-connection.
+    pin_interfaces: bool = True
     # MP_JOIN flood: more than ``join_flood_threshold`` join SYNs to one receiver (address + token;
     # unknown tokens share one counter per address) within ``join_flood_window`` seconds raises
     # one ``join_flood`` notice per window. 0 disables. A connection joins at most a few subflows.
@@ -222,6 +229,8 @@ class SubflowDir:
     # bare segment there is read even past the right edge: tcp_sequence allows rcv_nxt + a 0 window)
     rcv_nxt: int | None = None
     oow_noticed: bool = False
+    iface: int = 0  # the interface this direction's packets come in on (see pin_interfaces); 0: unknown
+    iface_noticed: bool = False
     unsent_ack_noticed: bool = False  # a DATA_ACK of data never sent was noticed (Tracker._ack_unsent)
     # data segments that start past ``edge``, kept until the receiver's acknowledgement shows whether
     # it took them (see Tracker._keep_late); None when there are none (the fast path's one check)
@@ -401,6 +410,7 @@ class TrackerStats:
     past_window_taken: int = 0  # kept data past the connection-level window that the receiver DATA_ACKed
     subflow_order_kept: int = 0  # data segments kept after a hole in their subflow until it filled
     past_window_placed: int = 0  # data past it placed at once: over the limits for kept data
+    wrong_interface: int = 0  # packets refused: their subflow direction came in on another interface
     notices: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
     options: list[int] = field(default_factory=lambda: [0] * 9)  # decoded options by subtype
@@ -514,6 +524,7 @@ class Tracker:
         self._csum_drop = self.config.checksums != "count"
         self._csum_unfilled = self.config.checksums == "verify"  # captures: an unfilled checksum is bad too
         self._csum_quick = not self._csum_unfilled
+        self._pin = self.config.pin_interfaces
         self.stats = TrackerStats()
         self._sf: dict[tuple[bytes, int, bytes, int], tuple[Subflow, int]] = {}
         self.connections: OrderedDict[int, Connection] = OrderedDict()  # LRU by activity
@@ -596,11 +607,12 @@ class Tracker:
                 past_edge += held.cost - PIECE_COST
         return ooo, unmapped, assembling, past_edge
 
-    def process(self, seg: TcpSegment, csum_ready: bool = False) -> list[Event]:
+    def process(self, seg: TcpSegment, csum_ready: bool = False, iface: int = 0) -> list[Event]:
         """Feed one segment; returns the events it caused (often none).
 
         ``csum_ready``: the kernel says the checksums are the sender's (live, not
         NFQA_SKB_CSUMNOTREADY), so they are judged exactly; False for captures.
+        ``iface``: the interface it came in on (0: unknown); see ``pin_interfaces``.
         """
         st = self.stats
         st.packets += 1
@@ -615,6 +627,8 @@ class Tracker:
             self._shrink_histories()
         hit = self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
         if hit is not None:
+            if iface and hit[0].dirs[hit[1]].iface != iface and self._pin and self._wrong_iface(hit, seg, iface, ev):
+                return ev
             # checksums (see _bad_checksum), the common case inlined: a whole wire-sized segment whose
             # checksums are good or, in a capture, left unfilled by offload
             end = seg.payload_off + seg.payload_len
@@ -630,7 +644,12 @@ class Tracker:
                 return ev
         opts = self._options(seg, hit, ev)
         if hit is None:
-            return self.process_new(seg, opts, ev)
+            self.process_new(seg, opts, ev)
+            if iface and self._pin:
+                new = self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
+                if new is not None and not new[0].dirs[new[1]].iface:
+                    new[0].dirs[new[1]].iface = iface
+            return ev
         sf, d = hit
         if seg.flags & SYN:
             if not seg.flags & ACK and self._stale(sf, d, seg):
@@ -670,6 +689,35 @@ class Tracker:
                     self._half_open.move_to_end(conn.id)
         self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
         return ev
+
+    def _wrong_iface(self, hit: tuple[Subflow, int], seg: TcpSegment, iface: int, ev: list[Event]) -> bool:
+        """A packet whose subflow direction came in on another interface before: True when it is
+        refused. The first packet of a direction pins it; a SYN that starts a new connection on
+        the 4-tuple of one that ended starts afresh.
+
+        Why: the gateway forwards whatever reaches it, so a host on the client's side can send a
+        packet with the server's addresses (to the gateway's MAC: it goes back out), and the server
+        never sees it. An ACK that passes segments kept after a hole, or a DATA_ACK over a hole,
+        would make mproxy read bytes the server never took. Strict reverse-path filtering
+        (rp_filter) refuses such packets too, where routing is symmetric."""
+        sf, d = hit
+        sd = sf.dirs[d]
+        if not sd.iface:
+            sd.iface = iface
+            return False
+        if seg.flags & SYN and not seg.flags & ACK and self._ended(sf):
+            return False  # (process drops the old subflow for the new one, which its next packet pins)
+        self.stats.wrong_interface += 1
+        if not sd.iface_noticed:
+            sd.iface_noticed = True
+            self._notice(ev, NoticeType.WRONG_INTERFACE, sf.conn,
+                         f"a packet of this subflow direction came in on interface {iface}, its earlier ones "
+                         f"on interface {sd.iface}: refused, as a copy spoofed from the wrong side of the "
+                         "gateway (or a capture that records each packet twice, on a bridge or bond and on "
+                         "its port: then set [tracker] pin_interfaces = false); later ones are counted in "
+                         "mproxy_wrong_interface_packets_total",
+                         seg)
+        return True
 
     def _bad_checksum(self, sf: Subflow, seg: TcpSegment, ev: list[Event]) -> bool:
         """A judged segment whose checksum (TCP, or the IPv4 header's) fails: the receiver drops it,

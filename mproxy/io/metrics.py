@@ -288,6 +288,9 @@ class MproxyCollector(Collector):
         yield _total("mproxy_past_window_placed", "Out-of-order data past the connection-level window placed at "
                      "once: over the limits for kept data (256 pieces a connection, the out-of-order limit)",
                      st.past_window_placed)
+        yield _total("mproxy_wrong_interface_packets", "Packets of a tracked subflow that came in on another "
+                     "interface than their direction's first packet, refused (inline: dropped) as copies spoofed "
+                     "from the wrong side of the gateway ([tracker] pin_interfaces)", st.wrong_interface)
         yield _total("mproxy_add_addr_repeats", "Identical ADD_ADDR announcements seen again (retransmissions: "
                      "normal, not a notice)", st.add_addr_repeats)
         yield _by_label("mproxy_bad_checksums", "Segments of tracked subflows whose TCP or IPv4 header checksum "

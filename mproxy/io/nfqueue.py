@@ -75,6 +75,7 @@ log = logging.getLogger("mproxy.nfqueue")
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
 NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK, NFQA_IFINDEX_INDEV = 1, 2, 3, 5
+NFQA_IFINDEX_PHYSINDEV = 7  # the bridge port, when the packet came in through a bridge
 NFQA_PAYLOAD, NFQA_CAP_LEN, NFQA_SKB_INFO = 10, 13, 14
 NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 2, 3, 4, 5
 NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO = 1, 4
@@ -255,11 +256,12 @@ def parse_packet(mv: memoryview, p: int, end: int) -> tuple[int, int, int, int, 
     """Attributes of one NFQNL_MSG_PACKET between ``p`` (after the nfgenmsg) and ``end``.
 
     Returns (packet id or -1, payload start, payload end, skb info, cap len, in-device index, packet
-    mark); a payload start of -1 means none. Stops at the first attribute whose length lies (the rest
+    mark); a payload start of -1 means none. The in-device is the bridge port when the packet came
+    in through a bridge (the bridge itself is both sides' in-device there). Stops at the first attribute whose length lies (the rest
     is not trusted).
     """
     pid = start = stop = -1
-    info = cap = indev = mark = 0
+    info = cap = indev = phys = mark = 0
     while p + 4 <= end:
         alen, atype = _NLA.unpack_from(mv, p)
         if alen < 4 or p + alen > end:
@@ -276,10 +278,12 @@ def parse_packet(mv: memoryview, p: int, end: int) -> tuple[int, int, int, int, 
                 cap = _BE32.unpack_from(mv, p + 4)[0]
             elif t == NFQA_IFINDEX_INDEV:
                 indev = _BE32.unpack_from(mv, p + 4)[0]
+            elif t == NFQA_IFINDEX_PHYSINDEV:
+                phys = _BE32.unpack_from(mv, p + 4)[0]
             elif t == NFQA_MARK:
                 mark = _BE32.unpack_from(mv, p + 4)[0]
         p += (alen + 3) & ~3
-    return pid, start, stop, info, cap, indev, mark
+    return pid, start, stop, info, cap, phys or indev, mark
 
 
 def configure_queue(sock: socket.socket, queue_num: int, *, fail_open: bool, gso: bool = True,
@@ -393,7 +397,7 @@ class StallWatch:
 
 
 # (packet, time, its checksums are the sender's: the kernel did not flag them NFQA_SKB_CSUMNOTREADY)
-Handler = Callable[[bytes, float, bool], Decision]
+Handler = Callable[[bytes, float, bool, int], Decision]  # (packet, time, checksums ready, in-device)
 FrameSink = Callable[[Frames], None]
 
 
@@ -584,7 +588,7 @@ class QueueAdapter:
                 st.truncated += 1
                 self._truncated(indev, len(data), max(claimed, cap))
             else:
-                decision = self.handler(data, self.clock(), not info & NFQA_SKB_CSUMNOTREADY)
+                decision = self.handler(data, self.clock(), not info & NFQA_SKB_CSUMNOTREADY, indev)
         except Exception:  # noqa: BLE001 - the verdict below must happen whatever the core did
             st.core_errors += 1
             self._once("core", logging.WARNING,

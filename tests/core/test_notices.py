@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,16 @@ class Replayed:
 
 
 def replay(tmp_path: Path, packets: list[bytes], *, step: float = 0.001, name: str = "crafted",
-           tracker: str = "") -> Replayed:
-    """Write ``packets`` (raw IP) as a pcap, 1 ms apart, and run ``mproxy replay`` on it (with a
-    ``[tracker]`` table of ``tracker`` settings, if any)."""
+           tracker: str = "", ifaces: list[int] | None = None, args: tuple[str, ...] = ()) -> Replayed:
+    """Write ``packets`` (raw IP; with ``ifaces``, Linux cooked v2 frames of those interface
+    indexes, as ``tcpdump -i any`` writes) as a pcap, 1 ms apart, and run ``mproxy replay`` on it
+    (with a ``[tracker]`` table of ``tracker`` settings, if any)."""
     cap = tmp_path / f"{name}.pcap"
     with open(cap, "wb") as f:
-        w = PcapWriter(f, linktype=LinkType.RAW)
+        w = PcapWriter(f, linktype=LinkType.RAW if ifaces is None else LinkType.LINUX_SLL2)
         for i, p in enumerate(packets):
+            if ifaces is not None:
+                p = struct.pack("!HHIHBB8s", 0x0800 if p[0] >> 4 == 4 else 0x86DD, 0, ifaces[i], 1, 0, 6, bytes(8)) + p
             w.write(1_700_000_000.0 + i * step, p)
     log, prom = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.prom"
     cfg = []
@@ -63,7 +67,7 @@ def replay(tmp_path: Path, packets: list[bytes], *, step: float = 0.001, name: s
         (tmp_path / f"{name}.toml").write_text(f"[tracker]\n{tracker}\n")
         cfg = ["-c", str(tmp_path / f"{name}.toml")]
     assert main(["replay", str(cap), "--out", str(tmp_path / f"{name}.out.pcap"), "--log", str(log),
-                 "--metrics", str(prom), "-q", *cfg]) == 0
+                 "--metrics", str(prom), "-q", *cfg, *args]) == 0
     res = Replayed([json.loads(x) for x in log.read_text().splitlines()], prom.read_text())
     for n in res.notices:  # every notice record is complete: time, type, connection, 4-tuple
         assert set(n) == NOTICE_FIELDS, n
@@ -467,6 +471,21 @@ def test_memcap_notice() -> None:
         ev += t.process(seg(p, 1000.0 + i * 0.001))
     types = [e.type for e in ev if isinstance(e, Notice)]
     assert NoticeType.MEMCAP in types and t.stats.memcap["out_of_order"] > 0
+
+
+def test_wrong_interface(tmp_path: Path) -> None:
+    """An ACK with the server's addresses that came in on the client's side (``tcpdump -i any``
+    records the interface) acknowledges past a segment kept after a hole: with ``--pin-interfaces``
+    it is refused, so the bytes that fill the hole are read, as the server read them."""
+    from tests.core.test_interfaces import CLIENT_IF, evasion
+
+    pk = evasion(Session(1), CLIENT_IF)
+    res = replay(tmp_path, [p for p, _ in pk], ifaces=[i for _, i in pk], args=("--pin-interfaces",))
+    (n,) = only(res, "wrong_interface")
+    assert "interface 3" in n["detail"] and n["sport"] == 80
+    assert res.metrics[("mproxy_wrong_interface_packets_total", ())] == 1
+    (c,) = res.conns
+    assert c["c2s"]["bytes"] == 20 and c["c2s"]["sha256"] == hashlib.sha256(b"abcdUNION SELECT 1,2").hexdigest()
 
 
 def test_every_notice_type_is_exercised() -> None:

@@ -608,6 +608,9 @@ def test_inline_the_ids_reads_what_the_server_read_of_forged_segments(lab: Any, 
     if forgery == "bad_csum":
         (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "bad_checksum"]
         assert "so does mproxy" in n["detail"]
+    if forgery == "spoofed_ack":  # in on the client's side: dropped
+        (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "wrong_interface"]
+        assert mp.stats()["actions"]["wrong_interface_drop"] == 1 and "interface" in n["detail"]
     if forgery in ("ack_unsent", "ack_old", "no_ack"):  # it reached the queue, and mproxy discarded it
         (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "out_of_window"]
         assert "discarded" in n["detail"]

@@ -23,6 +23,9 @@ client writes ``UNION SELECT ...``:
   discards the block; conntrack finds the segment INVALID, so only a rule queueing INVALID
   packets shows it to ``mproxy run``), or with URG set (an MPTCP socket reads urgent bytes
   inline);
+* the kernel never sees it: an ACK with the server's addresses sent from the client's side to the
+  gateway (which forwards it back out), acknowledging past BENIGN sent after a hole in the join
+  (``spoofed_ack``; the gateway's capture records which interface each packet came in on);
 * the kernel reads them elsewhere: two DSS options of which the first maps them 100,000 bytes
   ahead, past the end of the stream;
 * overlapping copies out of order at the data level (``OOO_SHAPES``), several segments at
@@ -123,14 +126,23 @@ def _inject(spec: dict[str, Any]) -> None:
     flags = {"rst": RST | ACK, "data": ACK, "fin": FIN | ACK, "noack": PSH, "syn": SYN,
              "urgent": URG | ACK}[spec["flags"]]
     fam = socket.AF_INET6 if ":" in spec["dst"] else socket.AF_INET
-    pkt = build_tcp(socket.inet_pton(fam, spec["src"]), socket.inet_pton(fam, spec["dst"]), spec["sport"], PORT,
-                    spec["seq"], spec["ack"], flags, 502, tcp_options(*opts), payload)
+    pkt = build_tcp(socket.inet_pton(fam, spec["src"]), socket.inet_pton(fam, spec["dst"]), spec["sport"],
+                    spec.get("dport", PORT), spec["seq"], spec["ack"], flags, 502, tcp_options(*opts), payload)
     if spec.get("bad_csum"):  # the TCP checksum made wrong (the IPv4 header is 20 bytes)
         pkt = pkt[:36] + bytes([pkt[36] ^ 0x5A]) + pkt[37:]
     if "ip_options" in spec:
         pkt = with_ipv4_options(pkt, bytes.fromhex(spec["ip_options"]))
     if "ipv6_headers" in spec:
         pkt = with_ipv6_headers(pkt, [(t, bytes.fromhex(body)) for t, body in spec["ipv6_headers"]])
+    if "l2" in spec:  # an Ethernet frame to the gateway's MAC on this interface: it forwards it on
+        ifname, gw_mac = spec["l2"]
+        with open(f"/sys/class/net/{ifname}/address") as f:
+            own = bytes.fromhex(f.read().strip().replace(":", ""))
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+            raw.bind((ifname, 0))
+            raw.send(bytes.fromhex(gw_mac.replace(":", "")) + own + (b"\x86\xdd" if fam == socket.AF_INET6 else b"\x08\x00")
+                     + pkt)
+        return
     # (IPPROTO_RAW: the header is ours, for IPv6 too)
     socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (spec["dst"], 0))
 
@@ -188,7 +200,8 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
     # wins), so it reads the client's bytes; read at once, it was the IDS's copy of those DSNs
     "ooo_after_hole": ([(0, b"BENIGN", "hole")], None, PART2),
 }
-FORGERIES = ["rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack", "past_window",
+FORGERIES = ["spoofed_ack", "rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack",
+             "past_window",
              "fastclose_bad_key", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
              *IP_SHAPES, *AUTH_SHAPES, *OOO_SHAPES]
 _READ = ("urgent", "sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip", "tcp_md5_bad_len", "tcp_ao")
@@ -258,6 +271,8 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
     nxt = (seq + ln) & 0xFFFFFFFF
     (win,) = (int(x) for x in tshark_fields(cap, ["tcp.window_size"],
                                             f"tcp.dstport == {jport} && {ipf}.dst == {join_ip}")[-1])
+    # the gateway's MACs on the client's paths: forgeries are Ethernet frames sent to them
+    macs = [lab.run(lab.ns_gw, "cat", f"/sys/class/net/{i}/address").stdout.strip() for i in lab.gw_client_if]
     common = {"src": join_ip, "dst": srv_ip, "sport": jport, "ack": ack, "data_ack": 0,
               "dsn": (idsn + 1 + len(PART1)) & ((1 << 64) - 1)}
     data = dict(common, flags="data", seq=nxt, payload=b"BENIGN".hex(), ssn=(nxt - jisn) & 0xFFFFFFFF)
@@ -267,6 +282,18 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
         specs = [dict(data, flags="rst")]
     elif forgery == "paws":
         specs = [dict(data, tsval=(tsval - 100_000) & 0xFFFFFFFF, tsecr=tsecr)]
+    elif forgery == "spoofed_ack":
+        # BENIGN after a hole of ten bytes (as ooo_after_hole: kept until the hole fills), then an ACK
+        # with the server's addresses that acknowledges past it, sent from the client's first path to
+        # the gateway's MAC: the gateway forwards it on to the join's address, the server never sees
+        # it, and its TCP keeps BENIGN out of order. Read on that ACK, BENIGN was the IDS's copy of
+        # the DSNs where the server reads UNION SELECT
+        h = (nxt + 10) & 0xFFFFFFFF
+        sseq, sln = (int(x) for x in tshark_fields(
+            cap, ["tcp.seq_raw", "tcp.len"], f"tcp.srcport == {PORT} && tcp.dstport == {jport} && {ipf}.src == {srv_ip}")[-1])
+        specs = [dict(data, seq=h, ssn=(h - jisn) & 0xFFFFFFFF),
+                 dict(common, src=srv_ip, dst=join_ip, sport=PORT, dport=jport, flags="data", payload="", ssn=0,
+                      seq=(sseq + sln) & 0xFFFFFFFF, ack=(h + 6) & 0xFFFFFFFF, l2=[lab.client_if[0], macs[0]])]
     elif forgery == "ack_unsent":  # acknowledges 1 MB the server never sent
         specs = [dict(data, ack=(ack + 1_000_000) & 0xFFFFFFFF)]
     elif forgery == "ack_old":  # acknowledges a point 1 GB behind the server's
@@ -331,6 +358,9 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
         specs = [dict(common, flags="fin", seq=nxt, payload="", ssn=0),
                  dict(data, seq=after, ssn=(after - jisn) & 0xFFFFFFFF)]
     for spec in specs:
+        # out of the interface of its source address, as the client's own packets of that subflow go
+        # (a raw socket's route ignores the header's source: it left by the first path)
+        spec.setdefault("l2", [lab.client_if[1], macs[1]] if spec["src"] == join_ip else [lab.client_if[0], macs[0]])
         lab.run(lab.ns_cli, sys.executable, __file__, "inject", json.dumps(spec))
         time.sleep(0.2)
     time.sleep(pause)
@@ -353,11 +383,20 @@ def test_the_rebuilt_stream_is_what_the_kernel_read_of_forged_segments(forgery: 
             read = run_forgery(lab, cap, forgery, tmp_path / "go")
     assert read == kernel_read(forgery), read
     out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
-    assert main(["replay", str(cap), "--out", str(out_pcap), "--log", str(log), "-q"]) == 0
+    pin = ["--pin-interfaces"] if forgery == "spoofed_ack" else []
+    assert main(["replay", str(cap), "--out", str(out_pcap), "--log", str(log), "-q", *pin]) == 0
     (f,) = tshark_follow_raw(out_pcap)
     assert f.client_data == read
-    (rec,) = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "mptcp_connection"]
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    (rec,) = [r for r in recs if r["event"] == "mptcp_connection"]
     assert rec["c2s"]["sha256"] == hashlib.sha256(read).hexdigest()
+    if forgery == "spoofed_ack":
+        (n,) = [r for r in recs if r["event"] == "notice" and r["type"] == "wrong_interface"]
+        assert n["sport"] == PORT
+        # the control: without interface pinning the spoofed ACK makes mproxy read BENIGN
+        assert main(["replay", str(cap), "--out", str(tmp_path / "nopin.pcap"), "-q"]) == 0
+        (f,) = tshark_follow_raw(tmp_path / "nopin.pcap")
+        assert f.client_data != read and b"BENIGN" in f.client_data, f.client_data
 
 
 REQUEST = b"GET /payload HTTP/1.1\r\n\r\n"
