@@ -133,6 +133,21 @@ def test_packet_and_verdict_messages_round_trip() -> None:
     assert verdicts(verdict_message(3, 79, 4, mark=0x20000), with_mark=True) == [(79, 4, None, 0x20000)]
 
 
+def test_the_in_device_is_the_bridge_port_behind_a_bridge() -> None:
+    """NFQA_IFINDEX_PHYSINDEV (7), sent when the packet came in through a bridge, is the in-device
+    the tracker pins subflows to: the bridge (NFQA_IFINDEX_INDEV) is both sides' there."""
+    msg = packet_message(0, 5, tcp4(), indev=9)
+    phys = struct.pack("=HH", 8, 7) + struct.pack("!I", 4)  # (an attribute; the payload stays last)
+    at = 20 + 12  # after the nfgenmsg and the packet header attribute (4 + 7 bytes, padded to 12)
+    msg = msg[:at] + phys + msg[at:]
+    msg = struct.pack("=I", len(msg)) + msg[4:]
+    *_, indev, _mark = parse_packet(memoryview(msg), 20, len(msg))
+    assert indev == 4
+    plain = packet_message(0, 5, tcp4(), indev=9)
+    *_, indev, _mark = parse_packet(memoryview(plain), 20, len(plain))
+    assert indev == 9
+
+
 def test_parse_packet_stops_at_a_lying_attribute() -> None:
     msg = bytearray(packet_message(0, 9, tcp4()))
     # the payload attribute (last) claims more than the message holds: no payload, the id survives
