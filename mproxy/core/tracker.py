@@ -171,9 +171,12 @@ class _Ofo:
     (a parsed segment costs several times a small packet's size)."""
     seq: int
     end: int
-    ip: bytes
+    ip: bytes  # b"" for a bare FIN (its options were read when it came)
     dss: m.Dss | None
     cost: int
+    # it carries the FIN (at ``end``): processed when the segment is read in order, and never when
+    # a copy the receiver reads first reaches past it (tcp_ofo_queue drops the segment as old)
+    fin: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -471,6 +474,17 @@ def _advance_rcv(sfd: SubflowDir, seq: int, end: int) -> None:
         sfd.rcv_nxt = end
 
 
+def _take_fin(sf: Subflow, d: int, at: int, ts: float) -> None:
+    """The receiver's TCP took the FIN of direction ``d`` at subflow sequence number ``at``: bytes
+    from there on are never read, and with both FINs the subflow has ended."""
+    sfd = sf.dirs[d]
+    sfd.fin = True
+    if sfd.fin_seq is None:
+        sfd.fin_seq = at
+    if sf.dirs[d ^ 1].fin and sf.closed_ts is None:
+        sf.closed_ts = ts
+
+
 def _take_ack(sfd: SubflowDir, other: SubflowDir, seg: TcpSegment) -> None:
     """An ACK from ``sfd``'s sender: the acknowledged point, window, largest window and right edge
     that the receiver of ``other`` (the opposite direction) must respect."""
@@ -525,6 +539,7 @@ class Tracker:
         self._csum_unfilled = self.config.checksums == "verify"  # captures: an unfilled checksum is bad too
         self._csum_quick = not self._csum_unfilled
         self._pin = self.config.pin_interfaces
+        self._ofo_fin = False  # a FIN kept after a hole was taken: the connection may have ended
         self.stats = TrackerStats()
         self._sf: dict[tuple[bytes, int, bytes, int], tuple[Subflow, int]] = {}
         self.connections: OrderedDict[int, Connection] = OrderedDict()  # LRU by activity
@@ -1520,12 +1535,22 @@ class Tracker:
                         rst.wnd_end = we
                 if conn.beyond is not None:
                     self._beyond_acked(conn, Direction(cdir ^ 1), rst.acked, ts, ev)
-        if not void and (not seg.payload_len or not self._keep_ofo(sf, d, seg, dss, ev)):
-            self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
-            if seg.payload_len:
-                _advance_rcv(sfd, seg.seq, (seg.seq + seg.payload_len) & MASK32)  # (its bytes read or not)
-            if sfd.ofo is not None:
-                self._ofo_release(sf, d, ts, ev)  # the hole before them may have filled
+        fin_kept = False
+        if not void:
+            n = seg.payload_len
+            # a FIN after a hole waits in the receiver's out-of-order queue with its segment, and a
+            # copy read first that reaches past it drops it (tcp_ofo_queue): taken at once, the bytes
+            # the server then reads past it were void here
+            kept = bool(n or flags & FIN) and self._keep_ofo(sf, d, seg, dss, ev)
+            fin_kept = kept and bool(flags & FIN)
+            if conn.closed is not None:
+                return
+            if not kept or not n:  # (a bare FIN kept: its options count as it comes, as Linux reads them)
+                self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
+                if n:
+                    _advance_rcv(sfd, seg.seq, (seg.seq + n) & MASK32)  # (its bytes read or not)
+                if sfd.ofo is not None:
+                    self._ofo_release(sf, d, ts, ev)  # the hole before them may have filled
         if o.fastclose is not None:
             # Linux takes an MP_FASTCLOSE only when it carries its own (the receiver's) key: a forged
             # one would otherwise end the rebuilt stream while the server reads on
@@ -1537,24 +1562,22 @@ class Tracker:
                          "receiver's: ignored, as the receiver ignores it", seg)
         if tsval is not None:
             self._keep_ts(sfd, seg, tsval)
-        ending = False
-        if flags & (FIN | RST):
-            if flags & FIN:
-                sfd.fin = True
-                if sfd.fin_seq is None and not flags & RST:
-                    sfd.fin_seq = (seg.seq + seg.payload_len) & MASK32
+        ending = self._ofo_fin
+        if flags & (FIN | RST) and not fin_kept:
             if flags & RST:
+                sfd.fin = sfd.fin or bool(flags & FIN)
                 sf.reset = True
                 if sf.closed_ts is None:
                     sf.closed_ts = ts
-            elif sfd.fin and sf.dirs[d ^ 1].fin and sf.closed_ts is None:
-                sf.closed_ts = ts
+            else:
+                _take_fin(sf, d, (seg.seq + seg.payload_len) & MASK32, ts)
             ending = True
         s0, s1 = conn.streams
         if (s0.acked is not None and s0.base is not None and s0.acked > s0.base) or (
                 s1.acked is not None and s1.base is not None and s1.acked > s1.base):
             self._check_gaps(conn, ts, ev)
         if ending or s0.finished or s1.finished:
+            self._ofo_fin = False
             self._check_end(conn, ts, ev)
 
     def _rare_options(self, conn: Connection, sf: Subflow, sfd: SubflowDir, cdir: Direction, o: "_Opts",
@@ -2469,7 +2492,9 @@ class Tracker:
         if not 0 < (seg.seq - rn) & MASK32 < 0x80000000:
             return False
         n = seg.payload_len
-        cost = len(seg.ip) + PIECE_COST + _OFO_COST
+        fin = bool(seg.flags & FIN)
+        ip = bytes(seg.ip) if n else b""  # (a bare FIN's options are read as it comes)
+        cost = len(ip) + PIECE_COST + _OFO_COST
         held = sfd.ofo
         cdir = _DIRS[d ^ sf.flipped]
         st = conn.streams[cdir]
@@ -2488,14 +2513,14 @@ class Tracker:
                 st.memcap_drops += 1
                 st.memcap_bytes += n
                 st.budget_drops += limit == "global"
-            dsn = _mapped_dsn(st, dss, isn, seg.seq, n) if not conn.fallen else None
+            dsn = _mapped_dsn(st, dss, isn, seg.seq, n) if not conn.fallen and n else None
             if dsn is not None:
                 st.note_shed(dsn, dsn + n)
             return True
         if held is None:
             held = sfd.ofo = []
         start = (seg.seq - rn) & MASK32
-        end = start + n
+        end = start + n + fin  # (a FIN takes a sequence number)
         i = len(held)
         while i and (held[i - 1].seq - rn) & MASK32 > start:
             i -= 1
@@ -2505,8 +2530,9 @@ class Tracker:
         if i:
             p = held[i - 1]
             ps = (p.seq - rn) & MASK32
-            if start < ps + (p.end - p.seq) & MASK32:
-                if end <= ps + (p.end - p.seq) & MASK32:
+            pe = ps + ((p.end - p.seq) & MASK32) + p.fin
+            if start < pe:
+                if end <= pe:
                     self.budget.give(cost)
                     return True  # all its bytes are kept already: dropped
                 if start == ps:
@@ -2515,10 +2541,10 @@ class Tracker:
         while i < len(held):
             q = held[i]
             qs = (q.seq - rn) & MASK32
-            if qs >= end or qs + (q.end - q.seq) & MASK32 > end:
+            if qs >= end or qs + ((q.end - q.seq) & MASK32) + q.fin > end:
                 break
             self._ofo_drop(sf, d, i)
-        held.insert(i, _Ofo(seg.seq, (seg.seq + n) & MASK32, bytes(seg.ip), dss, cost))
+        held.insert(i, _Ofo(seg.seq, (seg.seq + n) & MASK32, ip, dss if n else None, cost, fin))
         sfd.ofo = held  # (again, if those it replaced were all it held)
         sfd.ofo_bytes += n
         conn.ofo_bytes[cdir] += n
@@ -2584,14 +2610,19 @@ class Tracker:
                 sfd.rcv_nxt = rn = h.seq  # the hole, filled by bytes the gateway did not see
             self._ofo_drop(sf, d, 0)
             eaten = (rn - h.seq) & MASK32
-            if eaten >= (h.end - h.seq) & MASK32:
-                continue  # the receiver had all its bytes: TCP drops it as old
+            n = (h.end - h.seq) & MASK32
+            if eaten >= n + h.fin:
+                continue  # the receiver had all its bytes (and its FIN's place): TCP drops it as old
             if sfd.fin_seq is not None and (h.seq - sfd.fin_seq) & MASK32 < 0x80000000:
                 continue  # at or after the FIN (see _on_segment's void)
-            seg = parse_ip(memoryview(h.ip), ts)
-            assert isinstance(seg, TcpSegment)  # (it was one when kept)
-            self._take_data(conn, sf, sfd, cdir, seg, h.dss, True, ev, eaten)
-            _advance_rcv(sfd, h.seq, h.end)
+            if eaten < n:
+                seg = parse_ip(memoryview(h.ip), ts)
+                assert isinstance(seg, TcpSegment)  # (it was one when kept)
+                self._take_data(conn, sf, sfd, cdir, seg, h.dss, True, ev, eaten)
+                _advance_rcv(sfd, h.seq, h.end)
+            if h.fin and conn.closed is None:
+                _take_fin(sf, d, h.end, ts)
+                self._ofo_fin = True  # (_on_segment checks whether the connection ended)
         if upto is not None:
             nxt = sfd.rcv_nxt
             if nxt is None or 0 < (upto - nxt) & MASK32 < 0x80000000:
@@ -3160,6 +3191,7 @@ class Tracker:
                 for d in (0, 1):
                     if sf.dirs[d].ofo is not None and not sf.reset:
                         self._ofo_release(sf, d, ts, ev, every=True)
+        self._ofo_fin = False  # (a FIN read there changes nothing now)
         if conn.late:
             self._late_end(conn, ts, ev)
         if outcome not in (Outcome.FASTCLOSE, Outcome.RESET, Outcome.EVICTED):

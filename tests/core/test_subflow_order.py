@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from mproxy.core.events import GapSkipped, Notice
 from mproxy.core.tracker import _MAX_OFO, Tracker, TrackerConfig
-from mproxy.wire.packet import ACK
+from mproxy.wire import mptcp as m
+from mproxy.wire.packet import ACK, FIN
 
 from .session import Session, run, streams
 
@@ -141,3 +142,48 @@ def test_off_it_reads_segments_as_they_come() -> None:
     pk.append(s.data(0, True, 4, b"UNION SELECT 1,2", rel=5))
     ev = run(Tracker(TrackerConfig(subflow_order=False)), pk)
     assert c2s(ev).startswith(b"abcdBENIGN")
+
+
+def test_a_fin_sent_ahead_of_a_hole_does_not_end_the_bytes_a_later_copy_carries_past_it() -> None:
+    """The receiver's TCP keeps a FIN after a hole out of order with its segment; the copy that fills
+    the hole and runs past the FIN's place is read whole, and the FIN dropped as old (tcp_ofo_queue).
+    Taken as it came, the FIN made every byte from its place on void: the IDS lost the request's tail."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"abcd")]
+    pk.append(s._pkt(s.subs[0], True, FIN | ACK, [], rel=20))  # a FIN after a hole (subflow bytes 5-19)
+    body = b"UNION SELECT password FROM users"
+    pk.append(s.data(0, True, 4, body, rel=5))  # fills the hole and runs past the FIN's place
+    pk += [s.ack(0, False, s.idsn[0] + 4 + len(body)), s.data_fin(0, True, 4 + len(body)), s.data_fin(0, False, 0)]
+    t = Tracker()
+    ev = run(t, pk)
+    assert c2s(ev) == b"abcd" + body
+    assert types(ev) == []
+
+
+def test_a_kept_fin_is_taken_when_its_segment_is_read_in_order() -> None:
+    """Data with a FIN after a hole: the filler reaches into it, its tail is read, then its FIN; bytes
+    after the FIN are never read. A bare FIN kept after a hole that the next bytes reach exactly is
+    taken too, and the subflow ends with both FINs."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"ab")]
+    fin_data = s._pkt(s.subs[0], True, FIN | ACK, [m.dss(s.idsn[1], s.idsn[0] + 8, 9, 4).encode()], b"ijkl", rel=9)
+    pk.append(fin_data)  # subflow bytes 9-12 and the FIN at 13, after a hole at 3-8
+    t = Tracker()
+    run(t, pk, flush=False)
+    (conn,) = t.connections.values()
+    sf = conn.subflows[0]
+    assert sf.dirs[0].ofo is not None and not sf.dirs[0].fin
+    late = [s.data(0, True, 2, b"cdefghIJ", rel=3), s.data(0, True, 12, b"zz", rel=13)]
+    ev = run(t, late, flush=False)
+    assert c2s(ev) == b"cdefghIJkl"  # (the filler's IJ won 8-9; after the FIN at 13 nothing is read)
+    assert sf.dirs[0].fin and sf.dirs[0].fin_seq == (s.subs[0].isn[0] + 13) & 0xFFFFFFFF
+    s2 = Session(1)
+    pk = s2.handshake() + [s2.data(0, True, 0, b"ab")]
+    pk.append(s2._pkt(s2.subs[0], True, FIN | ACK, [], rel=5))  # a bare FIN after bytes 3-4
+    pk.append(s2._pkt(s2.subs[0], False, FIN | ACK, [], rel=1))  # the server's, in order
+    t2 = Tracker()
+    run(t2, pk, flush=False)
+    (sf2,) = next(iter(t2.connections.values())).subflows
+    assert not sf2.dirs[0].fin and sf2.dirs[1].fin and sf2.closed_ts is None
+    run(t2, [s2.data(0, True, 2, b"cd", rel=3)], flush=False)
+    assert sf2.dirs[0].fin and sf2.closed_ts is not None

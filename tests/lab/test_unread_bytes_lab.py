@@ -33,7 +33,8 @@ client writes ``UNION SELECT ...``:
   arrives in order, or of buffered copies the one whose segment starts first (the longer at the
   same start; a segment merged onto the one before counts as starting there); of a copy whose
   head it already read, it reads the new bytes; copies placed 300 kB ahead, past the
-  connection-level window the server advertised, it drops.
+  connection-level window the server advertised, it drops; a FIN kept after a hole it drops when
+  the copy that fills the hole runs past it.
 
 Ground truth is what the server application read; the replayed stream, read back by tshark, must
 be the same.
@@ -199,6 +200,10 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
     # the server's TCP keeps it out of order (until a copy of the hole's bytes comes, which then
     # wins), so it reads the client's bytes; read at once, it was the IDS's copy of those DSNs
     "ooo_after_hole": ([(0, b"BENIGN", "hole")], None, PART2),
+    # a bare FIN ten subflow bytes after the join's next one, then a copy from the next byte that
+    # runs past the FIN's place: the server's TCP keeps the FIN out of order, reads the copy whole
+    # and drops the FIN as old; taken as it came, the FIN made the copy's last ten bytes void
+    "fin_ahead": ([(10, b"", "fin"), (0, FILL + b"UNION SELE")], 20, FILL + b"UNION SELE"),
 }
 FORGERIES = ["spoofed_ack", "rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack",
              "past_window",
@@ -332,6 +337,9 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
             if on == ["hole"]:
                 h = (at + 10) & 0xFFFFFFFF
                 specs.append(dict(data, seq=h, ssn=(h - jisn) & 0xFFFFFFFF, payload=b.hex(), dsn=dsn))
+                continue
+            if on == ["fin"]:  # a bare FIN ``off`` subflow bytes after the next one
+                specs.append(dict(common, flags="fin", seq=(at + off) & 0xFFFFFFFF, payload="", ssn=0))
                 continue
             if on:  # on the initial subflow (its MP_CAPABLE SYN's), at its next sequence number
                 mpc_syn = "tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 1 && tcp.flags.ack == 0"
