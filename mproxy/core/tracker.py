@@ -232,6 +232,7 @@ class SubflowDir:
     # bare segment there is read even past the right edge: tcp_sequence allows rcv_nxt + a 0 window)
     rcv_nxt: int | None = None
     oow_noticed: bool = False
+    rst: bool = False  # this direction's sender reset the subflow (an RST the receiver took)
     iface: int = 0  # the interface this direction's packets come in on (see pin_interfaces); 0: unknown
     iface_noticed: bool = False
     unsent_ack_noticed: bool = False  # a DATA_ACK of data never sent was noticed (Tracker._ack_unsent)
@@ -705,6 +706,31 @@ class Tracker:
         self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
         return ev
 
+    @staticmethod
+    def _rst_taken(sf: Subflow, d: int, seg: TcpSegment) -> bool:
+        """Does the receiver take this (in-window) RST? Linux (tcp_validate_incoming, RFC 5961 3.2)
+        resets only at its next sequence number -- the FIN's or the one after it once the sender's
+        FIN came -- or at the end of the highest block it holds out of order (its SACK); elsewhere
+        it answers with a challenge ACK and discards it, MP_FASTCLOSE and all. Taken anywhere in the
+        window, an RST one byte off ended the rebuilt stream (or the subflow's bytes) while the
+        server read on. Handshakes, and subflows whose ISN the gateway never saw, are not judged."""
+        sfd = sf.dirs[d]
+        if not sf.established or sfd.isn is None:
+            return True
+        seq = seg.seq
+        if sfd.fin_seq is not None:
+            return seq == sfd.fin_seq or seq == (sfd.fin_seq + 1) & MASK32
+        rn = _rcv_next(sfd)
+        pa = sfd.peer_ack
+        if pa is not None and 0 < (pa - rn) & MASK32 < 0x80000000:
+            rn = pa  # (it acknowledged bytes the gateway did not see)
+        if seq == rn or seq == sfd.last_end:  # (after the last bytes: the highest SACK block's end)
+            return True
+        if sfd.ofo:  # (kept ones count as the receiver's out-of-order queue, whether read yet or not)
+            h = max(sfd.ofo, key=lambda k: (k.end + k.fin - rn) & MASK32)
+            return seq == (h.end + h.fin) & MASK32
+        return False
+
     def _wrong_iface(self, hit: tuple[Subflow, int], seg: TcpSegment, iface: int, ev: list[Event]) -> bool:
         """A packet whose subflow direction came in on another interface before: True when it is
         refused. The first packet of a direction pins it; a SYN that starts a new connection on
@@ -764,7 +790,7 @@ class Tracker:
             return False
         conn = sf.conn
         if conn is None or conn.closed is not None or not conn.opened or conn.csum or not sf.established \
-                or sf.refused or sf.plain or conn.fallen or conn.late or sf.unverified:
+                or sf.refused or sf.plain or conn.fallen or conn.late or sf.unverified or sf.reset:
             return False
         ip = seg.ip
         o = seg.tcp_off + 20
@@ -842,6 +868,8 @@ class Tracker:
                 rn = seg.seq if sf.role == Role.PICKUP else (isn + 1) & MASK32
             if 0 < (seg.seq - rn) & MASK32 < 0x80000000:
                 return False  # after a hole in the subflow: _keep_ofo decides
+            if pa is not None and 0 < (pa - rn) & MASK32 < 0x80000000:
+                return False  # acknowledged past the gateway's next byte (a capture's loss): _ofo_acked moves it
             st = streams[cdir]
             if not fl & m.DSS_m and st.base is not None:
                 dsn = expand32(dsn, st.base)
@@ -1439,6 +1467,16 @@ class Tracker:
             if flags & SYN:
                 self._on_syn(sf, d, seg, o, ev)
                 return
+            if sf.reset:
+                # neither end has a socket for the subflow any more: nothing on it is read (its sender
+                # gets an RST back). Noticed when the end that sent the RST sends bytes after it; the
+                # other end's, sent before the RST reached it, are counted only
+                if seg.payload_len and sfd.rst:
+                    self._unread(conn, sfd, seg, "on a subflow after its sender reset it (no socket takes them)",
+                                 ev)
+                else:
+                    self.stats.out_of_window += 1
+                return
             past = not self._window_ok(sfd, seg)
             if past and not self._may_keep(conn, sfd, seg):
                 # judged as a whole: an off-path packet must not move the tracked ack or
@@ -1449,8 +1487,12 @@ class Tracker:
                 else:
                     self._out_of_window(conn, sfd, seg, ev)
                 return
-            if tsval is not None and not self._paws_ok(conn, sfd, seg, tsval, ev):
-                return  # the receiver drops it whole, options and all
+            if flags & RST and conn is not None and conn.closed is None and not self._rst_taken(sf, d, seg):
+                self._unread(conn, sfd, seg, "an RST off the receiver's next sequence number: Linux answers it with "
+                             "a challenge ACK and reads on (RFC 5961 3.2), its options (MP_FASTCLOSE) unread", ev)
+                return
+            if tsval is not None and not flags & RST and not self._paws_ok(conn, sfd, seg, tsval, ev):
+                return  # the receiver drops it whole, options and all (an RST it takes whatever its timestamp)
             if not flags & RST:
                 # Linux discards, whole, a segment without ACK, and one whose ACK acknowledges data the
                 # receiver never sent or lies more than a window behind its last (tcp_ack; RFC 5961 5.2)
@@ -1566,7 +1608,7 @@ class Tracker:
         if flags & (FIN | RST) and not fin_kept:
             if flags & RST:
                 sfd.fin = sfd.fin or bool(flags & FIN)
-                sf.reset = True
+                sf.reset = sfd.rst = True
                 if sf.closed_ts is None:
                     sf.closed_ts = ts
             else:

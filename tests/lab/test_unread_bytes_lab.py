@@ -11,7 +11,10 @@ client writes ``UNION SELECT ...``:
   of 1 MB the server never sent, or 1 GB behind its last acknowledged point, or 1 byte behind it
   (the server sent nothing on that subflow: Linux bounds the look-back by the bytes acked),
   without ACK, or starting 1000 bytes past the right edge of the server's window;
-* the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), or a SYN
+* the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), an RST
+  with MP_FASTCLOSE naming the server's key one byte past the join's next sequence number (a
+  challenge ACK, RFC 5961; ``rst_off_fastclose``), an RST at it followed by BENIGN on the join (the
+  join is gone: ``rst_then_data``), or a SYN
   with another ISN on the initial subflow's 4-tuple (discarded with a challenge ACK), before the
   client's next bytes;
 * at the IP level (IPv4 options, IPv6 extension headers; ``IP_SHAPES``) and for TCP
@@ -207,7 +210,7 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
 }
 FORGERIES = ["spoofed_ack", "rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack",
              "past_window",
-             "fastclose_bad_key", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
+             "fastclose_bad_key", "rst_off_fastclose", "rst_then_data", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
              *IP_SHAPES, *AUTH_SHAPES, *OOO_SHAPES]
 _READ = ("urgent", "sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip", "tcp_md5_bad_len", "tcp_ao")
 
@@ -308,6 +311,17 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
     elif forgery == "past_window":  # starts 1000 bytes past the right edge the server last advertised
         at = (nxt + win + 1000) & 0xFFFFFFFF
         specs = [dict(data, seq=at, ssn=(at - jisn) & 0xFFFFFFFF)]
+    elif forgery == "rst_off_fastclose":
+        # an RST with MP_FASTCLOSE naming the server's own key, one byte past the join's next sequence
+        # number: Linux answers it with a challenge ACK and reads on (RFC 5961), the option unread
+        (skey,) = (int(x[0].split(",")[0]) for x in tshark_fields(
+            cap, ["tcp.options.mptcp.recvkey"],
+            f"tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0 && {ipf}.src == {cli_ip}")[:1])
+        specs = [dict(common, flags="rst", seq=(nxt + 1) & 0xFFFFFFFF, payload="", ssn=0, fastclose_key=skey)]
+    elif forgery == "rst_then_data":
+        # an RST at the join's next sequence number (the server resets the join), then BENIGN on it:
+        # no socket takes it, and the server reads the client's own bytes
+        specs = [dict(common, flags="rst", seq=nxt, payload="", ssn=0), data]
     elif forgery == "fastclose_bad_key":  # an ACK with MP_FASTCLOSE: Linux ignores it (wrong key)
         specs = [dict(common, flags="data", seq=nxt, payload="", ssn=0, fastclose_key=0x0123456789ABCDEF)]
     elif forgery == "sack_unsent":  # SACKs 1000 bytes the server never sent
