@@ -1469,13 +1469,11 @@ class Tracker:
                 return
             if sf.reset:
                 # neither end has a socket for the subflow any more: nothing on it is read (its sender
-                # gets an RST back). Noticed when the end that sent the RST sends bytes after it; the
-                # other end's, sent before the RST reached it, are counted only
+                # gets an RST back). Bytes the end that sent the RST sends after it are counted and
+                # noticed; the other end's, sent before the RST reached it, are only ignored
                 if seg.payload_len and sfd.rst:
                     self._unread(conn, sfd, seg, "on a subflow after its sender reset it (no socket takes them)",
                                  ev)
-                else:
-                    self.stats.out_of_window += 1
                 return
             past = not self._window_ok(sfd, seg)
             if past and not self._may_keep(conn, sfd, seg):
