@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..wire.errors import ErrorKind, WireError
-from ..wire.packet import TcpSegment, addr_text, parse_frame, parse_ip, strip_link
+from ..wire.packet import LinkType, TcpSegment, addr_text, parse_frame, parse_ip, strip_link
 from .defrag import DefragStats, Defragmenter
 from .emitter import TcpEmitter, passthrough_frames
 from .events import (
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # (the inspector and Hyperscan cost ~20 ms of start-up; a rep
 
 Frames = list[tuple[float, bytes]]
 _BE32 = struct.Struct("!I")
+_LT_SLL2 = int(LinkType.LINUX_SLL2)  # (its header holds the interface index, at offset 4)
 
 
 @dataclass(slots=True)
@@ -155,7 +156,7 @@ class Pipeline:
         seg = parse_frame(linktype, frame, ts)
         if type(seg) is TcpSegment:  # nearly every frame: straight on (feed_segment, inlined)
             iface = 0
-            if linktype == 276 and self.link_ifaces and frame[10] != 4:  # (4: sent by the capturing host)
+            if linktype == _LT_SLL2 and self.link_ifaces and frame[10] != 4:  # (4: sent by the capturing host)
                 iface = _BE32.unpack_from(frame, 4)[0]
             events = self.tracker.process(seg, False, iface)
             return self.handle(events) if events else []

@@ -118,11 +118,11 @@ class TrackerConfig:
     # after a hole waits for it (see _Ofo). False: as they come (mproxy before 2026-12-07)
     subflow_order: bool = True
     # each subflow direction keeps the interface its first packet came in on (live: NFQUEUE's
-    # in-device; replay: a Linux cooked v2 capture's interface index): a later packet of that
-    # direction on another interface is refused (inline: dropped) as a spoofed copy -- a host on one
-    # side can send packets with the other side's addresses through the gateway (an ACK that makes
-    # mproxy read bytes the receiver never took). False where a route change can move a subflow's
-    # packets to another interface mid-connection.
+    # in-device; replay --pin-interfaces: a Linux cooked v2 capture's interface index): a later
+    # packet of that direction on another interface is refused (inline: dropped) as a spoofed copy
+    # -- a host on one side can send packets with the other side's addresses through the gateway
+    # (an ACK that makes mproxy read bytes the receiver never took). False where a route change can
+    # move a subflow's packets to another interface mid-connection.
     pin_interfaces: bool = True
     # MP_JOIN flood: more than ``join_flood_threshold`` join SYNs to one receiver (address + token;
     # unknown tokens share one counter per address) within ``join_flood_window`` seconds raises

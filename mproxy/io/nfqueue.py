@@ -257,8 +257,8 @@ def parse_packet(mv: memoryview, p: int, end: int) -> tuple[int, int, int, int, 
 
     Returns (packet id or -1, payload start, payload end, skb info, cap len, in-device index, packet
     mark); a payload start of -1 means none. The in-device is the bridge port when the packet came
-    in through a bridge (the bridge itself is both sides' in-device there). Stops at the first attribute whose length lies (the rest
-    is not trusted).
+    in through a bridge (the bridge itself is both sides' in-device there). Stops at the first
+    attribute whose length lies (the rest is not trusted).
     """
     pid = start = stop = -1
     info = cap = indev = phys = mark = 0
