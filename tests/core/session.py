@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from mproxy import crypto
-from mproxy.core.events import DataReleased, Direction, Event
+from mproxy.core.events import DataReleased, Direction, Event, Notice
 from mproxy.core.tracker import Tracker
 from mproxy.wire import mptcp as m
 from mproxy.wire.build import build_tcp, tcp_options
@@ -208,3 +208,13 @@ def streams(events: list[Event]) -> dict[tuple[int, Direction], bytes]:
         if isinstance(e, DataReleased):
             out.setdefault((e.conn_id, e.direction), bytearray()).extend(e.data)
     return {k: bytes(v) for k, v in out.items()}
+
+
+def c2s(events: list[Event]) -> bytes:
+    """The client-to-server bytes the events released, of their one connection."""
+    (data,) = [v for (_, d), v in streams(events).items() if d == Direction.C2S]
+    return data
+
+
+def notice_types(events: list[Event]) -> list[str]:
+    return [e.type.value for e in events if isinstance(e, Notice)]

@@ -14,7 +14,7 @@ from mproxy.core.pipeline import Pipeline
 from mproxy.core.tracker import Tracker, TrackerConfig
 from mproxy.wire.packet import ACK, SYN
 
-from .session import Session, seg, streams
+from .session import Session, c2s, notice_types, seg
 
 CLIENT_IF, SERVER_IF, JOIN_IF = 3, 5, 4
 
@@ -28,13 +28,6 @@ def feed(t: Tracker, packets: list[tuple[bytes, int]]) -> list:
     return ev
 
 
-def c2s(events: list) -> bytes:
-    (data,) = [v for (_, d), v in streams(events).items() if d == 0]
-    return data
-
-
-def notices(events: list) -> list[str]:
-    return [e.type.value for e in events if isinstance(e, Notice)]
 
 
 def evasion(s: Session, forged_if: int) -> list[tuple[bytes, int]]:
@@ -57,7 +50,7 @@ def test_an_ack_spoofed_from_the_clients_side_does_not_release_a_kept_segment() 
     t = Tracker()
     ev = feed(t, evasion(s, CLIENT_IF)) + t.flush()
     assert c2s(ev) == b"abcdUNION SELECT 1,2"
-    assert notices(ev) == ["wrong_interface"]
+    assert notice_types(ev) == ["wrong_interface"]
     assert t.stats.wrong_interface == 1
     (n,) = [e for e in ev if isinstance(e, Notice)]
     assert "interface 3" in n.detail and "interface 5" in n.detail
@@ -70,7 +63,7 @@ def test_the_same_ack_from_the_servers_side_releases_it() -> None:
     t = Tracker()
     ev = feed(t, evasion(s, SERVER_IF)) + t.flush()
     assert c2s(ev).startswith(b"abcdBENIGN")
-    assert "wrong_interface" not in notices(ev)
+    assert "wrong_interface" not in notice_types(ev)
 
 
 def test_off_or_without_interfaces_nothing_is_refused() -> None:
@@ -96,7 +89,7 @@ def test_each_subflow_direction_has_its_own_interface() -> None:
           (s.data_fin(1, True, 20), JOIN_IF), (s.data_fin(0, False, 12), SERVER_IF)]
     ev = feed(t, pk) + t.flush()
     assert c2s(ev) == b"GET /?q=UNION SELECT"
-    assert t.stats.wrong_interface == 0 and "wrong_interface" not in notices(ev)
+    assert t.stats.wrong_interface == 0 and "wrong_interface" not in notice_types(ev)
 
 
 def test_a_new_connection_on_the_4_tuple_of_an_ended_one_starts_afresh() -> None:
@@ -155,7 +148,7 @@ def test_a_replay_reads_the_interface_from_linux_cooked_v2_frames() -> None:
         assert (rec["c2s"]["sha256"] == want) == link
 
 
-def test_flags_of_the_handshake_do_not_matter_the_first_packet_pins() -> None:
+def test_a_subflow_picked_up_mid_stream_is_pinned_by_its_first_packet_each_way() -> None:
     """A subflow picked up mid-stream (no handshake seen) is pinned by the first packet each way."""
     s = Session(1)
     s.handshake()

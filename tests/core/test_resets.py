@@ -11,18 +11,11 @@ from mproxy.wire import mptcp as m
 from mproxy.wire.packet import ACK, FIN, RST
 from mproxy.wire.rewrite import fill_tcp_checksum
 
-from .session import Session, run, streams
+from .session import Session, c2s, notice_types, run
 
 BODY = b"UNION SELECT pw"
 
 
-def c2s(events: list) -> bytes:
-    (data,) = [v for (_, d), v in streams(events).items() if d == 0]
-    return data
-
-
-def types(events: list) -> list[str]:
-    return [e.type.value for e in events if isinstance(e, Notice)]
 
 
 def fastclose_then_more(off: int) -> tuple[Tracker, list]:
@@ -43,7 +36,7 @@ def test_an_rst_with_mp_fastclose_off_the_next_sequence_number_does_not_end_the_
     for off in (1, 1000):
         t, ev = fastclose_then_more(off)
         assert c2s(ev) == b"GET /?q=" + BODY
-        assert types(ev) == ["out_of_window"] and "challenge ACK" in next(
+        assert notice_types(ev) == ["out_of_window"] and "challenge ACK" in next(
             e.detail for e in ev if isinstance(e, Notice))
         assert dict(t.stats.outcomes) == {"data_fin": 1}
 
@@ -51,7 +44,7 @@ def test_an_rst_with_mp_fastclose_off_the_next_sequence_number_does_not_end_the_
 def test_the_exact_rst_with_mp_fastclose_ends_the_connection() -> None:
     t, ev = fastclose_then_more(0)
     assert c2s(ev) == b"GET /?q="
-    assert dict(t.stats.outcomes) == {"fastclose": 1} and types(ev) == []
+    assert dict(t.stats.outcomes) == {"fastclose": 1} and notice_types(ev) == []
 
 
 def test_bytes_sent_on_a_subflow_after_its_rst_are_not_read() -> None:

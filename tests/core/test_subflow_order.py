@@ -3,21 +3,14 @@ kept until the hole fills (the receiver's TCP hands MPTCP nothing past a hole), 
 fills the hole wins over one kept after it, as in Linux (tcp_data_queue, tcp_ofo_queue)."""
 from __future__ import annotations
 
-from mproxy.core.events import GapSkipped, Notice
+from mproxy.core.events import GapSkipped
 from mproxy.core.tracker import _MAX_OFO, Tracker, TrackerConfig
 from mproxy.wire import mptcp as m
 from mproxy.wire.packet import ACK, FIN
 
-from .session import Session, run, streams
+from .session import Session, c2s, notice_types, run
 
 
-def c2s(events: list) -> bytes:
-    (data,) = [v for (_, d), v in streams(events).items() if d == 0]
-    return data
-
-
-def types(events: list) -> list[str]:
-    return [e.type.value for e in events if isinstance(e, Notice)]
 
 
 def test_a_segment_sent_ahead_of_a_hole_does_not_win_over_the_bytes_read_first() -> None:
@@ -33,7 +26,7 @@ def test_a_segment_sent_ahead_of_a_hole_does_not_win_over_the_bytes_read_first()
     ev = run(Tracker(), pk)
     assert c2s(ev) == b"abcdUNION SELECT"
     # at the end the kept copy is compared like any other: its bytes differ
-    assert types(ev) == ["overlap_mismatch"]
+    assert notice_types(ev) == ["overlap_mismatch"]
 
 
 def test_the_copy_that_fills_the_hole_wins_over_a_kept_one_mapped_elsewhere() -> None:
@@ -47,7 +40,7 @@ def test_the_copy_that_fills_the_hole_wins_over_a_kept_one_mapped_elsewhere() ->
     pk += [s.ack(0, False, s.idsn[0] + 23), s.data_fin(0, True, 23), s.data_fin(0, False, 0)]
     ev = run(Tracker(), pk)
     assert c2s(ev) == b"abcdUNION SELECT 1,2xyz"
-    assert types(ev) == []
+    assert notice_types(ev) == []
 
 
 def test_a_kept_segment_the_filler_overlaps_gives_its_tail() -> None:
@@ -60,7 +53,7 @@ def test_a_kept_segment_the_filler_overlaps_gives_its_tail() -> None:
     pk += [s.ack(0, False, s.idsn[0] + 24), s.data_fin(0, True, 24), s.data_fin(0, False, 0)]
     ev = run(Tracker(), pk)
     assert c2s(ev) == b"abcdefghijklmnopqrstuvwx"
-    assert types(ev) == []
+    assert notice_types(ev) == []
 
 
 def test_copies_kept_after_a_hole_overlap_as_linux_keeps_them() -> None:
@@ -81,7 +74,7 @@ def test_copies_kept_after_a_hole_overlap_as_linux_keeps_them() -> None:
     pk += [s.ack(0, False, s.idsn[0] + 19), s.data_fin(0, True, 19), s.data_fin(0, False, 0)]
     ev = run(Tracker(), pk)
     assert c2s(ev) == b"abcdEFGHijklmnOPqrs"
-    assert types(ev) == []
+    assert notice_types(ev) == []
 
 
 def test_the_receiver_acknowledging_past_a_hole_releases_what_was_kept() -> None:
@@ -157,7 +150,7 @@ def test_a_fin_sent_ahead_of_a_hole_does_not_end_the_bytes_a_later_copy_carries_
     t = Tracker()
     ev = run(t, pk)
     assert c2s(ev) == b"abcd" + body
-    assert types(ev) == []
+    assert notice_types(ev) == []
 
 
 def test_a_kept_fin_is_taken_when_its_segment_is_read_in_order() -> None:
