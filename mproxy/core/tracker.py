@@ -84,6 +84,7 @@ _DSN_BUCKET_BITS = _PICKUP_DSN_WINDOW.bit_length() - 1  # buckets as wide as the
 _DSN_BUCKETS = 1 << (64 - _DSN_BUCKET_BITS)
 _TCPOPT_WSCALE = 3
 _TCPOPT_TIMESTAMP = 8
+_TCPOPT_SACK_PERM = 4
 _NOT_FAST = SYN | FIN | RST
 CHECKSUM_MODES = ("auto", "verify", "count")  # [tracker] checksums
 _TS_MPTCP = Struct("!4sI4xBBBB")  # NOP NOP kind 8 len 10, TSval, TSecr, then an MPTCP option's first 4 bytes
@@ -213,6 +214,7 @@ class SubflowDir:
 
     isn: int | None = None
     wscale: int | None = None
+    sack_perm: bool = False  # this direction's SYN offered SACK (both must, for either end to use it)
     peer_ack: int | None = None  # receiver's last TCP ack of this direction
     peer_win: int = 0  # receiver's last window, scaled (bytes)
     max_win: int = 0  # receiver's largest window so far: what Linux calls its peer's max_window
@@ -517,6 +519,11 @@ def _wscale(seg: TcpSegment) -> int | None:
     return None if opt is None else min(opt[2], 14)
 
 
+def _sack_perm(seg: TcpSegment) -> bool:
+    """The SYN offers SACK (RFC 2018): Linux takes the option only at its exact length, on a SYN."""
+    return _option(seg, _TCPOPT_SACK_PERM, 2) is not None
+
+
 def _tsval(seg: TcpSegment) -> int | None:
     """The TSval of the timestamp option (RFC 7323)."""
     opt = _option(seg, _TCPOPT_TIMESTAMP, 10)
@@ -710,7 +717,8 @@ class Tracker:
     def _rst_taken(sf: Subflow, d: int, seg: TcpSegment) -> bool:
         """Does the receiver take this (in-window) RST? Linux (tcp_validate_incoming, RFC 5961 3.2)
         resets only at its next sequence number -- the FIN's or the one after it once the sender's
-        FIN came -- or at the end of the highest block it holds out of order (its SACK); elsewhere
+        FIN came -- or, where both SYNs offered SACK, at the end of the highest block it holds out
+        of order (its SACK; a SYN/ACK the gateway missed counts as offering it); elsewhere
         it answers with a challenge ACK and discards it, MP_FASTCLOSE and all. Taken anywhere in the
         window, an RST one byte off ended the rebuilt stream (or the subflow's bytes) while the
         server read on. Handshakes, and subflows whose ISN the gateway never saw, are not judged."""
@@ -724,7 +732,12 @@ class Tracker:
         pa = sfd.peer_ack
         if pa is not None and 0 < (pa - rn) & MASK32 < 0x80000000:
             rn = pa  # (it acknowledged bytes the gateway did not see)
-        if seq == rn or seq == sfd.last_end:  # (after the last bytes: the highest SACK block's end)
+        if seq == rn:
+            return True
+        syn, synack = sf.dirs
+        if not syn.sack_perm or not synack.sack_perm and synack.isn is not None:
+            return False  # (the out-of-order edge counts only where SACK was negotiated: tcp_is_sack)
+        if seq == sfd.last_end:  # (after the last bytes: the highest SACK block's end)
             return True
         if sfd.ofo:  # (kept ones count as the receiver's out-of-order queue, whether read yet or not)
             h = max(sfd.ofo, key=lambda k: (k.end + k.fin - rn) & MASK32)
@@ -1108,6 +1121,7 @@ class Tracker:
                 sf = self._add_subflow(key, Role.INITIAL, ts, conn, False)
                 sf.dirs[0].isn = seg.seq
                 sf.dirs[0].wscale = _wscale(seg)
+                sf.dirs[0].sack_perm = _sack_perm(seg)
                 sf.dirs[0].ts_recent = _tsval(seg) or 0  # what the server keeps from the SYN
                 conn.held.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
                 if seg.payload_len:
@@ -1224,6 +1238,7 @@ class Tracker:
         sf.nonce_i = j.nonce
         sf.dirs[0].isn = seg.seq
         sf.dirs[0].wscale = _wscale(seg)
+        sf.dirs[0].sack_perm = _sack_perm(seg)
         sf.dirs[0].ts_recent = _tsval(seg) or 0
 
     def _count_join(self, seg: TcpSegment, token: int | None, conn: Connection | None, ev: list[Event]) -> bool:
@@ -1655,6 +1670,7 @@ class Tracker:
             return
         sfd.isn = seg.seq
         sfd.wscale = _wscale(seg)
+        sfd.sack_perm = _sack_perm(seg)
         sfd.ts_recent = _tsval(seg) or 0  # what the client keeps from the SYN/ACK
         if sf.role == Role.INITIAL and conn is not None and conn.syn_len and conn.syn_taken is None:
             self._syn_data_taken(conn, sf, seg.ack)

@@ -40,8 +40,10 @@ class Sub:
 class Session:
     def __init__(self, version: int = 1, ipver: int = 4, *, client_key: int = 0x1122334455667788,
                  server_key: int = 0x99AABBCCDDEEFF00, csum: bool = False, dsn64: bool = True,
-                 sport: int = 40000, dport: int = 80, timestamps: bool = False, ack64: bool = True) -> None:
+                 sport: int = 40000, dport: int = 80, timestamps: bool = False, ack64: bool = True,
+                 sack: bool = True) -> None:
         self.version = version
+        self.sack = sack  # the SYNs offer SACK (SACK_PERM), as Linux's do by default
         self.ipver = ipver
         self.ck, self.sk = client_key, server_key
         self.csum = csum
@@ -80,6 +82,8 @@ class Session:
             ack = sub.isn[d ^ 1] + (sub.next_rel[d ^ 1] if ack_rel is None else ack_rel)
         if self.timestamps and not flags & SYN:  # Linux's layout: NOP NOP timestamp first
             opts = [b"\x01\x01\x08\x0a" + (int(self.ts * 1000) & 0xFFFFFFFF).to_bytes(4, "big") + bytes(4), *opts]
+        if self.sack and flags & SYN:
+            opts = [b"\x04\x02", *opts]
         return build_tcp(src[0], dst[0], src[1], dst[1], seq, ack, flags, 65535, tcp_options(*opts), payload)
 
     # -- handshakes -------------------------------------------------------

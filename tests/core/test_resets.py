@@ -1,6 +1,7 @@
 """Which RSTs the receiver takes, and what a taken one ends. Linux (tcp_validate_incoming, RFC 5961
 3.2) resets a subflow only for an RST at its next sequence number (the FIN's, or the one after it,
-once the sender's FIN came), or at the end of the highest block it holds out of order; any other RST
+once the sender's FIN came), or, where SACK was negotiated, at the end of the highest block it holds
+out of order; any other RST
 in its window gets a challenge ACK and is discarded, its MPTCP options (MP_FASTCLOSE) unread. After
 a taken RST neither end has a socket for the subflow: bytes sent on it later are never read."""
 from __future__ import annotations
@@ -73,6 +74,41 @@ def test_an_rst_at_the_end_of_what_the_receiver_holds_out_of_order_is_taken() ->
         run(t, pk, flush=False)
         (conn,) = t.connections.values()
         assert conn.subflows[0].reset is taken
+
+
+def test_without_sack_the_out_of_order_edge_takes_no_rst() -> None:
+    """The evasion: SACK is an end's to refuse (a SYN without SACK_PERM). Linux then takes an RST
+    only at its next sequence number; taken at the end of bytes kept after a hole, RST +
+    MP_FASTCLOSE ended the IDS's stream at ``GET /?q=`` while the server read the request's tail.
+    With SACK on, the same RST ends both."""
+    for sack in (False, True):
+        s = Session(1, sack=sack)
+        pk = s.handshake() + [s.data(0, True, 0, b"GET /?q="), s.data(0, True, 18, b"BENIGN", rel=19)]
+        pk.append(s._pkt(s.subs[0], True, RST | ACK, [m.MpFastclose(s.sk).encode()], rel=25))
+        pk.append(s.data(0, True, 8, b"0123456789" + BODY))
+        end = 18 + len(BODY)
+        pk += [s.ack(0, False, s.idsn[0] + end), s.data_fin(0, True, end), s.data_fin(0, False, 0)]
+        t = Tracker()
+        ev = run(t, pk)
+        if sack:
+            assert c2s(ev) == b"GET /?q=" and dict(t.stats.outcomes) == {"fastclose": 1}
+        else:
+            assert c2s(ev) == b"GET /?q=0123456789" + BODY, c2s(ev)
+            assert "out_of_window" in notice_types(ev) and dict(t.stats.outcomes) == {"data_fin": 1}
+
+
+def test_a_missed_syn_ack_leaves_the_out_of_order_edge_to_the_syn() -> None:
+    """The gateway saw the SYN (with SACK_PERM) but not the SYN/ACK: it cannot tell, and keeps
+    taking the edge; a SYN without SACK_PERM is enough to know."""
+    for syn_sack, taken in ((True, True), (False, False)):
+        s = Session(1, sack=syn_sack)
+        syn, _synack, ack = s.handshake()
+        pk = [syn, ack, s.data(0, True, 0, b"abcd"), s.data(0, True, 14, b"opqrst", rel=15)]
+        pk.append(s._pkt(s.subs[0], True, RST | ACK, [], rel=21))
+        t = Tracker()
+        run(t, pk, flush=False)
+        (conn,) = t.connections.values()
+        assert conn.subflows[0].reset is taken, syn_sack
 
 
 def test_after_the_senders_fin_the_rst_may_be_at_the_fin_or_past_it() -> None:

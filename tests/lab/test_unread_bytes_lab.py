@@ -14,7 +14,9 @@ client writes ``UNION SELECT ...``:
 * the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), an RST
   with MP_FASTCLOSE naming the server's key one byte past the join's next sequence number (a
   challenge ACK, RFC 5961; ``rst_off_fastclose``), an RST at it followed by BENIGN on the join (the
-  join is gone: ``rst_then_data``), or a SYN
+  join is gone: ``rst_then_data``), an RST with MP_FASTCLOSE naming the server's key at the end of
+  BENIGN sent after a hole on the join, from a client that refused SACK (Linux takes an RST at its
+  out-of-order edge only where SACK was negotiated: ``rst_sack_edge``), or a SYN
   with another ISN on the initial subflow's 4-tuple (discarded with a challenge ACK), before the
   client's next bytes;
 * at the IP level (IPv4 options, IPv6 extension headers; ``IP_SHAPES``) and for TCP
@@ -210,7 +212,7 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
 }
 FORGERIES = ["spoofed_ack", "rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack",
              "past_window",
-             "fastclose_bad_key", "rst_off_fastclose", "rst_then_data", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
+             "fastclose_bad_key", "rst_off_fastclose", "rst_then_data", "rst_sack_edge", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
              *IP_SHAPES, *AUTH_SHAPES, *OOO_SHAPES]
 _READ = ("urgent", "sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip", "tcp_md5_bad_len", "tcp_ao")
 
@@ -254,7 +256,20 @@ def wait_for_join(cap: Path, join_ip: str, timeout: float = 10.0) -> None:
 def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0) -> bytes:
     """The exchange with ``forgery`` sent on the join (``"none"``: nothing), while ``cap`` records
     at the gateway (its keys and sequence numbers are read from there), the client idle for
-    ``pause`` s more before the rest of its request; returns what the server application read."""
+    ``pause`` s more before the rest of its request; returns what the server application read.
+    For ``rst_sack_edge`` the client's SYNs offer no SACK (its sysctl, put back after)."""
+    if forgery != "rst_sack_edge":
+        return _run_forgery(lab, cap, forgery, go, pause)
+    knob = "net.ipv4.tcp_sack"  # (IPv6 too)
+    old = lab.run(lab.ns_cli, "sysctl", "-n", knob).stdout.strip()
+    lab.run(lab.ns_cli, "sysctl", "-qw", f"{knob}=0")
+    try:
+        return _run_forgery(lab, cap, forgery, go, pause)
+    finally:
+        lab.run(lab.ns_cli, "sysctl", "-qw", f"{knob}={old}")
+
+
+def _run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float) -> bytes:
     from mproxy import crypto
     from tests.oracles import tshark_fields
 
@@ -318,6 +333,17 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
             cap, ["tcp.options.mptcp.recvkey"],
             f"tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0 && {ipf}.src == {cli_ip}")[:1])
         specs = [dict(common, flags="rst", seq=(nxt + 1) & 0xFFFFFFFF, payload="", ssn=0, fastclose_key=skey)]
+    elif forgery == "rst_sack_edge":
+        # BENIGN after a hole of ten bytes (kept out of order), then RST + MP_FASTCLOSE naming the
+        # server's key at BENIGN's end: with SACK negotiated, the edge of the receiver's SACK block,
+        # where Linux takes an RST; the client refused SACK, so the server answers with a challenge
+        # ACK and reads on. Taken, it ended the IDS's stream at GET /?q=
+        (skey,) = (int(x[0].split(",")[0]) for x in tshark_fields(
+            cap, ["tcp.options.mptcp.recvkey"],
+            f"tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0 && {ipf}.src == {cli_ip}")[:1])
+        h = (nxt + 10) & 0xFFFFFFFF
+        specs = [dict(data, seq=h, ssn=(h - jisn) & 0xFFFFFFFF),
+                 dict(common, flags="rst", seq=(h + 6) & 0xFFFFFFFF, payload="", ssn=0, fastclose_key=skey)]
     elif forgery == "rst_then_data":
         # an RST at the join's next sequence number (the server resets the join), then BENIGN on it:
         # no socket takes it, and the server reads the client's own bytes
@@ -396,7 +422,7 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
 def test_the_rebuilt_stream_is_what_the_kernel_read_of_forged_segments(forgery: str, tmp_path: Path) -> None:
     from mproxy.cli import main
     from mproxy.lab.topology import Lab
-    from tests.oracles import tshark_follow_raw
+    from tests.oracles import tshark_count, tshark_follow_raw
 
     cap = tmp_path / "cap.pcap"
     with Lab(rate="30mbit", wire_checksums=True) as lab:  # the capture's checksums are a wire's
@@ -404,6 +430,8 @@ def test_the_rebuilt_stream_is_what_the_kernel_read_of_forged_segments(forgery: 
         with lab.capture(cap, bpf="tcp or (ip6 and not icmp6)"):
             read = run_forgery(lab, cap, forgery, tmp_path / "go")
     assert read == kernel_read(forgery), read
+    if forgery == "rst_sack_edge":  # (the shape needs SACK refused: no SYN offered it)
+        assert tshark_count(cap, "tcp.flags.syn == 1") >= 4 and tshark_count(cap, "tcp.options.sack_perm") == 0
     out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
     pin = ["--pin-interfaces"] if forgery == "spoofed_ack" else []
     assert main(["replay", str(cap), "--out", str(out_pcap), "--log", str(log), "-q", *pin]) == 0
