@@ -85,6 +85,7 @@ _DSN_BUCKETS = 1 << (64 - _DSN_BUCKET_BITS)
 _TCPOPT_WSCALE = 3
 _TCPOPT_TIMESTAMP = 8
 _TCPOPT_SACK_PERM = 4
+_SACK_BLOCKS = 4  # SACK blocks a Linux receiver keeps (TCP_NUM_SACKS)
 _NOT_FAST = SYN | FIN | RST
 CHECKSUM_MODES = ("auto", "verify", "count")  # [tracker] checksums
 _TS_MPTCP = Struct("!4sI4xBBBB")  # NOP NOP kind 8 len 10, TSval, TSecr, then an MPTCP option's first 4 bytes
@@ -246,6 +247,9 @@ class SubflowDir:
     # None when there are none (the fast path's one check)
     ofo: list[_Ofo] | None = None
     ofo_bytes: int = 0
+    # the receiver's SACK blocks, [start, end] (32-bit), most recently changed first, at most 4 (see
+    # _note_sack); meaningful while ``ofo`` holds segments
+    sacks: list[list[int]] | None = None
     # where mapped subflow bytes went: [start, end, dsn - ssn] (relative ssn, 32-bit), newest last
     placed: list[list[int]] = field(default_factory=list)
     placed_end: int | None = None  # relative ssn after the furthest mapped byte
@@ -475,6 +479,44 @@ def _advance_rcv(sfd: SubflowDir, seq: int, end: int) -> None:
     rn = sfd.rcv_nxt
     if rn is None or (rn - seq) & MASK32 < 0x80000000 and 0 < (end - rn) & MASK32 < 0x80000000:
         sfd.rcv_nxt = end
+
+
+def _sack_extend(b: list[int], seq: int, end: int) -> bool:
+    """Grow block ``b`` by ``[seq, end)`` when they overlap or touch (Linux tcp_sack_extend)."""
+    if (b[1] - seq) & MASK32 >= 0x80000000 or (end - b[0]) & MASK32 >= 0x80000000:
+        return False
+    if (b[0] - seq) & MASK32 and (b[0] - seq) & MASK32 < 0x80000000:
+        b[0] = seq
+    if (end - b[1]) & MASK32 and (end - b[1]) & MASK32 < 0x80000000:
+        b[1] = end
+    return True
+
+
+def _note_sack(sfd: SubflowDir, rn: int, seq: int, end: int) -> None:
+    """The receiver queued ``[seq, end)`` out of order (kept, a copy of kept bytes, or shed here):
+    its SACK blocks change as Linux's do (tcp_sack_new_ofo_skb). The block it extends moves to
+    the front and swallows those it now reaches; a new one goes in front, and a fifth pushes the
+    last out. Why: Linux takes an RST at the highest end among these blocks only, so one at the
+    end of a block pushed out was taken here while the server read on (tcp_validate_incoming)."""
+    blocks = sfd.sacks if sfd.ofo else None  # (an empty out-of-order queue holds no blocks)
+    if blocks:
+        blocks[:] = [b for b in blocks if 0 < (b[0] - rn) & MASK32 < 0x80000000]  # tcp_sack_remove
+    if not blocks:
+        sfd.sacks = [[seq, end]]
+        return
+    for i, b in enumerate(blocks):
+        if _sack_extend(b, seq, end):
+            blocks.insert(0, blocks.pop(i))
+            j = 1
+            while j < len(blocks):  # tcp_sack_maybe_coalesce
+                if _sack_extend(b, *blocks[j]):
+                    del blocks[j]
+                else:
+                    j += 1
+            return
+    if len(blocks) >= _SACK_BLOCKS:
+        blocks.pop()
+    blocks.insert(0, [seq, end])
 
 
 def _take_fin(sf: Subflow, d: int, at: int, ts: float) -> None:
@@ -717,8 +759,9 @@ class Tracker:
     def _rst_taken(sf: Subflow, d: int, seg: TcpSegment) -> bool:
         """Does the receiver take this (in-window) RST? Linux (tcp_validate_incoming, RFC 5961 3.2)
         resets only at its next sequence number -- the FIN's or the one after it once the sender's
-        FIN came -- or, where both SYNs offered SACK, at the end of the highest block it holds out
-        of order (its SACK; a SYN/ACK the gateway missed counts as offering it); elsewhere
+        FIN came -- or, where both SYNs offered SACK, at the highest end among the (at most four)
+        SACK blocks it keeps for bytes held out of order (see _note_sack; a SYN/ACK the gateway
+        missed counts as offering SACK); elsewhere
         it answers with a challenge ACK and discards it, MP_FASTCLOSE and all. Taken anywhere in the
         window, an RST one byte off ended the rebuilt stream (or the subflow's bytes) while the
         server read on. Handshakes, and subflows whose ISN the gateway never saw, are not judged."""
@@ -737,11 +780,11 @@ class Tracker:
         syn, synack = sf.dirs
         if not syn.sack_perm or not synack.sack_perm and synack.isn is not None:
             return False  # (the out-of-order edge counts only where SACK was negotiated: tcp_is_sack)
-        if seq == sfd.last_end:  # (after the last bytes: the highest SACK block's end)
+        if seq == sfd.last_end:  # (after bytes read at once past a hole: the highest SACK block's end)
             return True
-        if sfd.ofo:  # (kept ones count as the receiver's out-of-order queue, whether read yet or not)
-            h = max(sfd.ofo, key=lambda k: (k.end + k.fin - rn) & MASK32)
-            return seq == (h.end + h.fin) & MASK32
+        if sfd.ofo and sfd.sacks:  # (the blocks of kept segments, read yet or not, as tcp_sack_remove left them)
+            ends = [e for b, e in sfd.sacks if 0 < (b - rn) & MASK32 < 0x80000000]
+            return bool(ends) and seq == max(ends, key=lambda e: (e - rn) & MASK32)
         return False
 
     def _wrong_iface(self, hit: tuple[Subflow, int], seg: TcpSegment, iface: int, ev: list[Event]) -> bool:
@@ -2549,6 +2592,7 @@ class Tracker:
             return False
         n = seg.payload_len
         fin = bool(seg.flags & FIN)
+        _note_sack(sfd, rn, seg.seq, (seg.seq + n + fin) & MASK32)
         ip = bytes(seg.ip) if n else b""  # (a bare FIN's options are read as it comes)
         cost = len(ip) + PIECE_COST + _OFO_COST
         held = sfd.ofo

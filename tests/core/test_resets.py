@@ -97,6 +97,49 @@ def test_without_sack_the_out_of_order_edge_takes_no_rst() -> None:
             assert "out_of_window" in notice_types(ev) and dict(t.stats.outcomes) == {"data_fin": 1}
 
 
+def sack_blocks(pieces: list[tuple[int, int]], rst_at: int) -> tuple[Tracker, list]:
+    """``GET /?q=`` on the initial subflow (relative sequence 1-8), then ``(rel, length)`` pieces
+    after a hole (mapped far ahead), then RST + MP_FASTCLOSE at ``rst_at``, then the rest."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=")]
+    pk += [s.data(0, True, 100_000 + rel, b"x" * n, rel=rel) for rel, n in pieces]
+    pk.append(s._pkt(s.subs[0], True, RST | ACK, [m.MpFastclose(s.sk).encode()], rel=rst_at))
+    pk.append(s.data(0, True, 8, BODY))
+    end = 8 + len(BODY)
+    pk += [s.ack(0, False, s.idsn[0] + end), s.data_fin(0, True, end), s.data_fin(0, False, 0)]
+    t = Tracker()
+    return t, run(t, pk)
+
+
+def test_an_rst_at_the_end_of_a_sack_block_pushed_out_is_not_taken() -> None:
+    """The evasion: a Linux receiver keeps four SACK blocks, the most recently changed, and takes
+    an RST at the highest end among them only. Five blocks, the highest sent first: the other
+    four push it out, so an RST at its end gets a challenge ACK; taken, it ended the IDS's stream.
+    At the highest end of the four left, the RST is taken."""
+    five = [(100, 6), (20, 2), (30, 2), (40, 2), (50, 2)]
+    t, ev = sack_blocks(five, 106)
+    assert c2s(ev) == b"GET /?q=" + BODY and dict(t.stats.outcomes) == {"data_fin": 1}
+    assert "challenge ACK" in next(e.detail for e in ev if isinstance(e, Notice) and "RST" in e.detail)
+    t, ev = sack_blocks(five, 52)
+    assert c2s(ev) == b"GET /?q=" and dict(t.stats.outcomes) == {"fastclose": 1}
+
+
+def test_a_block_extended_moves_to_the_front_and_merges_what_it_reaches() -> None:
+    """Extending the highest block (a segment touching it) brings it to the front: the fifth
+    block then pushes out the lowest instead. A segment bridging two blocks merges them."""
+    grown = [(100, 6), (20, 2), (30, 2), (40, 2), (106, 4), (50, 2)]
+    t, ev = sack_blocks(grown, 110)
+    assert c2s(ev) == b"GET /?q=" and dict(t.stats.outcomes) == {"fastclose": 1}
+    t, ev = sack_blocks(grown, 22)  # (the block at 20 was pushed out)
+    assert c2s(ev) == b"GET /?q=" + BODY
+    # 20-22 and 30-32 joined by 22-30: one block 20-32, so the block at 100 stays among the four
+    bridged = [(100, 6), (20, 2), (30, 2), (22, 8), (40, 2), (50, 2), (60, 2)]
+    t, ev = sack_blocks(bridged, 106)
+    assert c2s(ev) == b"GET /?q=" + BODY  # (pushed out by 40, 50 and 60 after the merge)
+    t, ev = sack_blocks(bridged[:-1], 106)
+    assert c2s(ev) == b"GET /?q="
+
+
 def test_a_missed_syn_ack_leaves_the_out_of_order_edge_to_the_syn() -> None:
     """The gateway saw the SYN (with SACK_PERM) but not the SYN/ACK: it cannot tell, and keeps
     taking the edge; a SYN without SACK_PERM is enough to know."""

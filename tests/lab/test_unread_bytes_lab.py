@@ -16,7 +16,10 @@ client writes ``UNION SELECT ...``:
   challenge ACK, RFC 5961; ``rst_off_fastclose``), an RST at it followed by BENIGN on the join (the
   join is gone: ``rst_then_data``), an RST with MP_FASTCLOSE naming the server's key at the end of
   BENIGN sent after a hole on the join, from a client that refused SACK (Linux takes an RST at its
-  out-of-order edge only where SACK was negotiated: ``rst_sack_edge``), or a SYN
+  out-of-order edge only where SACK was negotiated: ``rst_sack_edge``), the same RST at the end of
+  the highest of five pieces after a hole, sent first (Linux keeps four SACK blocks, the most
+  recently changed, and takes an RST at the highest end among them: ``rst_sack_evicted``; at that
+  end, ``rst_sack_max``, the server takes it and the connection ends), or a SYN
   with another ISN on the initial subflow's 4-tuple (discarded with a challenge ACK), before the
   client's next bytes;
 * at the IP level (IPv4 options, IPv6 extension headers; ``IP_SHAPES``) and for TCP
@@ -80,7 +83,10 @@ c, _ = s.accept()
 c.settimeout(20)
 data = b""
 while True:
-    b = c.recv(65536)
+    try:
+        b = c.recv(65536)
+    except ConnectionResetError:  # (a shape the server takes as the connection's end: what it read)
+        break
     if not b:
         break
     data += b
@@ -212,7 +218,8 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
 }
 FORGERIES = ["spoofed_ack", "rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack",
              "past_window",
-             "fastclose_bad_key", "rst_off_fastclose", "rst_then_data", "rst_sack_edge", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
+             "fastclose_bad_key", "rst_off_fastclose", "rst_then_data", "rst_sack_edge", "rst_sack_evicted", "rst_sack_max",
+             "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
              *IP_SHAPES, *AUTH_SHAPES, *OOO_SHAPES]
 _READ = ("urgent", "sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip", "tcp_md5_bad_len", "tcp_ao")
 
@@ -222,6 +229,8 @@ def kernel_read(forgery: str) -> bytes:
     the replay test below)."""
     if forgery in OOO_SHAPES:
         return PART1 + OOO_SHAPES[forgery][2]
+    if forgery == "rst_sack_max":  # (the server takes RST + MP_FASTCLOSE: the connection ends there)
+        return PART1
     return PART1 + b"BENIGN" + PART2[6:] if forgery in _READ else PART1 + PART2
 
 
@@ -344,6 +353,19 @@ def _run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float) -> b
         h = (nxt + 10) & 0xFFFFFFFF
         specs = [dict(data, seq=h, ssn=(h - jisn) & 0xFFFFFFFF),
                  dict(common, flags="rst", seq=(h + 6) & 0xFFFFFFFF, payload="", ssn=0, fastclose_key=skey)]
+    elif forgery in ("rst_sack_evicted", "rst_sack_max"):
+        # five pieces after a hole (mapped 100 kB ahead, never read), the highest first, then RST +
+        # MP_FASTCLOSE naming the server's key: at the end of the highest, whose SACK block the four
+        # later ones pushed out of the four Linux keeps (a challenge ACK; taken, it ended the IDS's
+        # stream at GET /?q=), or at the highest end of the four it keeps (taken)
+        (skey,) = (int(x[0].split(",")[0]) for x in tshark_fields(
+            cap, ["tcp.options.mptcp.recvkey"],
+            f"tcp.options.mptcp.subtype == 0 && tcp.flags.syn == 0 && {ipf}.src == {cli_ip}")[:1])
+        specs = [dict(data, seq=(nxt + off) & 0xFFFFFFFF, ssn=(nxt + off - jisn) & 0xFFFFFFFF, payload=b.hex(),
+                      dsn=(common["dsn"] + 100_000 + off) & ((1 << 64) - 1))
+                 for off, b in ((100, b"BENIGN"), (20, b"xx"), (30, b"xx"), (40, b"xx"), (50, b"xx"))]
+        at = 106 if forgery == "rst_sack_evicted" else 52
+        specs.append(dict(common, flags="rst", seq=(nxt + at) & 0xFFFFFFFF, payload="", ssn=0, fastclose_key=skey))
     elif forgery == "rst_then_data":
         # an RST at the join's next sequence number (the server resets the join), then BENIGN on it:
         # no socket takes it, and the server reads the client's own bytes
