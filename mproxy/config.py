@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
+from .core.policy import Action, LowTtl, OnMemcap, Policy, Rule, UntrustedJoin
 from .core.marks import mask_capacity
 from .core.tracker import CHECKSUM_MODES, TrackerConfig
 
@@ -214,7 +214,7 @@ def _action(value: Any, name: str) -> Action:
 def _policy(table: Any) -> Policy:
     if not isinstance(table, dict):
         raise ConfigError("[policy] must be a table")
-    allowed = {"default", "trusted_networks", "untrusted_join", "on_memcap", "rule"}
+    allowed = {"default", "trusted_networks", "untrusted_join", "on_memcap", "low_ttl", "rule"}
     for key in table:
         if key not in allowed:
             raise ConfigError(f"[policy] unknown key {key!r} (known: {', '.join(sorted(allowed))})")
@@ -229,6 +229,10 @@ def _policy(table: Any) -> Policy:
         on_memcap = OnMemcap(table.get("on_memcap", "drop"))
     except (ValueError, TypeError):
         raise ConfigError("[policy] on_memcap: expected \"drop\" or \"pass\"") from None
+    try:
+        low_ttl = LowTtl(table.get("low_ttl", "raise"))
+    except (ValueError, TypeError):
+        raise ConfigError("[policy] low_ttl: expected \"raise\" or \"pass\"") from None
     rules = []
     raw_rules = table.get("rule", [])
     if not isinstance(raw_rules, list):
@@ -249,7 +253,7 @@ def _policy(table: Any) -> Policy:
             ports=_ports(r.get("ports"), f"{where} ports"),
             name=str(r.get("name", f"rule{i}")),
         ))
-    return Policy(tuple(rules), default, trusted, untrusted, on_memcap)
+    return Policy(tuple(rules), default, trusted, untrusted, on_memcap, low_ttl)
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:

@@ -135,8 +135,8 @@ class Service:
             return gw.packet
         tokens = gw.tracker.token_log
 
-        def handle(data: bytes, ts: float, csum_ready: bool = False, iface: int = 0) -> Any:
-            d = gw.packet(data, ts, csum_ready, iface)
+        def handle(data: bytes, ts: float, csum_ready: bool = False, iface: int = 0, gso: bool = False) -> Any:
+            d = gw.packet(data, ts, csum_ready, iface, gso)
             if d.inject and inj is not None:  # kill packets go out before the verdict is issued
                 inj.send(d.inject)
             if tokens:  # announced before this packet's verdict: ahead of any join it makes possible
@@ -571,7 +571,7 @@ class Service:
                         "plain_packets": ts.plain_packets, "connections": ts.connections,
                         "subflows": ts.subflows, "joins": ts.joins, "notices": dict(ts.notices),
                         "memcap": dict(ts.memcap), "outcomes": dict(ts.outcomes),
-                        "wrong_interface": ts.wrong_interface},
+                        "wrong_interface": ts.wrong_interface, "low_ttl": ts.low_ttl},
             "reassembled_bytes": {"c2s": gw.pipeline.stats.bytes_out[0], "s2c": gw.pipeline.stats.bytes_out[1]},
             "sinks": self.sinks.stats(),
             "sink_process": self._sink_process_up() if isinstance(self.sinks, RemoteSinks) else None,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mproxy.config import ConfigError, load_config, parse_config
-from mproxy.core.policy import Action, OnMemcap
+from mproxy.core.policy import Action, LowTtl, OnMemcap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +16,8 @@ def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     assert cfg.policy.on_memcap == OnMemcap.DROP and cfg.tracker.memcap == 256 * 1024 * 1024
     assert "\non_memcap = " in (ROOT / "config" / "mproxy.toml").read_text()
     assert parse_config("[policy]\non_memcap = 'pass'").policy.on_memcap == OnMemcap.PASS
+    assert cfg.policy.low_ttl == LowTtl.RAISE and "\nlow_ttl = " in (ROOT / "config" / "mproxy.toml").read_text()
+    assert parse_config("[policy]\nlow_ttl = 'pass'").policy.low_ttl == LowTtl.PASS
     text = (ROOT / "config" / "mproxy.toml").read_text()
     from dataclasses import fields
 
@@ -57,6 +59,7 @@ def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
     ("[tracker]\nmemcap = 1000", "[tracker] memcap: at least 65536"),
     ("[policy]\non_memcap = 'ignore'", "[policy] on_memcap"),
     ("[policy]\non_memcap = ['drop']", "[policy] on_memcap"),
+    ("[policy]\nlow_ttl = 'lower'", "[policy] low_ttl"),
 ])
 def test_bad_config_names_the_key(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:

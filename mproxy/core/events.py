@@ -46,6 +46,7 @@ class NoticeType(str, Enum):
     BAD_MAPPING = "bad_mapping"
     BAD_CHECKSUM = "bad_checksum"
     WRONG_INTERFACE = "wrong_interface"
+    LOW_TTL = "low_ttl"
 
 
 class Outcome(str, Enum):

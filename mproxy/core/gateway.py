@@ -17,13 +17,13 @@ from .. import crypto
 from ..wire import mptcp as m
 from ..wire.errors import WireError
 from ..wire.packet import ACK, SYN, TcpSegment, parse_ip, read_mptcp_spans
-from ..wire.rewrite import nop_out
+from ..wire.rewrite import nop_out, set_ttl
 from .alerts import Alert
 from .emitter import passthrough_frames
 from .events import Event, Notice, NoticeType
 from .inspector import Inspector
 from .pipeline import Frames, Pipeline
-from .policy import Action, OnMemcap, Policy, UntrustedJoin
+from .policy import Action, LowTtl, OnMemcap, Policy, UntrustedJoin
 from .reactions import Reactions, Responder
 from .tracker import TrackerConfig
 
@@ -65,6 +65,8 @@ class Gateway:
         self.policy = policy or Policy()
         self.pipeline = Pipeline(tracker, passthrough=passthrough, split_passthrough=split_passthrough)
         self.tracker = self.pipeline.tracker
+        # a low-TTL packet leaves with its direction's TTL, so the tracker reads it as any other
+        self.tracker.raise_ttl = self.policy.low_ttl == LowTtl.RAISE
         self.stats = GatewayStats()
         # connections mproxy decided to leave alone: 4-tuples (both orientations) and tokens
         self._untouched: dict[tuple[bytes, int, bytes, int], Action] = {}
@@ -76,11 +78,14 @@ class Gateway:
 
     # ------------------------------------------------------------------
     def packet(self, ip: bytes | bytearray | memoryview, ts: float, csum_ready: bool = False,
-               iface: int = 0) -> Decision:
+               iface: int = 0, gso: bool = False) -> Decision:
         """The verdict on one queued packet. ``csum_ready``: the kernel says its checksums are the
         sender's (not NFQA_SKB_CSUMNOTREADY), so the tracker judges them as the receiver will.
         ``iface``: the interface it came in on (the tracker refuses a subflow's packets that come in
-        on another interface than its direction's first: see ``TrackerConfig.pin_interfaces``)."""
+        on another interface than its direction's first: see ``TrackerConfig.pin_interfaces``).
+        ``gso``: the kernel queued several segments merged (NFQA_SKB_GSO): such a packet is never
+        rewritten (the kernel would have to segment a packet whose checksum state it lost), so a
+        low TTL stays as it came and the tracker reads it as a replay does."""
         seg = parse_ip(memoryview(ip), ts)
         if seg is None:
             return self._count(_ACCEPT)
@@ -106,8 +111,17 @@ class Gateway:
             chosen = d
         tracker = self.tracker
         shed = tracker.shed_bytes
-        wrong = tracker.stats.wrong_interface
-        events = tracker.process(seg, csum_ready, iface)
+        wrong, low = tracker.stats.wrong_interface, tracker.stats.low_ttl
+        raising = tracker.raise_ttl
+        if gso and raising:
+            tracker.raise_ttl = False
+            try:
+                events = tracker.process(seg, csum_ready, iface)
+            finally:
+                tracker.raise_ttl = True
+            raising = False
+        else:
+            events = tracker.process(seg, csum_ready, iface)
         if tracker.stats.wrong_interface != wrong:
             # refused by the tracker, so the receiver must not get it either (and a spoofed packet
             # should not): counted, its notice logged once per subflow direction
@@ -135,9 +149,17 @@ class Gateway:
             # per packet (a flood would drown the log; one memcap notice per connection says it happened)
             verdict, reason = Verdict.DROP, "memcap"
             self.stats.actions["memcap_drop"] += 1
+        payload = None
+        if verdict == Verdict.ACCEPT and raising and tracker.stats.low_ttl != low:
+            # it may expire before the receiver (a TTL insertion): it leaves with the TTL its subflow
+            # direction's first packet came with, which reached the receiver
+            buf = bytearray(ip)
+            set_ttl(buf, tracker.last_ttl_floor)
+            verdict, payload, reason = Verdict.ACCEPT_MODIFIED, bytes(buf), "low TTL raised"
+            self.stats.actions["ttl_raised"] += 1
         frames = self.pipeline.handle(events)
         self.records.extend(self.pipeline.drain_records())
-        return self._count(Decision(verdict, None, frames, reason, inject))
+        return self._count(Decision(verdict, payload, frames, reason, inject))
 
     def alert(self, a: Alert, ts: float) -> Decision | None:
         """An external IDS alert (``[actions] on_alert``); None when it names no live MPTCP connection.

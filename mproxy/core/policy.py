@@ -35,6 +35,14 @@ class OnMemcap(str, Enum):
     PASS = "pass"  # let it through: the server gets bytes the IDS never sees (reported as a gap)
 
 
+class LowTtl(str, Enum):
+    """What the gateway does with a packet whose TTL (hop limit) is below its subflow direction's
+    first packet's: such a packet may expire between the gateway and the receiver (a TTL insertion)."""
+
+    RAISE = "raise"  # forward it with the first packet's TTL: it reaches the receiver, read as the others
+    PASS = "pass"  # forward it as it came: read only once the receiver acknowledges its bytes
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     action: Action
@@ -65,6 +73,7 @@ class Policy:
     trusted: tuple[Network, ...] | None = None  # None = every address is trusted
     untrusted_join: UntrustedJoin = UntrustedJoin.REFUSE
     on_memcap: OnMemcap = OnMemcap.DROP
+    low_ttl: LowTtl = LowTtl.RAISE
     _cache: dict[tuple[bytes, bytes, int], tuple[Action, str]] = field(default_factory=dict, compare=False,
                                                                        repr=False)
 

@@ -86,6 +86,7 @@ _TCPOPT_WSCALE = 3
 _TCPOPT_TIMESTAMP = 8
 _TCPOPT_SACK_PERM = 4
 _SACK_BLOCKS = 4  # SACK blocks a Linux receiver keeps (TCP_NUM_SACKS)
+_LOW_TTL = "its TTL is below its subflow direction's first packet's: it may have expired before the receiver"
 _NOT_FAST = SYN | FIN | RST
 CHECKSUM_MODES = ("auto", "verify", "count")  # [tracker] checksums
 _TS_MPTCP = Struct("!4sI4xBBBB")  # NOP NOP kind 8 len 10, TSval, TSecr, then an MPTCP option's first 4 bytes
@@ -237,6 +238,10 @@ class SubflowDir:
     oow_noticed: bool = False
     rst: bool = False  # this direction's sender reset the subflow (an RST the receiver took)
     iface: int = 0  # the interface this direction's packets come in on (see pin_interfaces); 0: unknown
+    # the TTL (hop limit) of this direction's first packet as it reached the gateway (0: none yet):
+    # it reached the receiver, so a lower one may not (see Tracker._low_ttl)
+    ttl: int = 0
+    ttl_noticed: bool = False
     iface_noticed: bool = False
     unsent_ack_noticed: bool = False  # a DATA_ACK of data never sent was noticed (Tracker._ack_unsent)
     # data segments that start past ``edge``, kept until the receiver's acknowledgement shows whether
@@ -421,6 +426,7 @@ class TrackerStats:
     subflow_order_kept: int = 0  # data segments kept after a hole in their subflow until it filled
     past_window_placed: int = 0  # data past it placed at once: over the limits for kept data
     wrong_interface: int = 0  # packets refused: their subflow direction came in on another interface
+    low_ttl: int = 0  # packets whose TTL was below their subflow direction's first packet's
     notices: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
     options: list[int] = field(default_factory=lambda: [0] * 9)  # decoded options by subtype
@@ -561,6 +567,11 @@ def _wscale(seg: TcpSegment) -> int | None:
     return None if opt is None else min(opt[2], 14)
 
 
+def _ttl(seg: TcpSegment) -> int:
+    """The IPv4 TTL or IPv6 hop limit the packet reached the gateway with."""
+    return seg.ip[8] if seg.ipver == 4 else seg.ip[7]
+
+
 def _sack_perm(seg: TcpSegment) -> bool:
     """The SYN offers SACK (RFC 2018): Linux takes the option only at its exact length, on a SYN."""
     return _option(seg, _TCPOPT_SACK_PERM, 2) is not None
@@ -576,6 +587,11 @@ class Tracker:
     """Groups subflows into MPTCP connections and rebuilds their byte streams."""
 
     fast_path = True  # tests turn it off to hold the general path against it
+    # set by the gateway for [policy] low_ttl = "raise": a packet whose TTL (hop limit) is below its
+    # subflow direction's first packet's leaves with that TTL, so it reaches the receiver as the
+    # others do and is read as they are. False (replay, "pass"): it may expire on the way (a TTL
+    # insertion), so it is read only once the receiver's acknowledgement shows it took it
+    raise_ttl = False
     # SHA-256 of each rebuilt stream for the mptcp_connection record. False (set before the first
     # packet): the record's "sha256" is None and whoever consumes DataReleased computes it over the
     # same bytes (the replay's emitter process does, off the tracking process's per-packet path)
@@ -589,6 +605,7 @@ class Tracker:
         self._csum_unfilled = self.config.checksums == "verify"  # captures: an unfilled checksum is bad too
         self._csum_quick = not self._csum_unfilled
         self._pin = self.config.pin_interfaces
+        self.last_ttl_floor = 0  # the TTL the last low-TTL packet's direction came with (see _low_ttl)
         self._ofo_fin = False  # a FIN kept after a hole was taken: the connection may have ended
         self.stats = TrackerStats()
         self._sf: dict[tuple[bytes, int, bytes, int], tuple[Subflow, int]] = {}
@@ -691,9 +708,16 @@ class Tracker:
         if self.history_budget.used > self.history_budget.limit:
             self._shrink_histories()
         hit = self._sf.get((seg.src, seg.sport, seg.dst, seg.dport))
+        low = 0
         if hit is not None:
-            if iface and hit[0].dirs[hit[1]].iface != iface and self._pin and self._wrong_iface(hit, seg, iface, ev):
+            sd = hit[0].dirs[hit[1]]
+            if iface and sd.iface != iface and self._pin and self._wrong_iface(hit, seg, iface, ev):
                 return ev
+            ttl = seg.ip[8] if seg.ipver == 4 else seg.ip[7]
+            if ttl < sd.ttl:
+                low = self._low_ttl(hit[0], sd, seg, ttl, ev)
+            elif not sd.ttl:
+                sd.ttl = ttl  # (a direction whose first packet the gateway did not see: a pickup)
             # checksums (see _bad_checksum), the common case inlined: a whole wire-sized segment whose
             # checksums are good or, in a capture, left unfilled by offload
             end = seg.payload_off + seg.payload_len
@@ -705,7 +729,7 @@ class Tracker:
                         self.stats.unfilled_checksums += 1
                     elif not self._bad_checksum(hit[0], seg, ev):
                         return ev
-            if self.fast_path and self._fast(hit[0], hit[1], seg, ev):
+            if self.fast_path and not low and self._fast(hit[0], hit[1], seg, ev):
                 return ev
         opts = self._options(seg, hit, ev)
         if hit is None:
@@ -752,8 +776,29 @@ class Tracker:
                 conn.touched = st.packets
                 if not conn.opened and conn.id in self._half_open:
                     self._half_open.move_to_end(conn.id)
-        self._on_segment(sf, d, seg, opts or _NO_OPTS, ev)
+        self._on_segment(sf, d, seg, opts or _NO_OPTS, ev, low_ttl=bool(low))
         return ev
+
+    def _low_ttl(self, sf: Subflow, sd: SubflowDir, seg: TcpSegment, ttl: int, ev: list[Event]) -> int:
+        """A packet whose TTL (hop limit) is below the one its subflow direction's first packet
+        reached the gateway with: the packet may expire between the gateway and the receiver, and
+        a sender that knows the hop count can make it (a TTL insertion: the IDS reads a copy the
+        server never gets, then the server reads another). Returns 1 when it is to be read only
+        once the receiver shows it took it (see _on_segment), 0 when inline raises its TTL back
+        (``Tracker.raise_ttl``) and it is read as any other; counted, noticed once per subflow direction.
+        ``last_ttl_floor`` is the TTL the gateway gives it back."""
+        self.stats.low_ttl += 1
+        self.last_ttl_floor = sd.ttl
+        raise_ = self.raise_ttl
+        if not sd.ttl_noticed and not sf.plain:
+            sd.ttl_noticed = True
+            what = f"forwarded with TTL {sd.ttl}, so it reaches the receiver, and read" if raise_ else \
+                "read only once the receiver acknowledges its bytes (a copy sent first, or none, refuses it)"
+            self._notice(ev, NoticeType.LOW_TTL, sf.conn,
+                         f"a packet with TTL {ttl}, below the {sd.ttl} of this subflow direction's first packet: it "
+                         f"may expire before the receiver (a TTL insertion); {what}; later ones are counted in "
+                         "mproxy_low_ttl_packets_total", seg)
+        return 0 if raise_ else 1
 
     @staticmethod
     def _rst_taken(sf: Subflow, d: int, seg: TcpSegment) -> bool:
@@ -1165,6 +1210,7 @@ class Tracker:
                 sf.dirs[0].isn = seg.seq
                 sf.dirs[0].wscale = _wscale(seg)
                 sf.dirs[0].sack_perm = _sack_perm(seg)
+                sf.dirs[0].ttl = _ttl(seg)
                 sf.dirs[0].ts_recent = _tsval(seg) or 0  # what the server keeps from the SYN
                 conn.held.append(PassThrough(bytes(seg.ip), seg.ipver, ts))
                 if seg.payload_len:
@@ -1282,6 +1328,7 @@ class Tracker:
         sf.dirs[0].isn = seg.seq
         sf.dirs[0].wscale = _wscale(seg)
         sf.dirs[0].sack_perm = _sack_perm(seg)
+        sf.dirs[0].ttl = _ttl(seg)
         sf.dirs[0].ts_recent = _tsval(seg) or 0
 
     def _count_join(self, seg: TcpSegment, token: int | None, conn: Connection | None, ev: list[Event]) -> bool:
@@ -1505,9 +1552,10 @@ class Tracker:
 
     # -- per-segment work ---------------------------------------------------
     def _on_segment(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event],
-                    late: bool = False) -> None:
+                    late: bool = False, low_ttl: bool = False) -> None:
         """One segment of a tracked subflow; ``late``: a kept past-the-edge one the receiver has now
-        acknowledged (judged when it came: see ``_keep_late``)."""
+        acknowledged (judged when it came: see ``_keep_late``); ``low_ttl``: it may have expired
+        before the receiver (see ``_low_ttl``)."""
         flags = seg.flags
         ts = seg.ts
         sfd = sf.dirs[d]
@@ -1556,6 +1604,12 @@ class Tracker:
                 if why is not None:
                     self._unread(conn, sfd, seg, why, ev)
                     return
+            if low_ttl and not past:
+                # read, like one past the edge, once the receiver shows it took it; nothing else of it
+                # (an RST, FIN, DATA_FIN, MP_FASTCLOSE, ACK) is taken: it may never have arrived
+                if not self._may_keep(conn, sfd, seg, edge=False) or not self._keep_late(sf, d, seg, o, ev, _LOW_TTL):
+                    self._unread(conn, sfd, seg, _LOW_TTL, ev)
+                return
             if past:  # judged as it came; read once the receiver shows it took it (see _keep_late)
                 if not self._keep_late(sf, d, seg, o, ev):
                     self._out_of_window(conn, sfd, seg, ev)
@@ -1714,6 +1768,7 @@ class Tracker:
         sfd.isn = seg.seq
         sfd.wscale = _wscale(seg)
         sfd.sack_perm = _sack_perm(seg)
+        sfd.ttl = _ttl(seg)
         sfd.ts_recent = _tsval(seg) or 0  # what the client keeps from the SYN/ACK
         if sf.role == Role.INITIAL and conn is not None and conn.syn_len and conn.syn_taken is None:
             self._syn_data_taken(conn, sf, seg.ack)
@@ -2201,12 +2256,13 @@ class Tracker:
 
     # -- past the right edge ------------------------------------------------------------------
     @staticmethod
-    def _may_keep(conn: Connection | None, sfd: SubflowDir, seg: TcpSegment) -> bool:
+    def _may_keep(conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, edge: bool = True) -> bool:
         """Is this segment, outside the receiver's window, one ``_keep_late`` may keep: data (no RST)
         of a live connection starting past the right edge, by less than twice the largest window
-        the receiver has offered (further is not a sender's doing)?"""
+        the receiver has offered (further is not a sender's doing)? ``edge=False``: wherever it
+        starts (one with a low TTL)."""
         return conn is not None and conn.closed is None and bool(seg.payload_len) and not seg.flags & RST \
-            and Tracker._overshoot(sfd, seg)
+            and (not edge or Tracker._overshoot(sfd, seg))
 
     @staticmethod
     def _overshoot(sfd: SubflowDir, seg: TcpSegment) -> bool:

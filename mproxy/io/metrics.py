@@ -38,7 +38,8 @@ LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e
 
 # label values known in advance (exported as 0 until they happen)
 VERDICTS = ("accept", "drop", "accept_modified")
-ACTIONS = ("downgrade", "join_refused", "allow", "fastclose", "downgrade-host", "log", "memcap_drop")
+ACTIONS = ("downgrade", "join_refused", "allow", "fastclose", "downgrade-host", "log", "memcap_drop",
+           "ttl_raised")
 REFUSE_REASONS = ("join_hmac", "subflow_limit", "connection_limit", "per_connection_limit", "orphan_data")
 MEMCAP_LIMITS = ("connections", "subflows", "out_of_order", "pending", "global", "history", "token_sharers",
                  "pickup_walk", "subflow_order")
@@ -291,6 +292,10 @@ class MproxyCollector(Collector):
         yield _total("mproxy_wrong_interface_packets", "Packets of a tracked subflow that came in on another "
                      "interface than their direction's first packet, refused (inline: dropped) as copies spoofed "
                      "from the wrong side of the gateway ([tracker] pin_interfaces)", st.wrong_interface)
+        yield _total("mproxy_low_ttl_packets", "Packets of a tracked subflow whose TTL (hop limit) was below their "
+                     "direction's first packet's: they may expire before the receiver (a TTL insertion); inline "
+                     "their TTL is raised back ([policy] low_ttl = raise), offline their bytes are read only once "
+                     "the receiver acknowledges them", st.low_ttl)
         yield _total("mproxy_add_addr_repeats", "Identical ADD_ADDR announcements seen again (retransmissions: "
                      "normal, not a notice)", st.add_addr_repeats)
         yield _by_label("mproxy_bad_checksums", "Segments of tracked subflows whose TCP or IPv4 header checksum "

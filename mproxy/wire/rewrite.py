@@ -1,7 +1,7 @@
 """In-place rewriting of captured/queued IP packets with incremental checksum fixes.
 
 Used by policy actions that change a packet on its way through (``downgrade``
-NOPs out MP_CAPABLE). The TCP checksum is updated with RFC 1624 arithmetic over
+NOPs out MP_CAPABLE; ``low_ttl = "raise"`` gives a packet its direction's TTL back). The TCP checksum is updated with RFC 1624 arithmetic over
 the changed bytes only, so a packet whose checksum was wrong before (checksum
 offload on the sender) stays wrong by the same amount rather than being
 "repaired" into something the endpoint would not have sent.
@@ -29,6 +29,19 @@ def nop_out(ip: bytearray, tcp_off: int, opt_off: int, length: int) -> None:
         raise ValueError(f"bytes {opt_off}..{opt_off + length} are not inside the TCP options")
     if length:
         replace_bytes(ip, tcp_off + _TCP_CSUM, opt_off, bytes((TCPOPT_NOP,)) * length, opt_off - tcp_off)
+
+
+def set_ttl(ip: bytearray, ttl: int) -> None:
+    """Give the packet TTL (IPv4; its header checksum updated incrementally) or hop limit (IPv6,
+    no header checksum) ``ttl``. Raises ``ValueError`` for a buffer that is not an IP packet."""
+    if not 0 <= ttl <= 255:
+        raise ValueError(f"TTL {ttl} out of range")
+    if len(ip) >= 20 and ip[0] >> 4 == 4:
+        replace_bytes(ip, 10, 8, bytes((ttl,)), 8)
+    elif len(ip) >= 40 and ip[0] >> 4 == 6:
+        ip[7] = ttl
+    else:
+        raise ValueError("not an IPv4 or IPv6 packet")
 
 
 def _store_tcp_checksum(ip: bytearray, tcp_off: int, end: int, src: bytes, dst: bytes) -> None:

@@ -488,6 +488,20 @@ def test_wrong_interface(tmp_path: Path) -> None:
     assert c["c2s"]["bytes"] == 20 and c["c2s"]["sha256"] == hashlib.sha256(b"abcdUNION SELECT 1,2").hexdigest()
 
 
+def test_low_ttl(tmp_path: Path) -> None:
+    """BENIGN with TTL 3, then the real bytes at the same place: the replay reads the real bytes,
+    notices the low TTL once and counts it."""
+    from tests.core.test_ttl import REAL, insertion
+
+    res = replay(tmp_path, insertion(Session(1)))
+    assert res.types() == Counter({"low_ttl": 1, "out_of_window": 1})  # (BENIGN refused: the real copy came first)
+    (n,) = res.of("low_ttl")
+    assert "TTL 3, below the 64" in n["detail"] and n["sport"] == 40000
+    assert res.metrics[("mproxy_low_ttl_packets_total", ())] == 1
+    (c,) = res.conns
+    assert c["c2s"]["sha256"] == hashlib.sha256(b"GET /?q=" + REAL).hexdigest()
+
+
 def test_every_notice_type_is_exercised() -> None:
     """Guard: a new NoticeType needs a test here (and a README line)."""
     text = Path(__file__).read_text()

@@ -604,7 +604,9 @@ def test_inline_the_ids_reads_what_the_server_read_of_forged_segments(lab: Any, 
         invalid = rule_counters(lab)["NFQUEUE INVALID"]
     if forgery in ("bad_csum", "no_ack", "sack_unsent"):  # (an ACK out of window is INVALID or "ignored")
         assert invalid >= 1, "conntrack did not find the forgery INVALID"
-    assert read == kernel_read(forgery), read
+    assert read == kernel_read(forgery, inline=True), read
+    if forgery == "ttl_beyond":  # (raised back: the server got BENIGN, as the IDS read it)
+        assert mp.stats()["actions"]["ttl_raised"] == 1
     if forgery == "bad_csum":
         (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "bad_checksum"]
         assert "so does mproxy" in n["detail"]

@@ -31,6 +31,8 @@ client writes ``UNION SELECT ...``:
   discards the block; conntrack finds the segment INVALID, so only a rule queueing INVALID
   packets shows it to ``mproxy run``), or with URG set (an MPTCP socket reads urgent bytes
   inline);
+* the kernel never sees them: BENIGN with a TTL that expires at the gateway (``ttl_at_gateway``)
+  or after it (``ttl_beyond``: inline, mproxy raises the TTL back and the server reads BENIGN);
 * the kernel never sees it: an ACK with the server's addresses sent from the client's side to the
   gateway (which forwards it back out), acknowledging past BENIGN sent after a hole in the join
   (``spoofed_ack``; the gateway's capture records which interface each packet came in on);
@@ -139,7 +141,8 @@ def _inject(spec: dict[str, Any]) -> None:
              "urgent": URG | ACK}[spec["flags"]]
     fam = socket.AF_INET6 if ":" in spec["dst"] else socket.AF_INET
     pkt = build_tcp(socket.inet_pton(fam, spec["src"]), socket.inet_pton(fam, spec["dst"]), spec["sport"],
-                    spec.get("dport", PORT), spec["seq"], spec["ack"], flags, 502, tcp_options(*opts), payload)
+                    spec.get("dport", PORT), spec["seq"], spec["ack"], flags, 502, tcp_options(*opts), payload,
+                    ttl=spec.get("ttl", 64))
     if spec.get("bad_csum"):  # the TCP checksum made wrong (the IPv4 header is 20 bytes)
         pkt = pkt[:36] + bytes([pkt[36] ^ 0x5A]) + pkt[37:]
     if "ip_options" in spec:
@@ -219,14 +222,16 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
 FORGERIES = ["spoofed_ack", "rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack",
              "past_window",
              "fastclose_bad_key", "rst_off_fastclose", "rst_then_data", "rst_sack_edge", "rst_sack_evicted", "rst_sack_max",
-             "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
+             "ttl_at_gateway", "ttl_beyond", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
              *IP_SHAPES, *AUTH_SHAPES, *OOO_SHAPES]
 _READ = ("urgent", "sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip", "tcp_md5_bad_len", "tcp_ao")
 
 
-def kernel_read(forgery: str) -> bytes:
+def kernel_read(forgery: str, inline: bool = False) -> bytes:
     """What the server application reads when ``forgery`` is sent (the kernel's behaviour, shown by
-    the replay test below)."""
+    the replay test below); ``inline``: through ``mproxy run`` (which raises a low TTL back)."""
+    if forgery == "ttl_beyond" and inline:  # (BENIGN reaches the server: its TTL was raised)
+        return PART1 + b"BENIGN" + PART2[6:]
     if forgery in OOO_SHAPES:
         return PART1 + OOO_SHAPES[forgery][2]
     if forgery == "rst_sack_max":  # (the server takes RST + MP_FASTCLOSE: the connection ends there)
@@ -266,16 +271,24 @@ def run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float = 0.0)
     """The exchange with ``forgery`` sent on the join (``"none"``: nothing), while ``cap`` records
     at the gateway (its keys and sequence numbers are read from there), the client idle for
     ``pause`` s more before the rest of its request; returns what the server application read.
-    For ``rst_sack_edge`` the client's SYNs offer no SACK (its sysctl, put back after)."""
-    if forgery != "rst_sack_edge":
+    For ``rst_sack_edge`` the client's SYNs offer no SACK (its sysctl); for ``ttl_beyond`` the
+    server drops packets that come with a TTL under 5, as four more routers between the gateway
+    and the server would (each put back after)."""
+    if forgery == "rst_sack_edge":
+        knob = "net.ipv4.tcp_sack"  # (IPv6 too)
+        old = lab.run(lab.ns_cli, "sysctl", "-n", knob).stdout.strip()
+        lab.run(lab.ns_cli, "sysctl", "-qw", f"{knob}=0")
+        undo = [lab.ns_cli, "sysctl", "-qw", f"{knob}={old}"]
+    elif forgery == "ttl_beyond":
+        hops = ["INPUT", "-m", "ttl", "--ttl-lt", "5", "-j", "DROP"]
+        lab.run(lab.ns_srv, "iptables", "-w", "-I", *hops)
+        undo = [lab.ns_srv, "iptables", "-w", "-D", *hops]
+    else:
         return _run_forgery(lab, cap, forgery, go, pause)
-    knob = "net.ipv4.tcp_sack"  # (IPv6 too)
-    old = lab.run(lab.ns_cli, "sysctl", "-n", knob).stdout.strip()
-    lab.run(lab.ns_cli, "sysctl", "-qw", f"{knob}=0")
     try:
         return _run_forgery(lab, cap, forgery, go, pause)
     finally:
-        lab.run(lab.ns_cli, "sysctl", "-qw", f"{knob}={old}")
+        lab.run(*undo)
 
 
 def _run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float) -> bytes:
@@ -366,6 +379,12 @@ def _run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float) -> b
                  for off, b in ((100, b"BENIGN"), (20, b"xx"), (30, b"xx"), (40, b"xx"), (50, b"xx"))]
         at = 106 if forgery == "rst_sack_evicted" else 52
         specs.append(dict(common, flags="rst", seq=(nxt + at) & 0xFFFFFFFF, payload="", ssn=0, fastclose_key=skey))
+    elif forgery in ("ttl_at_gateway", "ttl_beyond"):
+        # BENIGN with TTL 1: the gateway drops it (time exceeded), after its capture recorded it; or
+        # with TTL 3: the gateway forwards it with 2, and it expires before the server (four more
+        # routers, emulated by the server's rule: see run_forgery). The server reads the client's
+        # own bytes; read as it came, BENIGN was the IDS's copy of them (a TTL insertion)
+        specs = [dict(data, ttl=1 if forgery == "ttl_at_gateway" else 3)]
     elif forgery == "rst_then_data":
         # an RST at the join's next sequence number (the server resets the join), then BENIGN on it:
         # no socket takes it, and the server reads the client's own bytes

@@ -66,3 +66,22 @@ def test_split_tcp_is_what_the_wire_carries(n: int, mss: int, v6: bool, fin: boo
 
 def test_split_tcp_leaves_non_tcp_alone() -> None:
     assert split_tcp(b"\x45" + bytes(30), 100) == [b"\x45" + bytes(30)]
+
+
+@given(ttl=st.integers(0, 255), v6=st.booleans(), payload=st.binary(max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_set_ttl_keeps_the_checksums_right(ttl: int, v6: bool, payload: bytes) -> None:
+    from mproxy.wire.rewrite import set_ttl
+
+    src, dst = V6 if v6 else V4
+    buf = bytearray(build_tcp(src, dst, 40000, 80, 1, 2, ACK, payload=payload, ttl=7))
+    set_ttl(buf, ttl)
+    assert buf[7 if v6 else 8] == ttl and scapy_ok(bytes(buf))
+
+
+def test_set_ttl_refuses_what_is_not_an_ip_packet() -> None:
+    from mproxy.wire.rewrite import set_ttl
+
+    for bad, ttl in ((bytearray(10), 64), (bytearray(b"\x45" + bytes(19)), 256)):
+        with pytest.raises(ValueError):
+            set_ttl(bad, ttl)
