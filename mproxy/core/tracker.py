@@ -221,6 +221,10 @@ class SubflowDir:
     peer_win: int = 0  # receiver's last window, scaled (bytes)
     max_win: int = 0  # receiver's largest window so far: what Linux calls its peer's max_window
     edge: int | None = None  # furthest right edge (ack + window) the receiver advertised: it never shrinks
+    # (acknowledged point, right edge) of the receiver's SYN/ACK: the window until its first ACK
+    # (data from that edge on is dropped then as later). Only until then: Linux's first window after
+    # the handshake can be smaller than its SYN/ACK's (lab: 65160 in the SYN/ACK, 64512 after)
+    syn_window: tuple[int, int] | None = None
     mappings: list[Mapping] = field(default_factory=list)
     pending: dict[int, bytes] = field(default_factory=dict)  # abs seq -> bytes with no mapping yet
     pending_bytes: int = 0
@@ -926,14 +930,17 @@ class Tracker:
         tr = sfd.ts_recent
         if tr and n and tsval is not None and 1 < (tr - tsval) & MASK32 < 0x80000000:
             return False  # an older timestamp than the receiver keeps: PAWS drops it (general path)
-        pa = sfd.peer_ack
-        if pa is not None and self.config.window_check:  # _window_ok, inlined
-            o = (seg.seq - pa) & MASK32
+        pa = wa = sfd.peer_ack
+        edge = sfd.edge
+        if wa is None and sfd.syn_window is not None:
+            wa, edge = sfd.syn_window  # before the receiver's first ACK (see SubflowDir.syn_window)
+        if wa is not None and self.config.window_check:  # _window_ok, inlined
+            o = (seg.seq - wa) & MASK32
             if o >= 0x80000000:
                 o -= 0x100000000
             win = sfd.peer_win if sfd.peer_win > 65535 else 65535
-            edge = sfd.edge
-            if o < -(2 * win + 65535) or edge is not None and 0 < (seg.seq - edge) & MASK32 < 0x80000000:
+            if o < -(2 * win + 65535) or edge is not None and (seg.seq - edge) & MASK32 < 0x80000000 \
+                    and (n or seg.seq != edge):
                 return False
         other = sf.dirs[d ^ 1]
         if sfd.ofo is not None or other.ofo is not None:
@@ -1770,6 +1777,10 @@ class Tracker:
         sfd.sack_perm = _sack_perm(seg)
         sfd.ttl = _ttl(seg)
         sfd.ts_recent = _tsval(seg) or 0  # what the client keeps from the SYN/ACK
+        if seg.flags & ACK:
+            # the server's window for the client's first bytes, unscaled in a SYN (RFC 7323 2.2); see
+            # SubflowDir.syn_window
+            sf.dirs[0].syn_window = (seg.ack, (seg.ack + seg.window) & MASK32)
         if sf.role == Role.INITIAL and conn is not None and conn.syn_len and conn.syn_taken is None:
             self._syn_data_taken(conn, sf, seg.ack)
         if sf.role == Role.INITIAL and conn is not None and not conn.opened:
@@ -2084,29 +2095,38 @@ class Tracker:
 
     def _window_ok(self, sfd: SubflowDir, seg: TcpSegment) -> bool:
         """Does the segment lie inside the receiver's TCP window (no side effects)?"""
-        if not self.config.window_check or sfd.peer_ack is None:
+        if not self.config.window_check:
             return True
-        off = (seg.seq - sfd.peer_ack) & MASK32
+        pa, edge = sfd.peer_ack, sfd.edge
+        if pa is None:
+            if sfd.syn_window is None:
+                return True
+            pa, edge = sfd.syn_window
+        off = (seg.seq - pa) & MASK32
         if off >= 0x80000000:
             off -= 0x100000000
         win = max(sfd.peer_win, 65535)
         if off < -(2 * win + 65535):
             return False  # long before the acknowledged point (old bytes are compared as copies before that)
-        # Linux drops a segment that starts past the right edge it advertised (tcp_sequence), and that
-        # edge never shrinks; the gateway sees each advertisement before the sender can use it
-        edge = sfd.edge
-        if edge is None or not 0 < (seg.seq - edge) & MASK32 < 0x80000000:
+        # Linux drops a segment that starts past the right edge it advertised (tcp_sequence), and data
+        # that starts at it (tcp_data_queue: over the window, or a zero window at its next byte); that
+        # edge never shrinks, and the gateway sees each advertisement before the sender can use it
+        if edge is None:
             return True
+        past = (seg.seq - edge) & MASK32
+        if past >= 0x80000000 or not past and not seg.payload_len and not seg.flags & FIN:
+            return True  # (before the edge; a bare ACK at it, which tcp_sequence lets through)
         # ... unless it starts at or before the receiver's next byte: tcp_sequence allows rcv_nxt plus
         # a window of 0. An MPTCP sender gets there on one subflow with the connection-level window
         # another subflow advertised (Linux raises the subflow's send window to it); the data of such
-        # a segment is dropped for the zero window, a bare one (ACK, FIN, DATA_FIN) is read
+        # a segment is dropped for the zero window, a bare one (ACK, FIN, DATA_FIN) is read. A FIN at
+        # the edge past that byte is over the window (tcp_data_queue), as data is
         if seg.payload_len:
             return False
-        nxt, pa = sfd.rcv_nxt, sfd.peer_ack
-        if nxt is None or pa is not None and 0 < (pa - nxt) & MASK32 < 0x80000000:
+        nxt = sfd.rcv_nxt
+        if nxt is None or 0 < (pa - nxt) & MASK32 < 0x80000000:
             nxt = pa  # the receiver acknowledged bytes the gateway did not see
-        return nxt is not None and (nxt - seg.seq) & MASK32 < 0x80000000
+        return (nxt - seg.seq) & MASK32 < 0x80000000
 
     def _paws_ok(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, tsval: int,
                  ev: list[Event]) -> bool:
@@ -2266,10 +2286,12 @@ class Tracker:
 
     @staticmethod
     def _overshoot(sfd: SubflowDir, seg: TcpSegment) -> bool:
-        """Does the segment start past the right edge its receiver advertised, by less than twice the
-        largest window it has offered (as far as a sender's overshoot reaches)?"""
+        """Does the segment start at or past the right edge its receiver advertised, by less than twice
+        the largest window it has offered (as far as a sender's overshoot reaches)?"""
         edge, pa = sfd.edge, sfd.peer_ack
-        if edge is None or pa is None or not 0 < (seg.seq - edge) & MASK32 < 0x80000000:
+        if pa is None and sfd.syn_window is not None:
+            pa, edge = sfd.syn_window
+        if edge is None or pa is None or (seg.seq - edge) & MASK32 >= 0x80000000:
             return False
         return (seg.seq - pa) & MASK32 <= 2 * max(sfd.max_win, 65535)
 

@@ -226,6 +226,7 @@ def run_transfer(
     fast_open: bool = False,
     capture_ns: str | None = None,
     capture_direction: str = "in",
+    connect: str | None = None,
 ) -> ScenarioResult:
     """Run the client/server apps once in *lab* while capturing at its gateway.
 
@@ -250,7 +251,7 @@ def run_transfer(
         server_argv += ["--chunks", ",".join(map(str, server_chunks))]
     if concurrent_reply:
         server_argv.append("--concurrent-reply")
-    target = lab.server_addr[family]
+    target = connect or lab.server_addr[family]
     client_argv = [py, "-m", "mproxy.lab.apps", "client", *common, "--connect", target,
                    "--connections", str(connections), "--bytes", str(c2s_bytes),
                    "--seed", str(seed), "--out", str(cjson), "--progress"]
@@ -373,6 +374,16 @@ def add_addr(keep: str | os.PathLike[str], *, size: int = 1_500_000,
         return run_transfer(lab, keep, "add_addr", family=family, c2s_bytes=size, s2c_bytes=size)
 
 
+def mixed_families(keep: str | os.PathLike[str], *, size: int = 1_500_000) -> ScenarioResult:
+    """One connection over IPv4 and IPv6 subflows: a dual-stack client socket (AF_INET6) connects
+    to the server's IPv4 address as ``::ffff:198.18.10.2`` (its initial subflow is IPv4 on the
+    wire), the server announces its second addresses of both families (ADD_ADDR), and the client
+    joins them, IPv6 to IPv6 (Linux lets an IPv6 MPTCP socket mix families)."""
+    with Lab(rate="30mbit", server_signal=True) as lab:
+        return run_transfer(lab, keep, "mixed_families", c2s_bytes=size, s2c_bytes=size,
+                            connect=f"::ffff:{lab.server_addr[4]}")
+
+
 def concurrent(keep: str | os.PathLike[str], *, connections: int = 12,
                size: int = 200_000) -> ScenarioResult:
     """12 connections at once, written in mixed tiny/large chunks with TCP_NODELAY."""
@@ -485,6 +496,7 @@ SCENARIOS: dict[str, Callable[[str | os.PathLike[str]], ScenarioResult]] = {
     "loss": loss,
     "ipv6": ipv6,
     "add_addr": add_addr,
+    "mixed_families": mixed_families,
     "concurrent": concurrent,
     "bidirectional": bidirectional,
     "dss_stripped": dss_stripped,

@@ -32,7 +32,7 @@ from mproxy.io.pcap import PcapWriter
 from mproxy.replay import replay
 from mproxy.wire import mptcp as m
 from mproxy.wire.build import build_tcp, tcp_options
-from mproxy.wire.packet import ACK, RST, SYN
+from mproxy.wire.packet import ACK, FIN, RST, SYN
 from tests.fuzz.targets import buffered_pieces, check_bounded, check_frame
 
 from .session import MASK64, Session, lying_tail, run, seg, streams
@@ -192,7 +192,9 @@ def test_flood_cost_per_packet_does_not_grow_with_the_table() -> None:
 
 # --------------------------------------------------------------------------- buffers
 def test_out_of_order_flood_stays_under_the_memcaps() -> None:
-    cfg = TrackerConfig(ooo_limit=64 * 1024, pending_limit=32 * 1024)
+    # (no ACK from the receiver in this flood, past the 64 kB its SYN/ACK offered: the window check
+    # off, so the bytes reach the buffers)
+    cfg = TrackerConfig(ooo_limit=64 * 1024, pending_limit=32 * 1024, window_check=False)
     tr = Tracker(cfg)
     feed = Feeder(tr)
     s = Session(1)
@@ -252,7 +254,7 @@ def test_global_memcap_holds_all_connections_together() -> None:
     """Each connection keeps a hole open and fills its own out-of-order allowance: the per-connection
     limit alone would let N connections hold N x ooo_limit. The shared cap holds them to memcap,
     counts the hits (one notice per connection), and what was buffered is still exact."""
-    cfg = TrackerConfig(ooo_limit=64 * 1024, memcap=100 * 1024)
+    cfg = TrackerConfig(ooo_limit=64 * 1024, memcap=100 * 1024, window_check=False)  # (no ACKs: see above)
     tr = Tracker(cfg)
     feed = Feeder(tr)
     sessions = [Session(1, sport=41000 + 100 * k, client_key=0x1000 + k, server_key=0x9000 + k) for k in range(4)]
@@ -549,7 +551,7 @@ def test_32_bit_dsn_wrap_from_the_handshake() -> None:
     pk = s.handshake() + s.join(1)
     pk += [s.data(i // 1400 % 2, True, i, data[i : i + 1400]) for i in range(0, len(data), 1400)]
     pk += [s.data_fin(0, True, len(data)), s.data_fin(0, False, 0)]
-    ev = run(Tracker(), pk)
+    ev = run(Tracker(TrackerConfig(window_check=False)), pk)  # (no ACKs from the server: see above)
     assert _released(ev) == data
     assert summaries(ev)[0]["outcome"] == "data_fin"
 
@@ -850,9 +852,9 @@ def test_an_ack_behind_by_less_than_the_bytes_acked_is_taken(fast: bool) -> None
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_segment_starting_past_the_advertised_right_edge_places_nothing(fast: bool) -> None:
-    """Linux drops a segment that starts past the right edge it last advertised (tcp_sequence), even
-    with a DSS mapping for the next DSNs (lab: past_window). One starting at the edge, or inside a
-    window the receiver has since opened wider, is read."""
+    """Linux drops a segment that starts past the right edge it last advertised (tcp_sequence), and
+    data that starts at it (tcp_data_queue: over the window), even with a DSS mapping for the next
+    DSNs (lab: past_window, at_edge). One inside a window the receiver has since opened wider is read."""
     s, pk = _ack_session()
     pk.append(s.ack(1, False, s.idsn[0] + 8))  # the server advertises 65535 bytes on the join
     forged = s.data(1, True, 8, b"BENIGN", rel=1 + 65535 + 1)
@@ -862,13 +864,12 @@ def test_a_segment_starting_past_the_advertised_right_edge_places_nothing(fast: 
     _one_notice(ev, NoticeType.OUT_OF_WINDOW, "right edge")
     s, pk = _ack_session()
     pk.append(s.ack(1, False, s.idsn[0] + 8))
-    # at the edge exactly: the subflow takes it; at the data level it is out of order and ends one
-    # byte past the connection-level window (DATA_ACK + window), so it waits for a DATA_ACK, and
-    # none comes: refused at the end (Linux drops it there)
+    # at the edge exactly: the subflow drops it (over the window), unless its window grew in an ACK
+    # still on its way: kept until the receiver acknowledges it, and none does: refused at the end
     pk += [s.data(1, True, 8 + 65535, b"X", rel=1 + 65535)]
     t, ev = _tracked(pk, fast)
     assert t.stats.out_of_window == 1 and t.stats.past_window_taken == 0
-    _one_notice(ev, NoticeType.OUT_OF_WINDOW, "connection-level window")
+    _one_notice(ev, NoticeType.OUT_OF_WINDOW, "right edge at +65535: never acknowledged")
     # the same, then the receiver's DATA_ACK past it: it had the subflow bytes before it (unseen),
     # so it read it, and by then inside the connection-level window the DATA_ACK opened
     s, pk = _ack_session()
@@ -1076,6 +1077,103 @@ def test_a_rsts_ack_and_window_move_no_edge(fast: bool) -> None:
     pk += [s.data_fin(1, True, 20), s.data_fin(1, False, 100)]
     t, ev = _tracked(pk, fast)
     assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789ab"
+
+
+def _with_window(pkt: bytes, win: int) -> bytes:
+    s0 = seg(pkt)
+    return build_tcp(s0.src, s0.dst, s0.sport, s0.dport, s0.seq, s0.ack, s0.flags, win, bytes(s0.options),
+                     bytes(s0.payload))
+
+
+def _edge_session(window: int) -> tuple[Session, list[bytes]]:
+    """``GET /?q=`` on the initial subflow, then a join whose server offers ``window`` bytes (its
+    right edge is relative sequence 1 + ``window``)."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=")]
+    j = s.join(1)
+    return s, pk + [j[0], _with_window(j[1], window), j[2], _server_ack(s, 1, 8, window)]
+
+
+def _server_ack(s: Session, ack_rel: int, data_ack: int, window: int = 65535) -> bytes:
+    """The server's ACK on the join of the client's subflow bytes up to ``ack_rel``."""
+    return _with_window(s._pkt(s.subs[1], False, ACK, [m.dss(s.idsn[0] + data_ack).encode()], ack_rel=ack_rel),
+                        window)
+
+
+def _edge_end(s: Session, pk: list[bytes], end: int) -> list[bytes]:
+    return pk + [s.ack(0, False, s.idsn[0] + end), s.data_fin(0, True, end), s.data_fin(0, False, 0)]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_data_at_the_right_edge_after_a_hole_is_not_read_when_the_hole_fills(fast: bool) -> None:
+    """The evasion: BENIGN exactly at the right edge the join's receiver advertised, after a hole.
+    Linux drops data that starts at the edge (tcp_data_queue: over the window); read as inside it,
+    BENIGN was kept until the hole filled and then read, ahead of the real bytes at its place."""
+    s, pk = _edge_session(10)
+    pk.append(s.data(1, True, 18, b"BENIGN", rel=11))  # at the edge: relative 1 + 10
+    pk.append(s.data(1, True, 8, b"0123456789", rel=1))  # fills the hole up to the edge
+    pk.append(_server_ack(s, 11, 18))  # the receiver has up to the edge; its window opens
+    pk.append(s.data(1, True, 18, b"UNION SELECT", rel=11))  # the real bytes there
+    t, ev = _tracked(_edge_end(s, pk, 30), fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
+    assert t.stats.out_of_window == 1 and t.stats.past_edge_taken == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_fin_at_the_right_edge_after_a_hole_is_not_taken(fast: bool) -> None:
+    """A bare FIN exactly at the edge, past the receiver's next byte: over the window, dropped
+    (tcp_data_queue). Kept after the hole and taken when it filled, it made the bytes after it
+    void; the server reads on. At the receiver's next byte a FIN is taken even at the edge."""
+    s, pk = _edge_session(10)
+    pk.append(s._pkt(s.subs[1], True, FIN | ACK, [], rel=11))  # at the edge, after a hole
+    pk.append(s.data(1, True, 8, b"0123456789", rel=1))
+    pk.append(_server_ack(s, 11, 18))
+    pk.append(s.data(1, True, 18, b"UNION SELECT", rel=11))
+    t, ev = _tracked(_edge_end(s, pk, 30), fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
+    s, pk = _edge_session(10)
+    pk += [s.data(1, True, 8, b"0123456789", rel=1), s._pkt(s.subs[1], True, FIN | ACK, [], rel=11)]
+    pk.append(s.data(1, True, 18, b"UNION SELECT", rel=11))  # after the FIN: void
+    t, ev = _tracked(_edge_end(s, pk, 18), fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_before_the_servers_first_ack_its_syn_ack_sets_the_window(fast: bool) -> None:
+    """The SYN/ACK offers the window (unscaled) for the client's first bytes: BENIGN at its edge,
+    before the server acknowledged anything, is dropped there as later (the right edge was unknown
+    until the server's first ACK, so it was kept after the hole and read once the hole filled)."""
+    s = Session(1)
+    hs = s.handshake()
+    pk = [hs[0], _with_window(hs[1], 10), hs[2]]
+    pk.append(s.data(0, True, 10, b"BENIGN", rel=11))  # at the SYN/ACK's edge: relative 1 + 10
+    pk.append(s.data(0, True, 0, b"0123456789", rel=1))
+    pk.append(_with_window(s._pkt(s.subs[0], False, ACK, [m.dss(s.idsn[0] + 10).encode()], ack_rel=11), 65535))
+    pk.append(s.data(0, True, 10, b"UNION SELECT", rel=11))
+    pk.append(s._pkt(s.subs[0], False, ACK, [m.dss(s.idsn[0] + 22).encode()], ack_rel=23))
+    pk += [s.data_fin(0, True, 22), s.data_fin(0, False, 0)]
+    t, ev = _tracked(pk, fast)
+    assert streams(ev)[(1, C2S)] == b"0123456789UNION SELECT"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_data_at_the_next_byte_of_a_zero_window_is_not_read(fast: bool) -> None:
+    """The receiver has filled its window (advertises 0): data at its next byte is dropped
+    (tcp_data_queue: zero window). BENIGN there, then the real bytes once the window opens."""
+    s, pk = _edge_session(10)
+    pk.append(s.data(1, True, 8, b"0123456789", rel=1))
+    pk.append(_server_ack(s, 11, 18, window=0))
+    pk.append(s.data(1, True, 18, b"BENIGN", rel=11))  # into the zero window
+    pk.append(_server_ack(s, 11, 18))  # the window opens; BENIGN is not acknowledged
+    pk.append(s.data(1, True, 18, b"UNION SELECT", rel=11))
+    t, ev = _tracked(_edge_end(s, pk, 30), fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
+    # the control: acknowledged (its window had grown in an ACK the gateway had not seen), it is read
+    s, pk = _edge_session(10)
+    pk += [s.data(1, True, 8, b"0123456789", rel=1), _server_ack(s, 11, 18, window=0)]
+    pk += [s.data(1, True, 18, b"UNION SELECT", rel=11), _server_ack(s, 23, 30)]
+    t, ev = _tracked(_edge_end(s, pk, 30), fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT" and t.stats.past_edge_taken == 1
 
 
 def _past_the_edge(s: Session, pk: list[bytes]) -> tuple[int, int]:

@@ -22,7 +22,8 @@ from .conftest import LAB_REASON
 
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason=LAB_REASON or "")]
 
-SCENARIOS = ["two_paths", "path_failure", "loss", "ipv6", "add_addr", "concurrent", "bidirectional"]
+SCENARIOS = ["two_paths", "path_failure", "loss", "ipv6", "add_addr", "mixed_families", "concurrent",
+             "bidirectional"]
 
 
 def sha(b: bytes) -> str:

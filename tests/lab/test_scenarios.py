@@ -111,6 +111,20 @@ def test_ipv6(scenario: Scenario) -> None:
 
 @pytest.mark.lab
 @lab
+def test_mixed_families(scenario: Scenario) -> None:
+    """One connection whose subflows are IPv4 and IPv6: data crosses on both families."""
+    res = scenario("mixed_families")
+    assert_intact(res)
+    assert_capture_has_mptcp(res)
+    (c,) = res.connections
+    assert c.client_addr == res.addresses.client_addr[0][4] and c.server_addr == res.addresses.server_addr[4]
+    flows = assert_multipath(res)
+    fams = {6 if ":" in str(f["server"]) else 4 for f in flows.values() if int(f["c2s"]) > 0}  # type: ignore[call-overload]
+    assert fams == {4, 6}, f"data not carried over both families: {flows}"
+
+
+@pytest.mark.lab
+@lab
 def test_path_failure(scenario: Scenario) -> None:
     res = scenario("path_failure")
     assert_intact(res)

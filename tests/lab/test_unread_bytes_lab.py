@@ -10,7 +10,8 @@ client writes ``UNION SELECT ...``:
   checksums in software, so the capture's other checksums are good, as on a wire), with an ACK
   of 1 MB the server never sent, or 1 GB behind its last acknowledged point, or 1 byte behind it
   (the server sent nothing on that subflow: Linux bounds the look-back by the bytes acked),
-  without ACK, or starting 1000 bytes past the right edge of the server's window;
+  without ACK, or starting 1000 bytes past the right edge of the server's window, or exactly at
+  it (``at_edge``: the server's ACK that follows holds no SACK block for it: dropped, not kept);
 * the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), an RST
   with MP_FASTCLOSE naming the server's key one byte past the join's next sequence number (a
   challenge ACK, RFC 5961; ``rst_off_fastclose``), an RST at it followed by BENIGN on the join (the
@@ -220,7 +221,7 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
     "fin_ahead": ([(10, b"", "fin"), (0, FILL + b"UNION SELE")], 20, FILL + b"UNION SELE"),
 }
 FORGERIES = ["spoofed_ack", "rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack",
-             "past_window",
+             "past_window", "at_edge",
              "fastclose_bad_key", "rst_off_fastclose", "rst_then_data", "rst_sack_edge", "rst_sack_evicted", "rst_sack_max",
              "ttl_at_gateway", "ttl_beyond", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
              *IP_SHAPES, *AUTH_SHAPES, *OOO_SHAPES]
@@ -345,8 +346,9 @@ def _run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float) -> b
         specs = [dict(data, ack=(ack - 1_000_000_000) & 0xFFFFFFFF)]
     elif forgery == "ack_behind":  # one byte behind: on a subflow where the server sent nothing, too old
         specs = [dict(data, ack=(ack - 1) & 0xFFFFFFFF)]
-    elif forgery == "past_window":  # starts 1000 bytes past the right edge the server last advertised
-        at = (nxt + win + 1000) & 0xFFFFFFFF
+    elif forgery in ("past_window", "at_edge"):  # starts 1000 bytes past the right edge the server
+        # last advertised, or exactly at it (Linux drops data there too: over the window)
+        at = (nxt + win + (1000 if forgery == "past_window" else 0)) & 0xFFFFFFFF
         specs = [dict(data, seq=at, ssn=(at - jisn) & 0xFFFFFFFF)]
     elif forgery == "rst_off_fastclose":
         # an RST with MP_FASTCLOSE naming the server's own key, one byte past the join's next sequence
@@ -471,6 +473,8 @@ def test_the_rebuilt_stream_is_what_the_kernel_read_of_forged_segments(forgery: 
         with lab.capture(cap, bpf="tcp or (ip6 and not icmp6)"):
             read = run_forgery(lab, cap, forgery, tmp_path / "go")
     assert read == kernel_read(forgery), read
+    if forgery == "at_edge":  # (dropped over the window: kept out of order, the server would SACK it)
+        assert tshark_count(cap, "tcp.options.sack_le") == 0
     if forgery == "rst_sack_edge":  # (the shape needs SACK refused: no SYN offered it)
         assert tshark_count(cap, "tcp.flags.syn == 1") >= 4 and tshark_count(cap, "tcp.options.sack_perm") == 0
     out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
