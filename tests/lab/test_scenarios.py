@@ -63,6 +63,14 @@ def assert_capture_has_mptcp(res: ScenarioResult) -> None:
     assert tshark_count(res.capture, "mptcp") > 0, "tshark sees no MPTCP"
 
 
+def intact(scenario: Scenario, name: str) -> ScenarioResult:
+    """The named scenario's run, checked whole: every byte arrived, over MPTCP, and tshark sees it."""
+    res = scenario(name)
+    assert_intact(res)
+    assert_capture_has_mptcp(res)
+    return res
+
+
 def assert_multipath(res: ScenarioResult, min_streams: int = 2) -> dict[int, dict[str, object]]:
     flows = subflow_payload(res.capture)
     assert len(flows) >= min_streams, f"only {len(flows)} subflows carried data: {flows}"
@@ -86,9 +94,7 @@ def test_pattern_independent_of_chunking() -> None:
 @pytest.mark.lab
 @lab
 def test_two_paths(scenario: Scenario) -> None:
-    res = scenario("two_paths")
-    assert_intact(res)
-    assert_capture_has_mptcp(res)
+    res = intact(scenario, "two_paths")
     flows = assert_multipath(res)
     assert paths_used(res, flows, "c2s") == {0, 1}, f"upload not spread over both paths: {flows}"
     assert paths_used(res, flows, "s2c") == {0, 1}, f"download not spread over both paths: {flows}"
@@ -100,9 +106,7 @@ def test_two_paths(scenario: Scenario) -> None:
 @pytest.mark.lab
 @lab
 def test_ipv6(scenario: Scenario) -> None:
-    res = scenario("ipv6")
-    assert_intact(res)
-    assert_capture_has_mptcp(res)
+    res = intact(scenario, "ipv6")
     assert tshark_count(res.capture, "ip") == 0 and tshark_count(res.capture, "ipv6 && mptcp") > 0
     flows = assert_multipath(res)
     assert paths_used(res, flows, "c2s") == {0, 1}, flows
@@ -113,9 +117,7 @@ def test_ipv6(scenario: Scenario) -> None:
 @lab
 def test_mixed_families(scenario: Scenario) -> None:
     """One connection whose subflows are IPv4 and IPv6: data crosses on both families."""
-    res = scenario("mixed_families")
-    assert_intact(res)
-    assert_capture_has_mptcp(res)
+    res = intact(scenario, "mixed_families")
     (c,) = res.connections
     assert c.client_addr == res.addresses.client_addr[0][4] and c.server_addr == res.addresses.server_addr[4]
     flows = assert_multipath(res)
@@ -126,9 +128,7 @@ def test_mixed_families(scenario: Scenario) -> None:
 @pytest.mark.lab
 @lab
 def test_path_failure(scenario: Scenario) -> None:
-    res = scenario("path_failure")
-    assert_intact(res)
-    assert_capture_has_mptcp(res)
+    res = intact(scenario, "path_failure")
     assert any("down" in e for _, e in res.events)
     flows = assert_multipath(res)
     assert paths_used(res, flows, "c2s") == {0, 1}, f"path 1 carried no data before the cut: {flows}"
@@ -140,9 +140,7 @@ def test_path_failure(scenario: Scenario) -> None:
 @pytest.mark.lab
 @lab
 def test_loss(scenario: Scenario) -> None:
-    res = scenario("loss")
-    assert_intact(res)
-    assert_capture_has_mptcp(res)
+    res = intact(scenario, "loss")
     assert_multipath(res)
     # The capture is taken before the drop, so losses show up as retransmissions.
     assert tshark_count(res.capture, "tcp.analysis.retransmission || tcp.analysis.fast_retransmission") > 0
@@ -151,9 +149,7 @@ def test_loss(scenario: Scenario) -> None:
 @pytest.mark.lab
 @lab
 def test_add_addr(scenario: Scenario) -> None:
-    res = scenario("add_addr")
-    assert_intact(res)
-    assert_capture_has_mptcp(res)
+    res = intact(scenario, "add_addr")
     addr2 = res.addresses.server_addr2[4]
     assert tshark_count(res.capture, "tcp.options.mptcp.subtype == 3") > 0, "no ADD_ADDR seen"
     joins = tshark_count(res.capture, "tcp.options.mptcp.subtype == 1 && tcp.flags.syn == 1 "
@@ -195,9 +191,7 @@ def test_dss_stripped(scenario: Scenario) -> None:
 @pytest.mark.lab
 @lab
 def test_bidirectional(scenario: Scenario) -> None:
-    res = scenario("bidirectional")
-    assert_intact(res)
-    assert_capture_has_mptcp(res)
+    res = intact(scenario, "bidirectional")
     flows = assert_multipath(res)
     assert paths_used(res, flows, "c2s") and paths_used(res, flows, "s2c")
     # Really simultaneous: the server's data started before the client's ended.
