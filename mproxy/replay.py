@@ -212,7 +212,8 @@ def summary_lines(res: ReplayResult) -> list[str]:
                      f"another interface before; see the wrong_interface notices)")
     if st.low_ttl:
         lines.append(f"low TTL: {st.low_ttl} packets with a TTL below their subflow direction's first packet's "
-                     f"(read only once the receiver acknowledged them; see the low_ttl notices)")
+                     f"(those that brought anything new were read only once the receiver acknowledged them: "
+                     f"see the low_ttl notices)")
     if res.pipeline.inspector is not None:
         sigs = ps.signatures
         lines.append(f"signature matches: {res.signatures}" + (" (" + ", ".join(

@@ -67,6 +67,8 @@ class Gateway:
         self.tracker = self.pipeline.tracker
         # a low-TTL packet leaves with its direction's TTL, so the tracker reads it as any other
         self.tracker.raise_ttl = self.policy.low_ttl == LowTtl.RAISE
+        # a packet whose bytes a buffer limit shed is dropped: the tracker keeps its subflow where it was
+        self.tracker.drop_shed = self.policy.on_memcap == OnMemcap.DROP
         self.stats = GatewayStats()
         # connections mproxy decided to leave alone: 4-tuples (both orientations) and tokens
         self._untouched: dict[tuple[bytes, int, bytes, int], Action] = {}

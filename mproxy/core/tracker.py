@@ -596,6 +596,9 @@ class Tracker:
     # others do and is read as they are. False (replay, "pass"): it may expire on the way (a TTL
     # insertion), so it is read only once the receiver's acknowledgement shows it took it
     raise_ttl = False
+    # set by the gateway for [policy] on_memcap = "drop": a packet whose own bytes a buffer limit shed
+    # is dropped inline, so its receiver never gets it (see _on_segment)
+    drop_shed = False
     # SHA-256 of each rebuilt stream for the mptcp_connection record. False (set before the first
     # packet): the record's "sha256" is None and whoever consumes DataReleased computes it over the
     # same bytes (the replay's emitter process does, off the tracking process's per-packet path)
@@ -719,7 +722,9 @@ class Tracker:
                 return ev
             ttl = seg.ip[8] if seg.ipver == 4 else seg.ip[7]
             if ttl < sd.ttl:
-                low = self._low_ttl(hit[0], sd, seg, ttl, ev)
+                # it may expire before the receiver (see _low_ttl); the gateway may give it this TTL back
+                low = self.last_ttl_floor = sd.ttl
+                st.low_ttl += 1
             elif not sd.ttl:
                 sd.ttl = ttl  # (a direction whose first packet the gateway did not see: a pickup)
             # checksums (see _bad_checksum), the common case inlined: a whole wire-sized segment whose
@@ -780,29 +785,46 @@ class Tracker:
                 conn.touched = st.packets
                 if not conn.opened and conn.id in self._half_open:
                     self._half_open.move_to_end(conn.id)
-        self._on_segment(sf, d, seg, opts or _NO_OPTS, ev, low_ttl=bool(low))
+        self._on_segment(sf, d, seg, opts or _NO_OPTS, ev, low_ttl=low)
         return ev
 
-    def _low_ttl(self, sf: Subflow, sd: SubflowDir, seg: TcpSegment, ttl: int, ev: list[Event]) -> int:
-        """A packet whose TTL (hop limit) is below the one its subflow direction's first packet
-        reached the gateway with: the packet may expire between the gateway and the receiver, and
-        a sender that knows the hop count can make it (a TTL insertion: the IDS reads a copy the
-        server never gets, then the server reads another). Returns 1 when it is to be read only
-        once the receiver shows it took it (see _on_segment), 0 when inline raises its TTL back
-        (``Tracker.raise_ttl``) and it is read as any other; counted, noticed once per subflow direction.
-        ``last_ttl_floor`` is the TTL the gateway gives it back."""
-        self.stats.low_ttl += 1
-        self.last_ttl_floor = sd.ttl
+    def _low_ttl(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", floor: int, ev: list[Event]) -> bool:
+        """A packet whose TTL (hop limit) is below ``floor``, the one its subflow direction's first
+        packet reached the gateway with, and that would change what mproxy reads: the packet may
+        expire between the gateway and the receiver, and a sender that knows the hop count can make
+        it (a TTL insertion: the IDS reads a copy the server never gets, then the server reads
+        another). True when it is not taken as it came: its bytes are kept until the receiver
+        shows it took them, and nothing else of it is taken. Inline the gateway raises its TTL back
+        (``Tracker.raise_ttl``): then it is read as any other (False). Noticed once per subflow
+        direction. A packet that brings nothing new -- a second copy of one already taken, as a
+        router's ``-i any`` capture records each forwarded packet leaving with its TTL one lower --
+        is not judged (False)."""
+        sfd, other = sf.dirs[d], sf.dirs[d ^ 1]
+        flags, n = seg.flags, seg.payload_len
+        dss = o.dss
+        conn = sf.conn
+        new = bool(flags & RST or flags & FIN and sfd.fin_seq is None) \
+            or bool(n) and 0 < (seg.seq + n - _rcv_next(sfd)) & MASK32 < 0x80000000 \
+            or o.fastclose is not None or o.tcprst is not None or o.fail is not None or o.remove is not None \
+            or flags & ACK and other.peer_ack is not None and 0 < (seg.ack - other.peer_ack) & MASK32 < 0x80000000 \
+            or dss is not None and bool(dss.flags & m.DSS_F) and conn is not None \
+            and conn.streams[_DIRS[d ^ sf.flipped]].fin_dsn is None
+        if not new:
+            return False
         raise_ = self.raise_ttl
-        if not sd.ttl_noticed and not sf.plain:
-            sd.ttl_noticed = True
-            what = f"forwarded with TTL {sd.ttl}, so it reaches the receiver, and read" if raise_ else \
+        if not sfd.ttl_noticed and not sf.plain:
+            sfd.ttl_noticed = True
+            what = f"forwarded with TTL {floor}, so it reaches the receiver, and read" if raise_ else \
                 "read only once the receiver acknowledges its bytes (a copy sent first, or none, refuses it)"
-            self._notice(ev, NoticeType.LOW_TTL, sf.conn,
-                         f"a packet with TTL {ttl}, below the {sd.ttl} of this subflow direction's first packet: it "
-                         f"may expire before the receiver (a TTL insertion); {what}; later ones are counted in "
-                         "mproxy_low_ttl_packets_total", seg)
-        return 0 if raise_ else 1
+            self._notice(ev, NoticeType.LOW_TTL, conn,
+                         f"a packet with TTL {_ttl(seg)}, below the {floor} of this subflow direction's first "
+                         f"packet: it may expire before the receiver (a TTL insertion); {what}; every packet with "
+                         "a lowered TTL counts in mproxy_low_ttl_packets_total", seg)
+        if raise_:
+            return False
+        if not self._may_keep(conn, sfd, seg, edge=False) or not self._keep_late(sf, d, seg, o, ev, _LOW_TTL):
+            self._unread(conn, sfd, seg, _LOW_TTL, ev)
+        return True
 
     @staticmethod
     def _rst_taken(sf: Subflow, d: int, seg: TcpSegment) -> bool:
@@ -1061,7 +1083,10 @@ class Tracker:
                 self.stats.rebuilt_bytes[cdir] += n
                 ev.append(DataReleased(conn.id, cdir, out, ts))
             else:
+                shed = self.shed_bytes
                 self._deliver(conn, cdir, dsn, payload, ts, ev)
+                if self.shed_bytes != shed and self.drop_shed:
+                    sfd.rcv_nxt = rn  # dropped inline for it: its receiver never gets it (see _on_segment)
         s0, s1 = streams
         if (s0.acked is not None and s0.base is not None and s0.acked > s0.base) or (
                 s1.acked is not None and s1.base is not None and s1.acked > s1.base):
@@ -1559,10 +1584,10 @@ class Tracker:
 
     # -- per-segment work ---------------------------------------------------
     def _on_segment(self, sf: Subflow, d: int, seg: TcpSegment, o: "_Opts", ev: list[Event],
-                    late: bool = False, low_ttl: bool = False) -> None:
+                    late: bool = False, low_ttl: int = 0) -> None:
         """One segment of a tracked subflow; ``late``: a kept past-the-edge one the receiver has now
-        acknowledged (judged when it came: see ``_keep_late``); ``low_ttl``: it may have expired
-        before the receiver (see ``_low_ttl``)."""
+        acknowledged (judged when it came: see ``_keep_late``); ``low_ttl``: the TTL of its
+        direction's first packet, which its own is below (see ``_low_ttl``)."""
         flags = seg.flags
         ts = seg.ts
         sfd = sf.dirs[d]
@@ -1611,12 +1636,8 @@ class Tracker:
                 if why is not None:
                     self._unread(conn, sfd, seg, why, ev)
                     return
-            if low_ttl and not past:
-                # read, like one past the edge, once the receiver shows it took it; nothing else of it
-                # (an RST, FIN, DATA_FIN, MP_FASTCLOSE, ACK) is taken: it may never have arrived
-                if not self._may_keep(conn, sfd, seg, edge=False) or not self._keep_late(sf, d, seg, o, ev, _LOW_TTL):
-                    self._unread(conn, sfd, seg, _LOW_TTL, ev)
-                return
+            if low_ttl and not past and self._low_ttl(sf, d, seg, o, low_ttl, ev):
+                return  # (kept until the receiver shows it took it, or unread)
             if past:  # judged as it came; read once the receiver shows it took it (see _keep_late)
                 if not self._keep_late(sf, d, seg, o, ev):
                     self._out_of_window(conn, sfd, seg, ev)
@@ -1705,11 +1726,18 @@ class Tracker:
             if conn.closed is not None:
                 return
             if not kept or not n:  # (a bare FIN kept: its options count as it comes, as Linux reads them)
+                shed, rn = self.shed_bytes, sfd.rcv_nxt
                 self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
-                if n:
-                    _advance_rcv(sfd, seg.seq, (seg.seq + n) & MASK32)  # (its bytes read or not)
-                if sfd.ofo is not None:
-                    self._ofo_release(sf, d, ts, ev)  # the hole before them may have filled
+                if n and self.shed_bytes != shed and self.drop_shed and not late:
+                    # inline the gateway drops this packet (a limit shed its bytes): its receiver never
+                    # gets it, so its subflow's next byte stays where it was until the copy comes again
+                    # (moved on, a segment kept after it was read, and that copy taken as old)
+                    sfd.rcv_nxt = rn
+                else:
+                    if n:
+                        _advance_rcv(sfd, seg.seq, (seg.seq + n) & MASK32)  # (its bytes read or not)
+                    if sfd.ofo is not None:
+                        self._ofo_release(sf, d, ts, ev)  # the hole before them may have filled
         if o.fastclose is not None:
             # Linux takes an MP_FASTCLOSE only when it carries its own (the receiver's) key: a forged
             # one would otherwise end the rebuilt stream while the server reads on
@@ -2402,7 +2430,11 @@ class Tracker:
         if sf.conn is None or sf.conn.closed is not None:
             return
         self.stats.past_edge_taken += 1
-        self._on_segment(sf, d, replace(kept.seg, ts=ts), kept.opts, ev, late=True)
+        held, self._placing_held = self._placing_held, True  # (let through when it came: see _ofo_release)
+        try:
+            self._on_segment(sf, d, replace(kept.seg, ts=ts), kept.opts, ev, late=True)
+        finally:
+            self._placing_held = held
 
     def _late_end(self, conn: Connection, ts: float, ev: list[Event]) -> None:
         """The connection ends: kept segments never acknowledged were not taken."""
@@ -2796,7 +2828,14 @@ class Tracker:
             if eaten < n:
                 seg = parse_ip(memoryview(h.ip), ts)
                 assert isinstance(seg, TcpSegment)  # (it was one when kept)
-                self._take_data(conn, sf, sfd, cdir, seg, h.dss, True, ev, eaten)
+                # let through when it came, and buffered since: placed whatever ooo_limit says (shed
+                # now, its bytes were lost for good, and the packet that filled the hole was dropped
+                # for it under on_memcap = "drop": the liveness test's stall)
+                held, self._placing_held = self._placing_held, True
+                try:
+                    self._take_data(conn, sf, sfd, cdir, seg, h.dss, True, ev, eaten)
+                finally:
+                    self._placing_held = held
                 _advance_rcv(sfd, h.seq, h.end)
             if h.fin and conn.closed is None:
                 _take_fin(sf, d, h.end, ts)

@@ -241,6 +241,28 @@ def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int],
     assert not rec["c2s"]["gaps"] and gw.tracker.budget.used == 0
 
 
+@pytest.mark.parametrize("rollback", [True, False])
+def test_a_packet_dropped_for_its_shed_bytes_leaves_its_subflow_where_it_was(rollback: bool) -> None:
+    """Under on_memcap = "drop" a packet whose own bytes a limit shed is dropped: its receiver never
+    gets it. The tracker had moved the subflow's next byte past it all the same, so the join's next
+    segment -- BENIGN at the request's next DSNs -- was read at once, while the server keeps it
+    after the hole and reads those DSNs from the initial subflow first (UNION)."""
+    s = Session(1)
+    gw = Gateway(Policy(), TrackerConfig(ooo_limit=10))
+    gw.tracker.drop_shed = rollback  # (False: as before)
+    pk = s.handshake() + s.join(1) + [s.data(0, True, 0, b"abcd")]
+    assert all(v == Verdict.ACCEPT for v in verdicts(gw, pk))
+    first = s.data(1, True, 20, b"x" * 20, rel=1)  # ahead at the data level, over ooo_limit: shed
+    assert verdicts(gw, [first]) == [Verdict.DROP]
+    later = [s.data(1, True, 4, b"BENIGN", rel=21), s.data(0, True, 4, b"UNION SELECT 1,2")]
+    assert verdicts(gw, later + [first]) == [Verdict.ACCEPT] * 3  # (the copy comes again, with room now)
+    gw.packet(s.data_fin(0, True, 40), 1002.0)
+    gw.flush(1003.0)
+    (rec,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
+    read = b"abcdUNION SELECT 1,2" + b"x" * 20
+    assert (rec["c2s"]["sha256"] == hashlib.sha256(read).hexdigest()) is rollback, rec["c2s"]
+
+
 @pytest.mark.parametrize("ooo", [0, 4000])
 def test_bytes_let_through_before_their_mapping_are_never_lost_when_it_comes(ooo: int) -> None:
     """Found by the liveness test: a segment whose mapping was announced on an earlier segment

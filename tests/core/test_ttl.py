@@ -144,3 +144,18 @@ def test_a_gso_packet_is_not_rewritten_and_waits_for_the_receivers_ack() -> None
     assert gw.tracker.raise_ttl and gw.tracker.stats.low_ttl == 1
     data = b"".join(f for d in ds for _, f in d.frames)
     assert b"BENIGN" not in data and REAL in data
+
+
+def test_a_routers_second_copy_of_each_packet_is_not_judged() -> None:
+    """``tcpdump -i any`` on a router records each forwarded packet twice, leaving with its TTL one
+    lower: the second copies bring nothing new, so nothing is noticed or held, and the stream is
+    whole (their lowered TTLs are only counted)."""
+    s = Session(1)
+    pk = s.handshake() + s.join(1) + [s.data(0, True, 0, b"GET /?q="), s.data(1, True, 8, REAL)]
+    end = 8 + len(REAL)
+    pk += [s.ack(0, False, s.idsn[0] + end), s.data(0, False, 0, b"200 OK"), s.ack(1, True, s.idsn[1] + 6)]
+    pk += [s.data_fin(0, True, end), s.data_fin(0, False, 6)]
+    t = Tracker()
+    ev = run(t, [q for p in pk for q in (p, low(p, 63))])
+    assert c2s(ev) == b"GET /?q=" + REAL and notice_types(ev) == []
+    assert t.stats.low_ttl >= len(pk) // 2 and dict(t.stats.outcomes) == {"data_fin": 1}
