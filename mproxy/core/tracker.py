@@ -1800,6 +1800,11 @@ class Tracker:
             return
         if d != 1:
             return
+        if sfd.isn is not None and sfd.isn != seg.seq:
+            # a SYN/ACK with another ISN than the first: the client took the first (established, it
+            # answers a challenge ACK); taken, it moved the sequence space under bytes already kept
+            self._unread(conn, sfd, seg, "a SYN/ACK with another ISN than the subflow's (Linux discards it)", ev)
+            return
         sfd.isn = seg.seq
         sfd.wscale = _wscale(seg)
         sfd.sack_perm = _sack_perm(seg)

@@ -7,7 +7,8 @@ import pytest
 from mproxy.config import ConfigError, parse_config
 from mproxy.core.events import ConnectionOpened, PassThrough, SubflowRefused
 from mproxy.core.tracker import _MAX_HELD, Tracker, TrackerConfig
-from tests.core.session import Session, run, seg
+from mproxy.wire.packet import ACK, SYN
+from tests.core.session import Session, run, seg, streams
 from tests.fuzz.targets import alerts_available, check_bounded
 
 
@@ -102,3 +103,26 @@ def test_a_reload_keeps_the_per_content_cap_on_kept_matches() -> None:
     target_inspect(
         b'\x02\x02\x00\x00\x00@\x02\x0e\x00\xdd\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x00\x00'
         b'\xac\x00\x00\x00}\x00\x97\x00\x00\x00*\x00\x00\x0c\x03\x00\x00\x00\x14@' + bytes(68) + b"\x01")
+
+
+def test_a_synack_with_another_isn_does_not_move_the_sequence_space() -> None:
+    """A second SYN/ACK with another ISN, after the server's bytes were kept after a hole, set the
+    direction's ISN again: the kept segment then lay at the subflow's next byte (check_bounded: a
+    kept segment must start after it) and read as though in order. Linux took the first SYN/ACK
+    and discards the other. Fix: Tracker._on_syn ignores a SYN/ACK whose ISN is not the first's."""
+    s = Session(1)
+    hs = s.handshake()
+    pk = hs + [s.data(0, True, 0, b"GET"), s.data(0, False, 10, b"later", rel=11)]  # after a hole of 10
+    sub = s.subs[0]
+    sub.isn[1] += 10  # the forged SYN/ACK's ISN: the kept segment's seq - 1
+    pk.append(s._pkt(sub, False, SYN | ACK, []))
+    sub.isn[1] -= 10
+    pk += [s.data(0, False, 0, b"0123456789", rel=1), s.ack(0, True, s.idsn[1] + 15)]
+    pk += [s.data_fin(0, True, 3), s.data_fin(0, False, 15)]
+    tr = Tracker()
+    ev = []
+    for i, p in enumerate(pk):
+        ev += tr.process(seg(p, 1000.0 + i * 0.001))
+        check_bounded(tr)
+    ev += tr.flush()
+    assert [v for (_, d), v in streams(ev).items() if d == 1] == [b"0123456789later"]
