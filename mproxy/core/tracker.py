@@ -193,6 +193,7 @@ class _Late:
     seg: TcpSegment  # over its own copy of the packet
     opts: _Opts
     dsn: int | None  # stream position of its first byte, by its own mapping (None: none, or unknown)
+    skip: int  # bytes of its head the receiver already had (one into a zero window: see _into_closed)
     cost: int  # what it holds of the memcap
     why: str  # the out-of-window detail, for the notice if it is refused in the end
 
@@ -491,13 +492,35 @@ def _advance_rcv(sfd: SubflowDir, seq: int, end: int) -> None:
         sfd.rcv_nxt = end
 
 
+def _receiver_next(sfd: SubflowDir, pa: int) -> int:
+    """The receiver's next subflow byte: the gateway's view, or the point it acknowledged (``pa``)
+    when that lies ahead (it acknowledged bytes the gateway did not see)."""
+    nxt = sfd.rcv_nxt
+    return pa if nxt is None or 0 < (pa - nxt) & MASK32 < 0x80000000 else nxt
+
+
+def _into_closed(sfd: SubflowDir, seg: TcpSegment) -> bool:
+    """Does this data start before the receiver's next byte and run on past it while the receiver's
+    window is zero (its right edge at or before that byte)? Linux drops such a segment whole rather
+    than read its tail (tcp_data_queue: "if window is closed, drop tail of packet")."""
+    pa, edge = sfd.peer_ack, sfd.edge
+    if pa is None and sfd.syn_window is not None:
+        pa, edge = sfd.syn_window
+    n = seg.payload_len
+    if pa is None or edge is None or not n:
+        return False
+    nxt = _receiver_next(sfd, pa)
+    return (nxt - edge) & MASK32 < 0x80000000 and 0 < (nxt - seg.seq) & MASK32 < 0x80000000 \
+        and 0 < (seg.seq + n - nxt) & MASK32 < 0x80000000
+
+
 def _sack_extend(b: list[int], seq: int, end: int) -> bool:
     """Grow block ``b`` by ``[seq, end)`` when they overlap or touch (Linux tcp_sack_extend)."""
     if (b[1] - seq) & MASK32 >= 0x80000000 or (end - b[0]) & MASK32 >= 0x80000000:
         return False
-    if (b[0] - seq) & MASK32 and (b[0] - seq) & MASK32 < 0x80000000:
+    if 0 < (b[0] - seq) & MASK32 < 0x80000000:
         b[0] = seq
-    if (end - b[1]) & MASK32 and (end - b[1]) & MASK32 < 0x80000000:
+    if 0 < (end - b[1]) & MASK32 < 0x80000000:
         b[1] = end
     return True
 
@@ -807,7 +830,7 @@ class Tracker:
             or bool(n) and 0 < (seg.seq + n - _rcv_next(sfd)) & MASK32 < 0x80000000 \
             or o.fastclose is not None or o.tcprst is not None or o.fail is not None or o.remove is not None \
             or flags & ACK and other.peer_ack is not None and 0 < (seg.ack - other.peer_ack) & MASK32 < 0x80000000 \
-            or dss is not None and bool(dss.flags & m.DSS_F) and conn is not None \
+            or dss is not None and dss.data_fin and conn is not None \
             and conn.streams[_DIRS[d ^ sf.flipped]].fin_dsn is None
         if not new:
             return False
@@ -996,8 +1019,8 @@ class Tracker:
             rn = sfd.rcv_nxt
             if rn is None:
                 rn = seg.seq if sf.role == Role.PICKUP else (isn + 1) & MASK32
-            if 0 < (seg.seq - rn) & MASK32 < 0x80000000:
-                return False  # after a hole in the subflow: _keep_ofo decides
+            if seg.seq != rn:
+                return False  # after a hole in the subflow (_keep_ofo decides), or partly old (_window_ok)
             if pa is not None and 0 < (pa - rn) & MASK32 < 0x80000000:
                 return False  # acknowledged past the gateway's next byte (a capture's loss): _ofo_acked moves it
             st = streams[cdir]
@@ -2147,8 +2170,10 @@ class Tracker:
         if edge is None:
             return True
         past = (seg.seq - edge) & MASK32
-        if past >= 0x80000000 or not past and not seg.payload_len and not seg.flags & FIN:
-            return True  # (before the edge; a bare ACK at it, which tcp_sequence lets through)
+        if past >= 0x80000000:
+            return not _into_closed(sfd, seg)  # (before the edge: in the window unless it is zero)
+        if not past and not seg.payload_len and not seg.flags & FIN:
+            return True  # (a bare ACK at the edge, which tcp_sequence lets through)
         # ... unless it starts at or before the receiver's next byte: tcp_sequence allows rcv_nxt plus
         # a window of 0. An MPTCP sender gets there on one subflow with the connection-level window
         # another subflow advertised (Linux raises the subflow's send window to it); the data of such
@@ -2156,10 +2181,7 @@ class Tracker:
         # the edge past that byte is over the window (tcp_data_queue), as data is
         if seg.payload_len:
             return False
-        nxt = sfd.rcv_nxt
-        if nxt is None or 0 < (pa - nxt) & MASK32 < 0x80000000:
-            nxt = pa  # the receiver acknowledged bytes the gateway did not see
-        return (nxt - seg.seq) & MASK32 < 0x80000000
+        return (_receiver_next(sfd, pa) - seg.seq) & MASK32 < 0x80000000
 
     def _paws_ok(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, tsval: int,
                  ev: list[Event]) -> bool:
@@ -2315,7 +2337,7 @@ class Tracker:
         the receiver has offered (further is not a sender's doing)? ``edge=False``: wherever it
         starts (one with a low TTL)."""
         return conn is not None and conn.closed is None and bool(seg.payload_len) and not seg.flags & RST \
-            and (not edge or Tracker._overshoot(sfd, seg))
+            and (not edge or Tracker._overshoot(sfd, seg) or _into_closed(sfd, seg))
 
     @staticmethod
     def _overshoot(sfd: SubflowDir, seg: TcpSegment) -> bool:
@@ -2368,8 +2390,11 @@ class Tracker:
             if dsn is not None:
                 st.note_shed(dsn, dsn + n)
             return True
-        kept = _Late(seg.seq, (seg.seq + n) & MASK32, replace(seg, ip=memoryview(bytes(seg.ip))), o, dsn, cost,
-                     why or self._window_text(sfd, seg))
+        pa = sfd.peer_ack
+        nxt = sfd.rcv_nxt if pa is None else _receiver_next(sfd, pa)
+        skip = (nxt - seg.seq) & MASK32 if nxt is not None else 0
+        kept = _Late(seg.seq, (seg.seq + n) & MASK32, replace(seg, ip=memoryview(bytes(seg.ip))), o, dsn,
+                     skip if skip < n else 0, cost, why or self._window_text(sfd, seg))
         if sfd.late is None:
             sfd.late = []
         sfd.late.append(kept)
@@ -2407,11 +2432,11 @@ class Tracker:
 
     def _late_acked(self, sf: Subflow, d: int, ack: int, ts: float, ev: list[Event]) -> None:
         """The receiver of direction ``d`` acknowledged subflow bytes up to ``ack``: the kept segments
-        starting before it were taken (it takes a segment whole or not at all, and no other copy
-        came). They are read now, in the order they came."""
+        whose new bytes start before it were taken (it takes a segment whole or not at all, and no
+        other copy came). They are read now, in the order they came."""
         sfd = sf.dirs[d]
         for kept in list(sfd.late or ()):
-            if 0 < (ack - kept.seq) & MASK32 < 0x80000000 and sfd.late is not None and kept in sfd.late:
+            if 0 < (ack - kept.seq - kept.skip) & MASK32 < 0x80000000 and sfd.late is not None and kept in sfd.late:
                 sf.unverified = False  # the receiver took bytes on it: the subflow is real
                 self._late_take(sf, d, kept, ts, ev)
 
@@ -2426,7 +2451,8 @@ class Tracker:
             d = int(cdir) ^ sf.flipped
             sfd = sf.dirs[d]
             for kept in list(sfd.late or ()):
-                if kept.dsn is not None and kept.dsn < limit and st.lacks(kept.dsn, kept.dsn + kept.seg.payload_len) \
+                if kept.dsn is not None and kept.dsn + kept.skip < limit \
+                        and st.lacks(kept.dsn + kept.skip, kept.dsn + kept.seg.payload_len) \
                         and sfd.late is not None and kept in sfd.late:
                     self._late_take(sf, d, kept, ts, ev)
 

@@ -1,7 +1,8 @@
 """In-place rewriting of captured/queued IP packets with incremental checksum fixes.
 
 Used by policy actions that change a packet on its way through (``downgrade``
-NOPs out MP_CAPABLE; ``low_ttl = "raise"`` gives a packet its direction's TTL back). The TCP checksum is updated with RFC 1624 arithmetic over
+NOPs out MP_CAPABLE; ``low_ttl = "raise"`` gives a packet its direction's TTL
+back). The TCP checksum is updated with RFC 1624 arithmetic over
 the changed bytes only, so a packet whose checksum was wrong before (checksum
 offload on the sender) stays wrong by the same amount rather than being
 "repaired" into something the endpoint would not have sent.

@@ -1176,6 +1176,34 @@ def test_data_at_the_next_byte_of_a_zero_window_is_not_read(fast: bool) -> None:
     assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT" and t.stats.past_edge_taken == 1
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_tail_of_a_segment_into_a_zero_window_is_not_read(fast: bool) -> None:
+    """A segment that starts before the receiver's next byte and runs on past it, while the
+    receiver's window is zero, is dropped whole (tcp_data_queue: "If window is closed, drop tail
+    of packet"). Read as a partial copy, its tail BENIGN came ahead of the real bytes there."""
+    s, pk = _edge_session(10)
+    pk.append(s.data(1, True, 8, b"0123456789", rel=1))
+    pk.append(_server_ack(s, 11, 18, window=0))
+    pk.append(s.data(1, True, 17, b"9BENIGN", rel=10))  # one old byte, then into the zero window
+    pk.append(_server_ack(s, 11, 18))  # the window opens; the tail is not acknowledged
+    pk.append(s.data(1, True, 18, b"UNION SELECT", rel=11))
+    t, ev = _tracked(_edge_end(s, pk, 30), fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
+    assert t.stats.past_edge_taken == 0
+    # open, the same segment is read (its old byte a copy)
+    s, pk = _edge_session(10)
+    pk += [s.data(1, True, 8, b"0123456789", rel=1), _server_ack(s, 11, 18, window=100)]
+    pk += [s.data(1, True, 17, b"9UNION SELECT", rel=10), _server_ack(s, 23, 30)]
+    t, ev = _tracked(_edge_end(s, pk, 30), fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
+    # the control: acknowledged (its window had opened in an ACK the gateway had not seen), it is read
+    s, pk = _edge_session(10)
+    pk += [s.data(1, True, 8, b"0123456789", rel=1), _server_ack(s, 11, 18, window=0)]
+    pk += [s.data(1, True, 17, b"9UNION SELECT", rel=10), _server_ack(s, 23, 30)]
+    t, ev = _tracked(_edge_end(s, pk, 30), fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT" and t.stats.past_edge_taken == 1
+
+
 def _past_the_edge(s: Session, pk: list[bytes]) -> tuple[int, int]:
     """The server advertises 65535 bytes on the join; the client fills them (the last segment
     ends 265 bytes past the edge). Returns (data offset, subflow rel) of the next byte."""

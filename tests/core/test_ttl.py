@@ -45,6 +45,23 @@ def test_a_low_ttl_copy_sent_ahead_of_the_real_bytes_is_not_read() -> None:
         assert dict(t.stats.outcomes) == {"data_fin": 1}
 
 
+def test_a_low_ttl_copy_with_an_old_head_is_not_taken_by_an_ack_of_that_head() -> None:
+    """BENIGN with TTL 3 behind one byte the server already has: the server's (duplicate) ACK of
+    its next byte acknowledges that old byte, not BENIGN. Taken as acknowledged, BENIGN was read."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=")]
+    rel = s.subs[0].next_rel[0]
+    pk.append(low(s.data(0, True, 7, b"=BENIGN", rel=rel - 1)))
+    pk.append(s.ack(0, False, s.idsn[0] + 8))  # the server's ACK of its next byte (for the old "=")
+    pk.append(s.data(0, True, 8, REAL, rel=rel))
+    end = 8 + len(REAL)
+    pk += [s.ack(0, False, s.idsn[0] + end), s.data_fin(0, True, end), s.data_fin(0, False, 0)]
+    t = Tracker()
+    ev = run(t, pk)
+    assert c2s(ev) == b"GET /?q=" + REAL, c2s(ev)
+    assert t.stats.past_edge_taken == 0 and notice_types(ev) == ["low_ttl", "out_of_window"]
+
+
 def test_a_low_ttl_segment_the_receiver_acknowledges_is_read() -> None:
     """A path that got shorter mid-connection (or a sender that lowered its TTL): the receiver's
     acknowledgement shows it took the bytes, which are then read."""
