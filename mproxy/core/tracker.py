@@ -500,18 +500,25 @@ def _receiver_next(sfd: SubflowDir, pa: int) -> int:
 
 
 def _into_closed(sfd: SubflowDir, seg: TcpSegment) -> bool:
-    """Does this data start before the receiver's next byte and run on past it while the receiver's
-    window is zero (its right edge at or before that byte)? Linux drops such a segment whole rather
-    than read its tail (tcp_data_queue: "if window is closed, drop tail of packet")."""
-    pa, edge = sfd.peer_ack, sfd.edge
-    if pa is None and sfd.syn_window is not None:
-        pa, edge = sfd.syn_window
+    """Does this data bring bytes past the receiver's next one while its window is closed (the last
+    window it advertised ends at or before that byte)? Linux drops it whole, wherever it starts:
+    at that byte (tcp_data_queue: zero window), before it ("drop tail of packet"), or after it
+    (tcp_sequence). The last advertisement counts here, not the furthest: an MPTCP subflow
+    advertises the connection's window, relative to the DATA_ACK, so in the subflow's own sequence
+    space its edge moves back as other subflows' bytes fill the buffer (lab: 6432 bytes at the
+    join's handshake, 1312 later, then 0 at the byte the join reached)."""
+    pa = sfd.peer_ack
+    if pa is None:
+        if sfd.syn_window is None:
+            return False
+        pa, last = sfd.syn_window
+    else:
+        last = (pa + sfd.peer_win) & MASK32
     n = seg.payload_len
-    if pa is None or edge is None or not n:
+    if not n:
         return False
     nxt = _receiver_next(sfd, pa)
-    return (nxt - edge) & MASK32 < 0x80000000 and 0 < (nxt - seg.seq) & MASK32 < 0x80000000 \
-        and 0 < (seg.seq + n - nxt) & MASK32 < 0x80000000
+    return (nxt - last) & MASK32 < 0x80000000 and 0 < (seg.seq + n - nxt) & MASK32 < 0x80000000
 
 
 def _sack_extend(b: list[int], seq: int, end: int) -> bool:
@@ -987,6 +994,9 @@ class Tracker:
             if o < -(2 * win + 65535) or edge is not None and (seg.seq - edge) & MASK32 < 0x80000000 \
                     and (n or seg.seq != edge):
                 return False
+            closed = (wa + sfd.peer_win) & MASK32 if pa is not None else edge  # (the last edge: _into_closed)
+        else:
+            closed = None
         other = sf.dirs[d ^ 1]
         if sfd.ofo is not None or other.ofo is not None:
             return False  # segments kept after a hole: this one may fill it, or its ack pass it
@@ -1023,6 +1033,8 @@ class Tracker:
                 return False  # after a hole in the subflow (_keep_ofo decides), or partly old (_window_ok)
             if pa is not None and 0 < (pa - rn) & MASK32 < 0x80000000:
                 return False  # acknowledged past the gateway's next byte (a capture's loss): _ofo_acked moves it
+            if closed is not None and (rn - closed) & MASK32 < 0x80000000:
+                return False  # into a closed window: _into_closed
             st = streams[cdir]
             if not fl & m.DSS_m and st.base is not None:
                 dsn = expand32(dsn, st.base)
@@ -2290,7 +2302,8 @@ class Tracker:
         if off >= 0x80000000:
             off -= 0x100000000
         edge = "" if sfd.edge is None else f", right edge at {(sfd.edge - (sfd.peer_ack or 0)) & MASK32:+d}"
-        return f"{seg.payload_len} bytes at {off:+d} from the acked point, window {sfd.peer_win}{edge}"
+        closed = " (closed at the receiver's next byte)" if _into_closed(sfd, seg) else ""
+        return f"{seg.payload_len} bytes at {off:+d} from the acked point, window {sfd.peer_win}{closed}{edge}"
 
     def _out_of_window(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, ev: list[Event],
                        detail: str | None = None) -> None:
@@ -2437,6 +2450,13 @@ class Tracker:
         sfd = sf.dirs[d]
         for kept in list(sfd.late or ()):
             if 0 < (ack - kept.seq - kept.skip) & MASK32 < 0x80000000 and sfd.late is not None and kept in sfd.late:
+                if 0 < (kept.end - ack) & MASK32 < 0x80000000:
+                    # acknowledged to a point inside it: taken, it would be acknowledged whole, so the
+                    # receiver took those bytes from another copy (lab: a probe at the next byte of a
+                    # closed window, taken once the window opened, after BENIGN there was dropped)
+                    self._late_refused(sf.conn, sfd, kept, "the receiver acknowledged part of its bytes only "
+                                       "(another copy of them)", ev, ts)
+                    continue
                 sf.unverified = False  # the receiver took bytes on it: the subflow is real
                 self._late_take(sf, d, kept, ts, ev)
 

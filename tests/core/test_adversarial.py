@@ -1204,6 +1204,43 @@ def test_the_tail_of_a_segment_into_a_zero_window_is_not_read(fast: bool) -> Non
     assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT" and t.stats.past_edge_taken == 1
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_window_that_closed_behind_the_furthest_edge_takes_no_data(fast: bool) -> None:
+    """An MPTCP subflow advertises the connection's window, relative to the DATA_ACK: as the other
+    subflow's bytes fill the buffer, the edge in this subflow's own sequence space moves back, to
+    0 at its next byte (lab: 6432 bytes at the join's handshake, 1312, then 0). Linux reads its
+    last window: BENIGN at that byte is dropped. By the furthest edge it was inside the window."""
+    s, pk = _edge_session(100)
+    pk.append(s.data(1, True, 8, b"0123456789", rel=1))
+    pk.append(_server_ack(s, 11, 18, window=0))  # closed at relative 11; the furthest edge is 101
+    pk.append(s.data(1, True, 18, b"BENIGN", rel=11))
+    pk.append(_server_ack(s, 11, 18, window=100))  # it opens; BENIGN is not acknowledged
+    pk.append(s.data(1, True, 18, b"UNION SELECT", rel=11))
+    t, ev = _tracked(_edge_end(s, pk, 30), fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
+    assert t.stats.past_edge_taken == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_ack_inside_a_kept_segment_refuses_it(fast: bool) -> None:
+    """BENIGN behind one old byte into the closed window, then -- the window opened by the other
+    subflow's DATA_ACK and window -- one byte at the receiver's next one (the lab's MPTCP probe),
+    both kept; the receiver acknowledges that byte only. It takes a segment whole, so it did not
+    take the first: taken in the order they came, BENIGN was read."""
+    s, pk = _edge_session(100)
+    pk.append(s.data(1, True, 8, b"0123456789", rel=1))
+    pk.append(_server_ack(s, 11, 18, window=0))
+    pk.append(s.data(1, True, 17, b"9BENIGN", rel=10))
+    pk.append(s.data(1, True, 18, b"U", rel=11))  # (still closed for the gateway)
+    pk.append(_server_ack(s, 12, 19))  # the byte of the second copy
+    pk.append(s.data(1, True, 19, b"NION SELECT", rel=12))
+    t, ev = _tracked(_edge_end(s, pk, 30), fast)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
+    assert t.stats.past_edge_taken == 1
+    (n,) = [e for e in ev if isinstance(e, Notice)]
+    assert "part of its bytes" in n.detail and "closed" in n.detail
+
+
 def _past_the_edge(s: Session, pk: list[bytes]) -> tuple[int, int]:
     """The server advertises 65535 bytes on the join; the client fills them (the last segment
     ends 265 bytes past the edge). Returns (data offset, subflow rel) of the next byte."""

@@ -11,7 +11,11 @@ client writes ``UNION SELECT ...``:
   of 1 MB the server never sent, or 1 GB behind its last acknowledged point, or 1 byte behind it
   (the server sent nothing on that subflow: Linux bounds the look-back by the bytes acked),
   without ACK, or starting 1000 bytes past the right edge of the server's window, or exactly at
-  it (``at_edge``: the server's ACK that follows holds no SACK block for it: dropped, not kept);
+  it (``at_edge``: the server's ACK that follows holds no SACK block for it: dropped, not kept),
+  or, while the server's window is closed (it reads nothing and its small buffer is full), at the
+  next byte of the subflow that took the last bytes (``zero_window_next``) or after a repeat of
+  that last byte (``zero_window_tail``) -- the subflow's furthest edge lies further on: MPTCP moves
+  a subflow's edge back in its own sequence space;
 * the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), an RST
   with MP_FASTCLOSE naming the server's key one byte past the join's next sequence number (a
   challenge ACK, RFC 5961; ``rst_off_fastclose``), an RST at it followed by BENIGN on the join (the
@@ -76,13 +80,17 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(LAB_REASON is not None, reason
 PORT = 5001
 PART1, PART2 = b"GET /?q=", b"UNION SELECT pw HTTP/1.1\r\n\r\n"
 SERVER = f"""
-import socket, sys
-v6 = sys.argv[1:] == ["6"]
+import os, socket, sys, time
+v6 = sys.argv[1] == "6"
 s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM, 262)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if len(sys.argv) > 2:  # a small receive buffer, not read until that file exists: its window closes
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
 s.bind(("::" if v6 else "0.0.0.0", {PORT})); s.listen(8)
 print("ready", flush=True)
 c, _ = s.accept()
+while len(sys.argv) > 2 and not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
 c.settimeout(20)
 data = b""
 while True:
@@ -102,6 +110,7 @@ s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 s.connect((sys.argv[1], {PORT}))
 s.sendall({PART1!r})
 print("part1", flush=True)
+s.sendall(b"." * (int(sys.argv[4]) if len(sys.argv) > 4 else 0))  # (blocks while the server's window is closed)
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.05)
 s.sendall({PART2!r} + b"." * (int(sys.argv[3]) if len(sys.argv) > 3 else 0))
@@ -221,10 +230,11 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
     "fin_ahead": ([(10, b"", "fin"), (0, FILL + b"UNION SELE")], 20, FILL + b"UNION SELE"),
 }
 FORGERIES = ["spoofed_ack", "rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack",
-             "past_window", "at_edge",
+             "past_window", "at_edge", "zero_window_tail", "zero_window_next",
              "fastclose_bad_key", "rst_off_fastclose", "rst_then_data", "rst_sack_edge", "rst_sack_evicted", "rst_sack_max",
              "ttl_at_gateway", "ttl_beyond", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
              *IP_SHAPES, *AUTH_SHAPES, *OOO_SHAPES]
+ZW_FILL = 30_000  # bytes after GET /?q= for zero_window_tail: more than the server's small buffer takes
 _READ = ("urgent", "sack_unsent", "bad_tail", "two_dss", "v6_dstopt_skip", "tcp_md5_bad_len", "tcp_ao")
 
 
@@ -235,6 +245,8 @@ def kernel_read(forgery: str, inline: bool = False) -> bytes:
         return PART1 + b"BENIGN" + PART2[6:]
     if forgery in OOO_SHAPES:
         return PART1 + OOO_SHAPES[forgery][2]
+    if forgery.startswith("zero_window"):
+        return PART1 + b"." * ZW_FILL + PART2
     if forgery == "rst_sack_max":  # (the server takes RST + MP_FASTCLOSE: the connection ends there)
         return PART1
     return PART1 + b"BENIGN" + PART2[6:] if forgery in _READ else PART1 + PART2
@@ -300,9 +312,11 @@ def _run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float) -> b
     fam = 6 if forgery.startswith("v6_") else 4
     ipf = "ipv6" if fam == 6 else "ip"
     cli_ip, join_ip, srv_ip = a.client_addr[0][fam], a.client_addr[1][fam], a.server_addr[fam]
-    srv = lab.popen(lab.ns_srv, sys.executable, "-c", SERVER, str(fam), stdout=subprocess.PIPE)
+    zw = forgery.startswith("zero_window")
+    srv = lab.popen(lab.ns_srv, sys.executable, "-c", SERVER, str(fam), *([str(go)] if zw else []),
+                    stdout=subprocess.PIPE)
     assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
-    pad = [str(PAD)] if forgery == "ooo_past_window" else []
+    pad = [str(PAD)] if forgery == "ooo_past_window" else ["0", str(ZW_FILL)] if zw else []
     cli = lab.popen(lab.ns_cli, sys.executable, "-c", CLIENT, srv_ip, str(go), *pad, stdout=subprocess.PIPE)
     assert cli.stdout is not None and cli.stdout.readline().strip() == b"part1"
     wait_for_join(cap, join_ip)
@@ -350,6 +364,15 @@ def _run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float) -> b
         # last advertised, or exactly at it (Linux drops data there too: over the window)
         at = (nxt + win + (1000 if forgery == "past_window" else 0)) & 0xFFFFFFFF
         specs = [dict(data, seq=at, ssn=(at - jisn) & 0xFFFFFFFF)]
+    elif zw:
+        # the server reads nothing until the end, and its small buffer fills: it advertises a zero
+        # window. Then, on the subflow that carried the last bytes it took, BENIGN at the next
+        # subflow byte and DSNs (zero_window_next), or after that last byte again (_tail): Linux
+        # drops a segment that brings bytes into a closed window whole (tcp_data_queue), and reads
+        # the client's own bytes there once it reads again. Read as inside the furthest edge the
+        # subflow advertised (zero_window_next) or as a partial copy (_tail), BENIGN was the IDS's
+        # copy of those DSNs
+        specs = [_zero_window_spec(cap, ipf, srv_ip, common, forgery == "zero_window_tail")]
     elif forgery == "rst_off_fastclose":
         # an RST with MP_FASTCLOSE naming the server's own key, one byte past the join's next sequence
         # number: Linux answers it with a challenge ACK and reads on (RFC 5961), the option unread
@@ -459,6 +482,32 @@ def _run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float) -> b
     out, _ = srv.communicate(timeout=30)
     cli.wait(15)
     return bytes.fromhex(out.split()[-1].decode())
+
+
+def _zero_window_spec(cap: Path, ipf: str, srv_ip: str, common: dict[str, Any], tail: bool,
+                      timeout: float = 10.0) -> dict[str, Any]:
+    """(zero_window_*) Once the capture holds the server's zero-window ACK: ``BENIGN`` at the server's
+    DATA_ACK and the next byte of the subflow that carried the bytes before it; ``tail``: after a
+    repeat of that last byte."""
+    from tests.oracles import tshark_fields
+
+    end = time.monotonic() + timeout
+    while not tshark_fields(cap, ["frame.number"], f"{ipf}.src == {srv_ip} && tcp.window_size_value == 0"):
+        assert time.monotonic() < end, "the server's window never closed"
+        time.sleep(0.2)
+    time.sleep(0.3)  # (the zero-window ACKs of both subflows)
+    (fn, dack), *_ = tshark_fields(cap, ["frame.number", "tcp.options.mptcp.rawdataack"],
+                                   f"{ipf}.src == {srv_ip} && tcp.window_size_value == 0")
+    rows = tshark_fields(cap, [f"{ipf}.src", "tcp.srcport", "tcp.seq_raw", "tcp.len", "tcp.ack_raw",
+                               "tcp.options.mptcp.rawdataseqno", "tcp.options.mptcp.datalvllen"],
+                         f"tcp.dstport == {PORT} && tcp.len > 0 && frame.number < {fn}")
+    # (the last packet whose mapping ends there: not a reinjection of earlier bytes)
+    src, sport, seq, ln, ack, *_ = [r for r in rows if r[5] and int(r[5]) + int(r[6]) == int(dack)][-1]
+    (isn,) = tshark_fields(cap, ["tcp.seq_raw"], f"tcp.srcport == {sport} && tcp.flags.syn == 1")[0]
+    at = (int(seq) + int(ln) - int(tail)) & 0xFFFFFFFF
+    return dict(common, src=src, sport=int(sport), flags="data", seq=at, ack=int(ack),
+                payload=((b"." if tail else b"") + b"BENIGN").hex(), ssn=(at - int(isn)) & 0xFFFFFFFF,
+                dsn=(int(dack) - int(tail)) & ((1 << 64) - 1))
 
 
 @pytest.mark.parametrize("forgery", FORGERIES)
