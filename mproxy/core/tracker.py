@@ -992,11 +992,8 @@ class Tracker:
                 o -= 0x100000000
             win = sfd.peer_win if sfd.peer_win > 65535 else 65535
             if o < -(2 * win + 65535) or edge is not None and (seg.seq - edge) & MASK32 < 0x80000000 \
-                    and (n or seg.seq != edge):
-                return False
-            closed = (wa + sfd.peer_win) & MASK32 if pa is not None else edge  # (the last edge: _into_closed)
-        else:
-            closed = None
+                    and (n or seg.seq != edge) or n and pa is not None and o >= sfd.peer_win:
+                return False  # (the last: data into a closed window, as data here starts at rcv_nxt: _into_closed)
         other = sf.dirs[d ^ 1]
         if sfd.ofo is not None or other.ofo is not None:
             return False  # segments kept after a hole: this one may fill it, or its ack pass it
@@ -1033,8 +1030,6 @@ class Tracker:
                 return False  # after a hole in the subflow (_keep_ofo decides), or partly old (_window_ok)
             if pa is not None and 0 < (pa - rn) & MASK32 < 0x80000000:
                 return False  # acknowledged past the gateway's next byte (a capture's loss): _ofo_acked moves it
-            if closed is not None and (rn - closed) & MASK32 < 0x80000000:
-                return False  # into a closed window: _into_closed
             st = streams[cdir]
             if not fl & m.DSS_m and st.base is not None:
                 dsn = expand32(dsn, st.base)
