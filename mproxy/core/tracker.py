@@ -492,6 +492,11 @@ def _advance_rcv(sfd: SubflowDir, seq: int, end: int) -> None:
         sfd.rcv_nxt = end
 
 
+def _overlap(a: "_Late", b: "_Late") -> bool:
+    """Do two kept segments share subflow bytes?"""
+    return (a.seq - b.end) & MASK32 >= 0x80000000 and (b.seq - a.end) & MASK32 >= 0x80000000
+
+
 def _receiver_next(sfd: SubflowDir, pa: int) -> int:
     """The receiver's next subflow byte: the gateway's view, or the point it acknowledged (``pa``)
     when that lies ahead (it acknowledged bytes the gateway did not see)."""
@@ -499,14 +504,19 @@ def _receiver_next(sfd: SubflowDir, pa: int) -> int:
     return pa if nxt is None or 0 < (pa - nxt) & MASK32 < 0x80000000 else nxt
 
 
-def _into_closed(sfd: SubflowDir, seg: TcpSegment) -> bool:
+def _into_closed(sfd: SubflowDir, seg: TcpSegment, st: DataStream | None = None, dss: m.Dss | None = None) -> bool:
     """Does this data bring bytes past the receiver's next one while its window is closed (the last
     window it advertised ends at or before that byte)? Linux drops it whole, wherever it starts:
     at that byte (tcp_data_queue: zero window), before it ("drop tail of packet"), or after it
     (tcp_sequence). The last advertisement counts here, not the furthest: an MPTCP subflow
     advertises the connection's window, relative to the DATA_ACK, so in the subflow's own sequence
     space its edge moves back as other subflows' bytes fill the buffer (lab: 6432 bytes at the
-    join's handshake, 1312 later, then 0 at the byte the join reached)."""
+    join's handshake, 1312 later, then 0 at the byte the join reached).
+
+    With its direction's stream ``st`` and the segment's DSS: not closed when the connection-level
+    window (the furthest DATA_ACK plus window any subflow advertised, which Linux never shrinks)
+    reaches past the DSN of its first new byte. The lab shows Linux taking data on a subflow whose
+    last window was 0 once another subflow's ACK opened the connection's window."""
     pa = sfd.peer_ack
     if pa is None:
         if sfd.syn_window is None:
@@ -518,7 +528,15 @@ def _into_closed(sfd: SubflowDir, seg: TcpSegment) -> bool:
     if not n:
         return False
     nxt = _receiver_next(sfd, pa)
-    return (nxt - last) & MASK32 < 0x80000000 and 0 < (seg.seq + n - nxt) & MASK32 < 0x80000000
+    if (nxt - last) & MASK32 >= 0x80000000 or not 0 < (seg.seq + n - nxt) & MASK32 < 0x80000000:
+        return False
+    if st is None or st.wnd_end is None:
+        return True
+    dsn = _mapped_dsn(st, dss, sfd.isn, seg.seq, n)
+    if dsn is None:
+        return True
+    old = (nxt - seg.seq) & MASK32
+    return dsn + (old if old < n else 0) >= st.wnd_end
 
 
 def _sack_extend(b: list[int], seq: int, end: int) -> bool:
@@ -1643,7 +1661,7 @@ class Tracker:
                     self._unread(conn, sfd, seg, "on a subflow after its sender reset it (no socket takes them)",
                                  ev)
                 return
-            past = not self._window_ok(sfd, seg)
+            past = not self._window_ok(sfd, seg, conn, _DIRS[d ^ sf.flipped], o.dss)
             if past and not self._may_keep(conn, sfd, seg):
                 # judged as a whole: an off-path packet must not move the tracked ack or
                 # window, add a mapping, or carry a DATA_ACK that would make us skip real
@@ -2097,7 +2115,7 @@ class Tracker:
                 dsn = expand32(dsn, st.base)
         dll = dss.dll or 0
         ssn = dss.ssn or 0
-        if seg.payload_len and not late and not self._window_ok(sfd, seg):
+        if seg.payload_len and not late and not self._window_ok(sfd, seg, conn, cdir, dss):
             return 0  # an off-path insertion must not plant mappings; its bytes are refused later
         conn.mapped[cdir] = True
         if dss.data_fin:
@@ -2156,7 +2174,8 @@ class Tracker:
         if starts and seg.payload_len:
             sfd.isn = (seg.seq - mp.ssn) & MASK32
 
-    def _window_ok(self, sfd: SubflowDir, seg: TcpSegment) -> bool:
+    def _window_ok(self, sfd: SubflowDir, seg: TcpSegment, conn: Connection | None = None,
+                   cdir: Direction | None = None, dss: m.Dss | None = None) -> bool:
         """Does the segment lie inside the receiver's TCP window (no side effects)?"""
         if not self.config.window_check:
             return True
@@ -2178,7 +2197,8 @@ class Tracker:
             return True
         past = (seg.seq - edge) & MASK32
         if past >= 0x80000000:
-            return not _into_closed(sfd, seg)  # (before the edge: in the window unless it is zero)
+            # (before the edge: in the window unless it is closed, at both levels)
+            return not _into_closed(sfd, seg, None if conn is None or cdir is None else conn.streams[cdir], dss)
         if not past and not seg.payload_len and not seg.flags & FIN:
             return True  # (a bare ACK at the edge, which tcp_sequence lets through)
         # ... unless it starts at or before the receiver's next byte: tcp_sequence allows rcv_nxt plus
@@ -2446,11 +2466,15 @@ class Tracker:
         for kept in list(sfd.late or ()):
             if 0 < (ack - kept.seq - kept.skip) & MASK32 < 0x80000000 and sfd.late is not None and kept in sfd.late:
                 if 0 < (kept.end - ack) & MASK32 < 0x80000000:
-                    # acknowledged to a point inside it: taken, it would be acknowledged whole, so the
-                    # receiver took those bytes from another copy (lab: a probe at the next byte of a
-                    # closed window, taken once the window opened, after BENIGN there was dropped)
-                    self._late_refused(sf.conn, sfd, kept, "the receiver acknowledged part of its bytes only "
-                                       "(another copy of them)", ev, ts)
+                    # acknowledged to a point inside it. Another kept copy of its bytes that the ACK
+                    # covers whole is the one the receiver took, as it takes a segment whole (lab: a
+                    # probe at the next byte of a closed window, taken once the window opened, after
+                    # BENIGN there was dropped). Without one, an ACK past its end decides: a GSO or GRO
+                    # packet is acknowledged segment by segment
+                    if any(other is not kept and 0 < (ack - other.seq - other.skip) & MASK32 < 0x80000000
+                           and (ack - other.end) & MASK32 < 0x80000000 and _overlap(other, kept)
+                           for other in sfd.late or ()):
+                        self._late_refused(sf.conn, sfd, kept, "the receiver took another copy of its bytes", ev, ts)
                     continue
                 sf.unverified = False  # the receiver took bytes on it: the subflow is real
                 self._late_take(sf, d, kept, ts, ev)

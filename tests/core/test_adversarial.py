@@ -1204,41 +1204,74 @@ def test_the_tail_of_a_segment_into_a_zero_window_is_not_read(fast: bool) -> Non
     assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT" and t.stats.past_edge_taken == 1
 
 
+def _closed_join() -> tuple[Session, list[bytes], bytes]:
+    """The join's server offers 100 bytes (to DSN offset 108); the initial subflow then carries 90
+    of them and the join the last ten, and the server's ACK on the join closes its window: 0 at
+    relative 11, though its furthest edge was relative 101 (an MPTCP subflow advertises the
+    connection's window, relative to the DATA_ACK). Returns the session, its packets and the
+    stream so far; the client's next bytes are DSN offset 108, the join's relative 11."""
+    s, pk = _edge_session(100)
+    pk.append(s.data(0, True, 8, b"x" * 90))
+    pk.append(s.data(1, True, 98, b"0123456789", rel=1))
+    pk.append(_server_ack(s, 11, 108, window=0))
+    return s, pk, b"GET /?q=" + b"x" * 90 + b"0123456789"
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_window_that_closed_behind_the_furthest_edge_takes_no_data(fast: bool) -> None:
-    """An MPTCP subflow advertises the connection's window, relative to the DATA_ACK: as the other
-    subflow's bytes fill the buffer, the edge in this subflow's own sequence space moves back, to
-    0 at its next byte (lab: 6432 bytes at the join's handshake, 1312, then 0). Linux reads its
+    """The join's window closed behind the furthest edge it advertised (see ``_closed_join``; lab:
+    6432 bytes at the join's handshake, 1312, then 0 at the byte the join reached). Linux reads its
     last window: BENIGN at that byte is dropped. By the furthest edge it was inside the window."""
-    s, pk = _edge_session(100)
-    pk.append(s.data(1, True, 8, b"0123456789", rel=1))
-    pk.append(_server_ack(s, 11, 18, window=0))  # closed at relative 11; the furthest edge is 101
-    pk.append(s.data(1, True, 18, b"BENIGN", rel=11))
-    pk.append(_server_ack(s, 11, 18, window=100))  # it opens; BENIGN is not acknowledged
-    pk.append(s.data(1, True, 18, b"UNION SELECT", rel=11))
-    t, ev = _tracked(_edge_end(s, pk, 30), fast)
-    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
+    s, pk, head = _closed_join()
+    pk.append(s.data(1, True, 108, b"BENIGN", rel=11))
+    pk.append(_server_ack(s, 11, 108, window=100))  # it opens; BENIGN is not acknowledged
+    pk.append(s.data(1, True, 108, b"UNION SELECT", rel=11))
+    t, ev = _tracked(_edge_end(s, pk, 120), fast)
+    assert streams(ev)[(1, C2S)] == head + b"UNION SELECT"
     assert t.stats.past_edge_taken == 0
 
 
 @pytest.mark.parametrize("fast", [True, False])
+def test_a_window_another_subflow_opened_takes_data_at_once(fast: bool) -> None:
+    """The join's last window is 0, but the server's ACK on the initial subflow opened the
+    connection's window (DATA_ACK plus window), and Linux takes data on the join then (lab: one
+    byte, then a burst, on a join whose last window was 0). It is read as it comes, not kept."""
+    s, pk, head = _closed_join()
+    pk.append(s.ack(0, False, s.idsn[0] + 108))  # (window 65535 relative to the DATA_ACK)
+    pk.append(s.data(1, True, 108, b"UNION SELECT", rel=11))
+    t, ev = _tracked(_edge_end(s, pk, 120), fast)
+    assert streams(ev)[(1, C2S)] == head + b"UNION SELECT"
+    assert t.stats.past_edge_taken == 0 and t.stats.out_of_window == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
 def test_an_ack_inside_a_kept_segment_refuses_it(fast: bool) -> None:
-    """BENIGN behind one old byte into the closed window, then -- the window opened by the other
-    subflow's DATA_ACK and window -- one byte at the receiver's next one (the lab's MPTCP probe),
-    both kept; the receiver acknowledges that byte only. It takes a segment whole, so it did not
-    take the first: taken in the order they came, BENIGN was read."""
-    s, pk = _edge_session(100)
-    pk.append(s.data(1, True, 8, b"0123456789", rel=1))
-    pk.append(_server_ack(s, 11, 18, window=0))
-    pk.append(s.data(1, True, 17, b"9BENIGN", rel=10))
-    pk.append(s.data(1, True, 18, b"U", rel=11))  # (still closed for the gateway)
-    pk.append(_server_ack(s, 12, 19))  # the byte of the second copy
-    pk.append(s.data(1, True, 19, b"NION SELECT", rel=12))
-    t, ev = _tracked(_edge_end(s, pk, 30), fast)
-    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
+    """BENIGN behind one old byte into the closed window, then one byte at the receiver's next one
+    (the lab's MPTCP probe), both kept; the receiver acknowledges that byte only. It takes a
+    segment whole, so it did not take the first: taken in the order they came, BENIGN was read."""
+    s, pk, head = _closed_join()
+    pk.append(s.data(1, True, 107, b"9BENIGN", rel=10))
+    pk.append(s.data(1, True, 108, b"U", rel=11))  # (still closed for the gateway)
+    pk.append(_server_ack(s, 12, 109))  # the byte of the second copy
+    pk.append(s.data(1, True, 109, b"NION SELECT", rel=12))
+    t, ev = _tracked(_edge_end(s, pk, 120), fast)
+    assert streams(ev)[(1, C2S)] == head + b"UNION SELECT"
     assert t.stats.past_edge_taken == 1
     (n,) = [e for e in ev if isinstance(e, Notice)]
-    assert "part of its bytes" in n.detail and "closed" in n.detail
+    assert "another copy" in n.detail and "closed" in n.detail
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_kept_segment_acknowledged_segment_by_segment_is_read(fast: bool) -> None:
+    """A GSO (or GRO) packet into the closed window, the window having opened in an ACK the gateway
+    had not seen: the receiver gets (or sent) it as several segments and acknowledges them one by
+    one. An ACK inside it is no other copy's: it is read once acknowledged whole."""
+    s, pk, head = _closed_join()
+    pk.append(s.data(1, True, 108, b"UNION SELECT", rel=11))
+    pk += [_server_ack(s, 17, 114), _server_ack(s, 23, 120)]
+    t, ev = _tracked(_edge_end(s, pk, 120), fast)
+    assert streams(ev)[(1, C2S)] == head + b"UNION SELECT"
+    assert t.stats.past_edge_taken == 1 and not [e for e in ev if isinstance(e, Notice)]
 
 
 def _past_the_edge(s: Session, pk: list[bytes]) -> tuple[int, int]:

@@ -13,9 +13,10 @@ client writes ``UNION SELECT ...``:
   without ACK, or starting 1000 bytes past the right edge of the server's window, or exactly at
   it (``at_edge``: the server's ACK that follows holds no SACK block for it: dropped, not kept),
   or, while the server's window is closed (it reads nothing and its small buffer is full), at the
-  next byte of the subflow that took the last bytes (``zero_window_next``) or after a repeat of
-  that last byte (``zero_window_tail``) -- the subflow's furthest edge lies further on: MPTCP moves
-  a subflow's edge back in its own sequence space;
+  next byte of the subflow that took the last bytes (``zero_window_next``), after a repeat of
+  that last byte (``zero_window_tail``) or after a hole of ten bytes (``zero_window_hole``: no SACK
+  block for it follows) -- the subflow's furthest edge lies further on: MPTCP moves a subflow's
+  edge back in its own sequence space;
 * the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), an RST
   with MP_FASTCLOSE naming the server's key one byte past the join's next sequence number (a
   challenge ACK, RFC 5961; ``rst_off_fastclose``), an RST at it followed by BENIGN on the join (the
@@ -230,7 +231,7 @@ OOO_SHAPES: dict[str, tuple[list[tuple[Any, ...]], int | None, bytes]] = {
     "fin_ahead": ([(10, b"", "fin"), (0, FILL + b"UNION SELE")], 20, FILL + b"UNION SELE"),
 }
 FORGERIES = ["spoofed_ack", "rst", "fin", "paws", "bad_csum", "ack_unsent", "ack_old", "ack_behind", "no_ack",
-             "past_window", "at_edge", "zero_window_tail", "zero_window_next",
+             "past_window", "at_edge", "zero_window_tail", "zero_window_next", "zero_window_hole",
              "fastclose_bad_key", "rst_off_fastclose", "rst_then_data", "rst_sack_edge", "rst_sack_evicted", "rst_sack_max",
              "ttl_at_gateway", "ttl_beyond", "syn_established", "urgent", "sack_unsent", "bad_tail", "two_dss", "two_dss_rev",
              *IP_SHAPES, *AUTH_SHAPES, *OOO_SHAPES]
@@ -372,7 +373,7 @@ def _run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float) -> b
         # the client's own bytes there once it reads again. Read as inside the furthest edge the
         # subflow advertised (zero_window_next) or as a partial copy (_tail), BENIGN was the IDS's
         # copy of those DSNs
-        specs = [_zero_window_spec(cap, ipf, srv_ip, common, forgery == "zero_window_tail")]
+        specs = [_zero_window_spec(cap, ipf, srv_ip, common, forgery[12:])]
     elif forgery == "rst_off_fastclose":
         # an RST with MP_FASTCLOSE naming the server's own key, one byte past the join's next sequence
         # number: Linux answers it with a challenge ACK and reads on (RFC 5961), the option unread
@@ -484,11 +485,12 @@ def _run_forgery(lab: Any, cap: Path, forgery: str, go: Path, pause: float) -> b
     return bytes.fromhex(out.split()[-1].decode())
 
 
-def _zero_window_spec(cap: Path, ipf: str, srv_ip: str, common: dict[str, Any], tail: bool,
+def _zero_window_spec(cap: Path, ipf: str, srv_ip: str, common: dict[str, Any], where: str,
                       timeout: float = 10.0) -> dict[str, Any]:
     """(zero_window_*) Once the capture holds the server's zero-window ACK: ``BENIGN`` at the server's
-    DATA_ACK and the next byte of the subflow that carried the bytes before it; ``tail``: after a
-    repeat of that last byte."""
+    DATA_ACK and the next byte of the subflow that carried the bytes before it (``where``:
+    ``next``); after a repeat of that last byte (``tail``); or ten bytes further on both levels
+    (``hole``)."""
     from tests.oracles import tshark_fields
 
     end = time.monotonic() + timeout
@@ -504,10 +506,11 @@ def _zero_window_spec(cap: Path, ipf: str, srv_ip: str, common: dict[str, Any], 
     # (the last packet whose mapping ends there: not a reinjection of earlier bytes)
     src, sport, seq, ln, ack, *_ = [r for r in rows if r[5] and int(r[5]) + int(r[6]) == int(dack)][-1]
     (isn,) = tshark_fields(cap, ["tcp.seq_raw"], f"tcp.srcport == {sport} && tcp.flags.syn == 1")[0]
-    at = (int(seq) + int(ln) - int(tail)) & 0xFFFFFFFF
+    off = {"next": 0, "tail": -1, "hole": 10}[where]
+    at = (int(seq) + int(ln) + off) & 0xFFFFFFFF
     return dict(common, src=src, sport=int(sport), flags="data", seq=at, ack=int(ack),
-                payload=((b"." if tail else b"") + b"BENIGN").hex(), ssn=(at - int(isn)) & 0xFFFFFFFF,
-                dsn=(int(dack) - int(tail)) & ((1 << 64) - 1))
+                payload=((b"." if where == "tail" else b"") + b"BENIGN").hex(), ssn=(at - int(isn)) & 0xFFFFFFFF,
+                dsn=(int(dack) + off) & ((1 << 64) - 1))
 
 
 @pytest.mark.parametrize("forgery", FORGERIES)
@@ -524,6 +527,8 @@ def test_the_rebuilt_stream_is_what_the_kernel_read_of_forged_segments(forgery: 
     assert read == kernel_read(forgery), read
     if forgery == "at_edge":  # (dropped over the window: kept out of order, the server would SACK it)
         assert tshark_count(cap, "tcp.options.sack_le") == 0
+    if forgery == "zero_window_hole":  # (the same into the closed window; a D-SACK of the fill may come)
+        assert tshark_count(cap, "tcp.options.sack_le > tcp.ack") == 0
     if forgery == "rst_sack_edge":  # (the shape needs SACK refused: no SYN offered it)
         assert tshark_count(cap, "tcp.flags.syn == 1") >= 4 and tshark_count(cap, "tcp.options.sack_perm") == 0
     out_pcap, log = tmp_path / "out.pcap", tmp_path / "log.jsonl"
