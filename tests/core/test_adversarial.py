@@ -1157,50 +1157,33 @@ def test_before_the_servers_first_ack_its_syn_ack_sets_the_window(fast: bool) ->
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_data_at_the_next_byte_of_a_zero_window_is_not_read(fast: bool) -> None:
+@pytest.mark.parametrize("old", [0, 1])
+def test_data_into_a_zero_window_is_not_read(fast: bool, old: int) -> None:
     """The receiver has filled its window (advertises 0): data at its next byte is dropped
-    (tcp_data_queue: zero window). BENIGN there, then the real bytes once the window opens."""
-    s, pk = _edge_session(10)
-    pk.append(s.data(1, True, 8, b"0123456789", rel=1))
-    pk.append(_server_ack(s, 11, 18, window=0))
-    pk.append(s.data(1, True, 18, b"BENIGN", rel=11))  # into the zero window
-    pk.append(_server_ack(s, 11, 18))  # the window opens; BENIGN is not acknowledged
-    pk.append(s.data(1, True, 18, b"UNION SELECT", rel=11))
-    t, ev = _tracked(_edge_end(s, pk, 30), fast)
-    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
-    # the control: acknowledged (its window had grown in an ACK the gateway had not seen), it is read
-    s, pk = _edge_session(10)
-    pk += [s.data(1, True, 8, b"0123456789", rel=1), _server_ack(s, 11, 18, window=0)]
-    pk += [s.data(1, True, 18, b"UNION SELECT", rel=11), _server_ack(s, 23, 30)]
-    t, ev = _tracked(_edge_end(s, pk, 30), fast)
-    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT" and t.stats.past_edge_taken == 1
+    (tcp_data_queue: zero window), and so is a segment that starts ``old`` bytes before it and runs
+    on past it, whole ("If window is closed, drop tail of packet"). BENIGN there, then the real
+    bytes once the window opens: read as inside the window or as a partial copy, BENIGN came
+    ahead of them."""
+    head = b"9"[:old]
 
+    def run_with(first: bytes, window: int, opens: bool) -> tuple[Tracker, list]:
+        s, pk = _edge_session(10)
+        pk += [s.data(1, True, 8, b"0123456789", rel=1), _server_ack(s, 11, 18, window=window)]
+        pk.append(s.data(1, True, 18 - old, head + first, rel=11 - old))
+        if opens:  # the window opens, the segment not acknowledged; the real bytes come
+            pk += [_server_ack(s, 11, 18), s.data(1, True, 18, b"UNION SELECT", rel=11)]
+        else:
+            pk.append(_server_ack(s, 23, 30))
+        return _tracked(_edge_end(s, pk, 30), fast)
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_the_tail_of_a_segment_into_a_zero_window_is_not_read(fast: bool) -> None:
-    """A segment that starts before the receiver's next byte and runs on past it, while the
-    receiver's window is zero, is dropped whole (tcp_data_queue: "If window is closed, drop tail
-    of packet"). Read as a partial copy, its tail BENIGN came ahead of the real bytes there."""
-    s, pk = _edge_session(10)
-    pk.append(s.data(1, True, 8, b"0123456789", rel=1))
-    pk.append(_server_ack(s, 11, 18, window=0))
-    pk.append(s.data(1, True, 17, b"9BENIGN", rel=10))  # one old byte, then into the zero window
-    pk.append(_server_ack(s, 11, 18))  # the window opens; the tail is not acknowledged
-    pk.append(s.data(1, True, 18, b"UNION SELECT", rel=11))
-    t, ev = _tracked(_edge_end(s, pk, 30), fast)
-    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
-    assert t.stats.past_edge_taken == 0
+    t, ev = run_with(b"BENIGN", 0, True)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT" and t.stats.past_edge_taken == 0
+    assert t.stats.out_of_window == 1
     # open, the same segment is read (its old byte a copy)
-    s, pk = _edge_session(10)
-    pk += [s.data(1, True, 8, b"0123456789", rel=1), _server_ack(s, 11, 18, window=100)]
-    pk += [s.data(1, True, 17, b"9UNION SELECT", rel=10), _server_ack(s, 23, 30)]
-    t, ev = _tracked(_edge_end(s, pk, 30), fast)
-    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT"
-    # the control: acknowledged (its window had opened in an ACK the gateway had not seen), it is read
-    s, pk = _edge_session(10)
-    pk += [s.data(1, True, 8, b"0123456789", rel=1), _server_ack(s, 11, 18, window=0)]
-    pk += [s.data(1, True, 17, b"9UNION SELECT", rel=10), _server_ack(s, 23, 30)]
-    t, ev = _tracked(_edge_end(s, pk, 30), fast)
+    t, ev = run_with(b"UNION SELECT", 100, False)
+    assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT" and t.stats.past_edge_taken == 0
+    # the control: acknowledged (its window had grown in an ACK the gateway had not seen), it is read
+    t, ev = run_with(b"UNION SELECT", 0, False)
     assert streams(ev)[(1, C2S)] == b"GET /?q=0123456789UNION SELECT" and t.stats.past_edge_taken == 1
 
 
