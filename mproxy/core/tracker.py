@@ -85,6 +85,7 @@ _DSN_BUCKETS = 1 << (64 - _DSN_BUCKET_BITS)
 _TCPOPT_WSCALE = 3
 _TCPOPT_TIMESTAMP = 8
 _TCPOPT_SACK_PERM = 4
+_TCPOPT_SACK = 5
 _SACK_BLOCKS = 4  # SACK blocks a Linux receiver keeps (TCP_NUM_SACKS)
 _LOW_TTL = "its TTL is below its subflow direction's first packet's: it may have expired before the receiver"
 _NOT_FAST = SYN | FIN | RST
@@ -194,6 +195,7 @@ class _Late:
     opts: _Opts
     dsn: int | None  # stream position of its first byte, by its own mapping (None: none, or unknown)
     skip: int  # bytes of its head the receiver already had (one into a zero window: see _into_closed)
+    after: int  # the furthest subflow byte the gateway had seen before it: bytes past it came later
     cost: int  # what it holds of the memcap
     why: str  # the out-of-window detail, for the notice if it is refused in the end
 
@@ -627,6 +629,32 @@ def _ttl(seg: TcpSegment) -> int:
 def _sack_perm(seg: TcpSegment) -> bool:
     """The SYN offers SACK (RFC 2018): Linux takes the option only at its exact length, on a SYN."""
     return _option(seg, _TCPOPT_SACK_PERM, 2) is not None
+
+
+def _furthest_seen(sfd: SubflowDir) -> int:
+    """The end of the furthest subflow bytes the gateway has seen in this direction: read, kept
+    out of order or kept past the edge."""
+    far = _rcv_next(sfd)
+    ends = [e for _, e in sfd.sacks or ()] + [k.end for k in sfd.late or ()]
+    if sfd.last_end is not None:
+        ends.append(sfd.last_end)
+    for e in ends:
+        if 0 < (e - far) & MASK32 < 0x80000000:
+            far = e
+    return far
+
+
+def _holds_ofo(seg: TcpSegment) -> bool:
+    """Does this ACK carry a SACK block above its cumulative acknowledgement, i.e. does its sender
+    hold data out of order? (A D-SACK block reports a duplicate below it.)"""
+    opts = seg.options
+    spans, _ = read_option_spans(opts)
+    for k, start, ln in spans:
+        if k == _TCPOPT_SACK:
+            for i in range(start + 2, start + ln - 7, 8):
+                if 0 < (int.from_bytes(opts[i : i + 4], "big") - seg.ack) & MASK32 < 0x80000000:
+                    return True
+    return False
 
 
 def _tsval(seg: TcpSegment) -> int | None:
@@ -1699,7 +1727,7 @@ class Tracker:
                 if sf.unverified and other.last_end is not None and (seg.ack - other.last_end) & MASK32 < 0x80000000:
                     sf.unverified = False  # the receiver acknowledged the bytes sent on it: the subflow is real
                 if other.late is not None:
-                    self._late_acked(sf, d ^ 1, seg.ack, ts, ev)
+                    self._late_acked(sf, d ^ 1, seg, ts, ev)
         if conn is None:
             # a join whose connection is unknown: try again with its data
             if o.dss is not None:
@@ -2422,7 +2450,7 @@ class Tracker:
         nxt = sfd.rcv_nxt if pa is None else _receiver_next(sfd, pa)
         skip = (nxt - seg.seq) & MASK32 if nxt is not None else 0
         kept = _Late(seg.seq, (seg.seq + n) & MASK32, replace(seg, ip=memoryview(bytes(seg.ip))), o, dsn,
-                     skip if skip < n else 0, cost, why or self._window_text(sfd, seg))
+                     skip if skip < n else 0, _furthest_seen(sfd), cost, why or self._window_text(sfd, seg))
         if sfd.late is None:
             sfd.late = []
         sfd.late.append(kept)
@@ -2458,12 +2486,30 @@ class Tracker:
                 self._late_refused(conn, sfd, kept, "another copy of its subflow bytes came before the receiver "
                                    "acknowledged them", ev, seg.ts)
 
-    def _late_acked(self, sf: Subflow, d: int, ack: int, ts: float, ev: list[Event]) -> None:
-        """The receiver of direction ``d`` acknowledged subflow bytes up to ``ack``: the kept segments
-        whose new bytes start before it were taken (it takes a segment whole or not at all, and no
-        other copy came). They are read now, in the order they came."""
+    def _late_acked(self, sf: Subflow, d: int, seg: TcpSegment, ts: float, ev: list[Event]) -> None:
+        """The receiver of direction ``d`` acknowledged subflow bytes up to ``seg.ack``: the kept
+        segments whose new bytes start before it were taken (it takes a segment whole or not at
+        all, and no other copy came). They are read now, in the order they came.
+
+        A kept segment after a hole it does not reach was dropped when the ACK acknowledges bytes
+        that passed the gateway after it (so the receiver sent it after it had the segment: one
+        path, in order) and, SACK negotiated, holds no SACK block above its acknowledgement (the
+        receiver holds nothing out of order). Lab: BENIGN ten bytes after a join's next byte into
+        a closed window, then the client's own bytes there, kept too (past the furthest edge the
+        join advertised) and taken by the receiver: one ACK covered both, and BENIGN, the first
+        to come, was read."""
         sfd = sf.dirs[d]
+        ack = seg.ack
+        syn, synack = sf.dirs
+        sack = syn.sack_perm and (synack.sack_perm or synack.isn is None)
+        last = _furthest_seen(sfd)  # (an ACK past it acknowledges bytes the capture lost)
         for kept in list(sfd.late or ()):
+            if sack and 0 < (kept.seq - ack) & MASK32 < 0x80000000 and 0 < (ack - kept.after) & MASK32 < 0x80000000 \
+                    and last is not None and (last - ack) & MASK32 < 0x80000000 and kept in (sfd.late or ()) \
+                    and not _holds_ofo(seg):
+                self._late_refused(sf.conn, sfd, kept, "the receiver acknowledged bytes that came after it and "
+                                   "holds none out of order", ev, ts)
+                continue
             if 0 < (ack - kept.seq - kept.skip) & MASK32 < 0x80000000 and sfd.late is not None and kept in sfd.late:
                 if 0 < (kept.end - ack) & MASK32 < 0x80000000:
                     # acknowledged to a point inside it. Another kept copy of its bytes that the ACK

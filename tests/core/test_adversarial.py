@@ -1244,6 +1244,42 @@ def test_an_ack_inside_a_kept_segment_refuses_it(fast: bool) -> None:
     assert "another copy" in n.detail and "closed" in n.detail
 
 
+def _sacked_ack(s: Session, ack_rel: int, data_ack: int, block: tuple[int, int]) -> bytes:
+    """The server's ACK on the join with one SACK block (join-relative client sequence numbers)."""
+    isn = s.subs[1].isn[0]
+    sack = bytes([1, 1, 5, 10]) + (isn + block[0]).to_bytes(4, "big") + (isn + block[1]).to_bytes(4, "big")
+    return s._pkt(s.subs[1], False, ACK, [m.dss(s.idsn[0] + data_ack).encode(), sack], ack_rel=ack_rel)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("held", [False, True])
+def test_a_kept_segment_after_a_hole_the_receiver_does_not_hold_is_refused(fast: bool, held: bool) -> None:
+    """BENIGN ten bytes after the join's next byte into its closed window (Linux drops it: no SACK
+    block for it follows), then -- the connection's window opened elsewhere -- the client's own
+    bytes on the join, past the furthest edge the join advertised (its first window was small),
+    kept too and taken by the receiver. One ACK covers both: read in the order they came, BENIGN
+    was the IDS's copy. The ACK of the probe before them, with no SACK block, shows the receiver
+    holds nothing out of order. The control: SACKed, BENIGN is held, and read."""
+    s = Session(1)
+    pk = s.handshake() + [s.data(0, True, 0, b"GET /?q=")]
+    j = s.join(1)
+    pk += [j[0], _with_window(j[1], 10), j[2], _server_ack(s, 1, 8, 10)]  # (the join's edge: relative 11)
+    pk.append(s.data(1, True, 8, b"0123456789", rel=1))
+    pk.append(_server_ack(s, 11, 18, window=0))
+    first = b"ABCDEF" if held else b"BENIGN"  # (held: the client's own bytes there)
+    pk.append(s.data(1, True, 28, first, rel=21))  # after a hole into the closed window
+    pk.append(s.ack(0, False, s.idsn[0] + 18))  # the initial subflow's ACK opens the connection's window
+    pk.append(s.data(1, True, 18, b"U", rel=11))  # the probe (past the join's edge: kept)
+    rest = b"NION SELE" if held else b"NION SELECT pw"  # (kept too: the server's ACKs come after it)
+    pk.append(s.data(1, True, 19, rest, rel=12))
+    pk.append(_sacked_ack(s, 12, 19, (21, 27)) if held else _server_ack(s, 12, 19))  # (the probe's)
+    end = 34 if held else 33
+    pk.append(_server_ack(s, end - 7, end))
+    t, ev = _tracked(_edge_end(s, pk, end), fast)
+    want = b"GET /?q=0123456789U" + rest + (first if held else b"")
+    assert streams(ev)[(1, C2S)] == want, streams(ev)
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_kept_segment_acknowledged_segment_by_segment_is_read(fast: bool) -> None:
     """A GSO (or GRO) packet into the closed window, the window having opened in an ACK the gateway

@@ -14,9 +14,9 @@ client writes ``UNION SELECT ...``:
   it (``at_edge``: the server's ACK that follows holds no SACK block for it: dropped, not kept),
   or, while the server's window is closed (it reads nothing and its small buffer is full), at the
   next byte of the subflow that took the last bytes (``zero_window_next``), after a repeat of
-  that last byte (``zero_window_tail``) or after a hole of ten bytes (``zero_window_hole``: no SACK
-  block for it follows) -- the subflow's furthest edge lies further on: MPTCP moves a subflow's
-  edge back in its own sequence space;
+  that last byte (``zero_window_tail``) or ten bytes further (``zero_window_hole``: no SACK block
+  for it follows) -- the subflow's furthest edge may lie further on: MPTCP moves a subflow's edge
+  back in its own sequence space;
 * the kernel reads on: an MP_FASTCLOSE naming a key that is not the server's (ignored), an RST
   with MP_FASTCLOSE naming the server's key one byte past the join's next sequence number (a
   challenge ACK, RFC 5961; ``rst_off_fastclose``), an RST at it followed by BENIGN on the join (the
@@ -489,7 +489,7 @@ def _zero_window_spec(cap: Path, ipf: str, srv_ip: str, common: dict[str, Any], 
                       timeout: float = 10.0) -> dict[str, Any]:
     """(zero_window_*) Once the capture holds the server's zero-window ACK: ``BENIGN`` at the server's
     DATA_ACK and the next byte of the subflow that carried the bytes before it (``where``:
-    ``next``); after a repeat of that last byte (``tail``); or ten bytes further on both levels
+    ``next``), after a repeat of that last byte (``tail``), or ten bytes further on both levels
     (``hole``)."""
     from tests.oracles import tshark_fields
 
