@@ -499,11 +499,20 @@ def _overlap(a: "_Late", b: "_Late") -> bool:
     return (a.seq - b.end) & MASK32 >= 0x80000000 and (b.seq - a.end) & MASK32 >= 0x80000000
 
 
-def _receiver_next(sfd: SubflowDir, pa: int) -> int:
+def _receiver_next(sfd: SubflowDir, pa: int | None) -> int | None:
     """The receiver's next subflow byte: the gateway's view, or the point it acknowledged (``pa``)
     when that lies ahead (it acknowledged bytes the gateway did not see)."""
     nxt = sfd.rcv_nxt
+    if pa is None:
+        return nxt
     return pa if nxt is None or 0 < (pa - nxt) & MASK32 < 0x80000000 else nxt
+
+
+def _old_head(nxt: int, seg: TcpSegment) -> int:
+    """How many bytes at the segment's start lie before the receiver's next byte ``nxt`` (0 when
+    it starts there or after it, or has nothing past it)."""
+    old = (nxt - seg.seq) & MASK32
+    return old if old < seg.payload_len else 0
 
 
 def _into_closed(sfd: SubflowDir, seg: TcpSegment, st: DataStream | None = None, dss: m.Dss | None = None) -> bool:
@@ -530,6 +539,7 @@ def _into_closed(sfd: SubflowDir, seg: TcpSegment, st: DataStream | None = None,
     if not n:
         return False
     nxt = _receiver_next(sfd, pa)
+    assert nxt is not None  # (pa is not None)
     if (nxt - last) & MASK32 >= 0x80000000 or not 0 < (seg.seq + n - nxt) & MASK32 < 0x80000000:
         return False
     if st is None or st.wnd_end is None:
@@ -537,8 +547,7 @@ def _into_closed(sfd: SubflowDir, seg: TcpSegment, st: DataStream | None = None,
     dsn = _mapped_dsn(st, dss, sfd.isn, seg.seq, n)
     if dsn is None:
         return True
-    old = (nxt - seg.seq) & MASK32
-    return dsn + (old if old < n else 0) >= st.wnd_end
+    return dsn + _old_head(nxt, seg) >= st.wnd_end
 
 
 def _sack_extend(b: list[int], seq: int, end: int) -> bool:
@@ -1689,7 +1698,7 @@ class Tracker:
                     self._unread(conn, sfd, seg, "on a subflow after its sender reset it (no socket takes them)",
                                  ev)
                 return
-            past = not self._window_ok(sfd, seg, conn, _DIRS[d ^ sf.flipped], o.dss)
+            past = not self._window_ok(sfd, seg, None if conn is None else conn.streams[_DIRS[d ^ sf.flipped]], o.dss)
             if past and not self._may_keep(conn, sfd, seg):
                 # judged as a whole: an off-path packet must not move the tracked ack or
                 # window, add a mapping, or carry a DATA_ACK that would make us skip real
@@ -2143,7 +2152,7 @@ class Tracker:
                 dsn = expand32(dsn, st.base)
         dll = dss.dll or 0
         ssn = dss.ssn or 0
-        if seg.payload_len and not late and not self._window_ok(sfd, seg, conn, cdir, dss):
+        if seg.payload_len and not late and not self._window_ok(sfd, seg, st, dss):
             return 0  # an off-path insertion must not plant mappings; its bytes are refused later
         conn.mapped[cdir] = True
         if dss.data_fin:
@@ -2202,9 +2211,10 @@ class Tracker:
         if starts and seg.payload_len:
             sfd.isn = (seg.seq - mp.ssn) & MASK32
 
-    def _window_ok(self, sfd: SubflowDir, seg: TcpSegment, conn: Connection | None = None,
-                   cdir: Direction | None = None, dss: m.Dss | None = None) -> bool:
-        """Does the segment lie inside the receiver's TCP window (no side effects)?"""
+    def _window_ok(self, sfd: SubflowDir, seg: TcpSegment, st: DataStream | None = None,
+                   dss: m.Dss | None = None) -> bool:
+        """Does the segment lie inside the receiver's TCP window (no side effects)? ``st`` and
+        ``dss``: its direction's stream and its DSS, for the connection-level window (_into_closed)."""
         if not self.config.window_check:
             return True
         pa, edge = sfd.peer_ack, sfd.edge
@@ -2226,7 +2236,7 @@ class Tracker:
         past = (seg.seq - edge) & MASK32
         if past >= 0x80000000:
             # (before the edge: in the window unless it is closed, at both levels)
-            return not _into_closed(sfd, seg, None if conn is None or cdir is None else conn.streams[cdir], dss)
+            return not _into_closed(sfd, seg, st, dss)
         if not past and not seg.payload_len and not seg.flags & FIN:
             return True  # (a bare ACK at the edge, which tcp_sequence lets through)
         # ... unless it starts at or before the receiver's next byte: tcp_sequence allows rcv_nxt plus
@@ -2236,7 +2246,9 @@ class Tracker:
         # the edge past that byte is over the window (tcp_data_queue), as data is
         if seg.payload_len:
             return False
-        return (_receiver_next(sfd, pa) - seg.seq) & MASK32 < 0x80000000
+        nxt = _receiver_next(sfd, pa)
+        assert nxt is not None  # (pa is not None)
+        return (nxt - seg.seq) & MASK32 < 0x80000000
 
     def _paws_ok(self, conn: Connection | None, sfd: SubflowDir, seg: TcpSegment, tsval: int,
                  ev: list[Event]) -> bool:
@@ -2446,11 +2458,10 @@ class Tracker:
             if dsn is not None:
                 st.note_shed(dsn, dsn + n)
             return True
-        pa = sfd.peer_ack
-        nxt = sfd.rcv_nxt if pa is None else _receiver_next(sfd, pa)
-        skip = (nxt - seg.seq) & MASK32 if nxt is not None else 0
+        nxt = _receiver_next(sfd, sfd.peer_ack)
         kept = _Late(seg.seq, (seg.seq + n) & MASK32, replace(seg, ip=memoryview(bytes(seg.ip))), o, dsn,
-                     skip if skip < n else 0, _furthest_seen(sfd), cost, why or self._window_text(sfd, seg))
+                     0 if nxt is None else _old_head(nxt, seg), _furthest_seen(sfd), cost,
+                     why or self._window_text(sfd, seg))
         if sfd.late is None:
             sfd.late = []
         sfd.late.append(kept)
@@ -2501,16 +2512,18 @@ class Tracker:
         sfd = sf.dirs[d]
         ack = seg.ack
         syn, synack = sf.dirs
-        sack = syn.sack_perm and (synack.sack_perm or synack.isn is None)
-        last = _furthest_seen(sfd)  # (an ACK past it acknowledges bytes the capture lost)
+        # the evidence that the receiver holds nothing out of order: SACK negotiated, no block above
+        # the acknowledgement, and no acknowledgement past the furthest byte seen (the capture's loss)
+        empty = syn.sack_perm and (synack.sack_perm or synack.isn is None) \
+            and (_furthest_seen(sfd) - ack) & MASK32 < 0x80000000 and not _holds_ofo(seg)
         for kept in list(sfd.late or ()):
-            if sack and 0 < (kept.seq - ack) & MASK32 < 0x80000000 and 0 < (ack - kept.after) & MASK32 < 0x80000000 \
-                    and last is not None and (last - ack) & MASK32 < 0x80000000 and kept in (sfd.late or ()) \
-                    and not _holds_ofo(seg):
+            if kept not in (sfd.late or ()):
+                continue  # (refused or taken with an earlier one)
+            if empty and 0 < (kept.seq - ack) & MASK32 < 0x80000000 and 0 < (ack - kept.after) & MASK32 < 0x80000000:
                 self._late_refused(sf.conn, sfd, kept, "the receiver acknowledged bytes that came after it and "
                                    "holds none out of order", ev, ts)
                 continue
-            if 0 < (ack - kept.seq - kept.skip) & MASK32 < 0x80000000 and sfd.late is not None and kept in sfd.late:
+            if 0 < (ack - kept.seq - kept.skip) & MASK32 < 0x80000000:
                 if 0 < (kept.end - ack) & MASK32 < 0x80000000:
                     # acknowledged to a point inside it. Another kept copy of its bytes that the ACK
                     # covers whole is the one the receiver took, as it takes a segment whole (lab: a
