@@ -43,6 +43,7 @@ class NoticeType(str, Enum):
     MP_FAIL = "mp_fail"
     OUT_OF_WINDOW = "out_of_window"
     MEMCAP = "memcap"
+    MEMCAP_STALL = "memcap_stall"
     BAD_MAPPING = "bad_mapping"
     BAD_CHECKSUM = "bad_checksum"
     WRONG_INTERFACE = "wrong_interface"

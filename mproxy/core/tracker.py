@@ -259,6 +259,12 @@ class SubflowDir:
     # None when there are none (the fast path's one check)
     ofo: list[_Ofo] | None = None
     ofo_bytes: int = 0
+    # (sequence number, stream position): a segment after the hole holds the stream's next byte,
+    # the position it waited at; None when none does (the fast path's one check; see _must_take)
+    waits: tuple[int, int] | None = None
+    # (sequence number, times): inline, segments at the receiver's next byte that the gateway dropped
+    # for a buffer limit (on_memcap = "drop"), and how often in a row (see Tracker._must_take)
+    refused: tuple[int, int] | None = None
     # the receiver's SACK blocks, [start, end] (32-bit), most recently changed first, at most 4 (see
     # _note_sack); meaningful while ``ofo`` holds segments
     sacks: list[list[int]] | None = None
@@ -470,6 +476,16 @@ def _mapped_dsn(st: DataStream, dss: m.Dss | None, isn: int | None, seq: int, n:
         return None
     first = dss.dsn if dss.dsn64 or st.base is None else expand32(dss.dsn, st.base)
     return st.unwrap((first + off) & MASK64)
+
+
+def _note_waits(sfd: SubflowDir, st: DataStream, seq: int, dsn: int, n: int) -> None:
+    """A segment kept or shed after its subflow's hole holds the stream's next byte: remembered, so
+    the bytes that fill the hole are taken past the buffer limits (see Tracker._must_take)."""
+    base = st.base
+    if base is not None and dsn <= base < dsn + n:
+        w = sfd.waits
+        if w is None or w[1] != base or 0 < (w[0] - seq) & MASK32 < 0x80000000:
+            sfd.waits = (seq, base)  # (the earliest such copy: the hole before it is the one to fill)
 
 
 def _known_mapping(sfd: SubflowDir, ssn: int, dsn: int, length: int) -> Mapping | None:
@@ -1169,9 +1185,18 @@ class Tracker:
                 ev.append(DataReleased(conn.id, cdir, out, ts))
             else:
                 shed = self.shed_bytes
-                self._deliver(conn, cdir, dsn, payload, ts, ev)
+                if (sfd.waits is not None or sfd.refused is not None) and self._must_take(st, sfd, seg):
+                    held, self._placing_held = self._placing_held, True
+                    try:
+                        self._deliver(conn, cdir, dsn, payload, ts, ev)
+                    finally:
+                        self._placing_held = held
+                else:
+                    self._deliver(conn, cdir, dsn, payload, ts, ev)
                 if self.shed_bytes != shed and self.drop_shed:
                     sfd.rcv_nxt = rn  # dropped inline for it: its receiver never gets it (see _on_segment)
+                    if rn is not None:
+                        self._refused(conn, sfd, rn, seg, ev)
         s0, s1 = streams
         if (s0.acked is not None and s0.base is not None and s0.acked > s0.base) or (
                 s1.acked is not None and s1.base is not None and s1.acked > s1.base):
@@ -1812,12 +1837,22 @@ class Tracker:
                 return
             if not kept or not n:  # (a bare FIN kept: its options count as it comes, as Linux reads them)
                 shed, rn = self.shed_bytes, sfd.rcv_nxt
-                self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
+                if (sfd.waits is not None or sfd.refused is not None) and n \
+                        and self._must_take(conn.streams[cdir], sfd, seg):
+                    held, self._placing_held = self._placing_held, True
+                    try:
+                        self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
+                    finally:
+                        self._placing_held = held
+                else:
+                    self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
                 if n and self.shed_bytes != shed and self.drop_shed and not late:
                     # inline the gateway drops this packet (a limit shed its bytes): its receiver never
                     # gets it, so its subflow's next byte stays where it was until the copy comes again
                     # (moved on, a segment kept after it was read, and that copy taken as old)
                     sfd.rcv_nxt = rn
+                    if rn is not None:
+                        self._refused(conn, sfd, rn, seg, ev)
                 else:
                     if n:
                         _advance_rcv(sfd, seg.seq, (seg.seq + n) & MASK32)  # (its bytes read or not)
@@ -2855,6 +2890,7 @@ class Tracker:
             dsn = _mapped_dsn(st, dss, isn, seg.seq, n) if not conn.fallen and n else None
             if dsn is not None:
                 st.note_shed(dsn, dsn + n)
+                _note_waits(sfd, st, seg.seq, dsn, n)
             return True
         if held is None:
             held = sfd.ofo = []
@@ -2884,11 +2920,55 @@ class Tracker:
                 break
             self._ofo_drop(sf, d, i)
         held.insert(i, _Ofo(seg.seq, (seg.seq + n) & MASK32, ip, dss if n else None, cost, fin))
+        if n and not conn.fallen:
+            dsn = _mapped_dsn(st, dss, isn, seg.seq, n)
+            if dsn is not None:
+                _note_waits(sfd, st, seg.seq, dsn, n)
         sfd.ofo = held  # (again, if those it replaced were all it held)
         sfd.ofo_bytes += n
         conn.ofo_bytes[cdir] += n
         self.stats.subflow_order_kept += 1
         return True
+
+    def _refused(self, conn: Connection, sfd: SubflowDir, rn: int, seg: TcpSegment, ev: list[Event]) -> None:
+        """Inline, a limit made the gateway drop the segment at the receiver's next byte: counted per
+        byte, so a resend refused again is known (see _must_take). Refused a third time, past the
+        slack, the connection may wait for it for good: told once (``memcap_stall``)."""
+        r = sfd.refused
+        times = r[1] + 1 if r is not None and r[0] == rn else 1
+        sfd.refused = (rn, times)
+        if times == 3 and not conn.notices[NoticeType.MEMCAP_STALL.value]:
+            self._notice(ev, NoticeType.MEMCAP_STALL, conn,
+                         f"the resend of the subflow's next bytes (seq {rn}) refused {times} times, past the "
+                         f"memcap's {SLACK} bytes of slack ({self.budget.used} bytes buffered, memcap "
+                         f"{self.budget.limit}): the connection waits for bytes after them, and may stall",
+                         seg)
+
+    @staticmethod
+    def _must_take(st: DataStream, sfd: SubflowDir, seg: TcpSegment) -> bool:
+        """True for a segment in its subflow's order whose bytes are placed as held bytes are: past
+        ``ooo_limit``, and over the memcap by up to SLACK. Refused, every resend of it would be
+        refused as well, and inline (on_memcap = "drop") the connection would stall, since the
+        receiver reads nothing on the subflow after it while the stream's next byte is there:
+        - a later segment on the subflow holds the stream's next byte (``SubflowDir.waits``): a
+          path failed holding it, and the sender reinjected it behind a packet the memcap dropped;
+        - the memcap refused this segment's first byte twice already (``SubflowDir.refused``): the
+          sender is in its retransmission timeout, and sends nothing new on the subflow -- such as
+          that reinjection -- until this hole fills (the lab's stalls, both directions)."""
+        r = sfd.refused
+        if r is not None:
+            if (r[0] - seg.seq) & MASK32 < seg.payload_len:
+                if r[1] >= 2:
+                    return True
+            elif (seg.seq - r[0]) & MASK32 < 0x80000000:
+                sfd.refused = None  # (the subflow has moved on past it)
+        w = sfd.waits
+        if w is None:
+            return False
+        if st.base != w[1]:
+            sfd.waits = None  # (the stream has moved on)
+            return False
+        return 0 < (w[0] - seg.seq) & MASK32 < 0x80000000
 
     def _ofo_drop(self, sf: Subflow, d: int, i: int) -> None:
         sfd = sf.dirs[d]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from mproxy.core.gateway import Gateway, Verdict
 from mproxy.core.policy import Action, OnMemcap, Policy, Rule, UntrustedJoin
-from mproxy.core.reassembler import PIECE_COST
-from mproxy.core.tracker import TrackerConfig
+from mproxy.core.reassembler import PIECE_COST, SLACK
+from mproxy.core.tracker import _OFO_COST, TrackerConfig
 from mproxy.wire import mptcp as m
 from mproxy.wire.packet import TcpSegment, mptcp_spans, parse_ip, read_mptcp_spans
 from mproxy.wire.checksum import tcp_checksum
@@ -160,10 +161,17 @@ def test_memcap_drops_the_packet_and_the_resent_copy_completes_the_stream() -> N
 @given(n=st.integers(1, 12000), cuts=st.lists(st.integers(0, 12000), max_size=24),
        paths=st.lists(st.integers(0, 1), min_size=25, max_size=25), ooo=st.integers(0, 6000),
        memcap=st.integers(0, 9000), pending=st.integers(0, 6000), csum=st.booleans(), burst=st.integers(1, 4),
-       reinject=st.integers(1, 12000), once=st.booleans(), rnd=st.randoms(use_true_random=False))
+       reinject=st.integers(1, 12000), once=st.booleans(), dies=st.one_of(st.none(), st.integers(0, 12)),
+       rnd=st.randoms(use_true_random=False))
+# the second path fails with the first byte, and the memcap holds nothing: only a reinjection of the
+# whole stream, after the packet dropped on the first subflow, has it (stalled until that hole was
+# taken past the memcap)
+@example(n=825, cuts=[1], paths=[1] + [0] * 24, ooo=0, memcap=0, pending=0, csum=False, burst=1, reinject=825,
+         once=False, dies=0, rnd=random.Random(0))
 def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int], paths: list[int], ooo: int,
                                                         memcap: int, pending: int, csum: bool, burst: int,
-                                                        reinject: int, once: bool, rnd) -> None:
+                                                        reinject: int, once: bool, dies: int | None,
+                                                        rnd) -> None:
     """Liveness of on_memcap = "drop" under any buffer limits, with a sender that behaves as TCP
     and MPTCP do. The data is split over two subflows; each round every subflow sends ``burst``
     new segments, unless the gateway dropped one of its segments: then it resends the first one it
@@ -173,10 +181,13 @@ def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int],
     arrive in any order. With ``once`` (no DSS checksum), a segment of two or more bytes goes out
     as two packets and only the first carries the mapping (RFC 8684 allows it; Linux repeats it):
     the second may come first and wait unmapped, or be shed over ``pending_limit``. The stream
-    must reach its end and the emitted stream must be the data. Caught the stall of stop 15's CI
+    must reach its end and the emitted stream must be the data. With ``dies``, the second path fails
+    in that round: what it has sent and not delivered is lost, the rest goes on the first subflow,
+    and only reinjections bring the lost bytes. Caught the stall of stop 15's CI
     (such a reinjection, over buffered bytes and past them, was refused, and so was every resend
     of it, while the subflow behind it carried the next bytes), then held bytes lost when their
-    mapping came (test_bytes_let_through_before_their_mapping_are_never_lost_when_it_comes)."""
+    mapping came (test_bytes_let_through_before_their_mapping_are_never_lost_when_it_comes), then
+    test_the_hole_before_reinjected_next_bytes_is_taken_past_a_full_memcap."""
     s = Session(1, csum=csum, dsn64=not csum)
     gw = Gateway(Policy(), TrackerConfig(ooo_limit=ooo, memcap=memcap, pending_limit=pending))
     data = os.urandom(n)
@@ -201,6 +212,7 @@ def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int],
 
     t = 1001.0
     since, last = 0, None
+    rounds = 0
     # until the server has every byte, and every dropped segment was sent again (TCP resends a
     # dropped segment even when a reinjection brought its bytes: its receiver reads nothing after
     # the hole it leaves in the subflow)
@@ -210,11 +222,17 @@ def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int],
         since = since + 1 if state == last else 1
         last = state
         assert since < 60, f"stalled at {first} of {n}; dropped, to resend: {missing}"
+        if rounds == dies:  # the second path fails: what it sends now is lost, the rest goes on the first
+            del new[1][:burst]
+            new[0] = sorted(new[0] + new[1])
+            new[1], missing[1] = [], []
+        rounds += 1
+        alive = 1 if dies is not None and rounds > dies else 2
         una = first
         flight = []
         if una >= 0 and rnd.random() < 0.3:  # an MPTCP-level reinjection, ahead of new data
-            flight += send(rnd.randrange(2), una, min(reinject, n - una))
-        for sf in (0, 1):
+            flight += send(rnd.randrange(alive), una, min(reinject, n - una))
+        for sf in range(alive):
             if missing[sf]:
                 missing[sf].sort(key=lambda p: p[1])
                 flight.append(missing[sf].pop(0))
@@ -238,6 +256,43 @@ def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int],
     gw.flush(t + 2)
     (rec,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
     assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (n, hashlib.sha256(data).hexdigest())
+    assert not rec["c2s"]["gaps"] and gw.tracker.budget.used == 0
+
+
+@pytest.mark.parametrize("reinjection", ["shed", "kept", "unsent"])
+def test_the_hole_before_reinjected_next_bytes_is_taken_past_a_full_memcap(reinjection: str) -> None:
+    """A path fails while it holds the stream's next bytes; the sender reinjects them on the other
+    subflow, after a packet the full memcap dropped there. The receiver reads nothing on that
+    subflow past the hole, so the dropped packet's resend must be taken although its bytes are
+    ahead at the data level (over the memcap, by up to SLACK): refused, it was refused on every
+    resend and the connection stalled. The reinjection is shed after the hole, or kept there (it
+    fitted), or not sent yet: a sender in its retransmission timeout sends nothing new on the
+    subflow, so the gateway takes the hole's third copy (lab: both directions, after a path failed)."""
+    s = Session(1)
+    data = os.urandom(7000)
+    opening = s.handshake() + s.join(1)
+    # [0, 1000) went on the join, whose path failed: it never arrives. The initial subflow ran ahead,
+    # and the sender reinjects [0, 1000) there after what it sent
+    ahead = [s.data(0, True, off, data[off : off + ln], rel=off - 999)
+             for off, ln in ((1000, 1000), (2000, 1000), (3000, 1000), (4000, 1000), (5000, 2000))]
+    reinjected = s.data(0, True, 0, data[:1000], rel=6001)
+    memcap = 4 * (1000 + PIECE_COST) + (len(reinjected) + PIECE_COST + _OFO_COST) * (reinjection == "kept")
+    gw = Gateway(Policy(), TrackerConfig(memcap=memcap))
+    assert all(v == Verdict.ACCEPT for v in verdicts(gw, opening))
+    assert verdicts(gw, ahead) == [Verdict.ACCEPT] * 4 + [Verdict.DROP]
+    if reinjection == "unsent":
+        assert verdicts(gw, ahead[4:]) == [Verdict.DROP]  # (its first resend)
+    else:
+        assert verdicts(gw, [reinjected]) == [Verdict.ACCEPT if reinjection == "kept" else Verdict.DROP]
+    assert gw.tracker.budget.used <= memcap
+    # the sender resends what was dropped, in subflow order: taken, over the memcap by at most SLACK
+    for p in ahead[4:] + ([] if reinjection == "kept" else [reinjected]):
+        assert gw.packet(p, 1002.0).verdict == Verdict.ACCEPT
+        assert gw.tracker.budget.used <= memcap + SLACK
+    gw.packet(s.data_fin(0, True, len(data)), 1003.0)
+    gw.flush(1004.0)
+    (rec,) = [r for r in gw.drain_records() if r["event"] == "mptcp_connection"]
+    assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
     assert not rec["c2s"]["gaps"] and gw.tracker.budget.used == 0
 
 
