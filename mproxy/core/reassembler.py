@@ -165,11 +165,13 @@ class DataStream:
     _seg_e: list[int] = field(default_factory=list)
 
     # -- input ----------------------------------------------------------
-    def insert(self, dsn: int, data: bytes | memoryview, held: bool = False) -> bytes:
+    def insert(self, dsn: int, data: bytes | memoryview, held: bool = False, urgent: bool = False) -> bytes:
         """Accept ``data`` at ``dsn``; return the bytes that became in order. ``held``: bytes
         already let through to the receiver while the tracker held them (no mapping yet), whose
         buffer space was just given back: buffered past ``ooo_limit``, and past the shared budget
-        by up to ``SLACK``, or the IDS would miss bytes the receiver has."""
+        by up to ``SLACK``, or the IDS would miss bytes the receiver has. ``urgent``: bytes the
+        stream must take or it may stall (see Tracker._must_take): past ``ooo_limit`` and the
+        shared budget by up to ``SLACK`` each, so one connection still cannot take all the rest."""
         n = len(data)
         if n == 0:
             return b""
@@ -201,7 +203,7 @@ class DataStream:
             if self._starts:
                 out += self._drain()
             return out
-        self._store(dsn, bytes(data), held)
+        self._store(dsn, bytes(data), held, urgent)
         return b""
 
     def unwrap(self, dsn: int) -> int:
@@ -440,7 +442,7 @@ class DataStream:
                 j += 1
             del self._seg_s[:j], se[:j]
 
-    def _store(self, dsn: int, data: bytes, held: bool = False) -> None:
+    def _store(self, dsn: int, data: bytes, held: bool = False, urgent: bool = False) -> None:
         """Buffer out-of-order bytes as the Linux receiver queues them; differing copies are reported.
 
         Linux keeps out-of-order segments whole in a queue sorted by start (tcp_data_queue_ofo,
@@ -460,7 +462,7 @@ class DataStream:
             # the usual case (one path ahead of another): right after the last queued segment,
             # which it is merged into, and nothing buffered beyond
             drops = self.memcap_drops
-            self._put([(dsn, data, self._seg_s[-1])], held)
+            self._put([(dsn, data, self._seg_s[-1])], held, urgent)
             if self.memcap_drops == drops:
                 se[-1] = end
             return
@@ -476,7 +478,7 @@ class DataStream:
         drops = self.memcap_drops
         i = self._first_over(dsn)
         if i == len(starts) or starts[i] >= end:
-            self._put([(dsn, data, origin)], held)  # the usual case: nothing in common
+            self._put([(dsn, data, origin)], held, urgent)  # the usual case: nothing in common
             if self.memcap_drops == drops:
                 self._apply(plan, dsn, end)
             return
@@ -515,7 +517,7 @@ class DataStream:
             # inline, on_memcap = "drop" keeps the packet from the receiver too)
             self.memcap_drops += 1
             self.memcap_bytes += sum(len(c) for _, c, o in new if o == origin)
-            self._put(fresh, held)
+            self._put(fresh, held, urgent)
             return
         org = self._org
         for s in gone:
@@ -529,12 +531,12 @@ class DataStream:
         starts[i:i] = [s for s, _, _ in new]
         if extra and self.budget is not None:
             self.budget.used += extra * PIECE_COST  # (given back with the pieces)
-        self._put(fresh, held)
+        self._put(fresh, held, urgent)
         if self.memcap_drops == drops:
             self._apply(plan, dsn, end)
 
-    def _put(self, pieces: list[tuple[int, bytes, int]], held: bool) -> None:
-        """Buffer bytes no chunk held, within the limits (``held``: see :meth:`insert`)."""
+    def _put(self, pieces: list[tuple[int, bytes, int]], held: bool, urgent: bool = False) -> None:
+        """Buffer bytes no chunk held, within the limits (``held``, ``urgent``: see :meth:`insert`)."""
         starts, chunks = self._starts, self._chunks
         budget = self.budget
         for s, c, o in pieces:
@@ -542,9 +544,9 @@ class DataStream:
                 continue
             # held bytes: their own space was just given back (only a split around buffered
             # chunks costs more), so only the shared budget, with its slack, may refuse them
-            over = not held and (self.ooo_bytes + len(c) > self.ooo_limit
+            over = not held and (self.ooo_bytes + len(c) > self.ooo_limit + (SLACK if urgent else 0)
                                  or len(chunks) >= max_pieces(self.ooo_limit))
-            if over or (budget is not None and not budget.take(len(c) + PIECE_COST, SLACK if held else 0)):
+            if over or (budget is not None and not budget.take(len(c) + PIECE_COST, SLACK if held or urgent else 0)):
                 self.memcap_drops += 1
                 self.memcap_bytes += len(c)
                 self.note_shed(s, s + len(c))

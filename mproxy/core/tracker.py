@@ -758,6 +758,9 @@ class Tracker:
         # placing unmapped bytes held earlier: they were let through to the receiver when they
         # arrived, so no limit may refuse them now (the IDS would never see bytes the server has)
         self._placing_held = False
+        # placing a segment the stream must take or stall (see _must_take): past ooo_limit and the
+        # memcap by up to SLACK each
+        self._placing_urgent = False
         # (token, indexed?) as tokens come and go, when someone reads them (the worker of a
         # multi-worker gateway announces them to the control queue); None: not recorded
         self.token_log: list[tuple[int, bool]] | None = None
@@ -1186,11 +1189,11 @@ class Tracker:
             else:
                 shed = self.shed_bytes
                 if (sfd.waits is not None or sfd.refused is not None) and self._must_take(st, sfd, seg):
-                    held, self._placing_held = self._placing_held, True
+                    self._placing_urgent = True
                     try:
                         self._deliver(conn, cdir, dsn, payload, ts, ev)
                     finally:
-                        self._placing_held = held
+                        self._placing_urgent = False
                 else:
                     self._deliver(conn, cdir, dsn, payload, ts, ev)
                 if self.shed_bytes != shed and self.drop_shed:
@@ -1839,11 +1842,11 @@ class Tracker:
                 shed, rn = self.shed_bytes, sfd.rcv_nxt
                 if (sfd.waits is not None or sfd.refused is not None) and n \
                         and self._must_take(conn.streams[cdir], sfd, seg):
-                    held, self._placing_held = self._placing_held, True
+                    self._placing_urgent = True
                     try:
                         self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
                     finally:
-                        self._placing_held = held
+                        self._placing_urgent = False
                 else:
                     self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
                 if n and self.shed_bytes != shed and self.drop_shed and not late:
@@ -2940,16 +2943,16 @@ class Tracker:
         if times == 3 and not conn.notices[NoticeType.MEMCAP_STALL.value]:
             self._notice(ev, NoticeType.MEMCAP_STALL, conn,
                          f"the resend of the subflow's next bytes (seq {rn}) refused {times} times, past the "
-                         f"memcap's {SLACK} bytes of slack ({self.budget.used} bytes buffered, memcap "
-                         f"{self.budget.limit}): the connection waits for bytes after them, and may stall",
+                         f"{SLACK} bytes of slack the buffer limits give it ({self.budget.used} bytes buffered, "
+                         f"memcap {self.budget.limit}): the connection waits for bytes after them, and may stall",
                          seg)
 
     @staticmethod
     def _must_take(st: DataStream, sfd: SubflowDir, seg: TcpSegment) -> bool:
-        """True for a segment in its subflow's order whose bytes are placed as held bytes are: past
-        ``ooo_limit``, and over the memcap by up to SLACK. Refused, every resend of it would be
-        refused as well, and inline (on_memcap = "drop") the connection would stall, since the
-        receiver reads nothing on the subflow after it while the stream's next byte is there:
+        """True for a segment in its subflow's order whose bytes are placed past ``ooo_limit`` and
+        past the memcap, by up to SLACK each (DataStream.insert's ``urgent``). Refused, every resend
+        of it would be refused as well, and inline (on_memcap = "drop") the connection would stall,
+        since the receiver reads nothing on the subflow after it while the stream's next byte is there:
         - a later segment on the subflow holds the stream's next byte (``SubflowDir.waits``): a
           path failed holding it, and the sender reinjected it behind a packet the memcap dropped;
         - the memcap refused this segment's first byte twice already (``SubflowDir.refused``): the
@@ -3197,7 +3200,8 @@ class Tracker:
             # the mapping the stream waits for may go past the memcap (by SLACK >= one mapping): the
             # bytes buffered behind it can keep the budget full, and refusing it would refuse every
             # resend (a stall under on_memcap = "drop"); so may held bytes, already let through
-            waits = self._placing_held or (st.base is not None and lo <= st.base < lo + mp.length)
+            waits = self._placing_held or self._placing_urgent or (st.base is not None
+                                                                   and lo <= st.base < lo + mp.length)
             if not self.budget.take(mp.length, SLACK if waits else 0):
                 self._shed(conn, "global", len(piece), f"buffered bytes over the memcap ({self.budget.limit})",
                            ts, ev)
@@ -3384,7 +3388,7 @@ class Tracker:
             if conn.beyond is not None:
                 self._beyond_superseded(conn, cdir, pos, data, ts, ev)
         before = len(st.overlaps), st.memcap_drops, st.budget_drops, st.memcap_bytes
-        out = st.insert(pos, data, self._placing_held)
+        out = st.insert(pos, data, self._placing_held, self._placing_urgent)
         if conn.beyond is not None and out:
             self._beyond_covered(conn, cdir)
         if len(st.overlaps) != before[0]:

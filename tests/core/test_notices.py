@@ -473,12 +473,15 @@ def test_memcap_notice() -> None:
     assert NoticeType.MEMCAP in types and t.stats.memcap["out_of_order"] > 0
 
 
-def test_memcap_stall() -> None:
-    """Inline (on_memcap = "drop"), a resend of a subflow's next bytes that the memcap refuses a
+@pytest.mark.parametrize("limit", ["memcap", "ooo_limit"])
+def test_memcap_stall(limit: str) -> None:
+    """Inline (on_memcap = "drop"), a resend of a subflow's next bytes that a buffer limit refuses a
     third time, past the slack its third copy may use: the connection may wait for it for good,
-    which the operator is told once. Room again (the stream's next bytes came), it is taken."""
+    which the operator is told once. Room again (the stream's next bytes came), it is taken. The
+    slack is SLACK past the connection's own ooo_limit too, not the whole memcap: one connection
+    that resends every segment three times still cannot take what the others may need."""
     from mproxy.core.gateway import Gateway, Verdict
-    from mproxy.core.reassembler import PIECE_COST
+    from mproxy.core.reassembler import PIECE_COST, SLACK
 
     s = Session(1)
     data = bytes(range(256)) * 300  # 76,800 bytes
@@ -487,13 +490,16 @@ def test_memcap_stall() -> None:
     # the third (60,000 bytes) gets in past it on its third copy, the fourth does not fit in the slack
     cuts = [1000, 2000, 3000, 63000, len(data)]
     ahead = [s.data(0, True, a, data[a:b], rel=a - 999) for a, b in zip(cuts, cuts[1:])]
-    gw = Gateway(tracker=TrackerConfig(memcap=2 * (1000 + PIECE_COST)))
+    gw = Gateway(tracker=TrackerConfig(memcap=2 * (1000 + PIECE_COST)) if limit == "memcap" else
+                 TrackerConfig(ooo_limit=2000))
     ts = iter(1000.0 + i / 1000 for i in range(100))
     got = [gw.packet(p, next(ts)).verdict for p in opening + ahead[:2] + [ahead[2]] * 3 + [ahead[3]] * 4]
     assert got == [Verdict.ACCEPT] * 8 + [Verdict.DROP] * 2 + [Verdict.ACCEPT] + [Verdict.DROP] * 4
     stalls = [r for r in gw.drain_records() if r.get("type") == "memcap_stall"]
     (n,) = stalls
     assert f"(seq {s.subs[0].isn[0] + 62001}) refused 3 times" in n["detail"] and n["sport"] == 40000
+    st = gw.tracker.connections[1].streams[0]
+    assert st.ooo_bytes == 62000 and gw.tracker.budget.used <= gw.tracker.budget.limit + SLACK
     assert gw.tracker.stats.notices["memcap_stall"] == 1
     assert gw.packet(s.data(1, True, 0, data[:1000]), next(ts)).verdict == Verdict.ACCEPT
     assert gw.packet(ahead[3], next(ts)).verdict == Verdict.ACCEPT
