@@ -1188,18 +1188,14 @@ class Tracker:
                 ev.append(DataReleased(conn.id, cdir, out, ts))
             else:
                 shed = self.shed_bytes
-                if (sfd.waits is not None or sfd.refused is not None) and self._must_take(st, sfd, seg):
-                    self._placing_urgent = True
-                    try:
-                        self._deliver(conn, cdir, dsn, payload, ts, ev)
-                    finally:
-                        self._placing_urgent = False
-                else:
+                self._placing_urgent = (sfd.waits is not None or sfd.refused is not None) \
+                    and self._must_take(st, sfd, seg)
+                try:
                     self._deliver(conn, cdir, dsn, payload, ts, ev)
+                finally:
+                    self._placing_urgent = False
                 if self.shed_bytes != shed and self.drop_shed:
-                    sfd.rcv_nxt = rn  # dropped inline for it: its receiver never gets it (see _on_segment)
-                    if rn is not None:
-                        self._refused(conn, sfd, rn, seg, ev)
+                    self._limit_dropped(conn, sfd, rn, seg, ev)
         s0, s1 = streams
         if (s0.acked is not None and s0.base is not None and s0.acked > s0.base) or (
                 s1.acked is not None and s1.base is not None and s1.acked > s1.base):
@@ -1840,22 +1836,14 @@ class Tracker:
                 return
             if not kept or not n:  # (a bare FIN kept: its options count as it comes, as Linux reads them)
                 shed, rn = self.shed_bytes, sfd.rcv_nxt
-                if (sfd.waits is not None or sfd.refused is not None) and n \
-                        and self._must_take(conn.streams[cdir], sfd, seg):
-                    self._placing_urgent = True
-                    try:
-                        self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
-                    finally:
-                        self._placing_urgent = False
-                else:
+                self._placing_urgent = bool(n) and (sfd.waits is not None or sfd.refused is not None) \
+                    and self._must_take(conn.streams[cdir], sfd, seg)
+                try:
                     self._take_data(conn, sf, sfd, cdir, seg, dss, late, ev)
+                finally:
+                    self._placing_urgent = False
                 if n and self.shed_bytes != shed and self.drop_shed and not late:
-                    # inline the gateway drops this packet (a limit shed its bytes): its receiver never
-                    # gets it, so its subflow's next byte stays where it was until the copy comes again
-                    # (moved on, a segment kept after it was read, and that copy taken as old)
-                    sfd.rcv_nxt = rn
-                    if rn is not None:
-                        self._refused(conn, sfd, rn, seg, ev)
+                    self._limit_dropped(conn, sfd, rn, seg, ev)
                 else:
                     if n:
                         _advance_rcv(sfd, seg.seq, (seg.seq + n) & MASK32)  # (its bytes read or not)
@@ -2933,10 +2921,17 @@ class Tracker:
         self.stats.subflow_order_kept += 1
         return True
 
-    def _refused(self, conn: Connection, sfd: SubflowDir, rn: int, seg: TcpSegment, ev: list[Event]) -> None:
-        """Inline, a limit made the gateway drop the segment at the receiver's next byte: counted per
-        byte, so a resend refused again is known (see _must_take). Refused a third time, past the
-        slack, the connection may wait for it for good: told once (``memcap_stall``)."""
+    def _limit_dropped(self, conn: Connection, sfd: SubflowDir, rn: int | None, seg: TcpSegment,
+                       ev: list[Event]) -> None:
+        """Inline (on_memcap = "drop"), a limit shed this segment's bytes and the gateway drops its
+        packet: the receiver never gets it, so its subflow's next byte goes back to ``rn`` until the
+        copy comes again (moved on, a segment kept after it would be read, and that copy taken as
+        old). The refusal is counted per byte, so a resend refused again is known (see _must_take);
+        refused a third time, past the slack, the connection may wait for it for good: told once
+        (``memcap_stall``)."""
+        sfd.rcv_nxt = rn
+        if rn is None:
+            return
         r = sfd.refused
         times = r[1] + 1 if r is not None and r[0] == rn else 1
         sfd.refused = (rn, times)

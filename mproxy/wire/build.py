@@ -14,6 +14,7 @@ from .packet import ACK
 _TCP = Struct("!HHIIBBHHH")
 _IPV4 = Struct("!BBHHHBBH4s4s")
 _IPV6 = Struct("!IHBB16s16s")
+_BLOCK = Struct("!II")
 
 
 def tcp_options(*opts: bytes) -> bytes:
@@ -21,6 +22,20 @@ def tcp_options(*opts: bytes) -> bytes:
     raw = b"".join(opts)
     pad = (-len(raw)) % 4
     return raw + b"\x01" * pad
+
+
+def sack_option(*blocks: tuple[int, int]) -> bytes:
+    """NOP NOP SACK (RFC 2018) with up to four (left, right) blocks of 32-bit sequence numbers, the
+    layout Linux sends."""
+    if not 1 <= len(blocks) <= 4:
+        raise ValueError(f"{len(blocks)} SACK blocks (1 to 4 fit)")
+    return bytes([1, 1, 5, 2 + 8 * len(blocks)]) + b"".join(
+        _BLOCK.pack(left & 0xFFFFFFFF, right & 0xFFFFFFFF) for left, right in blocks)
+
+
+def timestamp_option(tsval: int, tsecr: int = 0) -> bytes:
+    """NOP NOP timestamps (RFC 7323), the layout Linux sends."""
+    return bytes([1, 1, 8, 10]) + _BLOCK.pack(tsval & 0xFFFFFFFF, tsecr & 0xFFFFFFFF)
 
 
 def build_tcp(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int = 0, flags: int = ACK,

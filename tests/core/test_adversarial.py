@@ -31,7 +31,7 @@ from mproxy.core.tracker import ConnectionClosedSummary, Tracker, TrackerConfig
 from mproxy.io.pcap import PcapWriter
 from mproxy.replay import replay
 from mproxy.wire import mptcp as m
-from mproxy.wire.build import build_tcp, tcp_options
+from mproxy.wire.build import build_tcp, sack_option, tcp_options, timestamp_option
 from mproxy.wire.packet import ACK, FIN, RST, SYN
 from tests.fuzz.targets import buffered_pieces, check_bounded, check_frame
 
@@ -692,7 +692,7 @@ def test_bytes_the_receiver_never_reads_place_nothing(kind: str, fast: bool) -> 
 
 # -- PAWS (RFC 7323), as Linux applies it ------------------------------------------------------
 def _ts(tsval: int, tsecr: int = 1) -> bytes:
-    return bytes([1, 1, 8, 10]) + tsval.to_bytes(4, "big") + tsecr.to_bytes(4, "big")
+    return timestamp_option(tsval, tsecr)
 
 
 def _paws_session() -> tuple[Session, list[bytes]]:
@@ -1247,7 +1247,7 @@ def test_an_ack_inside_a_kept_segment_refuses_it(fast: bool) -> None:
 def _sacked_ack(s: Session, ack_rel: int, data_ack: int, block: tuple[int, int]) -> bytes:
     """The server's ACK on the join with one SACK block (join-relative client sequence numbers)."""
     isn = s.subs[1].isn[0]
-    sack = bytes([1, 1, 5, 10]) + (isn + block[0]).to_bytes(4, "big") + (isn + block[1]).to_bytes(4, "big")
+    sack = sack_option((isn + block[0], isn + block[1]))
     return s._pkt(s.subs[1], False, ACK, [m.dss(s.idsn[0] + data_ack).encode(), sack], ack_rel=ack_rel)
 
 

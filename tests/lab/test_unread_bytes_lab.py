@@ -123,7 +123,8 @@ time.sleep(1)
 def _inject(spec: dict[str, Any]) -> None:
     """(In the client namespace.) One raw TCP packet on the join subflow, built by our encoder."""
     from mproxy.wire import mptcp as m
-    from mproxy.wire.build import build_tcp, tcp_options, with_ipv4_options, with_ipv6_headers
+    from mproxy.wire.build import (build_tcp, sack_option, tcp_options, timestamp_option, with_ipv4_options,
+                                   with_ipv6_headers)
     from mproxy.wire.packet import ACK, FIN, PSH, RST, SYN, URG
 
     payload = bytes.fromhex(spec["payload"])
@@ -141,13 +142,13 @@ def _inject(spec: dict[str, Any]) -> None:
                 m.dss(None, spec["dsn2"], spec["ssn"], len(payload)).encode()]
     if "sack" in spec:  # a SACK block (NOP NOP SACK): Linux discards a block it cannot use, reads the data
         left, right = spec["sack"]
-        opts.append(bytes([1, 1, 5, 10]) + left.to_bytes(4, "big") + right.to_bytes(4, "big"))
+        opts.append(sack_option((left, right)))
     if "tcp_option" in spec:  # another TCP option after the DSS (TCP-MD5, TCP-AO)
         opts.append(bytes.fromhex(spec["tcp_option"]))
     if spec.get("bad_tail"):  # an option whose length lies (1 < 2): a TCP stack stops reading there
         opts.append(bytes([253, 1]))
     if "tsval" in spec:  # Linux's layout: NOP NOP timestamp first
-        opts.insert(0, bytes([1, 1, 8, 10]) + spec["tsval"].to_bytes(4, "big") + spec["tsecr"].to_bytes(4, "big"))
+        opts.insert(0, timestamp_option(spec["tsval"], spec["tsecr"]))
     flags = {"rst": RST | ACK, "data": ACK, "fin": FIN | ACK, "noack": PSH, "syn": SYN,
              "urgent": URG | ACK}[spec["flags"]]
     fam = socket.AF_INET6 if ":" in spec["dst"] else socket.AF_INET
