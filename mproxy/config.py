@@ -214,7 +214,7 @@ def _action(value: Any, name: str) -> Action:
 def _policy(table: Any) -> Policy:
     if not isinstance(table, dict):
         raise ConfigError("[policy] must be a table")
-    allowed = {"default", "trusted_networks", "untrusted_join", "on_memcap", "low_ttl", "rule"}
+    allowed = {"default", "trusted_networks", "untrusted_join", "on_memcap", "low_ttl", "clamp_window", "rule"}
     for key in table:
         if key not in allowed:
             raise ConfigError(f"[policy] unknown key {key!r} (known: {', '.join(sorted(allowed))})")
@@ -233,6 +233,9 @@ def _policy(table: Any) -> Policy:
         low_ttl = LowTtl(table.get("low_ttl", "raise"))
     except (ValueError, TypeError):
         raise ConfigError("[policy] low_ttl: expected \"raise\" or \"pass\"") from None
+    clamp = table.get("clamp_window", True)
+    if not isinstance(clamp, bool):
+        raise ConfigError(f"[policy] clamp_window: expected true or false, got {clamp!r}")
     rules = []
     raw_rules = table.get("rule", [])
     if not isinstance(raw_rules, list):
@@ -253,7 +256,7 @@ def _policy(table: Any) -> Policy:
             ports=_ports(r.get("ports"), f"{where} ports"),
             name=str(r.get("name", f"rule{i}")),
         ))
-    return Policy(tuple(rules), default, trusted, untrusted, on_memcap, low_ttl)
+    return Policy(tuple(rules), default, trusted, untrusted, on_memcap, low_ttl, clamp)
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:

@@ -16,8 +16,8 @@ from typing import Any
 from .. import crypto
 from ..wire import mptcp as m
 from ..wire.errors import WireError
-from ..wire.packet import ACK, SYN, TcpSegment, parse_ip, read_mptcp_spans
-from ..wire.rewrite import nop_out, set_ttl
+from ..wire.packet import ACK, SYN, TcpSegment, parse_ip, read_mptcp_spans, tcp_md5_signed
+from ..wire.rewrite import nop_out, set_ttl, set_window
 from .alerts import Alert
 from .emitter import passthrough_frames
 from .events import Event, Notice, NoticeType
@@ -69,6 +69,10 @@ class Gateway:
         self.tracker.raise_ttl = self.policy.low_ttl == LowTtl.RAISE
         # a packet whose bytes a buffer limit shed is dropped: the tracker keeps its subflow where it was
         self.tracker.drop_shed = self.policy.on_memcap == OnMemcap.DROP
+        # the most a receiver's window may offer a sender in the ACKs the gateway forwards (0: as sent)
+        tc = self.tracker.config
+        self.window_cap = min(tc.ooo_limit, tc.memcap // 4) if self.tracker.drop_shed and self.policy.clamp_window \
+            else 0
         self.stats = GatewayStats()
         # connections mproxy decided to leave alone: 4-tuples (both orientations) and tokens
         self._untouched: dict[tuple[bytes, int, bytes, int], Action] = {}
@@ -159,9 +163,43 @@ class Gateway:
             set_ttl(buf, tracker.last_ttl_floor)
             verdict, payload, reason = Verdict.ACCEPT_MODIFIED, bytes(buf), "low TTL raised"
             self.stats.actions["ttl_raised"] += 1
+        if self.window_cap and verdict != Verdict.DROP and flags & ACK and not gso \
+                and seg.window << 14 > self.window_cap:
+            clamped = self._clamp_window(seg, payload if payload is not None else ip)
+            if clamped is not None:
+                verdict, payload = Verdict.ACCEPT_MODIFIED, clamped
+                reason = reason or "window clamped"
         frames = self.pipeline.handle(events)
         self.records.extend(self.pipeline.drain_records())
         return self._count(Decision(verdict, payload, frames, reason, inject))
+
+    def _clamp_window(self, seg: TcpSegment, ip: bytes | bytearray | memoryview) -> bytes | None:
+        """``ip`` with the window its ACK advertises lowered to ``window_cap``, or None to leave it.
+
+        Inline under on_memcap = "drop", a sender with more in flight past a hole in its stream than
+        the tracker may buffer could stall for good: what comes after the hole is refused, and on a
+        subflow that refusal is a hole the receiver reads nothing past, even the bytes that would
+        fill the stream's hole (a path failed holding them). The receiver's DATA_ACK stays at that
+        hole, and a sender keeps its data within DATA_ACK + window (RFC 8684 3.3.7), so a window of
+        at most the cap keeps what it sends past the hole within what may be buffered. The right
+        edge it advertises never moves back: the receiver's own does not, and the cap is fixed.
+        Only for subflows of tracked MPTCP connections whose handshake was seen (the window scale
+        is known), and never for a TCP-MD5 signed segment (its signature covers the window)."""
+        hit = self.tracker.subflow_of(seg)
+        if hit is None:
+            return None
+        sf, d = hit
+        mine, theirs = sf.dirs[d], sf.dirs[d ^ 1]
+        if sf.conn is None or sf.plain or sf.refused or seg.flags & SYN or mine.isn is None or theirs.isn is None:
+            return None
+        ws = mine.wscale if mine.wscale is not None and theirs.wscale is not None else 0
+        top = max(self.window_cap >> ws, 1)
+        if seg.window <= top or tcp_md5_signed(seg):
+            return None
+        buf = bytearray(ip)
+        set_window(buf, seg.tcp_off, top)
+        self.stats.actions["window_clamped"] += 1
+        return bytes(buf)
 
     def alert(self, a: Alert, ts: float) -> Decision | None:
         """An external IDS alert (``[actions] on_alert``); None when it names no live MPTCP connection.

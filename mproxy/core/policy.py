@@ -74,6 +74,9 @@ class Policy:
     untrusted_join: UntrustedJoin = UntrustedJoin.REFUSE
     on_memcap: OnMemcap = OnMemcap.DROP
     low_ttl: LowTtl = LowTtl.RAISE
+    # inline, with on_memcap = "drop": the window an ACK of an MPTCP subflow advertises is lowered to
+    # what the tracker may buffer for its connection (see Gateway._clamp_window)
+    clamp_window: bool = True
     _cache: dict[tuple[bytes, bytes, int], tuple[Action, str]] = field(default_factory=dict, compare=False,
                                                                        repr=False)
 

@@ -39,7 +39,7 @@ LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e
 # label values known in advance (exported as 0 until they happen)
 VERDICTS = ("accept", "drop", "accept_modified")
 ACTIONS = ("downgrade", "join_refused", "allow", "fastclose", "downgrade-host", "log", "memcap_drop",
-           "ttl_raised")
+           "ttl_raised", "window_clamped")
 REFUSE_REASONS = ("join_hmac", "subflow_limit", "connection_limit", "per_connection_limit", "orphan_data")
 MEMCAP_LIMITS = ("connections", "subflows", "out_of_order", "pending", "global", "history", "token_sharers",
                  "pickup_walk", "subflow_order")

@@ -2,7 +2,7 @@
 
 Used by policy actions that change a packet on its way through (``downgrade``
 NOPs out MP_CAPABLE; ``low_ttl = "raise"`` gives a packet its direction's TTL
-back). The TCP checksum is updated with RFC 1624 arithmetic over
+back; ``clamp_window`` lowers the window an ACK advertises). The TCP checksum is updated with RFC 1624 arithmetic over
 the changed bytes only, so a packet whose checksum was wrong before (checksum
 offload on the sender) stays wrong by the same amount rather than being
 "repaired" into something the endpoint would not have sent.
@@ -14,6 +14,7 @@ from .checksum import ipv4_header_checksum, replace_bytes, tcp_checksum
 from .packet import CWR, FIN, PSH, TCPOPT_NOP, TcpSegment, parse_ip
 
 _TCP_CSUM = 16  # offset of the checksum in the TCP header
+_TCP_WINDOW = 14
 
 
 def nop_out(ip: bytearray, tcp_off: int, opt_off: int, length: int) -> None:
@@ -43,6 +44,17 @@ def set_ttl(ip: bytearray, ttl: int) -> None:
         ip[7] = ttl
     else:
         raise ValueError("not an IPv4 or IPv6 packet")
+
+
+def set_window(ip: bytearray, tcp_off: int, window: int) -> None:
+    """Give the TCP header at ``ip[tcp_off]`` the window field ``window`` (as sent: before
+    scaling), its checksum updated incrementally. Raises ``ValueError`` for a value that does not
+    fit or a buffer with no TCP header there."""
+    if not 0 <= window <= 0xFFFF:
+        raise ValueError(f"window {window} out of range")
+    if tcp_off < 0 or len(ip) < tcp_off + 20:
+        raise ValueError("no TCP header at tcp_off")
+    replace_bytes(ip, tcp_off + _TCP_CSUM, tcp_off + _TCP_WINDOW, window.to_bytes(2, "big"), _TCP_WINDOW)
 
 
 def _store_tcp_checksum(ip: bytearray, tcp_off: int, end: int, src: bytes, dst: bytes) -> None:

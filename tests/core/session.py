@@ -15,7 +15,7 @@ from mproxy import crypto
 from mproxy.core.events import DataReleased, Direction, Event, Notice
 from mproxy.core.tracker import Tracker
 from mproxy.wire import mptcp as m
-from mproxy.wire.build import build_tcp, tcp_options
+from mproxy.wire.build import build_tcp, tcp_options, timestamp_option
 from mproxy.wire.packet import ACK, FIN, RST, SYN, TcpSegment, parse_ip
 
 MASK64 = (1 << 64) - 1
@@ -41,9 +41,10 @@ class Session:
     def __init__(self, version: int = 1, ipver: int = 4, *, client_key: int = 0x1122334455667788,
                  server_key: int = 0x99AABBCCDDEEFF00, csum: bool = False, dsn64: bool = True,
                  sport: int = 40000, dport: int = 80, timestamps: bool = False, ack64: bool = True,
-                 sack: bool = True) -> None:
+                 sack: bool = True, wscale: int | None = None) -> None:
         self.version = version
         self.sack = sack  # the SYNs offer SACK (SACK_PERM), as Linux's do by default
+        self.wscale = wscale  # both SYNs announce this window scale (None: no option, windows unscaled)
         self.ipver = ipver
         self.ck, self.sk = client_key, server_key
         self.csum = csum
@@ -81,9 +82,11 @@ class Session:
         if flags & ACK:
             ack = sub.isn[d ^ 1] + (sub.next_rel[d ^ 1] if ack_rel is None else ack_rel)
         if self.timestamps and not flags & SYN:  # Linux's layout: NOP NOP timestamp first
-            opts = [b"\x01\x01\x08\x0a" + (int(self.ts * 1000) & 0xFFFFFFFF).to_bytes(4, "big") + bytes(4), *opts]
+            opts = [timestamp_option(int(self.ts * 1000)), *opts]
         if self.sack and flags & SYN:
             opts = [b"\x04\x02", *opts]
+        if self.wscale is not None and flags & SYN:
+            opts = [bytes([1, 3, 3, self.wscale]), *opts]
         return build_tcp(src[0], dst[0], src[1], dst[1], seq, ack, flags, 65535, tcp_options(*opts), payload)
 
     # -- handshakes -------------------------------------------------------

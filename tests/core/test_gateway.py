@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
@@ -18,6 +19,10 @@ from mproxy.wire.packet import TcpSegment, mptcp_spans, parse_ip, read_mptcp_spa
 from mproxy.wire.checksum import tcp_checksum
 
 from .session import Session, lying_tail
+
+# the memcap tests' crafted senders ignore windows, so the window clamp is off: it would only make
+# ACCEPT verdicts ACCEPT_MODIFIED (tests/core/test_window_clamp.py has it)
+_UNCLAMPED = Policy(clamp_window=False)
 
 
 def verdicts(gw: Gateway, packets: list[bytes]) -> list[Verdict]:
@@ -123,7 +128,7 @@ def _memcap_run(policy: Policy, resend: bool, server_acks: bool = False) -> tupl
     """One connection whose first 1000 bytes come last, through a gateway that buffers 4000
     out-of-order bytes: what is shed, and what the emitted stream ends up holding."""
     s = Session(1)
-    gw = Gateway(policy, TrackerConfig(ooo_limit=4000))
+    gw = Gateway(replace(policy, clamp_window=False), TrackerConfig(ooo_limit=4000))
     data = os.urandom(12000)
     verdicts(gw, s.handshake())
     pkts = {off: s.data(0, True, off, data[off : off + 1000], rel=1 + off) for off in range(0, len(data), 1000)}
@@ -189,7 +194,7 @@ def test_memcap_drop_never_stalls_a_sender_that_resends(n: int, cuts: list[int],
     mapping came (test_bytes_let_through_before_their_mapping_are_never_lost_when_it_comes), then
     test_the_hole_before_reinjected_next_bytes_is_taken_past_a_full_memcap."""
     s = Session(1, csum=csum, dsn64=not csum)
-    gw = Gateway(Policy(), TrackerConfig(ooo_limit=ooo, memcap=memcap, pending_limit=pending))
+    gw = Gateway(_UNCLAMPED, TrackerConfig(ooo_limit=ooo, memcap=memcap, pending_limit=pending))
     data = os.urandom(n)
     assert all(v == Verdict.ACCEPT for v in verdicts(gw, s.handshake() + s.join(1)))
     pts = sorted({0, n, *(c % (n + 1) for c in cuts)})
@@ -277,7 +282,7 @@ def test_the_hole_before_reinjected_next_bytes_is_taken_past_a_full_memcap(reinj
              for off, ln in ((1000, 1000), (2000, 1000), (3000, 1000), (4000, 1000), (5000, 2000))]
     reinjected = s.data(0, True, 0, data[:1000], rel=6001)
     memcap = 4 * (1000 + PIECE_COST) + (len(reinjected) + PIECE_COST + _OFO_COST) * (reinjection == "kept")
-    gw = Gateway(Policy(), TrackerConfig(memcap=memcap))
+    gw = Gateway(_UNCLAMPED, TrackerConfig(memcap=memcap))
     assert all(v == Verdict.ACCEPT for v in verdicts(gw, opening))
     assert verdicts(gw, ahead) == [Verdict.ACCEPT] * 4 + [Verdict.DROP]
     if reinjection == "unsent":
@@ -303,7 +308,7 @@ def test_a_packet_dropped_for_its_shed_bytes_leaves_its_subflow_where_it_was(rol
     segment -- BENIGN at the request's next DSNs -- was read at once, while the server keeps it
     after the hole and reads those DSNs from the initial subflow first (UNION)."""
     s = Session(1)
-    gw = Gateway(Policy(), TrackerConfig(ooo_limit=10))
+    gw = Gateway(_UNCLAMPED, TrackerConfig(ooo_limit=10))
     gw.tracker.drop_shed = rollback  # (False: as before)
     pk = s.handshake() + s.join(1) + [s.data(0, True, 0, b"abcd")]
     assert all(v == Verdict.ACCEPT for v in verdicts(gw, pk))
@@ -328,7 +333,7 @@ def test_bytes_let_through_before_their_mapping_are_never_lost_when_it_comes(ooo
     s = Session(1)
     # (subflow_order off: bytes before their mapping are the data level's buffer; in subflow order
     # they wait for the segment before them, which brings the mapping)
-    gw = Gateway(Policy(), TrackerConfig(ooo_limit=ooo, memcap=PIECE_COST + 1000, pending_limit=1000,
+    gw = Gateway(_UNCLAMPED, TrackerConfig(ooo_limit=ooo, memcap=PIECE_COST + 1000, pending_limit=1000,
                                          subflow_order=False))
     verdicts(gw, s.handshake())
     data = os.urandom(2000)

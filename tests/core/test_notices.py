@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mproxy.cli import main
 from mproxy.core.events import Notice, NoticeType
+from mproxy.core.policy import Policy
 from mproxy.core.tracker import _JOIN_FLOOD_KEYS, Tracker, TrackerConfig
 from mproxy.io.pcap import PcapWriter
 from mproxy.wire import mptcp as m
@@ -490,8 +491,8 @@ def test_memcap_stall(limit: str) -> None:
     # the third (60,000 bytes) gets in past it on its third copy, the fourth does not fit in the slack
     cuts = [1000, 2000, 3000, 63000, len(data)]
     ahead = [s.data(0, True, a, data[a:b], rel=a - 999) for a, b in zip(cuts, cuts[1:])]
-    gw = Gateway(tracker=TrackerConfig(memcap=2 * (1000 + PIECE_COST)) if limit == "memcap" else
-                 TrackerConfig(ooo_limit=2000))
+    gw = Gateway(Policy(clamp_window=False),  # (the crafted sender ignores windows)
+                 TrackerConfig(memcap=2 * (1000 + PIECE_COST)) if limit == "memcap" else TrackerConfig(ooo_limit=2000))
     ts = iter(1000.0 + i / 1000 for i in range(100))
     got = [gw.packet(p, next(ts)).verdict for p in opening + ahead[:2] + [ahead[2]] * 3 + [ahead[3]] * 4]
     assert got == [Verdict.ACCEPT] * 8 + [Verdict.DROP] * 2 + [Verdict.ACCEPT] + [Verdict.DROP] * 4

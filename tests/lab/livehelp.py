@@ -104,6 +104,7 @@ class Mproxy:
     dir: Path
     fail: str = "open"
     policy: str = "inspect"
+    policy_extra: str = ""  # more lines in the [policy] table (e.g. clamp_window = false)
     max_len: int = 4096
     sock_rcvbuf: int = 8 << 20
     metrics: str = ""
@@ -132,6 +133,7 @@ sock_rcvbuf = {self.sock_rcvbuf}
 fail = "{self.fail}"
 [policy]
 default = "{self.policy}"
+{self.policy_extra}
 {sink}[log]
 events = "{self.dir / 'events.jsonl'}"
 level = "debug"

@@ -96,11 +96,13 @@ def test_memcap_drops_packets_and_the_kernel_resends_them(lab: Any, tmp_path: Pa
     """Real kernel MPTCP over two paths of very different speed: the fast path runs ahead, so the
     gateway has to buffer data out of DSN order, and with a 64 KiB memcap it cannot buffer it all.
     Packets it cannot buffer are dropped (on_memcap = "drop"); the kernels resend them, the transfer
-    completes, and the stream the IDS gets is byte for byte what the applications sent."""
+    completes, and the stream the IDS gets is byte for byte what the applications sent. (Windows
+    as the receivers sent them: clamped, the fast path could not run that far ahead.)"""
     from tests.oracles import tcp_streams, tshark_follow_raw
 
     extra = "[tracker]\nmemcap = 65536\n"
-    mp = Mproxy(lab, tmp_path / "mproxy", metrics="127.0.0.1:9464", extra=extra).start()
+    mp = Mproxy(lab, tmp_path / "mproxy", metrics="127.0.0.1:9464", extra=extra,
+                policy_extra="clamp_window = false").start()
     lab.shape(1, "3mbit")
     try:
         res = transfer(lab, tmp_path, "memcap", c2s_bytes=1_500_000, s2c_bytes=300_000, timeout=60.0)
@@ -125,6 +127,50 @@ def test_memcap_drops_packets_and_the_kernel_resends_them(lab: Any, tmp_path: Pa
     assert sum(rec[d]["memcap_drops"] for d in ("c2s", "s2c")) > 0
     notices = [r for r in mp.records() if r["event"] == "notice" and r["type"] == "memcap"]
     assert len(notices) == 1 and notices[0]["conn_id"] == rec["conn_id"], notices
+    sink = sorted((tmp_path / "mproxy").glob("sink.*.pcap"))
+    (f,) = tshark_follow_raw(sink[-1], tcp_streams(sink[-1], f"tcp.port == {c.client_port} && tcp.port == 5201"))
+    assert (len(f.client_data), sha(f.client_data)) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
+    assert (len(f.server_data), sha(f.server_data)) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
+
+
+@pytest.mark.parametrize("rep", range(2))
+def test_a_path_cut_under_a_small_memcap_completes_with_windows_clamped(lab: Any, tmp_path: Path, rep: int) -> None:
+    """One of two paths fails a third of the way into a transfer both ways, under a 64 KiB memcap.
+    Windows as the receivers sent them (clamp_window = false), the sender ran hundreds of KB ahead
+    of the stream's next bytes, which the dead path held: the memcap refused the bytes before
+    their reinjection on the other subflow for good (memcap_stall), in 2 of 6 runs here. With the
+    default clamp to memcap / 4 (16 KiB) no sender gets that far ahead: both directions arrive
+    whole, and the emitted stream read by tshark is byte for byte what the applications sent."""
+    from tests.oracles import tcp_streams, tshark_follow_raw
+
+    mp = Mproxy(lab, tmp_path / "mproxy", metrics="127.0.0.1:9464", extra="[tracker]\nmemcap = 65536\n").start()
+    lab.shape(1, "3mbit")
+    cut: list[int] = []
+
+    def hook(pct: int) -> None:
+        if pct >= 30 and not cut:
+            lab.link(1, False)
+            cut.append(pct)
+
+    try:
+        res = transfer(lab, tmp_path, "pathcut", c2s_bytes=1_500_000, s2c_bytes=300_000, rate=1_000_000,
+                       on_progress=hook)
+        m = mp.scrape()
+    finally:
+        lab.link(1, True)
+        lab.shape(1, lab.rate)
+        rc = mp.stop()
+    assert rc == 0 and "Traceback" not in mp.err, mp.err
+    assert cut, "the path was never cut"
+    actions = {dict(k[1])["action"]: v for k, v in m.items() if k[0] == "mproxy_actions_total"}
+    assert actions["window_clamped"] > 0, actions
+    (c,) = res.connections
+    (rec,) = [r for r in mp.connections() if r["client_port"] == c.client_port and r["server_port"] == 5201]
+    assert len(rec["subflows"]) >= 2 and rec["outcome"] == "data_fin", rec
+    assert not rec["c2s"]["gaps"] and not rec["s2c"]["gaps"]
+    assert (rec["c2s"]["bytes"], rec["c2s"]["sha256"]) == (c.c2s_sent_bytes, c.c2s_sent_sha256)
+    assert (rec["s2c"]["bytes"], rec["s2c"]["sha256"]) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
+    assert not [r for r in mp.records() if r["event"] == "notice" and r["type"] == "memcap_stall"]
     sink = sorted((tmp_path / "mproxy").glob("sink.*.pcap"))
     (f,) = tshark_follow_raw(sink[-1], tcp_streams(sink[-1], f"tcp.port == {c.client_port} && tcp.port == 5201"))
     assert (len(f.client_data), sha(f.client_data)) == (c.c2s_sent_bytes, c.c2s_sent_sha256)

@@ -85,3 +85,38 @@ def test_set_ttl_refuses_what_is_not_an_ip_packet() -> None:
     for bad, ttl in ((bytearray(10), 64), (bytearray(b"\x45" + bytes(19)), 256)):
         with pytest.raises(ValueError):
             set_ttl(bad, ttl)
+
+
+@given(window=st.integers(0, 0xFFFF), old=st.integers(0, 0xFFFF), v6=st.booleans(), payload=st.binary(max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_set_window_keeps_the_checksum_right(window: int, old: int, v6: bool, payload: bytes) -> None:
+    """scapy (an independent encoder) agrees with the incrementally updated checksum; a checksum
+    that was wrong stays wrong by the same amount (RFC 1624), not repaired."""
+    from mproxy.wire.rewrite import set_window
+
+    src, dst = V6 if v6 else V4
+    pkt = build_tcp(src, dst, 40000, 80, 1, 2, ACK, window=old, payload=payload)
+    buf = bytearray(pkt)
+    seg = parse_ip(memoryview(pkt))
+    assert isinstance(seg, TcpSegment)
+    set_window(buf, seg.tcp_off, window)
+    assert int.from_bytes(buf[seg.tcp_off + 14 : seg.tcp_off + 16], "big") == window and scapy_ok(bytes(buf))
+    bad = corrupt_csum(pkt)
+    c = seg.tcp_off + 16
+
+    def off_by(a: bytearray, b: bytes | bytearray) -> int:  # one's complement difference of the checksums
+        return (int.from_bytes(a[c : c + 2], "big") - int.from_bytes(b[c : c + 2], "big")) % 0xFFFF
+
+    was = off_by(bad, pkt)
+    set_window(bad, seg.tcp_off, window)
+    assert not scapy_ok(bytes(bad)) and off_by(bad, buf) == was
+    assert bad[:c] == buf[:c] and bad[c + 2 :] == buf[c + 2 :]
+
+
+def test_set_window_refuses_what_does_not_fit() -> None:
+    from mproxy.wire.rewrite import set_window
+
+    pkt = bytearray(build_tcp(*V4, 1, 2, 3, 4, ACK))
+    for buf, off, window in ((pkt, 20, 0x10000), (pkt, 20, -1), (pkt, 30, 1), (bytearray(30), 20, 1)):
+        with pytest.raises(ValueError):
+            set_window(buf, off, window)
