@@ -180,10 +180,11 @@ class Gateway:
         the tracker may buffer could stall for good: what comes after the hole is refused, and on a
         subflow that refusal is a hole the receiver reads nothing past, even the bytes that would
         fill the stream's hole (a path failed holding them). The receiver's DATA_ACK stays at that
-        hole, and a sender keeps its data within DATA_ACK + window (RFC 8684 3.3.7), so a window of
-        at most the cap keeps what it sends past the hole within what may be buffered. The right
-        edge it advertises never moves back: the receiver's own does not, and the cap is fixed.
-        Only for subflows of tracked MPTCP connections whose handshake was seen (the window scale
+        hole, and a sender keeps its data within DATA_ACK + window (RFC 8684: the receive window is
+        relative to the DATA_ACK; Linux's msk wnd_end), so a window of at most the cap keeps what it
+        sends past the hole within what may be buffered. The right edge it advertises never moves
+        back: the receiver's own does not, and the cap is fixed. It leaks through GSO packets (never
+        rewritten), and an MPTCP sender keeps the largest right edge it was shown. Only for subflows of tracked MPTCP connections whose handshake was seen (the window scale
         is known), and never for a TCP-MD5 signed segment (its signature covers the window)."""
         hit = self.tracker.subflow_of(seg)
         if hit is None:

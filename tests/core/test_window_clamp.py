@@ -7,6 +7,7 @@ checksums summed."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, strategies as st
 
 from mproxy.config import ConfigError, parse_config
 from mproxy.core.gateway import Gateway, Verdict
@@ -108,3 +109,20 @@ def test_config() -> None:
     assert parse_config("").policy.clamp_window is True
     with pytest.raises(ConfigError, match="clamp_window: expected true or false"):
         parse_config('[policy]\nclamp_window = "yes"\n')
+
+
+@given(steps=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 0xFFFF)), min_size=1, max_size=40),
+       ws=st.integers(0, 14), cap=st.integers(1 << 14, 1 << 24))
+def test_the_clamped_right_edge_never_moves_back(steps: list[tuple[int, int]], ws: int, cap: int) -> None:
+    """A receiver's ACKs whose right edges (ack + window << ws) never move back, as Linux's do:
+    clamped as the gateway clamps them, their right edges never move back either, and never lie
+    past the receiver's own (so a sender is never shown room the receiver has not given)."""
+    ack, edge, shown = 0, 0, 0
+    top = max(cap >> ws, 1)
+    for advance, window in steps:
+        ack += advance
+        window = max(window, -(-(edge - ack) // (1 << ws)), 0)  # the receiver does not shrink its window
+        edge = ack + (window << ws)
+        clamped = ack + (min(window, top) << ws)
+        assert shown <= clamped <= edge
+        shown = clamped
