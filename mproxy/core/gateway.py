@@ -89,9 +89,9 @@ class Gateway:
         sender's (not NFQA_SKB_CSUMNOTREADY), so the tracker judges them as the receiver will.
         ``iface``: the interface it came in on (the tracker refuses a subflow's packets that come in
         on another interface than its direction's first: see ``TrackerConfig.pin_interfaces``).
-        ``gso``: the kernel queued several segments merged (NFQA_SKB_GSO): such a packet is never
-        rewritten (the kernel would have to segment a packet whose checksum state it lost), so a
-        low TTL stays as it came and the tracker reads it as a replay does."""
+        ``gso``: the kernel queued several segments merged (NFQA_SKB_GSO): a low TTL on such a
+        packet stays as it came and the tracker reads it as a replay does (only the window clamp
+        rewrites GSO packets, a same-length change the kernel's segmentation was shown to take)."""
         seg = parse_ip(memoryview(ip), ts)
         if seg is None:
             return self._count(_ACCEPT)
@@ -163,8 +163,7 @@ class Gateway:
             set_ttl(buf, tracker.last_ttl_floor)
             verdict, payload, reason = Verdict.ACCEPT_MODIFIED, bytes(buf), "low TTL raised"
             self.stats.actions["ttl_raised"] += 1
-        if self.window_cap and verdict != Verdict.DROP and flags & ACK and not gso \
-                and seg.window << 14 > self.window_cap:
+        if self.window_cap and verdict != Verdict.DROP and flags & ACK and seg.window << 14 > self.window_cap:
             clamped = self._clamp_window(seg, payload if payload is not None else ip)
             if clamped is not None:
                 verdict, payload = Verdict.ACCEPT_MODIFIED, clamped
@@ -183,8 +182,10 @@ class Gateway:
         hole, and a sender keeps its data within DATA_ACK + window (RFC 8684: the receive window is
         relative to the DATA_ACK; Linux's msk wnd_end), so a window of at most the cap keeps what it
         sends past the hole within what may be buffered. The right edge it advertises never moves
-        back: the receiver's own does not, and the cap is fixed. It leaks through GSO packets (never
-        rewritten), and an MPTCP sender keeps the largest right edge it was shown. Only for subflows of tracked MPTCP connections whose handshake was seen (the window scale
+        back: the receiver's own does not, and the cap is fixed. GSO packets are clamped too (the
+        kernel segments them again; see QueueAdapter._rewritten): data sent one way carries the
+        window of the other, and an MPTCP sender keeps the largest right edge it was shown, so one
+        packet left as sent would open it for good. Only for subflows of tracked MPTCP connections whose handshake was seen (the window scale
         is known), and never for a TCP-MD5 signed segment (its signature covers the window)."""
         hit = self.tracker.subflow_of(seg)
         if hit is None:

@@ -617,7 +617,7 @@ class QueueAdapter:
                 newmark = (mark & ~self.mark_mask) | (decision.mark & self.mark_mask)
                 st.repeated += 1
             else:
-                verdict, payload = self._rewritten(decision.payload or b"", info)
+                verdict, payload = self._rewritten(decision.payload or b"", info, len(data))
             if decision.frames and self.emit is not None:
                 self._frames += decision.frames
         if mark & self.clear_mask and newmark is None:
@@ -627,12 +627,21 @@ class QueueAdapter:
         if len(self._t0) >= self.flush_every or len(self._out) >= _FLUSH_BYTES:
             self._flush()
 
-    def _rewritten(self, new: bytes, info: int) -> tuple[int, bytes | None]:
-        """Verdict for a rewritten packet: its TCP checksum completed when the kernel had left it partial."""
+    def _rewritten(self, new: bytes, info: int, was: int) -> tuple[int, bytes | None]:
+        """Verdict for a rewritten packet: its TCP checksum completed when the kernel had left it partial.
+
+        A GSO packet may have header fields rewritten (the window clamp): the kernel takes it back
+        without its checksum state and segments it as one that has none, setting up each segment's
+        checksum itself (tcp_gso_segment; lab: clamped GSO packets, IPv4 and IPv6, both directions,
+        delivered intact). One whose length changed would be segmented wrong: a core bug."""
         st = self.stats
-        if info & NFQA_SKB_GSO:  # only SYNs are rewritten; a GSO one would be a core bug
+        if info & NFQA_SKB_GSO and len(new) == was:
+            st.modified += 1
+            return NF_ACCEPT, new
+        if info & NFQA_SKB_GSO:
             st.core_errors += 1
-            self._once("gso_rewrite", logging.ERROR, "the core rewrote a GSO packet; it was " + self._fail_word())
+            self._once("gso_rewrite", logging.ERROR, "the core changed the length of a GSO packet; it was "
+                       + self._fail_word())
             if self.fail == FailMode.OPEN:
                 st.accepted += 1
                 return NF_ACCEPT, None

@@ -410,3 +410,33 @@ def test_queue_table_reads_the_kernels_counters() -> None:
         7: {"portid": 41236, "waiting": 0, "dropped": 12, "user_dropped": 1, "id_sequence": 99},
     }
     assert queue_table("") == {} and queue_table("garbage line\n") == {}
+
+
+@pytest.mark.parametrize("fail,verdict", [(FailMode.OPEN, 1), (FailMode.CLOSED, 0)])
+def test_a_gso_packet_rewritten_in_place_is_sent_and_one_whose_length_changed_is_a_core_error(
+        fail: FailMode, verdict: int, caplog: pytest.LogCaptureFixture) -> None:
+    """The window clamp rewrites GSO packets: the kernel segments them again and sets up each
+    segment's checksum (lab: tests/lab/test_adversarial_live.py), so they go back as they are
+    (no checksum filled in). A length change would be segmented wrong: a core bug, fail mode."""
+    big = _partial(tcp4(b"z" * 30000))
+    seg = parse_ip(memoryview(big))
+    assert isinstance(seg, TcpSegment)
+    clamped = bytearray(big)
+    clamped[seg.tcp_off + 14 : seg.tcp_off + 16] = b"\0\x10"
+
+    def core(data: bytes, ts: float, csum_ready: bool, iface: int, gso: bool) -> Decision:
+        assert gso and not csum_ready
+        return Decision(Verdict.ACCEPT_MODIFIED, bytes(clamped) if data == big else data + b"x")
+
+    qa = QueueAdapter(0, core, fail=fail)
+    k = Kernel(qa)
+    k.queue(big, skb_info=NFQA_SKB_GSO | NFQA_SKB_CSUMNOTREADY)
+    k.queue(_partial(tcp4(b"w" * 20000)), skb_info=NFQA_SKB_GSO | NFQA_SKB_CSUMNOTREADY)
+    with caplog.at_level(logging.ERROR, logger="mproxy.nfqueue"):
+        qa._on_readable()
+    (_, v1, p1), (_, v2, p2) = flat(k.answers())
+    assert (v1, p1) == (1, bytes(clamped)) and (v2, p2) == (verdict, None)
+    assert qa.stats.modified == 1 and qa.stats.core_errors == 1
+    (rec,) = caplog.records
+    assert "changed the length of a GSO packet" in rec.getMessage()
+    k.close()

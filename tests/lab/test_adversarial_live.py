@@ -133,14 +133,18 @@ def test_memcap_drops_packets_and_the_kernel_resends_them(lab: Any, tmp_path: Pa
     assert (len(f.server_data), sha(f.server_data)) == (c.s2c_sent_bytes, c.s2c_sent_sha256)
 
 
-@pytest.mark.parametrize("rep", range(2))
-def test_a_path_cut_under_a_small_memcap_completes_with_windows_clamped(lab: Any, tmp_path: Path, rep: int) -> None:
-    """One of two paths fails a third of the way into a transfer both ways, under a 64 KiB memcap.
-    Windows as the receivers sent them (clamp_window = false), the sender ran hundreds of KB ahead
-    of the stream's next bytes, which the dead path held: the memcap refused the bytes before
-    their reinjection on the other subflow for good (memcap_stall), in 2 of 6 runs here. With the
-    default clamp to memcap / 4 (16 KiB) no sender gets that far ahead: both directions arrive
-    whole, and the emitted stream read by tshark is byte for byte what the applications sent."""
+@pytest.mark.parametrize("family, both", [(4, False), (4, True), (6, True)])
+def test_a_path_cut_under_a_small_memcap_completes_with_windows_clamped(lab: Any, tmp_path: Path, family: int,
+                                                                         both: bool) -> None:
+    """One of two paths fails a third of the way into a transfer, under a 64 KiB memcap: a reply
+    after the request, or (``both``) both directions at once. Windows as the receivers sent them
+    (clamp_window = false), the sender ran hundreds of KB ahead of the stream's next bytes, which
+    the dead path held: the memcap refused the bytes before their reinjection on the other subflow
+    for good (memcap_stall), in 2 of 6 runs here. With the default clamp to memcap / 4 (16 KiB) no
+    sender gets that far ahead. Both directions at once, data one way carries the window of the
+    other in GSO packets: left as sent, they opened the windows again (4 of 4 runs failed); they
+    are clamped too, and the kernel segments them. Both directions arrive whole, and the emitted
+    stream read by tshark is byte for byte what the applications sent."""
     from tests.oracles import tcp_streams, tshark_follow_raw
 
     mp = Mproxy(lab, tmp_path / "mproxy", metrics="127.0.0.1:9464", extra="[tracker]\nmemcap = 65536\n").start()
@@ -153,8 +157,8 @@ def test_a_path_cut_under_a_small_memcap_completes_with_windows_clamped(lab: Any
             cut.append(pct)
 
     try:
-        res = transfer(lab, tmp_path, "pathcut", c2s_bytes=1_500_000, s2c_bytes=300_000, rate=1_000_000,
-                       on_progress=hook)
+        res = transfer(lab, tmp_path, "pathcut", family=family, concurrent_reply=both, c2s_bytes=1_500_000,
+                       s2c_bytes=1_000_000 if both else 300_000, rate=1_000_000, on_progress=hook)
         m = mp.scrape()
     finally:
         lab.link(1, True)
@@ -164,6 +168,8 @@ def test_a_path_cut_under_a_small_memcap_completes_with_windows_clamped(lab: Any
     assert cut, "the path was never cut"
     actions = {dict(k[1])["action"]: v for k, v in m.items() if k[0] == "mproxy_actions_total"}
     assert actions["window_clamped"] > 0, actions
+    queue = mp.stats()["queue"]
+    assert queue["core_errors"] == 0 and (not both or queue["gso"] > 0), queue
     (c,) = res.connections
     (rec,) = [r for r in mp.connections() if r["client_port"] == c.client_port and r["server_port"] == 5201]
     assert len(rec["subflows"]) >= 2 and rec["outcome"] == "data_fin", rec
