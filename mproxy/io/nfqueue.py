@@ -23,7 +23,8 @@ takes a queue's configuration from it) with
   (every other one is the sender's: a segment whose checksum fails is one
   the receiver drops, so its bytes must not reach the IDS), and a payload we
   rewrite gets its checksum computed in full (the kernel then sends it as
-  is);
+  is), except a GSO one, which the kernel segments again and checksums per
+  segment;
 * copy range 65535 (the most an ``NFQA_PAYLOAD`` attribute holds): larger
   packets (BIG TCP) arrive cut, are counted as ``truncated`` and get the
   fail-mode verdict;
