@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -598,30 +599,60 @@ def test_inline_the_ids_reads_what_the_server_read_of_forged_segments(lab: Any, 
     from tests.lab.test_unread_bytes_lab import PART1, kernel_read, run_forgery
     from tests.oracles import tshark_follow_raw
 
-    ids, cap = tmp_path / "ids.pcap", tmp_path / "cap.pcap"
-    with mproxy(lab, tmp_path / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), lab.capture(cap):
-        read = run_forgery(lab, cap, forgery, tmp_path / "go")
-        invalid = rule_counters(lab)["NFQUEUE INVALID"]
+    want = kernel_read(forgery, inline=True)
+    for attempt in range(1, SHAPE_ATTEMPTS + 1):
+        d = tmp_path / f"run{attempt}"
+        ids, cap = d / "ids.pcap", d / "cap.pcap"
+        with mproxy(lab, d / "mproxy") as mp, lab.capture(ids, iface=IDS_IF, ns=lab.ns_gw), lab.capture(cap):
+            read = run_forgery(lab, cap, forgery, d / "go")
+            invalid = rule_counters(lab)["NFQUEUE INVALID"]
+        # The contract, on every run: the IDS reads what the server read. (This connection's: an
+        # earlier test's, still closing, may be picked up mid-stream -- the shapes that end the
+        # stream with a forged DATA_FIN leave the client's own bytes in flight)
+        (f,) = [f for f in tshark_follow_raw(ids) if f.client_data.startswith(PART1)]
+        assert f.client_data == read, (read, f.client_data)
+        st = mp.stats()
+        assert st["queue"]["core_errors"] == 0
+        if read == want:
+            break
+        # The server did not read what the shape makes Linux read (a run where the kernel's timing
+        # did not give the shape), and the IDS read the same. Run again -- unless mproxy dropped a
+        # packet, which could itself be what changed the server's reading
+        report = shape_report(mp, cap, read)
+        assert st["queue"]["dropped"] == 0 and attempt < SHAPE_ATTEMPTS, report
+        warnings.warn(f"forgery {forgery}, run {attempt} of {SHAPE_ATTEMPTS}: {report}", stacklevel=1)
     if forgery in ("bad_csum", "no_ack", "sack_unsent"):  # (an ACK out of window is INVALID or "ignored")
         assert invalid >= 1, "conntrack did not find the forgery INVALID"
-    assert read == kernel_read(forgery, inline=True), read
     if forgery == "ttl_beyond":  # (raised back: the server got BENIGN, as the IDS read it)
-        assert mp.stats()["actions"]["ttl_raised"] == 1
+        assert st["actions"]["ttl_raised"] == 1
     if forgery == "bad_csum":
         (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "bad_checksum"]
         assert "so does mproxy" in n["detail"]
     if forgery == "spoofed_ack":  # in on the client's side: dropped
         (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "wrong_interface"]
-        assert mp.stats()["actions"]["wrong_interface_drop"] == 1 and "interface" in n["detail"]
+        assert st["actions"]["wrong_interface_drop"] == 1 and "interface" in n["detail"]
     if forgery in ("ack_unsent", "ack_old", "no_ack"):  # it reached the queue, and mproxy discarded it
         (n,) = [r for r in mp.records if r["event"] == "notice" and r["type"] == "out_of_window"]
         assert "discarded" in n["detail"]
-    # (this connection's: an earlier test's, still closing, may be picked up mid-stream -- the shapes
-    # that end the stream with a forged DATA_FIN leave the client's own bytes in flight)
-    (f,) = [f for f in tshark_follow_raw(ids) if f.client_data.startswith(PART1)]
-    assert f.client_data == read
+
+
+# Runs of a forged shape: the lab's kernels read each shape the same way in hundreds of runs, once
+# not (CI: ooo_inside's server read the client's own bytes, as if no forged piece had come)
+SHAPE_ATTEMPTS = 2
+
+
+def shape_report(mp: Any, cap: Path, read: bytes) -> str:
+    """What a run that did not give its shape left to go on: what the server read, mproxy's drops
+    and notices, and the join's packets as the gateway's capture has them."""
+    from tests.oracles import tshark_fields
+
+    notices = [(r["type"], r["detail"][:120]) for r in mp.records if r["event"] == "notice"]
+    rows = tshark_fields(cap, ["frame.time_relative", "ip.src", "ipv6.src", "tcp.srcport", "tcp.flags.str", "tcp.seq",
+                               "tcp.len", "tcp.ack", "tcp.options.mptcp.rawdataseqno"],
+                         "tcp.options.mptcp.subtype and not tcp.flags.syn == 1")
     st = mp.stats()
-    assert st["queue"]["core_errors"] == 0
+    return (f"server read {read!r}; mproxy dropped {st['queue']['dropped']}, actions {st['actions']}, "
+            f"notices {notices}; MPTCP packets at the gateway: {rows[:60]}")
 
 
 def test_inline_the_ids_reads_a_stream_a_join_carries_on_after_every_subflow_was_reset(lab: Any, tmp_path: Path) -> None:
