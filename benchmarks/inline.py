@@ -422,7 +422,7 @@ def _null_queue(args: argparse.Namespace) -> int:
     from mproxy.io.nfqueue import QueueAdapter
 
     accept = Decision(Verdict.ACCEPT)
-    qa = QueueAdapter(7, lambda data, ts, csum_ready, iface, gso: accept)
+    qa = QueueAdapter(7, lambda data, ts, csum_ready, iface: accept)
     qa.open()
     rules = Rules(parse_config("[queue]\nnum = 7\n"))
     rules.install()

@@ -135,8 +135,8 @@ class Service:
             return gw.packet
         tokens = gw.tracker.token_log
 
-        def handle(data: bytes, ts: float, csum_ready: bool = False, iface: int = 0, gso: bool = False) -> Any:
-            d = gw.packet(data, ts, csum_ready, iface, gso)
+        def handle(data: bytes, ts: float, csum_ready: bool = False, iface: int = 0) -> Any:
+            d = gw.packet(data, ts, csum_ready, iface)
             if d.inject and inj is not None:  # kill packets go out before the verdict is issued
                 inj.send(d.inject)
             if tokens:  # announced before this packet's verdict: ahead of any join it makes possible

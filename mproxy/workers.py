@@ -209,7 +209,7 @@ class Controller:
                 w.channel = None
 
     # ------------------------------------------------------------------ control queue
-    def _steer(self, data: bytes, ts: float, csum_ready: bool = False, iface: int = 0, gso: bool = False) -> Any:
+    def _steer(self, data: bytes, ts: float, csum_ready: bool = False, iface: int = 0) -> Any:
         s = self.steering
         d = s.decide(data, final=False)
         if d is None:  # a join whose token no worker announced yet: read what they sent, then decide

@@ -248,7 +248,7 @@ def test_a_socket_the_loop_stopped_watching_is_watched_again(monkeypatch: pytest
     """libuv stops watching a descriptor for good after an error event on it: packets then wait in
     the kernel unread. A tick that finds packets waiting and none read watches the socket again."""
     svc = Service(parse_config('[inspector]\nmode = "off"\n'))
-    qa = QueueAdapter(0, lambda d, t, c, i, g: Decision(Verdict.ACCEPT))
+    qa = QueueAdapter(0, lambda d, t, c, i: Decision(Verdict.ACCEPT))
     k = Kernel(qa)
     qa._fd = qa.sock.fileno()
     svc.queue = qa

@@ -84,14 +84,14 @@ class Gateway:
 
     # ------------------------------------------------------------------
     def packet(self, ip: bytes | bytearray | memoryview, ts: float, csum_ready: bool = False,
-               iface: int = 0, gso: bool = False) -> Decision:
+               iface: int = 0) -> Decision:
         """The verdict on one queued packet. ``csum_ready``: the kernel says its checksums are the
         sender's (not NFQA_SKB_CSUMNOTREADY), so the tracker judges them as the receiver will.
         ``iface``: the interface it came in on (the tracker refuses a subflow's packets that come in
         on another interface than its direction's first: see ``TrackerConfig.pin_interfaces``).
-        ``gso``: the kernel queued several segments merged (NFQA_SKB_GSO): a low TTL on such a
-        packet stays as it came and the tracker reads it as a replay does (only the window clamp
-        rewrites GSO packets, a same-length change the kernel's segmentation was shown to take)."""
+        Several segments the kernel queued merged (GSO) are judged as one packet: every rewrite
+        here (a raised TTL, a clamped window) is in place, which the kernel's segmentation takes
+        (see QueueAdapter._rewritten)."""
         seg = parse_ip(memoryview(ip), ts)
         if seg is None:
             return self._count(_ACCEPT)
@@ -119,15 +119,7 @@ class Gateway:
         shed = tracker.shed_bytes
         wrong, low = tracker.stats.wrong_interface, tracker.stats.low_ttl
         raising = tracker.raise_ttl
-        if gso and raising:
-            tracker.raise_ttl = False
-            try:
-                events = tracker.process(seg, csum_ready, iface)
-            finally:
-                tracker.raise_ttl = True
-            raising = False
-        else:
-            events = tracker.process(seg, csum_ready, iface)
+        events = tracker.process(seg, csum_ready, iface)
         if tracker.stats.wrong_interface != wrong:
             # refused by the tracker, so the receiver must not get it either (and a spoofed packet
             # should not): counted, its notice logged once per subflow direction

@@ -398,7 +398,7 @@ class StallWatch:
 
 
 # (packet, time, its checksums are the sender's: the kernel did not flag them NFQA_SKB_CSUMNOTREADY)
-Handler = Callable[[bytes, float, bool, int, bool], Decision]  # (packet, time, checksums ready, in-device, GSO)
+Handler = Callable[[bytes, float, bool, int], Decision]  # (packet, time, checksums ready, in-device)
 FrameSink = Callable[[Frames], None]
 
 
@@ -589,8 +589,7 @@ class QueueAdapter:
                 st.truncated += 1
                 self._truncated(indev, len(data), max(claimed, cap))
             else:
-                decision = self.handler(data, self.clock(), not info & NFQA_SKB_CSUMNOTREADY, indev,
-                                        bool(info & NFQA_SKB_GSO))
+                decision = self.handler(data, self.clock(), not info & NFQA_SKB_CSUMNOTREADY, indev)
         except Exception:  # noqa: BLE001 - the verdict below must happen whatever the core did
             st.core_errors += 1
             self._once("core", logging.WARNING,

@@ -150,19 +150,6 @@ def test_a_low_ttl_packet_skips_the_fast_path() -> None:
     assert not [e for e in ev if isinstance(e, DataReleased)] and notice_types(ev) == ["low_ttl"]
 
 
-def test_a_gso_packet_is_not_rewritten_and_waits_for_the_receivers_ack() -> None:
-    """The kernel queued several segments merged (GRO): a rewritten one it would have to segment
-    with its checksum state lost, so the TTL stays, and the tracker reads it as a replay does."""
-    s = Session(1)
-    pk = insertion(s)
-    gw = Gateway()
-    ds = [gw.packet(p, 1000.0 + i * 0.001, False, 0, i == 4) for i, p in enumerate(pk)]
-    assert all(d.verdict == Verdict.ACCEPT for d in ds) and "ttl_raised" not in gw.stats.actions
-    assert gw.tracker.raise_ttl and gw.tracker.stats.low_ttl == 1
-    data = b"".join(f for d in ds for _, f in d.frames)
-    assert b"BENIGN" not in data and REAL in data
-
-
 def test_a_routers_second_copy_of_each_packet_is_not_judged() -> None:
     """``tcpdump -i any`` on a router records each forwarded packet twice, leaving with its TTL one
     lower: the second copies bring nothing new, so nothing is noticed or held, and the stream is

@@ -160,7 +160,7 @@ def test_parse_packet_stops_at_a_lying_attribute() -> None:
 # --------------------------------------------------------------------------- adapter
 def test_repeat_verdict_sets_only_the_masked_mark_bits() -> None:
     """The control queue's REPEAT carries the worker bits and keeps the rest of the packet's mark."""
-    qa = QueueAdapter(0, lambda data, ts, c, i, g: Decision(Verdict.REPEAT, mark=0x20000), mark_mask=0xFF0000)
+    qa = QueueAdapter(0, lambda data, ts, c, i: Decision(Verdict.REPEAT, mark=0x20000), mark_mask=0xFF0000)
     k = Kernel(qa)
     k.queue(tcp4(), mark=0x11000007)
     k.queue(tcp4())
@@ -175,7 +175,7 @@ def test_a_worker_clears_the_worker_bits_the_control_set() -> None:
     conntrack entry to save them in); the worker's verdict clears them and keeps the rest, and
     leaves every other packet's mark alone (no mark attribute at all)."""
     verdict = {b"d": Decision(Verdict.DROP), b"a": Decision(Verdict.ACCEPT)}
-    qa = QueueAdapter(0, lambda data, ts, c, i, g: verdict.get(data[-1:]), clear_mask=0xFF0000)
+    qa = QueueAdapter(0, lambda data, ts, c, i: verdict.get(data[-1:]), clear_mask=0xFF0000)
     k = Kernel(qa)
     k.queue(tcp4(b"a"), mark=0x11020007)
     k.queue(tcp4(b"d"), mark=0x20000)
@@ -210,7 +210,7 @@ def test_verdicts_are_batched_and_frames_follow_them() -> None:
 
 
 def test_flush_every_bounds_the_wait() -> None:
-    qa = QueueAdapter(0, lambda d, t, c, i, g: Decision(Verdict.ACCEPT), flush_every=2)
+    qa = QueueAdapter(0, lambda d, t, c, i: Decision(Verdict.ACCEPT), flush_every=2)
     k = Kernel(qa)
     k.queue(*[tcp4()] * 5)
     qa._on_readable()
@@ -221,7 +221,7 @@ def test_flush_every_bounds_the_wait() -> None:
 def test_ids_the_kernel_never_delivered_are_counted() -> None:
     """The queue numbers what it takes, in the order it sends them: a skipped id is a packet that the
     socket could not take (accepted uninspected with fail open), counted across the 32-bit wrap."""
-    qa = QueueAdapter(0, lambda d, t, c, i, g: Decision(Verdict.ACCEPT))
+    qa = QueueAdapter(0, lambda d, t, c, i: Decision(Verdict.ACCEPT))
     k = Kernel(qa)
     k.queue(tcp4(), tcp4())  # 1, 2
     k.next_id = 6  # 3..5 lost
@@ -242,7 +242,7 @@ def test_a_stall_with_nothing_to_read_is_named_once(caplog: pytest.LogCaptureFix
 
     from mproxy.io.nfqueue import StallWatch
 
-    qa = QueueAdapter(3, lambda d, t, c, i, g: Decision(Verdict.ACCEPT))
+    qa = QueueAdapter(3, lambda d, t, c, i: Decision(Verdict.ACCEPT))
     k = Kernel(qa)
     qa._fd = qa.sock.fileno()
     w = StallWatch()
@@ -261,7 +261,7 @@ def test_a_stall_with_nothing_to_read_is_named_once(caplog: pytest.LogCaptureFix
 
 
 def test_batch_budget_yields_to_the_loop() -> None:
-    qa = QueueAdapter(0, lambda d, t, c, i, g: Decision(Verdict.DROP), batch=3)
+    qa = QueueAdapter(0, lambda d, t, c, i: Decision(Verdict.DROP), batch=3)
     k = Kernel(qa)
     k.queue(*[tcp4()] * 5)
     qa._on_readable()
@@ -305,7 +305,7 @@ def test_downgrade_rewrite_carries_a_complete_checksum(info: int) -> None:
 @pytest.mark.parametrize("fail,verdict", [(FailMode.OPEN, 1), (FailMode.CLOSED, 0)])
 def test_core_exception_gets_fail_mode_verdict_logged_once(fail: FailMode, verdict: int,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    def boom(data: bytes, ts: float, csum_ready: bool, iface: int, gso: bool) -> Decision:
+    def boom(data: bytes, ts: float, csum_ready: bool, iface: int) -> Decision:
         raise ValueError("core bug")
 
     qa = QueueAdapter(0, boom, fail=fail)
@@ -324,7 +324,7 @@ def test_core_exception_gets_fail_mode_verdict_logged_once(fail: FailMode, verdi
 def test_truncated_copy_is_not_parsed(fail: FailMode, verdict: int, caplog: pytest.LogCaptureFixture) -> None:
     seen: list[bytes] = []
 
-    def core(data: bytes, ts: float, csum_ready: bool, iface: int, gso: bool) -> Decision:
+    def core(data: bytes, ts: float, csum_ready: bool, iface: int) -> Decision:
         seen.append(data)
         return Decision(Verdict.ACCEPT)
 
@@ -362,7 +362,7 @@ def test_gso_packet_is_handled_whole_and_reaches_the_sink_as_segments() -> None:
 
 
 def test_kernel_errors_and_send_failures_are_counted(caplog: pytest.LogCaptureFixture) -> None:
-    qa = QueueAdapter(0, lambda d, t, c, i, g: Decision(Verdict.ACCEPT))
+    qa = QueueAdapter(0, lambda d, t, c, i: Decision(Verdict.ACCEPT))
     k = Kernel(qa)
     err = NLMSG.pack(36, 2, 0, 0, 0) + struct.pack("=i", -2) + NLMSG.pack(36, (3 << 8) | 1, 1, 0, 0)
     k.k.send(err)
@@ -415,7 +415,7 @@ def test_queue_table_reads_the_kernels_counters() -> None:
 @pytest.mark.parametrize("fail,verdict", [(FailMode.OPEN, 1), (FailMode.CLOSED, 0)])
 def test_a_gso_packet_rewritten_in_place_is_sent_and_one_whose_length_changed_is_a_core_error(
         fail: FailMode, verdict: int, caplog: pytest.LogCaptureFixture) -> None:
-    """The window clamp rewrites GSO packets: the kernel segments them again and sets up each
+    """The window clamp and the TTL raise rewrite GSO packets: the kernel segments them again and sets up each
     segment's checksum (lab: tests/lab/test_adversarial_live.py), so they go back as they are
     (no checksum filled in). A length change would be segmented wrong: a core bug, fail mode."""
     big = _partial(tcp4(b"z" * 30000))
@@ -424,8 +424,8 @@ def test_a_gso_packet_rewritten_in_place_is_sent_and_one_whose_length_changed_is
     clamped = bytearray(big)
     clamped[seg.tcp_off + 14 : seg.tcp_off + 16] = b"\0\x10"
 
-    def core(data: bytes, ts: float, csum_ready: bool, iface: int, gso: bool) -> Decision:
-        assert gso and not csum_ready
+    def core(data: bytes, ts: float, csum_ready: bool, iface: int) -> Decision:
+        assert not csum_ready
         return Decision(Verdict.ACCEPT_MODIFIED, bytes(clamped) if data == big else data + b"x")
 
     qa = QueueAdapter(0, core, fail=fail)
