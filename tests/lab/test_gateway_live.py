@@ -643,7 +643,7 @@ SHAPE_ATTEMPTS = 2
 
 def shape_report(mp: Any, cap: Path, read: bytes) -> str:
     """What a run that did not give its shape left to go on: what the server read, mproxy's drops
-    and notices, and the join's packets as the gateway's capture has them."""
+    and notices, and the MPTCP packets (no SYN) as the gateway's capture has them."""
     from tests.oracles import tshark_fields
 
     notices = [(r["type"], r["detail"][:120]) for r in mp.records if r["event"] == "notice"]
