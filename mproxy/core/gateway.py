@@ -118,7 +118,6 @@ class Gateway:
         tracker = self.tracker
         shed = tracker.shed_bytes
         wrong, low = tracker.stats.wrong_interface, tracker.stats.low_ttl
-        raising = tracker.raise_ttl
         events = tracker.process(seg, csum_ready, iface)
         if tracker.stats.wrong_interface != wrong:
             # refused by the tracker, so the receiver must not get it either (and a spoofed packet
@@ -148,7 +147,7 @@ class Gateway:
             verdict, reason = Verdict.DROP, "memcap"
             self.stats.actions["memcap_drop"] += 1
         payload = None
-        if verdict == Verdict.ACCEPT and raising and tracker.stats.low_ttl != low:
+        if verdict == Verdict.ACCEPT and tracker.raise_ttl and tracker.stats.low_ttl != low:
             # it may expire before the receiver (a TTL insertion): it leaves with the TTL its subflow
             # direction's first packet came with, which reached the receiver
             buf = bytearray(ip)
@@ -177,8 +176,9 @@ class Gateway:
         back: the receiver's own does not, and the cap is fixed. GSO packets are clamped too (the
         kernel segments them again; see QueueAdapter._rewritten): data sent one way carries the
         window of the other, and an MPTCP sender keeps the largest right edge it was shown, so one
-        packet left as sent would open it for good. Only for subflows of tracked MPTCP connections whose handshake was seen (the window scale
-        is known), and never for a TCP-MD5 signed segment (its signature covers the window)."""
+        packet left as sent would open it for good. Only for subflows of tracked MPTCP connections
+        whose handshake was seen (the window scale is known), and never for a TCP-MD5 signed
+        segment (its signature covers the window)."""
         hit = self.tracker.subflow_of(seg)
         if hit is None:
             return None

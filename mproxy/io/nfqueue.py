@@ -630,15 +630,16 @@ class QueueAdapter:
     def _rewritten(self, new: bytes, info: int, was: int) -> tuple[int, bytes | None]:
         """Verdict for a rewritten packet: its TCP checksum completed when the kernel had left it partial.
 
-        A GSO packet may have header fields rewritten (the window clamp): the kernel takes it back
-        without its checksum state and segments it as one that has none, setting up each segment's
-        checksum itself (tcp_gso_segment; lab: clamped GSO packets, IPv4 and IPv6, both directions,
-        delivered intact). One whose length changed would be segmented wrong: a core bug."""
+        A GSO packet may have header fields rewritten in place (a raised TTL, a clamped window): the
+        kernel takes it back without its checksum state and segments it as one that has none,
+        setting up each segment's checksums itself (inet_gso_segment, tcp_gso_segment; lab: clamped
+        and TTL-raised GSO packets, IPv4 and IPv6, delivered intact). One whose length changed would
+        be segmented wrong: a core bug."""
         st = self.stats
-        if info & NFQA_SKB_GSO and len(new) == was:
-            st.modified += 1
-            return NF_ACCEPT, new
         if info & NFQA_SKB_GSO:
+            if len(new) == was:
+                st.modified += 1
+                return NF_ACCEPT, new
             st.core_errors += 1
             self._once("gso_rewrite", logging.ERROR, "the core changed the length of a GSO packet; it was "
                        + self._fail_word())

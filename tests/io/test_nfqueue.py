@@ -415,9 +415,10 @@ def test_queue_table_reads_the_kernels_counters() -> None:
 @pytest.mark.parametrize("fail,verdict", [(FailMode.OPEN, 1), (FailMode.CLOSED, 0)])
 def test_a_gso_packet_rewritten_in_place_is_sent_and_one_whose_length_changed_is_a_core_error(
         fail: FailMode, verdict: int, caplog: pytest.LogCaptureFixture) -> None:
-    """The window clamp and the TTL raise rewrite GSO packets: the kernel segments them again and sets up each
-    segment's checksum (lab: tests/lab/test_adversarial_live.py), so they go back as they are
-    (no checksum filled in). A length change would be segmented wrong: a core bug, fail mode."""
+    """The window clamp and the TTL raise rewrite GSO packets: the kernel segments them again and
+    sets up each segment's checksum (lab: tests/lab/test_adversarial_live.py), so they go back as
+    they are (no checksum filled in). A length change would be segmented wrong: a core bug, fail
+    mode."""
     big = _partial(tcp4(b"z" * 30000))
     seg = parse_ip(memoryview(big))
     assert isinstance(seg, TcpSegment)

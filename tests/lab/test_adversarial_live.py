@@ -108,7 +108,7 @@ def test_memcap_drops_packets_and_the_kernel_resends_them(lab: Any, tmp_path: Pa
         res = transfer(lab, tmp_path, "memcap", c2s_bytes=1_500_000, s2c_bytes=300_000, timeout=60.0)
         m = mp.scrape()
     finally:
-        lab.shape(0, lab.rate)
+        lab.shape(1, lab.rate)
         rc = mp.stop()
     assert rc == 0 and "Traceback" not in mp.err, mp.err
     hits = {dict(k[1])["limit"]: v for k, v in m.items() if k[0] == "mproxy_memcap_hits_total"}
@@ -162,7 +162,7 @@ def test_a_path_cut_under_a_small_memcap_completes_with_windows_clamped(lab: Any
         m = mp.scrape()
     finally:
         lab.link(1, True)
-        lab.shape(0, lab.rate)
+        lab.shape(1, lab.rate)
         rc = mp.stop()
     assert rc == 0 and "Traceback" not in mp.err, mp.err
     assert cut, "the path was never cut"
